@@ -1,0 +1,519 @@
+//! Configuration: a TOML file plus `TOLLGATE__SECTION__FIELD` environment overrides, read with
+//! the `config` crate into raw serde structs ([`raw`]), then checked once by [`validate`] into
+//! typed [`Settings`]. Every problem is collected with its field path and reported together.
+
+mod raw;
+mod settings;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+pub use settings::{
+    AdminSettings, CacheSettings, IdentitySettings, LimitMode, LimitSettings, MeteringSettings,
+    OnStoreError, ProxySettings, RouteAuth, RouteScopes, RouteSettings, Settings, StoreSettings,
+    Upstream,
+};
+
+use crate::store::RateLimitSpec;
+use raw::*;
+
+/// The environment prefix of overrides: `TOLLGATE__PROXY__LISTEN=…`.
+const ENV_PREFIX: &str = "TOLLGATE";
+const SECTIONS: &[&str] = &[
+    "proxy", "admin", "store", "cache", "limits", "metering", "identity", "routes",
+];
+
+/// One thing wrong with a config, named by its field path (`proxy.listen`, `routes[0].upstreams`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted field path.
+    pub field: String,
+    /// Why it is wrong.
+    pub message: String,
+}
+
+/// Every problem found in one config file.
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    /// The file read.
+    pub file: PathBuf,
+    /// All problems, in field order.
+    pub problems: Vec<Problem>,
+}
+
+impl std::error::Error for ConfigError {}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        writeln!(
+            f,
+            "{}: {n} problem{}",
+            self.file.display(),
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            writeln!(f, "  {}: {}: {}", self.file.display(), p.field, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads `path` and the process environment into settings.
+pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    load_with_env(path, env)
+}
+
+/// Like [`load`], with the environment given (for tests).
+pub fn load_with_env(
+    path: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Settings, ConfigError> {
+    let fail = |field: &str, message: String| ConfigError {
+        file: path.to_owned(),
+        problems: vec![Problem {
+            field: field.to_owned(),
+            message,
+        }],
+    };
+    if !path.is_file() {
+        return Err(fail(
+            "(file)",
+            "cannot read the file: it does not exist".to_owned(),
+        ));
+    }
+    let env_map: config::Map<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("TOLLGATE__"))
+        .collect();
+    let built = config::Config::builder()
+        .add_source(config::File::from(path).format(config::FileFormat::Toml))
+        .add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env_map)),
+        )
+        .build()
+        .map_err(|e| fail("(file)", e.to_string()))?;
+    let mut v = Validator::default();
+    let top: BTreeMap<String, config::Value> = match built.clone().try_deserialize() {
+        Ok(top) => top,
+        Err(e) => return Err(fail("(file)", e.to_string())),
+    };
+    for key in top.keys() {
+        if !SECTIONS.contains(&key.as_str()) {
+            v.problem(
+                key,
+                format!("unknown section; expected one of {}", SECTIONS.join(", ")),
+            );
+        }
+    }
+    let settings = v.settings(&built);
+    match settings {
+        Some(s) if v.problems.is_empty() => Ok(s),
+        _ => Err(ConfigError {
+            file: path.to_owned(),
+            problems: v.problems,
+        }),
+    }
+}
+
+/// Collects problems while turning raw sections into settings.
+#[derive(Default)]
+struct Validator {
+    problems: Vec<Problem>,
+}
+
+// === impl Validator ===
+
+impl Validator {
+    fn problem(&mut self, field: &str, message: impl Into<String>) {
+        self.problems.push(Problem {
+            field: field.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    /// Deserializes one section; a type error or unknown field becomes a problem.
+    fn section<T: serde::de::DeserializeOwned + Default>(
+        &mut self,
+        cfg: &config::Config,
+        name: &str,
+    ) -> T {
+        match cfg.get::<Option<T>>(name) {
+            Ok(v) => v.unwrap_or_default(),
+            Err(e) => {
+                self.problem(name, e.to_string());
+                T::default()
+            }
+        }
+    }
+
+    fn settings(&mut self, cfg: &config::Config) -> Option<Settings> {
+        let proxy: RawProxy = self.section(cfg, "proxy");
+        let admin: RawAdmin = self.section(cfg, "admin");
+        let store: RawStore = self.section(cfg, "store");
+        let cache: RawCache = self.section(cfg, "cache");
+        let limits: RawLimits = self.section(cfg, "limits");
+        let metering: RawMetering = self.section(cfg, "metering");
+        let identity: RawIdentity = self.section(cfg, "identity");
+        let routes: Option<Vec<RawRoute>> = match cfg.get::<Option<Vec<RawRoute>>>("routes") {
+            Ok(r) => r,
+            Err(e) => {
+                self.problem("routes", e.to_string());
+                None
+            }
+        };
+        let proxy = self.proxy(proxy);
+        let admin = self.admin(admin);
+        let store = self.store(store);
+        let cache = self.cache(cache);
+        let limits = self.limits(limits);
+        let metering = self.metering(metering);
+        let identity = self.identity(identity);
+        let routes = self.routes(routes.unwrap_or_default());
+        Some(Settings {
+            proxy: proxy?,
+            admin: admin?,
+            store: store?,
+            cache,
+            limits: limits?,
+            metering,
+            identity: identity?,
+            routes,
+        })
+    }
+
+    fn addr(&mut self, field: &str, raw: Option<String>, default: &str) -> Option<SocketAddr> {
+        let raw = raw.unwrap_or_else(|| default.to_owned());
+        match raw.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.problem(
+                    field,
+                    format!("`{raw}` is not an address like 127.0.0.1:8080"),
+                );
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, field: &str, raw: Option<String>, default: &str) -> Duration {
+        let raw = raw.unwrap_or_else(|| default.to_owned());
+        match humantime::parse_duration(&raw) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                self.problem(field, "must be longer than zero");
+                Duration::from_secs(1)
+            }
+            Err(e) => {
+                self.problem(
+                    field,
+                    format!("`{raw}` is not a duration like \"250ms\", \"30s\" or \"5m\": {e}"),
+                );
+                Duration::from_secs(1)
+            }
+        }
+    }
+
+    fn cidrs(&mut self, field: &str, raw: &[String]) -> Vec<IpNet> {
+        let mut out = Vec::with_capacity(raw.len());
+        for (i, s) in raw.iter().enumerate() {
+            match crate::policy::parse_cidr(s) {
+                Some(net) => out.push(net),
+                None => self.problem(
+                    &format!("{field}[{i}]"),
+                    format!("`{s}` is not a CIDR or IP address"),
+                ),
+            }
+        }
+        out
+    }
+
+    fn proxy(&mut self, raw: RawProxy) -> Option<ProxySettings> {
+        if let Some(tls) = raw.tls {
+            self.problem(
+                "proxy.tls",
+                format!(
+                    "TLS (cert `{}`, key `{}`) is not available in this version; terminate TLS in front of tollgate for now",
+                    tls.cert, tls.key
+                ),
+            );
+        }
+        let listen = self.addr("proxy.listen", raw.listen, "0.0.0.0:8080");
+        let trusted_proxies = self.cidrs(
+            "proxy.trusted_proxies",
+            &raw.trusted_proxies.unwrap_or_default(),
+        );
+        let max_body_bytes = raw.max_body_bytes.unwrap_or(10 * 1024 * 1024);
+        let request_header_timeout = self.duration(
+            "proxy.request_header_timeout",
+            raw.request_header_timeout,
+            "10s",
+        );
+        Some(ProxySettings {
+            listen: listen?,
+            trusted_proxies,
+            max_body_bytes,
+            request_header_timeout,
+            expose_account_api: raw.expose_account_api.unwrap_or(false),
+        })
+    }
+
+    fn admin(&mut self, raw: RawAdmin) -> Option<AdminSettings> {
+        let listen = self.addr("admin.listen", raw.listen, "127.0.0.1:9090");
+        let master_key_env = raw
+            .master_key_env
+            .unwrap_or_else(|| "TOLLGATE_MASTER_KEY".to_owned());
+        if master_key_env.is_empty() {
+            self.problem("admin.master_key_env", "must name an environment variable");
+        }
+        Some(AdminSettings {
+            listen: listen?,
+            master_key_env,
+        })
+    }
+
+    fn store(&mut self, raw: RawStore) -> Option<StoreSettings> {
+        match raw.backend.as_deref().unwrap_or("embedded") {
+            "embedded" => {
+                if raw.redis_url.is_some() {
+                    self.problem("store.redis_url", "only used with backend = \"redis\"");
+                }
+                let path = raw.path.unwrap_or_else(|| "data/tollgate.db".to_owned());
+                if path.is_empty() {
+                    self.problem("store.path", "must not be empty");
+                    return None;
+                }
+                Some(StoreSettings::Embedded {
+                    path: PathBuf::from(path),
+                })
+            }
+            "redis" => {
+                self.problem(
+                    "store.backend",
+                    "the Redis backend is not available in this version; use \"embedded\"",
+                );
+                None
+            }
+            other => {
+                self.problem(
+                    "store.backend",
+                    format!("`{other}` is not one of \"embedded\", \"redis\""),
+                );
+                None
+            }
+        }
+    }
+
+    fn cache(&mut self, raw: RawCache) -> CacheSettings {
+        let ttl = self.duration("cache.ttl", raw.ttl, "30s");
+        let negative_ttl = self.duration("cache.negative_ttl", raw.negative_ttl, "5s");
+        let max_entries = raw.max_entries.unwrap_or(1_000_000);
+        if max_entries == 0 {
+            self.problem("cache.max_entries", "must be at least 1");
+        }
+        CacheSettings {
+            ttl,
+            negative_ttl,
+            max_entries: usize::try_from(max_entries).unwrap_or(usize::MAX),
+        }
+    }
+
+    fn limits(&mut self, raw: RawLimits) -> Option<LimitSettings> {
+        let mode = match raw.mode.as_deref().unwrap_or("local") {
+            "local" => Some(LimitMode::Local),
+            "global" => {
+                self.problem(
+                    "limits.mode",
+                    "\"global\" needs the Redis store, which is not available in this version",
+                );
+                None
+            }
+            other => {
+                self.problem(
+                    "limits.mode",
+                    format!("`{other}` is not one of \"local\", \"global\""),
+                );
+                None
+            }
+        };
+        let on_store_error = match raw.on_store_error.as_deref().unwrap_or("fail_open") {
+            "fail_open" => Some(OnStoreError::FailOpen),
+            "fail_closed" => Some(OnStoreError::FailClosed),
+            other => {
+                self.problem(
+                    "limits.on_store_error",
+                    format!("`{other}` is not one of \"fail_open\", \"fail_closed\""),
+                );
+                None
+            }
+        };
+        let d = raw.default.unwrap_or_default();
+        let default = RateLimitSpec {
+            per_minute: Some(d.per_minute.unwrap_or(60)),
+            per_hour: Some(d.per_hour.unwrap_or(1000)),
+            per_day: Some(d.per_day.unwrap_or(10_000)),
+        };
+        for (name, v) in [
+            ("per_minute", default.per_minute),
+            ("per_hour", default.per_hour),
+            ("per_day", default.per_day),
+        ] {
+            if v == Some(0) {
+                self.problem(&format!("limits.default.{name}"), "must be at least 1");
+            }
+        }
+        Some(LimitSettings {
+            mode: mode?,
+            on_store_error: on_store_error?,
+            default,
+        })
+    }
+
+    fn metering(&mut self, raw: RawMetering) -> MeteringSettings {
+        let flush_interval = self.duration("metering.flush_interval", raw.flush_interval, "1s");
+        let r = raw.retention.unwrap_or_default();
+        MeteringSettings {
+            flush_interval,
+            retention_minute: self.duration("metering.retention.minute", r.minute, "48h"),
+            retention_hour: self.duration("metering.retention.hour", r.hour, "90d"),
+            retention_day: self.duration("metering.retention.day", r.day, "1100d"),
+        }
+    }
+
+    fn identity(&mut self, raw: RawIdentity) -> Option<IdentitySettings> {
+        if raw.signing_secret_env.is_some() {
+            self.problem(
+                "identity.signing_secret_env",
+                "signed identity headers are not available in this version",
+            );
+        }
+        let header_prefix = raw
+            .header_prefix
+            .unwrap_or_else(|| "X-Tollgate-".to_owned());
+        if header_prefix.is_empty()
+            || http::HeaderName::from_bytes(format!("{header_prefix}Key-Id").as_bytes()).is_err()
+        {
+            self.problem(
+                "identity.header_prefix",
+                format!("`{header_prefix}` cannot start a header name"),
+            );
+            return None;
+        }
+        Some(IdentitySettings { header_prefix })
+    }
+
+    fn routes(&mut self, raw: Vec<RawRoute>) -> Vec<RouteSettings> {
+        let mut names = HashSet::new();
+        let mut out = Vec::with_capacity(raw.len());
+        for (i, r) in raw.into_iter().enumerate() {
+            let at = |f: &str| format!("routes[{i}].{f}");
+            let name = r.name.unwrap_or_default();
+            if name.is_empty() {
+                self.problem(&at("name"), "is required");
+            } else if !names.insert(name.clone()) {
+                self.problem(&at("name"), format!("`{name}` is used by an earlier route"));
+            }
+            let path_prefix = r.path_prefix.unwrap_or_else(|| "/".to_owned());
+            if !path_prefix.starts_with('/') {
+                self.problem(
+                    &at("path_prefix"),
+                    format!("`{path_prefix}` must start with /"),
+                );
+            }
+            let upstreams = r.upstreams.unwrap_or_default();
+            if upstreams.is_empty() {
+                self.problem(&at("upstreams"), "needs at least one upstream URL");
+            }
+            let upstreams: Vec<Upstream> = upstreams
+                .iter()
+                .enumerate()
+                .filter_map(|(j, u)| match parse_upstream(u) {
+                    Ok(up) => Some(up),
+                    Err(why) => {
+                        self.problem(&format!("routes[{i}].upstreams[{j}]"), why);
+                        None
+                    }
+                })
+                .collect();
+            let auth = match r.auth.as_deref().unwrap_or("required") {
+                "required" => RouteAuth::Required,
+                "public" => RouteAuth::Public,
+                other => {
+                    self.problem(
+                        &at("auth"),
+                        format!("`{other}` is not one of \"required\", \"public\""),
+                    );
+                    RouteAuth::Required
+                }
+            };
+            let mut scopes = RouteScopes::default();
+            for (k, v) in r.scopes.unwrap_or_default() {
+                match k.as_str() {
+                    "read" => scopes.read = Some(v),
+                    "write" => scopes.write = Some(v),
+                    other => self.problem(
+                        &at(&format!("scopes.{other}")),
+                        "unknown field; expected read or write",
+                    ),
+                }
+            }
+            if r.cost.is_some() {
+                self.problem(
+                    &at("cost"),
+                    "request costs are not available in this version",
+                );
+            }
+            let timeout = self.duration(&at("timeout"), r.timeout, "30s");
+            out.push(RouteSettings {
+                name,
+                path_prefix,
+                host: r.host.map(|h| h.to_ascii_lowercase()),
+                upstreams,
+                auth,
+                scopes,
+                strip_prefix: r.strip_prefix.unwrap_or(false),
+                timeout,
+            });
+        }
+        out
+    }
+}
+
+/// Splits `http://host:port/base` once, at start-up.
+fn parse_upstream(raw: &str) -> Result<Upstream, String> {
+    let uri: http::Uri = raw
+        .parse()
+        .map_err(|e| format!("`{raw}` is not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(format!(
+                "`{raw}`: https upstreams are not available in this version"
+            ))
+        }
+        _ => return Err(format!("`{raw}` must start with http://")),
+    }
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| format!("`{raw}` has no host"))?;
+    if uri.query().is_some() {
+        return Err(format!("`{raw}` must not have a query"));
+    }
+    let base_path = uri.path().trim_end_matches('/').to_owned();
+    Ok(Upstream {
+        scheme: http::uri::Scheme::HTTP,
+        authority,
+        base_path,
+    })
+}

@@ -1,0 +1,99 @@
+//! The config file's shape as serde reads it: strings and numbers, every field optional, unknown
+//! fields refused. [`super::validate`] turns it into typed [`super::Settings`].
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawProxy {
+    pub(crate) listen: Option<String>,
+    pub(crate) tls: Option<RawTls>,
+    pub(crate) trusted_proxies: Option<Vec<String>>,
+    pub(crate) max_body_bytes: Option<u64>,
+    pub(crate) request_header_timeout: Option<String>,
+    pub(crate) expose_account_api: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTls {
+    pub(crate) cert: String,
+    pub(crate) key: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAdmin {
+    pub(crate) listen: Option<String>,
+    pub(crate) master_key_env: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawStore {
+    pub(crate) backend: Option<String>,
+    pub(crate) path: Option<String>,
+    pub(crate) redis_url: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCache {
+    pub(crate) ttl: Option<String>,
+    pub(crate) negative_ttl: Option<String>,
+    pub(crate) max_entries: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLimits {
+    pub(crate) mode: Option<String>,
+    pub(crate) on_store_error: Option<String>,
+    pub(crate) default: Option<RawWindows>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawWindows {
+    pub(crate) per_minute: Option<u32>,
+    pub(crate) per_hour: Option<u32>,
+    pub(crate) per_day: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMetering {
+    pub(crate) flush_interval: Option<String>,
+    pub(crate) retention: Option<RawRetention>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRetention {
+    pub(crate) minute: Option<String>,
+    pub(crate) hour: Option<String>,
+    pub(crate) day: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawIdentity {
+    pub(crate) header_prefix: Option<String>,
+    pub(crate) signing_secret_env: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRoute {
+    pub(crate) name: Option<String>,
+    pub(crate) path_prefix: Option<String>,
+    pub(crate) host: Option<String>,
+    pub(crate) upstreams: Option<Vec<String>>,
+    pub(crate) auth: Option<String>,
+    pub(crate) scopes: Option<BTreeMap<String, String>>,
+    pub(crate) strip_prefix: Option<bool>,
+    pub(crate) timeout: Option<String>,
+    pub(crate) cost: Option<u32>,
+}

@@ -1,0 +1,174 @@
+//! Typed, validated settings: what the rest of tollgate reads. Nothing here is parsed again after
+//! start-up.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use ipnet::IpNet;
+
+use crate::store::RateLimitSpec;
+
+/// Everything the config file says, checked.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The proxy listener.
+    pub proxy: ProxySettings,
+    /// The admin listener.
+    pub admin: AdminSettings,
+    /// Where records live.
+    pub store: StoreSettings,
+    /// The key cache.
+    pub cache: CacheSettings,
+    /// Rate limits.
+    pub limits: LimitSettings,
+    /// Usage metering.
+    pub metering: MeteringSettings,
+    /// Identity headers sent upstream.
+    pub identity: IdentitySettings,
+    /// Routes, in file order.
+    pub routes: Vec<RouteSettings>,
+}
+
+/// `[proxy]`.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    /// Address to bind.
+    pub listen: SocketAddr,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Largest request body accepted, chunked bodies included.
+    pub max_body_bytes: u64,
+    /// How long a client may take to send its request head.
+    pub request_header_timeout: Duration,
+    /// Also serve `/v1/account/*` on the proxy listener.
+    pub expose_account_api: bool,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    /// Address to bind.
+    pub listen: SocketAddr,
+    /// The environment variable that may hold the raw master key.
+    pub master_key_env: String,
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSettings {
+    /// The on-disk embedded database at this path.
+    Embedded {
+        /// Database file.
+        path: PathBuf,
+    },
+}
+
+/// `[cache]`.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheSettings {
+    /// A cached key is re-read after this.
+    pub ttl: Duration,
+    /// An unknown credential is remembered as unknown for this long.
+    pub negative_ttl: Duration,
+    /// Most entries held.
+    pub max_entries: usize,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Copy)]
+pub struct LimitSettings {
+    /// Per-instance or fleet-wide.
+    pub mode: LimitMode,
+    /// What to do when a key cannot be verified because the store is down.
+    pub on_store_error: OnStoreError,
+    /// Limits for keys and accounts that set none.
+    pub default: RateLimitSpec,
+}
+
+/// `limits.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitMode {
+    /// Each instance counts alone.
+    Local,
+}
+
+/// `limits.on_store_error`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStoreError {
+    /// Serve what can be served from cache; refuse only what cannot be verified.
+    FailOpen,
+    /// Answer 503 `store_unavailable` for anything not verifiable.
+    FailClosed,
+}
+
+/// `[metering]`.
+#[derive(Debug, Clone, Copy)]
+pub struct MeteringSettings {
+    /// How often counters are written to the store.
+    pub flush_interval: Duration,
+    /// How long minute buckets are kept.
+    pub retention_minute: Duration,
+    /// How long hour buckets are kept.
+    pub retention_hour: Duration,
+    /// How long day buckets are kept.
+    pub retention_day: Duration,
+}
+
+/// `[identity]`.
+#[derive(Debug, Clone)]
+pub struct IdentitySettings {
+    /// Prefix of the identity headers, `X-Tollgate-` by default.
+    pub header_prefix: String,
+}
+
+/// `[[routes]]`.
+#[derive(Debug, Clone)]
+pub struct RouteSettings {
+    /// Route name: a metrics label.
+    pub name: String,
+    /// Longest matching prefix wins.
+    pub path_prefix: String,
+    /// Only requests for this host (without port), when set.
+    pub host: Option<String>,
+    /// Round-robin targets.
+    pub upstreams: Vec<Upstream>,
+    /// Whether a credential is needed.
+    pub auth: RouteAuth,
+    /// Scopes needed for read and write methods.
+    pub scopes: RouteScopes,
+    /// Remove `path_prefix` before forwarding.
+    pub strip_prefix: bool,
+    /// Upstream response-head deadline.
+    pub timeout: Duration,
+}
+
+/// One upstream base URL, split once.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// `http`.
+    pub scheme: Scheme,
+    /// `host:port`.
+    pub authority: Authority,
+    /// Path prefix to prepend, without trailing slash; empty for none.
+    pub base_path: String,
+}
+
+/// `auth` of a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteAuth {
+    /// A valid credential is needed.
+    Required,
+    /// Anyone; no checks, no metering.
+    Public,
+}
+
+/// `scopes` of a route.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteScopes {
+    /// Needed for GET, HEAD, OPTIONS.
+    pub read: Option<String>,
+    /// Needed for every other method.
+    pub write: Option<String>,
+}

@@ -1,0 +1,7 @@
+//! tollgate: an edge gateway (module map to come).
+pub mod config;
+pub mod credential;
+pub mod limits;
+pub mod policy;
+pub mod refusal;
+pub mod store;

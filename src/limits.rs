@@ -1,0 +1,412 @@
+//! Per-key rate limits: a GCRA bucket (governor) per window — minute, hour, day — and the
+//! values of the limit headers.
+//!
+//! State only, no I/O. A key's [`KeyLimiter`] lives in the [`Limiters`] registry by key id, so
+//! its buckets outlive cache refreshes; the key cache keeps an `Arc` to it beside the cached key
+//! so that the request path reaches the buckets without a second map lookup. Generic over
+//! governor's `Clock` so tests can drive time by hand.
+
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use governor::clock::{Clock, QuantaClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+
+use crate::store::RateLimitSpec;
+
+/// A limit window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Window {
+    /// 60 s.
+    Minute,
+    /// 3 600 s.
+    Hour,
+    /// 86 400 s.
+    Day,
+}
+
+/// The effective per-window limits of a key; `None` = that window is not limited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Quotas {
+    /// Requests per minute, hour, day, in [`Window::ALL`] order.
+    pub per: [Option<NonZeroU32>; 3],
+}
+
+/// One window's state after a check, for the headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowState {
+    /// Which window.
+    pub window: Window,
+    /// Its limit.
+    pub limit: u32,
+    /// Requests that would pass right now.
+    pub remaining: u32,
+    /// Whole seconds until it is full again (or, when empty, until it has room).
+    pub reset: u64,
+}
+
+/// What the windows said for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LimitSnapshot {
+    /// In [`Window::ALL`] order; `None` for windows not limited.
+    pub windows: [Option<WindowState>; 3],
+}
+
+/// A refused request: the first window that had no room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exhausted {
+    /// That window.
+    pub window: Window,
+    /// Whole seconds until it has room (at least 1).
+    pub retry_after: u64,
+    /// All windows as last known, the exhausted one at zero.
+    pub snapshot: LimitSnapshot,
+}
+
+type Bucket<C> = RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>;
+
+/// The three buckets of one key.
+pub struct KeyLimiter<C: Clock = QuantaClock> {
+    quotas: Quotas,
+    buckets: [Option<Bucket<C>>; 3],
+    /// Remaining count of each window at its last check; governor cannot peek without spending,
+    /// so a 429 reports the windows it did not reach from here.
+    last_remaining: [AtomicU32; 3],
+    clock: C,
+}
+
+/// Every key's limiter, by key id.
+pub struct Limiters<C: Clock = QuantaClock> {
+    by_key: DashMap<Arc<str>, Arc<KeyLimiter<C>>>,
+    clock: C,
+}
+
+// === impl Window ===
+
+impl Window {
+    /// Shortest first: the order in which windows are checked.
+    pub const ALL: [Window; 3] = [Window::Minute, Window::Hour, Window::Day];
+
+    /// `minute`, `hour`, `day`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Window::Minute => "minute",
+            Window::Hour => "hour",
+            Window::Day => "day",
+        }
+    }
+
+    /// Length in seconds.
+    pub const fn seconds(self) -> u64 {
+        match self {
+            Window::Minute => 60,
+            Window::Hour => 3_600,
+            Window::Day => 86_400,
+        }
+    }
+
+    const fn index(self) -> usize {
+        match self {
+            Window::Minute => 0,
+            Window::Hour => 1,
+            Window::Day => 2,
+        }
+    }
+}
+
+// === impl Quotas ===
+
+impl Quotas {
+    /// Per window: the key's value, else the account's, else the default.
+    pub fn resolve(
+        key: Option<&RateLimitSpec>,
+        account: Option<&RateLimitSpec>,
+        default: &RateLimitSpec,
+    ) -> Quotas {
+        let pick = |f: fn(&RateLimitSpec) -> Option<u32>| {
+            key.and_then(f)
+                .or_else(|| account.and_then(f))
+                .or_else(|| f(default))
+                .and_then(NonZeroU32::new)
+        };
+        Quotas {
+            per: [
+                pick(|s| s.per_minute),
+                pick(|s| s.per_hour),
+                pick(|s| s.per_day),
+            ],
+        }
+    }
+
+    /// The limit of one window.
+    pub fn get(&self, window: Window) -> Option<NonZeroU32> {
+        self.per[window.index()]
+    }
+}
+
+// === impl KeyLimiter ===
+
+impl<C: Clock + Clone> KeyLimiter<C> {
+    /// Fresh, full buckets.
+    pub fn new(quotas: Quotas, clock: &C) -> Self {
+        let bucket = |w: Window| {
+            quotas.get(w).and_then(|n| {
+                let q =
+                    Quota::with_period(Duration::from_secs(w.seconds()) / n.get())?.allow_burst(n);
+                Some(
+                    RateLimiter::direct_with_clock(q, C::clone(clock))
+                        .with_middleware::<StateInformationMiddleware>(),
+                )
+            })
+        };
+        let full = |w: Window| AtomicU32::new(quotas.get(w).map_or(0, NonZeroU32::get));
+        KeyLimiter {
+            quotas,
+            buckets: [
+                bucket(Window::Minute),
+                bucket(Window::Hour),
+                bucket(Window::Day),
+            ],
+            last_remaining: [full(Window::Minute), full(Window::Hour), full(Window::Day)],
+            clock: C::clone(clock),
+        }
+    }
+
+    /// The limits these buckets enforce.
+    pub fn quotas(&self) -> Quotas {
+        self.quotas
+    }
+
+    /// Spends one request from every window, shortest first, stopping at the first that has no
+    /// room. A request refused by a longer window has still spent from the shorter ones.
+    pub fn check(&self) -> Result<LimitSnapshot, Exhausted> {
+        let mut snapshot = LimitSnapshot::default();
+        for window in Window::ALL {
+            let i = window.index();
+            let (Some(bucket), Some(limit)) = (&self.buckets[i], self.quotas.per[i]) else {
+                continue;
+            };
+            let limit = limit.get();
+            let per_request = window.seconds() as f64 / f64::from(limit);
+            match bucket.check() {
+                Ok(state) => {
+                    let remaining = state.remaining_burst_capacity();
+                    self.last_remaining[i].store(remaining, Ordering::Relaxed);
+                    let reset =
+                        (f64::from(limit - remaining.min(limit)) * per_request).ceil() as u64;
+                    snapshot.windows[i] = Some(WindowState {
+                        window,
+                        limit,
+                        remaining,
+                        reset,
+                    });
+                }
+                Err(not_until) => {
+                    let wait = not_until.wait_time_from(self.clock.now());
+                    let retry_after = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                    let retry_after = retry_after.max(1);
+                    self.last_remaining[i].store(0, Ordering::Relaxed);
+                    snapshot.windows[i] = Some(WindowState {
+                        window,
+                        limit,
+                        remaining: 0,
+                        reset: retry_after,
+                    });
+                    self.fill_unchecked(&mut snapshot, i + 1);
+                    return Err(Exhausted {
+                        window,
+                        retry_after,
+                        snapshot,
+                    });
+                }
+            }
+        }
+        Ok(snapshot)
+    }
+
+    fn fill_unchecked(&self, snapshot: &mut LimitSnapshot, from: usize) {
+        for window in &Window::ALL[from..] {
+            let i = window.index();
+            if let Some(limit) = self.quotas.per[i] {
+                let limit = limit.get();
+                let remaining = self.last_remaining[i].load(Ordering::Relaxed).min(limit);
+                let per_request = window.seconds() as f64 / f64::from(limit);
+                let reset = (f64::from(limit - remaining) * per_request).ceil() as u64;
+                snapshot.windows[i] = Some(WindowState {
+                    window: *window,
+                    limit,
+                    remaining,
+                    reset,
+                });
+            }
+        }
+    }
+}
+
+// === impl LimitSnapshot ===
+
+impl LimitSnapshot {
+    /// The window with the fewest remaining (the shorter on a tie): the one the single-window
+    /// headers describe.
+    pub fn tightest(&self) -> Option<WindowState> {
+        self.windows
+            .iter()
+            .flatten()
+            .copied()
+            .min_by_key(|w| w.remaining)
+    }
+}
+
+// === impl Limiters ===
+
+impl Limiters<QuantaClock> {
+    /// A registry on the real clock.
+    pub fn new() -> Self {
+        Self::with_clock(QuantaClock::default())
+    }
+}
+
+impl Default for Limiters<QuantaClock> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<C: Clock + Clone> Limiters<C> {
+    /// A registry on the given clock.
+    pub fn with_clock(clock: C) -> Self {
+        Limiters {
+            by_key: DashMap::new(),
+            clock,
+        }
+    }
+
+    /// The key's limiter. An existing one is kept while its quotas are unchanged, so that a cache
+    /// refresh does not refill the buckets; changed quotas start fresh buckets.
+    pub fn for_key(&self, key_id: &Arc<str>, quotas: Quotas) -> Arc<KeyLimiter<C>> {
+        if let Some(existing) = self.by_key.get(key_id) {
+            if existing.quotas == quotas {
+                return Arc::clone(&existing);
+            }
+        }
+        let fresh = Arc::new(KeyLimiter::new(quotas, &self.clock));
+        self.by_key.insert(Arc::clone(key_id), Arc::clone(&fresh));
+        fresh
+    }
+
+    /// Forgets limiters that no cached key holds any more. Their buckets would be full again by
+    /// now unless the key is used again soon, in which case it restarts with full buckets: run
+    /// this no more often than the shortest window with traffic matters (the app runs it hourly).
+    pub fn prune_unused(&self) -> usize {
+        let before = self.by_key.len();
+        self.by_key.retain(|_, l| Arc::strong_count(l) > 1);
+        before - self.by_key.len()
+    }
+
+    /// Drops a key's limiter (key deleted).
+    pub fn remove(&self, key_id: &str) {
+        self.by_key.remove(key_id);
+    }
+
+    /// Number of keys with limiters.
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use governor::clock::FakeRelativeClock;
+
+    use super::*;
+
+    fn quotas(m: u32, h: u32, d: u32) -> Quotas {
+        Quotas {
+            per: [NonZeroU32::new(m), NonZeroU32::new(h), NonZeroU32::new(d)],
+        }
+    }
+
+    #[test]
+    fn key_overrides_account_overrides_default_per_window() {
+        let default = RateLimitSpec {
+            per_minute: Some(60),
+            per_hour: Some(1000),
+            per_day: Some(10_000),
+        };
+        let account = RateLimitSpec {
+            per_minute: Some(30),
+            per_hour: Some(500),
+            per_day: None,
+        };
+        let key = RateLimitSpec {
+            per_minute: Some(5),
+            per_hour: None,
+            per_day: None,
+        };
+        assert_eq!(
+            Quotas::resolve(Some(&key), Some(&account), &default),
+            quotas(5, 500, 10_000)
+        );
+        assert_eq!(
+            Quotas::resolve(None, None, &default),
+            quotas(60, 1000, 10_000)
+        );
+    }
+
+    #[test]
+    fn minute_window_refuses_after_its_limit_and_refills_over_time() {
+        let clock = FakeRelativeClock::default();
+        let limiter = KeyLimiter::new(quotas(3, 100, 1000), &clock);
+        let first = limiter.check().unwrap();
+        assert_eq!(first.windows[0].unwrap().remaining, 2);
+        assert_eq!(first.windows[0].unwrap().reset, 20);
+        limiter.check().unwrap();
+        let third = limiter.check().unwrap();
+        assert_eq!(third.tightest().unwrap().window, Window::Minute);
+        assert_eq!(third.tightest().unwrap().remaining, 0);
+        let refused = limiter.check().unwrap_err();
+        assert_eq!(refused.window, Window::Minute);
+        assert_eq!(refused.retry_after, 20);
+        assert_eq!(refused.snapshot.windows[1].unwrap().remaining, 97);
+        clock.advance(Duration::from_secs(20));
+        assert!(limiter.check().is_ok());
+        assert!(limiter.check().is_err());
+    }
+
+    #[test]
+    fn the_day_window_refuses_when_minutes_still_have_room() {
+        let clock = FakeRelativeClock::default();
+        let limiter = KeyLimiter::new(quotas(10, 100, 2), &clock);
+        limiter.check().unwrap();
+        limiter.check().unwrap();
+        let refused = limiter.check().unwrap_err();
+        assert_eq!(refused.window, Window::Day);
+        assert_eq!(refused.retry_after, 43_200);
+    }
+
+    #[test]
+    fn registry_keeps_buckets_across_refreshes_until_quotas_change() {
+        let clock = FakeRelativeClock::default();
+        let limiters = Limiters::with_clock(clock);
+        let id: Arc<str> = Arc::from("key_1");
+        let a = limiters.for_key(&id, quotas(1, 10, 10));
+        a.check().unwrap();
+        let b = limiters.for_key(&id, quotas(1, 10, 10));
+        assert!(b.check().is_err(), "same buckets after a refresh");
+        let c = limiters.for_key(&id, quotas(2, 10, 10));
+        assert!(c.check().is_ok(), "new quotas, new buckets");
+        drop((a, b, c));
+        assert_eq!(limiters.prune_unused(), 1);
+        assert!(limiters.is_empty());
+    }
+}

@@ -1,0 +1,2 @@
+//! The `tollgate` binary (CLI to come).
+fn main() {}

@@ -1,0 +1,131 @@
+//! The store: every durable record (accounts, keys by hash, sites, audit entries, usage buckets,
+//! the master key's hash) behind one async trait, so that the embedded and Redis backends are
+//! interchangeable and one conformance suite (`tests/store_conformance.rs`) runs on each.
+//!
+//! Only this module and its children touch disk or the network. Nothing here runs on the request
+//! path of a cached key: the proxy reads a key once per cache miss ([`Store::lookup_key`]) and the
+//! metering flusher writes usage in batches ([`Store::add_usage`]).
+
+pub mod embedded;
+mod records;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+pub use records::{
+    AccountRecord, AuditEntry, AuditPage, AuditQuery, AuthMethod, KeyRecord, KeyType,
+    NetworkPolicy, Plan, RateLimitSpec, SiteRecord, UsageCounts, UsageDelta,
+};
+
+use crate::credential::KeyHash;
+
+/// A shared handle to whichever backend the config chose.
+pub type SharedStore = Arc<dyn Store>;
+
+/// What can go wrong in a store call. Conflicts are facts the admin API turns into 409s;
+/// `Unavailable` is the backend being unreachable or failing, which callers may retry.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another key of the account already has this name.
+    #[error("name already taken")]
+    NameTaken,
+    /// A record with this id or hash already exists.
+    #[error("record already exists")]
+    AlreadyExists,
+    /// The record to update or delete does not exist.
+    #[error("record not found")]
+    NotFound,
+    /// The backend cannot be reached or failed; the operation did not happen.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A stored record could not be decoded (written by an incompatible version, or corrupted).
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// A key found by its hash, with the account it belongs to: everything the checks need, in one
+/// read.
+#[derive(Debug, Clone)]
+pub struct KeyLookup {
+    /// The key record.
+    pub key: KeyRecord,
+    /// Its account.
+    pub account: AccountRecord,
+}
+
+/// The store interface. Every method is one atomic operation on the backend.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Succeeds when the backend is reachable and answering (readiness).
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// The key with this hash and its account; `None` when either does not exist.
+    async fn lookup_key(&self, hash: &KeyHash) -> Result<Option<KeyLookup>, StoreError>;
+
+    /// Creates an account; `AlreadyExists` if the id is taken.
+    async fn create_account(&self, account: &AccountRecord) -> Result<(), StoreError>;
+    /// One account.
+    async fn get_account(&self, id: &str) -> Result<Option<AccountRecord>, StoreError>;
+    /// All accounts, oldest first.
+    async fn list_accounts(&self) -> Result<Vec<AccountRecord>, StoreError>;
+    /// Replaces an existing account; `NotFound` if there is none.
+    async fn update_account(&self, account: &AccountRecord) -> Result<(), StoreError>;
+    /// Deletes an account with its keys and sites, returning the keys it removed (so that
+    /// callers can invalidate caches); `NotFound` if there is none.
+    async fn delete_account(&self, id: &str) -> Result<Vec<KeyRecord>, StoreError>;
+
+    /// Creates a key; `NameTaken` if its account has a key of that name, `AlreadyExists` if the
+    /// id or hash exists.
+    async fn create_key(&self, key: &KeyRecord) -> Result<(), StoreError>;
+    /// One key of one account.
+    async fn get_key(
+        &self,
+        account_id: &str,
+        key_id: &str,
+    ) -> Result<Option<KeyRecord>, StoreError>;
+    /// All keys of an account, oldest first.
+    async fn list_keys(&self, account_id: &str) -> Result<Vec<KeyRecord>, StoreError>;
+    /// Replaces an existing key (same id, account and hash); `NameTaken` if renamed onto a
+    /// taken name, `NotFound` if absent.
+    async fn update_key(&self, key: &KeyRecord) -> Result<(), StoreError>;
+    /// Deletes a key and its hash index, returning it; `Ok(None)` if it did not exist.
+    async fn delete_key(
+        &self,
+        account_id: &str,
+        key_id: &str,
+    ) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// Adds a site; `AlreadyExists` if the account has one with this name.
+    async fn create_site(&self, site: &SiteRecord) -> Result<(), StoreError>;
+    /// An account's sites, oldest first.
+    async fn list_sites(&self, account_id: &str) -> Result<Vec<SiteRecord>, StoreError>;
+    /// Deletes a site; `false` if it did not exist.
+    async fn delete_site(&self, account_id: &str, site_id: &str) -> Result<bool, StoreError>;
+
+    /// Appends an audit entry.
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError>;
+    /// Audit entries, newest first, filtered to one account when `account_id` is given.
+    async fn list_audit(
+        &self,
+        account_id: Option<&str>,
+        query: &AuditQuery,
+    ) -> Result<AuditPage, StoreError>;
+
+    /// Adds a batch of per-key, per-minute counts in one write. All or nothing: on error none of
+    /// the batch was applied and the caller keeps it to retry.
+    async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError>;
+    /// A key's minute buckets with `from_minute <= minute < to_minute` (minutes since the Unix
+    /// epoch), ascending; minutes without traffic are absent.
+    async fn usage_minutes(
+        &self,
+        key_id: &str,
+        from_minute: i64,
+        to_minute: i64,
+    ) -> Result<Vec<(i64, UsageCounts)>, StoreError>;
+
+    /// The stored hash of the operator's master key.
+    async fn master_key_hash(&self) -> Result<Option<KeyHash>, StoreError>;
+    /// Stores the master key's hash, replacing any earlier one.
+    async fn set_master_key_hash(&self, hash: &KeyHash) -> Result<(), StoreError>;
+}

@@ -1,0 +1,275 @@
+//! The records the store keeps, as serde types. These are also the admin API's JSON shapes, minus
+//! the fields marked `skip_serializing` there (the key hash is never sent to anyone).
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::credential::KeyHash;
+
+/// How an account's callers may authenticate on the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMethod {
+    /// API keys only.
+    #[default]
+    ApiKey,
+    /// OAuth access tokens only.
+    Oauth,
+    /// Either.
+    Any,
+}
+
+/// `secret` or `publishable`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyType {
+    /// Server-side key (`tgsk_`).
+    Secret,
+    /// Browser key (`tgpk_`): read-only methods from allowed origins.
+    Publishable,
+}
+
+/// Per-window request limits; a missing window falls back to the next level (key → account →
+/// config default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSpec {
+    /// Requests per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_minute: Option<u32>,
+    /// Requests per hour.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_hour: Option<u32>,
+    /// Requests per day.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_day: Option<u32>,
+}
+
+/// Where an account's callers may come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkPolicy {
+    /// CIDRs (or single addresses); empty means any.
+    #[serde(default)]
+    pub allowed_ips: Vec<String>,
+    /// Origins allowed for the account's publishable keys, beside each key's own.
+    #[serde(default)]
+    pub allowed_domains: Vec<String>,
+}
+
+/// Plan limits; `None` means unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// Most keys the account may hold.
+    #[serde(default)]
+    pub max_keys: Option<u32>,
+    /// Most sites the account may hold.
+    #[serde(default)]
+    pub max_sites: Option<u32>,
+}
+
+/// A tenant of the gateway.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AccountRecord {
+    /// `acc_…`.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// How its callers authenticate.
+    #[serde(default)]
+    pub auth_method: AuthMethod,
+    /// Default limits for its keys.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitSpec>,
+    /// IP and origin policy.
+    #[serde(default)]
+    pub network_policy: NetworkPolicy,
+    /// Scopes the account may grant to its keys; `None` = any.
+    #[serde(default)]
+    pub permissions: Option<Vec<String>>,
+    /// Plan limits.
+    #[serde(default)]
+    pub plan: Plan,
+    /// An inactive account's keys are all refused.
+    #[serde(default = "yes")]
+    pub active: bool,
+    /// Buckets shared by all its keys (contract 5a; not enforced before its issue).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_rate_limit: Option<RateLimitSpec>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// An API key. Holds only the hash of the raw credential.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    /// `key_…`.
+    pub id: String,
+    /// Owning account.
+    pub account_id: String,
+    /// Unique within the account.
+    pub name: String,
+    /// Secret or publishable.
+    #[serde(rename = "type")]
+    pub key_type: KeyType,
+    /// SHA-256 of the raw key.
+    pub hash: KeyHash,
+    /// First 12 characters of the raw key.
+    pub prefix: String,
+    /// `tgsk_Ab3x…9fQ2`.
+    pub preview: String,
+    /// Granted scopes; `None` = full access.
+    #[serde(default)]
+    pub scopes: Option<Vec<String>>,
+    /// Origins allowed for a publishable key.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    /// CIDRs the key may be used from; empty = any.
+    #[serde(default)]
+    pub allowed_ips: Vec<String>,
+    /// Per-window override of the account's limits.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitSpec>,
+    /// After this the key is refused with `expired_credential`.
+    #[serde(default)]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// The lifetime given at creation, in seconds: `renew` reuses it.
+    #[serde(default)]
+    pub lifetime_secs: Option<u64>,
+    /// Deactivated keys are refused with `inactive_credential`.
+    #[serde(default = "yes")]
+    pub active: bool,
+    /// A protected key cannot be deactivated.
+    #[serde(default)]
+    pub protected: bool,
+    /// Free-form object, echoed back.
+    #[serde(default = "empty_object")]
+    pub metadata: serde_json::Value,
+    /// Credits left (contract 5a); `None` = unlimited. Not enforced before its issue.
+    #[serde(default)]
+    pub remaining: Option<i64>,
+    /// The owner's id in the customer's own system (contract 5a).
+    #[serde(default)]
+    pub external_id: Option<String>,
+    /// Brought in by hash from another system (contract 5a).
+    #[serde(default)]
+    pub imported: bool,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// An origin an account serves its publishable keys from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteRecord {
+    /// `site_…`.
+    pub id: String,
+    /// Owning account.
+    pub account_id: String,
+    /// The origin, e.g. `https://example.com`.
+    pub name: String,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+}
+
+/// One change, for the audit log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// `aud_…`, unique.
+    pub id: String,
+    /// The account the change concerns; `None` for operator-level entries.
+    #[serde(default, skip_serializing)]
+    pub account_id: Option<String>,
+    /// Who did it: `master` or a key id.
+    pub actor_id: String,
+    /// e.g. `key.create`.
+    pub action: String,
+    /// e.g. `key`.
+    pub target_type: String,
+    /// The changed record's id.
+    pub target_id: String,
+    /// Free-form detail.
+    pub detail: serde_json::Value,
+    /// Client IP of the caller.
+    pub ip: Option<String>,
+    /// When.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Filters for [`crate::store::Store::list_audit`].
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    /// Page size.
+    pub limit: usize,
+    /// Entries to skip.
+    pub offset: usize,
+    /// Exact action match.
+    pub action: Option<String>,
+    /// Case-insensitive substring of action, target, actor or detail.
+    pub search: Option<String>,
+}
+
+/// One page of audit entries.
+#[derive(Debug, Clone, Default)]
+pub struct AuditPage {
+    /// Newest first.
+    pub entries: Vec<AuditEntry>,
+    /// Entries matching the filters in all.
+    pub total: usize,
+}
+
+/// The six counters of a usage bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct UsageCounts {
+    /// Requests identified to the key.
+    pub requests: u64,
+    /// Final status < 400.
+    pub success: u64,
+    /// Final status >= 400, gateway refusals included.
+    pub error: u64,
+    /// 429s.
+    pub rate_limited: u64,
+    /// Request body bytes.
+    pub bytes_in: u64,
+    /// Response body bytes.
+    pub bytes_out: u64,
+}
+
+/// Counts to add to one key's one minute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageDelta {
+    /// The key.
+    pub key_id: String,
+    /// Its account (account totals derive from keys).
+    pub account_id: String,
+    /// Minutes since the Unix epoch, UTC.
+    pub minute: i64,
+    /// What to add.
+    pub counts: UsageCounts,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::Value::Object(serde_json::Map::new())
+}
+
+// === impl UsageCounts ===
+
+impl UsageCounts {
+    /// Adds another set of counts into this one.
+    pub fn merge(&mut self, other: &UsageCounts) {
+        self.requests += other.requests;
+        self.success += other.success;
+        self.error += other.error;
+        self.rate_limited += other.rate_limited;
+        self.bytes_in += other.bytes_in;
+        self.bytes_out += other.bytes_out;
+    }
+}
