@@ -1,1 +1,2 @@
+//! Load benchmark and criterion benches (to come).
 fn main() {}

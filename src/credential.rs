@@ -178,6 +178,18 @@ pub fn generate(kind: Kind) -> String {
     out
 }
 
+/// A record id: `prefix_` and 20 random base62 characters (`acc_…`, `key_…`). Not a secret.
+pub fn new_id(prefix: &str) -> String {
+    let mut rng = rand::rng();
+    let mut out = String::with_capacity(prefix.len() + 21);
+    out.push_str(prefix);
+    out.push('_');
+    for _ in 0..20 {
+        out.push(char::from(ALPHABET[rng.random_range(0..62)]));
+    }
+    out
+}
+
 /// Checks a presented credential's shape and checksum and says what kind it is.
 pub fn parse(raw: &str) -> Result<Kind, FormatError> {
     let bytes = raw.as_bytes();

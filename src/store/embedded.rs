@@ -1,1 +1,788 @@
-//! The embedded store (redb) — being written.
+//! The embedded store: one [redb] file on local disk, crash-safe and transactional.
+//!
+//! Every [`Store`] method is one redb transaction (reads in a read transaction, changes in one
+//! write transaction committed with redb's default immediate durability), run on the blocking
+//! pool with [`tokio::task::spawn_blocking`] because redb is synchronous. redb errors become
+//! [`StoreError::Unavailable`]; records that do not decode become [`StoreError::Corrupt`].
+//!
+//! # Data model
+//!
+//! Records are stored as `serde_json` bytes, so that a field added with a serde default reads
+//! older files.
+//!
+//! | table            | key                               | value                     | why                                                        |
+//! |------------------|-----------------------------------|---------------------------|------------------------------------------------------------|
+//! | `accounts`       | account id (`str`)                | account JSON              | the accounts                                               |
+//! | `keys`           | key id (`str`)                    | key JSON                  | the keys                                                   |
+//! | `key_hashes`     | key hash (`[u8; 32]`)             | key id                    | [`Store::lookup_key`]; uniqueness of hashes                |
+//! | `account_keys`   | (account id, key id)              | `()`                      | listing an account's keys; deleting them with the account  |
+//! | `key_names`      | (account id, key name)            | key id                    | uniqueness of key names within an account                  |
+//! | `sites`          | (account id, site id)             | site JSON                 | an account's sites, listed by key prefix                   |
+//! | `audit`          | sequence (`u64`, ascending)       | entry JSON + `account_id` | the audit log in append order (read backwards: newest first) |
+//! | `audit_accounts` | (account id, sequence)            | `()`                      | one account's audit entries without scanning the others    |
+//! | `usage_minute`   | (key id, minute since epoch `i64`) | 48 bytes: 6 × LE `u64`   | usage buckets; a range scan gives `[from, to)` ascending    |
+//! | `meta`           | name (`str`)                      | bytes                     | singletons: `master_key_hash` (32 bytes)                   |
+//!
+//! Lists are sorted oldest first by `(created_at, id)`; the audit log is newest first by append
+//! order. The audit entry's `account_id` is not part of its serialized JSON (it is
+//! `skip_serializing` for the API), so the stored JSON carries it as an extra `account_id` field.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redb::{Database, ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::credential::KeyHash;
+use crate::store::{
+    AccountRecord, AuditEntry, AuditPage, AuditQuery, KeyLookup, KeyRecord, SiteRecord, Store,
+    StoreError, UsageCounts, UsageDelta,
+};
+
+const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("accounts");
+const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
+const KEY_HASHES: TableDefinition<[u8; 32], &str> = TableDefinition::new("key_hashes");
+const ACCOUNT_KEYS: TableDefinition<(&str, &str), ()> = TableDefinition::new("account_keys");
+const KEY_NAMES: TableDefinition<(&str, &str), &str> = TableDefinition::new("key_names");
+const SITES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("sites");
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+const AUDIT_ACCOUNTS: TableDefinition<(&str, u64), ()> = TableDefinition::new("audit_accounts");
+const USAGE_MINUTE: TableDefinition<(&str, i64), &[u8]> = TableDefinition::new("usage_minute");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+const MASTER_KEY_HASH: &str = "master_key_hash";
+const USAGE_BYTES: usize = 48;
+
+/// The [`Store`] on a local redb file. Cheap to share: it holds the database behind an [`Arc`].
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    path: PathBuf,
+}
+
+// === impl EmbeddedStore ===
+
+impl EmbeddedStore {
+    /// Opens the database at `path`, creating it and its parent directories if needed, and
+    /// creates every table. A file that is locked (already open, in this process or another) or
+    /// cannot be opened gives [`StoreError::Unavailable`] naming the path.
+    pub fn open(path: &Path) -> Result<EmbeddedStore, StoreError> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                StoreError::Unavailable(format!(
+                    "cannot create directory {}: {e}",
+                    parent.display()
+                ))
+            })?;
+        }
+        let db = Database::create(path).map_err(|e| {
+            StoreError::Unavailable(format!("cannot open database {}: {e}", path.display()))
+        })?;
+        write_txn(&db, |txn| {
+            txn.open_table(ACCOUNTS).map_err(db_err)?;
+            txn.open_table(KEYS).map_err(db_err)?;
+            txn.open_table(KEY_HASHES).map_err(db_err)?;
+            txn.open_table(ACCOUNT_KEYS).map_err(db_err)?;
+            txn.open_table(KEY_NAMES).map_err(db_err)?;
+            txn.open_table(SITES).map_err(db_err)?;
+            txn.open_table(AUDIT).map_err(db_err)?;
+            txn.open_table(AUDIT_ACCOUNTS).map_err(db_err)?;
+            txn.open_table(USAGE_MINUTE).map_err(db_err)?;
+            txn.open_table(META).map_err(db_err)?;
+            Ok(())
+        })
+        .map_err(|e| match e {
+            StoreError::Unavailable(msg) => StoreError::Unavailable(format!(
+                "cannot initialize database {}: {msg}",
+                path.display()
+            )),
+            other => other,
+        })?;
+        Ok(EmbeddedStore {
+            db: Arc::new(db),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The database file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on the blocking pool with the database.
+    async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    {
+        let db = Arc::clone(&self.db);
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
+    }
+
+    /// Runs `f` in one read transaction on the blocking pool.
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&ReadTransaction) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.run(move |db| {
+            let txn = db.begin_read().map_err(db_err)?;
+            f(&txn)
+        })
+        .await
+    }
+
+    /// Runs `f` in one write transaction on the blocking pool; commits if it succeeds, aborts
+    /// otherwise.
+    async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.run(move |db| write_txn(db, f)).await
+    }
+}
+
+impl fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.read(|txn| {
+            txn.open_table(META).map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn lookup_key(&self, hash: &KeyHash) -> Result<Option<KeyLookup>, StoreError> {
+        let hash = hash.0;
+        self.read(move |txn| {
+            let hashes = txn.open_table(KEY_HASHES).map_err(db_err)?;
+            let Some(key_id) = hashes.get(hash).map_err(db_err)? else {
+                return Ok(None);
+            };
+            let keys = txn.open_table(KEYS).map_err(db_err)?;
+            let Some(key) = get_json::<_, KeyRecord>(&keys, key_id.value(), "key")? else {
+                return Ok(None);
+            };
+            let accounts = txn.open_table(ACCOUNTS).map_err(db_err)?;
+            let Some(account) =
+                get_json::<_, AccountRecord>(&accounts, key.account_id.as_str(), "account")?
+            else {
+                return Ok(None);
+            };
+            Ok(Some(KeyLookup { key, account }))
+        })
+        .await
+    }
+
+    async fn create_account(&self, account: &AccountRecord) -> Result<(), StoreError> {
+        let account = account.clone();
+        self.write(move |txn| {
+            let mut accounts = txn.open_table(ACCOUNTS).map_err(db_err)?;
+            if accounts.get(account.id.as_str()).map_err(db_err)?.is_some() {
+                return Err(StoreError::AlreadyExists);
+            }
+            let bytes = encode(&account)?;
+            accounts
+                .insert(account.id.as_str(), bytes.as_slice())
+                .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_account(&self, id: &str) -> Result<Option<AccountRecord>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |txn| {
+            let accounts = txn.open_table(ACCOUNTS).map_err(db_err)?;
+            get_json(&accounts, id.as_str(), "account")
+        })
+        .await
+    }
+
+    async fn list_accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
+        self.read(|txn| {
+            let accounts = txn.open_table(ACCOUNTS).map_err(db_err)?;
+            let mut out = Vec::new();
+            for item in accounts.iter().map_err(db_err)? {
+                let (_, value) = item.map_err(db_err)?;
+                out.push(decode::<AccountRecord>(value.value(), "account")?);
+            }
+            out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn update_account(&self, account: &AccountRecord) -> Result<(), StoreError> {
+        let account = account.clone();
+        self.write(move |txn| {
+            let mut accounts = txn.open_table(ACCOUNTS).map_err(db_err)?;
+            if accounts.get(account.id.as_str()).map_err(db_err)?.is_none() {
+                return Err(StoreError::NotFound);
+            }
+            let bytes = encode(&account)?;
+            accounts
+                .insert(account.id.as_str(), bytes.as_slice())
+                .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delete_account(&self, id: &str) -> Result<Vec<KeyRecord>, StoreError> {
+        let id = id.to_owned();
+        self.write(move |txn| {
+            let mut accounts = txn.open_table(ACCOUNTS).map_err(db_err)?;
+            if accounts.remove(id.as_str()).map_err(db_err)?.is_none() {
+                return Err(StoreError::NotFound);
+            }
+
+            let mut account_keys = txn.open_table(ACCOUNT_KEYS).map_err(db_err)?;
+            let key_ids = account_key_ids(&account_keys, &id)?;
+            let mut keys = txn.open_table(KEYS).map_err(db_err)?;
+            let mut hashes = txn.open_table(KEY_HASHES).map_err(db_err)?;
+            let mut names = txn.open_table(KEY_NAMES).map_err(db_err)?;
+            let mut removed = Vec::with_capacity(key_ids.len());
+            for key_id in &key_ids {
+                account_keys
+                    .remove((id.as_str(), key_id.as_str()))
+                    .map_err(db_err)?;
+                let Some(bytes) = keys.remove(key_id.as_str()).map_err(db_err)? else {
+                    continue;
+                };
+                let key = decode::<KeyRecord>(bytes.value(), "key")?;
+                drop(bytes);
+                remove_key_indexes(&mut hashes, &mut names, &key)?;
+                removed.push(key);
+            }
+            removed.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+
+            let mut sites = txn.open_table(SITES).map_err(db_err)?;
+            let mut site_ids = Vec::new();
+            for item in sites.range(prefix_range(&id)).map_err(db_err)? {
+                let (key, _) = item.map_err(db_err)?;
+                let (account_id, site_id) = key.value();
+                if account_id != id {
+                    break;
+                }
+                site_ids.push(site_id.to_owned());
+            }
+            for site_id in &site_ids {
+                sites
+                    .remove((id.as_str(), site_id.as_str()))
+                    .map_err(db_err)?;
+            }
+            Ok(removed)
+        })
+        .await
+    }
+
+    async fn create_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
+        let key = key.clone();
+        self.write(move |txn| {
+            let mut names = txn.open_table(KEY_NAMES).map_err(db_err)?;
+            let name_key = (key.account_id.as_str(), key.name.as_str());
+            if names.get(name_key).map_err(db_err)?.is_some() {
+                return Err(StoreError::NameTaken);
+            }
+            let mut keys = txn.open_table(KEYS).map_err(db_err)?;
+            let mut hashes = txn.open_table(KEY_HASHES).map_err(db_err)?;
+            if keys.get(key.id.as_str()).map_err(db_err)?.is_some()
+                || hashes.get(key.hash.0).map_err(db_err)?.is_some()
+            {
+                return Err(StoreError::AlreadyExists);
+            }
+            let bytes = encode(&key)?;
+            keys.insert(key.id.as_str(), bytes.as_slice())
+                .map_err(db_err)?;
+            hashes.insert(key.hash.0, key.id.as_str()).map_err(db_err)?;
+            names.insert(name_key, key.id.as_str()).map_err(db_err)?;
+            let mut account_keys = txn.open_table(ACCOUNT_KEYS).map_err(db_err)?;
+            account_keys
+                .insert((key.account_id.as_str(), key.id.as_str()), ())
+                .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_key(
+        &self,
+        account_id: &str,
+        key_id: &str,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let (account_id, key_id) = (account_id.to_owned(), key_id.to_owned());
+        self.read(move |txn| {
+            let keys = txn.open_table(KEYS).map_err(db_err)?;
+            let key = get_json::<_, KeyRecord>(&keys, key_id.as_str(), "key")?;
+            Ok(key.filter(|k| k.account_id == account_id))
+        })
+        .await
+    }
+
+    async fn list_keys(&self, account_id: &str) -> Result<Vec<KeyRecord>, StoreError> {
+        let account_id = account_id.to_owned();
+        self.read(move |txn| {
+            let account_keys = txn.open_table(ACCOUNT_KEYS).map_err(db_err)?;
+            let keys = txn.open_table(KEYS).map_err(db_err)?;
+            let mut out = Vec::new();
+            for key_id in account_key_ids(&account_keys, &account_id)? {
+                if let Some(key) = get_json::<_, KeyRecord>(&keys, key_id.as_str(), "key")? {
+                    out.push(key);
+                }
+            }
+            out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn update_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
+        let mut key = key.clone();
+        self.write(move |txn| {
+            let mut keys = txn.open_table(KEYS).map_err(db_err)?;
+            let old = match get_json::<_, KeyRecord>(&keys, key.id.as_str(), "key")? {
+                Some(old) if old.account_id == key.account_id => old,
+                _ => return Err(StoreError::NotFound),
+            };
+            // The hash is immutable: keep the indexed one so that the hash index stays true.
+            key.hash = old.hash;
+            if old.name != key.name {
+                let mut names = txn.open_table(KEY_NAMES).map_err(db_err)?;
+                let new_name = (key.account_id.as_str(), key.name.as_str());
+                if let Some(owner) = names.get(new_name).map_err(db_err)? {
+                    if owner.value() != key.id {
+                        return Err(StoreError::NameTaken);
+                    }
+                }
+                names
+                    .remove((old.account_id.as_str(), old.name.as_str()))
+                    .map_err(db_err)?;
+                names.insert(new_name, key.id.as_str()).map_err(db_err)?;
+            }
+            let bytes = encode(&key)?;
+            keys.insert(key.id.as_str(), bytes.as_slice())
+                .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delete_key(
+        &self,
+        account_id: &str,
+        key_id: &str,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let (account_id, key_id) = (account_id.to_owned(), key_id.to_owned());
+        self.write(move |txn| {
+            let mut keys = txn.open_table(KEYS).map_err(db_err)?;
+            let key = match get_json::<_, KeyRecord>(&keys, key_id.as_str(), "key")? {
+                Some(key) if key.account_id == account_id => key,
+                _ => return Ok(None),
+            };
+            keys.remove(key_id.as_str()).map_err(db_err)?;
+            let mut hashes = txn.open_table(KEY_HASHES).map_err(db_err)?;
+            let mut names = txn.open_table(KEY_NAMES).map_err(db_err)?;
+            remove_key_indexes(&mut hashes, &mut names, &key)?;
+            let mut account_keys = txn.open_table(ACCOUNT_KEYS).map_err(db_err)?;
+            account_keys
+                .remove((account_id.as_str(), key_id.as_str()))
+                .map_err(db_err)?;
+            Ok(Some(key))
+        })
+        .await
+    }
+
+    async fn create_site(&self, site: &SiteRecord) -> Result<(), StoreError> {
+        let site = site.clone();
+        self.write(move |txn| {
+            let mut sites = txn.open_table(SITES).map_err(db_err)?;
+            for item in sites
+                .range(prefix_range(&site.account_id))
+                .map_err(db_err)?
+            {
+                let (key, value) = item.map_err(db_err)?;
+                let (account_id, site_id) = key.value();
+                if account_id != site.account_id {
+                    break;
+                }
+                if site_id == site.id
+                    || decode::<SiteRecord>(value.value(), "site")?.name == site.name
+                {
+                    return Err(StoreError::AlreadyExists);
+                }
+            }
+            let bytes = encode(&site)?;
+            sites
+                .insert(
+                    (site.account_id.as_str(), site.id.as_str()),
+                    bytes.as_slice(),
+                )
+                .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_sites(&self, account_id: &str) -> Result<Vec<SiteRecord>, StoreError> {
+        let account_id = account_id.to_owned();
+        self.read(move |txn| {
+            let sites = txn.open_table(SITES).map_err(db_err)?;
+            let mut out = Vec::new();
+            for item in sites.range(prefix_range(&account_id)).map_err(db_err)? {
+                let (key, value) = item.map_err(db_err)?;
+                if key.value().0 != account_id {
+                    break;
+                }
+                out.push(decode::<SiteRecord>(value.value(), "site")?);
+            }
+            out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn delete_site(&self, account_id: &str, site_id: &str) -> Result<bool, StoreError> {
+        let (account_id, site_id) = (account_id.to_owned(), site_id.to_owned());
+        self.write(move |txn| {
+            let mut sites = txn.open_table(SITES).map_err(db_err)?;
+            let removed = sites
+                .remove((account_id.as_str(), site_id.as_str()))
+                .map_err(db_err)?
+                .is_some();
+            Ok(removed)
+        })
+        .await
+    }
+
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
+        let entry = entry.clone();
+        self.write(move |txn| {
+            let mut audit = txn.open_table(AUDIT).map_err(db_err)?;
+            let seq = match audit.last().map_err(db_err)? {
+                Some((key, _)) => key.value().saturating_add(1),
+                None => 0,
+            };
+            let bytes = encode_audit(&entry)?;
+            audit.insert(seq, bytes.as_slice()).map_err(db_err)?;
+            if let Some(account_id) = &entry.account_id {
+                let mut by_account = txn.open_table(AUDIT_ACCOUNTS).map_err(db_err)?;
+                by_account
+                    .insert((account_id.as_str(), seq), ())
+                    .map_err(db_err)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_audit(
+        &self,
+        account_id: Option<&str>,
+        query: &AuditQuery,
+    ) -> Result<AuditPage, StoreError> {
+        let account_id = account_id.map(str::to_owned);
+        let query = query.clone();
+        self.read(move |txn| {
+            let audit = txn.open_table(AUDIT).map_err(db_err)?;
+            let search = query.search.as_deref().map(str::to_lowercase);
+            let mut page = AuditPage::default();
+            let mut consider = |bytes: &[u8]| -> Result<(), StoreError> {
+                let entry = decode::<AuditEntry>(bytes, "audit entry")?;
+                if query.action.as_ref().is_some_and(|a| *a != entry.action) {
+                    return Ok(());
+                }
+                if let Some(needle) = &search {
+                    if !audit_matches(&entry, needle) {
+                        return Ok(());
+                    }
+                }
+                if page.total >= query.offset && page.entries.len() < query.limit {
+                    page.entries.push(entry);
+                }
+                page.total += 1;
+                Ok(())
+            };
+            match &account_id {
+                None => {
+                    for item in audit.iter().map_err(db_err)?.rev() {
+                        let (_, value) = item.map_err(db_err)?;
+                        consider(value.value())?;
+                    }
+                }
+                Some(account_id) => {
+                    let by_account = txn.open_table(AUDIT_ACCOUNTS).map_err(db_err)?;
+                    let range = (account_id.as_str(), 0)..=(account_id.as_str(), u64::MAX);
+                    for item in by_account.range(range).map_err(db_err)?.rev() {
+                        let (key, _) = item.map_err(db_err)?;
+                        let seq = key.value().1;
+                        let Some(value) = audit.get(seq).map_err(db_err)? else {
+                            continue;
+                        };
+                        consider(value.value())?;
+                    }
+                }
+            }
+            Ok(page)
+        })
+        .await
+    }
+
+    async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let batch = batch.to_vec();
+        self.write(move |txn| {
+            let mut usage = txn.open_table(USAGE_MINUTE).map_err(db_err)?;
+            for delta in &batch {
+                let bucket = (delta.key_id.as_str(), delta.minute);
+                let mut counts = match usage.get(bucket).map_err(db_err)? {
+                    Some(bytes) => decode_usage(bytes.value())?,
+                    None => UsageCounts::default(),
+                };
+                add_saturating(&mut counts, &delta.counts);
+                usage
+                    .insert(bucket, encode_usage(&counts).as_slice())
+                    .map_err(db_err)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn usage_minutes(
+        &self,
+        key_id: &str,
+        from_minute: i64,
+        to_minute: i64,
+    ) -> Result<Vec<(i64, UsageCounts)>, StoreError> {
+        if from_minute >= to_minute {
+            return Ok(Vec::new());
+        }
+        let key_id = key_id.to_owned();
+        self.read(move |txn| {
+            let usage = txn.open_table(USAGE_MINUTE).map_err(db_err)?;
+            let range = (key_id.as_str(), from_minute)..(key_id.as_str(), to_minute);
+            let mut out = Vec::new();
+            for item in usage.range(range).map_err(db_err)? {
+                let (key, value) = item.map_err(db_err)?;
+                out.push((key.value().1, decode_usage(value.value())?));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn master_key_hash(&self) -> Result<Option<KeyHash>, StoreError> {
+        self.read(|txn| {
+            let meta = txn.open_table(META).map_err(db_err)?;
+            let Some(value) = meta.get(MASTER_KEY_HASH).map_err(db_err)? else {
+                return Ok(None);
+            };
+            let bytes: [u8; 32] = value.value().try_into().map_err(|_| {
+                StoreError::Corrupt(format!(
+                    "master key hash: expected 32 bytes, found {}",
+                    value.value().len()
+                ))
+            })?;
+            Ok(Some(KeyHash(bytes)))
+        })
+        .await
+    }
+
+    async fn set_master_key_hash(&self, hash: &KeyHash) -> Result<(), StoreError> {
+        let hash = hash.0;
+        self.write(move |txn| {
+            let mut meta = txn.open_table(META).map_err(db_err)?;
+            meta.insert(MASTER_KEY_HASH, hash.as_slice())
+                .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// Runs `f` in one write transaction: commits if it succeeds, aborts otherwise.
+fn write_txn<T>(
+    db: &Database,
+    f: impl FnOnce(&WriteTransaction) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let txn = db.begin_write().map_err(db_err)?;
+    match f(&txn) {
+        Ok(value) => {
+            txn.commit().map_err(db_err)?;
+            Ok(value)
+        }
+        Err(e) => {
+            // The error being returned matters more than a failed abort; an uncommitted
+            // transaction never becomes visible either way.
+            let _ = txn.abort();
+            Err(e)
+        }
+    }
+}
+
+/// Any redb error: the backend failed and the operation did not happen.
+fn db_err(e: impl Into<redb::Error>) -> StoreError {
+    let e: redb::Error = e.into();
+    StoreError::Unavailable(e.to_string())
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError::Corrupt(format!("cannot encode: {e}")))
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+/// Reads and decodes one JSON value by key.
+fn get_json<'a, K, T>(
+    table: &impl ReadableTable<K, &'static [u8]>,
+    key: K::SelfType<'a>,
+    what: &str,
+) -> Result<Option<T>, StoreError>
+where
+    K: redb::Key + 'static,
+    T: DeserializeOwned,
+{
+    match table.get(key).map_err(db_err)? {
+        Some(bytes) => decode(bytes.value(), what).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The entry's JSON with its `account_id`, which the record's own serialization skips.
+fn encode_audit(entry: &AuditEntry) -> Result<Vec<u8>, StoreError> {
+    let mut value = serde_json::to_value(entry)
+        .map_err(|e| StoreError::Corrupt(format!("cannot encode: {e}")))?;
+    if let (Some(object), Some(account_id)) = (value.as_object_mut(), &entry.account_id) {
+        object.insert(
+            "account_id".to_owned(),
+            serde_json::Value::String(account_id.clone()),
+        );
+    }
+    encode(&value)
+}
+
+/// Case-insensitive substring match over the searchable fields; `needle` is lowercase.
+fn audit_matches(entry: &AuditEntry, needle: &str) -> bool {
+    [
+        entry.action.as_str(),
+        entry.target_type.as_str(),
+        entry.target_id.as_str(),
+        entry.actor_id.as_str(),
+    ]
+    .iter()
+    .any(|field| field.to_lowercase().contains(needle))
+        || entry.detail.to_string().to_lowercase().contains(needle)
+}
+
+/// The range of `(account_id, _)` keys starts here; callers stop at the first other account.
+fn prefix_range(account_id: &str) -> std::ops::RangeFrom<(&str, &str)> {
+    (account_id, "")..
+}
+
+/// The ids of an account's keys, from the `account_keys` index.
+fn account_key_ids(
+    index: &impl ReadableTable<(&'static str, &'static str), ()>,
+    account_id: &str,
+) -> Result<Vec<String>, StoreError> {
+    let mut ids = Vec::new();
+    for item in index.range(prefix_range(account_id)).map_err(db_err)? {
+        let (key, _) = item.map_err(db_err)?;
+        let (owner, key_id) = key.value();
+        if owner != account_id {
+            break;
+        }
+        ids.push(key_id.to_owned());
+    }
+    Ok(ids)
+}
+
+/// Removes a key's hash and name index entries, each only if it still points at this key.
+fn remove_key_indexes(
+    hashes: &mut redb::Table<'_, [u8; 32], &'static str>,
+    names: &mut redb::Table<'_, (&'static str, &'static str), &'static str>,
+    key: &KeyRecord,
+) -> Result<(), StoreError> {
+    let hash_owned = hashes
+        .get(key.hash.0)
+        .map_err(db_err)?
+        .is_some_and(|id| id.value() == key.id);
+    if hash_owned {
+        hashes.remove(key.hash.0).map_err(db_err)?;
+    }
+    let name_key = (key.account_id.as_str(), key.name.as_str());
+    let name_owned = names
+        .get(name_key)
+        .map_err(db_err)?
+        .is_some_and(|id| id.value() == key.id);
+    if name_owned {
+        names.remove(name_key).map_err(db_err)?;
+    }
+    Ok(())
+}
+
+fn encode_usage(counts: &UsageCounts) -> [u8; USAGE_BYTES] {
+    let fields = [
+        counts.requests,
+        counts.success,
+        counts.error,
+        counts.rate_limited,
+        counts.bytes_in,
+        counts.bytes_out,
+    ];
+    let mut out = [0u8; USAGE_BYTES];
+    for (chunk, field) in out.chunks_exact_mut(8).zip(fields) {
+        chunk.copy_from_slice(&field.to_le_bytes());
+    }
+    out
+}
+
+fn decode_usage(bytes: &[u8]) -> Result<UsageCounts, StoreError> {
+    if bytes.len() != USAGE_BYTES {
+        return Err(StoreError::Corrupt(format!(
+            "usage bucket: expected {USAGE_BYTES} bytes, found {}",
+            bytes.len()
+        )));
+    }
+    let mut fields = [0u64; 6];
+    for (field, chunk) in fields.iter_mut().zip(bytes.chunks_exact(8)) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        *field = u64::from_le_bytes(word);
+    }
+    let [requests, success, error, rate_limited, bytes_in, bytes_out] = fields;
+    Ok(UsageCounts {
+        requests,
+        success,
+        error,
+        rate_limited,
+        bytes_in,
+        bytes_out,
+    })
+}
+
+fn add_saturating(into: &mut UsageCounts, add: &UsageCounts) {
+    into.requests = into.requests.saturating_add(add.requests);
+    into.success = into.success.saturating_add(add.success);
+    into.error = into.error.saturating_add(add.error);
+    into.rate_limited = into.rate_limited.saturating_add(add.rate_limited);
+    into.bytes_in = into.bytes_in.saturating_add(add.bytes_in);
+    into.bytes_out = into.bytes_out.saturating_add(add.bytes_out);
+}

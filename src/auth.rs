@@ -1,0 +1,166 @@
+//! Who is calling and may they: the credential's checks as one decision.
+//!
+//! [`authorize`] runs the contract's checks in order — key state and expiry, account state, auth
+//! method, client IP, origin (publishable keys), method (publishable keys), scope, rate limits —
+//! on a [`CachedKey`] and returns a [`Permit`] or the first [`Refusal`]. It is synchronous and
+//! does no I/O, so the proxy and a future verify endpoint call the very same function.
+//! [`cache::KeyCache`] finds the `CachedKey` for a presented credential.
+
+pub mod cache;
+pub mod extract;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::{HeaderValue, Method};
+use ipnet::IpNet;
+
+use crate::config::RouteScopes;
+use crate::limits::{KeyLimiter, LimitSnapshot};
+use crate::metering::UsageCell;
+use crate::policy;
+use crate::refusal::Refusal;
+use crate::store::{AuthMethod, KeyType};
+
+/// A key as the request path needs it: its record reduced to decisions and precomputed header
+/// values, plus handles to its buckets and usage counters.
+pub struct CachedKey {
+    /// Key id.
+    pub key_id: Arc<str>,
+    /// Account id.
+    pub account_id: Arc<str>,
+    /// Secret or publishable.
+    pub key_type: KeyType,
+    /// Key deactivated or account inactive → refused.
+    pub key_active: bool,
+    /// Account active.
+    pub account_active: bool,
+    /// The account's accepted credentials.
+    pub auth_method: AuthMethod,
+    /// Expiry, milliseconds since the epoch.
+    pub expires_at_ms: Option<i64>,
+    /// The account's CIDRs (empty = any).
+    pub account_ips: Vec<IpNet>,
+    /// The key's CIDRs (empty = any).
+    pub key_ips: Vec<IpNet>,
+    /// Normalised allowed origins (the key's and the account's domains).
+    pub origins: Vec<String>,
+    /// Granted scopes; `None` = full access.
+    pub scopes: Option<Vec<String>>,
+    /// The key's rate-limit buckets.
+    pub limiter: Arc<KeyLimiter>,
+    /// The key's usage counters.
+    pub usage: Arc<UsageCell>,
+    /// Identity header values, ready to send upstream.
+    pub identity: IdentityValues,
+}
+
+/// `X-Tollgate-*` values of one key, built once per cache load.
+#[derive(Clone)]
+pub struct IdentityValues {
+    /// Account id.
+    pub account_id: HeaderValue,
+    /// Key id.
+    pub key_id: HeaderValue,
+    /// `secret` or `publishable`.
+    pub key_type: HeaderValue,
+    /// Space-separated scopes, `*` for full access.
+    pub scopes: HeaderValue,
+    /// `RateLimit-Policy` for the key's windows.
+    pub policy: Option<HeaderValue>,
+}
+
+/// What the checks need to know about the request.
+pub struct RequestFacts<'a> {
+    /// Method.
+    pub method: &'a Method,
+    /// The client's address (after trusted proxies).
+    pub client_ip: IpAddr,
+    /// The `Origin` header, else the origin of `Referer`.
+    pub origin: Option<&'a str>,
+    /// `Referer`, used when there is no `Origin`.
+    pub referer: Option<&'a str>,
+    /// The route's scopes.
+    pub scopes: &'a RouteScopes,
+    /// Now, milliseconds since the epoch.
+    pub now_ms: i64,
+}
+
+/// A request that passed every check, with what the limit headers need.
+pub struct Permit {
+    /// The key.
+    pub key: Arc<CachedKey>,
+    /// The windows after spending this request.
+    pub limits: LimitSnapshot,
+}
+
+/// The decision. `Err` carries the first check that failed; a `RateLimited` refusal comes with
+/// the windows' state for the 429's headers.
+pub fn authorize(
+    key: &Arc<CachedKey>,
+    facts: &RequestFacts<'_>,
+) -> Result<Permit, (Refusal, Option<LimitSnapshot>)> {
+    check_state(key, facts.now_ms).map_err(|r| (r, None))?;
+    check_network(key, facts).map_err(|r| (r, None))?;
+    match key.limiter.check() {
+        Ok(limits) => Ok(Permit {
+            key: Arc::clone(key),
+            limits,
+        }),
+        Err(exhausted) => Err((
+            Refusal::RateLimited {
+                window: exhausted.window,
+                retry_after: exhausted.retry_after,
+            },
+            Some(exhausted.snapshot),
+        )),
+    }
+}
+
+fn check_state(key: &CachedKey, now_ms: i64) -> Result<(), Refusal> {
+    if !key.key_active {
+        return Err(Refusal::InactiveCredential);
+    }
+    if key.expires_at_ms.is_some_and(|at| now_ms >= at) {
+        return Err(Refusal::ExpiredCredential);
+    }
+    if !key.account_active {
+        return Err(Refusal::InactiveCredential);
+    }
+    if key.auth_method == AuthMethod::Oauth {
+        return Err(Refusal::AuthMethodNotAllowed);
+    }
+    Ok(())
+}
+
+fn check_network(key: &CachedKey, facts: &RequestFacts<'_>) -> Result<(), Refusal> {
+    if !key.account_ips.is_empty() && !policy::ip_in(&key.account_ips, facts.client_ip) {
+        return Err(Refusal::IpNotAllowed);
+    }
+    if !key.key_ips.is_empty() && !policy::ip_in(&key.key_ips, facts.client_ip) {
+        return Err(Refusal::IpNotAllowed);
+    }
+    if key.key_type == KeyType::Publishable {
+        let origin = match facts.origin {
+            Some(o) => policy::normalize_origin(o),
+            None => facts.referer.and_then(policy::origin_of_referer),
+        };
+        if !origin.is_some_and(|o| policy::origin_allowed(&key.origins, &o)) {
+            return Err(Refusal::OriginNotAllowed);
+        }
+        if !policy::is_read_method(facts.method) {
+            return Err(Refusal::PublishableKeyWrite);
+        }
+    }
+    let needed = if policy::is_read_method(facts.method) {
+        &facts.scopes.read
+    } else {
+        &facts.scopes.write
+    };
+    if let Some(scope) = needed {
+        if !policy::has_scope(key.scopes.as_deref(), scope) {
+            return Err(Refusal::ScopeDenied);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,296 @@
+//! The key cache: presented credential hash → [`CachedKey`], so that a known key costs no store
+//! I/O. Entries are fresh for `ttl` (unknown hashes for `negative_ttl`), dropped at once by
+//! [`KeyCache::invalidate`], and bounded by `max_entries`. Concurrent misses for one hash share
+//! one store read. A stale entry is kept a while so that `fail_open` can still serve the key
+//! when the store is down.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use http::HeaderValue;
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
+
+use super::{CachedKey, IdentityValues};
+use crate::config::{CacheSettings, OnStoreError};
+use crate::credential::{KeyHash, KeyHashBuilder};
+use crate::limits::{Limiters, Quotas, Window};
+use crate::metering::Meter;
+use crate::metrics::Metrics;
+use crate::policy;
+use crate::store::{KeyLookup, KeyType, RateLimitSpec, SharedStore};
+
+/// How long a stale entry is kept as a fallback for `fail_open`.
+const STALE_KEEP: Duration = Duration::from_secs(15 * 60);
+
+/// What the cache knows about a hash.
+pub enum Lookup {
+    /// A key (fresh, or stale while the store is down under `fail_open`).
+    Found(Arc<CachedKey>),
+    /// No such key.
+    NotFound,
+    /// The store could not be asked and nothing usable is cached.
+    Unavailable,
+}
+
+enum Slot {
+    Found {
+        key: Arc<CachedKey>,
+        fresh_until: Instant,
+    },
+    Missing {
+        until: Instant,
+    },
+}
+
+type Loaded = Result<Option<Arc<CachedKey>>, ()>;
+
+/// See the module documentation.
+pub struct KeyCache {
+    map: DashMap<KeyHash, Slot, KeyHashBuilder>,
+    /// One shared cell per hash being loaded: the first miss reads, later ones wait on it.
+    inflight: DashMap<KeyHash, Arc<OnceCell<Loaded>>, KeyHashBuilder>,
+    /// Bumped by every invalidation; a load that started before one does not insert its result,
+    /// which may predate the change.
+    generation: AtomicU64,
+    store: SharedStore,
+    limiters: Arc<Limiters>,
+    meter: Arc<Meter>,
+    metrics: Arc<Metrics>,
+    settings: CacheSettings,
+    default_limits: RateLimitSpec,
+    on_store_error: OnStoreError,
+}
+
+// === impl KeyCache ===
+
+impl KeyCache {
+    /// An empty cache over `store`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: SharedStore,
+        limiters: Arc<Limiters>,
+        meter: Arc<Meter>,
+        metrics: Arc<Metrics>,
+        settings: CacheSettings,
+        default_limits: RateLimitSpec,
+        on_store_error: OnStoreError,
+    ) -> Self {
+        KeyCache {
+            map: DashMap::with_hasher(KeyHashBuilder::default()),
+            inflight: DashMap::with_hasher(KeyHashBuilder::default()),
+            generation: AtomicU64::new(0),
+            store,
+            limiters,
+            meter,
+            metrics,
+            settings,
+            default_limits,
+            on_store_error,
+        }
+    }
+
+    /// The key for `hash`, from memory when fresh, else from the store.
+    pub async fn get(&self, hash: &KeyHash) -> Lookup {
+        let now = Instant::now();
+        let stale = match self.map.get(hash).as_deref() {
+            Some(Slot::Found { key, fresh_until }) if now < *fresh_until => {
+                self.metrics.key_cache_hits.inc();
+                return Lookup::Found(Arc::clone(key));
+            }
+            Some(Slot::Missing { until }) if now < *until => {
+                self.metrics.key_cache_hits.inc();
+                return Lookup::NotFound;
+            }
+            Some(Slot::Found { key, .. }) => Some(Arc::clone(key)),
+            Some(Slot::Missing { .. }) | None => None,
+        };
+        self.metrics.key_cache_misses.inc();
+        match self.load(hash).await {
+            Ok(Some(key)) => Lookup::Found(key),
+            Ok(None) => Lookup::NotFound,
+            Err(()) => match (stale, self.on_store_error) {
+                (Some(key), OnStoreError::FailOpen) => Lookup::Found(key),
+                _ => Lookup::Unavailable,
+            },
+        }
+    }
+
+    /// Drops what is cached for one credential hash.
+    pub fn invalidate(&self, hash: &KeyHash) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.map.remove(hash);
+    }
+
+    /// Drops every cached key of an account.
+    pub fn invalidate_account(&self, account_id: &str) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.map.retain(|_, slot| match slot {
+            Slot::Found { key, .. } => &*key.account_id != account_id,
+            Slot::Missing { .. } => true,
+        });
+    }
+
+    /// Drops everything.
+    pub fn invalidate_all(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.map.clear();
+    }
+
+    /// Entries held.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Removes expired negative entries and long-stale keys. Run periodically.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        self.map.retain(|_, slot| match slot {
+            Slot::Found { fresh_until, .. } => now < *fresh_until + STALE_KEEP,
+            Slot::Missing { until } => now < *until,
+        });
+    }
+
+    async fn load(&self, hash: &KeyHash) -> Loaded {
+        let cell = Arc::clone(self.inflight.entry(*hash).or_default().value());
+        let result = cell.get_or_init(|| self.read_through(hash)).await.clone();
+        self.inflight.remove_if(hash, |_, c| Arc::ptr_eq(c, &cell));
+        result
+    }
+
+    async fn read_through(&self, hash: &KeyHash) -> Loaded {
+        let generation = self.generation.load(Ordering::SeqCst);
+        let found = match self.store.lookup_key(hash).await {
+            Ok(found) => found,
+            Err(e) => {
+                self.metrics
+                    .store_errors_total
+                    .with_label_values(&["lookup_key"])
+                    .inc();
+                tracing::warn!(error = %e, "key lookup failed");
+                return Err(());
+            }
+        };
+        let now = Instant::now();
+        let (slot, result) = match found {
+            Some(lookup) => {
+                let key = Arc::new(self.build(&lookup));
+                (
+                    Slot::Found {
+                        key: Arc::clone(&key),
+                        fresh_until: now + self.settings.ttl,
+                    },
+                    Some(key),
+                )
+            }
+            None => (
+                Slot::Missing {
+                    until: now + self.settings.negative_ttl,
+                },
+                None,
+            ),
+        };
+        if self.generation.load(Ordering::SeqCst) == generation {
+            self.make_room();
+            self.map.insert(*hash, slot);
+        }
+        Ok(result)
+    }
+
+    fn make_room(&self) {
+        if self.map.len() < self.settings.max_entries {
+            return;
+        }
+        self.sweep();
+        let excess = (self.map.len() + 1).saturating_sub(self.settings.max_entries);
+        if excess == 0 {
+            return;
+        }
+        // No recency order is kept (that would cost every hit a write); evict an arbitrary
+        // hundredth so that a full cache does not evict on every miss.
+        let mut budget = excess.max(self.settings.max_entries / 100);
+        self.map.retain(|_, _| {
+            if budget == 0 {
+                return true;
+            }
+            budget -= 1;
+            false
+        });
+    }
+
+    fn build(&self, lookup: &KeyLookup) -> CachedKey {
+        let (key, account) = (&lookup.key, &lookup.account);
+        let key_id: Arc<str> = Arc::from(key.id.as_str());
+        let account_id: Arc<str> = Arc::from(account.id.as_str());
+        let quotas = Quotas::resolve(
+            key.rate_limit.as_ref(),
+            account.rate_limit.as_ref(),
+            &self.default_limits,
+        );
+        let cidrs = |list: &[String]| {
+            list.iter()
+                .filter_map(|s| policy::parse_cidr(s))
+                .collect::<Vec<_>>()
+        };
+        let origins = key
+            .allowed_origins
+            .iter()
+            .chain(&account.network_policy.allowed_domains)
+            .filter_map(|o| policy::normalize_origin(o))
+            .collect();
+        let header =
+            |s: &str| HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""));
+        let scopes_text = key
+            .scopes
+            .as_ref()
+            .map_or_else(|| "*".to_owned(), |s| s.join(" "));
+        CachedKey {
+            identity: IdentityValues {
+                account_id: header(&account.id),
+                key_id: header(&key.id),
+                key_type: HeaderValue::from_static(match key.key_type {
+                    KeyType::Secret => "secret",
+                    KeyType::Publishable => "publishable",
+                }),
+                scopes: header(&scopes_text),
+                policy: policy_header(&quotas),
+            },
+            limiter: self.limiters.for_key(&key_id, quotas),
+            usage: self.meter.cell(&key_id, &account_id),
+            key_id,
+            account_id,
+            key_type: key.key_type,
+            key_active: key.active,
+            account_active: account.active,
+            auth_method: account.auth_method,
+            expires_at_ms: key.expires_at.map(|t| t.timestamp_millis()),
+            account_ips: cidrs(&account.network_policy.allowed_ips),
+            key_ips: cidrs(&key.allowed_ips),
+            origins,
+            scopes: key.scopes.clone(),
+        }
+    }
+}
+
+/// `"minute";q=60;w=60, "hour";q=1000;w=3600, "day";q=10000;w=86400` for the windows in force.
+fn policy_header(quotas: &Quotas) -> Option<HeaderValue> {
+    let parts: Vec<String> = Window::ALL
+        .iter()
+        .filter_map(|w| {
+            quotas
+                .get(*w)
+                .map(|q| format!("\"{}\";q={};w={}", w.name(), q, w.seconds()))
+        })
+        .collect();
+    if parts.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&parts.join(", ")).ok()
+}

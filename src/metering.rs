@@ -1,0 +1,294 @@
+//! Usage metering: per-key, per-minute counters in memory, written to the store in one batch per
+//! `flush_interval` by [`flusher`].
+//!
+//! The request path touches only its key's [`UsageCell`] (held by the cached key): a per-key lock
+//! (never a global one, never across an await) and, once per flush interval per key, a push onto
+//! a lock-free queue that tells the flusher which cells have counts. Pending counts merge by
+//! (key, minute), so memory grows with active key-minutes, not with requests.
+
+pub mod flusher;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use parking_lot::Mutex;
+
+use crate::store::{UsageCounts, UsageDelta};
+
+/// Wall-clock milliseconds since the Unix epoch; injectable so that tests can place requests on
+/// either side of a minute boundary.
+#[derive(Debug, Clone, Default)]
+pub enum WallClock {
+    /// The system clock.
+    #[default]
+    System,
+    /// A clock the test sets.
+    Manual(Arc<AtomicI64>),
+}
+
+/// What one finished request adds to its key's minute.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Outcome {
+    /// Final status code.
+    pub status: u16,
+}
+
+/// One key's counters: the current minute, and earlier minutes not yet taken by the flusher.
+pub struct UsageCell {
+    key_id: Arc<str>,
+    account_id: Arc<str>,
+    state: Mutex<CellState>,
+    /// Set when the cell has counts the flusher has not taken; the request that sets it queues
+    /// the cell, so the flusher visits only cells with traffic.
+    dirty: AtomicBool,
+    queue: mpsc::Sender<Arc<UsageCell>>,
+}
+
+#[derive(Default)]
+struct CellState {
+    minute: i64,
+    counts: UsageCounts,
+    earlier: Vec<(i64, UsageCounts)>,
+}
+
+/// The registry of usage cells and the queue of dirty ones.
+pub struct Meter {
+    cells: DashMap<Arc<str>, Arc<UsageCell>>,
+    queue: mpsc::Sender<Arc<UsageCell>>,
+    dirty: Mutex<mpsc::Receiver<Arc<UsageCell>>>,
+    clock: WallClock,
+}
+
+/// Counts taken from the cells and not yet stored, merged by (key, minute).
+#[derive(Default)]
+pub struct Pending {
+    by_bucket: HashMap<(Arc<str>, i64), (Arc<str>, UsageCounts)>,
+}
+
+// === impl WallClock ===
+
+impl WallClock {
+    /// Milliseconds since the epoch.
+    pub fn now_ms(&self) -> i64 {
+        match self {
+            WallClock::System => SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+            WallClock::Manual(ms) => ms.load(Ordering::Relaxed),
+        }
+    }
+}
+
+// === impl UsageCell ===
+
+impl UsageCell {
+    /// Counts one request identified to this key.
+    pub fn record(self: &Arc<Self>, now_ms: i64, outcome: Outcome) {
+        self.add(now_ms, |c| {
+            c.requests += 1;
+            if outcome.status < 400 {
+                c.success += 1;
+            } else {
+                c.error += 1;
+            }
+            if outcome.status == 429 {
+                c.rate_limited += 1;
+            }
+        });
+    }
+
+    /// Counts body bytes, when a body finishes.
+    pub fn record_bytes(self: &Arc<Self>, now_ms: i64, bytes_in: u64, bytes_out: u64) {
+        if bytes_in == 0 && bytes_out == 0 {
+            return;
+        }
+        self.add(now_ms, |c| {
+            c.bytes_in += bytes_in;
+            c.bytes_out += bytes_out;
+        });
+    }
+
+    fn add(self: &Arc<Self>, now_ms: i64, f: impl FnOnce(&mut UsageCounts)) {
+        let minute = now_ms.div_euclid(60_000);
+        {
+            let mut state = self.state.lock();
+            if state.minute != minute {
+                let old = std::mem::take(&mut state.counts);
+                let old_minute = std::mem::replace(&mut state.minute, minute);
+                if old != UsageCounts::default() {
+                    state.earlier.push((old_minute, old));
+                }
+            }
+            f(&mut state.counts);
+        }
+        if !self.dirty.swap(true, Ordering::SeqCst) {
+            // A send fails only when the meter is gone (shutdown); the counts stay in the cell.
+            let _ = self.queue.send(Arc::clone(self));
+        }
+    }
+
+    fn take(&self, into: &mut Pending) {
+        self.dirty.store(false, Ordering::SeqCst);
+        let mut state = self.state.lock();
+        let current = std::mem::take(&mut state.counts);
+        let earlier = std::mem::take(&mut state.earlier);
+        let minute = state.minute;
+        drop(state);
+        for (m, counts) in earlier
+            .into_iter()
+            .chain(std::iter::once((minute, current)))
+        {
+            if counts != UsageCounts::default() {
+                into.add(&self.key_id, &self.account_id, m, &counts);
+            }
+        }
+    }
+}
+
+// === impl Meter ===
+
+impl Meter {
+    /// A meter on the given clock.
+    pub fn new(clock: WallClock) -> Self {
+        let (queue, dirty) = mpsc::channel();
+        Meter {
+            cells: DashMap::new(),
+            queue,
+            dirty: Mutex::new(dirty),
+            clock,
+        }
+    }
+
+    /// The clock every request's minute is read from.
+    pub fn clock(&self) -> &WallClock {
+        &self.clock
+    }
+
+    /// The key's cell, created on first use.
+    pub fn cell(&self, key_id: &Arc<str>, account_id: &Arc<str>) -> Arc<UsageCell> {
+        if let Some(cell) = self.cells.get(key_id) {
+            return Arc::clone(&cell);
+        }
+        let cell = self.cells.entry(Arc::clone(key_id)).or_insert_with(|| {
+            Arc::new(UsageCell {
+                key_id: Arc::clone(key_id),
+                account_id: Arc::clone(account_id),
+                state: Mutex::new(CellState::default()),
+                dirty: AtomicBool::new(false),
+                queue: self.queue.clone(),
+            })
+        });
+        Arc::clone(&cell)
+    }
+
+    /// Moves every dirty cell's counts into `pending`. Called by the flusher only.
+    pub fn drain_into(&self, pending: &mut Pending) {
+        let dirty = self.dirty.lock();
+        while let Ok(cell) = dirty.try_recv() {
+            cell.take(pending);
+        }
+    }
+
+    /// Forgets cells that nobody holds and that have nothing to flush.
+    pub fn prune_unused(&self) {
+        self.cells
+            .retain(|_, c| Arc::strong_count(c) > 1 || c.dirty.load(Ordering::SeqCst));
+    }
+}
+
+// === impl Pending ===
+
+impl Pending {
+    fn add(&mut self, key_id: &Arc<str>, account_id: &Arc<str>, minute: i64, counts: &UsageCounts) {
+        self.by_bucket
+            .entry((Arc::clone(key_id), minute))
+            .or_insert_with(|| (Arc::clone(account_id), UsageCounts::default()))
+            .1
+            .merge(counts);
+    }
+
+    /// Number of (key, minute) buckets waiting.
+    pub fn len(&self) -> usize {
+        self.by_bucket.len()
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.by_bucket.is_empty()
+    }
+
+    /// The batch to write.
+    pub fn batch(&self) -> Vec<UsageDelta> {
+        self.by_bucket
+            .iter()
+            .map(|((key_id, minute), (account_id, counts))| UsageDelta {
+                key_id: key_id.to_string(),
+                account_id: account_id.to_string(),
+                minute: *minute,
+                counts: *counts,
+            })
+            .collect()
+    }
+
+    /// Forgets everything (after a successful write).
+    pub fn clear(&mut self) {
+        self.by_bucket.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_either_side_of_a_minute_land_in_different_buckets() {
+        let meter = Meter::new(WallClock::System);
+        let cell = meter.cell(&Arc::from("k"), &Arc::from("a"));
+        let boundary = 60_000 * 29_000_000;
+        cell.record(boundary - 1, Outcome { status: 200 });
+        cell.record(boundary, Outcome { status: 429 });
+        cell.record_bytes(boundary, 10, 20);
+        let mut pending = Pending::default();
+        meter.drain_into(&mut pending);
+        let mut batch = pending.batch();
+        batch.sort_by_key(|d| d.minute);
+        assert_eq!(batch.len(), 2);
+        assert_eq!(batch[0].minute, boundary / 60_000 - 1);
+        assert_eq!(
+            batch[0].counts,
+            UsageCounts {
+                requests: 1,
+                success: 1,
+                ..Default::default()
+            }
+        );
+        assert_eq!(
+            batch[1].counts,
+            UsageCounts {
+                requests: 1,
+                error: 1,
+                rate_limited: 1,
+                bytes_in: 10,
+                bytes_out: 20,
+                ..Default::default()
+            }
+        );
+    }
+
+    #[test]
+    fn counts_after_a_drain_are_queued_again_and_merge() {
+        let meter = Meter::new(WallClock::System);
+        let cell = meter.cell(&Arc::from("k"), &Arc::from("a"));
+        let mut pending = Pending::default();
+        cell.record(0, Outcome { status: 200 });
+        meter.drain_into(&mut pending);
+        cell.record(1, Outcome { status: 500 });
+        meter.drain_into(&mut pending);
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending.batch()[0].counts.requests, 2);
+        assert_eq!(pending.batch()[0].counts.error, 1);
+    }
+}

@@ -1,0 +1,179 @@
+//! The Prometheus registry and every metric of the contract (section 6), with the handles the
+//! request path uses resolved ahead of time. No per-key labels.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Buckets for a proxy: 100 µs to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// All metrics, registered in one registry.
+pub struct Metrics {
+    registry: Registry,
+    /// `tollgate_requests_total{route,outcome,status_class}`.
+    pub requests_total: IntCounterVec,
+    /// `tollgate_request_duration_seconds`.
+    pub request_duration: Histogram,
+    /// `tollgate_upstream_duration_seconds`.
+    pub upstream_duration: Histogram,
+    /// `tollgate_rate_limited_total{window}`.
+    pub rate_limited_total: IntCounterVec,
+    /// `tollgate_key_cache_hits_total`.
+    pub key_cache_hits: IntCounter,
+    /// `tollgate_key_cache_misses_total`.
+    pub key_cache_misses: IntCounter,
+    /// `tollgate_store_errors_total{op}`.
+    pub store_errors_total: IntCounterVec,
+    /// `tollgate_usage_flush_duration_seconds`.
+    pub usage_flush_duration: Histogram,
+    /// `tollgate_usage_pending_events`: (key, minute) buckets waiting to be written.
+    pub usage_pending_events: IntGauge,
+    /// `tollgate_connections_open`.
+    pub connections_open: IntGauge,
+}
+
+/// `forwarded` counters of one route by status class, resolved once: the hot path does no label
+/// lookup for a forwarded request.
+#[derive(Clone)]
+pub struct RouteCounters {
+    by_class: [IntCounter; 5],
+}
+
+// === impl Metrics ===
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let requests_total = IntCounterVec::new(
+            Opts::new(
+                "tollgate_requests_total",
+                "Requests by route, outcome and status class",
+            ),
+            &["route", "outcome", "status_class"],
+        )?;
+        let request_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "tollgate_request_duration_seconds",
+                "Time from request head to response head",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )?;
+        let upstream_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "tollgate_upstream_duration_seconds",
+                "Time the upstream took to answer",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )?;
+        let rate_limited_total = IntCounterVec::new(
+            Opts::new(
+                "tollgate_rate_limited_total",
+                "Requests refused by a rate-limit window",
+            ),
+            &["window"],
+        )?;
+        let key_cache_hits = IntCounter::new(
+            "tollgate_key_cache_hits_total",
+            "Key lookups answered by the cache",
+        )?;
+        let key_cache_misses = IntCounter::new(
+            "tollgate_key_cache_misses_total",
+            "Key lookups that read the store",
+        )?;
+        let store_errors_total = IntCounterVec::new(
+            Opts::new(
+                "tollgate_store_errors_total",
+                "Store operations that failed",
+            ),
+            &["op"],
+        )?;
+        let usage_flush_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "tollgate_usage_flush_duration_seconds",
+                "Time to write one usage batch",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )?;
+        let usage_pending_events = IntGauge::new(
+            "tollgate_usage_pending_events",
+            "Usage buckets counted but not yet stored",
+        )?;
+        let connections_open =
+            IntGauge::new("tollgate_connections_open", "Open client connections")?;
+        registry.register(Box::new(requests_total.clone()))?;
+        registry.register(Box::new(request_duration.clone()))?;
+        registry.register(Box::new(upstream_duration.clone()))?;
+        registry.register(Box::new(rate_limited_total.clone()))?;
+        registry.register(Box::new(key_cache_hits.clone()))?;
+        registry.register(Box::new(key_cache_misses.clone()))?;
+        registry.register(Box::new(store_errors_total.clone()))?;
+        registry.register(Box::new(usage_flush_duration.clone()))?;
+        registry.register(Box::new(usage_pending_events.clone()))?;
+        registry.register(Box::new(connections_open.clone()))?;
+        Ok(Metrics {
+            registry,
+            requests_total,
+            request_duration,
+            upstream_duration,
+            rate_limited_total,
+            key_cache_hits,
+            key_cache_misses,
+            store_errors_total,
+            usage_flush_duration,
+            usage_pending_events,
+            connections_open,
+        })
+    }
+
+    /// The `forwarded` counters of a route.
+    pub fn route_counters(&self, route: &str) -> RouteCounters {
+        let c = |class: &str| {
+            self.requests_total
+                .with_label_values(&[route, "forwarded", class])
+        };
+        RouteCounters {
+            by_class: [c("1xx"), c("2xx"), c("3xx"), c("4xx"), c("5xx")],
+        }
+    }
+
+    /// Counts a request the gateway answered itself (`outcome` = the error code).
+    pub fn refused(&self, route: &str, code: &str, status: u16) {
+        self.requests_total
+            .with_label_values(&[route, code, status_class(status)])
+            .inc();
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metrics.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+// === impl RouteCounters ===
+
+impl RouteCounters {
+    /// Counts one forwarded request by its status.
+    pub fn inc(&self, status: u16) {
+        let i = usize::from((status / 100).clamp(1, 5)) - 1;
+        self.by_class[i].inc();
+    }
+}
+
+fn status_class(status: u16) -> &'static str {
+    match status / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        _ => "5xx",
+    }
+}

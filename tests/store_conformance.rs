@@ -1,0 +1,798 @@
+//! The store conformance suite: every backend must pass [`run_all`].
+//!
+//! Each check is an async fn over a [`SharedStore`] with its own random id prefix, so the suite
+//! also runs against a backend shared with other runs (a reused Redis): nothing assumes the store
+//! is empty, and global listings are filtered to the check's own records.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, Utc};
+use tollgate::credential::{self, KeyHash, Kind};
+use tollgate::store::embedded::EmbeddedStore;
+use tollgate::store::{
+    AccountRecord, AuditEntry, AuditQuery, AuthMethod, KeyRecord, KeyType, NetworkPolicy, Plan,
+    SharedStore, SiteRecord, Store, StoreError, UsageCounts, UsageDelta,
+};
+
+// === helpers ===
+
+/// A random prefix for one check's ids.
+fn unique() -> String {
+    format!("t{:016x}", rand::random::<u64>())
+}
+
+fn fresh_hash() -> KeyHash {
+    KeyHash::of(&credential::generate(Kind::Secret))
+}
+
+/// A base time with whole seconds, plus `secs` (keeps ordering by `created_at` explicit).
+fn at(secs: i64) -> DateTime<Utc> {
+    let base = DateTime::from_timestamp(Utc::now().timestamp(), 0).unwrap_or_else(Utc::now);
+    base + Duration::seconds(secs)
+}
+
+fn account(id: &str, created_at: DateTime<Utc>) -> AccountRecord {
+    AccountRecord {
+        id: id.to_owned(),
+        name: format!("account {id}"),
+        auth_method: AuthMethod::ApiKey,
+        rate_limit: None,
+        network_policy: NetworkPolicy::default(),
+        permissions: None,
+        plan: Plan::default(),
+        active: true,
+        shared_rate_limit: None,
+        created_at,
+        updated_at: created_at,
+    }
+}
+
+fn key(id: &str, account_id: &str, name: &str, created_at: DateTime<Utc>) -> KeyRecord {
+    let raw = credential::generate(Kind::Secret);
+    KeyRecord {
+        id: id.to_owned(),
+        account_id: account_id.to_owned(),
+        name: name.to_owned(),
+        key_type: KeyType::Secret,
+        hash: KeyHash::of(&raw),
+        prefix: credential::display_prefix(&raw),
+        preview: credential::preview(&raw),
+        scopes: None,
+        allowed_origins: Vec::new(),
+        allowed_ips: Vec::new(),
+        rate_limit: None,
+        expires_at: None,
+        lifetime_secs: None,
+        active: true,
+        protected: false,
+        metadata: serde_json::json!({ "owner": name }),
+        remaining: None,
+        external_id: None,
+        imported: false,
+        created_at,
+        updated_at: created_at,
+    }
+}
+
+fn site(id: &str, account_id: &str, name: &str, created_at: DateTime<Utc>) -> SiteRecord {
+    SiteRecord {
+        id: id.to_owned(),
+        account_id: account_id.to_owned(),
+        name: name.to_owned(),
+        created_at,
+    }
+}
+
+fn audit(
+    id: &str,
+    account_id: Option<&str>,
+    action: &str,
+    target_id: &str,
+    detail: serde_json::Value,
+) -> AuditEntry {
+    AuditEntry {
+        id: id.to_owned(),
+        account_id: account_id.map(str::to_owned),
+        actor_id: "master".to_owned(),
+        action: action.to_owned(),
+        target_type: "key".to_owned(),
+        target_id: target_id.to_owned(),
+        detail,
+        ip: Some("127.0.0.1".to_owned()),
+        created_at: Utc::now(),
+    }
+}
+
+fn counts(requests: u64, bytes_in: u64) -> UsageCounts {
+    UsageCounts {
+        requests,
+        success: requests,
+        error: 0,
+        rate_limited: 0,
+        bytes_in,
+        bytes_out: bytes_in * 2,
+    }
+}
+
+fn delta(key_id: &str, minute: i64, counts: UsageCounts) -> UsageDelta {
+    UsageDelta {
+        key_id: key_id.to_owned(),
+        account_id: "acc_usage".to_owned(),
+        minute,
+        counts,
+    }
+}
+
+fn ids<T>(records: &[T], id: impl Fn(&T) -> &str) -> Vec<String> {
+    records.iter().map(|r| id(r).to_owned()).collect()
+}
+
+// === the suite ===
+
+/// Runs every check against one backend.
+pub async fn run_all(store: SharedStore) {
+    ping(&store).await;
+    accounts_crud(&store).await;
+    account_conflicts(&store).await;
+    keys_crud(&store).await;
+    lookup_by_hash(&store).await;
+    key_name_taken(&store).await;
+    key_rename(&store).await;
+    key_duplicates(&store).await;
+    key_missing(&store).await;
+    delete_account_cascades(&store).await;
+    sites(&store).await;
+    audit_log(&store).await;
+    usage(&store).await;
+    master_key(&store).await;
+}
+
+async fn ping(store: &SharedStore) {
+    assert!(store.ping().await.is_ok());
+}
+
+async fn accounts_crud(store: &SharedStore) {
+    let p = unique();
+    // Created out of order: the list is by creation time.
+    let b = account(&format!("acc_{p}_b"), at(2));
+    let a = account(&format!("acc_{p}_a"), at(1));
+    let c = account(&format!("acc_{p}_c"), at(3));
+    for acc in [&b, &a, &c] {
+        store.create_account(acc).await.unwrap();
+    }
+    assert_eq!(store.get_account(&a.id).await.unwrap(), Some(a.clone()));
+    assert_eq!(
+        store.get_account(&format!("acc_{p}_none")).await.unwrap(),
+        None
+    );
+
+    let listed: Vec<AccountRecord> = store
+        .list_accounts()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|acc| acc.id.starts_with(&format!("acc_{p}_")))
+        .collect();
+    assert_eq!(listed, vec![a.clone(), b.clone(), c.clone()]);
+
+    let mut changed = b.clone();
+    changed.name = "renamed".to_owned();
+    changed.active = false;
+    changed.plan.max_keys = Some(7);
+    changed.updated_at = at(10);
+    store.update_account(&changed).await.unwrap();
+    assert_eq!(store.get_account(&b.id).await.unwrap(), Some(changed));
+
+    assert_eq!(store.delete_account(&a.id).await.unwrap(), Vec::new());
+    assert_eq!(store.get_account(&a.id).await.unwrap(), None);
+    let remaining = store
+        .list_accounts()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|acc| acc.id.starts_with(&format!("acc_{p}_")))
+        .count();
+    assert_eq!(remaining, 2);
+}
+
+async fn account_conflicts(store: &SharedStore) {
+    let p = unique();
+    let a = account(&format!("acc_{p}"), at(0));
+    store.create_account(&a).await.unwrap();
+
+    let mut again = a.clone();
+    again.name = "other".to_owned();
+    assert!(matches!(
+        store.create_account(&again).await,
+        Err(StoreError::AlreadyExists)
+    ));
+    assert_eq!(store.get_account(&a.id).await.unwrap(), Some(a.clone()));
+
+    let missing = account(&format!("acc_{p}_missing"), at(0));
+    assert!(matches!(
+        store.update_account(&missing).await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(store.get_account(&missing.id).await.unwrap(), None);
+    assert!(matches!(
+        store.delete_account(&missing.id).await,
+        Err(StoreError::NotFound)
+    ));
+}
+
+async fn keys_crud(store: &SharedStore) {
+    let p = unique();
+    let acc = account(&format!("acc_{p}"), at(0));
+    let other = account(&format!("acc_{p}_other"), at(0));
+    store.create_account(&acc).await.unwrap();
+    store.create_account(&other).await.unwrap();
+
+    let k2 = key(&format!("key_{p}_2"), &acc.id, "two", at(2));
+    let k1 = key(&format!("key_{p}_1"), &acc.id, "one", at(1));
+    let k3 = key(&format!("key_{p}_3"), &acc.id, "three", at(3));
+    for k in [&k2, &k1, &k3] {
+        store.create_key(k).await.unwrap();
+    }
+
+    assert_eq!(
+        store.get_key(&acc.id, &k1.id).await.unwrap(),
+        Some(k1.clone())
+    );
+    // A key is only found through its own account.
+    assert_eq!(store.get_key(&other.id, &k1.id).await.unwrap(), None);
+    assert_eq!(
+        store
+            .get_key(&acc.id, &format!("key_{p}_none"))
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store.list_keys(&acc.id).await.unwrap(),
+        vec![k1.clone(), k2.clone(), k3.clone()]
+    );
+    assert_eq!(store.list_keys(&other.id).await.unwrap(), Vec::new());
+
+    let mut changed = k2.clone();
+    changed.active = false;
+    changed.scopes = Some(vec!["read".to_owned()]);
+    changed.metadata = serde_json::json!({ "tier": "gold" });
+    changed.updated_at = at(10);
+    store.update_key(&changed).await.unwrap();
+    assert_eq!(
+        store.get_key(&acc.id, &k2.id).await.unwrap(),
+        Some(changed.clone())
+    );
+    let found = store.lookup_key(&k2.hash).await.unwrap().unwrap();
+    assert_eq!(found.key, changed);
+
+    // Deleting through the wrong account does nothing.
+    assert_eq!(store.delete_key(&other.id, &k1.id).await.unwrap(), None);
+    assert_eq!(
+        store.delete_key(&acc.id, &k1.id).await.unwrap(),
+        Some(k1.clone())
+    );
+    assert_eq!(store.delete_key(&acc.id, &k1.id).await.unwrap(), None);
+    assert_eq!(store.get_key(&acc.id, &k1.id).await.unwrap(), None);
+    assert!(store.lookup_key(&k1.hash).await.unwrap().is_none());
+    assert_eq!(
+        ids(&store.list_keys(&acc.id).await.unwrap(), |k| &k.id),
+        vec![k2.id.clone(), k3.id.clone()]
+    );
+    // The deleted key's name is free again.
+    let reuse = key(&format!("key_{p}_4"), &acc.id, "one", at(4));
+    store.create_key(&reuse).await.unwrap();
+}
+
+async fn lookup_by_hash(store: &SharedStore) {
+    let p = unique();
+    let acc = account(&format!("acc_{p}"), at(0));
+    store.create_account(&acc).await.unwrap();
+    let k = key(&format!("key_{p}"), &acc.id, "main", at(1));
+    store.create_key(&k).await.unwrap();
+
+    let found = store.lookup_key(&k.hash).await.unwrap().unwrap();
+    assert_eq!(found.key, k);
+    assert_eq!(found.account, acc);
+
+    // The account is read fresh with the key.
+    let mut changed = acc.clone();
+    changed.active = false;
+    store.update_account(&changed).await.unwrap();
+    let found = store.lookup_key(&k.hash).await.unwrap().unwrap();
+    assert_eq!(found.account, changed);
+
+    assert!(store.lookup_key(&fresh_hash()).await.unwrap().is_none());
+}
+
+async fn key_name_taken(store: &SharedStore) {
+    let p = unique();
+    let a = account(&format!("acc_{p}_a"), at(0));
+    let b = account(&format!("acc_{p}_b"), at(0));
+    store.create_account(&a).await.unwrap();
+    store.create_account(&b).await.unwrap();
+
+    let first = key(&format!("key_{p}_1"), &a.id, "prod", at(1));
+    store.create_key(&first).await.unwrap();
+    let clash = key(&format!("key_{p}_2"), &a.id, "prod", at(2));
+    assert!(matches!(
+        store.create_key(&clash).await,
+        Err(StoreError::NameTaken)
+    ));
+    assert_eq!(store.get_key(&a.id, &clash.id).await.unwrap(), None);
+    assert!(store.lookup_key(&clash.hash).await.unwrap().is_none());
+
+    // The same name in another account is fine.
+    let elsewhere = key(&format!("key_{p}_3"), &b.id, "prod", at(3));
+    store.create_key(&elsewhere).await.unwrap();
+    assert_eq!(store.list_keys(&a.id).await.unwrap(), vec![first]);
+    assert_eq!(store.list_keys(&b.id).await.unwrap(), vec![elsewhere]);
+}
+
+async fn key_rename(store: &SharedStore) {
+    let p = unique();
+    let acc = account(&format!("acc_{p}"), at(0));
+    store.create_account(&acc).await.unwrap();
+    let one = key(&format!("key_{p}_1"), &acc.id, "one", at(1));
+    let two = key(&format!("key_{p}_2"), &acc.id, "two", at(2));
+    store.create_key(&one).await.unwrap();
+    store.create_key(&two).await.unwrap();
+
+    let mut onto_taken = two.clone();
+    onto_taken.name = "one".to_owned();
+    assert!(matches!(
+        store.update_key(&onto_taken).await,
+        Err(StoreError::NameTaken)
+    ));
+    assert_eq!(
+        store.get_key(&acc.id, &two.id).await.unwrap(),
+        Some(two.clone())
+    );
+
+    // Keeping its own name is not a clash.
+    let mut same_name = two.clone();
+    same_name.active = false;
+    store.update_key(&same_name).await.unwrap();
+
+    let mut renamed = same_name.clone();
+    renamed.name = "deux".to_owned();
+    store.update_key(&renamed).await.unwrap();
+    assert_eq!(
+        store.get_key(&acc.id, &two.id).await.unwrap(),
+        Some(renamed.clone())
+    );
+    assert_eq!(
+        store.lookup_key(&two.hash).await.unwrap().map(|l| l.key),
+        Some(renamed.clone())
+    );
+
+    // The old name is free, the new one taken.
+    let reuse = key(&format!("key_{p}_3"), &acc.id, "two", at(3));
+    store.create_key(&reuse).await.unwrap();
+    let clash = key(&format!("key_{p}_4"), &acc.id, "deux", at(4));
+    assert!(matches!(
+        store.create_key(&clash).await,
+        Err(StoreError::NameTaken)
+    ));
+}
+
+async fn key_duplicates(store: &SharedStore) {
+    let p = unique();
+    let acc = account(&format!("acc_{p}"), at(0));
+    store.create_account(&acc).await.unwrap();
+    let k = key(&format!("key_{p}_1"), &acc.id, "one", at(1));
+    store.create_key(&k).await.unwrap();
+
+    let mut same_hash = key(&format!("key_{p}_2"), &acc.id, "two", at(2));
+    same_hash.hash = k.hash;
+    assert!(matches!(
+        store.create_key(&same_hash).await,
+        Err(StoreError::AlreadyExists)
+    ));
+
+    let same_id = key(&k.id, &acc.id, "three", at(3));
+    assert!(matches!(
+        store.create_key(&same_id).await,
+        Err(StoreError::AlreadyExists)
+    ));
+
+    // Nothing of the refused keys was written.
+    assert_eq!(store.list_keys(&acc.id).await.unwrap(), vec![k.clone()]);
+    assert_eq!(
+        store.lookup_key(&k.hash).await.unwrap().map(|l| l.key),
+        Some(k.clone())
+    );
+    let free_again = key(&format!("key_{p}_5"), &acc.id, "two", at(5));
+    store.create_key(&free_again).await.unwrap();
+}
+
+async fn key_missing(store: &SharedStore) {
+    let p = unique();
+    let acc = account(&format!("acc_{p}"), at(0));
+    store.create_account(&acc).await.unwrap();
+    let ghost = key(&format!("key_{p}"), &acc.id, "ghost", at(1));
+    assert!(matches!(
+        store.update_key(&ghost).await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(store.delete_key(&acc.id, &ghost.id).await.unwrap(), None);
+    assert!(store.lookup_key(&ghost.hash).await.unwrap().is_none());
+}
+
+async fn delete_account_cascades(store: &SharedStore) {
+    let p = unique();
+    let doomed = account(&format!("acc_{p}_doomed"), at(0));
+    let kept = account(&format!("acc_{p}_kept"), at(0));
+    store.create_account(&doomed).await.unwrap();
+    store.create_account(&kept).await.unwrap();
+
+    let d2 = key(&format!("key_{p}_d2"), &doomed.id, "two", at(2));
+    let d1 = key(&format!("key_{p}_d1"), &doomed.id, "one", at(1));
+    let k1 = key(&format!("key_{p}_k1"), &kept.id, "one", at(1));
+    for k in [&d2, &d1, &k1] {
+        store.create_key(k).await.unwrap();
+    }
+    store
+        .create_site(&site(
+            &format!("site_{p}_d"),
+            &doomed.id,
+            "https://d.example",
+            at(1),
+        ))
+        .await
+        .unwrap();
+    let kept_site = site(&format!("site_{p}_k"), &kept.id, "https://k.example", at(1));
+    store.create_site(&kept_site).await.unwrap();
+
+    let removed = store.delete_account(&doomed.id).await.unwrap();
+    assert_eq!(removed, vec![d1.clone(), d2.clone()]);
+
+    assert_eq!(store.get_account(&doomed.id).await.unwrap(), None);
+    assert!(store.lookup_key(&d1.hash).await.unwrap().is_none());
+    assert!(store.lookup_key(&d2.hash).await.unwrap().is_none());
+    assert_eq!(store.get_key(&doomed.id, &d1.id).await.unwrap(), None);
+    assert_eq!(store.list_keys(&doomed.id).await.unwrap(), Vec::new());
+    assert_eq!(store.list_sites(&doomed.id).await.unwrap(), Vec::new());
+
+    // The other account is untouched.
+    assert_eq!(store.list_keys(&kept.id).await.unwrap(), vec![k1.clone()]);
+    assert_eq!(
+        store.lookup_key(&k1.hash).await.unwrap().map(|l| l.key),
+        Some(k1)
+    );
+    assert_eq!(store.list_sites(&kept.id).await.unwrap(), vec![kept_site]);
+
+    // A re-created account with that id starts empty, and the names are free.
+    store.create_account(&doomed).await.unwrap();
+    assert_eq!(store.list_keys(&doomed.id).await.unwrap(), Vec::new());
+    let reuse = key(&format!("key_{p}_d3"), &doomed.id, "one", at(3));
+    store.create_key(&reuse).await.unwrap();
+    let reuse_hash = key(&d1.id, &doomed.id, "again", at(4));
+    store.create_key(&reuse_hash).await.unwrap();
+}
+
+async fn sites(store: &SharedStore) {
+    let p = unique();
+    let acc = account(&format!("acc_{p}"), at(0));
+    let other = account(&format!("acc_{p}_other"), at(0));
+    store.create_account(&acc).await.unwrap();
+    store.create_account(&other).await.unwrap();
+
+    let s2 = site(&format!("site_{p}_2"), &acc.id, "https://b.example", at(2));
+    let s1 = site(&format!("site_{p}_1"), &acc.id, "https://a.example", at(1));
+    store.create_site(&s2).await.unwrap();
+    store.create_site(&s1).await.unwrap();
+    assert_eq!(
+        store.list_sites(&acc.id).await.unwrap(),
+        vec![s1.clone(), s2.clone()]
+    );
+
+    let dup_name = site(&format!("site_{p}_3"), &acc.id, "https://a.example", at(3));
+    assert!(matches!(
+        store.create_site(&dup_name).await,
+        Err(StoreError::AlreadyExists)
+    ));
+    // The same origin in another account is fine.
+    let elsewhere = site(
+        &format!("site_{p}_4"),
+        &other.id,
+        "https://a.example",
+        at(4),
+    );
+    store.create_site(&elsewhere).await.unwrap();
+    assert_eq!(store.list_sites(&other.id).await.unwrap(), vec![elsewhere]);
+
+    assert!(store.delete_site(&acc.id, &s1.id).await.unwrap());
+    assert!(!store.delete_site(&acc.id, &s1.id).await.unwrap());
+    assert!(!store.delete_site(&other.id, &s2.id).await.unwrap());
+    assert_eq!(store.list_sites(&acc.id).await.unwrap(), vec![s2]);
+    // Its name is free again.
+    store.create_site(&dup_name).await.unwrap();
+}
+
+async fn audit_log(store: &SharedStore) {
+    let p = unique();
+    let acc_a = format!("acc_{p}_a");
+    let acc_b = format!("acc_{p}_b");
+    let create = format!("{p}.key.create");
+    let delete = format!("{p}.key.delete");
+    // Appended oldest first: e0 .. e5.
+    let entries = vec![
+        audit(
+            &format!("aud_{p}_0"),
+            Some(&acc_a),
+            &create,
+            "key_x",
+            serde_json::json!({}),
+        ),
+        audit(
+            &format!("aud_{p}_1"),
+            Some(&acc_b),
+            &create,
+            "key_y",
+            serde_json::json!({ "name": "Needle-In-Detail" }),
+        ),
+        audit(
+            &format!("aud_{p}_2"),
+            Some(&acc_a),
+            &delete,
+            "key_x",
+            serde_json::json!({}),
+        ),
+        audit(
+            &format!("aud_{p}_3"),
+            None,
+            &create,
+            "key_z",
+            serde_json::json!({}),
+        ),
+        audit(
+            &format!("aud_{p}_4"),
+            Some(&acc_a),
+            &create,
+            "key_NEEDLE_target",
+            serde_json::json!({}),
+        ),
+        audit(
+            &format!("aud_{p}_5"),
+            Some(&acc_a),
+            &create,
+            "key_w",
+            serde_json::json!({}),
+        ),
+    ];
+    for e in &entries {
+        store.append_audit(e).await.unwrap();
+    }
+    let audit_ids =
+        |idx: &[usize]| -> Vec<String> { idx.iter().map(|i| entries[*i].id.clone()).collect() };
+    let query = |limit, offset, action: Option<&str>, search: Option<&str>| AuditQuery {
+        limit,
+        offset,
+        action: action.map(str::to_owned),
+        search: search.map(str::to_owned),
+    };
+
+    // One account, newest first, with the account id kept.
+    let page = store
+        .list_audit(Some(&acc_a), &query(100, 0, None, None))
+        .await
+        .unwrap();
+    assert_eq!(page.total, 4);
+    assert_eq!(ids(&page.entries, |e| &e.id), audit_ids(&[5, 4, 2, 0]));
+    assert_eq!(page.entries[0], entries[5]);
+    assert!(page
+        .entries
+        .iter()
+        .all(|e| e.account_id.as_deref() == Some(acc_a.as_str())));
+
+    // Paging: total counts all matches.
+    let page = store
+        .list_audit(Some(&acc_a), &query(2, 1, None, None))
+        .await
+        .unwrap();
+    assert_eq!(page.total, 4);
+    assert_eq!(ids(&page.entries, |e| &e.id), audit_ids(&[4, 2]));
+    let page = store
+        .list_audit(Some(&acc_a), &query(10, 4, None, None))
+        .await
+        .unwrap();
+    assert_eq!(page.total, 4);
+    assert!(page.entries.is_empty());
+
+    // Action filter, on one account and on all.
+    let page = store
+        .list_audit(Some(&acc_a), &query(100, 0, Some(&delete), None))
+        .await
+        .unwrap();
+    assert_eq!(page.total, 1);
+    assert_eq!(ids(&page.entries, |e| &e.id), audit_ids(&[2]));
+    let page = store
+        .list_audit(None, &query(100, 0, Some(&create), None))
+        .await
+        .unwrap();
+    assert_eq!(page.total, 5);
+    assert_eq!(ids(&page.entries, |e| &e.id), audit_ids(&[5, 4, 3, 1, 0]));
+    assert_eq!(page.entries[2].account_id, None);
+    assert_eq!(page.entries[3].account_id.as_deref(), Some(acc_b.as_str()));
+    let page = store
+        .list_audit(None, &query(2, 1, Some(&create), None))
+        .await
+        .unwrap();
+    assert_eq!(page.total, 5);
+    assert_eq!(ids(&page.entries, |e| &e.id), audit_ids(&[4, 3]));
+
+    // Search is a case-insensitive substring of target id, detail, action.
+    let page = store
+        .list_audit(None, &query(100, 0, Some(&create), Some("needle")))
+        .await
+        .unwrap();
+    assert_eq!(page.total, 2);
+    assert_eq!(ids(&page.entries, |e| &e.id), audit_ids(&[4, 1]));
+    let page = store
+        .list_audit(Some(&acc_b), &query(100, 0, None, Some("NEEDLE-in")))
+        .await
+        .unwrap();
+    assert_eq!(page.total, 1);
+    assert_eq!(ids(&page.entries, |e| &e.id), audit_ids(&[1]));
+    let page = store
+        .list_audit(None, &query(100, 0, None, Some(&delete.to_uppercase())))
+        .await
+        .unwrap();
+    assert_eq!(page.total, 1);
+    assert_eq!(ids(&page.entries, |e| &e.id), audit_ids(&[2]));
+    let page = store
+        .list_audit(
+            Some(&acc_a),
+            &query(100, 0, None, Some(&format!("{p}-nothing"))),
+        )
+        .await
+        .unwrap();
+    assert_eq!(page.total, 0);
+    assert!(page.entries.is_empty());
+
+    // An account without entries.
+    let page = store
+        .list_audit(Some(&format!("acc_{p}_none")), &query(100, 0, None, None))
+        .await
+        .unwrap();
+    assert_eq!(page.total, 0);
+    assert!(page.entries.is_empty());
+}
+
+async fn usage(store: &SharedStore) {
+    let p = unique();
+    let k = format!("key_{p}");
+    let other = format!("key_{p}_other");
+    let m = 28_000_000_i64;
+
+    store
+        .add_usage(&[
+            delta(&k, m, counts(1, 10)),
+            delta(&k, m + 1, counts(2, 20)),
+            delta(&other, m, counts(100, 1000)),
+        ])
+        .await
+        .unwrap();
+    // A second batch merges into the buckets; a batch may hold the same bucket twice.
+    store
+        .add_usage(&[
+            delta(&k, m, counts(3, 30)),
+            delta(&k, m + 5, counts(4, 40)),
+            delta(&k, m + 5, counts(1, 1)),
+        ])
+        .await
+        .unwrap();
+    store.add_usage(&[]).await.unwrap();
+
+    let all = store.usage_minutes(&k, m - 10, m + 10).await.unwrap();
+    assert_eq!(
+        all,
+        vec![
+            (m, counts(4, 40)),
+            (m + 1, counts(2, 20)),
+            (m + 5, counts(5, 41)),
+        ]
+    );
+    // [from, to): from included, to excluded.
+    assert_eq!(
+        store.usage_minutes(&k, m, m + 5).await.unwrap(),
+        vec![(m, counts(4, 40)), (m + 1, counts(2, 20))]
+    );
+    assert_eq!(
+        store.usage_minutes(&k, m + 1, m + 6).await.unwrap(),
+        vec![(m + 1, counts(2, 20)), (m + 5, counts(5, 41))]
+    );
+    assert_eq!(
+        store.usage_minutes(&k, m + 2, m + 5).await.unwrap(),
+        Vec::new()
+    );
+    assert_eq!(store.usage_minutes(&k, m, m).await.unwrap(), Vec::new());
+    assert_eq!(store.usage_minutes(&k, m + 6, m).await.unwrap(), Vec::new());
+
+    // Other keys are unaffected.
+    assert_eq!(
+        store.usage_minutes(&other, m - 10, m + 10).await.unwrap(),
+        vec![(m, counts(100, 1000))]
+    );
+    assert_eq!(
+        store
+            .usage_minutes(&format!("key_{p}_none"), m - 10, m + 10)
+            .await
+            .unwrap(),
+        Vec::new()
+    );
+}
+
+async fn master_key(store: &SharedStore) {
+    let first = fresh_hash();
+    store.set_master_key_hash(&first).await.unwrap();
+    assert!(store.master_key_hash().await.unwrap() == Some(first));
+    let second = fresh_hash();
+    store.set_master_key_hash(&second).await.unwrap();
+    assert!(store.master_key_hash().await.unwrap() == Some(second));
+}
+
+// === backends ===
+
+#[tokio::test]
+async fn embedded_conformance() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let store = EmbeddedStore::open(&dir.path().join("nested/dir/tollgate.redb")).unwrap();
+    // A fresh database has no master key.
+    assert!(store.master_key_hash().await.unwrap().is_none());
+    run_all(Arc::new(store)).await;
+}
+
+#[tokio::test]
+async fn embedded_survives_reopen() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("tollgate.redb");
+    let p = unique();
+    let acc = account(&format!("acc_{p}"), at(0));
+    let k = key(&format!("key_{p}"), &acc.id, "main", at(1));
+    let master = fresh_hash();
+    {
+        let store = EmbeddedStore::open(&path).unwrap();
+        assert_eq!(store.path(), path.as_path());
+        store.create_account(&acc).await.unwrap();
+        store.create_key(&k).await.unwrap();
+        store.set_master_key_hash(&master).await.unwrap();
+        store
+            .add_usage(&[delta(&k.id, 5, counts(1, 2))])
+            .await
+            .unwrap();
+    }
+    let store = EmbeddedStore::open(&path).unwrap();
+    let found = store.lookup_key(&k.hash).await.unwrap().unwrap();
+    assert_eq!(found.key, k);
+    assert_eq!(found.account, acc);
+    assert!(store.master_key_hash().await.unwrap() == Some(master));
+    assert_eq!(
+        store.usage_minutes(&k.id, 0, 10).await.unwrap(),
+        vec![(5, counts(1, 2))]
+    );
+    // Indexes survived too.
+    let clash = key(&format!("key_{p}_2"), &acc.id, "main", at(2));
+    assert!(matches!(
+        store.create_key(&clash).await,
+        Err(StoreError::NameTaken)
+    ));
+}
+
+#[tokio::test]
+async fn embedded_refuses_second_open() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("tollgate.redb");
+    let store = EmbeddedStore::open(&path).unwrap();
+    match EmbeddedStore::open(&path) {
+        Err(StoreError::Unavailable(msg)) => {
+            assert!(msg.contains(&path.display().to_string()), "{msg}");
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    // The first handle still works, and once it is closed the file opens again.
+    store.ping().await.unwrap();
+    drop(store);
+    EmbeddedStore::open(&path).unwrap().ping().await.unwrap();
+}
