@@ -1,2 +1,162 @@
-//! Load benchmark and criterion benches (to come).
-fn main() {}
+//! The per-request policy step on a cached key: credential format check, SHA-256, cache lookup,
+//! the decision (state, network, scope, three GCRA windows) and the usage count. No store I/O.
+//!
+//! `cargo bench --bench hot_path`
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use http::Method;
+use tollgate::auth::cache::{Cached, KeyCache, Lookup};
+use tollgate::auth::{authorize, RequestFacts};
+use tollgate::config::{CacheSettings, OnStoreError, RouteScopes};
+use tollgate::credential::{self, KeyHash, Kind};
+use tollgate::limits::Limiters;
+use tollgate::metering::{Meter, Outcome, WallClock};
+use tollgate::metrics::Metrics;
+use tollgate::store::embedded::EmbeddedStore;
+use tollgate::store::{AccountRecord, KeyRecord, KeyType, RateLimitSpec, SharedStore};
+
+const BIG: RateLimitSpec = RateLimitSpec {
+    per_minute: Some(1_000_000_000),
+    per_hour: Some(1_000_000_000),
+    per_day: Some(1_000_000_000),
+};
+
+struct Fixture {
+    cache: KeyCache,
+    meter: Arc<Meter>,
+    raws: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+fn fixture(keys: usize) -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store: SharedStore =
+        Arc::new(EmbeddedStore::open(&dir.path().join("bench.db")).expect("store"));
+    let meter = Arc::new(Meter::new(WallClock::System));
+    let cache = KeyCache::new(
+        Arc::clone(&store),
+        Arc::new(Limiters::new()),
+        Arc::clone(&meter),
+        Arc::new(Metrics::new().expect("metrics")),
+        CacheSettings {
+            ttl: Duration::from_secs(3600),
+            negative_ttl: Duration::from_secs(5),
+            max_entries: keys * 2,
+        },
+        BIG,
+        OnStoreError::FailOpen,
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let now = Utc::now();
+    let account = AccountRecord {
+        id: "acc_bench".into(),
+        name: "bench".into(),
+        auth_method: Default::default(),
+        rate_limit: None,
+        network_policy: Default::default(),
+        permissions: None,
+        plan: Default::default(),
+        active: true,
+        shared_rate_limit: None,
+        created_at: now,
+        updated_at: now,
+    };
+    let mut raws = Vec::with_capacity(keys);
+    rt.block_on(async {
+        store.create_account(&account).await.expect("account");
+        for i in 0..keys {
+            let raw = credential::generate(Kind::Secret);
+            let key = KeyRecord {
+                id: format!("key_{i}"),
+                account_id: account.id.clone(),
+                name: format!("k{i}"),
+                key_type: KeyType::Secret,
+                hash: KeyHash::of(&raw),
+                prefix: credential::display_prefix(&raw),
+                preview: credential::preview(&raw),
+                scopes: None,
+                allowed_origins: vec![],
+                allowed_ips: vec![],
+                rate_limit: None,
+                expires_at: None,
+                lifetime_secs: None,
+                active: true,
+                protected: false,
+                metadata: serde_json::json!({}),
+                remaining: None,
+                external_id: None,
+                imported: false,
+                created_at: now,
+                updated_at: now,
+            };
+            store.create_key(&key).await.expect("key");
+            assert!(matches!(cache.get(&key.hash).await, Lookup::Found(_)));
+            raws.push(raw);
+        }
+    });
+    Fixture {
+        cache,
+        meter,
+        raws,
+        _dir: dir,
+    }
+}
+
+/// The step the proxy runs for a request on a cached key.
+fn step(f: &Fixture, raw: &str, scopes: &RouteScopes, ip: IpAddr) {
+    assert!(credential::parse(raw).is_ok());
+    let Cached::Fresh(Lookup::Found(key)) = f.cache.cached(&KeyHash::of(raw)) else {
+        panic!("not cached");
+    };
+    let now_ms = f.meter.clock().now_ms();
+    let facts = RequestFacts {
+        method: &Method::GET,
+        client_ip: ip,
+        origin: None,
+        referer: None,
+        scopes,
+        now_ms,
+    };
+    let permit = authorize(&key, &facts).unwrap_or_else(|_| panic!("refused"));
+    permit.key.usage.record(now_ms, Outcome { status: 200 });
+}
+
+fn bench(c: &mut Criterion) {
+    let scopes = RouteScopes::default();
+    let ip: IpAddr = "127.0.0.1".parse().expect("ip");
+    let hot = fixture(1);
+    c.bench_function("verify_limit_meter/hot_key", |b| {
+        b.iter(|| step(&hot, &hot.raws[0], &scopes, ip))
+    });
+    let many = fixture(10_000);
+    let mut i = 0usize;
+    c.bench_function("verify_limit_meter/10k_keys_rotating", |b| {
+        b.iter_batched(
+            || {
+                i = (i + 7919) % many.raws.len();
+                i
+            },
+            |i| step(&many, &many.raws[i], &scopes, ip),
+            BatchSize::SmallInput,
+        )
+    });
+}
+
+#[allow(missing_docs)]
+mod group {
+    use super::*;
+    criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(5)).warm_up_time(Duration::from_secs(1));
+    targets = bench
+    }
+}
+criterion_main!(group::benches);

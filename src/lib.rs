@@ -1,10 +1,43 @@
-//! tollgate: an edge gateway (module map to come).
+//! tollgate: an edge gateway. It lets a request through to an upstream only with a valid API
+//! key, enforces per-key limits and network policy, forwards the caller's identity, and counts
+//! every request into usage buckets.
+//!
+//! # Layout
+//!
+//! Layer 0, pure (no I/O, no tokio): [`credential`] (the token format), [`policy`] (CIDR,
+//! origin, method and scope decisions), [`refusal`] (every error code and its status),
+//! `proxy::route` (the route table).
+//!
+//! Layer 1, state: [`limits`] (per-key GCRA buckets), [`auth`] (the key cache and the one
+//! decision, [`auth::authorize`]), [`metering`] (per-key minute counters and their flusher),
+//! [`store`] (the only module that touches disk or network), [`metrics`].
+//!
+//! Layer 2, edges: [`proxy`] (the request path) and [`admin`] (the admin API); they never
+//! import each other. [`listener`] serves HTTP on a bound socket for both.
+//!
+//! Layer 3, wiring: [`app`] (settings → running gateway), [`cli`], [`shutdown`], [`config`].
+//!
+//! # A request's path
+//!
+//! `listener` accepts → `proxy::Proxy::handle` matches a route → `auth::extract` finds the
+//! credential → `credential::parse` checks its checksum → `auth::cache::KeyCache` finds the key
+//! (memory, else one store read) → `auth::authorize` checks state, network, scope and limits →
+//! `proxy::forward` streams it upstream with identity headers → the response streams back with
+//! limit headers → the key's `metering::UsageCell` counts it; `metering::flusher` writes the
+//! counts in batches.
+
+pub mod admin;
+pub mod app;
 pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod credential;
 pub mod limits;
+pub mod listener;
 pub mod metering;
 pub mod metrics;
 pub mod policy;
+pub mod proxy;
 pub mod refusal;
+pub mod shutdown;
 pub mod store;

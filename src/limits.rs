@@ -77,6 +77,8 @@ pub struct KeyLimiter<C: Clock = QuantaClock> {
     /// Remaining count of each window at its last check; governor cannot peek without spending,
     /// so a 429 reports the windows it did not reach from here.
     last_remaining: [AtomicU32; 3],
+    /// Prune rounds since the last check; see [`Limiters::prune_idle`].
+    idle_rounds: AtomicU32,
     clock: C,
 }
 
@@ -173,6 +175,7 @@ impl<C: Clock + Clone> KeyLimiter<C> {
                 bucket(Window::Day),
             ],
             last_remaining: [full(Window::Minute), full(Window::Hour), full(Window::Day)],
+            idle_rounds: AtomicU32::new(0),
             clock: C::clone(clock),
         }
     }
@@ -185,6 +188,9 @@ impl<C: Clock + Clone> KeyLimiter<C> {
     /// Spends one request from every window, shortest first, stopping at the first that has no
     /// room. A request refused by a longer window has still spent from the shorter ones.
     pub fn check(&self) -> Result<LimitSnapshot, Exhausted> {
+        if self.idle_rounds.load(Ordering::Relaxed) != 0 {
+            self.idle_rounds.store(0, Ordering::Relaxed);
+        }
         let mut snapshot = LimitSnapshot::default();
         for window in Window::ALL {
             let i = window.index();
@@ -299,12 +305,15 @@ impl<C: Clock + Clone> Limiters<C> {
         fresh
     }
 
-    /// Forgets limiters that no cached key holds any more. Their buckets would be full again by
-    /// now unless the key is used again soon, in which case it restarts with full buckets: run
-    /// this no more often than the shortest window with traffic matters (the app runs it hourly).
-    pub fn prune_unused(&self) -> usize {
+    /// Counts one prune round and forgets limiters that no cached key holds and that have not
+    /// been checked for more than `rounds` rounds. Called hourly with 25 rounds, a limiter is
+    /// dropped only once even its day bucket has refilled, so forgetting it changes nothing.
+    pub fn prune_idle(&self, rounds: u32) -> usize {
         let before = self.by_key.len();
-        self.by_key.retain(|_, l| Arc::strong_count(l) > 1);
+        self.by_key.retain(|_, l| {
+            let idle = l.idle_rounds.fetch_add(1, Ordering::Relaxed) + 1;
+            Arc::strong_count(l) > 1 || idle <= rounds
+        });
         before - self.by_key.len()
     }
 
@@ -405,8 +414,11 @@ mod tests {
         assert!(b.check().is_err(), "same buckets after a refresh");
         let c = limiters.for_key(&id, quotas(2, 10, 10));
         assert!(c.check().is_ok(), "new quotas, new buckets");
-        drop((a, b, c));
-        assert_eq!(limiters.prune_unused(), 1);
+        drop((a, b));
+        assert_eq!(limiters.prune_idle(2), 0, "held by a cached key");
+        drop(c);
+        assert_eq!(limiters.prune_idle(2), 0, "idle for two rounds only");
+        assert_eq!(limiters.prune_idle(2), 1);
         assert!(limiters.is_empty());
     }
 }

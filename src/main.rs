@@ -1,2 +1,5 @@
-//! The `tollgate` binary (CLI to come).
-fn main() {}
+//! The `tollgate` binary: everything is in the library; see `tollgate::cli`.
+
+fn main() -> std::process::ExitCode {
+    tollgate::cli::main()
+}

@@ -35,6 +35,16 @@ pub enum Lookup {
     Unavailable,
 }
 
+/// What memory alone says about a hash.
+pub enum Cached {
+    /// A fresh answer.
+    Fresh(Lookup),
+    /// A key past its ttl: to be re-read, and served only if the store is down under fail_open.
+    Stale(Arc<CachedKey>),
+    /// Nothing cached.
+    Absent,
+}
+
 enum Slot {
     Found {
         key: Arc<CachedKey>,
@@ -94,20 +104,11 @@ impl KeyCache {
 
     /// The key for `hash`, from memory when fresh, else from the store.
     pub async fn get(&self, hash: &KeyHash) -> Lookup {
-        let now = Instant::now();
-        let stale = match self.map.get(hash).as_deref() {
-            Some(Slot::Found { key, fresh_until }) if now < *fresh_until => {
-                self.metrics.key_cache_hits.inc();
-                return Lookup::Found(Arc::clone(key));
-            }
-            Some(Slot::Missing { until }) if now < *until => {
-                self.metrics.key_cache_hits.inc();
-                return Lookup::NotFound;
-            }
-            Some(Slot::Found { key, .. }) => Some(Arc::clone(key)),
-            Some(Slot::Missing { .. }) | None => None,
+        let stale = match self.cached(hash) {
+            Cached::Fresh(lookup) => return lookup,
+            Cached::Stale(key) => Some(key),
+            Cached::Absent => None,
         };
-        self.metrics.key_cache_misses.inc();
         match self.load(hash).await {
             Ok(Some(key)) => Lookup::Found(key),
             Ok(None) => Lookup::NotFound,
@@ -116,6 +117,24 @@ impl KeyCache {
                 _ => Lookup::Unavailable,
             },
         }
+    }
+
+    /// The synchronous half of [`KeyCache::get`]: what memory says, without any I/O.
+    pub fn cached(&self, hash: &KeyHash) -> Cached {
+        let now = Instant::now();
+        let found = match self.map.get(hash).as_deref() {
+            Some(Slot::Found { key, fresh_until }) if now < *fresh_until => {
+                Cached::Fresh(Lookup::Found(Arc::clone(key)))
+            }
+            Some(Slot::Missing { until }) if now < *until => Cached::Fresh(Lookup::NotFound),
+            Some(Slot::Found { key, .. }) => Cached::Stale(Arc::clone(key)),
+            Some(Slot::Missing { .. }) | None => Cached::Absent,
+        };
+        match found {
+            Cached::Fresh(_) => self.metrics.key_cache_hits.inc(),
+            Cached::Stale(_) | Cached::Absent => self.metrics.key_cache_misses.inc(),
+        }
+        found
     }
 
     /// Drops what is cached for one credential hash.

@@ -1,0 +1,133 @@
+//! The admin listener: health, metrics, and the management API (contract section 5).
+//!
+//! | method and path | who | answer |
+//! |---|---|---|
+//! | `GET /healthz` | anyone | 200 `{"status":"ok"}` |
+//! | `GET /readyz` | anyone | 200 `{"status":"ready"}`, or 503 `{"status":"unavailable"}` |
+//! | `GET /metrics` | anyone | Prometheus text |
+//! | `POST /v1/accounts` | operator | 201 account |
+//! | `GET /v1/accounts` | operator | `{"accounts":[…]}` |
+//! | `GET /v1/accounts/{account_id}` | operator | account |
+//! | `GET /v1/account` | account key | `id`, `name`, `auth_method`, `created_at` |
+//! | `POST …/keys` | both | 201 key metadata and the raw `key`, once |
+//! | `GET …/keys` | both | `{"keys":[…]}`, metadata only |
+//! | `GET …/keys/{key_id}` | both | key metadata |
+//! | `POST …/keys/{key_id}/deactivate`, `…/activate` | both | key metadata |
+//! | `DELETE …/keys/{key_id}` | both | `{"deleted":true}` |
+//!
+//! `…` is `/v1/accounts/{account_id}` for the operator (master key) and `/v1/account` for an
+//! account's own secret key (see [`auth`] for the scopes it needs). Errors are
+//! `{"error":{"code","message"}}` ([`error::ApiError`]); unknown paths are 404 `not_found`, and
+//! bodies over 64 KiB are 413 `body_too_large`. Every change writes an audit entry.
+//!
+//! Layout: `auth` (who is calling), `body` (JSON bodies that name the failing field), `error`,
+//! `validate` (field checks), `audit`, `health`, `accounts`, `keys`, `master` (the operator's key
+//! at start-up). This module uses the store, the key cache and metrics; never the proxy.
+
+mod accounts;
+mod audit;
+mod auth;
+mod body;
+pub mod error;
+mod health;
+mod keys;
+pub mod master;
+mod validate;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::auth::cache::KeyCache;
+use crate::credential::KeyHash;
+use crate::metrics::Metrics;
+use crate::store::SharedStore;
+
+pub use error::ApiError;
+pub use master::{ensure_master_key, MasterKey, MasterKeyError};
+
+/// Largest request body the admin API reads.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// What the admin handlers share. Cheap to clone.
+#[derive(Clone)]
+pub struct AdminState {
+    store: SharedStore,
+    /// Dropping a key's entry after each change is what makes the proxy enforce it at once.
+    cache: Arc<KeyCache>,
+    metrics: Arc<Metrics>,
+    /// Settled once at start-up ([`ensure_master_key`]); `None` leaves the operator API shut.
+    master: Option<KeyHash>,
+    /// Held across each check-then-write (plan limit, last credential) so that two concurrent
+    /// requests cannot both pass a check that only one of them may. One process only: admin
+    /// writes are rare, and a fleet should send them to one admin listener.
+    writes: Arc<tokio::sync::Mutex<()>>,
+}
+
+// === impl AdminState ===
+
+impl AdminState {
+    /// State over the given store, cache and metrics, accepting `master_hash` as the operator.
+    pub fn new(
+        store: SharedStore,
+        cache: Arc<KeyCache>,
+        metrics: Arc<Metrics>,
+        master_hash: Option<KeyHash>,
+    ) -> Self {
+        AdminState {
+            store,
+            cache,
+            metrics,
+            master: master_hash,
+            writes: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+}
+
+// === functions ===
+
+/// The admin listener's routes. Serve with
+/// `into_make_service_with_connect_info::<SocketAddr>()` so audit entries carry the caller's IP.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .route("/v1/accounts", post(accounts::create).get(accounts::list))
+        .route("/v1/accounts/{account_id}", get(accounts::get))
+        .route("/v1/account", get(accounts::get_own))
+        .merge(key_routes("/v1/accounts/{account_id}"))
+        .merge(key_routes("/v1/account"))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// The key endpoints under one account base path; both bases reach the same handlers.
+fn key_routes(base: &str) -> Router<AdminState> {
+    Router::new()
+        .route(&format!("{base}/keys"), post(keys::create).get(keys::list))
+        .route(
+            &format!("{base}/keys/{{key_id}}"),
+            get(keys::get).delete(keys::delete),
+        )
+        .route(
+            &format!("{base}/keys/{{key_id}}/deactivate"),
+            post(keys::deactivate),
+        )
+        .route(
+            &format!("{base}/keys/{{key_id}}/activate"),
+            post(keys::activate),
+        )
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("path")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}

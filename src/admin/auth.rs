@@ -1,0 +1,226 @@
+//! Who is calling, and which account they may act on.
+//!
+//! The caller presents a credential in one of the proxy's three forms
+//! ([`crate::auth::extract::credential`]). The master key (`tgmk_`) is the operator; an account's
+//! own secret key (`tgsk_`) is that account; every other kind is refused with 401. Keys are read
+//! from the store, not the proxy's cache, so a key deactivated a moment ago cannot manage anything.
+//!
+//! Two extractors carry the decision to the handlers: [`Operator`] for `/v1/accounts` itself, and
+//! [`AccountAccess`] for an account's resources under either `/v1/accounts/{account_id}/…`
+//! (operator) or `/v1/account/…` (the account's own key, with `account:read` for GET and
+//! `account:write` for everything else when its scopes are limited).
+
+use std::net::SocketAddr;
+
+use axum::extract::rejection::RawPathParamsRejection;
+use axum::extract::{ConnectInfo, FromRequestParts, RawPathParams};
+use axum::http::request::Parts;
+use chrono::Utc;
+
+use super::error::ApiError;
+use super::AdminState;
+use crate::auth::extract;
+use crate::credential::{self, KeyHash, Kind};
+use crate::policy;
+use crate::store::{AccountRecord, AuthMethod, KeyType};
+
+/// Scope an account key needs for GET and HEAD on its own account.
+pub(crate) const SCOPE_READ: &str = "account:read";
+/// Scope an account key needs for every other method.
+pub(crate) const SCOPE_WRITE: &str = "account:write";
+
+/// Who made a change, as the audit log names them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Actor {
+    /// The operator.
+    Master,
+    /// An account's key, by id.
+    Key(String),
+}
+
+/// A caller whose credential checked out.
+enum Caller {
+    Master,
+    Account {
+        key_id: String,
+        scopes: Option<Vec<String>>,
+        account: Box<AccountRecord>,
+    },
+}
+
+/// The operator, proven by the master key.
+pub(crate) struct Operator {
+    /// The caller's address, for the audit log.
+    pub(crate) ip: Option<String>,
+}
+
+/// The right to act on one account, which exists.
+pub(crate) struct AccountAccess {
+    /// Who is acting.
+    pub(crate) actor: Actor,
+    /// The account acted on, as read at the start of the request.
+    pub(crate) account: AccountRecord,
+    /// The caller's address, for the audit log.
+    pub(crate) ip: Option<String>,
+    /// The calling key's scopes when they are limited; `None` for the operator or a full key.
+    /// Nobody may grant a new key more than they hold themselves.
+    pub(crate) caller_scopes: Option<Vec<String>>,
+}
+
+// === impl Actor ===
+
+impl Actor {
+    /// `master` or the key id.
+    pub(crate) fn id(&self) -> &str {
+        match self {
+            Actor::Master => "master",
+            Actor::Key(id) => id,
+        }
+    }
+}
+
+// === impl Operator ===
+
+impl FromRequestParts<AdminState> for Operator {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AdminState) -> Result<Self, ApiError> {
+        match authenticate(parts, state).await? {
+            Caller::Master => Ok(Operator {
+                ip: client_ip(parts),
+            }),
+            Caller::Account { .. } => Err(ApiError::Forbidden(
+                "only the master key may manage accounts; an account key uses /v1/account",
+            )),
+        }
+    }
+}
+
+// === impl AccountAccess ===
+
+impl FromRequestParts<AdminState> for AccountAccess {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AdminState) -> Result<Self, ApiError> {
+        let caller = authenticate(parts, state).await?;
+        let ip = client_ip(parts);
+        match (path_param(parts, "account_id").await?, caller) {
+            (Some(account_id), Caller::Master) => {
+                let account = state
+                    .store
+                    .get_account(&account_id)
+                    .await?
+                    .ok_or(ApiError::NotFound("account"))?;
+                Ok(AccountAccess {
+                    actor: Actor::Master,
+                    account,
+                    ip,
+                    caller_scopes: None,
+                })
+            }
+            (
+                None,
+                Caller::Account {
+                    key_id,
+                    scopes,
+                    account,
+                },
+            ) => {
+                let needed = if policy::is_read_method(&parts.method) {
+                    SCOPE_READ
+                } else {
+                    SCOPE_WRITE
+                };
+                if !policy::has_scope(scopes.as_deref(), needed) {
+                    return Err(ApiError::Forbidden(if needed == SCOPE_READ {
+                        "this key lacks the account:read scope"
+                    } else {
+                        "this key lacks the account:write scope"
+                    }));
+                }
+                Ok(AccountAccess {
+                    actor: Actor::Key(key_id),
+                    account: *account,
+                    ip,
+                    caller_scopes: scopes,
+                })
+            }
+            (Some(_), Caller::Account { .. }) => Err(ApiError::Forbidden(
+                "an account key manages its own account at /v1/account",
+            )),
+            (None, Caller::Master) => Err(ApiError::Forbidden(
+                "the master key manages an account at /v1/accounts/{account_id}",
+            )),
+        }
+    }
+}
+
+// === functions ===
+
+/// Checks the presented credential: the master key by constant-time hash comparison, an account
+/// key by a store lookup and its state.
+async fn authenticate(parts: &Parts, state: &AdminState) -> Result<Caller, ApiError> {
+    let presented = extract::credential(&parts.headers).ok_or(ApiError::MissingCredential)?;
+    let kind = credential::parse(&presented.raw).map_err(|_| ApiError::InvalidCredential)?;
+    let hash = KeyHash::of(&presented.raw);
+    match kind {
+        Kind::Master => match &state.master {
+            Some(master) if master.ct_eq(&hash) => Ok(Caller::Master),
+            _ => Err(ApiError::InvalidCredential),
+        },
+        Kind::Secret => account_key(state, &hash).await,
+        Kind::Publishable => Err(ApiError::WrongCredentialKind("publishable")),
+        Kind::ClientSecret => Err(ApiError::WrongCredentialKind("client secret")),
+        // No token store exists yet; when it does, an access token acts for its account here.
+        Kind::AccessToken => Err(ApiError::WrongCredentialKind("access token")),
+    }
+}
+
+async fn account_key(state: &AdminState, hash: &KeyHash) -> Result<Caller, ApiError> {
+    let found = state
+        .store
+        .lookup_key(hash)
+        .await?
+        .ok_or(ApiError::InvalidCredential)?;
+    let (key, account) = (found.key, found.account);
+    if key.key_type != KeyType::Secret {
+        return Err(ApiError::WrongCredentialKind("publishable"));
+    }
+    if !key.active || !account.active {
+        return Err(ApiError::InactiveCredential);
+    }
+    if key.expires_at.is_some_and(|at| at <= Utc::now()) {
+        return Err(ApiError::ExpiredCredential);
+    }
+    if account.auth_method == AuthMethod::Oauth {
+        return Err(ApiError::Forbidden(
+            "the account accepts only OAuth access tokens",
+        ));
+    }
+    Ok(Caller::Account {
+        key_id: key.id,
+        scopes: key.scopes,
+        account: Box::new(account),
+    })
+}
+
+/// A named path parameter; `None` on routes that do not have it.
+pub(crate) async fn path_param(parts: &mut Parts, name: &str) -> Result<Option<String>, ApiError> {
+    match RawPathParams::from_request_parts(parts, &()).await {
+        Ok(params) => Ok(params
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.to_owned())),
+        Err(RawPathParamsRejection::MissingPathParams(_)) => Ok(None),
+        // Ids are ASCII; a parameter that is not UTF-8 names nothing that exists.
+        Err(_) => Err(ApiError::NotFound("path")),
+    }
+}
+
+/// The peer address, when the server was started with connect info.
+fn client_ip(parts: &Parts) -> Option<String> {
+    parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| policy::canonical(addr.ip()).to_string())
+}

@@ -1,0 +1,149 @@
+//! [`ApiError`]: every way an admin request can fail, each variant with its status and code
+//! beside it, and the one place where they become `{"error":{"code","message"}}` responses.
+//!
+//! Converting to a response has no side effects; the one log line for a failing store is written
+//! where the [`StoreError`] is converted, because only there is its detail still known.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::store::StoreError;
+
+/// Why an admin request was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400 `invalid_request`: the body is not JSON of the expected shape. The message names the
+    /// field (`rate_limit.per_minute: invalid type…`).
+    #[error("{0}")]
+    InvalidBody(String),
+    /// 400 `invalid_request`: a well-typed field has a value that is not allowed.
+    #[error("{field}: {reason}")]
+    InvalidField {
+        /// Path of the field, e.g. `allowed_origins[1]`.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// 401 `missing_credential`: no credential in any of the three accepted headers.
+    #[error("a credential is required: Authorization: Bearer, X-API-Key, or Basic")]
+    MissingCredential,
+    /// 401 `invalid_credential`: malformed, unknown, or not the master key.
+    #[error("the credential is not valid")]
+    InvalidCredential,
+    /// 401 `invalid_credential`: a kind of credential that never reaches the admin API.
+    #[error("{0} credentials cannot be used on the admin API")]
+    WrongCredentialKind(&'static str),
+    /// 401 `expired_credential`: the key's `expires_at` has passed.
+    #[error("the credential has expired")]
+    ExpiredCredential,
+    /// 401 `inactive_credential`: the key or its account is deactivated.
+    #[error("the credential is inactive")]
+    InactiveCredential,
+    /// 403 `forbidden`: a valid caller without the right to this resource.
+    #[error("{0}")]
+    Forbidden(&'static str),
+    /// 404 `not_found`: no such path, account or key (or not one the caller may see).
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// 405 `method_not_allowed`.
+    #[error("method not allowed on this path")]
+    MethodNotAllowed,
+    /// 409 `name_taken`: the account already has a key with this name.
+    #[error("the account already has a key named like this")]
+    NameTaken,
+    /// 409 `already_exists`: the generated id collided with an existing record.
+    #[error("a record with this id already exists; retry")]
+    AlreadyExists,
+    /// 409 `plan_limit`: the account's plan allows no more of these.
+    #[error("the account's plan allows at most {max} keys")]
+    PlanLimit {
+        /// The plan's limit.
+        max: u32,
+    },
+    /// 409 `last_credential`: the change would leave an `api_key` account without an active
+    /// secret key.
+    #[error("this is the account's last active secret key; create another one first")]
+    LastCredential,
+    /// 409 `protected_key`: the key is marked `protected`.
+    #[error("the key is protected and cannot be deactivated or deleted")]
+    ProtectedKey,
+    /// 413 `body_too_large`.
+    #[error("the request body is larger than {limit} bytes")]
+    BodyTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// 500 `internal_error`: a stored record could not be decoded.
+    #[error("a stored record could not be read")]
+    StoreCorrupt,
+    /// 503 `store_unavailable`: the store could not be reached; nothing was changed.
+    #[error("the store is unavailable; retry later")]
+    StoreUnavailable,
+}
+
+// === impl ApiError ===
+
+impl ApiError {
+    /// A field-level validation failure.
+    pub(crate) fn field(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        ApiError::InvalidField {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The HTTP status and the contract's error code.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::InvalidBody(_) | ApiError::InvalidField { .. } => {
+                (StatusCode::BAD_REQUEST, "invalid_request")
+            }
+            ApiError::MissingCredential => (StatusCode::UNAUTHORIZED, "missing_credential"),
+            ApiError::InvalidCredential | ApiError::WrongCredentialKind(_) => {
+                (StatusCode::UNAUTHORIZED, "invalid_credential")
+            }
+            ApiError::ExpiredCredential => (StatusCode::UNAUTHORIZED, "expired_credential"),
+            ApiError::InactiveCredential => (StatusCode::UNAUTHORIZED, "inactive_credential"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::NameTaken => (StatusCode::CONFLICT, "name_taken"),
+            ApiError::AlreadyExists => (StatusCode::CONFLICT, "already_exists"),
+            ApiError::PlanLimit { .. } => (StatusCode::CONFLICT, "plan_limit"),
+            ApiError::LastCredential => (StatusCode::CONFLICT, "last_credential"),
+            ApiError::ProtectedKey => (StatusCode::CONFLICT, "protected_key"),
+            ApiError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            ApiError::StoreCorrupt => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
+            ApiError::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let body = json!({ "error": { "code": code, "message": self.to_string() } });
+        (status, Json(body)).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NameTaken => ApiError::NameTaken,
+            StoreError::AlreadyExists => ApiError::AlreadyExists,
+            // A record that vanished between our read and write: it is gone either way.
+            StoreError::NotFound => ApiError::NotFound("record"),
+            StoreError::Unavailable(detail) => {
+                tracing::warn!(error = %detail, "admin: store unavailable");
+                ApiError::StoreUnavailable
+            }
+            StoreError::Corrupt(detail) => {
+                tracing::error!(error = %detail, "admin: corrupt record in store");
+                ApiError::StoreCorrupt
+            }
+        }
+    }
+}

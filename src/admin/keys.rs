@@ -1,0 +1,452 @@
+//! An account's API keys, under `/v1/accounts/{account_id}/keys` (operator) and
+//! `/v1/account/keys` (the account's own key); both forms reach these handlers through
+//! [`AccountAccess`], which has already resolved and read the account.
+//!
+//! Only `KeyHash::of(raw)` is stored; the raw key is in the create answer and nowhere else.
+//! After every change the key's cache entry is dropped, so the proxy enforces the change on the
+//! very next request. Rules checked here: the plan's `max_keys`, the account's `permissions`
+//! (a key asking for full access on an account with `permissions` gets exactly those), the last
+//! usable secret key of an `api_key` account, and `protected` keys (neither deactivated nor
+//! deleted).
+
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use axum::Json;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::audit::{self, Change};
+use super::auth::{path_param, AccountAccess};
+use super::body::JsonBody;
+use super::error::ApiError;
+use super::{validate, AdminState};
+use crate::credential::{self, KeyHash, Kind};
+use crate::store::{AccountRecord, AuthMethod, KeyRecord, KeyType, RateLimitSpec, Store};
+
+/// Longest key name.
+const MAX_NAME_CHARS: usize = 100;
+
+/// `POST …/keys`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateKey {
+    name: String,
+    #[serde(rename = "type", default = "secret")]
+    key_type: KeyType,
+    #[serde(default)]
+    scopes: Option<Vec<String>>,
+    #[serde(default)]
+    allowed_origins: Vec<String>,
+    #[serde(default)]
+    allowed_ips: Vec<String>,
+    #[serde(default)]
+    rate_limit: Option<RateLimitSpec>,
+    #[serde(default)]
+    expires_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    ttl: Option<String>,
+    #[serde(default)]
+    metadata: Option<Value>,
+    #[serde(default)]
+    protected: bool,
+}
+
+/// A key as the API shows it: everything but the hash.
+#[derive(Debug, Serialize)]
+pub(crate) struct KeyView {
+    id: String,
+    account_id: String,
+    name: String,
+    #[serde(rename = "type")]
+    key_type: KeyType,
+    prefix: String,
+    preview: String,
+    scopes: Option<Vec<String>>,
+    allowed_origins: Vec<String>,
+    allowed_ips: Vec<String>,
+    rate_limit: Option<RateLimitSpec>,
+    expires_at: Option<DateTime<Utc>>,
+    active: bool,
+    protected: bool,
+    metadata: Value,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+/// The create answer: the metadata and, this once, the raw key.
+#[derive(Serialize)]
+pub(crate) struct CreatedKey {
+    #[serde(flatten)]
+    view: KeyView,
+    key: String,
+}
+
+/// `GET …/keys`.
+#[derive(Serialize)]
+pub(crate) struct KeyList {
+    keys: Vec<KeyView>,
+}
+
+/// `DELETE …/keys/{key_id}`.
+#[derive(Serialize)]
+pub(crate) struct Deleted {
+    deleted: bool,
+}
+
+/// The `{key_id}` of the path.
+pub(crate) struct KeyId(String);
+
+/// `POST …/keys` → 201 with the raw key.
+pub(crate) async fn create(
+    State(state): State<AdminState>,
+    access: AccountAccess,
+    JsonBody(req): JsonBody<CreateKey>,
+) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
+    let raw = credential::generate(match req.key_type {
+        KeyType::Secret => Kind::Secret,
+        KeyType::Publishable => Kind::Publishable,
+    });
+    let grantable = grantable(
+        access.account.permissions.as_deref(),
+        access.caller_scopes.as_deref(),
+    );
+    let record = req.into_record(&access.account, grantable.as_deref(), &raw, Utc::now())?;
+    {
+        let _writes = state.writes.lock().await;
+        if let Some(max) = access.account.plan.max_keys {
+            let held = state.store.list_keys(&access.account.id).await?.len();
+            if held >= usize::try_from(max).unwrap_or(usize::MAX) {
+                return Err(ApiError::PlanLimit { max });
+            }
+        }
+        state.store.create_key(&record).await?;
+    }
+    // A request with this credential may have been refused a moment ago and cached as unknown.
+    state.cache.invalidate(&record.hash);
+    let detail = json!({ "name": record.name, "type": record.key_type, "scopes": record.scopes });
+    audit::record(
+        &*state.store,
+        access.audit_origin(),
+        change("key.create", &record.id, detail),
+    )
+    .await;
+    let created = CreatedKey {
+        view: KeyView::from(record),
+        key: raw,
+    };
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+/// `GET …/keys`.
+pub(crate) async fn list(
+    State(state): State<AdminState>,
+    access: AccountAccess,
+) -> Result<Json<KeyList>, ApiError> {
+    let keys = state.store.list_keys(&access.account.id).await?;
+    Ok(Json(KeyList {
+        keys: keys.into_iter().map(KeyView::from).collect(),
+    }))
+}
+
+/// `GET …/keys/{key_id}`.
+pub(crate) async fn get(
+    State(state): State<AdminState>,
+    access: AccountAccess,
+    KeyId(key_id): KeyId,
+) -> Result<Json<KeyView>, ApiError> {
+    let key = fetch(&*state.store, &access.account.id, &key_id).await?;
+    Ok(Json(KeyView::from(key)))
+}
+
+/// `POST …/keys/{key_id}/deactivate`.
+pub(crate) async fn deactivate(
+    State(state): State<AdminState>,
+    access: AccountAccess,
+    KeyId(key_id): KeyId,
+) -> Result<Json<KeyView>, ApiError> {
+    let key = {
+        let _writes = state.writes.lock().await;
+        let mut key = fetch(&*state.store, &access.account.id, &key_id).await?;
+        if key.protected {
+            return Err(ApiError::ProtectedKey);
+        }
+        ensure_not_last(&*state.store, &access.account, &key).await?;
+        key.active = false;
+        key.updated_at = Utc::now();
+        state.store.update_key(&key).await?;
+        key
+    };
+    state.cache.invalidate(&key.hash);
+    let detail = json!({ "name": key.name });
+    audit::record(
+        &*state.store,
+        access.audit_origin(),
+        change("key.deactivate", &key.id, detail),
+    )
+    .await;
+    Ok(Json(KeyView::from(key)))
+}
+
+/// `POST …/keys/{key_id}/activate`.
+pub(crate) async fn activate(
+    State(state): State<AdminState>,
+    access: AccountAccess,
+    KeyId(key_id): KeyId,
+) -> Result<Json<KeyView>, ApiError> {
+    let key = {
+        let _writes = state.writes.lock().await;
+        let mut key = fetch(&*state.store, &access.account.id, &key_id).await?;
+        key.active = true;
+        key.updated_at = Utc::now();
+        state.store.update_key(&key).await?;
+        key
+    };
+    state.cache.invalidate(&key.hash);
+    let detail = json!({ "name": key.name });
+    audit::record(
+        &*state.store,
+        access.audit_origin(),
+        change("key.activate", &key.id, detail),
+    )
+    .await;
+    Ok(Json(KeyView::from(key)))
+}
+
+/// `DELETE …/keys/{key_id}` → `{"deleted":true}`.
+pub(crate) async fn delete(
+    State(state): State<AdminState>,
+    access: AccountAccess,
+    KeyId(key_id): KeyId,
+) -> Result<Json<Deleted>, ApiError> {
+    let key = {
+        let _writes = state.writes.lock().await;
+        let key = fetch(&*state.store, &access.account.id, &key_id).await?;
+        if key.protected {
+            return Err(ApiError::ProtectedKey);
+        }
+        ensure_not_last(&*state.store, &access.account, &key).await?;
+        state
+            .store
+            .delete_key(&access.account.id, &key.id)
+            .await?
+            .ok_or(ApiError::NotFound("key"))?
+    };
+    state.cache.invalidate(&key.hash);
+    let detail = json!({ "name": key.name });
+    audit::record(
+        &*state.store,
+        access.audit_origin(),
+        change("key.delete", &key.id, detail),
+    )
+    .await;
+    Ok(Json(Deleted { deleted: true }))
+}
+
+// === impl CreateKey ===
+
+impl CreateKey {
+    /// Checks every field against the account and what the caller may grant, and builds the
+    /// record for `raw`.
+    fn into_record(
+        self,
+        account: &AccountRecord,
+        grantable: Option<&[String]>,
+        raw: &str,
+        now: DateTime<Utc>,
+    ) -> Result<KeyRecord, ApiError> {
+        let name = validate::name("name", &self.name, MAX_NAME_CHARS)?;
+        let scopes = scopes_within(self.scopes, grantable)?;
+        let allowed_origins = validate::origins("allowed_origins", &self.allowed_origins)?;
+        if self.key_type == KeyType::Publishable && allowed_origins.is_empty() {
+            return Err(ApiError::field(
+                "allowed_origins",
+                "is required for a publishable key",
+            ));
+        }
+        let allowed_ips = validate::cidrs("allowed_ips", &self.allowed_ips)?;
+        validate::rate_limit("rate_limit", self.rate_limit.as_ref())?;
+        let (expires_at, lifetime_secs) = expiry(self.expires_at, self.ttl.as_deref(), now)?;
+        let metadata = match self.metadata {
+            None => Value::Object(serde_json::Map::new()),
+            Some(v @ Value::Object(_)) => v,
+            Some(_) => return Err(ApiError::field("metadata", "must be a JSON object")),
+        };
+        Ok(KeyRecord {
+            id: credential::new_id("key"),
+            account_id: account.id.clone(),
+            name,
+            key_type: self.key_type,
+            hash: KeyHash::of(raw),
+            prefix: credential::display_prefix(raw),
+            preview: credential::preview(raw),
+            scopes,
+            allowed_origins,
+            allowed_ips,
+            rate_limit: self.rate_limit,
+            expires_at,
+            lifetime_secs,
+            active: true,
+            protected: self.protected,
+            metadata,
+            remaining: None,
+            external_id: None,
+            imported: false,
+            created_at: now,
+            updated_at: now,
+        })
+    }
+}
+
+// === impl KeyView ===
+
+impl From<KeyRecord> for KeyView {
+    fn from(k: KeyRecord) -> Self {
+        KeyView {
+            id: k.id,
+            account_id: k.account_id,
+            name: k.name,
+            key_type: k.key_type,
+            prefix: k.prefix,
+            preview: k.preview,
+            scopes: k.scopes,
+            allowed_origins: k.allowed_origins,
+            allowed_ips: k.allowed_ips,
+            rate_limit: k.rate_limit,
+            expires_at: k.expires_at,
+            active: k.active,
+            protected: k.protected,
+            metadata: k.metadata,
+            created_at: k.created_at,
+            updated_at: k.updated_at,
+        }
+    }
+}
+
+// === impl KeyId ===
+
+impl<S: Send + Sync> FromRequestParts<S> for KeyId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        path_param(parts, "key_id")
+            .await?
+            .map(KeyId)
+            .ok_or(ApiError::NotFound("key"))
+    }
+}
+
+// === functions ===
+
+fn secret() -> KeyType {
+    KeyType::Secret
+}
+
+fn change<'a>(action: &'static str, key_id: &'a str, detail: Value) -> Change<'a> {
+    Change {
+        action,
+        target_type: "key",
+        target_id: key_id,
+        detail,
+    }
+}
+
+/// One key of the account; another account's key is as absent as an unknown one.
+async fn fetch(store: &dyn Store, account_id: &str, key_id: &str) -> Result<KeyRecord, ApiError> {
+    store
+        .get_key(account_id, key_id)
+        .await?
+        .ok_or(ApiError::NotFound("key"))
+}
+
+/// The scopes a new key may receive: the account's permissions, narrowed to the caller's own
+/// scopes when those are limited; `None` = anything.
+fn grantable(permissions: Option<&[String]>, caller: Option<&[String]>) -> Option<Vec<String>> {
+    match (permissions, caller) {
+        (None, None) => None,
+        (Some(only), None) | (None, Some(only)) => Some(only.to_vec()),
+        (Some(p), Some(c)) => Some(p.iter().filter(|s| c.contains(s)).cloned().collect()),
+    }
+}
+
+/// Requested scopes, each one grantable; `None` (full access) becomes everything grantable when
+/// that is limited.
+fn scopes_within(
+    requested: Option<Vec<String>>,
+    grantable: Option<&[String]>,
+) -> Result<Option<Vec<String>>, ApiError> {
+    let Some(requested) = requested else {
+        return Ok(grantable.map(<[String]>::to_vec));
+    };
+    validate::scope_names("scopes", &requested)?;
+    if let Some(grantable) = grantable {
+        if let Some((i, s)) = requested
+            .iter()
+            .enumerate()
+            .find(|(_, s)| !grantable.contains(s))
+        {
+            return Err(ApiError::field(
+                format!("scopes[{i}]"),
+                format!("{s:?} is not among the account's permissions or the caller's scopes"),
+            ));
+        }
+    }
+    Ok(Some(requested))
+}
+
+/// `expires_at` or `ttl` (not both) → the expiry and the lifetime that `renew` reuses.
+fn expiry(
+    expires_at: Option<DateTime<Utc>>,
+    ttl: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<(Option<DateTime<Utc>>, Option<u64>), ApiError> {
+    match (expires_at, ttl) {
+        (None, None) => Ok((None, None)),
+        (Some(_), Some(_)) => Err(ApiError::field("ttl", "give expires_at or ttl, not both")),
+        (Some(at), None) => {
+            let secs = (at - now).num_seconds();
+            if secs <= 0 {
+                return Err(ApiError::field("expires_at", "must be in the future"));
+            }
+            Ok((Some(at), u64::try_from(secs).ok()))
+        }
+        (None, Some(text)) => {
+            let ttl = humantime::parse_duration(text)
+                .map_err(|e| ApiError::field("ttl", format!("{text:?}: {e}")))?;
+            if ttl.as_secs() == 0 {
+                return Err(ApiError::field("ttl", "must be at least one second"));
+            }
+            let at = chrono::Duration::from_std(ttl)
+                .ok()
+                .and_then(|d| now.checked_add_signed(d))
+                .ok_or_else(|| ApiError::field("ttl", "is too long"))?;
+            Ok((Some(at), Some(ttl.as_secs())))
+        }
+    }
+}
+
+/// Refuses to remove the last usable secret key of an account that authenticates by API key.
+async fn ensure_not_last(
+    store: &dyn Store,
+    account: &AccountRecord,
+    key: &KeyRecord,
+) -> Result<(), ApiError> {
+    let now = Utc::now();
+    let usable_secret = |k: &KeyRecord| {
+        k.key_type == KeyType::Secret && k.active && k.expires_at.is_none_or(|at| at > now)
+    };
+    if account.auth_method != AuthMethod::ApiKey || !usable_secret(key) {
+        return Ok(());
+    }
+    let others = store
+        .list_keys(&account.id)
+        .await?
+        .iter()
+        .filter(|k| k.id != key.id && usable_secret(k))
+        .count();
+    if others == 0 {
+        return Err(ApiError::LastCredential);
+    }
+    Ok(())
+}

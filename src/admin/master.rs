@@ -1,0 +1,83 @@
+//! The operator's master key, settled once at start-up by [`ensure_master_key`]: from the
+//! environment when given (its hash replaces the stored one), else the stored hash, else a fresh
+//! `tgmk_` key whose raw value the caller prints once.
+
+use std::fmt;
+
+use crate::credential::{self, FormatError, KeyHash, Kind};
+use crate::store::{Store, StoreError};
+
+/// The master key in force.
+pub struct MasterKey {
+    /// Its hash, what the admin API compares against.
+    pub hash: KeyHash,
+    /// The raw key, when it was generated just now: print it once; it is not kept anywhere.
+    pub generated: Option<String>,
+}
+
+/// Why the master key could not be settled.
+#[derive(Debug, thiserror::Error)]
+pub enum MasterKeyError {
+    /// The configured variable holds something other than a valid `tgmk_` credential (the value
+    /// itself is never repeated).
+    #[error("the master key variable does not hold a valid tgmk_ credential ({0})")]
+    NotAMasterKey(&'static str),
+    /// The store could not be read or written.
+    #[error("the master key could not be stored: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// Settles the master key; see the module documentation.
+pub async fn ensure_master_key(
+    store: &dyn Store,
+    from_env: Option<&str>,
+) -> Result<MasterKey, MasterKeyError> {
+    if let Some(raw) = from_env {
+        let raw = raw.trim();
+        match credential::parse(raw) {
+            Ok(Kind::Master) => {}
+            Ok(_) => {
+                return Err(MasterKeyError::NotAMasterKey(
+                    "wrong prefix, expected tgmk_",
+                ))
+            }
+            Err(FormatError::UnknownPrefix) => {
+                return Err(MasterKeyError::NotAMasterKey("unknown prefix"))
+            }
+            Err(FormatError::Malformed) => return Err(MasterKeyError::NotAMasterKey("malformed")),
+            Err(FormatError::BadChecksum) => {
+                return Err(MasterKeyError::NotAMasterKey("checksum does not match"))
+            }
+        }
+        let hash = KeyHash::of(raw);
+        store.set_master_key_hash(&hash).await?;
+        return Ok(MasterKey {
+            hash,
+            generated: None,
+        });
+    }
+    if let Some(hash) = store.master_key_hash().await? {
+        return Ok(MasterKey {
+            hash,
+            generated: None,
+        });
+    }
+    let raw = credential::generate(Kind::Master);
+    let hash = KeyHash::of(&raw);
+    store.set_master_key_hash(&hash).await?;
+    Ok(MasterKey {
+        hash,
+        generated: Some(raw),
+    })
+}
+
+// === impl MasterKey ===
+
+impl fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MasterKey")
+            .field("hash", &self.hash)
+            .field("generated", &self.generated.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}

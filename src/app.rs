@@ -1,0 +1,222 @@
+//! Wiring: settings → store, shared state, bound listeners and background tasks → a
+//! [`Running`] gateway that stops gracefully. Tests start a whole gateway with [`start`] on
+//! port 0.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tower::ServiceExt;
+
+use crate::admin::{self, AdminState};
+use crate::auth::cache::KeyCache;
+use crate::config::{Settings, StoreSettings};
+use crate::limits::Limiters;
+use crate::listener::{self, ConnLimits};
+use crate::metering::{flusher, Meter, WallClock};
+use crate::metrics::Metrics;
+use crate::proxy::Proxy;
+use crate::store::embedded::EmbeddedStore;
+use crate::store::SharedStore;
+
+/// How long in-flight requests get to finish after a shutdown signal.
+const DRAIN: Duration = Duration::from_secs(10);
+/// Largest request head accepted.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// How often the cache and registries drop what is no longer needed.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The store could not be opened.
+    #[error("cannot open the store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The master key setup failed.
+    #[error("master key: {0}")]
+    MasterKey(#[from] admin::master::MasterKeyError),
+    /// Metrics could not be registered (a bug).
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// A configured header prefix is not a valid header name.
+    #[error("identity header prefix: {0}")]
+    HeaderPrefix(#[from] http::header::InvalidHeaderName),
+}
+
+/// Start-up inputs that do not come from the config file.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// The raw master key, when the configured variable holds one.
+    pub master_key: Option<String>,
+    /// The wall clock for metering (tests inject one).
+    pub clock: WallClock,
+}
+
+/// A started gateway.
+pub struct Running {
+    /// Where the proxy listens.
+    pub proxy_addr: SocketAddr,
+    /// Where the admin API listens.
+    pub admin_addr: SocketAddr,
+    /// A master key generated at this start (no key was configured or stored); show it once.
+    pub generated_master_key: Option<String>,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+/// Opens the store, binds both listeners and starts serving.
+pub async fn start(settings: Settings, options: StartOptions) -> Result<Running, StartError> {
+    let store: SharedStore = match &settings.store {
+        StoreSettings::Embedded { path } => Arc::new(open_embedded(path).await?),
+    };
+    let metrics = Arc::new(Metrics::new()?);
+    let meter = Arc::new(Meter::new(options.clock));
+    let limiters = Arc::new(Limiters::new());
+    let cache = Arc::new(KeyCache::new(
+        Arc::clone(&store),
+        Arc::clone(&limiters),
+        Arc::clone(&meter),
+        Arc::clone(&metrics),
+        settings.cache,
+        settings.limits.default,
+        settings.limits.on_store_error,
+    ));
+    let master = admin::master::ensure_master_key(&*store, options.master_key.as_deref()).await?;
+    let proxy = Arc::new(Proxy::new(
+        &settings,
+        Arc::clone(&cache),
+        Arc::clone(&meter),
+        Arc::clone(&metrics),
+    )?);
+    let admin_router = admin::router(AdminState::new(
+        Arc::clone(&store),
+        Arc::clone(&cache),
+        Arc::clone(&metrics),
+        Some(master.hash),
+    ));
+
+    let proxy_listener = bind(settings.proxy.listen).await?;
+    let admin_listener = bind(settings.admin.listen).await?;
+    let proxy_addr = local_addr(&proxy_listener, settings.proxy.listen)?;
+    let admin_addr = local_addr(&admin_listener, settings.admin.listen)?;
+    let limits = ConnLimits {
+        header_timeout: settings.proxy.request_header_timeout,
+        max_header_bytes: MAX_HEADER_BYTES,
+        drain: DRAIN,
+    };
+    let (shutdown, signal) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    tasks.spawn(listener::serve(
+        proxy_listener,
+        move |req, peer| {
+            let proxy = Arc::clone(&proxy);
+            async move { proxy.handle(req, peer).await }
+        },
+        limits,
+        Some(metrics.connections_open.clone()),
+        signal.clone(),
+    ));
+    tasks.spawn(listener::serve(
+        admin_listener,
+        move |mut req: http::Request<hyper::body::Incoming>, peer| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            let router = admin_router.clone();
+            async move {
+                match router.oneshot(req).await {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                }
+            }
+        },
+        limits,
+        None,
+        signal.clone(),
+    ));
+    tasks.spawn(flusher::run(
+        Arc::clone(&meter),
+        Arc::clone(&store),
+        Arc::clone(&metrics),
+        settings.metering.flush_interval,
+        signal.clone(),
+        DRAIN,
+    ));
+    tasks.spawn(sweep(cache, meter, limiters, signal));
+    tracing::info!(%proxy_addr, %admin_addr, routes = settings.routes.len(), "tollgate is serving");
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        generated_master_key: master.generated,
+        shutdown,
+        tasks,
+    })
+}
+
+// === impl Running ===
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish (bounded), flushes usage, and returns when
+    /// every task has ended and the store is closed.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        while let Some(result) = self.tasks.join_next().await {
+            if let Err(e) = result {
+                tracing::error!(error = %e, "a task failed during shutdown");
+            }
+        }
+        tracing::info!("tollgate stopped");
+    }
+}
+
+async fn open_embedded(path: &std::path::Path) -> Result<EmbeddedStore, crate::store::StoreError> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || EmbeddedStore::open(&path))
+        .await
+        .map_err(|e| crate::store::StoreError::Unavailable(e.to_string()))?
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, StartError> {
+    listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+async fn sweep(
+    cache: Arc<KeyCache>,
+    meter: Arc<Meter>,
+    limiters: Arc<Limiters>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(SWEEP_EVERY);
+    let mut rounds: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        rounds += 1;
+        cache.sweep();
+        meter.prune_unused();
+        // Hourly; a limiter idle for 25 hours has refilled even its day bucket.
+        if rounds.is_multiple_of(60) {
+            limiters.prune_idle(25);
+        }
+    }
+}

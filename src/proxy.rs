@@ -1,0 +1,286 @@
+//! The proxy listener's request path, as plain functions called in order from [`Proxy::handle`]:
+//!
+//! ```text
+//! route ─► credential ─► cache lookup ─► authorize (state, network, scope, limits)
+//!       ─► forward (headers, streamed bodies, deadline) ─► limit headers ─► record
+//! ```
+//!
+//! Every refusal is a [`Refusal`] turned into a response in one place ([`Proxy::refuse`]).
+//! Requests identified to a key are metered whatever their outcome. Must not touch the store
+//! except through the key cache, and never imports `admin`.
+
+pub mod body;
+pub mod forward;
+pub mod headers;
+pub mod route;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use ipnet::IpNet;
+use tokio::time::Instant;
+
+use crate::auth::cache::{KeyCache, Lookup};
+use crate::auth::{self, extract, CachedKey, RequestFacts};
+use crate::config::{RouteAuth, Settings};
+use crate::credential::{self, KeyHash, Kind};
+use crate::limits::LimitSnapshot;
+use crate::metering::{Meter, Outcome};
+use crate::metrics::Metrics;
+use crate::policy;
+use crate::refusal::Refusal;
+use body::{RequestBody, ResponseBody, UsageSink};
+use headers::{Forwarding, IdentityNames};
+use route::{Route, RouteTable};
+
+/// What the proxy answers with: the upstream's streamed body, or one of ours.
+pub type ProxyBody = Either<ResponseBody, Full<Bytes>>;
+
+/// Everything the request path reads, built once.
+pub struct Proxy {
+    routes: RouteTable,
+    cache: Arc<KeyCache>,
+    meter: Arc<Meter>,
+    metrics: Arc<Metrics>,
+    upstreams: forward::Upstreams,
+    names: IdentityNames,
+    trusted_proxies: Vec<IpNet>,
+    max_body_bytes: u64,
+}
+
+/// A request identified to a key, for metering whatever happens next.
+struct Identified {
+    key: Arc<CachedKey>,
+    now_ms: i64,
+}
+
+// === impl Proxy ===
+
+impl Proxy {
+    /// Builds the proxy from settings and the shared state.
+    pub fn new(
+        settings: &Settings,
+        cache: Arc<KeyCache>,
+        meter: Arc<Meter>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, http::header::InvalidHeaderName> {
+        Ok(Proxy {
+            routes: RouteTable::new(&settings.routes, &metrics),
+            cache,
+            meter,
+            metrics,
+            upstreams: forward::Upstreams::new(),
+            names: IdentityNames::new(&settings.identity.header_prefix)?,
+            trusted_proxies: settings.proxy.trusted_proxies.clone(),
+            max_body_bytes: settings.proxy.max_body_bytes,
+        })
+    }
+
+    /// Serves one request from a client at `peer`.
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let host_value = req.headers().get(header::HOST).cloned().or_else(|| {
+            req.uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        let host = route::request_host(host_value.as_ref().and_then(|v| v.to_str().ok()));
+        let Some(route) = self.routes.find(host.as_deref(), req.uri().path()) else {
+            return self.refuse("-", Refusal::NoRoute, None, None);
+        };
+        let response = match route.auth {
+            RouteAuth::Public => {
+                self.forward(route, req, peer, host_value.as_ref(), None)
+                    .await
+            }
+            RouteAuth::Required => self.keyed(route, req, peer, host_value.as_ref()).await,
+        };
+        self.metrics
+            .request_duration
+            .observe(started.elapsed().as_secs_f64());
+        response
+    }
+
+    async fn keyed(
+        &self,
+        route: &Route,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        host: Option<&HeaderValue>,
+    ) -> Response<ProxyBody> {
+        let Some(presented) = extract::credential(req.headers()) else {
+            return self.refuse(&route.name, Refusal::MissingCredential, None, None);
+        };
+        let key = match self.authenticate(&presented.raw).await {
+            Ok(key) => key,
+            Err(refusal) => return self.refuse(&route.name, refusal, None, None),
+        };
+        let now_ms = self.meter.clock().now_ms();
+        let identified = Identified { key, now_ms };
+        let client_ip = self.client_ip(peer, req.headers());
+        let headers = req.headers();
+        let facts = RequestFacts {
+            method: req.method(),
+            client_ip,
+            origin: headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()),
+            referer: headers.get(header::REFERER).and_then(|v| v.to_str().ok()),
+            scopes: &route.scopes,
+            now_ms,
+        };
+        let permit = match auth::authorize(&identified.key, &facts) {
+            Ok(permit) => permit,
+            Err((refusal, limits)) => {
+                return self.refuse(&route.name, refusal, Some(&identified), limits.as_ref());
+            }
+        };
+        let mut response = self
+            .forward(
+                route,
+                req,
+                peer,
+                host,
+                Some((&identified, presented.source)),
+            )
+            .await;
+        headers::add_limit_headers(
+            response.headers_mut(),
+            permit.key.identity.policy.as_ref(),
+            &permit.limits,
+        );
+        response
+    }
+
+    /// Format and checksum first (no lookup for a malformed credential), then the cache.
+    async fn authenticate(&self, raw: &str) -> Result<Arc<CachedKey>, Refusal> {
+        match credential::parse(raw) {
+            Ok(Kind::Secret | Kind::Publishable) => {}
+            Ok(Kind::ClientSecret | Kind::AccessToken | Kind::Master) | Err(_) => {
+                return Err(Refusal::InvalidCredential)
+            }
+        }
+        match self.cache.get(&KeyHash::of(raw)).await {
+            Lookup::Found(key) => Ok(key),
+            Lookup::NotFound => Err(Refusal::InvalidCredential),
+            Lookup::Unavailable => Err(Refusal::StoreUnavailable),
+        }
+    }
+
+    fn client_ip(&self, peer: SocketAddr, headers: &http::HeaderMap) -> std::net::IpAddr {
+        let xff = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .collect::<Vec<_>>();
+        policy::client_ip(peer.ip(), xff.into_iter(), &self.trusted_proxies)
+    }
+
+    async fn forward(
+        &self,
+        route: &Route,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        host: Option<&HeaderValue>,
+        key: Option<(&Identified, extract::Source)>,
+    ) -> Response<ProxyBody> {
+        let identified = key.map(|(i, _)| i);
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.max_body_bytes) {
+            return self.refuse(&route.name, Refusal::BodyTooLarge, identified, None);
+        }
+        let (parts, body) = req.into_parts();
+        let Ok(uri) = forward::upstream_uri(route, parts.uri.path_and_query()) else {
+            return self.refuse(&route.name, Refusal::NoRoute, identified, None);
+        };
+        let peer_trusted = policy::ip_in(&self.trusted_proxies, peer.ip());
+        let fwd = Forwarding {
+            peer: policy::canonical(peer.ip()),
+            peer_trusted,
+            host,
+            credential: key.map(|(_, source)| source),
+        };
+        let upstream_headers = headers::upstream_request_headers(
+            parts.headers,
+            &self.names,
+            &fwd,
+            identified.map(|i| &i.key.identity),
+        );
+        let sink = |i: &Identified| UsageSink {
+            cell: Arc::clone(&i.key.usage),
+            clock: self.meter.clock().clone(),
+        };
+        let mut upstream_req = Request::new(RequestBody::new(
+            body,
+            self.max_body_bytes,
+            identified.map(sink),
+        ));
+        *upstream_req.method_mut() = parts.method;
+        *upstream_req.uri_mut() = uri;
+        *upstream_req.headers_mut() = upstream_headers;
+        let sent = Instant::now();
+        match self.upstreams.send(route, upstream_req).await {
+            Ok(response) => {
+                self.metrics
+                    .upstream_duration
+                    .observe(sent.elapsed().as_secs_f64());
+                let status = response.status().as_u16();
+                route.counters.inc(status);
+                if let Some(i) = identified {
+                    i.key.usage.record(i.now_ms, Outcome { status });
+                }
+                let (mut parts, body) = response.into_parts();
+                headers::clean_response_headers(&mut parts.headers);
+                Response::from_parts(
+                    parts,
+                    Either::Left(ResponseBody::new(body, identified.map(sink))),
+                )
+            }
+            Err(refusal) => self.refuse(&route.name, refusal, identified, None),
+        }
+    }
+
+    /// The one place a refusal becomes a response: counted, metered when a key was identified,
+    /// and given limit headers when it is a 429.
+    fn refuse(
+        &self,
+        route: &str,
+        refusal: Refusal,
+        identified: Option<&Identified>,
+        limits: Option<&LimitSnapshot>,
+    ) -> Response<ProxyBody> {
+        let (status, code) = refusal.status_and_code();
+        self.metrics.refused(route, code, status.as_u16());
+        if let Refusal::RateLimited { window, .. } = refusal {
+            self.metrics
+                .rate_limited_total
+                .with_label_values(&[window.name()])
+                .inc();
+        }
+        if let Some(i) = identified {
+            i.key.usage.record(
+                i.now_ms,
+                Outcome {
+                    status: status.as_u16(),
+                },
+            );
+        }
+        let mut response = refusal.to_response().map(Either::Right);
+        if let (Some(limits), Some(i)) = (limits, identified) {
+            headers::add_limit_headers(
+                response.headers_mut(),
+                i.key.identity.policy.as_ref(),
+                limits,
+            );
+        }
+        response
+    }
+}

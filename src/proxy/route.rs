@@ -1,0 +1,197 @@
+//! The route table: built once from config, matched per request by host, then longest path
+//! prefix. Pure apart from the round-robin counter.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::config::{RouteAuth, RouteScopes, RouteSettings, Upstream};
+use crate::metrics::{Metrics, RouteCounters};
+
+/// One configured route, ready to serve.
+pub struct Route {
+    /// Name (metrics label).
+    pub name: String,
+    host: Option<String>,
+    prefix: String,
+    upstreams: Vec<Upstream>,
+    next: AtomicUsize,
+    /// Whether a key is needed.
+    pub auth: RouteAuth,
+    /// Scopes needed by method class.
+    pub scopes: RouteScopes,
+    /// Remove the prefix before forwarding.
+    pub strip_prefix: bool,
+    /// Upstream answer deadline.
+    pub timeout: Duration,
+    /// `requests_total{outcome="forwarded"}` handles.
+    pub counters: RouteCounters,
+}
+
+/// All routes, most specific first.
+pub struct RouteTable {
+    routes: Vec<Route>,
+}
+
+// === impl RouteTable ===
+
+impl RouteTable {
+    /// Builds the table; routes with a host come before routes without, longer prefixes before
+    /// shorter ones, so the first match is the best.
+    pub fn new(settings: &[RouteSettings], metrics: &Metrics) -> Self {
+        let mut routes: Vec<Route> = settings
+            .iter()
+            .map(|r| Route {
+                name: r.name.clone(),
+                host: r.host.clone(),
+                prefix: r.path_prefix.clone(),
+                upstreams: r.upstreams.clone(),
+                next: AtomicUsize::new(0),
+                auth: r.auth,
+                scopes: r.scopes.clone(),
+                strip_prefix: r.strip_prefix,
+                timeout: r.timeout,
+                counters: metrics.route_counters(&r.name),
+            })
+            .collect();
+        routes.sort_by(|a, b| {
+            b.host
+                .is_some()
+                .cmp(&a.host.is_some())
+                .then(b.prefix.len().cmp(&a.prefix.len()))
+        });
+        RouteTable { routes }
+    }
+
+    /// The best route for a host (lowercase, without port) and path.
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| {
+            r.host.as_deref().is_none_or(|h| Some(h) == host) && prefix_matches(&r.prefix, path)
+        })
+    }
+}
+
+// === impl Route ===
+
+impl Route {
+    /// The next upstream, round robin.
+    pub fn upstream(&self) -> &Upstream {
+        let n = self.upstreams.len();
+        if n == 1 {
+            return &self.upstreams[0];
+        }
+        &self.upstreams[self.next.fetch_add(1, Ordering::Relaxed) % n]
+    }
+
+    /// The path to send upstream: the prefix removed when `strip_prefix` is set.
+    pub fn upstream_path<'a>(&self, path: &'a str) -> &'a str {
+        if !self.strip_prefix {
+            return path;
+        }
+        let rest = path
+            .get(self.prefix.trim_end_matches('/').len()..)
+            .unwrap_or("");
+        if rest.is_empty() {
+            "/"
+        } else {
+            rest
+        }
+    }
+}
+
+/// `/api` matches `/api`, `/api/` and `/api/x` but not `/apix`; a prefix ending in `/` matches
+/// anything below it.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    if prefix.ends_with('/') {
+        return path.starts_with(prefix) || path == prefix.trim_end_matches('/');
+    }
+    path.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// The host of a request without port, lowercase; `None` when absent.
+pub fn request_host(authority: Option<&str>) -> Option<String> {
+    let raw = authority?;
+    let host = if raw.starts_with('[') {
+        raw.split_once(']')
+            .map_or(raw, |(h, _)| h)
+            .trim_start_matches('[')
+    } else {
+        raw.rsplit_once(':').map_or(raw, |(h, _)| h)
+    };
+    Some(host.to_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RouteSettings;
+
+    fn route(name: &str, host: Option<&str>, prefix: &str) -> RouteSettings {
+        RouteSettings {
+            name: name.to_owned(),
+            path_prefix: prefix.to_owned(),
+            host: host.map(str::to_owned),
+            upstreams: vec![Upstream {
+                scheme: http::uri::Scheme::HTTP,
+                authority: "127.0.0.1:1".parse().unwrap(),
+                base_path: String::new(),
+            }],
+            auth: RouteAuth::Required,
+            scopes: RouteScopes::default(),
+            strip_prefix: true,
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn longest_prefix_wins_on_segment_boundaries() {
+        let metrics = Metrics::new().unwrap();
+        let t = RouteTable::new(
+            &[
+                route("root", None, "/"),
+                route("api", None, "/api"),
+                route("v2", None, "/api/v2"),
+            ],
+            &metrics,
+        );
+        assert_eq!(t.find(None, "/api/v2/x").unwrap().name, "v2");
+        assert_eq!(t.find(None, "/api/v1").unwrap().name, "api");
+        assert_eq!(t.find(None, "/api").unwrap().name, "api");
+        assert_eq!(t.find(None, "/apix").unwrap().name, "root");
+        assert_eq!(t.find(None, "/").unwrap().name, "root");
+    }
+
+    #[test]
+    fn host_routes_come_first_and_no_match_is_none() {
+        let metrics = Metrics::new().unwrap();
+        let t = RouteTable::new(
+            &[
+                route("any", None, "/api"),
+                route("a", Some("a.example.com"), "/"),
+            ],
+            &metrics,
+        );
+        assert_eq!(t.find(Some("a.example.com"), "/api/x").unwrap().name, "a");
+        assert_eq!(t.find(Some("b.example.com"), "/api/x").unwrap().name, "any");
+        assert!(t.find(Some("b.example.com"), "/other").is_none());
+    }
+
+    #[test]
+    fn strip_prefix_keeps_a_leading_slash() {
+        let metrics = Metrics::new().unwrap();
+        let t = RouteTable::new(&[route("api", None, "/api")], &metrics);
+        let r = t.find(None, "/api/x").unwrap();
+        assert_eq!(r.upstream_path("/api/x"), "/x");
+        assert_eq!(r.upstream_path("/api"), "/");
+    }
+
+    #[test]
+    fn hosts_lose_their_port_and_case() {
+        assert_eq!(
+            request_host(Some("API.example.com:8080")).as_deref(),
+            Some("api.example.com")
+        );
+        assert_eq!(request_host(Some("[::1]:80")).as_deref(), Some("::1"));
+        assert_eq!(request_host(None), None);
+    }
+}
