@@ -16,7 +16,8 @@
 //! | `DELETE …/keys/{key_id}` | both | `{"deleted":true}` |
 //!
 //! `…` is `/v1/accounts/{account_id}` for the operator (master key) and `/v1/account` for an
-//! account's own secret key (see [`auth`] for the scopes it needs). Errors are
+//! account's own secret key, whose scopes must be null or hold `account:read` (GET) or
+//! `account:write` (everything else). Errors are
 //! `{"error":{"code","message"}}` ([`error::ApiError`]); unknown paths are 404 `not_found`, and
 //! bodies over 64 KiB are 413 `body_too_large`. Every change writes an audit entry.
 //!

@@ -6,8 +6,8 @@
 //! After every change the key's cache entry is dropped, so the proxy enforces the change on the
 //! very next request. Rules checked here: the plan's `max_keys`, the account's `permissions`
 //! (a key asking for full access on an account with `permissions` gets exactly those), the last
-//! usable secret key of an `api_key` account, and `protected` keys (neither deactivated nor
-//! deleted).
+//! usable secret key of an `api_key` account, and `protected` keys (not deactivated; deleting
+//! one is an explicit, permanent act the contract allows).
 
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
@@ -223,9 +223,6 @@ pub(crate) async fn delete(
     let key = {
         let _writes = state.writes.lock().await;
         let key = fetch(&*state.store, &access.account.id, &key_id).await?;
-        if key.protected {
-            return Err(ApiError::ProtectedKey);
-        }
         ensure_not_last(&*state.store, &access.account, &key).await?;
         state
             .store
@@ -412,8 +409,12 @@ fn expiry(
             Ok((Some(at), u64::try_from(secs).ok()))
         }
         (None, Some(text)) => {
-            let ttl = humantime::parse_duration(text)
-                .map_err(|e| ApiError::field("ttl", format!("{text:?}: {e}")))?;
+            let ttl = humantime::parse_duration(text).map_err(|e| {
+                ApiError::field(
+                    "ttl",
+                    format!("{text:?} is not a duration like \"30d\" ({e})"),
+                )
+            })?;
             if ttl.as_secs() == 0 {
                 return Err(ApiError::field("ttl", "must be at least one second"));
             }

@@ -1,0 +1,280 @@
+//! The key cache against the real embedded store: one store read for concurrent misses,
+//! negative entries with their own ttl, the bound on entries, and invalidation.
+//!
+//! `CountingStore` delegates every call to a real `EmbeddedStore` and counts `lookup_key`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use tollgate::auth::cache::{KeyCache, Lookup};
+use tollgate::config::{CacheSettings, OnStoreError};
+use tollgate::credential::{self, KeyHash, Kind};
+use tollgate::limits::Limiters;
+use tollgate::metering::{Meter, WallClock};
+use tollgate::metrics::Metrics;
+use tollgate::store::embedded::EmbeddedStore;
+use tollgate::store::*;
+
+struct CountingStore {
+    inner: EmbeddedStore,
+    lookups: AtomicUsize,
+}
+
+#[async_trait]
+impl Store for CountingStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+    async fn lookup_key(&self, hash: &KeyHash) -> Result<Option<KeyLookup>, StoreError> {
+        self.lookups.fetch_add(1, Ordering::SeqCst);
+        self.inner.lookup_key(hash).await
+    }
+    async fn create_account(&self, a: &AccountRecord) -> Result<(), StoreError> {
+        self.inner.create_account(a).await
+    }
+    async fn get_account(&self, id: &str) -> Result<Option<AccountRecord>, StoreError> {
+        self.inner.get_account(id).await
+    }
+    async fn list_accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
+        self.inner.list_accounts().await
+    }
+    async fn update_account(&self, a: &AccountRecord) -> Result<(), StoreError> {
+        self.inner.update_account(a).await
+    }
+    async fn delete_account(&self, id: &str) -> Result<Vec<KeyRecord>, StoreError> {
+        self.inner.delete_account(id).await
+    }
+    async fn create_key(&self, k: &KeyRecord) -> Result<(), StoreError> {
+        self.inner.create_key(k).await
+    }
+    async fn get_key(&self, a: &str, k: &str) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.get_key(a, k).await
+    }
+    async fn list_keys(&self, a: &str) -> Result<Vec<KeyRecord>, StoreError> {
+        self.inner.list_keys(a).await
+    }
+    async fn update_key(&self, k: &KeyRecord) -> Result<(), StoreError> {
+        self.inner.update_key(k).await
+    }
+    async fn delete_key(&self, a: &str, k: &str) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.delete_key(a, k).await
+    }
+    async fn create_site(&self, s: &SiteRecord) -> Result<(), StoreError> {
+        self.inner.create_site(s).await
+    }
+    async fn list_sites(&self, a: &str) -> Result<Vec<SiteRecord>, StoreError> {
+        self.inner.list_sites(a).await
+    }
+    async fn delete_site(&self, a: &str, s: &str) -> Result<bool, StoreError> {
+        self.inner.delete_site(a, s).await
+    }
+    async fn append_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
+        self.inner.append_audit(e).await
+    }
+    async fn list_audit(&self, a: Option<&str>, q: &AuditQuery) -> Result<AuditPage, StoreError> {
+        self.inner.list_audit(a, q).await
+    }
+    async fn add_usage(&self, b: &[UsageDelta]) -> Result<(), StoreError> {
+        self.inner.add_usage(b).await
+    }
+    async fn usage_minutes(
+        &self,
+        k: &str,
+        f: i64,
+        t: i64,
+    ) -> Result<Vec<(i64, UsageCounts)>, StoreError> {
+        self.inner.usage_minutes(k, f, t).await
+    }
+    async fn master_key_hash(&self) -> Result<Option<KeyHash>, StoreError> {
+        self.inner.master_key_hash().await
+    }
+    async fn set_master_key_hash(&self, h: &KeyHash) -> Result<(), StoreError> {
+        self.inner.set_master_key_hash(h).await
+    }
+}
+
+struct Fixture {
+    store: Arc<CountingStore>,
+    cache: Arc<KeyCache>,
+    account: AccountRecord,
+    _dir: tempfile::TempDir,
+}
+
+fn fixture(settings: CacheSettings) -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let inner = EmbeddedStore::open(&dir.path().join("t.db")).expect("store");
+    let store = Arc::new(CountingStore {
+        inner,
+        lookups: AtomicUsize::new(0),
+    });
+    let shared: SharedStore = store.clone();
+    let cache = Arc::new(KeyCache::new(
+        shared,
+        Arc::new(Limiters::new()),
+        Arc::new(Meter::new(WallClock::System)),
+        Arc::new(Metrics::new().expect("metrics")),
+        settings,
+        RateLimitSpec {
+            per_minute: Some(60),
+            per_hour: Some(1000),
+            per_day: Some(10_000),
+        },
+        OnStoreError::FailOpen,
+    ));
+    let now = Utc::now();
+    let account = AccountRecord {
+        id: credential::new_id("acc"),
+        name: "a".into(),
+        auth_method: AuthMethod::ApiKey,
+        rate_limit: None,
+        network_policy: NetworkPolicy::default(),
+        permissions: None,
+        plan: Plan::default(),
+        active: true,
+        shared_rate_limit: None,
+        created_at: now,
+        updated_at: now,
+    };
+    Fixture {
+        store,
+        cache,
+        account,
+        _dir: dir,
+    }
+}
+
+fn settings() -> CacheSettings {
+    CacheSettings {
+        ttl: Duration::from_secs(30),
+        negative_ttl: Duration::from_secs(5),
+        max_entries: 1000,
+    }
+}
+
+fn key_record(account_id: &str, raw: &str) -> KeyRecord {
+    let now = Utc::now();
+    KeyRecord {
+        id: credential::new_id("key"),
+        account_id: account_id.to_owned(),
+        name: credential::new_id("name"),
+        key_type: KeyType::Secret,
+        hash: KeyHash::of(raw),
+        prefix: credential::display_prefix(raw),
+        preview: credential::preview(raw),
+        scopes: None,
+        allowed_origins: vec![],
+        allowed_ips: vec![],
+        rate_limit: None,
+        expires_at: None,
+        lifetime_secs: None,
+        active: true,
+        protected: false,
+        metadata: serde_json::json!({}),
+        remaining: None,
+        external_id: None,
+        imported: false,
+        created_at: now,
+        updated_at: now,
+    }
+}
+
+async fn with_key(f: &Fixture) -> KeyRecord {
+    f.store.create_account(&f.account).await.ok();
+    let key = key_record(&f.account.id, &credential::generate(Kind::Secret));
+    f.store.create_key(&key).await.expect("create key");
+    key
+}
+
+fn lookups(f: &Fixture) -> usize {
+    f.store.lookups.load(Ordering::SeqCst)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_for_one_credential_read_the_store_once() {
+    let f = fixture(settings());
+    let key = with_key(&f).await;
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let cache = Arc::clone(&f.cache);
+        let hash = key.hash;
+        tasks.push(tokio::spawn(async move {
+            matches!(cache.get(&hash).await, Lookup::Found(_))
+        }));
+    }
+    for t in tasks {
+        assert!(t.await.expect("task"));
+    }
+    assert_eq!(lookups(&f), 1);
+    assert!(matches!(f.cache.get(&key.hash).await, Lookup::Found(_)));
+    assert_eq!(lookups(&f), 1, "a hit does no store read");
+}
+
+#[tokio::test(start_paused = true)]
+async fn unknown_credentials_are_remembered_for_the_negative_ttl() {
+    let f = fixture(settings());
+    f.store.create_account(&f.account).await.expect("account");
+    let raw = credential::generate(Kind::Secret);
+    let hash = KeyHash::of(&raw);
+    assert!(matches!(f.cache.get(&hash).await, Lookup::NotFound));
+    assert!(matches!(f.cache.get(&hash).await, Lookup::NotFound));
+    assert_eq!(lookups(&f), 1);
+    // Created behind the cache's back (no invalidation): still unknown until negative_ttl.
+    f.store
+        .create_key(&key_record(&f.account.id, &raw))
+        .await
+        .expect("key");
+    assert!(matches!(f.cache.get(&hash).await, Lookup::NotFound));
+    tokio::time::advance(Duration::from_secs(6)).await;
+    assert!(matches!(f.cache.get(&hash).await, Lookup::Found(_)));
+    assert_eq!(lookups(&f), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cached_key_is_reread_after_its_ttl() {
+    let f = fixture(settings());
+    let mut key = with_key(&f).await;
+    assert!(matches!(f.cache.get(&key.hash).await, Lookup::Found(k) if k.key_active));
+    key.active = false;
+    f.store.update_key(&key).await.expect("update");
+    assert!(
+        matches!(f.cache.get(&key.hash).await, Lookup::Found(k) if k.key_active),
+        "ttl not over"
+    );
+    tokio::time::advance(Duration::from_secs(31)).await;
+    assert!(matches!(f.cache.get(&key.hash).await, Lookup::Found(k) if !k.key_active));
+}
+
+#[tokio::test]
+async fn invalidation_takes_effect_on_the_next_lookup() {
+    let f = fixture(settings());
+    let mut key = with_key(&f).await;
+    assert!(matches!(f.cache.get(&key.hash).await, Lookup::Found(k) if k.key_active));
+    key.active = false;
+    f.store.update_key(&key).await.expect("update");
+    f.cache.invalidate(&key.hash);
+    assert!(matches!(f.cache.get(&key.hash).await, Lookup::Found(k) if !k.key_active));
+    f.store
+        .delete_key(&f.account.id, &key.id)
+        .await
+        .expect("delete");
+    f.cache.invalidate_account(&f.account.id);
+    assert!(matches!(f.cache.get(&key.hash).await, Lookup::NotFound));
+}
+
+#[tokio::test]
+async fn the_cache_holds_at_most_max_entries() {
+    let f = fixture(CacheSettings {
+        max_entries: 10,
+        ..settings()
+    });
+    f.store.create_account(&f.account).await.expect("account");
+    for _ in 0..50 {
+        let key = key_record(&f.account.id, &credential::generate(Kind::Secret));
+        f.store.create_key(&key).await.expect("key");
+        assert!(matches!(f.cache.get(&key.hash).await, Lookup::Found(_)));
+        assert!(f.cache.len() <= 10, "cache grew to {}", f.cache.len());
+    }
+}
