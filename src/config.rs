@@ -142,18 +142,48 @@ impl Validator {
         });
     }
 
-    /// Deserializes one section; a type error or unknown field becomes a problem.
+    /// Deserializes one section; a missing section is its defaults, a type error becomes a
+    /// problem naming the field (`proxy.max_body_bytes`).
     fn section<T: serde::de::DeserializeOwned + Default>(
         &mut self,
         cfg: &config::Config,
         name: &str,
     ) -> T {
-        match cfg.get::<Option<T>>(name) {
-            Ok(v) => v.unwrap_or_default(),
+        let value = match cfg.get::<config::Value>(name) {
+            Ok(v) => v,
+            Err(config::ConfigError::NotFound(_)) => return T::default(),
             Err(e) => {
                 self.problem(name, e.to_string());
-                T::default()
+                return T::default();
             }
+        };
+        // A type error is reported, the offending field removed, and the section read again, so
+        // that one bad field does not hide the problems of its neighbours.
+        let mut value = value;
+        for _ in 0..64 {
+            match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+                Ok(v) => return v,
+                Err(e) => {
+                    let path = e.path().to_string();
+                    let field = match path.as_str() {
+                        "" | "." => name.to_owned(),
+                        p if p.starts_with('[') => format!("{name}{p}"),
+                        p => format!("{name}.{p}"),
+                    };
+                    self.problem(&field, e.inner().to_string());
+                    if !remove_at(&mut value, e.path()) {
+                        break;
+                    }
+                }
+            }
+        }
+        T::default()
+    }
+
+    /// Reports every field of `unknown` as `path.field`.
+    fn unknown(&mut self, path: &str, unknown: &Unknown) {
+        for field in unknown.keys() {
+            self.problem(&format!("{path}.{field}"), "unknown field");
         }
     }
 
@@ -165,13 +195,7 @@ impl Validator {
         let limits: RawLimits = self.section(cfg, "limits");
         let metering: RawMetering = self.section(cfg, "metering");
         let identity: RawIdentity = self.section(cfg, "identity");
-        let routes: Option<Vec<RawRoute>> = match cfg.get::<Option<Vec<RawRoute>>>("routes") {
-            Ok(r) => r,
-            Err(e) => {
-                self.problem("routes", e.to_string());
-                None
-            }
-        };
+        let routes: Vec<RawRoute> = self.section(cfg, "routes");
         let proxy = self.proxy(proxy);
         let admin = self.admin(admin);
         let store = self.store(store);
@@ -179,7 +203,7 @@ impl Validator {
         let limits = self.limits(limits);
         let metering = self.metering(metering);
         let identity = self.identity(identity);
-        let routes = self.routes(routes.unwrap_or_default());
+        let routes = self.routes(routes);
         Some(Settings {
             proxy: proxy?,
             admin: admin?,
@@ -239,7 +263,9 @@ impl Validator {
     }
 
     fn proxy(&mut self, raw: RawProxy) -> Option<ProxySettings> {
+        self.unknown("proxy", &raw.unknown);
         if let Some(tls) = raw.tls {
+            self.unknown("proxy.tls", &tls.unknown);
             self.problem(
                 "proxy.tls",
                 format!(
@@ -269,6 +295,7 @@ impl Validator {
     }
 
     fn admin(&mut self, raw: RawAdmin) -> Option<AdminSettings> {
+        self.unknown("admin", &raw.unknown);
         let listen = self.addr("admin.listen", raw.listen, "127.0.0.1:9090");
         let master_key_env = raw
             .master_key_env
@@ -283,6 +310,7 @@ impl Validator {
     }
 
     fn store(&mut self, raw: RawStore) -> Option<StoreSettings> {
+        self.unknown("store", &raw.unknown);
         match raw.backend.as_deref().unwrap_or("embedded") {
             "embedded" => {
                 if raw.redis_url.is_some() {
@@ -315,6 +343,7 @@ impl Validator {
     }
 
     fn cache(&mut self, raw: RawCache) -> CacheSettings {
+        self.unknown("cache", &raw.unknown);
         let ttl = self.duration("cache.ttl", raw.ttl, "30s");
         let negative_ttl = self.duration("cache.negative_ttl", raw.negative_ttl, "5s");
         let max_entries = raw.max_entries.unwrap_or(1_000_000);
@@ -329,6 +358,7 @@ impl Validator {
     }
 
     fn limits(&mut self, raw: RawLimits) -> Option<LimitSettings> {
+        self.unknown("limits", &raw.unknown);
         let mode = match raw.mode.as_deref().unwrap_or("local") {
             "local" => Some(LimitMode::Local),
             "global" => {
@@ -358,6 +388,7 @@ impl Validator {
             }
         };
         let d = raw.default.unwrap_or_default();
+        self.unknown("limits.default", &d.unknown);
         let default = RateLimitSpec {
             per_minute: Some(d.per_minute.unwrap_or(60)),
             per_hour: Some(d.per_hour.unwrap_or(1000)),
@@ -380,8 +411,10 @@ impl Validator {
     }
 
     fn metering(&mut self, raw: RawMetering) -> MeteringSettings {
+        self.unknown("metering", &raw.unknown);
         let flush_interval = self.duration("metering.flush_interval", raw.flush_interval, "1s");
         let r = raw.retention.unwrap_or_default();
+        self.unknown("metering.retention", &r.unknown);
         MeteringSettings {
             flush_interval,
             retention_minute: self.duration("metering.retention.minute", r.minute, "48h"),
@@ -391,6 +424,7 @@ impl Validator {
     }
 
     fn identity(&mut self, raw: RawIdentity) -> Option<IdentitySettings> {
+        self.unknown("identity", &raw.unknown);
         if raw.signing_secret_env.is_some() {
             self.problem(
                 "identity.signing_secret_env",
@@ -417,6 +451,7 @@ impl Validator {
         let mut out = Vec::with_capacity(raw.len());
         for (i, r) in raw.into_iter().enumerate() {
             let at = |f: &str| format!("routes[{i}].{f}");
+            self.unknown(&format!("routes[{i}]"), &r.unknown);
             let name = r.name.unwrap_or_default();
             if name.is_empty() {
                 self.problem(&at("name"), "is required");
@@ -486,6 +521,33 @@ impl Validator {
             });
         }
         out
+    }
+}
+
+/// Removes the field a deserialization error points at; `false` when the path leads nowhere.
+fn remove_at(value: &mut config::Value, path: &serde_path_to_error::Path) -> bool {
+    use serde_path_to_error::Segment;
+    let segments: Vec<&Segment> = path.iter().collect();
+    let Some((last, parents)) = segments.split_last() else {
+        return false;
+    };
+    let mut cur = value;
+    for seg in parents {
+        cur = match (seg, &mut cur.kind) {
+            (Segment::Map { key }, config::ValueKind::Table(t)) => match t.get_mut(key) {
+                Some(v) => v,
+                None => return false,
+            },
+            (Segment::Seq { index }, config::ValueKind::Array(a)) => match a.get_mut(*index) {
+                Some(v) => v,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    match (last, &mut cur.kind) {
+        (Segment::Map { key }, config::ValueKind::Table(t)) => t.remove(key).is_some(),
+        _ => false,
     }
 }
 

@@ -1,0 +1,1024 @@
+//! The proxy listener against the contract (sections 3 and 4): every refusal of the error table
+//! that the gateway can produce today, the three credential forms, the headers sent upstream and
+//! back, streamed bodies, key changes taking effect at once, restart, metrics and graceful
+//! shutdown. Every test starts its own upstream and gateway on port 0.
+//!
+//! Not covered yet, for lack of an endpoint: an inactive *account* (there is no way to
+//! deactivate one through the admin API) and usage in the store (there is no usage endpoint;
+//! `forwarded_requests_are_counted_in_metrics` checks the counters on `/metrics` instead).
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tollgate::credential::{self, FormatError, Kind};
+
+use common::gateway::Gateway;
+use common::upstream::{pattern_byte, Upstream};
+use common::{client, eventually, expect_echo, expect_refusal, header};
+
+/// Bound for every `eventually` in this file.
+const WAIT: Duration = Duration::from_secs(5);
+
+const ORIGIN: &str = "https://app.example.com";
+
+/// The key's identity headers and everything else the upstream saw, by lowercase name.
+fn seen_headers(echo: &Value) -> &serde_json::Map<String, Value> {
+    echo["headers"].as_object().expect("headers in the echo")
+}
+
+/// A valid-looking credential with its last checksum character changed.
+fn with_bad_checksum(raw: &str) -> String {
+    let mut bad = raw.to_owned();
+    let last = bad.pop().expect("non-empty key");
+    bad.push(if last == '0' { '1' } else { '0' });
+    assert_eq!(credential::parse(&bad), Err(FormatError::BadChecksum));
+    bad
+}
+
+async fn cache_misses(gw: &Gateway) -> f64 {
+    gw.metric("tollgate_key_cache_misses_total", &[]).await
+}
+
+// === refusals: 401 ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_without_credential_is_401_missing_credential() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let response = client().get(gw.proxy_url("/things")).send().await.unwrap();
+    expect_refusal(response, StatusCode::UNAUTHORIZED, "missing_credential").await;
+    assert_eq!(upstream.requests_seen(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_checksum_is_401_invalid_credential_without_a_store_lookup() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let (_, key) = gw.account_with_key().await;
+    let bad = with_bad_checksum(&key);
+    let before = cache_misses(&gw).await;
+
+    let response = client()
+        .get(gw.proxy_url("/things"))
+        .bearer_auth(&bad)
+        .send()
+        .await
+        .unwrap();
+
+    expect_refusal(response, StatusCode::UNAUTHORIZED, "invalid_credential").await;
+    assert_eq!(
+        cache_misses(&gw).await,
+        before,
+        "a bad checksum must not reach the cache or store"
+    );
+    assert_eq!(upstream.requests_seen(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_well_formed_key_is_401_invalid_credential_after_one_lookup() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let unknown = credential::generate(Kind::Secret);
+    let before = cache_misses(&gw).await;
+
+    let response = client()
+        .get(gw.proxy_url("/things"))
+        .bearer_auth(&unknown)
+        .send()
+        .await
+        .unwrap();
+
+    expect_refusal(response, StatusCode::UNAUTHORIZED, "invalid_credential").await;
+    assert_eq!(
+        cache_misses(&gw).await,
+        before + 1.0,
+        "a well-formed key is looked up once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_past_its_ttl_is_401_expired_credential() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let account = gw.create_account(json!({ "name": "acme" })).await;
+    let (_, key) = gw
+        .create_key(
+            &account,
+            json!({ "name": "brief", "type": "secret", "ttl": "1s" }),
+        )
+        .await;
+    let client = client();
+    let url = gw.proxy_url("/things");
+
+    let (c, u, k) = (&client, &url, &key);
+    let expired = eventually(WAIT, move || async move {
+        let response = c.get(u).bearer_auth(k).send().await.unwrap();
+        response.status() == StatusCode::UNAUTHORIZED
+    })
+    .await;
+    assert!(expired, "the key still passes {WAIT:?} after a 1s ttl");
+
+    let response = client.get(&url).bearer_auth(&key).send().await.unwrap();
+    expect_refusal(response, StatusCode::UNAUTHORIZED, "expired_credential").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deactivated_key_is_refused_on_next_request_and_activate_restores_it() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let account = gw.create_account(json!({ "name": "acme" })).await;
+    // The last active secret key cannot be deactivated: keep a second one.
+    gw.create_key(&account, json!({ "name": "spare", "type": "secret" }))
+        .await;
+    let (key_id, key) = gw
+        .create_key(&account, json!({ "name": "main", "type": "secret" }))
+        .await;
+    let client = client();
+    let url = gw.proxy_url("/things");
+    let get = || client.get(&url).bearer_auth(&key).send();
+
+    expect_echo(get().await.unwrap()).await;
+
+    let base = format!("/v1/accounts/{account}/keys/{key_id}");
+    let (status, body) = gw
+        .admin(Method::POST, &format!("{base}/deactivate"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "deactivate: {body}");
+    expect_refusal(
+        get().await.unwrap(),
+        StatusCode::UNAUTHORIZED,
+        "inactive_credential",
+    )
+    .await;
+
+    let (status, body) = gw
+        .admin(Method::POST, &format!("{base}/activate"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "activate: {body}");
+    expect_echo(get().await.unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_key_is_401_invalid_credential_on_next_request() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let account = gw.create_account(json!({ "name": "acme" })).await;
+    gw.create_key(&account, json!({ "name": "spare", "type": "secret" }))
+        .await;
+    let (key_id, key) = gw
+        .create_key(&account, json!({ "name": "main", "type": "secret" }))
+        .await;
+    let client = client();
+    let url = gw.proxy_url("/things");
+
+    expect_echo(client.get(&url).bearer_auth(&key).send().await.unwrap()).await;
+    let (status, body) = gw
+        .admin(
+            Method::DELETE,
+            &format!("/v1/accounts/{account}/keys/{key_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "delete: {body}");
+    assert_eq!(body, json!({ "deleted": true }));
+
+    let response = client.get(&url).bearer_auth(&key).send().await.unwrap();
+    expect_refusal(response, StatusCode::UNAUTHORIZED, "invalid_credential").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_key_of_an_oauth_account_is_401_auth_method_not_allowed() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let account = gw
+        .create_account(json!({ "name": "oauth-only", "auth_method": "oauth" }))
+        .await;
+    // The admin API lets an oauth account hold keys; the proxy must still refuse them.
+    let (_, key) = gw
+        .create_key(&account, json!({ "name": "main", "type": "secret" }))
+        .await;
+
+    let response = client()
+        .get(gw.proxy_url("/things"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+
+    expect_refusal(
+        response,
+        StatusCode::UNAUTHORIZED,
+        "auth_method_not_allowed",
+    )
+    .await;
+    assert_eq!(upstream.requests_seen(), 0);
+}
+
+// === refusals: 403 ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_allowed_ips_refuse_other_clients_with_403_ip_not_allowed() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let account = gw.create_account(json!({ "name": "acme" })).await;
+    let (_, elsewhere) = gw
+        .create_key(
+            &account,
+            json!({ "name": "ten", "type": "secret", "allowed_ips": ["10.0.0.0/8"] }),
+        )
+        .await;
+    let (_, local) = gw
+        .create_key(
+            &account,
+            json!({ "name": "local", "type": "secret", "allowed_ips": ["127.0.0.1/32"] }),
+        )
+        .await;
+    let (_, v6) = gw
+        .create_key(
+            &account,
+            json!({ "name": "v6", "type": "secret", "allowed_ips": ["2001:db8::/32"] }),
+        )
+        .await;
+    let client = client();
+    let url = gw.proxy_url("/things");
+
+    let response = client
+        .get(&url)
+        .bearer_auth(&elsewhere)
+        .send()
+        .await
+        .unwrap();
+    expect_refusal(response, StatusCode::FORBIDDEN, "ip_not_allowed").await;
+    let response = client.get(&url).bearer_auth(&v6).send().await.unwrap();
+    expect_refusal(response, StatusCode::FORBIDDEN, "ip_not_allowed").await;
+    expect_echo(client.get(&url).bearer_auth(&local).send().await.unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_client_behind_a_trusted_proxy_is_matched_against_ipv6_cidrs() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::builder(&upstream)
+        .tweak(|s| s.proxy.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()])
+        .start()
+        .await;
+    let account = gw.create_account(json!({ "name": "acme" })).await;
+    let (_, key) = gw
+        .create_key(
+            &account,
+            json!({ "name": "v6", "type": "secret", "allowed_ips": ["2001:db8::/32"] }),
+        )
+        .await;
+    let client = client();
+    let url = gw.proxy_url("/things");
+    let from = |ip: &'static str| {
+        client
+            .get(&url)
+            .bearer_auth(&key)
+            .header("x-forwarded-for", ip)
+            .send()
+    };
+
+    let echo = expect_echo(from("2001:db8::1").await.unwrap()).await;
+    assert_eq!(
+        seen_headers(&echo)["x-forwarded-for"],
+        "2001:db8::1, 127.0.0.1"
+    );
+    expect_refusal(
+        from("2001:db9::1").await.unwrap(),
+        StatusCode::FORBIDDEN,
+        "ip_not_allowed",
+    )
+    .await;
+    let direct = client.get(&url).bearer_auth(&key).send().await.unwrap();
+    expect_refusal(direct, StatusCode::FORBIDDEN, "ip_not_allowed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishable_key_is_limited_to_its_origins_and_to_reads() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let account = gw.create_account(json!({ "name": "acme" })).await;
+    let (_, key) = gw
+        .create_key(
+            &account,
+            json!({ "name": "web", "type": "publishable", "allowed_origins": [ORIGIN] }),
+        )
+        .await;
+    assert!(key.starts_with("tgpk_"), "{key}");
+    let client = client();
+    let url = gw.proxy_url("/things");
+    let get = || client.get(&url).bearer_auth(&key);
+
+    let echo = expect_echo(get().header("origin", ORIGIN).send().await.unwrap()).await;
+    assert_eq!(seen_headers(&echo)["x-tollgate-key-type"], "publishable");
+
+    let other = get()
+        .header("origin", "https://evil.example.com")
+        .send()
+        .await
+        .unwrap();
+    expect_refusal(other, StatusCode::FORBIDDEN, "origin_not_allowed").await;
+
+    let by_referer = get()
+        .header("referer", "https://app.example.com/page")
+        .send()
+        .await
+        .unwrap();
+    expect_echo(by_referer).await;
+
+    let neither = get().send().await.unwrap();
+    expect_refusal(neither, StatusCode::FORBIDDEN, "origin_not_allowed").await;
+
+    let write = client
+        .post(&url)
+        .bearer_auth(&key)
+        .header("origin", ORIGIN)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    expect_refusal(write, StatusCode::FORBIDDEN, "publishable_key_write").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_without_the_write_scope_is_403_scope_denied() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let account = gw.create_account(json!({ "name": "acme" })).await;
+    let (_, reader) = gw
+        .create_key(
+            &account,
+            json!({ "name": "reader", "type": "secret", "scopes": ["orders:read"] }),
+        )
+        .await;
+    let (_, full) = gw
+        .create_key(&account, json!({ "name": "full", "type": "secret" }))
+        .await;
+    let client = client();
+    let url = gw.proxy_url("/orders");
+
+    let echo = expect_echo(client.get(&url).bearer_auth(&reader).send().await.unwrap()).await;
+    assert_eq!(seen_headers(&echo)["x-tollgate-scopes"], "orders:read");
+    let write = client
+        .post(&url)
+        .bearer_auth(&reader)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    expect_refusal(write, StatusCode::FORBIDDEN, "scope_denied").await;
+    // Full access (scopes null) holds every scope.
+    let echo = expect_echo(
+        client
+            .post(&url)
+            .bearer_auth(&full)
+            .body("{}")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(echo["method"], "POST");
+}
+
+// === refusals: 404, 413, 429, 502, 504 ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_outside_every_route_is_404_no_route() {
+    let upstream = Upstream::start().await;
+    let routes = format!(
+        "[[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nupstreams = [\"{}\"]\n",
+        upstream.url()
+    );
+    let gw = Gateway::builder(&upstream).routes(routes).start().await;
+    let client = client();
+
+    let response = client.get(gw.proxy_url("/other")).send().await.unwrap();
+    expect_refusal(response, StatusCode::NOT_FOUND, "no_route").await;
+    let response = client.get(gw.proxy_url("/apix")).send().await.unwrap();
+    expect_refusal(response, StatusCode::NOT_FOUND, "no_route").await;
+    // The route itself exists: it asks for a key.
+    let response = client.get(gw.proxy_url("/api/x")).send().await.unwrap();
+    expect_refusal(response, StatusCode::UNAUTHORIZED, "missing_credential").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_body_over_the_limit_is_413_body_too_large() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::builder(&upstream)
+        .tweak(|s| s.proxy.max_body_bytes = 1024)
+        .start()
+        .await;
+    let (_, key) = gw.account_with_key().await;
+    let client = client();
+
+    let response = client
+        .post(gw.proxy_url("/upload"))
+        .bearer_auth(&key)
+        .body(vec![b'x'; 2048])
+        .send()
+        .await
+        .unwrap();
+    expect_refusal(response, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large").await;
+    assert_eq!(upstream.requests_seen(), 0, "refused before forwarding");
+
+    let at_limit = client
+        .post(gw.proxy_url("/upload"))
+        .bearer_auth(&key)
+        .body(vec![b'x'; 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(expect_echo(at_limit).await["body_bytes"], 1024);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_body_over_the_limit_is_413_body_too_large() {
+    const LIMIT: u64 = 64 * 1024;
+    let upstream = Upstream::start().await;
+    let gw = Gateway::builder(&upstream)
+        .tweak(|s| s.proxy.max_body_bytes = LIMIT)
+        .start()
+        .await;
+    let (_, key) = gw.account_with_key().await;
+    // Five 16 KiB chunks, no Content-Length: the limit trips while streaming.
+    let chunks = futures_util::stream::iter(
+        (0..5).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![b'x'; 16 * 1024]))),
+    );
+
+    let response = client()
+        .post(gw.proxy_url("/upload"))
+        .bearer_auth(&key)
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+
+    expect_refusal(response, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fourth_request_over_a_limit_of_three_per_minute_is_429_rate_limited() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let account = gw.create_account(json!({ "name": "acme" })).await;
+    let (_, key) = gw
+        .create_key(
+            &account,
+            json!({ "name": "tight", "type": "secret", "rate_limit": { "per_minute": 3 } }),
+        )
+        .await;
+    let client = client();
+    let url = gw.proxy_url("/things");
+
+    for n in 1..=3 {
+        let response = client.get(&url).bearer_auth(&key).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "request {n} of 3");
+        assert_eq!(
+            header(&response, "ratelimit-remaining"),
+            Some(&*(3 - n).to_string())
+        );
+    }
+    let response = client.get(&url).bearer_auth(&key).send().await.unwrap();
+    let retry_after: u64 = header(&response, "retry-after")
+        .expect("Retry-After on a 429")
+        .parse()
+        .expect("Retry-After in whole seconds");
+    assert!((1..=20).contains(&retry_after), "Retry-After {retry_after}");
+    let policy = "\"minute\";q=3;w=60, \"hour\";q=1000;w=3600, \"day\";q=10000;w=86400";
+    assert_eq!(header(&response, "ratelimit-policy"), Some(policy));
+    let structured = header(&response, "ratelimit")
+        .expect("RateLimit on a 429")
+        .to_owned();
+    assert!(structured.starts_with("\"minute\";r=0;t="), "{structured}");
+    assert_eq!(header(&response, "ratelimit-limit"), Some("3"));
+    assert_eq!(header(&response, "ratelimit-remaining"), Some("0"));
+    let reset: u64 = header(&response, "ratelimit-reset")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(reset >= 1, "RateLimit-Reset {reset}");
+    assert_eq!(header(&response, "x-ratelimit-limit-minute"), Some("3"));
+    assert_eq!(header(&response, "x-ratelimit-remaining-minute"), Some("0"));
+    assert_eq!(header(&response, "x-ratelimit-limit-hour"), Some("1000"));
+    assert_eq!(header(&response, "x-ratelimit-limit-day"), Some("10000"));
+    let error = expect_refusal(response, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
+    assert_eq!(error["window"], "minute");
+    assert_eq!(upstream.requests_seen(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_that_refuses_connections_is_502_upstream_unavailable() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let (_, key) = gw.account_with_key().await;
+    let response = client()
+        .get(gw.proxy_url("/dead/x"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    expect_refusal(response, StatusCode::BAD_GATEWAY, "upstream_unavailable").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_slower_than_the_route_timeout_is_504_upstream_timeout() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let (_, key) = gw.account_with_key().await;
+    let started = std::time::Instant::now();
+    let response = client()
+        .get(gw.proxy_url("/slow?ms=2000"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    expect_refusal(response, StatusCode::GATEWAY_TIMEOUT, "upstream_timeout").await;
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "answered after {:?}",
+        started.elapsed()
+    );
+}
+
+// === credentials ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_credential_form_passes_and_the_credential_never_reaches_the_upstream() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let (account, key) = gw.account_with_key().await;
+    let client = client();
+    let url = gw.proxy_url("/things?x=1");
+    let forms = [
+        ("bearer", client.get(&url).bearer_auth(&key)),
+        ("x-api-key", client.get(&url).header("x-api-key", &key)),
+        ("basic", client.get(&url).basic_auth(&key, Some(""))),
+    ];
+
+    for (form, request) in forms {
+        let echo = expect_echo(request.send().await.unwrap()).await;
+        assert_eq!(echo["path"], "/things?x=1", "{form}");
+        let headers = seen_headers(&echo);
+        assert_eq!(headers["x-tollgate-account-id"], account.as_str(), "{form}");
+        assert!(
+            !headers.contains_key("authorization"),
+            "{form}: {headers:?}"
+        );
+        assert!(!headers.contains_key("x-api-key"), "{form}: {headers:?}");
+        assert!(
+            headers
+                .values()
+                .all(|v| !v.as_str().unwrap_or("").contains(&key)),
+            "{form}: the credential reached the upstream: {headers:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_beside_x_api_key_belongs_to_the_upstream() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let (_, key) = gw.account_with_key().await;
+
+    let response = client()
+        .get(gw.proxy_url("/things"))
+        .header("x-api-key", &key)
+        .header("authorization", "Bearer upstream-token")
+        .send()
+        .await
+        .unwrap();
+
+    let echo = expect_echo(response).await;
+    let headers = seen_headers(&echo);
+    assert_eq!(headers["authorization"], "Bearer upstream-token");
+    assert!(!headers.contains_key("x-api-key"), "{headers:?}");
+}
+
+// === headers ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spoofed_identity_headers_are_replaced_by_the_real_identity() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let account = gw.create_account(json!({ "name": "acme" })).await;
+    let (key_id, key) = gw
+        .create_key(
+            &account,
+            json!({ "name": "main", "type": "secret", "scopes": ["a:read", "b:write"] }),
+        )
+        .await;
+
+    let response = client()
+        .get(gw.proxy_url("/things"))
+        .bearer_auth(&key)
+        .header("X-Tollgate-Account-Id", "evil")
+        .header("X-Tollgate-Key-Id", "evil")
+        .header("x-tollgate-anything", "x")
+        .send()
+        .await
+        .unwrap();
+
+    let echo = expect_echo(response).await;
+    let headers = seen_headers(&echo);
+    assert_eq!(headers["x-tollgate-account-id"], account.as_str());
+    assert_eq!(headers["x-tollgate-key-id"], key_id.as_str());
+    assert_eq!(headers["x-tollgate-key-type"], "secret");
+    assert_eq!(headers["x-tollgate-scopes"], "a:read b:write");
+    assert!(!headers.contains_key("x-tollgate-anything"), "{headers:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_route_forwards_no_identity_headers_at_all() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+
+    let response = client()
+        .get(gw.proxy_url("/public/page"))
+        .header("X-Tollgate-Account-Id", "evil")
+        .header("x-tollgate-anything", "x")
+        .send()
+        .await
+        .unwrap();
+
+    assert!(
+        header(&response, "ratelimit").is_none(),
+        "no key, no limit headers"
+    );
+    let echo = expect_echo(response).await;
+    assert_eq!(echo["path"], "/public/page");
+    let identity: Vec<&String> = seen_headers(&echo)
+        .keys()
+        .filter(|name| name.starts_with("x-tollgate-"))
+        .collect();
+    assert!(
+        identity.is_empty(),
+        "identity headers on a public route: {identity:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_headers_are_added_and_hop_by_hop_headers_removed() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let (_, key) = gw.account_with_key().await;
+
+    let response = client()
+        .get(gw.proxy_url("/things"))
+        .bearer_auth(&key)
+        .header("connection", "x-custom")
+        .header("x-custom", "hop")
+        .header("keep-alive", "timeout=5")
+        .header("te", "trailers")
+        .header("x-end-to-end", "kept")
+        .send()
+        .await
+        .unwrap();
+
+    let echo = expect_echo(response).await;
+    let headers = seen_headers(&echo);
+    assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(headers["x-forwarded-proto"], "http");
+    assert_eq!(
+        headers["x-forwarded-host"],
+        gw.proxy_addr.to_string().as_str()
+    );
+    assert_eq!(headers["x-end-to-end"], "kept");
+    for hop in ["x-custom", "keep-alive", "te"] {
+        assert!(
+            !headers.contains_key(hop),
+            "{hop} was forwarded: {headers:?}"
+        );
+    }
+    if let Some(connection) = headers.get("connection") {
+        assert!(
+            !connection.as_str().unwrap_or("").contains("x-custom"),
+            "the client's Connection was forwarded: {connection}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passed_response_carries_both_styles_of_limit_headers() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let account = gw.create_account(json!({ "name": "acme" })).await;
+    let (_, key) = gw
+        .create_key(
+            &account,
+            json!({ "name": "main", "type": "secret",
+                    "rate_limit": { "per_minute": 60, "per_hour": 1000, "per_day": 10000 } }),
+        )
+        .await;
+
+    let response = client()
+        .get(gw.proxy_url("/things"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(response.status(), StatusCode::OK);
+    let expected = [
+        (
+            "ratelimit-policy",
+            "\"minute\";q=60;w=60, \"hour\";q=1000;w=3600, \"day\";q=10000;w=86400",
+        ),
+        ("ratelimit", "\"minute\";r=59;t=1"),
+        ("ratelimit-limit", "60"),
+        ("ratelimit-remaining", "59"),
+        ("ratelimit-reset", "1"),
+        ("x-ratelimit-limit-minute", "60"),
+        ("x-ratelimit-limit-hour", "1000"),
+        ("x-ratelimit-limit-day", "10000"),
+        ("x-ratelimit-remaining-minute", "59"),
+        ("x-ratelimit-remaining-hour", "999"),
+        ("x-ratelimit-remaining-day", "9999"),
+    ];
+    for (name, value) in expected {
+        assert_eq!(header(&response, name), Some(value), "{name}");
+    }
+}
+
+// === bodies ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_mib_upload_streams_through_and_back_intact() {
+    const SIZE: usize = 8 * 1024 * 1024;
+    const CHUNK: usize = 64 * 1024;
+    let upstream = Upstream::start().await;
+    let gw = Gateway::builder(&upstream)
+        .tweak(|s| s.proxy.max_body_bytes = 16 * 1024 * 1024)
+        .start()
+        .await;
+    let (_, key) = gw.account_with_key().await;
+    let chunk_at = |start: usize| -> Bytes {
+        (start..start + CHUNK)
+            .map(|i| (i.wrapping_mul(7) % 256) as u8)
+            .collect()
+    };
+    let mut sent = Sha256::new();
+    for start in (0..SIZE).step_by(CHUNK) {
+        sent.update(chunk_at(start));
+    }
+    let upload = futures_util::stream::iter(
+        (0..SIZE)
+            .step_by(CHUNK)
+            .map(move |s| Ok::<_, std::io::Error>(chunk_at(s))),
+    );
+
+    let response = client()
+        .post(gw.proxy_url("/echo-body"))
+        .bearer_auth(&key)
+        .body(reqwest::Body::wrap_stream(upload))
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut received = Sha256::new();
+    let mut length = 0;
+    let mut body = response.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.expect("response body chunk");
+        length += chunk.len();
+        received.update(&chunk);
+    }
+    assert_eq!(length, SIZE);
+    assert_eq!(
+        received.finalize(),
+        sent.finalize(),
+        "the body came back changed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_mib_download_streams_through_intact() {
+    const SIZE: u64 = 32 * 1024 * 1024;
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let (_, key) = gw.account_with_key().await;
+    let mut expected = Sha256::new();
+    let pattern: Vec<u8> = (0..SIZE).map(pattern_byte).collect();
+    expected.update(&pattern);
+
+    let response = client()
+        .get(gw.proxy_url(&format!("/big?bytes={SIZE}")))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut received = Sha256::new();
+    let mut length: u64 = 0;
+    let mut body = response.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.expect("response body chunk");
+        length += chunk.len() as u64;
+        received.update(&chunk);
+    }
+    assert_eq!(length, SIZE);
+    assert_eq!(
+        received.finalize(),
+        expected.finalize(),
+        "the body arrived changed"
+    );
+}
+
+// === lifecycle ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_survive_a_restart() {
+    let upstream = Upstream::start().await;
+    let mut gw = Gateway::start(&upstream).await;
+    let (account, key) = gw.account_with_key().await;
+    let client = client();
+    expect_echo(
+        client
+            .get(gw.proxy_url("/things"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+
+    gw.restart().await;
+
+    let echo = expect_echo(
+        client
+            .get(gw.proxy_url("/things"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        seen_headers(&echo)["x-tollgate-account-id"],
+        account.as_str()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_requests_are_counted_in_metrics() {
+    const SENT: usize = 7;
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let (_, key) = gw.account_with_key().await;
+    let client = client();
+    for _ in 0..SENT {
+        expect_echo(
+            client
+                .get(gw.proxy_url("/things"))
+                .bearer_auth(&key)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+    }
+    let response = client
+        .get(gw.proxy_url("/status/503"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let response = client.get(gw.proxy_url("/things")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+
+    let forwarded = |class| {
+        [
+            ("route", "api"),
+            ("outcome", "forwarded"),
+            ("status_class", class),
+        ]
+    };
+    assert_eq!(
+        gw.metric("tollgate_requests_total", &forwarded("2xx"))
+            .await,
+        SENT as f64
+    );
+    assert_eq!(
+        gw.metric("tollgate_requests_total", &forwarded("5xx"))
+            .await,
+        1.0
+    );
+    let refused = [
+        ("route", "api"),
+        ("outcome", "missing_credential"),
+        ("status_class", "4xx"),
+    ];
+    assert_eq!(gw.metric("tollgate_requests_total", &refused).await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_an_in_flight_request_finish() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let (_, key) = gw.account_with_key().await;
+    let client = client();
+    // Through the `api` route (30 s timeout), not `/slow` (300 ms).
+    let request = client
+        .get(gw.proxy_url("/long/slow?ms=500"))
+        .bearer_auth(&key)
+        .send();
+    let in_flight = tokio::spawn(request);
+    let up = &upstream;
+    assert!(
+        eventually(WAIT, move || async move { up.requests_seen() == 1 }).await,
+        "the request did not reach the upstream"
+    );
+    let proxy_url = gw.proxy_url("/things");
+
+    let stopping = tokio::spawn(gw.stop());
+    let response = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight request completes");
+
+    let echo = expect_echo(response).await;
+    assert_eq!(echo["path"], "/long/slow?ms=500");
+    stopping.await.unwrap();
+    assert!(
+        client.get(&proxy_url).send().await.is_err(),
+        "still accepting after stop"
+    );
+}
+
+#[tokio::test]
+async fn a_client_too_slow_to_send_its_request_head_is_disconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await;
+    let gw = Gateway::builder(&upstream)
+        .tweak(|s| s.proxy.request_header_timeout = Duration::from_millis(200))
+        .start()
+        .await;
+    let mut stream = tokio::net::TcpStream::connect(gw.proxy_addr)
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: example\r\n")
+        .await
+        .expect("partial head");
+    // The head never completes; the gateway must close the connection on its own.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the connection was still open after 5 s");
+    assert_eq!(upstream.requests_seen(), 0);
+}
+
+#[tokio::test]
+async fn usage_of_every_identified_request_is_in_the_store_after_shutdown() {
+    use tollgate::store::embedded::EmbeddedStore;
+    use tollgate::store::Store;
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let (account_id, key) = gw.account_with_key().await;
+    let client = client();
+    for _ in 0..7 {
+        let r = client
+            .get(gw.proxy_url("/things"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    let r = client
+        .get(gw.proxy_url("/dead/x"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    let (_, keys) = gw
+        .admin(
+            Method::GET,
+            &format!("/v1/accounts/{account_id}/keys"),
+            None,
+        )
+        .await;
+    let key_id = keys["keys"][0]["id"].as_str().expect("key id").to_owned();
+    let path = gw.store_path();
+    let _dir = gw.stop().await;
+    let store = EmbeddedStore::open(&path).expect("reopen the store");
+    let now_minute = chrono::Utc::now().timestamp() / 60;
+    let buckets = store
+        .usage_minutes(&key_id, now_minute - 5, now_minute + 2)
+        .await
+        .expect("usage");
+    let requests: u64 = buckets.iter().map(|(_, c)| c.requests).sum();
+    let success: u64 = buckets.iter().map(|(_, c)| c.success).sum();
+    let error: u64 = buckets.iter().map(|(_, c)| c.error).sum();
+    assert_eq!((requests, success, error), (8, 7, 1));
+    assert!(buckets.iter().map(|(_, c)| c.bytes_out).sum::<u64>() > 0);
+}
