@@ -90,7 +90,7 @@ impl Proxy {
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
         let host = route::request_host(host_value.as_ref().and_then(|v| v.to_str().ok()));
-        let Some(route) = self.routes.find(host.as_deref(), req.uri().path()) else {
+        let Some(route) = self.routes.find(host, req.uri().path()) else {
             return self.refuse("-", Refusal::NoRoute, None, None);
         };
         let response = match route.auth {
@@ -171,6 +171,9 @@ impl Proxy {
     }
 
     fn client_ip(&self, peer: SocketAddr, headers: &http::HeaderMap) -> std::net::IpAddr {
+        if self.trusted_proxies.is_empty() {
+            return policy::canonical(peer.ip());
+        }
         let xff = headers
             .get_all("x-forwarded-for")
             .iter()

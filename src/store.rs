@@ -52,6 +52,8 @@ pub struct KeyLookup {
     pub key: KeyRecord,
     /// Its account.
     pub account: AccountRecord,
+    /// The account's sites (origins), which are allowed origins for its publishable keys.
+    pub site_origins: Vec<String>,
 }
 
 /// The store interface. Every method is one atomic operation on the backend.
@@ -60,7 +62,8 @@ pub trait Store: Send + Sync + 'static {
     /// Succeeds when the backend is reachable and answering (readiness).
     async fn ping(&self) -> Result<(), StoreError>;
 
-    /// The key with this hash and its account; `None` when either does not exist.
+    /// The key with this hash, its account and the account's site origins, in one read; `None`
+    /// when the key or the account does not exist.
     async fn lookup_key(&self, hash: &KeyHash) -> Result<Option<KeyLookup>, StoreError>;
 
     /// Creates an account; `AlreadyExists` if the id is taken.

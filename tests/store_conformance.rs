@@ -301,6 +301,22 @@ async fn lookup_by_hash(store: &SharedStore) {
     store.update_account(&changed).await.unwrap();
     let found = store.lookup_key(&k.hash).await.unwrap().unwrap();
     assert_eq!(found.account, changed);
+    assert!(found.site_origins.is_empty());
+
+    // The account's sites come with it, and only its own.
+    let other = account(&format!("acc_{p}_other"), at(0));
+    store.create_account(&other).await.unwrap();
+    let s1 = site(&format!("site_{p}_1"), &acc.id, "https://a.example", at(2));
+    let s2 = site(
+        &format!("site_{p}_2"),
+        &other.id,
+        "https://b.example",
+        at(2),
+    );
+    store.create_site(&s1).await.unwrap();
+    store.create_site(&s2).await.unwrap();
+    let found = store.lookup_key(&k.hash).await.unwrap().unwrap();
+    assert_eq!(found.site_origins, vec!["https://a.example".to_owned()]);
 
     assert!(store.lookup_key(&fresh_hash()).await.unwrap().is_none());
 }

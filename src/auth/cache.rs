@@ -262,6 +262,7 @@ impl KeyCache {
             .allowed_origins
             .iter()
             .chain(&account.network_policy.allowed_domains)
+            .chain(&lookup.site_origins)
             .filter_map(|o| policy::normalize_origin(o))
             .collect();
         let header =

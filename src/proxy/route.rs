@@ -62,10 +62,13 @@ impl RouteTable {
         RouteTable { routes }
     }
 
-    /// The best route for a host (lowercase, without port) and path.
+    /// The best route for a host (without port, any case) and path.
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Route> {
         self.routes.iter().find(|r| {
-            r.host.as_deref().is_none_or(|h| Some(h) == host) && prefix_matches(&r.prefix, path)
+            r.host
+                .as_deref()
+                .is_none_or(|h| host.is_some_and(|got| got.eq_ignore_ascii_case(h)))
+                && prefix_matches(&r.prefix, path)
         })
     }
 }
@@ -108,17 +111,16 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
-/// The host of a request without port, lowercase; `None` when absent.
-pub fn request_host(authority: Option<&str>) -> Option<String> {
+/// The host of a request without its port (case as sent); `None` when absent.
+pub fn request_host(authority: Option<&str>) -> Option<&str> {
     let raw = authority?;
-    let host = if raw.starts_with('[') {
+    Some(if raw.starts_with('[') {
         raw.split_once(']')
             .map_or(raw, |(h, _)| h)
             .trim_start_matches('[')
     } else {
         raw.rsplit_once(':').map_or(raw, |(h, _)| h)
-    };
-    Some(host.to_ascii_lowercase())
+    })
 }
 
 #[cfg(test)]
@@ -186,12 +188,15 @@ mod tests {
     }
 
     #[test]
-    fn hosts_lose_their_port_and_case() {
+    fn hosts_lose_their_port_and_match_in_any_case() {
+        let metrics = Metrics::new().unwrap();
+        let t = RouteTable::new(&[route("a", Some("a.example.com"), "/")], &metrics);
+        assert_eq!(t.find(Some("A.Example.COM"), "/").unwrap().name, "a");
         assert_eq!(
-            request_host(Some("API.example.com:8080")).as_deref(),
-            Some("api.example.com")
+            request_host(Some("API.example.com:8080")),
+            Some("API.example.com")
         );
-        assert_eq!(request_host(Some("[::1]:80")).as_deref(), Some("::1"));
+        assert_eq!(request_host(Some("[::1]:80")), Some("::1"));
         assert_eq!(request_host(None), None);
     }
 }

@@ -182,7 +182,20 @@ impl Store for EmbeddedStore {
             else {
                 return Ok(None);
             };
-            Ok(Some(KeyLookup { key, account }))
+            let sites = txn.open_table(SITES).map_err(db_err)?;
+            let mut site_origins = Vec::new();
+            for item in sites.range(prefix_range(&account.id)).map_err(db_err)? {
+                let (k, value) = item.map_err(db_err)?;
+                if k.value().0 != account.id {
+                    break;
+                }
+                site_origins.push(decode::<SiteRecord>(value.value(), "site")?.name);
+            }
+            Ok(Some(KeyLookup {
+                key,
+                account,
+                site_origins,
+            }))
         })
         .await
     }
