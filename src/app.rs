@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
+use http_body_util::Either;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -118,11 +119,26 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
     };
     let (shutdown, signal) = watch::channel(false);
     let mut tasks = JoinSet::new();
+    // With `expose_account_api`, `/v1/account` and `/v1/account/…` on the proxy listener go to
+    // the admin router (the operator's `/v1/accounts` never does); everything else is proxied.
+    // The choice is made here so that `proxy` and `admin` stay independent of each other.
+    let account_api = settings
+        .proxy
+        .expose_account_api
+        .then(|| admin_router.clone());
     tasks.spawn(listener::serve(
         proxy_listener,
-        move |req, peer| {
+        move |req: http::Request<hyper::body::Incoming>, peer| {
             let proxy = Arc::clone(&proxy);
-            async move { proxy.handle(req, peer).await }
+            let account_api = account_api
+                .clone()
+                .filter(|_| is_account_path(req.uri().path()));
+            async move {
+                match account_api {
+                    Some(router) => call_admin(router, req, peer).await.map(Either::Right),
+                    None => proxy.handle(req, peer).await.map(Either::Left),
+                }
+            }
         },
         limits,
         Some(metrics.connections_open.clone()),
@@ -130,15 +146,8 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
     ));
     tasks.spawn(listener::serve(
         admin_listener,
-        move |mut req: http::Request<hyper::body::Incoming>, peer| {
-            req.extensions_mut().insert(ConnectInfo(peer));
-            let router = admin_router.clone();
-            async move {
-                match router.oneshot(req).await {
-                    Ok(response) => response,
-                    Err(never) => match never {},
-                }
-            }
+        move |req: http::Request<hyper::body::Incoming>, peer| {
+            call_admin(admin_router.clone(), req, peer)
         },
         limits,
         None,
@@ -176,6 +185,24 @@ impl Running {
             }
         }
         tracing::info!("tollgate stopped");
+    }
+}
+
+/// `/v1/account` or below it: the account API's own paths.
+fn is_account_path(path: &str) -> bool {
+    path.strip_prefix("/v1/account")
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+async fn call_admin(
+    router: axum::Router,
+    mut req: http::Request<hyper::body::Incoming>,
+    peer: SocketAddr,
+) -> http::Response<axum::body::Body> {
+    req.extensions_mut().insert(ConnectInfo(peer));
+    match router.oneshot(req).await {
+        Ok(response) => response,
+        Err(never) => match never {},
     }
 }
 
@@ -218,5 +245,17 @@ async fn sweep(
         if rounds.is_multiple_of(60) {
             limiters.prune_idle(25);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_the_account_paths_are_the_account_api() {
+        assert!(super::is_account_path("/v1/account"));
+        assert!(super::is_account_path("/v1/account/keys"));
+        assert!(!super::is_account_path("/v1/accounts"));
+        assert!(!super::is_account_path("/v1/accounts/acc_1/keys"));
+        assert!(!super::is_account_path("/v1/accountx"));
     }
 }

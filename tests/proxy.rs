@@ -1022,3 +1022,41 @@ async fn usage_of_every_identified_request_is_in_the_store_after_shutdown() {
     assert_eq!((requests, success, error), (8, 7, 1));
     assert!(buckets.iter().map(|(_, c)| c.bytes_out).sum::<u64>() > 0);
 }
+
+#[tokio::test]
+async fn the_account_api_is_on_the_proxy_listener_only_when_exposed() {
+    let upstream = Upstream::start().await;
+    let exposed = Gateway::builder(&upstream)
+        .tweak(|s| s.proxy.expose_account_api = true)
+        .start()
+        .await;
+    let (account_id, key) = exposed.account_with_key().await;
+    let client = client();
+    let me = client
+        .get(exposed.proxy_url("/v1/account"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(me.status(), StatusCode::OK);
+    let me: Value = me.json().await.expect("json");
+    assert_eq!(me["id"], account_id.as_str());
+    // The operator's paths are never served there: this one is proxied like any other path.
+    let operator = client
+        .get(exposed.proxy_url("/v1/accounts"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(expect_echo(operator).await["path"], "/v1/accounts");
+
+    let closed = Gateway::start(&upstream).await;
+    let (_, key) = closed.account_with_key().await;
+    let proxied = client
+        .get(closed.proxy_url("/v1/account"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(expect_echo(proxied).await["path"], "/v1/account");
+}
