@@ -52,6 +52,8 @@ struct CellState {
     minute: i64,
     counts: UsageCounts,
     earlier: Vec<(i64, UsageCounts)>,
+    /// The latest request's time, ms since the epoch.
+    last_ms: i64,
 }
 
 /// The registry of usage cells and the queue of dirty ones.
@@ -65,7 +67,13 @@ pub struct Meter {
 /// Counts taken from the cells and not yet stored, merged by (key, minute).
 #[derive(Default)]
 pub struct Pending {
-    by_bucket: HashMap<(Arc<str>, i64), (Arc<str>, UsageCounts)>,
+    by_bucket: HashMap<(Arc<str>, i64), PendingBucket>,
+}
+
+struct PendingBucket {
+    account_id: Arc<str>,
+    counts: UsageCounts,
+    last_used_ms: i64,
 }
 
 // === impl WallClock ===
@@ -87,7 +95,7 @@ impl WallClock {
 impl UsageCell {
     /// Counts one request identified to this key.
     pub fn record(self: &Arc<Self>, now_ms: i64, outcome: Outcome) {
-        self.add(now_ms, |c| {
+        self.add(now_ms, true, |c| {
             c.requests += 1;
             if outcome.status < 400 {
                 c.success += 1;
@@ -105,13 +113,13 @@ impl UsageCell {
         if bytes_in == 0 && bytes_out == 0 {
             return;
         }
-        self.add(now_ms, |c| {
+        self.add(now_ms, false, |c| {
             c.bytes_in += bytes_in;
             c.bytes_out += bytes_out;
         });
     }
 
-    fn add(self: &Arc<Self>, now_ms: i64, f: impl FnOnce(&mut UsageCounts)) {
+    fn add(self: &Arc<Self>, now_ms: i64, is_request: bool, f: impl FnOnce(&mut UsageCounts)) {
         let minute = now_ms.div_euclid(60_000);
         {
             let mut state = self.state.lock();
@@ -123,6 +131,9 @@ impl UsageCell {
                 }
             }
             f(&mut state.counts);
+            if is_request && now_ms > state.last_ms {
+                state.last_ms = now_ms;
+            }
         }
         if !self.dirty.swap(true, Ordering::SeqCst) {
             // A send fails only when the meter is gone (shutdown); the counts stay in the cell.
@@ -135,14 +146,14 @@ impl UsageCell {
         let mut state = self.state.lock();
         let current = std::mem::take(&mut state.counts);
         let earlier = std::mem::take(&mut state.earlier);
-        let minute = state.minute;
+        let (minute, last_ms) = (state.minute, state.last_ms);
         drop(state);
         for (m, counts) in earlier
             .into_iter()
             .chain(std::iter::once((minute, current)))
         {
             if counts != UsageCounts::default() {
-                into.add(&self.key_id, &self.account_id, m, &counts);
+                into.add(&self.key_id, &self.account_id, m, &counts, last_ms);
             }
         }
     }
@@ -202,12 +213,24 @@ impl Meter {
 // === impl Pending ===
 
 impl Pending {
-    fn add(&mut self, key_id: &Arc<str>, account_id: &Arc<str>, minute: i64, counts: &UsageCounts) {
-        self.by_bucket
+    fn add(
+        &mut self,
+        key_id: &Arc<str>,
+        account_id: &Arc<str>,
+        minute: i64,
+        counts: &UsageCounts,
+        last_used_ms: i64,
+    ) {
+        let bucket = self
+            .by_bucket
             .entry((Arc::clone(key_id), minute))
-            .or_insert_with(|| (Arc::clone(account_id), UsageCounts::default()))
-            .1
-            .merge(counts);
+            .or_insert_with(|| PendingBucket {
+                account_id: Arc::clone(account_id),
+                counts: UsageCounts::default(),
+                last_used_ms,
+            });
+        bucket.counts.merge(counts);
+        bucket.last_used_ms = bucket.last_used_ms.max(last_used_ms);
     }
 
     /// Number of (key, minute) buckets waiting.
@@ -224,11 +247,12 @@ impl Pending {
     pub fn batch(&self) -> Vec<UsageDelta> {
         self.by_bucket
             .iter()
-            .map(|((key_id, minute), (account_id, counts))| UsageDelta {
+            .map(|((key_id, minute), b)| UsageDelta {
                 key_id: key_id.to_string(),
-                account_id: account_id.to_string(),
+                account_id: b.account_id.to_string(),
                 minute: *minute,
-                counts: *counts,
+                counts: b.counts,
+                last_used_ms: b.last_used_ms,
             })
             .collect()
     }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 pub use records::{
-    AccountRecord, AuditEntry, AuditPage, AuditQuery, AuthMethod, KeyRecord, KeyType,
+    AccountRecord, AuditEntry, AuditPage, AuditQuery, AuthMethod, Granularity, KeyRecord, KeyType,
     NetworkPolicy, Plan, RateLimitSpec, SiteRecord, UsageCounts, UsageDelta,
 };
 
@@ -115,17 +115,31 @@ pub trait Store: Send + Sync + 'static {
         query: &AuditQuery,
     ) -> Result<AuditPage, StoreError>;
 
-    /// Adds a batch of per-key, per-minute counts in one write. All or nothing: on error none of
-    /// the batch was applied and the caller keeps it to retry.
+    /// Adds a batch of per-key, per-minute counts in one write: the key's minute, hour and day
+    /// buckets, its account's day bucket, and its last-used time. All or nothing: on error none
+    /// of the batch was applied and the caller keeps it to retry.
     async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError>;
-    /// A key's minute buckets with `from_minute <= minute < to_minute` (minutes since the Unix
-    /// epoch), ascending; minutes without traffic are absent.
-    async fn usage_minutes(
+    /// A key's buckets of one granularity with `from <= index < to` (index = bucket start in
+    /// seconds since the epoch / bucket length), ascending; buckets without traffic are absent.
+    async fn key_usage(
         &self,
         key_id: &str,
-        from_minute: i64,
-        to_minute: i64,
+        granularity: Granularity,
+        from: i64,
+        to: i64,
     ) -> Result<Vec<(i64, UsageCounts)>, StoreError>;
+    /// An account's day buckets (the sum over its keys) with `from_day <= day < to_day`.
+    async fn account_usage(
+        &self,
+        account_id: &str,
+        from_day: i64,
+        to_day: i64,
+    ) -> Result<Vec<(i64, UsageCounts)>, StoreError>;
+    /// When each key was last used (milliseconds since the epoch), in the order given.
+    async fn last_used(&self, key_ids: &[String]) -> Result<Vec<Option<i64>>, StoreError>;
+    /// Removes the buckets of one granularity (keys' and, for days, accounts') with index
+    /// `< before`; returns how many were removed.
+    async fn prune_usage(&self, granularity: Granularity, before: i64) -> Result<u64, StoreError>;
 
     /// The stored hash of the operator's master key.
     async fn master_key_hash(&self) -> Result<Option<KeyHash>, StoreError>;

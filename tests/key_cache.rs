@@ -80,13 +80,28 @@ impl Store for CountingStore {
     async fn add_usage(&self, b: &[UsageDelta]) -> Result<(), StoreError> {
         self.inner.add_usage(b).await
     }
-    async fn usage_minutes(
+    async fn key_usage(
         &self,
         k: &str,
+        g: Granularity,
         f: i64,
         t: i64,
     ) -> Result<Vec<(i64, UsageCounts)>, StoreError> {
-        self.inner.usage_minutes(k, f, t).await
+        self.inner.key_usage(k, g, f, t).await
+    }
+    async fn account_usage(
+        &self,
+        a: &str,
+        f: i64,
+        t: i64,
+    ) -> Result<Vec<(i64, UsageCounts)>, StoreError> {
+        self.inner.account_usage(a, f, t).await
+    }
+    async fn last_used(&self, k: &[String]) -> Result<Vec<Option<i64>>, StoreError> {
+        self.inner.last_used(k).await
+    }
+    async fn prune_usage(&self, g: Granularity, before: i64) -> Result<u64, StoreError> {
+        self.inner.prune_usage(g, before).await
     }
     async fn master_key_hash(&self) -> Result<Option<KeyHash>, StoreError> {
         self.inner.master_key_hash().await

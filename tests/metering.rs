@@ -39,7 +39,10 @@ async fn counts_reach_the_store_once_per_flush_and_merge_per_minute() {
     assert!(flusher::flush_once(&meter, &store, &metrics, &mut pending, &mut failing).await);
 
     let m = minute_ms / 60_000;
-    let a_usage = store.usage_minutes("key_a", m, m + 2).await.expect("usage");
+    let a_usage = store
+        .key_usage("key_a", tollgate::store::Granularity::Minute, m, m + 2)
+        .await
+        .expect("usage");
     assert_eq!(
         a_usage,
         vec![(
@@ -54,7 +57,10 @@ async fn counts_reach_the_store_once_per_flush_and_merge_per_minute() {
             }
         )]
     );
-    let b_usage = store.usage_minutes("key_b", m, m + 2).await.expect("usage");
+    let b_usage = store
+        .key_usage("key_b", tollgate::store::Granularity::Minute, m, m + 2)
+        .await
+        .expect("usage");
     assert_eq!(
         b_usage,
         vec![
@@ -106,7 +112,7 @@ async fn concurrent_requests_on_one_key_are_all_counted() {
     assert!(flusher::flush_once(&meter, &store, &metrics, &mut pending, &mut failing).await);
     let m = now / 60_000;
     let usage = store
-        .usage_minutes("key_hot", m, m + 1)
+        .key_usage("key_hot", tollgate::store::Granularity::Minute, m, m + 1)
         .await
         .expect("usage");
     assert_eq!(usage[0].1.requests, 40_000);

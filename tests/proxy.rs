@@ -1013,7 +1013,12 @@ async fn usage_of_every_identified_request_is_in_the_store_after_shutdown() {
     let store = EmbeddedStore::open(&path).expect("reopen the store");
     let now_minute = chrono::Utc::now().timestamp() / 60;
     let buckets = store
-        .usage_minutes(&key_id, now_minute - 5, now_minute + 2)
+        .key_usage(
+            &key_id,
+            tollgate::store::Granularity::Minute,
+            now_minute - 5,
+            now_minute + 2,
+        )
         .await
         .expect("usage");
     let requests: u64 = buckets.iter().map(|(_, c)| c.requests).sum();

@@ -10,8 +10,8 @@ use chrono::{DateTime, Duration, Utc};
 use tollgate::credential::{self, KeyHash, Kind};
 use tollgate::store::embedded::EmbeddedStore;
 use tollgate::store::{
-    AccountRecord, AuditEntry, AuditQuery, AuthMethod, KeyRecord, KeyType, NetworkPolicy, Plan,
-    SharedStore, SiteRecord, Store, StoreError, UsageCounts, UsageDelta,
+    AccountRecord, AuditEntry, AuditQuery, AuthMethod, Granularity, KeyRecord, KeyType,
+    NetworkPolicy, Plan, SharedStore, SiteRecord, Store, StoreError, UsageCounts, UsageDelta,
 };
 
 // === helpers ===
@@ -120,6 +120,7 @@ fn delta(key_id: &str, minute: i64, counts: UsageCounts) -> UsageDelta {
         account_id: "acc_usage".to_owned(),
         minute,
         counts,
+        last_used_ms: minute * 60_000,
     }
 }
 
@@ -144,6 +145,7 @@ pub async fn run_all(store: SharedStore) {
     sites(&store).await;
     audit_log(&store).await;
     usage(&store).await;
+    usage_rollups(&store).await;
     master_key(&store).await;
 }
 
@@ -701,7 +703,10 @@ async fn usage(store: &SharedStore) {
         .unwrap();
     store.add_usage(&[]).await.unwrap();
 
-    let all = store.usage_minutes(&k, m - 10, m + 10).await.unwrap();
+    let all = store
+        .key_usage(&k, Granularity::Minute, m - 10, m + 10)
+        .await
+        .unwrap();
     assert_eq!(
         all,
         vec![
@@ -712,31 +717,159 @@ async fn usage(store: &SharedStore) {
     );
     // [from, to): from included, to excluded.
     assert_eq!(
-        store.usage_minutes(&k, m, m + 5).await.unwrap(),
+        store
+            .key_usage(&k, Granularity::Minute, m, m + 5)
+            .await
+            .unwrap(),
         vec![(m, counts(4, 40)), (m + 1, counts(2, 20))]
     );
     assert_eq!(
-        store.usage_minutes(&k, m + 1, m + 6).await.unwrap(),
+        store
+            .key_usage(&k, Granularity::Minute, m + 1, m + 6)
+            .await
+            .unwrap(),
         vec![(m + 1, counts(2, 20)), (m + 5, counts(5, 41))]
     );
     assert_eq!(
-        store.usage_minutes(&k, m + 2, m + 5).await.unwrap(),
+        store
+            .key_usage(&k, Granularity::Minute, m + 2, m + 5)
+            .await
+            .unwrap(),
         Vec::new()
     );
-    assert_eq!(store.usage_minutes(&k, m, m).await.unwrap(), Vec::new());
-    assert_eq!(store.usage_minutes(&k, m + 6, m).await.unwrap(), Vec::new());
+    assert_eq!(
+        store
+            .key_usage(&k, Granularity::Minute, m, m)
+            .await
+            .unwrap(),
+        Vec::new()
+    );
+    assert_eq!(
+        store
+            .key_usage(&k, Granularity::Minute, m + 6, m)
+            .await
+            .unwrap(),
+        Vec::new()
+    );
 
     // Other keys are unaffected.
     assert_eq!(
-        store.usage_minutes(&other, m - 10, m + 10).await.unwrap(),
+        store
+            .key_usage(&other, Granularity::Minute, m - 10, m + 10)
+            .await
+            .unwrap(),
         vec![(m, counts(100, 1000))]
     );
     assert_eq!(
         store
-            .usage_minutes(&format!("key_{p}_none"), m - 10, m + 10)
+            .key_usage(
+                &format!("key_{p}_none"),
+                Granularity::Minute,
+                m - 10,
+                m + 10
+            )
             .await
             .unwrap(),
         Vec::new()
+    );
+}
+
+async fn usage_rollups(store: &SharedStore) {
+    let p = unique();
+    let (a, b) = (format!("key_{p}_a"), format!("key_{p}_b"));
+    let account = format!("acc_{p}");
+    let on = |key: &str, minute: i64, c: UsageCounts, last: i64| UsageDelta {
+        key_id: key.to_owned(),
+        account_id: account.clone(),
+        minute,
+        counts: c,
+        last_used_ms: last,
+    };
+    // Day 20_000 starts at minute 28_800_000; its hour 480_000 likewise.
+    let day = 20_000_i64;
+    let m = day * 1_440;
+    store
+        .add_usage(&[
+            on(&a, m, counts(1, 1), m * 60_000 + 5),
+            on(&a, m + 59, counts(2, 2), m * 60_000 + 9),
+            on(&a, m + 60, counts(4, 4), 0),
+            on(&b, m + 1_439, counts(8, 8), 0),
+            on(&b, m + 1_440, counts(16, 16), 0),
+        ])
+        .await
+        .unwrap();
+    let hours = store
+        .key_usage(&a, Granularity::Hour, 0, i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(
+        hours,
+        vec![(day * 24, counts(3, 3)), (day * 24 + 1, counts(4, 4))]
+    );
+    let days = store
+        .key_usage(&a, Granularity::Day, 0, i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(days, vec![(day, counts(7, 7))]);
+    let b_days = store
+        .key_usage(&b, Granularity::Day, 0, i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(b_days, vec![(day, counts(8, 8)), (day + 1, counts(16, 16))]);
+    // Account totals are the sum of its keys, by day.
+    let totals = store.account_usage(&account, day, day + 2).await.unwrap();
+    assert_eq!(
+        totals,
+        vec![(day, counts(15, 15)), (day + 1, counts(16, 16))]
+    );
+    assert_eq!(
+        store
+            .account_usage(&account, day + 1, day + 2)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    // Last use is the latest ever written, whatever the batch order.
+    store
+        .add_usage(&[on(&a, m, counts(1, 0), m * 60_000 + 7)])
+        .await
+        .unwrap();
+    let last = store
+        .last_used(&[a.clone(), format!("key_{p}_never")])
+        .await
+        .unwrap();
+    assert_eq!(last, vec![Some(m * 60_000 + 9), None]);
+    // Pruning removes only buckets before the cut, for that granularity only.
+    let removed = store
+        .prune_usage(Granularity::Minute, m + 60)
+        .await
+        .unwrap();
+    assert!(removed >= 2, "removed {removed}");
+    let minutes = store
+        .key_usage(&a, Granularity::Minute, 0, i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(minutes, vec![(m + 60, counts(4, 4))]);
+    assert_eq!(
+        store
+            .key_usage(&a, Granularity::Hour, 0, i64::MAX)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    store.prune_usage(Granularity::Day, day + 1).await.unwrap();
+    assert_eq!(
+        store
+            .key_usage(&b, Granularity::Day, 0, i64::MAX)
+            .await
+            .unwrap(),
+        vec![(day + 1, counts(16, 16))]
+    );
+    assert_eq!(
+        store.account_usage(&account, 0, i64::MAX).await.unwrap(),
+        vec![(day + 1, counts(16, 16))]
     );
 }
 
@@ -785,7 +918,10 @@ async fn embedded_survives_reopen() {
     assert_eq!(found.account, acc);
     assert!(store.master_key_hash().await.unwrap() == Some(master));
     assert_eq!(
-        store.usage_minutes(&k.id, 0, 10).await.unwrap(),
+        store
+            .key_usage(&k.id, Granularity::Minute, 0, 10)
+            .await
+            .unwrap(),
         vec![(5, counts(1, 2))]
     );
     // Indexes survived too.

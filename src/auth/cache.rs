@@ -186,6 +186,16 @@ impl KeyCache {
 
     async fn read_through(&self, hash: &KeyHash) -> Loaded {
         let generation = self.generation.load(Ordering::SeqCst);
+        // A load that finished between this caller's miss and its joining the in-flight map has
+        // already filled the map (it inserts before it leaves the in-flight map): use that.
+        let now = Instant::now();
+        match self.map.get(hash).as_deref() {
+            Some(Slot::Found { key, fresh_until }) if now < *fresh_until => {
+                return Ok(Some(Arc::clone(key)))
+            }
+            Some(Slot::Missing { until }) if now < *until => return Ok(None),
+            _ => {}
+        }
         let found = match self.store.lookup_key(hash).await {
             Ok(found) => found,
             Err(e) => {

@@ -38,8 +38,8 @@ use serde::Serialize;
 
 use crate::credential::KeyHash;
 use crate::store::{
-    AccountRecord, AuditEntry, AuditPage, AuditQuery, KeyLookup, KeyRecord, SiteRecord, Store,
-    StoreError, UsageCounts, UsageDelta,
+    AccountRecord, AuditEntry, AuditPage, AuditQuery, Granularity, KeyLookup, KeyRecord,
+    SiteRecord, Store, StoreError, UsageCounts, UsageDelta,
 };
 
 const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("accounts");
@@ -51,6 +51,17 @@ const SITES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("sites"
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 const AUDIT_ACCOUNTS: TableDefinition<(&str, u64), ()> = TableDefinition::new("audit_accounts");
 const USAGE_MINUTE: TableDefinition<(&str, i64), &[u8]> = TableDefinition::new("usage_minute");
+const USAGE_HOUR: TableDefinition<(&str, i64), &[u8]> = TableDefinition::new("usage_hour");
+const USAGE_DAY: TableDefinition<(&str, i64), &[u8]> = TableDefinition::new("usage_day");
+const USAGE_MINUTE_BY_TIME: TableDefinition<(i64, &str), ()> =
+    TableDefinition::new("usage_minute_by_time");
+const USAGE_HOUR_BY_TIME: TableDefinition<(i64, &str), ()> =
+    TableDefinition::new("usage_hour_by_time");
+const USAGE_DAY_BY_TIME: TableDefinition<(i64, &str), ()> =
+    TableDefinition::new("usage_day_by_time");
+const ACCOUNT_USAGE_DAY: TableDefinition<(&str, i64), &[u8]> =
+    TableDefinition::new("account_usage_day");
+const KEY_LAST_USED: TableDefinition<&str, i64> = TableDefinition::new("key_last_used");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 const MASTER_KEY_HASH: &str = "master_key_hash";
@@ -89,7 +100,12 @@ impl EmbeddedStore {
             txn.open_table(SITES).map_err(db_err)?;
             txn.open_table(AUDIT).map_err(db_err)?;
             txn.open_table(AUDIT_ACCOUNTS).map_err(db_err)?;
-            txn.open_table(USAGE_MINUTE).map_err(db_err)?;
+            for g in Granularity::ALL {
+                txn.open_table(usage_table(g)).map_err(db_err)?;
+                txn.open_table(usage_time_index(g)).map_err(db_err)?;
+            }
+            txn.open_table(ACCOUNT_USAGE_DAY).map_err(db_err)?;
+            txn.open_table(KEY_LAST_USED).map_err(db_err)?;
             txn.open_table(META).map_err(db_err)?;
             Ok(())
         })
@@ -560,42 +576,126 @@ impl Store for EmbeddedStore {
         }
         let batch = batch.to_vec();
         self.write(move |txn| {
-            let mut usage = txn.open_table(USAGE_MINUTE).map_err(db_err)?;
+            for g in Granularity::ALL {
+                let mut usage = txn.open_table(usage_table(g)).map_err(db_err)?;
+                let mut by_time = txn.open_table(usage_time_index(g)).map_err(db_err)?;
+                for delta in &batch {
+                    let index = g.of_minute(delta.minute);
+                    add_bucket(&mut usage, (delta.key_id.as_str(), index), &delta.counts)?;
+                    by_time
+                        .insert((index, delta.key_id.as_str()), ())
+                        .map_err(db_err)?;
+                }
+            }
+            let mut accounts = txn.open_table(ACCOUNT_USAGE_DAY).map_err(db_err)?;
+            let mut last_used = txn.open_table(KEY_LAST_USED).map_err(db_err)?;
             for delta in &batch {
-                let bucket = (delta.key_id.as_str(), delta.minute);
-                let mut counts = match usage.get(bucket).map_err(db_err)? {
-                    Some(bytes) => decode_usage(bytes.value())?,
-                    None => UsageCounts::default(),
-                };
-                add_saturating(&mut counts, &delta.counts);
-                usage
-                    .insert(bucket, encode_usage(&counts).as_slice())
-                    .map_err(db_err)?;
+                let day = Granularity::Day.of_minute(delta.minute);
+                add_bucket(
+                    &mut accounts,
+                    (delta.account_id.as_str(), day),
+                    &delta.counts,
+                )?;
+                let seen = last_used
+                    .get(delta.key_id.as_str())
+                    .map_err(db_err)?
+                    .map(|v| v.value());
+                if seen.is_none_or(|s| s < delta.last_used_ms) {
+                    last_used
+                        .insert(delta.key_id.as_str(), delta.last_used_ms)
+                        .map_err(db_err)?;
+                }
             }
             Ok(())
         })
         .await
     }
 
-    async fn usage_minutes(
+    async fn key_usage(
         &self,
         key_id: &str,
-        from_minute: i64,
-        to_minute: i64,
+        granularity: Granularity,
+        from: i64,
+        to: i64,
     ) -> Result<Vec<(i64, UsageCounts)>, StoreError> {
-        if from_minute >= to_minute {
+        if from >= to {
             return Ok(Vec::new());
         }
         let key_id = key_id.to_owned();
         self.read(move |txn| {
-            let usage = txn.open_table(USAGE_MINUTE).map_err(db_err)?;
-            let range = (key_id.as_str(), from_minute)..(key_id.as_str(), to_minute);
-            let mut out = Vec::new();
-            for item in usage.range(range).map_err(db_err)? {
-                let (key, value) = item.map_err(db_err)?;
-                out.push((key.value().1, decode_usage(value.value())?));
+            let usage = txn.open_table(usage_table(granularity)).map_err(db_err)?;
+            read_buckets(&usage, &key_id, from, to)
+        })
+        .await
+    }
+
+    async fn account_usage(
+        &self,
+        account_id: &str,
+        from_day: i64,
+        to_day: i64,
+    ) -> Result<Vec<(i64, UsageCounts)>, StoreError> {
+        if from_day >= to_day {
+            return Ok(Vec::new());
+        }
+        let account_id = account_id.to_owned();
+        self.read(move |txn| {
+            let usage = txn.open_table(ACCOUNT_USAGE_DAY).map_err(db_err)?;
+            read_buckets(&usage, &account_id, from_day, to_day)
+        })
+        .await
+    }
+
+    async fn last_used(&self, key_ids: &[String]) -> Result<Vec<Option<i64>>, StoreError> {
+        let key_ids = key_ids.to_vec();
+        self.read(move |txn| {
+            let table = txn.open_table(KEY_LAST_USED).map_err(db_err)?;
+            key_ids
+                .iter()
+                .map(|id| Ok(table.get(id.as_str()).map_err(db_err)?.map(|v| v.value())))
+                .collect()
+        })
+        .await
+    }
+
+    async fn prune_usage(&self, granularity: Granularity, before: i64) -> Result<u64, StoreError> {
+        self.write(move |txn| {
+            let mut usage = txn.open_table(usage_table(granularity)).map_err(db_err)?;
+            let mut by_time = txn
+                .open_table(usage_time_index(granularity))
+                .map_err(db_err)?;
+            let mut expired: Vec<(i64, String)> = Vec::new();
+            for item in by_time
+                .range((i64::MIN, "")..(before, ""))
+                .map_err(db_err)?
+            {
+                let (k, _) = item.map_err(db_err)?;
+                let (index, key_id) = k.value();
+                expired.push((index, key_id.to_owned()));
             }
-            Ok(out)
+            for (index, key_id) in &expired {
+                usage.remove((key_id.as_str(), *index)).map_err(db_err)?;
+                by_time.remove((*index, key_id.as_str())).map_err(db_err)?;
+            }
+            let mut removed = expired.len() as u64;
+            if granularity == Granularity::Day {
+                let mut accounts = txn.open_table(ACCOUNT_USAGE_DAY).map_err(db_err)?;
+                let mut old: Vec<(String, i64)> = Vec::new();
+                for item in accounts.iter().map_err(db_err)? {
+                    let (k, _) = item.map_err(db_err)?;
+                    let (account_id, day) = k.value();
+                    if day < before {
+                        old.push((account_id.to_owned(), day));
+                    }
+                }
+                for (account_id, day) in &old {
+                    accounts
+                        .remove((account_id.as_str(), *day))
+                        .map_err(db_err)?;
+                }
+                removed += old.len() as u64;
+            }
+            Ok(removed)
         })
         .await
     }
@@ -627,6 +727,54 @@ impl Store for EmbeddedStore {
         })
         .await
     }
+}
+
+fn usage_table(g: Granularity) -> TableDefinition<'static, (&'static str, i64), &'static [u8]> {
+    match g {
+        Granularity::Minute => USAGE_MINUTE,
+        Granularity::Hour => USAGE_HOUR,
+        Granularity::Day => USAGE_DAY,
+    }
+}
+
+fn usage_time_index(g: Granularity) -> TableDefinition<'static, (i64, &'static str), ()> {
+    match g {
+        Granularity::Minute => USAGE_MINUTE_BY_TIME,
+        Granularity::Hour => USAGE_HOUR_BY_TIME,
+        Granularity::Day => USAGE_DAY_BY_TIME,
+    }
+}
+
+/// Adds `counts` into the bucket `(owner, index)`.
+fn add_bucket(
+    table: &mut redb::Table<'_, (&'static str, i64), &'static [u8]>,
+    bucket: (&str, i64),
+    counts: &UsageCounts,
+) -> Result<(), StoreError> {
+    let mut total = match table.get(bucket).map_err(db_err)? {
+        Some(bytes) => decode_usage(bytes.value())?,
+        None => UsageCounts::default(),
+    };
+    add_saturating(&mut total, counts);
+    table
+        .insert(bucket, encode_usage(&total).as_slice())
+        .map_err(db_err)?;
+    Ok(())
+}
+
+/// `owner`'s buckets with `from <= index < to`, ascending.
+fn read_buckets(
+    table: &impl ReadableTable<(&'static str, i64), &'static [u8]>,
+    owner: &str,
+    from: i64,
+    to: i64,
+) -> Result<Vec<(i64, UsageCounts)>, StoreError> {
+    let mut out = Vec::new();
+    for item in table.range((owner, from)..(owner, to)).map_err(db_err)? {
+        let (key, value) = item.map_err(db_err)?;
+        out.push((key.value().1, decode_usage(value.value())?));
+    }
+    Ok(out)
 }
 
 /// Runs `f` in one write transaction: commits if it succeeds, aborts otherwise.

@@ -250,6 +250,39 @@ pub struct UsageDelta {
     pub minute: i64,
     /// What to add.
     pub counts: UsageCounts,
+    /// The latest request among these counts, milliseconds since the epoch; the store keeps the
+    /// maximum it has seen per key.
+    pub last_used_ms: i64,
+}
+
+/// The stored bucket sizes. Weeks and months are sums of days.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Granularity {
+    /// 60 s buckets.
+    Minute,
+    /// 3 600 s buckets.
+    Hour,
+    /// 86 400 s buckets (UTC days).
+    Day,
+}
+
+impl Granularity {
+    /// All three, finest first.
+    pub const ALL: [Granularity; 3] = [Granularity::Minute, Granularity::Hour, Granularity::Day];
+
+    /// Bucket length in seconds.
+    pub const fn seconds(self) -> i64 {
+        match self {
+            Granularity::Minute => 60,
+            Granularity::Hour => 3_600,
+            Granularity::Day => 86_400,
+        }
+    }
+
+    /// The bucket index (bucket start / length, since the epoch) that holds `minute`.
+    pub const fn of_minute(self, minute: i64) -> i64 {
+        minute.div_euclid(self.seconds() / 60)
+    }
 }
 
 fn yes() -> bool {
