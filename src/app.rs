@@ -15,10 +15,10 @@ use tower::ServiceExt;
 
 use crate::admin::{self, AdminState};
 use crate::auth::cache::KeyCache;
-use crate::config::{Settings, StoreSettings};
+use crate::config::{MeteringSettings, Settings, StoreSettings};
 use crate::limits::Limiters;
 use crate::listener::{self, ConnLimits};
-use crate::metering::{flusher, Meter, WallClock};
+use crate::metering::{flusher, retention, Meter, WallClock};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::store::embedded::EmbeddedStore;
@@ -161,7 +161,15 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
         signal.clone(),
         DRAIN,
     ));
-    tasks.spawn(sweep(cache, meter, limiters, signal));
+    let cleanup = Sweep {
+        cache,
+        meter,
+        limiters,
+        store,
+        metrics,
+        metering: settings.metering,
+    };
+    tasks.spawn(sweep(cleanup, signal));
     tracing::info!(%proxy_addr, %admin_addr, routes = settings.routes.len(), "tollgate is serving");
     Ok(Running {
         proxy_addr,
@@ -225,18 +233,35 @@ fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, St
         .map_err(|source| StartError::Bind { addr, source })
 }
 
-async fn sweep(
+/// What the periodic clean-up touches.
+struct Sweep {
     cache: Arc<KeyCache>,
     meter: Arc<Meter>,
     limiters: Arc<Limiters>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+    store: SharedStore,
+    metrics: Arc<Metrics>,
+    metering: MeteringSettings,
+}
+
+async fn sweep(s: Sweep, mut shutdown: watch::Receiver<bool>) {
+    let Sweep {
+        cache,
+        meter,
+        limiters,
+        store,
+        metrics,
+        metering,
+    } = s;
     let mut ticker = tokio::time::interval(SWEEP_EVERY);
     let mut rounds: u64 = 0;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = shutdown.changed() => return,
+        }
+        // Hourly, starting with the first tick: expired usage buckets.
+        if rounds.is_multiple_of(60) {
+            retention::prune(&store, &metering, &metrics, meter.clock().now_ms()).await;
         }
         rounds += 1;
         cache.sweep();

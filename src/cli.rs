@@ -1,14 +1,31 @@
-//! The command line: `serve`, `keygen`, `check-config`. Returns the process exit code: 0 ok,
+//! The command line: `serve`, `keygen`, `check-config`, and `accounts` / `keys` over the admin
+//! API. This file holds the clap types and the dispatch; it returns the process exit code: 0 ok,
 //! 2 bad usage or config, 1 anything else.
+//!
+//! Layout of the admin commands: `admin_client` (HTTP to the admin API, one error type),
+//! `accounts` and `keys` (one function per subcommand: the call, then a table or the JSON),
+//! `table` (aligned plain-text columns).
+
+mod accounts;
+mod admin_client;
+mod keys;
+mod table;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use reqwest::Url;
+use serde_json::Value;
 
+use self::admin_client::{AdminClient, ClientError};
 use crate::app::{self, StartOptions};
 use crate::config;
 use crate::credential::{self, Kind};
+
+/// The variable that holds the admin credential. Not a flag, so it stays out of `ps` and shell
+/// history.
+const ADMIN_KEY_ENV: &str = "TOLLGATE_ADMIN_KEY";
 
 /// tollgate: an edge gateway for API keys, limits and metering.
 #[derive(Debug, Parser)]
@@ -47,12 +64,178 @@ enum Command {
         #[arg(long, default_value = "config/tollgate.toml")]
         config: PathBuf,
     },
+    /// Manage accounts over the admin API (needs the master key in TOLLGATE_ADMIN_KEY).
+    Accounts {
+        #[command(flatten)]
+        admin: AdminOptions,
+        #[command(subcommand)]
+        command: AccountsCommand,
+    },
+    /// Manage an account's API keys over the admin API (master key, or the account's own
+    /// secret key, in TOLLGATE_ADMIN_KEY).
+    Keys {
+        #[command(flatten)]
+        admin: AdminOptions,
+        /// The account (`acc_…`). Required with the master key; with an account's own secret
+        /// key it may be left out.
+        #[arg(long, global = true)]
+        account: Option<String>,
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum KeygenKind {
     Secret,
     Master,
+}
+
+/// Where the admin API is and how to print its answers; the credential comes from
+/// `TOLLGATE_ADMIN_KEY`.
+#[derive(Debug, Args)]
+struct AdminOptions {
+    /// Base URL of the admin listener.
+    #[arg(
+        long,
+        global = true,
+        env = "TOLLGATE_ADMIN_URL",
+        default_value = "http://127.0.0.1:9090",
+        value_parser = parse_admin_url
+    )]
+    admin_url: Url,
+    /// Print the API's JSON answer (pretty) instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum AccountsCommand {
+    /// Create an account (POST /v1/accounts).
+    Create(CreateAccountArgs),
+    /// List every account (GET /v1/accounts).
+    List,
+    /// Delete an account and its keys, permanently (DELETE /v1/accounts/{id}).
+    Delete {
+        /// The account's id (`acc_…`).
+        id: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct CreateAccountArgs {
+    /// Display name.
+    #[arg(long)]
+    name: String,
+    /// How the account's callers authenticate on the proxy (API default: api_key).
+    #[arg(long, value_enum)]
+    auth_method: Option<AuthMethodArg>,
+    #[command(flatten)]
+    limits: RateLimitArgs,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum AuthMethodArg {
+    #[value(name = "api_key", alias = "api-key")]
+    ApiKey,
+    Oauth,
+    Any,
+}
+
+/// Per-window request limits; a window left out falls back to the next level.
+#[derive(Debug, Args)]
+struct RateLimitArgs {
+    /// Requests per minute.
+    #[arg(long)]
+    per_minute: Option<u32>,
+    /// Requests per hour.
+    #[arg(long)]
+    per_hour: Option<u32>,
+    /// Requests per day.
+    #[arg(long)]
+    per_day: Option<u32>,
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Create a key; its raw value is printed this once (POST …/keys).
+    Create(CreateKeyArgs),
+    /// List the account's keys, metadata only (GET …/keys).
+    List,
+    /// Stop a key working, reversibly (POST …/keys/{id}/deactivate).
+    Deactivate {
+        /// The key's id (`key_…`).
+        key_id: String,
+    },
+    /// Let a deactivated key work again (POST …/keys/{id}/activate).
+    Activate {
+        /// The key's id (`key_…`).
+        key_id: String,
+    },
+    /// Replace a key: a new raw key now, the old one until the grace period ends
+    /// (POST …/keys/{id}/roll).
+    Roll {
+        /// The key's id (`key_…`).
+        key_id: String,
+        /// How long the old key keeps working, e.g. `1h` (API default: 24h).
+        #[arg(long)]
+        grace: Option<String>,
+    },
+    /// Delete a key, permanently (DELETE …/keys/{id}).
+    Delete {
+        /// The key's id (`key_…`).
+        key_id: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct CreateKeyArgs {
+    /// Name, unique in the account (at most 100 characters).
+    #[arg(long)]
+    name: String,
+    /// Secret (server-side) or publishable (browsers; needs --origin).
+    #[arg(long = "type", value_enum, default_value_t = KeyTypeArg::Secret)]
+    key_type: KeyTypeArg,
+    /// A scope the key holds; repeat for more. Without any, the key has full access.
+    #[arg(long = "scope")]
+    scopes: Vec<String>,
+    /// An origin a publishable key may be used from, e.g. `https://app.example.com`; repeat.
+    #[arg(long = "origin")]
+    origins: Vec<String>,
+    /// A CIDR the key may be used from, e.g. `203.0.113.0/24`; repeat.
+    #[arg(long = "allowed-ip")]
+    allowed_ips: Vec<String>,
+    /// Lifetime, e.g. `30d` or `12h`; without it the key does not expire.
+    #[arg(long)]
+    ttl: Option<String>,
+    #[command(flatten)]
+    limits: RateLimitArgs,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum KeyTypeArg {
+    Secret,
+    Publishable,
+}
+
+/// An admin command, with what it needs beyond [`AdminOptions`].
+enum AdminCommand {
+    Accounts(AccountsCommand),
+    Keys {
+        account: Option<String>,
+        command: KeysCommand,
+    },
+}
+
+/// Why an admin command stopped; the exit code follows from it.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    /// Exit 2: the command cannot work as given.
+    #[error("{0}")]
+    Usage(String),
+    /// Exit 1: the API refused, or could not be reached.
+    #[error(transparent)]
+    Client(#[from] ClientError),
 }
 
 /// Parses arguments and runs the command.
@@ -93,7 +276,104 @@ pub fn main() -> ExitCode {
             }
         },
         Command::Serve { config } => serve(&config),
+        Command::Accounts { admin, command } => {
+            admin_command(&admin, AdminCommand::Accounts(command))
+        }
+        Command::Keys {
+            admin,
+            account,
+            command,
+        } => admin_command(&admin, AdminCommand::Keys { account, command }),
     }
+}
+
+/// Reads the credential, builds the client and a current-thread runtime, runs `command`, and
+/// prints its failure.
+fn admin_command(admin: &AdminOptions, command: AdminCommand) -> ExitCode {
+    let Some(credential) = std::env::var(ADMIN_KEY_ENV)
+        .ok()
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+    else {
+        eprintln!(
+            "error: {ADMIN_KEY_ENV} is not set; put the master key (tgmk_…) or an account's \
+             secret key (tgsk_…) in it"
+        );
+        return ExitCode::from(2);
+    };
+    let client = match AdminClient::new(admin.admin_url.clone(), credential) {
+        Ok(client) => client,
+        Err(e) => {
+            eprintln!("error: cannot build the HTTP client: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let outcome = runtime.block_on(async {
+        match command {
+            AdminCommand::Accounts(command) => accounts::run(&client, command, admin.json).await,
+            AdminCommand::Keys { account, command } => {
+                keys::run(&client, account.as_deref(), command, admin.json).await
+            }
+        }
+    });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Client(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `--admin-url`: an `http://` URL (TLS is not built in).
+fn parse_admin_url(text: &str) -> Result<Url, String> {
+    let url = Url::parse(text).map_err(|e| format!("{text:?} is not a URL: {e}"))?;
+    match url.scheme() {
+        "http" if url.host().is_some() => Ok(url),
+        "http" => Err(format!("{text:?} has no host")),
+        other => Err(format!(
+            "{other}:// is not supported; the admin API is reached over plain http://"
+        )),
+    }
+}
+
+/// The API's answer as pretty JSON on stdout (nothing for an empty answer).
+fn print_json(answer: &Value) {
+    if !answer.is_null() {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(answer).unwrap_or_else(|_| answer.to_string())
+        );
+    }
+}
+
+/// `per_minute`/`per_hour`/`per_day` as the API's `rate_limit`, or `None` when none is given.
+fn rate_limit_json(limits: &RateLimitArgs) -> Option<Value> {
+    let mut spec = serde_json::Map::new();
+    for (field, value) in [
+        ("per_minute", limits.per_minute),
+        ("per_hour", limits.per_hour),
+        ("per_day", limits.per_day),
+    ] {
+        if let Some(n) = value {
+            spec.insert(field.to_owned(), n.into());
+        }
+    }
+    (!spec.is_empty()).then_some(Value::Object(spec))
 }
 
 fn serve(path: &std::path::Path) -> ExitCode {

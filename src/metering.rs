@@ -7,6 +7,7 @@
 //! (key, minute), so memory grows with active key-minutes, not with requests.
 
 pub mod flusher;
+pub mod retention;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};

@@ -14,6 +14,7 @@ use tempfile::TempDir;
 use tollgate::app::{self, Running, StartOptions};
 use tollgate::config::{self, Settings};
 use tollgate::credential::{self, Kind};
+use tollgate::metering::WallClock;
 
 use super::upstream::{dead_url, Upstream};
 
@@ -29,6 +30,7 @@ pub struct Gateway {
     /// The raw master key the gateway was started with.
     pub master: String,
     settings: Settings,
+    clock: WallClock,
     running: Option<Running>,
     client: reqwest::Client,
     /// Holds the config file and the store; removed on drop.
@@ -40,6 +42,7 @@ pub struct GatewayBuilder {
     upstream_url: String,
     routes: Option<String>,
     tweaks: Vec<Tweak>,
+    clock: WallClock,
 }
 
 // === impl GatewayBuilder ===
@@ -54,6 +57,12 @@ impl GatewayBuilder {
     /// Changes the loaded settings before start (e.g. `max_body_bytes`, `trusted_proxies`).
     pub fn tweak(mut self, f: impl FnOnce(&mut Settings) + Send + 'static) -> Self {
         self.tweaks.push(Box::new(f));
+        self
+    }
+
+    /// Meters on this clock instead of the system's.
+    pub fn clock(mut self, clock: WallClock) -> Self {
+        self.clock = clock;
         self
     }
 
@@ -88,12 +97,13 @@ path = '{store}'
             tweak(&mut settings);
         }
         let master = credential::generate(Kind::Master);
-        let running = start(&settings, &master).await;
+        let running = start(&settings, &master, &self.clock).await;
         Gateway {
             proxy_addr: running.proxy_addr,
             admin_addr: running.admin_addr,
             master,
             settings,
+            clock: self.clock,
             running: Some(running),
             client: super::client(),
             _dir: dir,
@@ -115,6 +125,7 @@ impl Gateway {
             upstream_url: upstream.url(),
             routes: None,
             tweaks: Vec::new(),
+            clock: WallClock::System,
         }
     }
 
@@ -202,7 +213,7 @@ impl Gateway {
         if let Some(running) = self.running.take() {
             running.shutdown().await;
         }
-        let running = start(&self.settings, &self.master).await;
+        let running = start(&self.settings, &self.master, &self.clock).await;
         self.proxy_addr = running.proxy_addr;
         self.admin_addr = running.admin_addr;
         self.running = Some(running);
@@ -270,10 +281,10 @@ upstreams = ["{dead}"]
     )
 }
 
-async fn start(settings: &Settings, master: &str) -> Running {
+async fn start(settings: &Settings, master: &str, clock: &WallClock) -> Running {
     let options = StartOptions {
         master_key: Some(master.to_owned()),
-        ..Default::default()
+        clock: clock.clone(),
     };
     app::start(settings.clone(), options)
         .await

@@ -1,0 +1,305 @@
+//! Usage metering end to end: exact counts under concurrency, minute boundaries on an injected
+//! clock, and no loss when the store fails for a while.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use reqwest::StatusCode;
+use serde_json::json;
+use tollgate::credential::KeyHash;
+use tollgate::metering::{flusher, Meter, Outcome, Pending, WallClock};
+use tollgate::metrics::Metrics;
+use tollgate::store::embedded::EmbeddedStore;
+use tollgate::store::*;
+
+use common::client;
+use common::gateway::Gateway;
+use common::upstream::Upstream;
+
+/// The sum of a key's day buckets.
+async fn key_total(store: &EmbeddedStore, key_id: &str) -> UsageCounts {
+    let mut total = UsageCounts::default();
+    for (_, c) in store
+        .key_usage(key_id, Granularity::Day, 0, i64::MAX)
+        .await
+        .expect("usage")
+    {
+        total.merge(&c);
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_requests_from_fifty_clients_across_three_keys_are_counted_exactly() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::builder(&upstream)
+        .tweak(|s| {
+            s.limits.default = RateLimitSpec {
+                per_minute: Some(1_000_000),
+                per_hour: Some(1_000_000),
+                per_day: Some(1_000_000),
+            }
+        })
+        .start()
+        .await;
+    let (account_a, key_1) = gw.account_with_key().await;
+    let (key_2_id, key_2) = gw.create_key(&account_a, json!({ "name": "second" })).await;
+    let (account_b, key_3) = gw.account_with_key().await;
+    let keys = Arc::new([key_1, key_2, key_3]);
+    let client = client();
+    let mut tasks = Vec::new();
+    for c in 0..50 {
+        let (client, keys, url) = (client.clone(), Arc::clone(&keys), gw.proxy_url("/things"));
+        tasks.push(tokio::spawn(async move {
+            for i in 0..200 {
+                // Client c sends request i with key (c + i) % 3: every key gets a known share.
+                let key = &keys[(c + i) % 3];
+                let response = client
+                    .get(&url)
+                    .bearer_auth(key)
+                    .send()
+                    .await
+                    .expect("send");
+                assert_eq!(response.status(), StatusCode::OK);
+                let _ = response.bytes().await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client");
+    }
+    let expected = |n: usize| {
+        (0..50)
+            .flat_map(|c| (0..200).map(move |i| (c + i) % 3))
+            .filter(|k| *k == n)
+            .count() as u64
+    };
+    let key_ids = [
+        id_of(&gw, &account_a, 0).await,
+        key_2_id,
+        id_of(&gw, &account_b, 0).await,
+    ];
+    let path = gw.store_path();
+    let _dir = gw.stop().await;
+    let store = EmbeddedStore::open(&path).expect("reopen");
+    let mut sum = 0;
+    for (n, key_id) in key_ids.iter().enumerate() {
+        let total = key_total(&store, key_id).await;
+        assert_eq!(
+            (total.requests, total.success, total.error),
+            (expected(n), expected(n), 0),
+            "key {n}"
+        );
+        sum += total.requests;
+    }
+    assert_eq!(sum, 10_000);
+    let a: u64 = store
+        .account_usage(&account_a, 0, i64::MAX)
+        .await
+        .expect("a")
+        .iter()
+        .map(|(_, c)| c.requests)
+        .sum();
+    let b: u64 = store
+        .account_usage(&account_b, 0, i64::MAX)
+        .await
+        .expect("b")
+        .iter()
+        .map(|(_, c)| c.requests)
+        .sum();
+    assert_eq!((a, b), (expected(0) + expected(1), expected(2)));
+}
+
+/// The id of the `n`th key of an account, through the admin API.
+async fn id_of(gw: &Gateway, account_id: &str, n: usize) -> String {
+    let (_, keys) = gw
+        .admin(
+            reqwest::Method::GET,
+            &format!("/v1/accounts/{account_id}/keys"),
+            None,
+        )
+        .await;
+    keys["keys"][n]["id"].as_str().expect("key id").to_owned()
+}
+
+#[tokio::test]
+async fn requests_either_side_of_a_minute_boundary_land_in_different_buckets() {
+    // 2026-11-23T12:59:59.999Z and 13:00:00.000Z.
+    let before = 1_795_438_799_999_i64;
+    let clock = Arc::new(AtomicI64::new(before));
+    let upstream = Upstream::start().await;
+    let gw = Gateway::builder(&upstream)
+        .clock(WallClock::Manual(Arc::clone(&clock)))
+        .start()
+        .await;
+    let (account_id, key) = gw.account_with_key().await;
+    let client = client();
+    let send = || client.get(gw.proxy_url("/x")).bearer_auth(&key).send();
+    assert_eq!(send().await.expect("send").status(), StatusCode::OK);
+    clock.store(before + 1, Ordering::SeqCst);
+    assert_eq!(send().await.expect("send").status(), StatusCode::OK);
+    assert_eq!(send().await.expect("send").status(), StatusCode::OK);
+    let key_id = id_of(&gw, &account_id, 0).await;
+    let path = gw.store_path();
+    let _dir = gw.stop().await;
+    let store = EmbeddedStore::open(&path).expect("reopen");
+    let minutes = store
+        .key_usage(&key_id, Granularity::Minute, 0, i64::MAX)
+        .await
+        .expect("usage");
+    let m = (before + 1) / 60_000;
+    let requests: Vec<(i64, u64)> = minutes.iter().map(|(i, c)| (*i, c.requests)).collect();
+    assert_eq!(requests, vec![(m - 1, 1), (m, 2)]);
+    let hours = store
+        .key_usage(&key_id, Granularity::Hour, 0, i64::MAX)
+        .await
+        .expect("usage");
+    assert_eq!(
+        hours
+            .iter()
+            .map(|(i, c)| (*i, c.requests))
+            .collect::<Vec<_>>(),
+        vec![(m / 60 - 1, 1), (m / 60, 2)]
+    );
+}
+
+/// A real embedded store that can be switched off: every write fails while `down` is set.
+struct SwitchableStore {
+    inner: EmbeddedStore,
+    down: AtomicBool,
+}
+
+impl SwitchableStore {
+    fn check(&self) -> Result<(), StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            Err(StoreError::Unavailable("switched off by the test".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl Store for SwitchableStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.ping().await
+    }
+    async fn lookup_key(&self, h: &KeyHash) -> Result<Option<KeyLookup>, StoreError> {
+        self.check()?;
+        self.inner.lookup_key(h).await
+    }
+    async fn create_account(&self, a: &AccountRecord) -> Result<(), StoreError> {
+        self.inner.create_account(a).await
+    }
+    async fn get_account(&self, id: &str) -> Result<Option<AccountRecord>, StoreError> {
+        self.inner.get_account(id).await
+    }
+    async fn list_accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
+        self.inner.list_accounts().await
+    }
+    async fn update_account(&self, a: &AccountRecord) -> Result<(), StoreError> {
+        self.inner.update_account(a).await
+    }
+    async fn delete_account(&self, id: &str) -> Result<Vec<KeyRecord>, StoreError> {
+        self.inner.delete_account(id).await
+    }
+    async fn create_key(&self, k: &KeyRecord) -> Result<(), StoreError> {
+        self.inner.create_key(k).await
+    }
+    async fn get_key(&self, a: &str, k: &str) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.get_key(a, k).await
+    }
+    async fn list_keys(&self, a: &str) -> Result<Vec<KeyRecord>, StoreError> {
+        self.inner.list_keys(a).await
+    }
+    async fn update_key(&self, k: &KeyRecord) -> Result<(), StoreError> {
+        self.inner.update_key(k).await
+    }
+    async fn delete_key(&self, a: &str, k: &str) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.delete_key(a, k).await
+    }
+    async fn create_site(&self, s: &SiteRecord) -> Result<(), StoreError> {
+        self.inner.create_site(s).await
+    }
+    async fn list_sites(&self, a: &str) -> Result<Vec<SiteRecord>, StoreError> {
+        self.inner.list_sites(a).await
+    }
+    async fn delete_site(&self, a: &str, s: &str) -> Result<bool, StoreError> {
+        self.inner.delete_site(a, s).await
+    }
+    async fn append_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
+        self.inner.append_audit(e).await
+    }
+    async fn list_audit(&self, a: Option<&str>, q: &AuditQuery) -> Result<AuditPage, StoreError> {
+        self.inner.list_audit(a, q).await
+    }
+    async fn add_usage(&self, b: &[UsageDelta]) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.add_usage(b).await
+    }
+    async fn key_usage(
+        &self,
+        k: &str,
+        g: Granularity,
+        f: i64,
+        t: i64,
+    ) -> Result<Vec<(i64, UsageCounts)>, StoreError> {
+        self.inner.key_usage(k, g, f, t).await
+    }
+    async fn account_usage(
+        &self,
+        a: &str,
+        f: i64,
+        t: i64,
+    ) -> Result<Vec<(i64, UsageCounts)>, StoreError> {
+        self.inner.account_usage(a, f, t).await
+    }
+    async fn last_used(&self, k: &[String]) -> Result<Vec<Option<i64>>, StoreError> {
+        self.inner.last_used(k).await
+    }
+    async fn prune_usage(&self, g: Granularity, b: i64) -> Result<u64, StoreError> {
+        self.inner.prune_usage(g, b).await
+    }
+    async fn master_key_hash(&self) -> Result<Option<KeyHash>, StoreError> {
+        self.inner.master_key_hash().await
+    }
+    async fn set_master_key_hash(&self, h: &KeyHash) -> Result<(), StoreError> {
+        self.inner.set_master_key_hash(h).await
+    }
+}
+
+#[tokio::test]
+async fn counts_survive_a_store_outage_and_are_written_once_it_is_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let switchable = Arc::new(SwitchableStore {
+        inner: EmbeddedStore::open(&dir.path().join("u.db")).expect("store"),
+        down: AtomicBool::new(true),
+    });
+    let store: SharedStore = switchable.clone();
+    let meter = Meter::new(WallClock::System);
+    let metrics = Metrics::new().expect("metrics");
+    let cell = meter.cell(&Arc::from("key_out"), &Arc::from("acc_out"));
+    let minute_ms = 60_000 * 29_000_000;
+    let (mut pending, mut failing) = (Pending::default(), false);
+    for round in 0..5 {
+        for _ in 0..100 {
+            cell.record(minute_ms + round * 60_000, Outcome { status: 200 });
+        }
+        assert!(!flusher::flush_once(&meter, &store, &metrics, &mut pending, &mut failing).await);
+    }
+    // Five minutes of traffic wait as five merged buckets, not 500 events.
+    assert_eq!(pending.len(), 5);
+    assert_eq!(metrics.usage_pending_events.get(), 5);
+    switchable.down.store(false, Ordering::SeqCst);
+    assert!(flusher::flush_once(&meter, &store, &metrics, &mut pending, &mut failing).await);
+    assert!(pending.is_empty());
+    let total = key_total(&switchable.inner, "key_out").await;
+    assert_eq!(total.requests, 500);
+    // Nothing is written twice.
+    assert!(flusher::flush_once(&meter, &store, &metrics, &mut pending, &mut failing).await);
+    assert_eq!(key_total(&switchable.inner, "key_out").await.requests, 500);
+}
