@@ -6,6 +6,7 @@
 //! a lock-free queue that tells the flusher which cells have counts. Pending counts merge by
 //! (key, minute), so memory grows with active key-minutes, not with requests.
 
+pub mod bucket;
 pub mod flusher;
 pub mod retention;
 

@@ -1,0 +1,303 @@
+//! Usage bucket maths, pure: the intervals of the usage API, their UTC alignment (ISO weeks
+//! start on Monday, months on the 1st), and turning stored day/hour/minute buckets into every
+//! bucket of a range, zeros included.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Utc};
+
+use crate::store::{Granularity, UsageCounts};
+
+/// The most buckets one usage query may return.
+pub const MAX_BUCKETS: u64 = 200_000;
+
+/// A usage API interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interval {
+    /// Minute buckets.
+    Minute,
+    /// Hour buckets.
+    Hour,
+    /// UTC days.
+    Day,
+    /// ISO weeks (Monday 00:00 UTC), summed from days.
+    Week,
+    /// Calendar months (UTC), summed from days.
+    Month,
+}
+
+/// Why a range cannot be answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RangeError {
+    /// `from` is after `to`.
+    #[error("from is after to")]
+    Reversed,
+    /// More than [`MAX_BUCKETS`] buckets.
+    #[error("the range holds {0} buckets, more than 200000")]
+    TooMany(u64),
+}
+
+// === impl Interval ===
+
+impl Interval {
+    /// Parses `minute|hour|day|week|month`.
+    pub fn parse(s: &str) -> Option<Interval> {
+        Some(match s {
+            "minute" => Interval::Minute,
+            "hour" => Interval::Hour,
+            "day" => Interval::Day,
+            "week" => Interval::Week,
+            "month" => Interval::Month,
+            _ => return None,
+        })
+    }
+
+    /// Its name in the API.
+    pub fn name(self) -> &'static str {
+        match self {
+            Interval::Minute => "minute",
+            Interval::Hour => "hour",
+            Interval::Day => "day",
+            Interval::Week => "week",
+            Interval::Month => "month",
+        }
+    }
+
+    /// The stored buckets it is built from.
+    pub fn source(self) -> Granularity {
+        match self {
+            Interval::Minute => Granularity::Minute,
+            Interval::Hour => Granularity::Hour,
+            Interval::Day | Interval::Week | Interval::Month => Granularity::Day,
+        }
+    }
+
+    /// The start of the bucket holding `t`.
+    pub fn floor(self, t: DateTime<Utc>) -> DateTime<Utc> {
+        let secs = t.timestamp();
+        let aligned = |len: i64| {
+            Utc.timestamp_opt(secs.div_euclid(len) * len, 0)
+                .single()
+                .unwrap_or(t)
+        };
+        match self {
+            Interval::Minute => aligned(60),
+            Interval::Hour => aligned(3_600),
+            Interval::Day => aligned(86_400),
+            Interval::Week => {
+                let day = aligned(86_400);
+                day - Duration::days(i64::from(day.weekday().num_days_from_monday()))
+            }
+            Interval::Month => {
+                let first =
+                    NaiveDate::from_ymd_opt(t.year(), t.month(), 1).unwrap_or(t.date_naive());
+                Utc.from_utc_datetime(&first.and_time(chrono::NaiveTime::MIN))
+            }
+        }
+    }
+
+    /// The start of the bucket after the one starting at `start`.
+    pub fn next(self, start: DateTime<Utc>) -> DateTime<Utc> {
+        match self {
+            Interval::Minute => start + Duration::minutes(1),
+            Interval::Hour => start + Duration::hours(1),
+            Interval::Day => start + Duration::days(1),
+            Interval::Week => start + Duration::weeks(1),
+            Interval::Month => {
+                let (y, m) = if start.month() == 12 {
+                    (start.year() + 1, 1)
+                } else {
+                    (start.year(), start.month() + 1)
+                };
+                NaiveDate::from_ymd_opt(y, m, 1).map_or(start + Duration::days(31), |d| {
+                    Utc.from_utc_datetime(&d.and_time(chrono::NaiveTime::MIN))
+                })
+            }
+        }
+    }
+
+    /// How many buckets start in `[floor(from), to)`, without listing them.
+    pub fn count(self, from: DateTime<Utc>, to: DateTime<Utc>) -> u64 {
+        let start = self.floor(from);
+        if to <= start {
+            return 0;
+        }
+        let span = (to - start).num_seconds();
+        let per = |len: i64| u64::try_from((span + len - 1) / len).unwrap_or(u64::MAX);
+        match self {
+            Interval::Minute => per(60),
+            Interval::Hour => per(3_600),
+            Interval::Day => per(86_400),
+            Interval::Week => per(7 * 86_400),
+            Interval::Month => {
+                let months =
+                    (to.year() - start.year()) * 12 + to.month() as i32 - start.month() as i32;
+                let months = u64::try_from(months).unwrap_or(0);
+                if self.floor(to) == to {
+                    months
+                } else {
+                    months + 1
+                }
+            }
+        }
+    }
+}
+
+/// Every bucket of `interval` that starts in `[floor(from), to)`, with the stored buckets
+/// (`(index, counts)` of `interval.source()`) summed into them and zeros elsewhere.
+pub fn fill(
+    interval: Interval,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    stored: &[(i64, UsageCounts)],
+) -> Result<Vec<(DateTime<Utc>, UsageCounts)>, RangeError> {
+    if from > to {
+        return Err(RangeError::Reversed);
+    }
+    let n = interval.count(from, to);
+    if n > MAX_BUCKETS {
+        return Err(RangeError::TooMany(n));
+    }
+    let len = interval.source().seconds();
+    let mut sums: BTreeMap<DateTime<Utc>, UsageCounts> = BTreeMap::new();
+    for (index, counts) in stored {
+        if let Some(t) = Utc.timestamp_opt(index * len, 0).single() {
+            sums.entry(interval.floor(t)).or_default().merge(counts);
+        }
+    }
+    let mut out = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
+    let mut start = interval.floor(from);
+    while start < to {
+        out.push((start, sums.get(&start).copied().unwrap_or_default()));
+        start = interval.next(start);
+    }
+    Ok(out)
+}
+
+/// The stored-bucket index range `[from, to)` that covers the buckets of [`fill`].
+pub fn source_range(interval: Interval, from: DateTime<Utc>, to: DateTime<Utc>) -> (i64, i64) {
+    let len = interval.source().seconds();
+    let start = interval.floor(from).timestamp().div_euclid(len);
+    let end = to.timestamp().div_euclid(len) + 1;
+    (start, end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn requests(n: u64) -> UsageCounts {
+        UsageCounts {
+            requests: n,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn weeks_start_on_monday_and_months_on_the_first() {
+        // 2026-11-23 is a Monday.
+        assert_eq!(
+            Interval::Week.floor(t("2026-11-29T23:59:59Z")),
+            t("2026-11-23T00:00:00Z")
+        );
+        assert_eq!(
+            Interval::Week.floor(t("2026-11-23T00:00:00Z")),
+            t("2026-11-23T00:00:00Z")
+        );
+        assert_eq!(
+            Interval::Week.floor(t("2026-11-22T12:00:00Z")),
+            t("2026-11-16T00:00:00Z")
+        );
+        assert_eq!(
+            Interval::Month.floor(t("2026-12-31T23:00:00Z")),
+            t("2026-12-01T00:00:00Z")
+        );
+        assert_eq!(
+            Interval::Month.next(t("2026-12-01T00:00:00Z")),
+            t("2027-01-01T00:00:00Z")
+        );
+    }
+
+    #[test]
+    fn every_bucket_in_range_is_listed_with_zeros() {
+        let stored = vec![(29_590_000, requests(3))];
+        let from = t("2026-04-05T00:00:00Z");
+        let to = from + Duration::minutes(5);
+        let buckets = fill(Interval::Minute, from, to, &[]).unwrap();
+        assert_eq!(buckets.len(), 5);
+        assert!(buckets.iter().all(|(_, c)| *c == UsageCounts::default()));
+        let at = Utc.timestamp_opt(29_590_000 * 60, 0).unwrap();
+        let one = fill(Interval::Minute, at, at + Duration::minutes(2), &stored).unwrap();
+        assert_eq!(
+            one,
+            vec![
+                (at, requests(3)),
+                (at + Duration::minutes(1), UsageCounts::default())
+            ]
+        );
+    }
+
+    #[test]
+    fn weeks_and_months_sum_their_days() {
+        // Days 20 416 (Mon 2025-11-24) .. 20 422 (Sun 2025-11-30), and 20 423 (Mon 2025-12-01).
+        let stored: Vec<(i64, UsageCounts)> = (20_416..=20_423).map(|d| (d, requests(1))).collect();
+        let weeks = fill(
+            Interval::Week,
+            t("2025-11-24T00:00:00Z"),
+            t("2025-12-08T00:00:00Z"),
+            &stored,
+        )
+        .unwrap();
+        assert_eq!(
+            weeks,
+            vec![
+                (t("2025-11-24T00:00:00Z"), requests(7)),
+                (t("2025-12-01T00:00:00Z"), requests(1))
+            ]
+        );
+        let months = fill(
+            Interval::Month,
+            t("2025-11-15T00:00:00Z"),
+            t("2025-12-15T00:00:00Z"),
+            &stored,
+        )
+        .unwrap();
+        assert_eq!(
+            months,
+            vec![
+                (t("2025-11-01T00:00:00Z"), requests(7)),
+                (t("2025-12-01T00:00:00Z"), requests(1))
+            ]
+        );
+    }
+
+    #[test]
+    fn ranges_are_checked() {
+        let a = t("2026-01-01T00:00:00Z");
+        assert_eq!(
+            fill(Interval::Day, a, a - Duration::days(1), &[]),
+            Err(RangeError::Reversed)
+        );
+        assert_eq!(
+            Interval::Minute.count(a, a + Duration::minutes(200_000)),
+            200_000
+        );
+        assert!(fill(Interval::Minute, a, a + Duration::minutes(200_000), &[]).is_ok());
+        assert_eq!(
+            fill(Interval::Minute, a, a + Duration::minutes(200_001), &[]),
+            Err(RangeError::TooMany(200_001))
+        );
+        assert_eq!(
+            Interval::Month.count(t("2026-01-15T00:00:00Z"), t("2026-03-01T00:00:00Z")),
+            2
+        );
+        assert_eq!(
+            Interval::Month.count(t("2026-01-15T00:00:00Z"), t("2026-03-02T00:00:00Z")),
+            3
+        );
+    }
+}
