@@ -8,23 +8,37 @@
 //! | `POST /v1/accounts` | operator | 201 account |
 //! | `GET /v1/accounts` | operator | `{"accounts":[…]}` |
 //! | `GET /v1/accounts/{account_id}` | operator | account |
+//! | `PATCH /v1/accounts/{account_id}` | operator | account (JSON merge patch, `active` too) |
+//! | `DELETE /v1/accounts/{account_id}` | operator | `{"deleted":true}`, with its keys, sites |
 //! | `GET /v1/account` | account key | `id`, `name`, `auth_method`, `created_at` |
+//! | `GET …/config` | both | the account's and the calling key's rules, `{tenant, client}` |
 //! | `POST …/keys` | both | 201 key metadata and the raw `key`, once |
 //! | `GET …/keys` | both | `{"keys":[…]}`, metadata only |
 //! | `GET …/keys/{key_id}` | both | key metadata |
+//! | `PATCH …/keys/{key_id}` | both | key metadata as changed (merge patch) |
 //! | `POST …/keys/{key_id}/deactivate`, `…/activate` | both | key metadata |
+//! | `POST …/keys/{key_id}/renew` | both | key metadata with the new `expires_at` |
+//! | `POST …/keys/{key_id}/roll` | both | 201 the new key's metadata and raw `key`, once |
 //! | `DELETE …/keys/{key_id}` | both | `{"deleted":true}` |
+//! | `GET …/sites` | both | `{"sites":[{"id","name","created_at"}]}` |
+//! | `POST …/sites` | both | 201 site |
+//! | `DELETE …/sites/{site_id}` | both | 204, no body |
+//! | `GET …/audit` | both | `{"logs":[…],"total","limit","offset"}`, newest first |
 //!
 //! `…` is `/v1/accounts/{account_id}` for the operator (master key) and `/v1/account` for an
 //! account's own secret key, whose scopes must be null or hold `account:read` (GET) or
-//! `account:write` (everything else). Errors are
+//! `account:write` (everything else); ids of another account's keys and sites are 404. Only the
+//! operator changes or deletes an account. Errors are
 //! `{"error":{"code","message"}}` ([`error::ApiError`]); unknown paths are 404 `not_found`, and
 //! bodies over 64 KiB are 413 `body_too_large`. Every change writes an audit entry.
 //!
-//! Layout: `auth` (who is calling), `body` (JSON bodies that name the failing field), `error`,
-//! `validate` (field checks), `audit`, `health`, `accounts`, `keys`, `master` (the operator's key
-//! at start-up). This module uses the store, the key cache and metrics; never the proxy.
+//! Layout: `auth` (who is calling), `body` (JSON bodies that name the failing field), `patch`
+//! (PATCH bodies as JSON merge patches), `error`, `validate` (field checks), `audit` (writing and
+//! listing entries), `health`, `accounts`, `account_config`, `keys`, `rotation` (renew and roll),
+//! `sites`, `master` (the operator's key at start-up). This module uses the store, the key cache
+//! and metrics; never the proxy.
 
+mod account_config;
 mod accounts;
 mod audit;
 mod auth;
@@ -33,12 +47,15 @@ pub mod error;
 mod health;
 mod keys;
 pub mod master;
+mod patch;
+mod rotation;
+mod sites;
 mod validate;
 
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 
 use crate::auth::cache::KeyCache;
@@ -97,23 +114,29 @@ pub fn router(state: AdminState) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
         .route("/v1/accounts", post(accounts::create).get(accounts::list))
-        .route("/v1/accounts/{account_id}", get(accounts::get))
+        .route(
+            "/v1/accounts/{account_id}",
+            get(accounts::get)
+                .patch(accounts::update)
+                .delete(accounts::delete),
+        )
         .route("/v1/account", get(accounts::get_own))
-        .merge(key_routes("/v1/accounts/{account_id}"))
-        .merge(key_routes("/v1/account"))
+        .merge(account_routes("/v1/accounts/{account_id}"))
+        .merge(account_routes("/v1/account"))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 
-/// The key endpoints under one account base path; both bases reach the same handlers.
-fn key_routes(base: &str) -> Router<AdminState> {
+/// An account's resources under one base path; both bases reach the same handlers.
+fn account_routes(base: &str) -> Router<AdminState> {
     Router::new()
+        .route(&format!("{base}/config"), get(account_config::get))
         .route(&format!("{base}/keys"), post(keys::create).get(keys::list))
         .route(
             &format!("{base}/keys/{{key_id}}"),
-            get(keys::get).delete(keys::delete),
+            get(keys::get).patch(keys::update).delete(keys::delete),
         )
         .route(
             &format!("{base}/keys/{{key_id}}/deactivate"),
@@ -123,6 +146,20 @@ fn key_routes(base: &str) -> Router<AdminState> {
             &format!("{base}/keys/{{key_id}}/activate"),
             post(keys::activate),
         )
+        .route(
+            &format!("{base}/keys/{{key_id}}/renew"),
+            post(rotation::renew),
+        )
+        .route(
+            &format!("{base}/keys/{{key_id}}/roll"),
+            post(rotation::roll),
+        )
+        .route(
+            &format!("{base}/sites"),
+            get(sites::list).post(sites::create),
+        )
+        .route(&format!("{base}/sites/{{site_id}}"), delete(sites::delete))
+        .route(&format!("{base}/audit"), get(audit::list))
 }
 
 async fn not_found() -> ApiError {

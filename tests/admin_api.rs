@@ -1041,3 +1041,57 @@ async fn audit_entries_are_written() {
         .expect("json")
         .contains("tgsk_"));
 }
+
+#[tokio::test]
+async fn account_patch_and_delete_reach_the_cache_and_the_audit_log() {
+    let admin = start().await;
+    let account_id = admin.account().await;
+    let created = admin
+        .create_key(&account_id, json!({ "name": "main" }))
+        .await;
+    let hash = KeyHash::of(&text(&created, "key"));
+    let account_active = |lookup: Lookup| match lookup {
+        Lookup::Found(key) => key.account_active,
+        Lookup::NotFound | Lookup::Unavailable => panic!("key not found in cache"),
+    };
+    assert!(account_active(admin.cache.get(&hash).await));
+
+    let path = format!("/v1/accounts/{account_id}");
+    let (status, _) = admin
+        .master_call(Method::PATCH, &path, Some(json!({ "active": false })))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        !account_active(admin.cache.get(&hash).await),
+        "cache still serves the active account"
+    );
+
+    let (status, body) = admin.master_call(Method::DELETE, &path, None).await;
+    assert_eq!((status, body), (StatusCode::OK, json!({ "deleted": true })));
+    assert!(matches!(admin.cache.get(&hash).await, Lookup::NotFound));
+    assert_eq!(admin.store.list_keys(&account_id).await.expect("keys"), []);
+
+    // The entries outlive the account, for the operator's records.
+    let query = AuditQuery {
+        limit: 100,
+        ..AuditQuery::default()
+    };
+    let page = admin
+        .store
+        .list_audit(Some(&account_id), &query)
+        .await
+        .expect("audit");
+    let actions: Vec<&str> = page.entries.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        [
+            "account.delete",
+            "account.update",
+            "key.create",
+            "account.create"
+        ]
+    );
+    assert_eq!(page.entries[0].actor_id, "master");
+    assert_eq!(page.entries[0].detail["keys_removed"], 1);
+    assert_eq!(page.entries[1].detail["changed"], json!(["active"]));
+}

@@ -1,17 +1,29 @@
 //! The operator's account endpoints — `POST /v1/accounts`, `GET /v1/accounts`,
-//! `GET /v1/accounts/{account_id}` — and an account's view of itself, `GET /v1/account`.
+//! `GET/PATCH/DELETE /v1/accounts/{account_id}` — and an account's view of itself,
+//! `GET /v1/account`.
+//!
+//! An account cannot change or delete itself: its rate limit, plan, permissions and `active`
+//! flag are the operator's to set, so `PATCH` and `DELETE` exist only on the operator's path.
+//! After a change every cached key of the account is dropped, so the proxy applies it on the
+//! next request; deleting an account removes its keys and sites and drops each key's entry, which
+//! revokes all its credentials at once.
+//!
+//! A PATCH is a JSON merge patch ([`Patch`]) over the create fields plus `active`. Narrowing
+//! `permissions` or `plan` leaves existing keys and sites as they are; it only limits new ones.
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{json, Map, Value};
 
 use super::audit::{self, Change, Origin};
 use super::auth::{AccountAccess, Actor, Operator};
 use super::body::JsonBody;
 use super::error::ApiError;
+use super::keys::Deleted;
+use super::patch::Patch;
 use super::{validate, AdminState};
 use crate::credential;
 use crate::store::{AccountRecord, AuthMethod, NetworkPolicy, Plan, RateLimitSpec};
@@ -19,10 +31,25 @@ use crate::store::{AccountRecord, AuthMethod, NetworkPolicy, Plan, RateLimitSpec
 /// Longest account name.
 const MAX_NAME_CHARS: usize = 200;
 
-/// `POST /v1/accounts`.
-#[derive(Debug, Deserialize)]
+/// The fields PATCH may name.
+const PATCHABLE: [&str; 7] = [
+    "name",
+    "auth_method",
+    "rate_limit",
+    "network_policy",
+    "permissions",
+    "plan",
+    "active",
+];
+
+/// Fields that have no "unset" state, so `null` is refused rather than guessed at.
+const NOT_NULL: [&str; 3] = ["name", "auth_method", "active"];
+
+/// What the operator sets on an account: the body of `POST /v1/accounts`, and what a PATCH is
+/// applied to. Create takes `active` too (default true), so an account can start disabled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct CreateAccount {
+pub(crate) struct AccountFields {
     name: String,
     #[serde(default)]
     auth_method: AuthMethod,
@@ -34,6 +61,8 @@ pub(crate) struct CreateAccount {
     permissions: Option<Vec<String>>,
     #[serde(default)]
     plan: Plan,
+    #[serde(default = "yes")]
+    active: bool,
 }
 
 /// `GET /v1/accounts`.
@@ -55,9 +84,11 @@ pub(crate) struct OwnAccount {
 pub(crate) async fn create(
     State(state): State<AdminState>,
     operator: Operator,
-    JsonBody(req): JsonBody<CreateAccount>,
+    JsonBody(req): JsonBody<AccountFields>,
 ) -> Result<(StatusCode, Json<AccountRecord>), ApiError> {
-    let account = req.into_record()?;
+    let fields = req.validated()?;
+    let now = Utc::now();
+    let account = fields.into_record(credential::new_id("acc"), now, now);
     state.store.create_account(&account).await?;
     audit::record(
         &*state.store,
@@ -102,10 +133,95 @@ pub(crate) async fn get_own(access: AccountAccess) -> Json<OwnAccount> {
     })
 }
 
-// === impl CreateAccount ===
+/// `PATCH /v1/accounts/{account_id}` → the account as changed.
+pub(crate) async fn update(
+    State(state): State<AdminState>,
+    access: AccountAccess,
+    JsonBody(body): JsonBody<Map<String, Value>>,
+) -> Result<Json<AccountRecord>, ApiError> {
+    let patch = Patch::new(body, &PATCHABLE, &NOT_NULL)?;
+    let (account, changed) = {
+        let _writes = state.writes.lock().await;
+        // Re-read under the lock: the extractor's copy may predate a concurrent change.
+        let current = state
+            .store
+            .get_account(&access.account.id)
+            .await?
+            .ok_or(ApiError::NotFound("account"))?;
+        let before = AccountFields::of(&current);
+        let after = patch.apply(&before)?.validated()?;
+        let changed = after.changed_from(&before);
+        if changed.is_empty() {
+            return Ok(Json(current));
+        }
+        let account = AccountRecord {
+            shared_rate_limit: current.shared_rate_limit,
+            ..after.into_record(current.id, current.created_at, Utc::now())
+        };
+        state.store.update_account(&account).await?;
+        (account, changed)
+    };
+    state.cache.invalidate_account(&account.id);
+    audit::record(
+        &*state.store,
+        access.audit_origin(),
+        Change {
+            action: "account.update",
+            target_type: "account",
+            target_id: &account.id,
+            detail: json!({ "changed": changed, "active": account.active }),
+        },
+    )
+    .await;
+    Ok(Json(account))
+}
 
-impl CreateAccount {
-    fn into_record(self) -> Result<AccountRecord, ApiError> {
+/// `DELETE /v1/accounts/{account_id}` → `{"deleted":true}`: the account, its keys and its sites.
+pub(crate) async fn delete(
+    State(state): State<AdminState>,
+    access: AccountAccess,
+) -> Result<Json<Deleted>, ApiError> {
+    let removed = {
+        let _writes = state.writes.lock().await;
+        state.store.delete_account(&access.account.id).await?
+    };
+    for key in &removed {
+        state.cache.invalidate(&key.hash);
+    }
+    state.cache.invalidate_account(&access.account.id);
+    audit::record(
+        &*state.store,
+        access.audit_origin(),
+        Change {
+            action: "account.delete",
+            target_type: "account",
+            target_id: &access.account.id,
+            detail: json!({ "name": access.account.name, "keys_removed": removed.len() }),
+        },
+    )
+    .await;
+    Ok(Json(Deleted::yes()))
+}
+
+// === impl AccountFields ===
+
+impl AccountFields {
+    /// The fields as `account` holds them now.
+    fn of(account: &AccountRecord) -> Self {
+        AccountFields {
+            name: account.name.clone(),
+            auth_method: account.auth_method,
+            rate_limit: account.rate_limit,
+            network_policy: account.network_policy.clone(),
+            permissions: account.permissions.clone(),
+            plan: account.plan,
+            active: account.active,
+        }
+    }
+
+    /// Checks every field, trimming the name and normalising CIDRs and origins; a `rate_limit`
+    /// with no window set is no rate limit.
+    fn validated(self) -> Result<Self, ApiError> {
         let name = validate::name("name", &self.name, MAX_NAME_CHARS)?;
         validate::rate_limit("rate_limit", self.rate_limit.as_ref())?;
         let network_policy = NetworkPolicy {
@@ -121,19 +237,56 @@ impl CreateAccount {
         if let Some(permissions) = &self.permissions {
             validate::scope_names("permissions", permissions)?;
         }
-        let now = Utc::now();
-        Ok(AccountRecord {
-            id: credential::new_id("acc"),
+        Ok(AccountFields {
             name,
-            auth_method: self.auth_method,
-            rate_limit: self.rate_limit,
+            rate_limit: self.rate_limit.filter(|r| *r != RateLimitSpec::default()),
             network_policy,
-            permissions: self.permissions,
-            plan: self.plan,
-            active: true,
-            shared_rate_limit: None,
-            created_at: now,
-            updated_at: now,
+            ..self
         })
     }
+
+    /// Names of the fields that differ from `other`, in [`PATCHABLE`] order.
+    fn changed_from(&self, other: &AccountFields) -> Vec<&'static str> {
+        let differs = [
+            self.name != other.name,
+            self.auth_method != other.auth_method,
+            self.rate_limit != other.rate_limit,
+            self.network_policy != other.network_policy,
+            self.permissions != other.permissions,
+            self.plan != other.plan,
+            self.active != other.active,
+        ];
+        PATCHABLE
+            .iter()
+            .zip(differs)
+            .filter_map(|(name, differs)| differs.then_some(*name))
+            .collect()
+    }
+
+    fn into_record(
+        self,
+        id: String,
+        created_at: chrono::DateTime<Utc>,
+        updated_at: chrono::DateTime<Utc>,
+    ) -> AccountRecord {
+        AccountRecord {
+            id,
+            name: self.name,
+            auth_method: self.auth_method,
+            rate_limit: self.rate_limit,
+            network_policy: self.network_policy,
+            permissions: self.permissions,
+            plan: self.plan,
+            active: self.active,
+            shared_rate_limit: None,
+            created_at,
+            updated_at,
+        }
+    }
+}
+
+// === functions ===
+
+fn yes() -> bool {
+    true
 }

@@ -1,15 +1,28 @@
-//! Writing the audit entry that every change leaves behind.
+//! The audit log: writing the entry that every change leaves behind ([`record`]), and reading an
+//! account's entries at `GET …/audit` ([`list`]).
 //!
 //! The entry is written after the change succeeded. If that write fails the change stands (and
 //! the caller is told it succeeded, since retrying would repeat it); the failure is logged with
-//! the entry so that it can be reconstructed.
+//! the entry so that it can be reconstructed. `detail` names what changed and never holds a raw
+//! key or a hash.
 
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::Json;
 use chrono::Utc;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::auth::Actor;
+use super::auth::{AccountAccess, Actor};
+use super::error::ApiError;
+use super::AdminState;
 use crate::credential;
-use crate::store::{AuditEntry, Store};
+use crate::store::{AuditEntry, AuditQuery, Store};
+
+/// Page size when `limit` is not given.
+const DEFAULT_LIMIT: usize = 50;
+/// Largest page.
+const MAX_LIMIT: usize = 100;
 
 /// One change, as the audit log describes it.
 pub(crate) struct Change<'a> {
@@ -33,6 +46,44 @@ pub(crate) struct Origin<'a> {
     pub(crate) account_id: Option<&'a str>,
 }
 
+/// The query of `GET …/audit`, as text so that a bad value is refused naming its parameter.
+#[derive(Debug, Deserialize)]
+pub(crate) struct AuditParams {
+    limit: Option<String>,
+    offset: Option<String>,
+    action: Option<String>,
+    search: Option<String>,
+}
+
+/// The answer of `GET …/audit`.
+#[derive(Serialize)]
+pub(crate) struct AuditLog {
+    logs: Vec<AuditEntry>,
+    total: usize,
+    limit: usize,
+    offset: usize,
+}
+
+/// `GET …/audit?limit=&offset=&action=&search=`: the account's entries, newest first.
+pub(crate) async fn list(
+    State(state): State<AdminState>,
+    access: AccountAccess,
+    params: Result<Query<AuditParams>, QueryRejection>,
+) -> Result<Json<AuditLog>, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::InvalidBody(format!("query: {e}")))?;
+    let query = params.into_query()?;
+    let page = state
+        .store
+        .list_audit(Some(&access.account.id), &query)
+        .await?;
+    Ok(Json(AuditLog {
+        logs: page.entries,
+        total: page.total,
+        limit: query.limit,
+        offset: query.offset,
+    }))
+}
+
 /// Appends the entry for `change`.
 pub(crate) async fn record(store: &dyn Store, origin: Origin<'_>, change: Change<'_>) {
     let entry = AuditEntry {
@@ -48,6 +99,43 @@ pub(crate) async fn record(store: &dyn Store, origin: Origin<'_>, change: Change
     };
     if let Err(e) = store.append_audit(&entry).await {
         tracing::error!(error = %e, entry = ?entry, "admin: audit entry not written");
+    }
+}
+
+// === impl AuditParams ===
+
+impl AuditParams {
+    fn into_query(self) -> Result<AuditQuery, ApiError> {
+        let limit = match self.limit.as_deref() {
+            None => DEFAULT_LIMIT,
+            Some(text) => text
+                .trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=MAX_LIMIT).contains(n))
+                .ok_or_else(|| {
+                    ApiError::field(
+                        "limit",
+                        format!("{text:?} is not a whole number from 1 to {MAX_LIMIT}"),
+                    )
+                })?,
+        };
+        let offset = match self.offset.as_deref() {
+            None => 0,
+            Some(text) => text.trim().parse::<usize>().map_err(|_| {
+                ApiError::field(
+                    "offset",
+                    format!("{text:?} is not a whole number, 0 or more"),
+                )
+            })?,
+        };
+        let non_empty = |s: Option<String>| s.filter(|s| !s.is_empty());
+        Ok(AuditQuery {
+            limit,
+            offset,
+            action: non_empty(self.action),
+            search: non_empty(self.search),
+        })
     }
 }
 

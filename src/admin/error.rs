@@ -53,14 +53,19 @@ pub enum ApiError {
     /// 409 `name_taken`: the account already has a key with this name.
     #[error("the account already has a key named like this")]
     NameTaken,
+    /// 409 `name_taken`: the account already has this site (origin).
+    #[error("the account already has this site")]
+    SiteTaken,
     /// 409 `already_exists`: the generated id collided with an existing record.
     #[error("a record with this id already exists; retry")]
     AlreadyExists,
     /// 409 `plan_limit`: the account's plan allows no more of these.
-    #[error("the account's plan allows at most {max} keys")]
+    #[error("the account's plan allows at most {max} {what}")]
     PlanLimit {
         /// The plan's limit.
         max: u32,
+        /// What is limited: `keys` or `sites`.
+        what: &'static str,
     },
     /// 409 `last_credential`: the change would leave an `api_key` account without an active
     /// secret key.
@@ -109,7 +114,7 @@ impl ApiError {
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
-            ApiError::NameTaken => (StatusCode::CONFLICT, "name_taken"),
+            ApiError::NameTaken | ApiError::SiteTaken => (StatusCode::CONFLICT, "name_taken"),
             ApiError::AlreadyExists => (StatusCode::CONFLICT, "already_exists"),
             ApiError::PlanLimit { .. } => (StatusCode::CONFLICT, "plan_limit"),
             ApiError::LastCredential => (StatusCode::CONFLICT, "last_credential"),

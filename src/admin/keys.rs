@@ -1,6 +1,7 @@
 //! An account's API keys, under `/v1/accounts/{account_id}/keys` (operator) and
 //! `/v1/account/keys` (the account's own key); both forms reach these handlers through
-//! [`AccountAccess`], which has already resolved and read the account.
+//! [`AccountAccess`], which has already resolved and read the account. Renewing and rolling a
+//! key are in [`super::rotation`].
 //!
 //! Only `KeyHash::of(raw)` is stored; the raw key is in the create answer and nowhere else.
 //! After every change the key's cache entry is dropped, so the proxy enforces the change on the
@@ -8,6 +9,10 @@
 //! (a key asking for full access on an account with `permissions` gets exactly those), the last
 //! usable secret key of an `api_key` account, and `protected` keys (not deactivated; deleting
 //! one is an explicit, permanent act the contract allows).
+//!
+//! A PATCH is a JSON merge patch ([`Patch`]) over `name`, `scopes`, `allowed_origins`,
+//! `allowed_ips`, `rate_limit` and `metadata`, checked as create checks them. New `scopes` must be
+//! within what the caller may grant; scopes the PATCH does not name are left as they are.
 
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
@@ -21,12 +26,23 @@ use super::audit::{self, Change};
 use super::auth::{path_param, AccountAccess};
 use super::body::JsonBody;
 use super::error::ApiError;
+use super::patch::Patch;
 use super::{validate, AdminState};
 use crate::credential::{self, KeyHash, Kind};
 use crate::store::{AccountRecord, AuthMethod, KeyRecord, KeyType, RateLimitSpec, Store};
 
 /// Longest key name.
-const MAX_NAME_CHARS: usize = 100;
+pub(crate) const MAX_NAME_CHARS: usize = 100;
+
+/// The fields PATCH may name.
+const PATCHABLE: [&str; 6] = [
+    "name",
+    "scopes",
+    "allowed_origins",
+    "allowed_ips",
+    "rate_limit",
+    "metadata",
+];
 
 /// `POST …/keys`.
 #[derive(Debug, Deserialize)]
@@ -79,8 +95,25 @@ pub(crate) struct KeyView {
 #[derive(Serialize)]
 pub(crate) struct CreatedKey {
     #[serde(flatten)]
-    view: KeyView,
-    key: String,
+    pub(crate) view: KeyView,
+    pub(crate) key: String,
+}
+
+/// What a PATCH may change on a key, as the patch is applied to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyFields {
+    name: String,
+    #[serde(default)]
+    scopes: Option<Vec<String>>,
+    #[serde(default)]
+    allowed_origins: Vec<String>,
+    #[serde(default)]
+    allowed_ips: Vec<String>,
+    #[serde(default)]
+    rate_limit: Option<RateLimitSpec>,
+    #[serde(default = "empty_object")]
+    metadata: Value,
 }
 
 /// `GET …/keys`.
@@ -96,7 +129,7 @@ pub(crate) struct Deleted {
 }
 
 /// The `{key_id}` of the path.
-pub(crate) struct KeyId(String);
+pub(crate) struct KeyId(pub(crate) String);
 
 /// `POST …/keys` → 201 with the raw key.
 pub(crate) async fn create(
@@ -118,7 +151,7 @@ pub(crate) async fn create(
         if let Some(max) = access.account.plan.max_keys {
             let held = state.store.list_keys(&access.account.id).await?.len();
             if held >= usize::try_from(max).unwrap_or(usize::MAX) {
-                return Err(ApiError::PlanLimit { max });
+                return Err(ApiError::PlanLimit { max, what: "keys" });
             }
         }
         state.store.create_key(&record).await?;
@@ -157,6 +190,48 @@ pub(crate) async fn get(
     KeyId(key_id): KeyId,
 ) -> Result<Json<KeyView>, ApiError> {
     let key = fetch(&*state.store, &access.account.id, &key_id).await?;
+    Ok(Json(KeyView::from(key)))
+}
+
+/// `PATCH …/keys/{key_id}` → the key as changed.
+pub(crate) async fn update(
+    State(state): State<AdminState>,
+    access: AccountAccess,
+    KeyId(key_id): KeyId,
+    JsonBody(body): JsonBody<serde_json::Map<String, Value>>,
+) -> Result<Json<KeyView>, ApiError> {
+    let patch = Patch::new(body, &PATCHABLE, &["name"])?;
+    let grantable = grantable(
+        access.account.permissions.as_deref(),
+        access.caller_scopes.as_deref(),
+    );
+    let (key, changed) = {
+        let _writes = state.writes.lock().await;
+        let mut key = fetch(&*state.store, &access.account.id, &key_id).await?;
+        let before = KeyFields::of(&key);
+        let mut after = patch.apply(&before)?.validated(key.key_type)?;
+        after.scopes = if patch.touches("scopes") {
+            scopes_within(after.scopes, grantable.as_deref())?
+        } else {
+            before.scopes.clone()
+        };
+        let changed = after.changed_from(&before);
+        if changed.is_empty() {
+            return Ok(Json(KeyView::from(key)));
+        }
+        after.write_to(&mut key);
+        key.updated_at = Utc::now();
+        state.store.update_key(&key).await?;
+        (key, changed)
+    };
+    state.cache.invalidate(&key.hash);
+    let detail = json!({ "name": key.name, "changed": changed });
+    audit::record(
+        &*state.store,
+        access.audit_origin(),
+        change("key.update", &key.id, detail),
+    )
+    .await;
     Ok(Json(KeyView::from(key)))
 }
 
@@ -238,7 +313,7 @@ pub(crate) async fn delete(
         change("key.delete", &key.id, detail),
     )
     .await;
-    Ok(Json(Deleted { deleted: true }))
+    Ok(Json(Deleted::yes()))
 }
 
 // === impl CreateKey ===
@@ -296,6 +371,80 @@ impl CreateKey {
     }
 }
 
+// === impl KeyFields ===
+
+impl KeyFields {
+    fn of(key: &KeyRecord) -> Self {
+        KeyFields {
+            name: key.name.clone(),
+            scopes: key.scopes.clone(),
+            allowed_origins: key.allowed_origins.clone(),
+            allowed_ips: key.allowed_ips.clone(),
+            rate_limit: key.rate_limit,
+            metadata: key.metadata.clone(),
+        }
+    }
+
+    /// Checks every field but `scopes` (which depend on the caller) as create does.
+    fn validated(self, key_type: KeyType) -> Result<Self, ApiError> {
+        let name = validate::name("name", &self.name, MAX_NAME_CHARS)?;
+        let allowed_origins = validate::origins("allowed_origins", &self.allowed_origins)?;
+        if key_type == KeyType::Publishable && allowed_origins.is_empty() {
+            return Err(ApiError::field(
+                "allowed_origins",
+                "a publishable key must keep at least one origin",
+            ));
+        }
+        let allowed_ips = validate::cidrs("allowed_ips", &self.allowed_ips)?;
+        validate::rate_limit("rate_limit", self.rate_limit.as_ref())?;
+        if !self.metadata.is_object() {
+            return Err(ApiError::field("metadata", "must be a JSON object"));
+        }
+        Ok(KeyFields {
+            name,
+            allowed_origins,
+            allowed_ips,
+            rate_limit: self.rate_limit.filter(|r| *r != RateLimitSpec::default()),
+            ..self
+        })
+    }
+
+    /// Names of the fields that differ from `other`, in [`PATCHABLE`] order.
+    fn changed_from(&self, other: &KeyFields) -> Vec<&'static str> {
+        let differs = [
+            self.name != other.name,
+            self.scopes != other.scopes,
+            self.allowed_origins != other.allowed_origins,
+            self.allowed_ips != other.allowed_ips,
+            self.rate_limit != other.rate_limit,
+            self.metadata != other.metadata,
+        ];
+        PATCHABLE
+            .iter()
+            .zip(differs)
+            .filter_map(|(name, differs)| differs.then_some(*name))
+            .collect()
+    }
+
+    fn write_to(self, key: &mut KeyRecord) {
+        key.name = self.name;
+        key.scopes = self.scopes;
+        key.allowed_origins = self.allowed_origins;
+        key.allowed_ips = self.allowed_ips;
+        key.rate_limit = self.rate_limit;
+        key.metadata = self.metadata;
+    }
+}
+
+// === impl Deleted ===
+
+impl Deleted {
+    /// `{"deleted":true}`.
+    pub(crate) fn yes() -> Self {
+        Deleted { deleted: true }
+    }
+}
+
 // === impl KeyView ===
 
 impl From<KeyRecord> for KeyView {
@@ -340,7 +489,11 @@ fn secret() -> KeyType {
     KeyType::Secret
 }
 
-fn change<'a>(action: &'static str, key_id: &'a str, detail: Value) -> Change<'a> {
+fn empty_object() -> Value {
+    Value::Object(serde_json::Map::new())
+}
+
+pub(crate) fn change<'a>(action: &'static str, key_id: &'a str, detail: Value) -> Change<'a> {
     Change {
         action,
         target_type: "key",
@@ -350,7 +503,11 @@ fn change<'a>(action: &'static str, key_id: &'a str, detail: Value) -> Change<'a
 }
 
 /// One key of the account; another account's key is as absent as an unknown one.
-async fn fetch(store: &dyn Store, account_id: &str, key_id: &str) -> Result<KeyRecord, ApiError> {
+pub(crate) async fn fetch(
+    store: &dyn Store,
+    account_id: &str,
+    key_id: &str,
+) -> Result<KeyRecord, ApiError> {
     store
         .get_key(account_id, key_id)
         .await?
@@ -359,7 +516,10 @@ async fn fetch(store: &dyn Store, account_id: &str, key_id: &str) -> Result<KeyR
 
 /// The scopes a new key may receive: the account's permissions, narrowed to the caller's own
 /// scopes when those are limited; `None` = anything.
-fn grantable(permissions: Option<&[String]>, caller: Option<&[String]>) -> Option<Vec<String>> {
+pub(crate) fn grantable(
+    permissions: Option<&[String]>,
+    caller: Option<&[String]>,
+) -> Option<Vec<String>> {
     match (permissions, caller) {
         (None, None) => None,
         (Some(only), None) | (None, Some(only)) => Some(only.to_vec()),
@@ -393,7 +553,7 @@ fn scopes_within(
 }
 
 /// `expires_at` or `ttl` (not both) → the expiry and the lifetime that `renew` reuses.
-fn expiry(
+pub(crate) fn expiry(
     expires_at: Option<DateTime<Utc>>,
     ttl: Option<&str>,
     now: DateTime<Utc>,
