@@ -24,6 +24,9 @@
 //! | `POST …/sites` | both | 201 site |
 //! | `DELETE …/sites/{site_id}` | both | 204, no body |
 //! | `GET …/audit` | both | `{"logs":[…],"total","limit","offset"}`, newest first |
+//! | `GET …/keys/{key_id}/usage` | both | every bucket of `from`..`to` by `interval`, zeros included |
+//! | `GET …/usage` | both | `today`, `this_month`, `this_year`, `custom` totals |
+//! | `GET …/usage/keys` | both | `total_keys`, `active_keys`, each key's last use and tightest window |
 //!
 //! `…` is `/v1/accounts/{account_id}` for the operator (master key) and `/v1/account` for an
 //! account's own secret key, whose scopes must be null or hold `account:read` (GET) or
@@ -33,7 +36,7 @@
 //! bodies over 64 KiB are 413 `body_too_large`. Every change writes an audit entry.
 //!
 //! Layout: `auth` (who is calling), `body` (JSON bodies that name the failing field), `patch`
-//! (PATCH bodies as JSON merge patches), `error`, `validate` (field checks), `audit` (writing and
+//! (PATCH bodies as JSON merge patches), `error`, `validate` (field checks), `usage` (reading usage back), `audit` (writing and
 //! listing entries), `health`, `accounts`, `account_config`, `keys`, `rotation` (renew and roll),
 //! `sites`, `master` (the operator's key at start-up). This module uses the store, the key cache
 //! and metrics; never the proxy.
@@ -50,6 +53,7 @@ pub mod master;
 mod patch;
 mod rotation;
 mod sites;
+mod usage;
 mod validate;
 
 use std::sync::Arc;
@@ -60,8 +64,9 @@ use axum::Router;
 
 use crate::auth::cache::KeyCache;
 use crate::credential::KeyHash;
+use crate::limits::Limiters;
 use crate::metrics::Metrics;
-use crate::store::SharedStore;
+use crate::store::{RateLimitSpec, SharedStore};
 
 pub use error::ApiError;
 pub use master::{ensure_master_key, MasterKey, MasterKeyError};
@@ -82,6 +87,10 @@ pub struct AdminState {
     /// requests cannot both pass a check that only one of them may. One process only: admin
     /// writes are rare, and a fleet should send them to one admin listener.
     writes: Arc<tokio::sync::Mutex<()>>,
+    /// This instance's rate-limit buckets, for `…/usage/keys`.
+    limiters: Arc<Limiters>,
+    /// `limits.default`, for keys whose buckets this instance has not used yet.
+    default_limits: RateLimitSpec,
 }
 
 // === impl AdminState ===
@@ -100,7 +109,21 @@ impl AdminState {
             metrics,
             master: master_hash,
             writes: Arc::new(tokio::sync::Mutex::new(())),
+            limiters: Arc::new(Limiters::new()),
+            default_limits: RateLimitSpec {
+                per_minute: Some(60),
+                per_hour: Some(1_000),
+                per_day: Some(10_000),
+            },
         }
+    }
+
+    /// Reports rate-limit state from these buckets, with `default` for keys and accounts that
+    /// set no limits.
+    pub fn with_limits(mut self, limiters: Arc<Limiters>, default: RateLimitSpec) -> Self {
+        self.limiters = limiters;
+        self.default_limits = default;
+        self
     }
 }
 
@@ -160,6 +183,9 @@ fn account_routes(base: &str) -> Router<AdminState> {
         )
         .route(&format!("{base}/sites/{{site_id}}"), delete(sites::delete))
         .route(&format!("{base}/audit"), get(audit::list))
+        .route(&format!("{base}/keys/{{key_id}}/usage"), get(usage::key))
+        .route(&format!("{base}/usage"), get(usage::account))
+        .route(&format!("{base}/usage/keys"), get(usage::keys))
 }
 
 async fn not_found() -> ApiError {

@@ -101,12 +101,15 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
         Arc::clone(&meter),
         Arc::clone(&metrics),
     )?);
-    let admin_router = admin::router(AdminState::new(
-        Arc::clone(&store),
-        Arc::clone(&cache),
-        Arc::clone(&metrics),
-        Some(master.hash),
-    ));
+    let admin_router = admin::router(
+        AdminState::new(
+            Arc::clone(&store),
+            Arc::clone(&cache),
+            Arc::clone(&metrics),
+            Some(master.hash),
+        )
+        .with_limits(Arc::clone(&limiters), settings.limits.default),
+    );
 
     let proxy_listener = bind(settings.proxy.listen).await?;
     let admin_listener = bind(settings.admin.listen).await?;

@@ -235,6 +235,14 @@ impl<C: Clock + Clone> KeyLimiter<C> {
         Ok(snapshot)
     }
 
+    /// The windows as of the key's last check, without spending: what the usage API reports.
+    /// Refill since that check is not counted, so `remaining` errs low.
+    pub fn peek(&self) -> LimitSnapshot {
+        let mut snapshot = LimitSnapshot::default();
+        self.fill_unchecked(&mut snapshot, 0);
+        snapshot
+    }
+
     fn fill_unchecked(&self, snapshot: &mut LimitSnapshot, from: usize) {
         for window in &Window::ALL[from..] {
             let i = window.index();
@@ -257,6 +265,23 @@ impl<C: Clock + Clone> KeyLimiter<C> {
 // === impl LimitSnapshot ===
 
 impl LimitSnapshot {
+    /// Full windows for these quotas: a key not used since start-up.
+    pub fn full(quotas: &Quotas) -> LimitSnapshot {
+        let mut snapshot = LimitSnapshot::default();
+        for (i, window) in Window::ALL.iter().enumerate() {
+            if let Some(limit) = quotas.per[i] {
+                let limit = limit.get();
+                snapshot.windows[i] = Some(WindowState {
+                    window: *window,
+                    limit,
+                    remaining: limit,
+                    reset: 0,
+                });
+            }
+        }
+        snapshot
+    }
+
     /// The window with the fewest remaining (the shorter on a tie): the one the single-window
     /// headers describe.
     pub fn tightest(&self) -> Option<WindowState> {
@@ -315,6 +340,11 @@ impl<C: Clock + Clone> Limiters<C> {
             Arc::strong_count(l) > 1 || idle <= rounds
         });
         before - self.by_key.len()
+    }
+
+    /// The key's limiter, if it has one (it has been used since start-up).
+    pub fn get(&self, key_id: &str) -> Option<Arc<KeyLimiter<C>>> {
+        self.by_key.get(key_id).map(|l| Arc::clone(&l))
     }
 
     /// Drops a key's limiter (key deleted).

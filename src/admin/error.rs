@@ -59,6 +59,9 @@ pub enum ApiError {
     /// 409 `already_exists`: the generated id collided with an existing record.
     #[error("a record with this id already exists; retry")]
     AlreadyExists,
+    /// 400 `too_many_buckets`: a usage query over 200 000 buckets.
+    #[error("the range holds {0} buckets; at most 200000 may be asked for at once")]
+    TooManyBuckets(u64),
     /// 409 `plan_limit`: the account's plan allows no more of these.
     #[error("the account's plan allows at most {max} {what}")]
     PlanLimit {
@@ -105,6 +108,7 @@ impl ApiError {
             ApiError::InvalidBody(_) | ApiError::InvalidField { .. } => {
                 (StatusCode::BAD_REQUEST, "invalid_request")
             }
+            ApiError::TooManyBuckets(_) => (StatusCode::BAD_REQUEST, "too_many_buckets"),
             ApiError::MissingCredential => (StatusCode::UNAUTHORIZED, "missing_credential"),
             ApiError::InvalidCredential | ApiError::WrongCredentialKind(_) => {
                 (StatusCode::UNAUTHORIZED, "invalid_credential")
