@@ -10,6 +10,7 @@ mod accounts;
 mod admin_client;
 mod keys;
 mod table;
+mod usage;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -70,6 +71,16 @@ enum Command {
         admin: AdminOptions,
         #[command(subcommand)]
         command: AccountsCommand,
+    },
+    /// Show a key's usage buckets over the admin API, as a table or a text chart.
+    Usage {
+        #[command(flatten)]
+        admin: AdminOptions,
+        /// The key's account (`acc_…`); required with the master key.
+        #[arg(long)]
+        account: Option<String>,
+        #[command(flatten)]
+        args: UsageArgs,
     },
     /// Manage an account's API keys over the admin API (master key, or the account's own
     /// secret key, in TOLLGATE_ADMIN_KEY).
@@ -212,6 +223,25 @@ struct CreateKeyArgs {
     limits: RateLimitArgs,
 }
 
+/// `tollgate usage KEY_ID …`.
+#[derive(Debug, Args)]
+struct UsageArgs {
+    /// The key's id (`key_…`).
+    key_id: String,
+    /// Start, RFC 3339 (API default: 90 days back).
+    #[arg(long)]
+    from: Option<String>,
+    /// End, RFC 3339 (API default: now).
+    #[arg(long)]
+    to: Option<String>,
+    /// minute, hour, day, week or month.
+    #[arg(long, default_value = "day")]
+    interval: String,
+    /// A bar per bucket instead of the table.
+    #[arg(long)]
+    chart: bool,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum KeyTypeArg {
     Secret,
@@ -221,6 +251,10 @@ enum KeyTypeArg {
 /// An admin command, with what it needs beyond [`AdminOptions`].
 enum AdminCommand {
     Accounts(AccountsCommand),
+    Usage {
+        account: Option<String>,
+        args: UsageArgs,
+    },
     Keys {
         account: Option<String>,
         command: KeysCommand,
@@ -284,6 +318,11 @@ pub fn main() -> ExitCode {
             account,
             command,
         } => admin_command(&admin, AdminCommand::Keys { account, command }),
+        Command::Usage {
+            admin,
+            account,
+            args,
+        } => admin_command(&admin, AdminCommand::Usage { account, args }),
     }
 }
 
@@ -321,6 +360,9 @@ fn admin_command(admin: &AdminOptions, command: AdminCommand) -> ExitCode {
     let outcome = runtime.block_on(async {
         match command {
             AdminCommand::Accounts(command) => accounts::run(&client, command, admin.json).await,
+            AdminCommand::Usage { account, args } => {
+                usage::run(&client, account.as_deref(), args, admin.json).await
+            }
             AdminCommand::Keys { account, command } => {
                 keys::run(&client, account.as_deref(), command, admin.json).await
             }

@@ -487,3 +487,60 @@ async fn usage_errors_exit_2() {
     .await;
     assert_eq!(run.code, Some(2), "{run:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_shows_a_keys_buckets_as_a_table_and_a_chart() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::builder(&upstream)
+        .tweak(|s| s.metering.flush_interval = std::time::Duration::from_millis(50))
+        .start()
+        .await;
+    let (account_id, key) = gw.account_with_key().await;
+    for _ in 0..4 {
+        assert_eq!(proxy_status(&gw, &key).await, StatusCode::OK);
+    }
+    let (_, keys) = gw
+        .admin(
+            Method::GET,
+            &format!("/v1/accounts/{account_id}/keys"),
+            None,
+        )
+        .await;
+    let key_id = keys["keys"][0]["id"].as_str().expect("key id").to_owned();
+    let args = [
+        "usage",
+        &key_id,
+        "--account",
+        &account_id,
+        "--interval",
+        "hour",
+    ];
+    let ok_soon = common::eventually(std::time::Duration::from_secs(5), || async {
+        let answer = ok_json(&gw, &gw.master, &args).await;
+        answer["buckets"]
+            .as_array()
+            .is_some_and(|b| b.iter().any(|x| x["request_count"] == 4))
+    })
+    .await;
+    assert!(ok_soon, "the four requests never showed in usage");
+    let table = ok(&gw, &gw.master, &args).await;
+    let header = table.lines().next().expect("header");
+    assert!(
+        header.starts_with("BUCKET") && header.contains("REQUESTS"),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("4")),
+        "{table}"
+    );
+    let mut chart_args = args.to_vec();
+    chart_args.push("--chart");
+    let chart = ok(&gw, &gw.master, &chart_args).await;
+    let busiest = chart
+        .lines()
+        .find(|l| l.ends_with(" 4"))
+        .expect("a line for the busy hour");
+    assert_eq!(busiest.matches('█').count(), 40, "{chart}");
+}

@@ -84,6 +84,15 @@ impl AdminClient {
         self.send(Method::GET, segments, None).await
     }
 
+    /// `GET` the path made of `segments` with a query string.
+    pub(crate) async fn get_query(
+        &self,
+        segments: &[&str],
+        query: &[(&str, &str)],
+    ) -> Result<Value, ClientError> {
+        self.send_query(Method::GET, segments, query, None).await
+    }
+
     /// `POST` `body` (JSON) to the path made of `segments`.
     pub(crate) async fn post(&self, segments: &[&str], body: &Value) -> Result<Value, ClientError> {
         self.send(Method::POST, segments, Some(body)).await
@@ -101,7 +110,20 @@ impl AdminClient {
         segments: &[&str],
         body: Option<&Value>,
     ) -> Result<Value, ClientError> {
-        let url = self.url(segments);
+        self.send_query(method, segments, &[], body).await
+    }
+
+    async fn send_query(
+        &self,
+        method: Method,
+        segments: &[&str],
+        query: &[(&str, &str)],
+        body: Option<&Value>,
+    ) -> Result<Value, ClientError> {
+        let mut url = self.url(segments);
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
         let mut request = self
             .http
             .request(method, url.clone())

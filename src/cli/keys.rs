@@ -12,7 +12,7 @@ use super::table::{self, Table};
 use super::{print_json, rate_limit_json, CreateKeyArgs, Failure, KeyTypeArg, KeysCommand};
 
 /// The path of one account's keys, as this caller reaches them.
-struct KeysPath(Vec<String>);
+pub(super) struct KeysPath(Vec<String>);
 
 /// Runs one `keys` subcommand for `account` (or the caller's own account); `json` prints the
 /// API's answer instead of a table.
@@ -71,7 +71,10 @@ impl KeysPath {
     /// `/v1/accounts/{account}/keys` for the operator, `/v1/account/keys` for an account's own
     /// key. An account key given `--account` is checked against its own account, so a typo
     /// cannot act on the wrong one silently.
-    async fn resolve(client: &AdminClient, account: Option<&str>) -> Result<Self, Failure> {
+    pub(super) async fn resolve(
+        client: &AdminClient,
+        account: Option<&str>,
+    ) -> Result<Self, Failure> {
         let segments: &[&str] =
             match (client.is_operator(), account) {
                 (true, Some(id)) => &["v1", "accounts", id, "keys"],
@@ -97,7 +100,7 @@ impl KeysPath {
     }
 
     /// The keys path followed by `tail`.
-    fn at<'a>(&'a self, tail: &[&'a str]) -> Vec<&'a str> {
+    pub(super) fn at<'a>(&'a self, tail: &[&'a str]) -> Vec<&'a str> {
         self.0
             .iter()
             .map(String::as_str)
