@@ -12,6 +12,9 @@ const LATENCY_BUCKETS: &[f64] = &[
     5.0, 10.0,
 ];
 
+/// The `op` labels of `tollgate_store_errors_total`.
+const STORE_OPS: [&str; 4] = ["lookup_key", "add_usage", "prune_usage", "ping"];
+
 /// All metrics, registered in one registry.
 pub struct Metrics {
     registry: Registry,
@@ -116,6 +119,14 @@ impl Metrics {
         registry.register(Box::new(usage_flush_duration.clone()))?;
         registry.register(Box::new(usage_pending_events.clone()))?;
         registry.register(Box::new(connections_open.clone()))?;
+        // Exported at zero from the start, so that alerts and rate() see the series before the
+        // first event.
+        for op in STORE_OPS {
+            store_errors_total.with_label_values(&[op]);
+        }
+        for window in ["minute", "hour", "day"] {
+            rate_limited_total.with_label_values(&[window]);
+        }
         Ok(Metrics {
             registry,
             requests_total,
