@@ -64,7 +64,6 @@ use axum::Router;
 
 use crate::auth::cache::KeyCache;
 use crate::credential::KeyHash;
-use crate::limits::Limiters;
 use crate::metrics::Metrics;
 use crate::store::{RateLimitSpec, SharedStore};
 
@@ -87,8 +86,6 @@ pub struct AdminState {
     /// requests cannot both pass a check that only one of them may. One process only: admin
     /// writes are rare, and a fleet should send them to one admin listener.
     writes: Arc<tokio::sync::Mutex<()>>,
-    /// This instance's rate-limit buckets, for `…/usage/keys`.
-    limiters: Arc<Limiters>,
     /// `limits.default`, for keys whose buckets this instance has not used yet.
     default_limits: RateLimitSpec,
 }
@@ -109,7 +106,6 @@ impl AdminState {
             metrics,
             master: master_hash,
             writes: Arc::new(tokio::sync::Mutex::new(())),
-            limiters: Arc::new(Limiters::new()),
             default_limits: RateLimitSpec {
                 per_minute: Some(60),
                 per_hour: Some(1_000),
@@ -118,10 +114,8 @@ impl AdminState {
         }
     }
 
-    /// Reports rate-limit state from these buckets, with `default` for keys and accounts that
-    /// set no limits.
-    pub fn with_limits(mut self, limiters: Arc<Limiters>, default: RateLimitSpec) -> Self {
-        self.limiters = limiters;
+    /// `limits.default`, for reporting keys and accounts that set no limits.
+    pub fn with_default_limits(mut self, default: RateLimitSpec) -> Self {
         self.default_limits = default;
         self
     }

@@ -15,13 +15,15 @@ use tower::ServiceExt;
 
 use crate::admin::{self, AdminState};
 use crate::auth::cache::KeyCache;
-use crate::config::{MeteringSettings, Settings, StoreSettings};
+use crate::config::{LimitMode, MeteringSettings, Settings, StoreSettings};
+use crate::limits::global::SharedLimiters;
 use crate::limits::Limiters;
 use crate::listener::{self, ConnLimits};
 use crate::metering::{flusher, retention, Meter, WallClock};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::store::embedded::EmbeddedStore;
+use crate::store::redis::RedisStore;
 use crate::store::SharedStore;
 
 /// How long in-flight requests get to finish after a shutdown signal.
@@ -81,11 +83,12 @@ pub struct Running {
 pub async fn start(settings: Settings, options: StartOptions) -> Result<Running, StartError> {
     let store: SharedStore = match &settings.store {
         StoreSettings::Embedded { path } => Arc::new(open_embedded(path).await?),
+        StoreSettings::Redis { url } => Arc::new(RedisStore::connect(url).await?),
     };
     let metrics = Arc::new(Metrics::new()?);
     let meter = Arc::new(Meter::new(options.clock));
     let limiters = Arc::new(Limiters::new());
-    let cache = Arc::new(KeyCache::new(
+    let mut cache = KeyCache::new(
         Arc::clone(&store),
         Arc::clone(&limiters),
         Arc::clone(&meter),
@@ -93,7 +96,12 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
         settings.cache,
         settings.limits.default,
         settings.limits.on_store_error,
-    ));
+    );
+    if settings.limits.mode == LimitMode::Global {
+        let shared = SharedLimiters::new(Arc::clone(&store), settings.limits.on_store_error);
+        cache = cache.with_shared_limits(Arc::new(shared));
+    }
+    let cache = Arc::new(cache);
     let master = admin::master::ensure_master_key(&*store, options.master_key.as_deref()).await?;
     let proxy = Arc::new(Proxy::new(
         &settings,
@@ -108,7 +116,7 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
             Arc::clone(&metrics),
             Some(master.hash),
         )
-        .with_limits(Arc::clone(&limiters), settings.limits.default),
+        .with_default_limits(settings.limits.default),
     );
 
     let proxy_listener = bind(settings.proxy.listen).await?;
@@ -164,6 +172,14 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
         signal.clone(),
         DRAIN,
     ));
+    // Shared stores tell every instance about changes made through any of them.
+    if let Some(events) = store.subscribe_invalidations().await {
+        tasks.spawn(follow_invalidations(
+            Arc::clone(&cache),
+            events,
+            signal.clone(),
+        ));
+    }
     let cleanup = Sweep {
         cache,
         meter,
@@ -234,6 +250,23 @@ fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, St
     listener
         .local_addr()
         .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Applies invalidations published by any instance until shutdown.
+async fn follow_invalidations(
+    cache: Arc<KeyCache>,
+    mut events: tokio::sync::mpsc::Receiver<crate::store::InvalidationEvent>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Some(event) => cache.apply(&event),
+                None => return,
+            },
+            _ = shutdown.changed() => return,
+        }
+    }
 }
 
 /// What the periodic clean-up touches.

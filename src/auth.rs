@@ -16,7 +16,8 @@ use http::{HeaderValue, Method};
 use ipnet::IpNet;
 
 use crate::config::RouteScopes;
-use crate::limits::{KeyLimiter, LimitSnapshot};
+use crate::limits::global::Shortfall;
+use crate::limits::{KeyLimits, LimitSnapshot};
 use crate::metering::UsageCell;
 use crate::policy;
 use crate::refusal::Refusal;
@@ -47,8 +48,8 @@ pub struct CachedKey {
     pub origins: Vec<String>,
     /// Granted scopes; `None` = full access.
     pub scopes: Option<Vec<String>>,
-    /// The key's rate-limit buckets.
-    pub limiter: Arc<KeyLimiter>,
+    /// The key's rate-limit buckets (this instance's, or leases of the fleet's).
+    pub limiter: KeyLimits,
     /// The key's usage counters.
     pub usage: Arc<UsageCell>,
     /// Identity header values, ready to send upstream.
@@ -94,26 +95,33 @@ pub struct Permit {
     pub limits: LimitSnapshot,
 }
 
-/// The decision. `Err` carries the first check that failed; a `RateLimited` refusal comes with
-/// the windows' state for the 429's headers.
-pub fn authorize(
-    key: &Arc<CachedKey>,
-    facts: &RequestFacts<'_>,
-) -> Result<Permit, (Refusal, Option<LimitSnapshot>)> {
-    check_state(key, facts.now_ms).map_err(|r| (r, None))?;
-    check_network(key, facts).map_err(|r| (r, None))?;
-    match key.limiter.check() {
+/// Why [`authorize`] did not give a permit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denial {
+    /// A check failed; a `RateLimited` refusal comes with the windows' state for its headers.
+    Refused(Refusal, Option<LimitSnapshot>),
+    /// Global limits only: a lease is empty. Await `key.limiter.refill(now)` and decide again.
+    NeedsLease,
+}
+
+/// The decision: every check in the contract's order, synchronously and without I/O.
+pub fn authorize(key: &Arc<CachedKey>, facts: &RequestFacts<'_>) -> Result<Permit, Denial> {
+    check_state(key, facts.now_ms).map_err(|r| Denial::Refused(r, None))?;
+    check_network(key, facts).map_err(|r| Denial::Refused(r, None))?;
+    match key.limiter.check(facts.now_ms) {
         Ok(limits) => Ok(Permit {
             key: Arc::clone(key),
             limits,
         }),
-        Err(exhausted) => Err((
+        Err(Shortfall::Exhausted(exhausted)) => Err(Denial::Refused(
             Refusal::RateLimited {
                 window: exhausted.window,
                 retry_after: exhausted.retry_after,
             },
             Some(exhausted.snapshot),
         )),
+        Err(Shortfall::StoreDown) => Err(Denial::Refused(Refusal::StoreUnavailable, None)),
+        Err(Shortfall::NeedsLease) => Err(Denial::NeedsLease),
     }
 }
 

@@ -204,6 +204,14 @@ impl Validator {
         let metering = self.metering(metering);
         let identity = self.identity(identity);
         let routes = self.routes(routes);
+        if let (Some(LimitMode::Global), Some(StoreSettings::Embedded { .. })) =
+            (limits.as_ref().map(|l| l.mode), store.as_ref())
+        {
+            self.problem(
+                "limits.mode",
+                "\"global\" shares limits through Redis: it needs store.backend = \"redis\"",
+            );
+        }
         Some(Settings {
             proxy: proxy?,
             admin: admin?,
@@ -326,11 +334,23 @@ impl Validator {
                 })
             }
             "redis" => {
-                self.problem(
-                    "store.backend",
-                    "the Redis backend is not available in this version; use \"embedded\"",
-                );
-                None
+                if raw.path.is_some() {
+                    self.problem("store.path", "only used with backend = \"embedded\"");
+                }
+                let Some(url) = raw.redis_url else {
+                    self.problem(
+                        "store.redis_url",
+                        "is required with backend = \"redis\" (redis://host:port or redis+cluster://h1:p1,h2:p2,…)",
+                    );
+                    return None;
+                };
+                match check_redis_url(&url) {
+                    Ok(()) => Some(StoreSettings::Redis { url }),
+                    Err(why) => {
+                        self.problem("store.redis_url", why);
+                        None
+                    }
+                }
             }
             other => {
                 self.problem(
@@ -361,13 +381,7 @@ impl Validator {
         self.unknown("limits", &raw.unknown);
         let mode = match raw.mode.as_deref().unwrap_or("local") {
             "local" => Some(LimitMode::Local),
-            "global" => {
-                self.problem(
-                    "limits.mode",
-                    "\"global\" needs the Redis store, which is not available in this version",
-                );
-                None
-            }
+            "global" => Some(LimitMode::Global),
             other => {
                 self.problem(
                     "limits.mode",
@@ -548,6 +562,25 @@ fn remove_at(value: &mut config::Value, path: &serde_path_to_error::Path) -> boo
     match (last, &mut cur.kind) {
         (Segment::Map { key }, config::ValueKind::Table(t)) => t.remove(key).is_some(),
         _ => false,
+    }
+}
+
+/// `redis://host[:port][/db]` or `redis+cluster://h1:p1,h2:p2,…`.
+fn check_redis_url(url: &str) -> Result<(), String> {
+    if let Some(nodes) = url.strip_prefix("redis+cluster://") {
+        let nodes: Vec<&str> = nodes.split(',').map(str::trim).collect();
+        if nodes.iter().any(|n| n.is_empty() || !n.contains(':')) {
+            return Err(format!(
+                "`{url}`: list the cluster nodes as host:port,host:port,…"
+            ));
+        }
+        return Ok(());
+    }
+    match url.strip_prefix("redis://") {
+        Some(rest) if !rest.is_empty() => Ok(()),
+        _ => Err(format!(
+            "`{url}` must start with redis:// or redis+cluster://"
+        )),
     }
 }
 

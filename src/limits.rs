@@ -6,6 +6,8 @@
 //! so that the request path reaches the buckets without a second map lookup. Generic over
 //! governor's `Clock` so tests can drive time by hand.
 
+pub mod global;
+
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -80,6 +82,15 @@ pub struct KeyLimiter<C: Clock = QuantaClock> {
     /// Prune rounds since the last check; see [`Limiters::prune_idle`].
     idle_rounds: AtomicU32,
     clock: C,
+}
+
+/// A key's buckets as the request path sees them: this instance's, or the fleet's.
+#[derive(Clone)]
+pub enum KeyLimits {
+    /// `limits.mode = "local"`.
+    Local(Arc<KeyLimiter>),
+    /// `limits.mode = "global"`.
+    Global(Arc<global::GlobalLimiter>),
 }
 
 /// Every key's limiter, by key id.
@@ -290,6 +301,34 @@ impl LimitSnapshot {
             .flatten()
             .copied()
             .min_by_key(|w| w.remaining)
+    }
+}
+
+// === impl KeyLimits ===
+
+impl KeyLimits {
+    /// Spends one request from every window (see [`KeyLimiter::check`] and
+    /// [`global::GlobalLimiter::check`]).
+    pub fn check(&self, now_ms: i64) -> Result<LimitSnapshot, global::Shortfall> {
+        match self {
+            KeyLimits::Local(l) => l.check().map_err(global::Shortfall::Exhausted),
+            KeyLimits::Global(g) => g.check(now_ms),
+        }
+    }
+
+    /// The windows without spending.
+    pub fn peek(&self, now_ms: i64) -> LimitSnapshot {
+        match self {
+            KeyLimits::Local(l) => l.peek(),
+            KeyLimits::Global(g) => g.peek(now_ms),
+        }
+    }
+
+    /// For global limits, waits for a lease refill; a no-op locally.
+    pub async fn refill(&self, now_ms: i64) {
+        if let KeyLimits::Global(g) = self {
+            g.refill(now_ms).await;
+        }
     }
 }
 

@@ -59,20 +59,49 @@ pub fn client_ip<'a>(
 }
 
 /// Normalises an origin for comparison: lowercase scheme and host, no trailing slash, default
-/// ports removed. `None` if it is not `scheme://host[:port]`.
+/// ports removed. `None` unless it is `http(s)://host[:port]` with a valid host name or address;
+/// a host may start with `*.` (any subdomain).
 pub fn normalize_origin(s: &str) -> Option<String> {
     let s = s.trim().trim_end_matches('/');
     let (scheme, rest) = s.split_once("://")?;
     let scheme = scheme.to_ascii_lowercase();
-    if rest.is_empty() || rest.contains('/') {
+    if scheme != "http" && scheme != "https" {
         return None;
     }
     let mut host = rest.to_ascii_lowercase();
+    let (name, port) = match host.rsplit_once(':') {
+        Some((name, _)) if !name.ends_with(']') && name.contains(':') => (host.as_str(), None),
+        Some((name, port)) => (name, Some(port)),
+        None => (host.as_str(), None),
+    };
+    if port.is_some_and(|p| p.parse::<u16>().is_err()) || !valid_host(name) {
+        return None;
+    }
     if (scheme == "https" && host.ends_with(":443")) || (scheme == "http" && host.ends_with(":80"))
     {
         host.truncate(host.rfind(':').unwrap_or(host.len()));
     }
     Some(format!("{scheme}://{host}"))
+}
+
+/// A DNS name (labels of letters, digits and `-`, optionally `*.` first), or a bracketed IPv6
+/// or plain IPv4 address.
+fn valid_host(host: &str) -> bool {
+    if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return v6.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 /// The origin part of a `Referer` URL (`https://a.com/x?y` → `https://a.com`).
@@ -174,6 +203,29 @@ mod tests {
             Some("http://a.com:8080")
         );
         assert_eq!(normalize_origin("a.com"), None);
+        for bad in [
+            "://x",
+            "x://y",
+            "https://a b",
+            "https://0*",
+            "https://a.com:99999",
+            "ftp://a.com",
+            "https://a/b",
+        ] {
+            assert_eq!(normalize_origin(bad), None, "{bad}");
+        }
+        assert_eq!(
+            normalize_origin("https://*.b.com").as_deref(),
+            Some("https://*.b.com")
+        );
+        assert_eq!(
+            normalize_origin("http://[::1]:8080").as_deref(),
+            Some("http://[::1]:8080")
+        );
+        assert_eq!(
+            normalize_origin("http://localhost:3000").as_deref(),
+            Some("http://localhost:3000")
+        );
         assert_eq!(
             origin_of_referer("https://a.com/page?x=1").as_deref(),
             Some("https://a.com")

@@ -26,10 +26,10 @@ use ipnet::IpNet;
 use tokio::time::Instant;
 
 use crate::auth::cache::{KeyCache, Lookup};
-use crate::auth::{self, extract, CachedKey, RequestFacts};
+use crate::auth::{self, extract, CachedKey, Denial, RequestFacts};
 use crate::config::{RouteAuth, Settings};
 use crate::credential::{self, KeyHash, Kind};
-use crate::limits::LimitSnapshot;
+use crate::limits::{LimitSnapshot, Window};
 use crate::metering::{Meter, Outcome};
 use crate::metrics::Metrics;
 use crate::policy;
@@ -132,10 +132,24 @@ impl Proxy {
             scopes: &route.scopes,
             now_ms,
         };
-        let permit = match auth::authorize(&identified.key, &facts) {
+        let mut decision = auth::authorize(&identified.key, &facts);
+        // Global limits only: an empty lease costs one store round trip, then the same decision
+        // again. A second empty lease means other requests took the refill: give up for now.
+        if decision.as_ref().err() == Some(&Denial::NeedsLease) {
+            identified.key.limiter.refill(now_ms).await;
+            decision = auth::authorize(&identified.key, &facts);
+        }
+        let permit = match decision {
             Ok(permit) => permit,
-            Err((refusal, limits)) => {
+            Err(Denial::Refused(refusal, limits)) => {
                 return self.refuse(&route.name, refusal, Some(&identified), limits.as_ref());
+            }
+            Err(Denial::NeedsLease) => {
+                let busy = Refusal::RateLimited {
+                    window: Window::Minute,
+                    retry_after: 1,
+                };
+                return self.refuse(&route.name, busy, Some(&identified), None);
             }
         };
         let mut response = self

@@ -8,6 +8,7 @@
 
 pub mod embedded;
 mod records;
+pub mod redis;
 
 use std::sync::Arc;
 
@@ -42,6 +43,50 @@ pub enum StoreError {
     /// A stored record could not be decoded (written by an incompatible version, or corrupted).
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
+}
+
+/// What cached state to drop on every instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalidation {
+    /// One credential.
+    Key(KeyHash),
+    /// Every key of an account.
+    Account(String),
+    /// Everything.
+    All,
+}
+
+/// What an invalidation subscription yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InvalidationEvent {
+    /// Drop this.
+    Invalidate(Invalidation),
+    /// The subscription was (re)established and may have missed messages: treat every cached
+    /// entry as stale.
+    Resync,
+}
+
+/// One window counter to take tokens from: the window's length, which window (its start in
+/// seconds since the epoch / its length), its limit, and how many tokens are wanted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenTake {
+    /// Window length in seconds (60, 3 600, 86 400).
+    pub window_secs: u64,
+    /// Window index.
+    pub index: i64,
+    /// The most the counter may reach.
+    pub limit: u32,
+    /// Tokens wanted.
+    pub want: u32,
+}
+
+/// What a [`TokenTake`] got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenGrant {
+    /// Tokens granted (0..=want).
+    pub granted: u32,
+    /// The counter after the take: tokens handed out to all instances in this window.
+    pub total: u64,
 }
 
 /// A key found by its hash, with the account it belongs to: everything the checks need, in one
@@ -140,6 +185,38 @@ pub trait Store: Send + Sync + 'static {
     /// Removes the buckets of one granularity (keys' and, for days, accounts') with index
     /// `< before`; returns how many were removed.
     async fn prune_usage(&self, granularity: Granularity, before: i64) -> Result<u64, StoreError>;
+
+    /// Takes up to `want` tokens from each of a key's shared window counters (one per entry of
+    /// `takes`), never letting a counter pass its `limit`; answers what was granted and each
+    /// counter's total after the take. Used by `limits.mode = "global"`; backends that cannot be
+    /// shared answer `Unavailable`.
+    async fn take_tokens(
+        &self,
+        account_id: &str,
+        key_id: &str,
+        takes: &[TokenTake],
+    ) -> Result<Vec<TokenGrant>, StoreError> {
+        let _ = (account_id, key_id, takes);
+        Err(StoreError::Unavailable(
+            "this store cannot share rate limits between instances".to_owned(),
+        ))
+    }
+
+    /// Tells every instance sharing this store to drop what it caches for `what`. A store that
+    /// is not shared has nobody to tell.
+    async fn publish_invalidation(&self, what: &Invalidation) -> Result<(), StoreError> {
+        let _ = what;
+        Ok(())
+    }
+
+    /// Invalidations published by any instance (this one included), as a channel that a task
+    /// drains; `None` for a store that is not shared. After every (re)subscription the channel
+    /// first yields [`InvalidationEvent::Resync`]: messages may have been missed.
+    async fn subscribe_invalidations(
+        &self,
+    ) -> Option<tokio::sync::mpsc::Receiver<InvalidationEvent>> {
+        None
+    }
 
     /// The stored hash of the operator's master key.
     async fn master_key_hash(&self) -> Result<Option<KeyHash>, StoreError>;

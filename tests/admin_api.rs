@@ -1095,3 +1095,39 @@ async fn account_patch_and_delete_reach_the_cache_and_the_audit_log() {
     assert_eq!(page.entries[0].detail["keys_removed"], 1);
     assert_eq!(page.entries[1].detail["changed"], json!(["active"]));
 }
+
+#[tokio::test]
+async fn arrays_in_place_of_objects_and_bad_origins_and_far_expiries_are_400() {
+    let admin = start().await;
+    for body in [
+        json!({ "name": "arr", "plan": [5, 3] }),
+        json!({ "name": "arr", "rate_limit": [1, 2, 3] }),
+        json!({ "name": "arr", "network_policy": [[], []] }),
+        json!({ "name": "arr", "network_policy": { "allowed_domains": ["x://y"] } }),
+    ] {
+        let (status, answer) = admin
+            .master_call(Method::POST, "/v1/accounts", Some(body.clone()))
+            .await;
+        assert_eq!(
+            (status, code(&answer)),
+            (StatusCode::BAD_REQUEST, "invalid_request"),
+            "{body}: {answer}"
+        );
+    }
+    let account_id = admin.account().await;
+    let keys = format!("/v1/accounts/{account_id}/keys");
+    for body in [
+        json!({ "name": "far", "ttl": "100000y" }),
+        json!({ "name": "far", "expires_at": "+10000-01-01T00:00:00Z" }),
+        json!({ "name": "pk", "type": "publishable", "allowed_origins": ["https://a b"] }),
+    ] {
+        let (status, answer) = admin
+            .master_call(Method::POST, &keys, Some(body.clone()))
+            .await;
+        assert_eq!(
+            (status, code(&answer)),
+            (StatusCode::BAD_REQUEST, "invalid_request"),
+            "{body}: {answer}"
+        );
+    }
+}

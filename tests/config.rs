@@ -245,3 +245,53 @@ fn empty_file_loads_with_the_contract_defaults() {
     assert_eq!(s.identity.header_prefix, "X-Tollgate-");
     assert!(s.routes.is_empty());
 }
+
+#[test]
+fn the_redis_examples_pass_check_config() {
+    for file in ["config/redis.toml", "config/redis-cluster.toml"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["check-config", "--config", file])
+            .output()
+            .expect("run tollgate");
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn redis_needs_a_url_and_global_limits_need_redis() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("t.toml");
+    let problems = |toml: &str| -> Vec<String> {
+        std::fs::write(&path, toml).expect("write");
+        match tollgate::config::load_with_env(&path, Vec::new()) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.problems.into_iter().map(|p| p.field).collect(),
+        }
+    };
+    assert_eq!(
+        problems("[store]\nbackend = \"redis\"\n"),
+        vec!["store.redis_url"]
+    );
+    assert_eq!(
+        problems("[store]\nbackend = \"redis\"\nredis_url = \"http://x\"\n"),
+        vec!["store.redis_url"]
+    );
+    assert_eq!(
+        problems("[store]\nbackend = \"redis\"\nredis_url = \"redis+cluster://a:1,b\"\n"),
+        vec!["store.redis_url"]
+    );
+    assert!(
+        problems("[store]\nbackend = \"redis\"\nredis_url = \"redis+cluster://a:1,b:2\"\n")
+            .is_empty()
+    );
+    assert_eq!(
+        problems("[limits]\nmode = \"global\"\n"),
+        vec!["limits.mode"]
+    );
+    assert!(problems("[store]\nbackend = \"redis\"\nredis_url = \"redis://127.0.0.1:1\"\n[limits]\nmode = \"global\"\n").is_empty());
+}

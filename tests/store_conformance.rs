@@ -4,15 +4,21 @@
 //! also runs against a backend shared with other runs (a reused Redis): nothing assumes the store
 //! is empty, and global listings are filtered to the check's own records.
 
+#[path = "common/redis.rs"]
+mod redis_harness;
+
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
 use tollgate::credential::{self, KeyHash, Kind};
 use tollgate::store::embedded::EmbeddedStore;
+use tollgate::store::redis::RedisStore;
 use tollgate::store::{
     AccountRecord, AuditEntry, AuditQuery, AuthMethod, Granularity, KeyRecord, KeyType,
     NetworkPolicy, Plan, SharedStore, SiteRecord, Store, StoreError, UsageCounts, UsageDelta,
 };
+
+use redis_harness::{RedisCluster, RedisServer};
 
 // === helpers ===
 
@@ -947,4 +953,119 @@ async fn embedded_refuses_second_open() {
     store.ping().await.unwrap();
     drop(store);
     EmbeddedStore::open(&path).unwrap().ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn redis_conformance() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    assert!(!store.is_cluster());
+    // A fresh server has no master key.
+    assert!(store.master_key_hash().await.unwrap().is_none());
+    run_all(Arc::new(store)).await;
+}
+
+#[tokio::test]
+async fn redis_cluster_conformance() {
+    let cluster = RedisCluster::start();
+    let store = RedisStore::connect(&cluster.url()).await.unwrap();
+    assert!(store.is_cluster());
+    assert!(store.master_key_hash().await.unwrap().is_none());
+    run_all(Arc::new(store)).await;
+}
+
+#[tokio::test]
+async fn redis_refuses_unreachable_and_unknown_urls() {
+    // A port nothing listens on: refused at once, not after a hang.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let started = std::time::Instant::now();
+    let result = RedisStore::connect(&format!("redis://127.0.0.1:{closed}")).await;
+    assert!(
+        matches!(result, Err(StoreError::Unavailable(_))),
+        "{result:?}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    let result = RedisStore::connect("http://127.0.0.1:6379").await;
+    assert!(
+        matches!(result, Err(StoreError::Unavailable(_))),
+        "{result:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_is_unavailable_quickly_then_the_store_recovers() {
+    let mut server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    let p = unique();
+    let acc = account(&format!("acc_{p}"), at(0));
+    store.create_account(&acc).await.unwrap();
+
+    server.kill();
+    for attempt in 0..3 {
+        let started = std::time::Instant::now();
+        let result = store.get_account(&acc.id).await;
+        assert!(
+            matches!(result, Err(StoreError::Unavailable(_))),
+            "attempt {attempt}: {result:?}"
+        );
+        let write = store.update_account(&acc).await;
+        assert!(
+            matches!(write, Err(StoreError::Unavailable(_))),
+            "attempt {attempt}: {write:?}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(3),
+            "attempt {attempt} took {:?}",
+            started.elapsed()
+        );
+    }
+
+    // Same port, no persistence: the same store reconnects by itself and works on the new data.
+    server.restart();
+    store.ping().await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while let Err(e) = store.ping().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "store did not recover: {e}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(store.get_account(&acc.id).await.unwrap(), None);
+    store.create_account(&acc).await.unwrap();
+    assert_eq!(store.get_account(&acc.id).await.unwrap(), Some(acc));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_that_stops_answering_fails_calls_within_the_deadline() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    store.ping().await.unwrap();
+
+    server.pause();
+    let started = std::time::Instant::now();
+    let result = store.lookup_key(&fresh_hash()).await;
+    let elapsed = started.elapsed();
+    server.resume();
+    assert!(
+        matches!(result, Err(StoreError::Unavailable(_))),
+        "{result:?}"
+    );
+    assert!(
+        elapsed < std::time::Duration::from_secs(3),
+        "took {elapsed:?}"
+    );
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while let Err(e) = store.ping().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "store did not recover: {e}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }

@@ -75,7 +75,7 @@ pub enum ApiError {
     #[error("this is the account's last active secret key; create another one first")]
     LastCredential,
     /// 409 `protected_key`: the key is marked `protected`.
-    #[error("the key is protected and cannot be deactivated or deleted")]
+    #[error("the key is protected and cannot be deactivated")]
     ProtectedKey,
     /// 413 `body_too_large`.
     #[error("the request body is larger than {limit} bytes")]

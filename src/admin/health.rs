@@ -26,12 +26,20 @@ pub(crate) async fn readyz(State(state): State<AdminState>) -> (StatusCode, Json
     match tokio::time::timeout(PING_TIMEOUT, state.store.ping()).await {
         Ok(Ok(())) => (StatusCode::OK, Json(json!({ "status": "ready" }))),
         Ok(Err(e)) => {
-            state.metrics.store_errors_total.with_label_values(&["ping"]).inc();
+            state
+                .metrics
+                .store_errors_total
+                .with_label_values(&["ping"])
+                .inc();
             tracing::warn!(error = %e, "readyz: store ping failed");
             unavailable()
         }
         Err(_) => {
-            state.metrics.store_errors_total.with_label_values(&["ping"]).inc();
+            state
+                .metrics
+                .store_errors_total
+                .with_label_values(&["ping"])
+                .inc();
             tracing::warn!("readyz: store ping timed out");
             unavailable()
         }

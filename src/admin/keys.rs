@@ -566,6 +566,12 @@ pub(crate) fn expiry(
             if secs <= 0 {
                 return Err(ApiError::field("expires_at", "must be in the future"));
             }
+            if at > latest_expiry() {
+                return Err(ApiError::field(
+                    "expires_at",
+                    "must be before the year 10000",
+                ));
+            }
             Ok((Some(at), u64::try_from(secs).ok()))
         }
         (None, Some(text)) => {
@@ -581,10 +587,21 @@ pub(crate) fn expiry(
             let at = chrono::Duration::from_std(ttl)
                 .ok()
                 .and_then(|d| now.checked_add_signed(d))
-                .ok_or_else(|| ApiError::field("ttl", "is too long"))?;
+                .filter(|at| *at <= latest_expiry())
+                .ok_or_else(|| {
+                    ApiError::field(
+                        "ttl",
+                        "is too long: the key must expire before the year 10000",
+                    )
+                })?;
             Ok((Some(at), Some(ttl.as_secs())))
         }
     }
+}
+
+/// The latest expiry an RFC 3339 time can state: 9999-12-31T23:59:59Z.
+pub(crate) fn latest_expiry() -> DateTime<Utc> {
+    DateTime::from_timestamp(253_402_300_799, 0).unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 /// Refuses to remove the last usable secret key of an account that authenticates by API key.

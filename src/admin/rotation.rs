@@ -211,7 +211,13 @@ fn after(now: DateTime<Utc>, secs: u64, field: &str) -> Result<DateTime<Utc>, Ap
         .ok()
         .and_then(Duration::try_seconds)
         .and_then(|d| now.checked_add_signed(d))
-        .ok_or_else(|| ApiError::field(field, "is too long"))
+        .filter(|at| *at <= super::keys::latest_expiry())
+        .ok_or_else(|| {
+            ApiError::field(
+                field,
+                "is too long: the key must expire before the year 10000",
+            )
+        })
 }
 
 /// A caller with limited scopes may not obtain a raw key with scopes it does not hold.

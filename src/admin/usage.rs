@@ -205,8 +205,8 @@ pub(crate) async fn keys(
         .iter()
         .zip(last_used)
         .map(|(k, last)| {
-            let snapshot = match state.limiters.get(&k.id) {
-                Some(limiter) => limiter.peek(),
+            let snapshot = match state.cache.limits_of(&k.id) {
+                Some(limiter) => limiter.peek(Utc::now().timestamp_millis()),
                 None => LimitSnapshot::full(&Quotas::resolve(
                     k.rate_limit.as_ref(),
                     access.account.rate_limit.as_ref(),

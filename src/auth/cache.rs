@@ -16,11 +16,14 @@ use tokio::time::Instant;
 use super::{CachedKey, IdentityValues};
 use crate::config::{CacheSettings, OnStoreError};
 use crate::credential::{KeyHash, KeyHashBuilder};
-use crate::limits::{Limiters, Quotas, Window};
+use crate::limits::global::SharedLimiters;
+use crate::limits::{KeyLimits, Limiters, Quotas, Window};
 use crate::metering::Meter;
 use crate::metrics::Metrics;
 use crate::policy;
-use crate::store::{KeyLookup, KeyType, RateLimitSpec, SharedStore};
+use crate::store::{
+    Invalidation, InvalidationEvent, KeyLookup, KeyType, RateLimitSpec, SharedStore,
+};
 
 /// How long a stale entry is kept as a fallback for `fail_open`.
 const STALE_KEEP: Duration = Duration::from_secs(15 * 60);
@@ -67,6 +70,9 @@ pub struct KeyCache {
     generation: AtomicU64,
     store: SharedStore,
     limiters: Arc<Limiters>,
+    /// Set with `limits.mode = "global"`: keys draw on the fleet's counters, with `limiters` as
+    /// the fallback while the store is down.
+    shared: Option<Arc<SharedLimiters>>,
     meter: Arc<Meter>,
     metrics: Arc<Metrics>,
     settings: CacheSettings,
@@ -94,11 +100,26 @@ impl KeyCache {
             generation: AtomicU64::new(0),
             store,
             limiters,
+            shared: None,
             meter,
             metrics,
             settings,
             default_limits,
             on_store_error,
+        }
+    }
+
+    /// Makes keys draw on fleet-wide counters (`limits.mode = "global"`).
+    pub fn with_shared_limits(mut self, shared: Arc<SharedLimiters>) -> Self {
+        self.shared = Some(shared);
+        self
+    }
+
+    /// The buckets of a key used since start-up (this instance's view).
+    pub fn limits_of(&self, key_id: &str) -> Option<KeyLimits> {
+        match &self.shared {
+            Some(shared) => shared.get(key_id).map(KeyLimits::Global),
+            None => self.limiters.get(key_id).map(KeyLimits::Local),
         }
     }
 
@@ -137,14 +158,42 @@ impl KeyCache {
         found
     }
 
-    /// Drops what is cached for one credential hash.
+    /// Drops what is cached for one credential hash, here and (through the store) on every
+    /// other instance.
     pub fn invalidate(&self, hash: &KeyHash) {
+        self.drop_key(hash);
+        self.publish(Invalidation::Key(*hash));
+    }
+
+    /// Drops every cached key of an account, here and on every other instance.
+    pub fn invalidate_account(&self, account_id: &str) {
+        self.drop_account(account_id);
+        self.publish(Invalidation::Account(account_id.to_owned()));
+    }
+
+    /// Drops everything, here and on every other instance.
+    pub fn invalidate_all(&self) {
+        self.drop_all();
+        self.publish(Invalidation::All);
+    }
+
+    /// Applies an invalidation that arrived from the store's channel (this instance's own
+    /// included), without publishing it again.
+    pub fn apply(&self, event: &InvalidationEvent) {
+        match event {
+            InvalidationEvent::Invalidate(Invalidation::Key(hash)) => self.drop_key(hash),
+            InvalidationEvent::Invalidate(Invalidation::Account(id)) => self.drop_account(id),
+            InvalidationEvent::Invalidate(Invalidation::All) => self.drop_all(),
+            InvalidationEvent::Resync => self.expire_all(),
+        }
+    }
+
+    fn drop_key(&self, hash: &KeyHash) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.map.remove(hash);
     }
 
-    /// Drops every cached key of an account.
-    pub fn invalidate_account(&self, account_id: &str) {
+    fn drop_account(&self, account_id: &str) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.map.retain(|_, slot| match slot {
             Slot::Found { key, .. } => &*key.account_id != account_id,
@@ -152,10 +201,35 @@ impl KeyCache {
         });
     }
 
-    /// Drops everything.
-    pub fn invalidate_all(&self) {
+    fn drop_all(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.map.clear();
+    }
+
+    /// Makes every entry stale: re-read on next use, but still there for `fail_open`.
+    fn expire_all(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        let now = Instant::now();
+        self.map.retain(|_, slot| match slot {
+            Slot::Found { fresh_until, .. } => {
+                *fresh_until = now;
+                true
+            }
+            Slot::Missing { .. } => false,
+        });
+    }
+
+    /// Publishes without making the caller wait; a failure leaves the other instances on their
+    /// ttl, which is the backstop.
+    fn publish(&self, what: Invalidation) {
+        let store = Arc::clone(&self.store);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = store.publish_invalidation(&what).await {
+                    tracing::warn!(error = %e, "publishing a cache invalidation failed");
+                }
+            });
+        }
     }
 
     /// Entries held.
@@ -292,7 +366,15 @@ impl KeyCache {
                 scopes: header(&scopes_text),
                 policy: policy_header(&quotas),
             },
-            limiter: self.limiters.for_key(&key_id, quotas),
+            limiter: {
+                let local = self.limiters.for_key(&key_id, quotas);
+                match &self.shared {
+                    Some(shared) => {
+                        KeyLimits::Global(shared.for_key(&account_id, &key_id, quotas, local))
+                    }
+                    None => KeyLimits::Local(local),
+                }
+            },
             usage: self.meter.cell(&key_id, &account_id),
             key_id,
             account_id,

@@ -63,6 +63,11 @@ pub enum StoreSettings {
         /// Database file.
         path: PathBuf,
     },
+    /// Redis: `redis://…` (one server) or `redis+cluster://h1:p1,…`.
+    Redis {
+        /// The URL as configured.
+        url: String,
+    },
 }
 
 /// `[cache]`.
@@ -92,6 +97,8 @@ pub struct LimitSettings {
 pub enum LimitMode {
     /// Each instance counts alone.
     Local,
+    /// All instances draw from shared counters in Redis.
+    Global,
 }
 
 /// `limits.on_store_error`.

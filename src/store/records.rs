@@ -32,7 +32,7 @@ pub enum KeyType {
 /// Per-window request limits; a missing window falls back to the next level (key → account →
 /// config default).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self")]
 pub struct RateLimitSpec {
     /// Requests per minute.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -47,7 +47,7 @@ pub struct RateLimitSpec {
 
 /// Where an account's callers may come from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self")]
 pub struct NetworkPolicy {
     /// CIDRs (or single addresses); empty means any.
     #[serde(default)]
@@ -59,7 +59,7 @@ pub struct NetworkPolicy {
 
 /// Plan limits; `None` means unlimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self")]
 pub struct Plan {
     /// Most keys the account may hold.
     #[serde(default)]
@@ -284,6 +284,42 @@ impl Granularity {
         minute.div_euclid(self.seconds() / 60)
     }
 }
+
+/// Implements `Serialize` and an objects-only `Deserialize` for a `#[serde(remote = "Self")]`
+/// type: serde's derive would also accept a JSON array in place of the object, which is never
+/// what a client meant.
+macro_rules! object_only {
+    ($ty:ident) => {
+        impl Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                $ty::serialize(self, s)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct Visit;
+                impl<'de> serde::de::Visitor<'de> for Visit {
+                    type Value = $ty;
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str("an object")
+                    }
+                    fn visit_map<A: serde::de::MapAccess<'de>>(
+                        self,
+                        map: A,
+                    ) -> Result<$ty, A::Error> {
+                        $ty::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    }
+                }
+                d.deserialize_map(Visit)
+            }
+        }
+    };
+}
+
+object_only!(RateLimitSpec);
+object_only!(NetworkPolicy);
+object_only!(Plan);
 
 fn yes() -> bool {
     true

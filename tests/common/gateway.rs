@@ -232,6 +232,7 @@ impl Gateway {
     pub fn store_path(&self) -> PathBuf {
         match &self.settings.store {
             tollgate::config::StoreSettings::Embedded { path } => path.clone(),
+            tollgate::config::StoreSettings::Redis { .. } => panic!("this gateway runs on Redis"),
         }
     }
 }

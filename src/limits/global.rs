@@ -1,0 +1,335 @@
+//! Fleet-wide limits (`limits.mode = "global"`): every instance draws from shared per-window
+//! counters in the store, a small lease of tokens at a time, so that a request almost never waits
+//! for Redis.
+//!
+//! Each key holds, per window (fixed UTC minute, hour, day), a local lease of tokens taken from
+//! the shared counter with [`Store::take_tokens`], which never lets the counter pass the limit.
+//! A request spends one local token per window, synchronously and without I/O. When a lease runs
+//! below half, a background refill takes more; only a request that finds a lease empty waits for
+//! one round trip ([`GlobalLimiter::refill`]). Accuracy: the fleet never admits more than the
+//! limit in a window while the store answers; it admits less only by tokens leased to instances
+//! that see no further traffic in that window, at most `instances × lease` (lease = limit / 100,
+//! at least 1, at most 1 000). When the store fails, `fail_open` falls back to the key's local
+//! buckets until a refill succeeds, and `fail_closed` refuses with `store_unavailable`.
+
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use parking_lot::Mutex;
+
+use super::{Exhausted, KeyLimiter, LimitSnapshot, Quotas, Window, WindowState};
+use crate::config::OnStoreError;
+use crate::store::{SharedStore, TokenTake};
+
+/// How long to keep using the local fallback after a failed refill before trying the store again.
+const RETRY_AFTER_FAILURE_MS: i64 = 1_000;
+
+/// Why the shared buckets did not admit a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shortfall {
+    /// A window is used up fleet-wide (or locally, in fallback).
+    Exhausted(Exhausted),
+    /// A lease is empty: await [`GlobalLimiter::refill`] and decide again.
+    NeedsLease,
+    /// The store is down and `fail_closed` is set.
+    StoreDown,
+}
+
+/// One key's leases.
+pub struct GlobalLimiter {
+    account_id: Arc<str>,
+    key_id: Arc<str>,
+    quotas: Quotas,
+    leases: Mutex<[Lease; 3]>,
+    store: SharedStore,
+    on_store_error: OnStoreError,
+    /// Used instead of the shared counters while the store is failing (fail_open).
+    fallback: Arc<KeyLimiter>,
+    /// Until when (ms) the store counts as down; 0 when it answers.
+    down_until_ms: AtomicI64,
+    refilling: AtomicBool,
+    refill_lock: tokio::sync::Mutex<()>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Lease {
+    index: i64,
+    tokens: u32,
+    /// The shared counter as last reported.
+    total: u64,
+    /// The shared counter has reached the limit for `index`.
+    exhausted: bool,
+}
+
+/// Every key's [`GlobalLimiter`], by key id.
+pub struct SharedLimiters {
+    by_key: DashMap<Arc<str>, Arc<GlobalLimiter>>,
+    store: SharedStore,
+    on_store_error: OnStoreError,
+}
+
+// === impl GlobalLimiter ===
+
+impl GlobalLimiter {
+    /// Spends one token from every window, or says why not. Never does I/O; may start a
+    /// background refill.
+    pub fn check(self: &Arc<Self>, now_ms: i64) -> Result<LimitSnapshot, Shortfall> {
+        if self.down_until_ms.load(Ordering::Relaxed) > now_ms {
+            return match self.on_store_error {
+                OnStoreError::FailOpen => self.fallback.check().map_err(Shortfall::Exhausted),
+                OnStoreError::FailClosed => Err(Shortfall::StoreDown),
+            };
+        }
+        let mut leases = self.leases.lock();
+        let mut snapshot = LimitSnapshot::default();
+        let mut low = false;
+        for (i, window) in Window::ALL.iter().enumerate() {
+            let Some(limit) = self.quotas.per[i] else {
+                continue;
+            };
+            let lease = &mut leases[i];
+            let index = window_index(*window, now_ms);
+            if lease.index != index {
+                *lease = Lease {
+                    index,
+                    ..Lease::default()
+                };
+            }
+            if lease.tokens == 0 {
+                if lease.exhausted {
+                    let retry_after = seconds_left(*window, now_ms).max(1);
+                    snapshot.windows[i] = Some(state(*window, limit, lease, now_ms));
+                    return Err(Shortfall::Exhausted(Exhausted {
+                        window: *window,
+                        retry_after,
+                        snapshot,
+                    }));
+                }
+                drop(leases);
+                self.refill_in_background(now_ms);
+                return Err(Shortfall::NeedsLease);
+            }
+        }
+        for (i, window) in Window::ALL.iter().enumerate() {
+            let Some(limit) = self.quotas.per[i] else {
+                continue;
+            };
+            let lease = &mut leases[i];
+            lease.tokens -= 1;
+            low |= !lease.exhausted && lease.tokens < lease_size(limit).div_ceil(2);
+            snapshot.windows[i] = Some(state(*window, limit, lease, now_ms));
+        }
+        drop(leases);
+        if low {
+            self.refill_in_background(now_ms);
+        }
+        Ok(snapshot)
+    }
+
+    /// Takes fresh leases for the windows running low, in one store round trip. Concurrent calls
+    /// share one refill.
+    pub async fn refill(&self, now_ms: i64) {
+        let _one_at_a_time = self.refill_lock.lock().await;
+        let takes: Vec<(usize, TokenTake)> = {
+            let mut leases = self.leases.lock();
+            Window::ALL
+                .iter()
+                .enumerate()
+                .filter_map(|(i, window)| {
+                    let limit = self.quotas.per[i]?.get();
+                    let lease = &mut leases[i];
+                    let index = window_index(*window, now_ms);
+                    if lease.index != index {
+                        *lease = Lease {
+                            index,
+                            ..Lease::default()
+                        };
+                    }
+                    let size = lease_size(self.quotas.per[i]?);
+                    (!lease.exhausted && lease.tokens < size.div_ceil(2)).then_some((
+                        i,
+                        TokenTake {
+                            window_secs: window.seconds(),
+                            index,
+                            limit,
+                            want: size - lease.tokens,
+                        },
+                    ))
+                })
+                .collect()
+        };
+        if takes.is_empty() {
+            return;
+        }
+        let asked: Vec<TokenTake> = takes.iter().map(|(_, t)| *t).collect();
+        match self
+            .store
+            .take_tokens(&self.account_id, &self.key_id, &asked)
+            .await
+        {
+            Ok(grants) => {
+                self.down_until_ms.store(0, Ordering::Relaxed);
+                let mut leases = self.leases.lock();
+                for ((i, take), grant) in takes.iter().zip(grants) {
+                    let lease = &mut leases[*i];
+                    if lease.index == take.index {
+                        lease.tokens += grant.granted;
+                        lease.total = grant.total;
+                        lease.exhausted = grant.granted < take.want;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, key = %self.key_id, "taking shared rate-limit tokens failed");
+                self.down_until_ms
+                    .store(now_ms + RETRY_AFTER_FAILURE_MS, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn refill_in_background(self: &Arc<Self>, now_ms: i64) {
+        if self.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = Arc::clone(self);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                this.refill(now_ms).await;
+                this.refilling.store(false, Ordering::Release);
+            });
+        } else {
+            self.refilling.store(false, Ordering::Release);
+        }
+    }
+
+    /// The windows as last seen, without spending.
+    pub fn peek(&self, now_ms: i64) -> LimitSnapshot {
+        let leases = self.leases.lock();
+        let mut snapshot = LimitSnapshot::default();
+        for (i, window) in Window::ALL.iter().enumerate() {
+            if let Some(limit) = self.quotas.per[i] {
+                let mut lease = leases[i];
+                if lease.index != window_index(*window, now_ms) {
+                    lease = Lease::default();
+                }
+                snapshot.windows[i] = Some(state(*window, limit, &lease, now_ms));
+            }
+        }
+        snapshot
+    }
+
+    /// The limits these leases enforce.
+    pub fn quotas(&self) -> Quotas {
+        self.quotas
+    }
+}
+
+// === impl SharedLimiters ===
+
+impl SharedLimiters {
+    /// A registry over `store`.
+    pub fn new(store: SharedStore, on_store_error: OnStoreError) -> Self {
+        SharedLimiters {
+            by_key: DashMap::new(),
+            store,
+            on_store_error,
+        }
+    }
+
+    /// The key's limiter; kept across cache refreshes while its quotas are unchanged.
+    pub fn for_key(
+        &self,
+        account_id: &Arc<str>,
+        key_id: &Arc<str>,
+        quotas: Quotas,
+        fallback: Arc<KeyLimiter>,
+    ) -> Arc<GlobalLimiter> {
+        if let Some(existing) = self.by_key.get(key_id) {
+            if existing.quotas == quotas {
+                return Arc::clone(&existing);
+            }
+        }
+        let fresh = Arc::new(GlobalLimiter {
+            account_id: Arc::clone(account_id),
+            key_id: Arc::clone(key_id),
+            quotas,
+            leases: Mutex::new([Lease::default(); 3]),
+            store: Arc::clone(&self.store),
+            on_store_error: self.on_store_error,
+            fallback,
+            down_until_ms: AtomicI64::new(0),
+            refilling: AtomicBool::new(false),
+            refill_lock: tokio::sync::Mutex::new(()),
+        });
+        self.by_key.insert(Arc::clone(key_id), Arc::clone(&fresh));
+        fresh
+    }
+
+    /// The key's limiter, if it has one.
+    pub fn get(&self, key_id: &str) -> Option<Arc<GlobalLimiter>> {
+        self.by_key.get(key_id).map(|l| Arc::clone(&l))
+    }
+
+    /// Forgets limiters no cached key holds; their leases belong to past windows soon enough.
+    pub fn prune_unused(&self) {
+        self.by_key.retain(|_, l| Arc::strong_count(l) > 1);
+    }
+}
+
+// === functions ===
+
+/// Tokens taken per refill: a hundredth of the limit, at least 1 and at most 1 000.
+pub fn lease_size(limit: NonZeroU32) -> u32 {
+    (limit.get() / 100).clamp(1, 1_000)
+}
+
+fn window_index(window: Window, now_ms: i64) -> i64 {
+    now_ms.div_euclid(window.seconds() as i64 * 1_000)
+}
+
+fn seconds_left(window: Window, now_ms: i64) -> u64 {
+    let len_ms = window.seconds() as i64 * 1_000;
+    let left_ms = len_ms - now_ms.rem_euclid(len_ms);
+    u64::try_from((left_ms + 999) / 1_000).unwrap_or(1)
+}
+
+fn state(window: Window, limit: NonZeroU32, lease: &Lease, now_ms: i64) -> WindowState {
+    let limit = limit.get();
+    let handed_out = u32::try_from(lease.total).unwrap_or(u32::MAX);
+    let remaining = limit
+        .saturating_sub(handed_out)
+        .saturating_add(lease.tokens)
+        .min(limit);
+    WindowState {
+        window,
+        limit,
+        remaining,
+        reset: seconds_left(window, now_ms),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leases_are_a_hundredth_of_the_limit_within_bounds() {
+        let n = |v| NonZeroU32::new(v).unwrap();
+        assert_eq!(lease_size(n(60)), 1);
+        assert_eq!(lease_size(n(10_000)), 100);
+        assert_eq!(lease_size(n(1_000_000_000)), 1_000);
+    }
+
+    #[test]
+    fn windows_are_fixed_utc_periods() {
+        let t = 1_795_438_799_999; // 12:59:59.999
+        assert_eq!(
+            window_index(Window::Minute, t) + 1,
+            window_index(Window::Minute, t + 1)
+        );
+        assert_eq!(seconds_left(Window::Minute, t), 1);
+        assert_eq!(seconds_left(Window::Minute, t + 1), 60);
+    }
+}

@@ -1,0 +1,390 @@
+//! The connection to Redis, single server or cluster, behind one type, and the [`Batch`] that
+//! runs a method's commands in as few round trips as the topology allows.
+//!
+//! A single server gets one [`ConnectionManager`] (multiplexed, reconnects by itself); a cluster
+//! gets one [`ClusterConnection`] (routes each command or single-slot pipeline to its node). Every
+//! call is bounded: connection and response timeouts on the client, and an overall deadline here,
+//! so a dead Redis fails a call in about two seconds instead of hanging it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::Duration;
+
+use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use ::redis::cluster::ClusterClientBuilder;
+use ::redis::cluster_async::ClusterConnection;
+use ::redis::{Cmd, ErrorKind, FromRedisValue, Pipeline, RedisError, RedisFuture, Value};
+
+use crate::store::StoreError;
+
+/// Connecting to one server or node gives up after this.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// A command or pipeline without an answer after this fails (and the connection is replaced).
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The deadline of one round trip here, reconnection attempts included: a backstop above the
+/// client's own timeouts, so that no store call waits longer, whatever state the client is in.
+const CALL_DEADLINE: Duration = Duration::from_millis(2_500);
+
+/// The two topologies, each implementing [`ConnectionLike`]; this enum does too, by delegation,
+/// so that every store method is written once. Both are cheap handles to a shared connection.
+#[derive(Clone)]
+pub(super) enum Conn {
+    /// `redis://host:port`.
+    Single(ConnectionManager),
+    /// `redis+cluster://h1:p1,h2:p2,…`.
+    Cluster(ClusterConnection),
+}
+
+/// Commands of one store method, each tagged with the hash tag (hence the cluster slot) of its
+/// keys. On a single server the whole batch is one pipeline: one round trip, and one
+/// `MULTI`/`EXEC` when atomic. On a cluster each tag's commands are one pipeline (one
+/// `MULTI`/`EXEC` when atomic) sent to its node, the tags of one step concurrently, and the steps
+/// (separated by [`Batch::then`]) one after the other.
+pub(super) struct Batch {
+    atomic: bool,
+    step: usize,
+    cmds: Vec<(usize, String, Cmd)>,
+}
+
+// === impl Conn ===
+
+impl Conn {
+    /// Connects to `redis://…` (one server) or `redis+cluster://h1:p1,h2:p2,…` (a cluster, from
+    /// any of its nodes).
+    pub(super) async fn connect(url: &str) -> Result<Conn, StoreError> {
+        let shown = redact(url);
+        if let Some(rest) = url.strip_prefix("redis+cluster://") {
+            let nodes = cluster_nodes(rest)?;
+            let client = ClusterClientBuilder::new(nodes)
+                .connection_timeout(CONNECT_TIMEOUT)
+                .response_timeout(RESPONSE_TIMEOUT)
+                // Retries are for redirections and node failover; keep them few and quick so
+                // that an unreachable cluster still fails a call within the deadline.
+                .retries(2)
+                .min_retry_wait(10)
+                .max_retry_wait(200)
+                .build()
+                .map_err(|e| StoreError::Unavailable(format!("redis cluster {shown}: {e}")))?;
+            let conn = deadline(client.get_async_connection()).await.map_err(|e| {
+                unavailable(&format!("cannot connect to redis cluster {shown}"), &e)
+            })?;
+            return Ok(Conn::Cluster(conn));
+        }
+        if !url.starts_with("redis://") {
+            return Err(StoreError::Unavailable(format!(
+                "unsupported redis url {shown:?}: expected redis://host:port or \
+                 redis+cluster://host:port,host:port,…"
+            )));
+        }
+        let client = ::redis::Client::open(url)
+            .map_err(|e| StoreError::Unavailable(format!("redis url {shown:?}: {e}")))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(CONNECT_TIMEOUT)
+            .set_response_timeout(RESPONSE_TIMEOUT)
+            // No backoff inside a reconnection (its first retry alone sleeps 1–2 s): a failed
+            // reconnection is tried again by the next call, see `never_sent`.
+            .set_number_of_retries(0);
+        let conn = deadline(ConnectionManager::new_with_config(client, config))
+            .await
+            .map_err(|e| unavailable(&format!("cannot connect to redis {shown}"), &e))?;
+        Ok(Conn::Single(conn))
+    }
+
+    pub(super) fn is_cluster(&self) -> bool {
+        matches!(self, Conn::Cluster(_))
+    }
+
+    /// Runs one command.
+    pub(super) async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
+        let mut conn = self.clone();
+        let attempt = async {
+            match cmd.query_async::<Value>(&mut conn).await {
+                Err(e) if self.never_sent(&e) => cmd.query_async::<Value>(&mut conn).await,
+                other => other,
+            }
+        };
+        let value = deadline(attempt).await.map_err(|e| redis_err(&e))?;
+        decode(value)
+    }
+
+    /// Runs a batch; the answers come back in the order the commands were added.
+    pub(super) async fn run(&self, batch: Batch) -> Result<Vec<Value>, StoreError> {
+        if batch.cmds.is_empty() {
+            return Ok(Vec::new());
+        }
+        let total = batch.cmds.len();
+        if !self.is_cluster() {
+            let mut pipe = Pipeline::with_capacity(total);
+            if batch.atomic {
+                pipe.atomic();
+            }
+            for (_, _, cmd) in batch.cmds {
+                pipe.add_command(cmd);
+            }
+            return self.run_pipeline(pipe).await;
+        }
+
+        let mut answers: Vec<Option<Value>> = vec![None; total];
+        let last_step = batch.cmds.iter().map(|(s, _, _)| *s).max().unwrap_or(0);
+        let mut cmds: Vec<Option<(usize, String, Cmd)>> =
+            batch.cmds.into_iter().map(Some).collect();
+        for step in 0..=last_step {
+            // One pipeline per tag, in the order the tags first appear.
+            let mut groups: Vec<(String, Vec<usize>, Pipeline)> = Vec::new();
+            for (position, slot) in cmds.iter_mut().enumerate() {
+                if slot.as_ref().is_none_or(|(s, _, _)| *s != step) {
+                    continue;
+                }
+                let Some((_, tag, cmd)) = slot.take() else {
+                    continue;
+                };
+                let group = match groups.iter().position(|(t, _, _)| *t == tag) {
+                    Some(i) => &mut groups[i],
+                    None => {
+                        let mut pipe = Pipeline::new();
+                        if batch.atomic {
+                            pipe.atomic();
+                        }
+                        groups.push((tag, Vec::new(), pipe));
+                        let last = groups.len() - 1;
+                        &mut groups[last]
+                    }
+                };
+                group.1.push(position);
+                group.2.add_command(cmd);
+            }
+            let mut positions_of = Vec::with_capacity(groups.len());
+            let mut futures: Vec<BoxedRun<'_>> = Vec::with_capacity(groups.len());
+            for (_, positions, pipe) in groups {
+                positions_of.push(positions);
+                futures.push(Box::pin(self.run_pipeline(pipe)));
+            }
+            let results = join_all(futures).await;
+            for (positions, result) in positions_of.iter().zip(results) {
+                let values = result?;
+                if values.len() != positions.len() {
+                    return Err(StoreError::Corrupt(format!(
+                        "redis answered {} replies to {} commands",
+                        values.len(),
+                        positions.len()
+                    )));
+                }
+                for (position, value) in positions.iter().zip(values) {
+                    answers[*position] = Some(value);
+                }
+            }
+        }
+        Ok(answers
+            .into_iter()
+            .map(|v| v.unwrap_or(Value::Nil))
+            .collect())
+    }
+
+    async fn run_pipeline(&self, pipe: Pipeline) -> Result<Vec<Value>, StoreError> {
+        let mut conn = self.clone();
+        let attempt = async {
+            match pipe.query_async::<Vec<Value>>(&mut conn).await {
+                Err(e) if self.never_sent(&e) => pipe.query_async::<Vec<Value>>(&mut conn).await,
+                other => other,
+            }
+        };
+        deadline(attempt).await.map_err(|e| redis_err(&e))
+    }
+
+    /// The connection manager answers a call with the error of the last failed reconnection
+    /// (without sending anything) and only then starts a new one. Such a call is safe to repeat
+    /// at once, on the new connection: so the first call after Redis comes back succeeds, however
+    /// long ago the last reconnection failed. (The manager marks these errors only in their
+    /// message; if that changes, the call simply fails as before.)
+    fn never_sent(&self, e: &RedisError) -> bool {
+        matches!(self, Conn::Single(_))
+            && e.is_io_error()
+            && e.to_string().contains("Reconnecting failed")
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(conn) => conn.req_packed_command(cmd),
+            Conn::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(conn) => conn.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(conn) => conn.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(conn) => conn.get_db(),
+            Conn::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+// === impl Batch ===
+
+impl Batch {
+    /// Writes: one `MULTI`/`EXEC` per slot (per batch on a single server).
+    pub(super) fn atomic() -> Batch {
+        Batch {
+            atomic: true,
+            step: 0,
+            cmds: Vec::new(),
+        }
+    }
+
+    /// Reads: plain pipelines.
+    pub(super) fn read() -> Batch {
+        Batch {
+            atomic: false,
+            step: 0,
+            cmds: Vec::new(),
+        }
+    }
+
+    /// Adds a command whose keys all carry the hash tag `tag`; returns its answer's position.
+    pub(super) fn add(&mut self, tag: &str, cmd: Cmd) -> usize {
+        self.cmds.push((self.step, tag.to_owned(), cmd));
+        self.cmds.len() - 1
+    }
+
+    /// On a cluster, the commands added from now on are sent once the earlier ones succeeded.
+    pub(super) fn then(&mut self) {
+        self.step += 1;
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.cmds.is_empty()
+    }
+}
+
+type BoxedRun<'a> = Pin<Box<dyn Future<Output = Result<Vec<Value>, StoreError>> + Send + 'a>>;
+
+/// Polls the futures together and returns their outputs in order (the slots of one cluster
+/// step go out concurrently, so the step costs one round trip).
+async fn join_all<T>(futures: Vec<Pin<Box<dyn Future<Output = T> + Send + '_>>>) -> Vec<T> {
+    let mut pending: Vec<_> = futures.into_iter().map(Some).collect();
+    let mut outputs: Vec<Option<T>> = pending.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut waiting = false;
+        for (slot, output) in pending.iter_mut().zip(outputs.iter_mut()) {
+            if let Some(future) = slot {
+                match future.as_mut().poll(cx) {
+                    Poll::Ready(value) => {
+                        *output = Some(value);
+                        *slot = None;
+                    }
+                    Poll::Pending => waiting = true,
+                }
+            }
+        }
+        if waiting {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
+}
+
+/// Bounds one round trip by [`CALL_DEADLINE`].
+async fn deadline<T>(future: impl Future<Output = Result<T, RedisError>>) -> Result<T, RedisError> {
+    match tokio::time::timeout(CALL_DEADLINE, future).await {
+        Ok(result) => result,
+        Err(_) => Err(RedisError::from((
+            ErrorKind::IoError,
+            "no answer from redis",
+            format!("within {} ms", CALL_DEADLINE.as_millis()),
+        ))),
+    }
+}
+
+/// The URL with any `user:password@` replaced by `***@`, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// `h1:p1,h2:p2` (optionally `user:pass@` before the list) → `redis://…` per node.
+fn cluster_nodes(list: &str) -> Result<Vec<String>, StoreError> {
+    let (auth, hosts) = match list.rsplit_once('@') {
+        Some((auth, hosts)) => (format!("{auth}@"), hosts),
+        None => (String::new(), list),
+    };
+    let nodes: Vec<String> = hosts
+        .trim_end_matches('/')
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .map(|h| format!("redis://{auth}{h}"))
+        .collect();
+    if nodes.is_empty() {
+        return Err(StoreError::Unavailable(format!(
+            "redis+cluster url names no node: {list:?}"
+        )));
+    }
+    Ok(nodes)
+}
+
+/// Redis failed or could not be reached: the call may be retried. A reply of the wrong shape
+/// (`WRONGTYPE`, or a type the caller did not expect) is a corrupt record instead.
+pub(super) fn redis_err(e: &RedisError) -> StoreError {
+    if e.kind() == ErrorKind::TypeError || e.code() == Some("WRONGTYPE") {
+        return StoreError::Corrupt(format!("unexpected redis reply: {e}"));
+    }
+    StoreError::Unavailable(format!("redis: {e}"))
+}
+
+fn unavailable(context: &str, e: &RedisError) -> StoreError {
+    StoreError::Unavailable(format!("{context}: {e}"))
+}
+
+/// Converts one answer to the type expected.
+pub(super) fn decode<T: FromRedisValue>(value: Value) -> Result<T, StoreError> {
+    ::redis::from_owned_redis_value(value)
+        .map_err(|e| StoreError::Corrupt(format!("unexpected redis reply: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_urls_name_every_node() {
+        assert_eq!(
+            cluster_nodes("h1:7000,h2:7001").unwrap(),
+            vec!["redis://h1:7000", "redis://h2:7001"]
+        );
+        assert_eq!(
+            cluster_nodes("u:p@h1:7000, h2:7001/").unwrap(),
+            vec!["redis://u:p@h1:7000", "redis://u:p@h2:7001"]
+        );
+        assert!(cluster_nodes("").is_err());
+    }
+
+    #[test]
+    fn messages_never_show_passwords() {
+        assert_eq!(redact("redis://u:secret@h:1/0"), "redis://***@h:1/0");
+        assert_eq!(
+            redact("redis+cluster://:s@a:1,b:2"),
+            "redis+cluster://***@a:1,b:2"
+        );
+        assert_eq!(redact("redis://h:1"), "redis://h:1");
+    }
+}

@@ -1,0 +1,135 @@
+//! Key names: the data model table of [`super`] as functions. Every key starts with `tg:` and
+//! carries a hash tag `{…}`, which is also the tag [`super::conn::Batch`] groups commands by.
+
+use crate::store::Granularity;
+
+/// The tag of the operator-level singletons (account list, audit index, master key hash).
+/// Leading underscore: generated ids (`acc_…`, `key_…`) never collide with it.
+pub(super) const GLOBAL: &str = "_global";
+/// The tag of the usage indexes shared by all keys (bucket owners, last use).
+pub(super) const USAGE: &str = "_usage";
+
+/// The counter fields of a usage bucket hash, in [`crate::store::UsageCounts`] order.
+pub(super) const COUNTERS: [&str; 6] = [
+    "requests",
+    "success",
+    "error",
+    "rate_limited",
+    "bytes_in",
+    "bytes_out",
+];
+
+pub(super) fn account(account_id: &str) -> String {
+    format!("tg:{{{account_id}}}:account")
+}
+
+pub(super) fn key_ids(account_id: &str) -> String {
+    format!("tg:{{{account_id}}}:keys")
+}
+
+pub(super) fn key(account_id: &str, key_id: &str) -> String {
+    format!("tg:{{{account_id}}}:key:{key_id}")
+}
+
+pub(super) fn names(account_id: &str) -> String {
+    format!("tg:{{{account_id}}}:names")
+}
+
+pub(super) fn sites(account_id: &str) -> String {
+    format!("tg:{{{account_id}}}:sites")
+}
+
+pub(super) fn site_names(account_id: &str) -> String {
+    format!("tg:{{{account_id}}}:site_names")
+}
+
+pub(super) fn account_audit(account_id: &str) -> String {
+    format!("tg:{{{account_id}}}:audit")
+}
+
+/// The index (sorted set) of an account's day buckets; a bucket is [`bucket`] of it.
+pub(super) fn account_usage(account_id: &str) -> String {
+    format!("tg:{{{account_id}}}:account_usage:d")
+}
+
+/// The index (sorted set) of a key's buckets of one granularity; a bucket is [`bucket`] of it.
+pub(super) fn key_usage(key_id: &str, granularity: Granularity) -> String {
+    format!("tg:{{{key_id}}}:usage:{}", letter(granularity))
+}
+
+/// One bucket (a hash of [`COUNTERS`]) of a bucket index.
+pub(super) fn bucket(index_key: &str, index: i64) -> String {
+    format!("{index_key}:{index}")
+}
+
+/// The hash index entry of a key hash (hex); its tag is the hex itself, which spreads the
+/// entries over the cluster's slots.
+pub(super) fn hash_index(hash_hex: &str) -> String {
+    format!("tg:keyhash:{{{hash_hex}}}")
+}
+
+pub(super) fn accounts() -> String {
+    format!("tg:{{{GLOBAL}}}:accounts")
+}
+
+pub(super) fn audit() -> String {
+    format!("tg:{{{GLOBAL}}}:audit")
+}
+
+pub(super) fn master_key_hash() -> String {
+    format!("tg:{{{GLOBAL}}}:master_key_hash")
+}
+
+/// Bucket indexes holding buckets of one granularity (members), each scored with (at most) its
+/// lowest bucket index, so that pruning finds the owners of old buckets without a scan.
+pub(super) fn owners(granularity: Granularity) -> String {
+    format!("tg:{{{USAGE}}}:owners:{}", letter(granularity))
+}
+
+/// Key id → last use in milliseconds (sorted set; `ZADD GT` keeps the maximum).
+pub(super) fn last_used() -> String {
+    format!("tg:{{{USAGE}}}:last_used")
+}
+
+/// The hash tag of a key name: what is between its first `{` and the next `}`.
+pub(super) fn tag_of(key: &str) -> Option<&str> {
+    let open = key.find('{')?;
+    let rest = &key[open + 1..];
+    let close = rest.find('}')?;
+    Some(&rest[..close]).filter(|tag| !tag.is_empty())
+}
+
+fn letter(granularity: Granularity) -> char {
+    match granularity {
+        Granularity::Minute => 'm',
+        Granularity::Hour => 'h',
+        Granularity::Day => 'd',
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_accounts_records_share_its_tag() {
+        for key in [
+            account("acc_1"),
+            key_ids("acc_1"),
+            key("acc_1", "key_9"),
+            names("acc_1"),
+            sites("acc_1"),
+            site_names("acc_1"),
+            account_audit("acc_1"),
+            bucket(&account_usage("acc_1"), 20_000),
+        ] {
+            assert_eq!(tag_of(&key), Some("acc_1"), "{key}");
+        }
+        let usage = key_usage("key_9", Granularity::Hour);
+        assert_eq!(usage, "tg:{key_9}:usage:h");
+        assert_eq!(tag_of(&bucket(&usage, 5)), Some("key_9"));
+        assert_eq!(tag_of(&hash_index("ab12")), Some("ab12"));
+        assert_eq!(tag_of(&owners(Granularity::Day)), Some(USAGE));
+        assert_eq!(tag_of("tg:{}:x"), None);
+    }
+}

@@ -1,0 +1,123 @@
+//! The Lua scripts: each is one atomic check-then-write on keys of one hash tag (one cluster
+//! slot), with every key it touches passed in `KEYS`. They are sent with `EVAL` (Redis caches the
+//! compiled script by its digest), so that a script may sit inside a pipeline or a `MULTI` without
+//! the `NOSCRIPT` failure an `EVALSHA` meets after a restart or failover.
+
+use ::redis::{Cmd, ToRedisArgs};
+
+/// Creates a key if its name is free in the account and its id (and, when `KEYS[4]` is given,
+/// its hash) is not taken.
+///
+/// `KEYS`: key record, the account's key ids, the account's names, [hash index].
+/// `ARGV`: key id, name, key JSON, hash (hex), hash index value.
+/// Returns `ok`, `name_taken` or `exists`.
+pub(super) const CREATE_KEY: &str = r#"
+if redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then return 'name_taken' end
+if redis.call('EXISTS', KEYS[1]) == 1 then return 'exists' end
+if KEYS[4] and redis.call('EXISTS', KEYS[4]) == 1 then return 'exists' end
+redis.call('HSET', KEYS[1], 'json', ARGV[3], 'name', ARGV[2], 'hash', ARGV[4])
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[3], ARGV[2], ARGV[1])
+if KEYS[4] then redis.call('SET', KEYS[4], ARGV[5]) end
+return 'ok'
+"#;
+
+/// Replaces a key record, moving its name in the account's names.
+///
+/// `KEYS`: key record, the account's names. `ARGV`: key id, name, key JSON, hash (hex).
+/// Returns `{ok}`, `{not_found}`, `{name_taken}`, or `{hash, stored hash}` when the record's
+/// hash is not the one given (the caller keeps the stored one, which the hash index points at).
+pub(super) const UPDATE_KEY: &str = r#"
+local cur = redis.call('HMGET', KEYS[1], 'name', 'hash')
+if not cur[1] then return {'not_found'} end
+if cur[2] ~= ARGV[4] then return {'hash', cur[2]} end
+if cur[1] ~= ARGV[2] then
+  local owner = redis.call('HGET', KEYS[2], ARGV[2])
+  if owner and owner ~= ARGV[1] then return {'name_taken'} end
+  if redis.call('HGET', KEYS[2], cur[1]) == ARGV[1] then redis.call('HDEL', KEYS[2], cur[1]) end
+  redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
+end
+redis.call('HSET', KEYS[1], 'json', ARGV[3], 'name', ARGV[2])
+return {'ok'}
+"#;
+
+/// Deletes a key record with its name and its place in the account's key ids.
+///
+/// `KEYS`: key record, the account's names, the account's key ids. `ARGV`: key id.
+/// Returns the deleted key's JSON, or nil.
+pub(super) const DELETE_KEY: &str = r#"
+local cur = redis.call('HMGET', KEYS[1], 'json', 'name')
+if not cur[1] then return false end
+redis.call('DEL', KEYS[1])
+if cur[2] and redis.call('HGET', KEYS[2], cur[2]) == ARGV[1] then
+  redis.call('HDEL', KEYS[2], cur[2])
+end
+redis.call('SREM', KEYS[3], ARGV[1])
+return cur[1]
+"#;
+
+/// Deletes an account with its keys and sites, if its key ids are still exactly the ones the
+/// caller read (their records must be in `KEYS`); its audit log and usage stay, as history.
+///
+/// `KEYS`: account, key ids, names, sites, site names, then one key record per key id.
+/// `ARGV`: the key ids, in the order of their records in `KEYS`.
+/// Returns `{ok, key JSON…}`, `{not_found}` or `{changed}` (read the key ids again and retry).
+pub(super) const DELETE_ACCOUNT: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'not_found'} end
+if redis.call('SCARD', KEYS[2]) ~= #ARGV then return {'changed'} end
+for i = 1, #ARGV do
+  if redis.call('SISMEMBER', KEYS[2], ARGV[i]) == 0 then return {'changed'} end
+end
+local out = {'ok'}
+for i = 6, #KEYS do
+  local json = redis.call('HGET', KEYS[i], 'json')
+  if json then out[#out + 1] = json end
+end
+for i = 1, #KEYS do redis.call('DEL', KEYS[i]) end
+return out
+"#;
+
+/// Adds a site if neither its id nor its name (origin) is taken in the account.
+///
+/// `KEYS`: sites, site names. `ARGV`: site id, name, site JSON. Returns 1, or 0 if taken.
+pub(super) const CREATE_SITE: &str = r#"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
+if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
+return 1
+"#;
+
+/// Deletes a site and frees its name.
+///
+/// `KEYS`: sites, site names. `ARGV`: site id. Returns 1, or 0 if there was none.
+pub(super) const DELETE_SITE: &str = r#"
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+local names = redis.call('HGETALL', KEYS[2])
+for i = 1, #names, 2 do
+  if names[i + 1] == ARGV[1] then redis.call('HDEL', KEYS[2], names[i]) end
+end
+return 1
+"#;
+
+/// Deletes a key only if it still holds the given value (a hash index entry that still points
+/// at the key being removed, or a claim being undone).
+///
+/// `KEYS`: the key. `ARGV`: the value. Returns 1 if deleted, else 0.
+pub(super) const DELETE_IF_EQUAL: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
+/// `EVAL script numkeys keys… args…`.
+pub(super) fn eval<K: ToRedisArgs, A: ToRedisArgs>(script: &str, keys: &[K], args: &[A]) -> Cmd {
+    let mut cmd = ::redis::cmd("EVAL");
+    cmd.arg(script).arg(keys.len());
+    for key in keys {
+        cmd.arg(key);
+    }
+    for arg in args {
+        cmd.arg(arg);
+    }
+    cmd
+}
