@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::redis::RedisStore;
-use crate::store::SharedStore;
+use crate::store::{Granularity, SharedStore};
 
 /// How long in-flight requests get to finish after a shutdown signal.
 const DRAIN: Duration = Duration::from_secs(10);
@@ -83,7 +83,17 @@ pub struct Running {
 pub async fn start(settings: Settings, options: StartOptions) -> Result<Running, StartError> {
     let store: SharedStore = match &settings.store {
         StoreSettings::Embedded { path } => Arc::new(open_embedded(path).await?),
-        StoreSettings::Redis { url } => Arc::new(RedisStore::connect(url).await?),
+        StoreSettings::Redis { url } => {
+            // Bucket TTLs are a backstop behind pruning: twice the retention.
+            let m = &settings.metering;
+            Arc::new(
+                RedisStore::connect(url)
+                    .await?
+                    .with_bucket_ttl(Granularity::Minute, Some(m.retention_minute * 2))
+                    .with_bucket_ttl(Granularity::Hour, Some(m.retention_hour * 2))
+                    .with_bucket_ttl(Granularity::Day, Some(m.retention_day * 2)),
+            )
+        }
     };
     let metrics = Arc::new(Metrics::new()?);
     let meter = Arc::new(Meter::new(options.clock));

@@ -259,6 +259,26 @@ impl Pending {
             .collect()
     }
 
+    /// Drops the oldest buckets beyond `max`; returns how many were dropped.
+    pub fn cap(&mut self, max: usize) -> usize {
+        let excess = self.by_bucket.len().saturating_sub(max);
+        if excess == 0 {
+            return 0;
+        }
+        let mut minutes: Vec<i64> = self.by_bucket.keys().map(|(_, m)| *m).collect();
+        minutes.select_nth_unstable(excess - 1);
+        let cutoff = minutes[excess - 1];
+        let mut dropped = 0;
+        self.by_bucket.retain(|(_, m), _| {
+            let keep = *m > cutoff || dropped >= excess;
+            if !keep {
+                dropped += 1;
+            }
+            keep
+        });
+        dropped
+    }
+
     /// Forgets everything (after a successful write).
     pub fn clear(&mut self) {
         self.by_bucket.clear();
@@ -302,6 +322,21 @@ mod tests {
                 ..Default::default()
             }
         );
+    }
+
+    #[test]
+    fn pending_is_capped_oldest_first() {
+        let meter = Meter::new(WallClock::System);
+        let cell = meter.cell(&Arc::from("k"), &Arc::from("a"));
+        for minute in 0..10 {
+            cell.record(minute * 60_000, Outcome { status: 200 });
+        }
+        let mut pending = Pending::default();
+        meter.drain_into(&mut pending);
+        assert_eq!(pending.cap(4), 6);
+        let mut left: Vec<i64> = pending.batch().iter().map(|d| d.minute).collect();
+        left.sort_unstable();
+        assert_eq!(left, vec![6, 7, 8, 9]);
     }
 
     #[test]

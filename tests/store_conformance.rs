@@ -15,7 +15,8 @@ use tollgate::store::embedded::EmbeddedStore;
 use tollgate::store::redis::RedisStore;
 use tollgate::store::{
     AccountRecord, AuditEntry, AuditQuery, AuthMethod, Granularity, KeyRecord, KeyType,
-    NetworkPolicy, Plan, SharedStore, SiteRecord, Store, StoreError, UsageCounts, UsageDelta,
+    NetworkPolicy, Plan, SharedStore, SiteRecord, Store, StoreError, TokenTake, UsageCounts,
+    UsageDelta,
 };
 
 use redis_harness::{RedisCluster, RedisServer};
@@ -1068,4 +1069,110 @@ async fn redis_that_stops_answering_fails_calls_within_the_deadline() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+/// Shared limit counters: concurrent takes from many instances never pass the limit, and a
+/// new window starts from zero. Only shared (Redis) stores have them.
+async fn take_tokens_never_pass_the_limit(store: SharedStore) {
+    let key = format!("key_{}", unique());
+    let take = |index: i64, want: u32| TokenTake {
+        window_secs: 60,
+        index,
+        limit: 100,
+        want,
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let (store, key) = (Arc::clone(&store), key.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut got = 0;
+            for _ in 0..5 {
+                let grants = store.take_tokens("acc", &key, &[take(7, 3)]).await.unwrap();
+                got += grants[0].granted;
+                assert!(grants[0].total <= 100);
+            }
+            got
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    assert_eq!(
+        total, 100,
+        "every token handed out once, none past the limit"
+    );
+    let next = store
+        .take_tokens(
+            "acc",
+            &key,
+            &[
+                take(8, 3),
+                TokenTake {
+                    window_secs: 3600,
+                    index: 0,
+                    limit: 2,
+                    want: 3,
+                },
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!((next[0].granted, next[0].total), (3, 3));
+    assert_eq!((next[1].granted, next[1].total), (2, 2));
+}
+
+#[tokio::test]
+async fn redis_shares_limit_counters() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    take_tokens_never_pass_the_limit(Arc::new(store)).await;
+}
+
+async fn next(
+    events: &mut tokio::sync::mpsc::Receiver<tollgate::store::InvalidationEvent>,
+) -> Option<tollgate::store::InvalidationEvent> {
+    tokio::time::timeout(std::time::Duration::from_secs(5), events.recv())
+        .await
+        .expect("an event within 5 s")
+}
+
+#[tokio::test]
+async fn redis_invalidations_reach_every_subscriber() {
+    use tollgate::store::{Invalidation, InvalidationEvent};
+    let mut server = RedisServer::start();
+    let a = RedisStore::connect(&server.url()).await.unwrap();
+    let b = RedisStore::connect(&server.url()).await.unwrap();
+    let mut events = b
+        .subscribe_invalidations()
+        .await
+        .expect("a shared store subscribes");
+    let first = tokio::time::timeout(std::time::Duration::from_secs(5), events.recv()).await;
+    assert_eq!(first.unwrap(), Some(InvalidationEvent::Resync));
+    let hash = fresh_hash();
+    a.publish_invalidation(&Invalidation::Key(hash))
+        .await
+        .unwrap();
+    a.publish_invalidation(&Invalidation::Account("acc_x".into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut events).await,
+        Some(InvalidationEvent::Invalidate(Invalidation::Key(hash)))
+    );
+    assert_eq!(
+        next(&mut events).await,
+        Some(InvalidationEvent::Invalidate(Invalidation::Account(
+            "acc_x".into()
+        )))
+    );
+    // A lost subscription comes back by itself, announcing a resync.
+    server.kill();
+    server.restart();
+    assert_eq!(next(&mut events).await, Some(InvalidationEvent::Resync));
+    a.publish_invalidation(&Invalidation::All).await.unwrap();
+    assert_eq!(
+        next(&mut events).await,
+        Some(InvalidationEvent::Invalidate(Invalidation::All))
+    );
 }

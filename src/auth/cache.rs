@@ -4,7 +4,7 @@
 //! one store read. A stale entry is kept a while so that `fail_open` can still serve the key
 //! when the store is down.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,6 +68,9 @@ pub struct KeyCache {
     /// Bumped by every invalidation; a load that started before one does not insert its result,
     /// which may predate the change.
     generation: AtomicU64,
+    /// Whether the last store read failed: failures and recoveries are logged once each, not
+    /// per request.
+    store_failing: AtomicBool,
     store: SharedStore,
     limiters: Arc<Limiters>,
     /// Set with `limits.mode = "global"`: keys draw on the fleet's counters, with `limiters` as
@@ -98,6 +101,7 @@ impl KeyCache {
             map: DashMap::with_hasher(KeyHashBuilder::default()),
             inflight: DashMap::with_hasher(KeyHashBuilder::default()),
             generation: AtomicU64::new(0),
+            store_failing: AtomicBool::new(false),
             store,
             limiters,
             shared: None,
@@ -277,10 +281,15 @@ impl KeyCache {
                     .store_errors_total
                     .with_label_values(&["lookup_key"])
                     .inc();
-                tracing::warn!(error = %e, "key lookup failed");
+                if !self.store_failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "key lookups are failing; serving what the cache holds per on_store_error");
+                }
                 return Err(());
             }
         };
+        if self.store_failing.swap(false, Ordering::Relaxed) {
+            tracing::info!("key lookups work again");
+        }
         let now = Instant::now();
         let (slot, result) = match found {
             Some(lookup) => {

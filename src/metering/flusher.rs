@@ -11,6 +11,10 @@ use super::{Meter, Pending};
 use crate::metrics::Metrics;
 use crate::store::SharedStore;
 
+/// The most (key, minute) buckets kept while the store is failing, about 100 MB: a store that is
+/// away longer than that loses the oldest counts first, and says so.
+pub const MAX_PENDING_BUCKETS: usize = 1_000_000;
+
 /// Runs until `shutdown` turns true, then drains and writes what is left (bounded by
 /// `final_deadline`).
 pub async fn run(

@@ -75,6 +75,7 @@
 
 mod conn;
 mod keys;
+mod pubsub;
 mod scripts;
 
 use std::collections::{BTreeMap, HashSet};
@@ -86,13 +87,16 @@ use async_trait::async_trait;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use tokio::sync::mpsc;
+
 use self::conn::{decode, Batch, Conn};
 use self::keys::{COUNTERS, GLOBAL, USAGE};
 use self::scripts::eval;
 use crate::credential::KeyHash;
 use crate::store::{
-    AccountRecord, AuditEntry, AuditPage, AuditQuery, Granularity, KeyLookup, KeyRecord,
-    SiteRecord, Store, StoreError, UsageCounts, UsageDelta,
+    AccountRecord, AuditEntry, AuditPage, AuditQuery, Granularity, Invalidation, InvalidationEvent,
+    KeyLookup, KeyRecord, SiteRecord, Store, StoreError, TokenGrant, TokenTake, UsageCounts,
+    UsageDelta,
 };
 
 /// Builds a [`redis::Cmd`](::redis::Cmd) from a name and arguments.
@@ -114,6 +118,8 @@ const ATTEMPTS: usize = 5;
 /// (or cluster connection) that every call uses concurrently.
 pub struct RedisStore {
     conn: Conn,
+    /// A node to subscribe to for invalidations (any node of a cluster receives every publish).
+    subscribe_url: String,
     /// Backstop TTLs of usage buckets by granularity (minute, hour, day): renewed on each write,
     /// so a bucket outlives its last write by this much even if pruning never runs.
     bucket_ttls: [Option<Duration>; 3],
@@ -127,8 +133,13 @@ impl RedisStore {
     /// An unreachable server or a bad URL gives [`StoreError::Unavailable`].
     pub async fn connect(url: &str) -> Result<RedisStore, StoreError> {
         let conn = Conn::connect(url).await?;
+        let subscribe_url = match url.strip_prefix("redis+cluster://") {
+            Some(rest) => conn::cluster_nodes(rest)?.swap_remove(0),
+            None => url.to_owned(),
+        };
         Ok(RedisStore {
             conn,
+            subscribe_url,
             bucket_ttls: [
                 Some(Duration::from_secs(7 * 86_400)),
                 Some(Duration::from_secs(400 * 86_400)),
@@ -841,6 +852,58 @@ impl Store for RedisStore {
             removed += n;
         }
         Ok(removed)
+    }
+
+    async fn take_tokens(
+        &self,
+        _account_id: &str,
+        key_id: &str,
+        takes: &[TokenTake],
+    ) -> Result<Vec<TokenGrant>, StoreError> {
+        let counters: Vec<String> = takes
+            .iter()
+            .map(|t| keys::rate_counter(key_id, t.window_secs, t.index))
+            .collect();
+        let args: Vec<u64> = takes
+            .iter()
+            .flat_map(|t| [u64::from(t.limit), u64::from(t.want), t.window_secs * 2])
+            .collect();
+        let reply: Vec<u64> = self
+            .conn
+            .query(&eval(scripts::TAKE_TOKENS, &counters, &args))
+            .await?;
+        if reply.len() != takes.len() * 2 {
+            return Err(StoreError::Corrupt(format!(
+                "take_tokens answered {} values",
+                reply.len()
+            )));
+        }
+        Ok(reply
+            .chunks(2)
+            .map(|pair| TokenGrant {
+                granted: u32::try_from(pair[0]).unwrap_or(0),
+                total: pair[1],
+            })
+            .collect())
+    }
+
+    async fn publish_invalidation(&self, what: &Invalidation) -> Result<(), StoreError> {
+        let payload = match what {
+            Invalidation::Key(hash) => format!("k:{}", hash.to_hex()),
+            Invalidation::Account(id) => format!("a:{id}"),
+            Invalidation::All => "*".to_owned(),
+        };
+        let _receivers: i64 = self
+            .conn
+            .query(&cmd!("PUBLISH", keys::INVALIDATIONS, payload))
+            .await?;
+        Ok(())
+    }
+
+    async fn subscribe_invalidations(&self) -> Option<mpsc::Receiver<InvalidationEvent>> {
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(pubsub::follow(self.subscribe_url.clone(), tx));
+        Some(rx)
     }
 
     async fn master_key_hash(&self) -> Result<Option<KeyHash>, StoreError> {

@@ -197,10 +197,17 @@ impl Conn {
     /// at once, on the new connection: so the first call after Redis comes back succeeds, however
     /// long ago the last reconnection failed. (The manager marks these errors only in their
     /// message; if that changes, the call simply fails as before.)
+    ///
+    /// Likewise a write that failed with a broken pipe or a reset connection on a connection
+    /// that Redis closed (it restarted) reached nobody; the manager reconnects on that error.
     fn never_sent(&self, e: &RedisError) -> bool {
-        matches!(self, Conn::Single(_))
-            && e.is_io_error()
-            && e.to_string().contains("Reconnecting failed")
+        if !matches!(self, Conn::Single(_)) || !e.is_io_error() {
+            return false;
+        }
+        let text = e.to_string();
+        text.contains("Reconnecting failed")
+            || text.contains("broken pipe")
+            || text.contains("Broken pipe")
     }
 }
 
@@ -322,7 +329,7 @@ fn redact(url: &str) -> String {
 }
 
 /// `h1:p1,h2:p2` (optionally `user:pass@` before the list) → `redis://…` per node.
-fn cluster_nodes(list: &str) -> Result<Vec<String>, StoreError> {
+pub(super) fn cluster_nodes(list: &str) -> Result<Vec<String>, StoreError> {
     let (auth, hosts) = match list.rsplit_once('@') {
         Some((auth, hosts)) => (format!("{auth}@"), hosts),
         None => (String::new(), list),

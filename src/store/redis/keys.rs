@@ -57,6 +57,15 @@ pub(super) fn key_usage(key_id: &str, granularity: Granularity) -> String {
     format!("tg:{{{key_id}}}:usage:{}", letter(granularity))
 }
 
+/// A key's shared rate-limit counter for one window (`limits.mode = "global"`); the key's tag
+/// keeps its three windows in one slot, so one script takes from all of them.
+pub(super) fn rate_counter(key_id: &str, window_secs: u64, index: i64) -> String {
+    format!("tg:{{{key_id}}}:rl:{window_secs}:{index}")
+}
+
+/// The channel on which instances announce cache invalidations.
+pub(super) const INVALIDATIONS: &str = "tg:invalidations";
+
 /// One bucket (a hash of [`COUNTERS`]) of a bucket index.
 pub(super) fn bucket(index_key: &str, index: i64) -> String {
     format!("{index_key}:{index}")

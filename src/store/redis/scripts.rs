@@ -109,6 +109,27 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 "#;
 
+/// Takes tokens from shared window counters without letting any pass its limit.
+///
+/// `KEYS`: one counter per window. `ARGV`: per window, `limit`, `want`, `ttl` (seconds).
+/// Returns per window the tokens granted and the counter after the take.
+pub(super) const TAKE_TOKENS: &str = r#"
+local out = {}
+for i = 1, #KEYS do
+  local limit = tonumber(ARGV[3 * i - 2])
+  local want = tonumber(ARGV[3 * i - 1])
+  local cur = tonumber(redis.call('GET', KEYS[i]) or '0')
+  local grant = math.max(0, math.min(want, limit - cur))
+  if grant > 0 then
+    cur = redis.call('INCRBY', KEYS[i], grant)
+    if cur == grant then redis.call('EXPIRE', KEYS[i], tonumber(ARGV[3 * i])) end
+  end
+  out[#out + 1] = grant
+  out[#out + 1] = cur
+end
+return out
+"#;
+
 /// `EVAL script numkeys keys… args…`.
 pub(super) fn eval<K: ToRedisArgs, A: ToRedisArgs>(script: &str, keys: &[K], args: &[A]) -> Cmd {
     let mut cmd = ::redis::cmd("EVAL");
