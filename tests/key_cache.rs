@@ -1,13 +1,15 @@
 //! The key cache against the real embedded store: one store read for concurrent misses,
 //! negative entries with their own ttl, the bound on entries, and invalidation.
 //!
-//! `CountingStore` delegates every call to a real `EmbeddedStore` and counts `lookup_key`.
+//! `ObservedStore` delegates every call to a real `EmbeddedStore` and counts `lookup_key`.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+#[path = "common/observed_store.rs"]
+mod observed_store;
+
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use chrono::Utc;
 use tollgate::auth::cache::{KeyCache, Lookup};
 use tollgate::config::{CacheSettings, OnStoreError};
@@ -18,101 +20,10 @@ use tollgate::metrics::Metrics;
 use tollgate::store::embedded::EmbeddedStore;
 use tollgate::store::*;
 
-struct CountingStore {
-    inner: EmbeddedStore,
-    lookups: AtomicUsize,
-}
-
-#[async_trait]
-impl Store for CountingStore {
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.ping().await
-    }
-    async fn lookup_key(&self, hash: &KeyHash) -> Result<Option<KeyLookup>, StoreError> {
-        self.lookups.fetch_add(1, Ordering::SeqCst);
-        self.inner.lookup_key(hash).await
-    }
-    async fn create_account(&self, a: &AccountRecord) -> Result<(), StoreError> {
-        self.inner.create_account(a).await
-    }
-    async fn get_account(&self, id: &str) -> Result<Option<AccountRecord>, StoreError> {
-        self.inner.get_account(id).await
-    }
-    async fn list_accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
-        self.inner.list_accounts().await
-    }
-    async fn update_account(&self, a: &AccountRecord) -> Result<(), StoreError> {
-        self.inner.update_account(a).await
-    }
-    async fn delete_account(&self, id: &str) -> Result<Vec<KeyRecord>, StoreError> {
-        self.inner.delete_account(id).await
-    }
-    async fn create_key(&self, k: &KeyRecord) -> Result<(), StoreError> {
-        self.inner.create_key(k).await
-    }
-    async fn get_key(&self, a: &str, k: &str) -> Result<Option<KeyRecord>, StoreError> {
-        self.inner.get_key(a, k).await
-    }
-    async fn list_keys(&self, a: &str) -> Result<Vec<KeyRecord>, StoreError> {
-        self.inner.list_keys(a).await
-    }
-    async fn update_key(&self, k: &KeyRecord) -> Result<(), StoreError> {
-        self.inner.update_key(k).await
-    }
-    async fn delete_key(&self, a: &str, k: &str) -> Result<Option<KeyRecord>, StoreError> {
-        self.inner.delete_key(a, k).await
-    }
-    async fn create_site(&self, s: &SiteRecord) -> Result<(), StoreError> {
-        self.inner.create_site(s).await
-    }
-    async fn list_sites(&self, a: &str) -> Result<Vec<SiteRecord>, StoreError> {
-        self.inner.list_sites(a).await
-    }
-    async fn delete_site(&self, a: &str, s: &str) -> Result<bool, StoreError> {
-        self.inner.delete_site(a, s).await
-    }
-    async fn append_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
-        self.inner.append_audit(e).await
-    }
-    async fn list_audit(&self, a: Option<&str>, q: &AuditQuery) -> Result<AuditPage, StoreError> {
-        self.inner.list_audit(a, q).await
-    }
-    async fn add_usage(&self, b: &[UsageDelta]) -> Result<(), StoreError> {
-        self.inner.add_usage(b).await
-    }
-    async fn key_usage(
-        &self,
-        k: &str,
-        g: Granularity,
-        f: i64,
-        t: i64,
-    ) -> Result<Vec<(i64, UsageCounts)>, StoreError> {
-        self.inner.key_usage(k, g, f, t).await
-    }
-    async fn account_usage(
-        &self,
-        a: &str,
-        f: i64,
-        t: i64,
-    ) -> Result<Vec<(i64, UsageCounts)>, StoreError> {
-        self.inner.account_usage(a, f, t).await
-    }
-    async fn last_used(&self, k: &[String]) -> Result<Vec<Option<i64>>, StoreError> {
-        self.inner.last_used(k).await
-    }
-    async fn prune_usage(&self, g: Granularity, before: i64) -> Result<u64, StoreError> {
-        self.inner.prune_usage(g, before).await
-    }
-    async fn master_key_hash(&self) -> Result<Option<KeyHash>, StoreError> {
-        self.inner.master_key_hash().await
-    }
-    async fn set_master_key_hash(&self, h: &KeyHash) -> Result<(), StoreError> {
-        self.inner.set_master_key_hash(h).await
-    }
-}
+use observed_store::ObservedStore;
 
 struct Fixture {
-    store: Arc<CountingStore>,
+    store: Arc<ObservedStore>,
     cache: Arc<KeyCache>,
     account: AccountRecord,
     _dir: tempfile::TempDir,
@@ -121,10 +32,7 @@ struct Fixture {
 fn fixture(settings: CacheSettings) -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let inner = EmbeddedStore::open(&dir.path().join("t.db")).expect("store");
-    let store = Arc::new(CountingStore {
-        inner,
-        lookups: AtomicUsize::new(0),
-    });
+    let store = Arc::new(ObservedStore::new(inner));
     let shared: SharedStore = store.clone();
     let cache = Arc::new(KeyCache::new(
         shared,

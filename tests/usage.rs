@@ -2,14 +2,14 @@
 //! clock, and no loss when the store fails for a while.
 
 mod common;
+#[path = "common/observed_store.rs"]
+mod observed_store;
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use reqwest::StatusCode;
 use serde_json::json;
-use tollgate::credential::KeyHash;
 use tollgate::metering::{flusher, Meter, Outcome, Pending, WallClock};
 use tollgate::metrics::Metrics;
 use tollgate::store::embedded::EmbeddedStore;
@@ -18,6 +18,7 @@ use tollgate::store::*;
 use common::client;
 use common::gateway::Gateway;
 use common::upstream::Upstream;
+use observed_store::ObservedStore;
 
 /// The sum of a key's day buckets.
 async fn key_total(store: &EmbeddedStore, key_id: &str) -> UsageCounts {
@@ -166,119 +167,13 @@ async fn requests_either_side_of_a_minute_boundary_land_in_different_buckets() {
     );
 }
 
-/// A real embedded store that can be switched off: every write fails while `down` is set.
-struct SwitchableStore {
-    inner: EmbeddedStore,
-    down: AtomicBool,
-}
-
-impl SwitchableStore {
-    fn check(&self) -> Result<(), StoreError> {
-        if self.down.load(Ordering::SeqCst) {
-            Err(StoreError::Unavailable("switched off by the test".into()))
-        } else {
-            Ok(())
-        }
-    }
-}
-
-#[async_trait]
-impl Store for SwitchableStore {
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.check()?;
-        self.inner.ping().await
-    }
-    async fn lookup_key(&self, h: &KeyHash) -> Result<Option<KeyLookup>, StoreError> {
-        self.check()?;
-        self.inner.lookup_key(h).await
-    }
-    async fn create_account(&self, a: &AccountRecord) -> Result<(), StoreError> {
-        self.inner.create_account(a).await
-    }
-    async fn get_account(&self, id: &str) -> Result<Option<AccountRecord>, StoreError> {
-        self.inner.get_account(id).await
-    }
-    async fn list_accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
-        self.inner.list_accounts().await
-    }
-    async fn update_account(&self, a: &AccountRecord) -> Result<(), StoreError> {
-        self.inner.update_account(a).await
-    }
-    async fn delete_account(&self, id: &str) -> Result<Vec<KeyRecord>, StoreError> {
-        self.inner.delete_account(id).await
-    }
-    async fn create_key(&self, k: &KeyRecord) -> Result<(), StoreError> {
-        self.inner.create_key(k).await
-    }
-    async fn get_key(&self, a: &str, k: &str) -> Result<Option<KeyRecord>, StoreError> {
-        self.inner.get_key(a, k).await
-    }
-    async fn list_keys(&self, a: &str) -> Result<Vec<KeyRecord>, StoreError> {
-        self.inner.list_keys(a).await
-    }
-    async fn update_key(&self, k: &KeyRecord) -> Result<(), StoreError> {
-        self.inner.update_key(k).await
-    }
-    async fn delete_key(&self, a: &str, k: &str) -> Result<Option<KeyRecord>, StoreError> {
-        self.inner.delete_key(a, k).await
-    }
-    async fn create_site(&self, s: &SiteRecord) -> Result<(), StoreError> {
-        self.inner.create_site(s).await
-    }
-    async fn list_sites(&self, a: &str) -> Result<Vec<SiteRecord>, StoreError> {
-        self.inner.list_sites(a).await
-    }
-    async fn delete_site(&self, a: &str, s: &str) -> Result<bool, StoreError> {
-        self.inner.delete_site(a, s).await
-    }
-    async fn append_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
-        self.inner.append_audit(e).await
-    }
-    async fn list_audit(&self, a: Option<&str>, q: &AuditQuery) -> Result<AuditPage, StoreError> {
-        self.inner.list_audit(a, q).await
-    }
-    async fn add_usage(&self, b: &[UsageDelta]) -> Result<(), StoreError> {
-        self.check()?;
-        self.inner.add_usage(b).await
-    }
-    async fn key_usage(
-        &self,
-        k: &str,
-        g: Granularity,
-        f: i64,
-        t: i64,
-    ) -> Result<Vec<(i64, UsageCounts)>, StoreError> {
-        self.inner.key_usage(k, g, f, t).await
-    }
-    async fn account_usage(
-        &self,
-        a: &str,
-        f: i64,
-        t: i64,
-    ) -> Result<Vec<(i64, UsageCounts)>, StoreError> {
-        self.inner.account_usage(a, f, t).await
-    }
-    async fn last_used(&self, k: &[String]) -> Result<Vec<Option<i64>>, StoreError> {
-        self.inner.last_used(k).await
-    }
-    async fn prune_usage(&self, g: Granularity, b: i64) -> Result<u64, StoreError> {
-        self.inner.prune_usage(g, b).await
-    }
-    async fn master_key_hash(&self) -> Result<Option<KeyHash>, StoreError> {
-        self.inner.master_key_hash().await
-    }
-    async fn set_master_key_hash(&self, h: &KeyHash) -> Result<(), StoreError> {
-        self.inner.set_master_key_hash(h).await
-    }
-}
-
 #[tokio::test]
 async fn counts_survive_a_store_outage_and_are_written_once_it_is_back() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let switchable = Arc::new(SwitchableStore {
-        inner: EmbeddedStore::open(&dir.path().join("u.db")).expect("store"),
-        down: AtomicBool::new(true),
-    });
+    let switchable = Arc::new(ObservedStore::new(
+        EmbeddedStore::open(&dir.path().join("u.db")).expect("store"),
+    ));
+    switchable.down.store(true, Ordering::SeqCst);
     let store: SharedStore = switchable.clone();
     let meter = Meter::new(WallClock::System);
     let metrics = Metrics::new().expect("metrics");

@@ -241,27 +241,7 @@ pub(crate) async fn deactivate(
     access: AccountAccess,
     KeyId(key_id): KeyId,
 ) -> Result<Json<KeyView>, ApiError> {
-    let key = {
-        let _writes = state.writes.lock().await;
-        let mut key = fetch(&*state.store, &access.account.id, &key_id).await?;
-        if key.protected {
-            return Err(ApiError::ProtectedKey);
-        }
-        ensure_not_last(&*state.store, &access.account, &key).await?;
-        key.active = false;
-        key.updated_at = Utc::now();
-        state.store.update_key(&key).await?;
-        key
-    };
-    state.cache.invalidate(&key.hash);
-    let detail = json!({ "name": key.name });
-    audit::record(
-        &*state.store,
-        access.audit_origin(),
-        change("key.deactivate", &key.id, detail),
-    )
-    .await;
-    Ok(Json(KeyView::from(key)))
+    set_active(&state, &access, &key_id, false).await.map(Json)
 }
 
 /// `POST …/keys/{key_id}/activate`.
@@ -270,23 +250,45 @@ pub(crate) async fn activate(
     access: AccountAccess,
     KeyId(key_id): KeyId,
 ) -> Result<Json<KeyView>, ApiError> {
+    set_active(&state, &access, &key_id, true).await.map(Json)
+}
+
+/// Switches a key on or off: a protected key, or the account's last usable secret key, is not
+/// switched off. The change reaches the proxy's cache before the answer, and is audited.
+async fn set_active(
+    state: &AdminState,
+    access: &AccountAccess,
+    key_id: &str,
+    active: bool,
+) -> Result<KeyView, ApiError> {
     let key = {
         let _writes = state.writes.lock().await;
-        let mut key = fetch(&*state.store, &access.account.id, &key_id).await?;
-        key.active = true;
+        let mut key = fetch(&*state.store, &access.account.id, key_id).await?;
+        if !active {
+            if key.protected {
+                return Err(ApiError::ProtectedKey);
+            }
+            ensure_not_last(&*state.store, &access.account, &key).await?;
+        }
+        key.active = active;
         key.updated_at = Utc::now();
         state.store.update_key(&key).await?;
         key
     };
     state.cache.invalidate(&key.hash);
+    let action = if active {
+        "key.activate"
+    } else {
+        "key.deactivate"
+    };
     let detail = json!({ "name": key.name });
     audit::record(
         &*state.store,
         access.audit_origin(),
-        change("key.activate", &key.id, detail),
+        change(action, &key.id, detail),
     )
     .await;
-    Ok(Json(KeyView::from(key)))
+    Ok(KeyView::from(key))
 }
 
 /// `DELETE …/keys/{key_id}` → `{"deleted":true}`.

@@ -1,5 +1,6 @@
 //! [`Gateway`]: a whole tollgate (proxy and admin listeners on port 0, embedded store in a temp
-//! dir) started in-process with `app::start`, with helpers for the admin API and `/metrics`.
+//! dir, or a Redis given with [`GatewayBuilder::redis`]) started in-process with `app::start`,
+//! with helpers for the admin API and `/metrics`.
 //!
 //! The config is written as TOML and read with `config::load_with_env`, so the tests go through
 //! the same loader as `tollgate serve`. [`default_routes`] are the routes most tests use; a test
@@ -43,6 +44,8 @@ pub struct GatewayBuilder {
     routes: Option<String>,
     tweaks: Vec<Tweak>,
     clock: WallClock,
+    redis_url: Option<String>,
+    master: Option<String>,
 }
 
 // === impl GatewayBuilder ===
@@ -66,6 +69,20 @@ impl GatewayBuilder {
         self
     }
 
+    /// Uses the Redis at `url` (`redis://…` or `redis+cluster://…`) as the store instead of an
+    /// embedded one. Instances of one fleet share it; give them one [`GatewayBuilder::master`].
+    pub fn redis(mut self, url: &str) -> Self {
+        self.redis_url = Some(url.to_owned());
+        self
+    }
+
+    /// Starts with this raw master key instead of a fresh one. The master key's hash lives in the
+    /// store, and each start writes its own: every instance on one shared store needs the same.
+    pub fn master(mut self, key: &str) -> Self {
+        self.master = Some(key.to_owned());
+        self
+    }
+
     /// Writes the config, loads it, applies the tweaks and starts the gateway.
     pub async fn start(self) -> Gateway {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -73,7 +90,13 @@ impl GatewayBuilder {
             Some(r) => r,
             None => default_routes(&self.upstream_url, &dead_url().await),
         };
-        let store_path = dir.path().join("tollgate.db");
+        let store = match &self.redis_url {
+            Some(url) => format!("backend = \"redis\"\nredis_url = '{url}'"),
+            None => format!(
+                "backend = \"embedded\"\npath = '{}'",
+                dir.path().join("tollgate.db").display()
+            ),
+        };
         let toml = format!(
             r#"[proxy]
 listen = "127.0.0.1:0"
@@ -82,12 +105,10 @@ listen = "127.0.0.1:0"
 listen = "127.0.0.1:0"
 
 [store]
-backend = "embedded"
-path = '{store}'
+{store}
 
 {routes}
-"#,
-            store = store_path.display()
+"#
         );
         let config_path: PathBuf = dir.path().join("tollgate.toml");
         std::fs::write(&config_path, toml).expect("write config");
@@ -96,7 +117,9 @@ path = '{store}'
         for tweak in self.tweaks {
             tweak(&mut settings);
         }
-        let master = credential::generate(Kind::Master);
+        let master = self
+            .master
+            .unwrap_or_else(|| credential::generate(Kind::Master));
         let running = start(&settings, &master, &self.clock).await;
         Gateway {
             proxy_addr: running.proxy_addr,
@@ -126,6 +149,8 @@ impl Gateway {
             routes: None,
             tweaks: Vec::new(),
             clock: WallClock::System,
+            redis_url: None,
+            master: None,
         }
     }
 
@@ -228,7 +253,7 @@ impl Gateway {
         self._dir
     }
 
-    /// The store file.
+    /// The store file (embedded gateways only).
     pub fn store_path(&self) -> PathBuf {
         match &self.settings.store {
             tollgate::config::StoreSettings::Embedded { path } => path.clone(),

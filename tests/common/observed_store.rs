@@ -1,0 +1,132 @@
+//! [`ObservedStore`]: the embedded store with a call counter and an off switch, for tests of
+//! what the cache and the flusher do with the store's answers and failures.
+#![allow(dead_code, unreachable_pub)]
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use tollgate::credential::KeyHash;
+use tollgate::store::embedded::EmbeddedStore;
+use tollgate::store::*;
+
+/// A real embedded store, observed: counts `lookup_key` calls, and while `down` is set fails
+/// `ping`, `lookup_key` and `add_usage` as an unreachable store would. Every call goes to the
+/// real store; nothing is mocked.
+pub struct ObservedStore {
+    /// The store underneath.
+    pub inner: EmbeddedStore,
+    /// Store reads by hash so far.
+    pub lookups: AtomicUsize,
+    /// Whether the store is "unreachable".
+    pub down: AtomicBool,
+}
+
+impl ObservedStore {
+    /// Wraps `inner`, up and with no lookups counted.
+    pub fn new(inner: EmbeddedStore) -> Self {
+        ObservedStore {
+            inner,
+            lookups: AtomicUsize::new(0),
+            down: AtomicBool::new(false),
+        }
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            Err(StoreError::Unavailable("switched off by the test".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl Store for ObservedStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.ping().await
+    }
+    async fn lookup_key(&self, h: &KeyHash) -> Result<Option<KeyLookup>, StoreError> {
+        self.lookups.fetch_add(1, Ordering::SeqCst);
+        self.check()?;
+        self.inner.lookup_key(h).await
+    }
+    async fn create_account(&self, a: &AccountRecord) -> Result<(), StoreError> {
+        self.inner.create_account(a).await
+    }
+    async fn get_account(&self, id: &str) -> Result<Option<AccountRecord>, StoreError> {
+        self.inner.get_account(id).await
+    }
+    async fn list_accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
+        self.inner.list_accounts().await
+    }
+    async fn update_account(&self, a: &AccountRecord) -> Result<(), StoreError> {
+        self.inner.update_account(a).await
+    }
+    async fn delete_account(&self, id: &str) -> Result<Vec<KeyRecord>, StoreError> {
+        self.inner.delete_account(id).await
+    }
+    async fn create_key(&self, k: &KeyRecord) -> Result<(), StoreError> {
+        self.inner.create_key(k).await
+    }
+    async fn get_key(&self, a: &str, k: &str) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.get_key(a, k).await
+    }
+    async fn list_keys(&self, a: &str) -> Result<Vec<KeyRecord>, StoreError> {
+        self.inner.list_keys(a).await
+    }
+    async fn update_key(&self, k: &KeyRecord) -> Result<(), StoreError> {
+        self.inner.update_key(k).await
+    }
+    async fn delete_key(&self, a: &str, k: &str) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.delete_key(a, k).await
+    }
+    async fn create_site(&self, s: &SiteRecord) -> Result<(), StoreError> {
+        self.inner.create_site(s).await
+    }
+    async fn list_sites(&self, a: &str) -> Result<Vec<SiteRecord>, StoreError> {
+        self.inner.list_sites(a).await
+    }
+    async fn delete_site(&self, a: &str, s: &str) -> Result<bool, StoreError> {
+        self.inner.delete_site(a, s).await
+    }
+    async fn append_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
+        self.inner.append_audit(e).await
+    }
+    async fn list_audit(&self, a: Option<&str>, q: &AuditQuery) -> Result<AuditPage, StoreError> {
+        self.inner.list_audit(a, q).await
+    }
+    async fn add_usage(&self, b: &[UsageDelta]) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.add_usage(b).await
+    }
+    async fn key_usage(
+        &self,
+        k: &str,
+        g: Granularity,
+        f: i64,
+        t: i64,
+    ) -> Result<Vec<(i64, UsageCounts)>, StoreError> {
+        self.inner.key_usage(k, g, f, t).await
+    }
+    async fn account_usage(
+        &self,
+        a: &str,
+        f: i64,
+        t: i64,
+    ) -> Result<Vec<(i64, UsageCounts)>, StoreError> {
+        self.inner.account_usage(a, f, t).await
+    }
+    async fn last_used(&self, k: &[String]) -> Result<Vec<Option<i64>>, StoreError> {
+        self.inner.last_used(k).await
+    }
+    async fn prune_usage(&self, g: Granularity, b: i64) -> Result<u64, StoreError> {
+        self.inner.prune_usage(g, b).await
+    }
+    async fn master_key_hash(&self) -> Result<Option<KeyHash>, StoreError> {
+        self.inner.master_key_hash().await
+    }
+    async fn set_master_key_hash(&self, h: &KeyHash) -> Result<(), StoreError> {
+        self.inner.set_master_key_hash(h).await
+    }
+}

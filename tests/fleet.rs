@@ -1,0 +1,687 @@
+//! Many instances behind one load balancer, on one Redis (real `redis-server` processes on free
+//! ports, never 6379): keys made on one instance pass on the others, deactivations reach every
+//! instance within a second, global limits hold across the fleet, usage is counted exactly once,
+//! and a Redis outage during traffic is survived per `on_store_error`.
+
+mod common;
+#[path = "common/redis.rs"]
+mod redis_harness;
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use reqwest::{Method, Response, StatusCode};
+use serde_json::{json, Value};
+use tollgate::config::{LimitMode, OnStoreError, Settings};
+use tollgate::credential::{self, Kind};
+use tollgate::metering::WallClock;
+use tollgate::store::RateLimitSpec;
+
+use common::gateway::Gateway;
+use common::upstream::Upstream;
+use common::{client, eventually, expect_echo, expect_refusal};
+use redis_harness::{RedisCluster, RedisServer};
+
+/// The propagation bound of the contract: a change made on one instance is in force on every
+/// instance within this.
+const PROPAGATION: Duration = Duration::from_secs(1);
+/// How long a state change (readyz flipping, usage reaching its total) may take in these tests.
+const SETTLE: Duration = Duration::from_secs(10);
+/// The whole-history range of the usage queries.
+const ALL_TIME: &str = "interval=month&from=2020-01-01T00:00:00Z&to=2030-01-01T00:00:00Z";
+
+// === helpers ===
+
+/// `n` gateways on the store at `redis_url`, in front of `upstream`, with one master key; each
+/// gets `tweak` and its own clock from `clock(i)`.
+async fn fleet(
+    redis_url: &str,
+    upstream: &Upstream,
+    n: usize,
+    clock: impl Fn(usize) -> WallClock,
+    tweak: impl Fn(&mut Settings) + Clone + Send + 'static,
+) -> Vec<Gateway> {
+    let master = credential::generate(Kind::Master);
+    let mut gateways = Vec::with_capacity(n);
+    for i in 0..n {
+        let gw = Gateway::builder(upstream)
+            .redis(redis_url)
+            .master(&master)
+            .clock(clock(i))
+            .tweak(tweak.clone())
+            .start()
+            .await;
+        gateways.push(gw);
+    }
+    gateways
+}
+
+/// The system clock for every instance.
+fn system(_: usize) -> WallClock {
+    WallClock::System
+}
+
+/// `GET /things` on `gw`'s proxy with `key`.
+async fn call(client: &reqwest::Client, gw: &Gateway, key: &str) -> Response {
+    client
+        .get(gw.proxy_url("/things"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .expect("proxy request")
+}
+
+/// The status of a proxy answer and, for the gateway's own errors, the error code.
+async fn outcome(response: Response) -> (StatusCode, Option<String>) {
+    let status = response.status();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    let code = body["error"]["code"].as_str().map(str::to_owned);
+    (status, code)
+}
+
+/// `GET /readyz` on `gw`'s admin listener.
+async fn readyz(client: &reqwest::Client, gw: &Gateway) -> StatusCode {
+    client
+        .get(gw.admin_url("/readyz"))
+        .send()
+        .await
+        .expect("readyz request")
+        .status()
+}
+
+/// Polls `/readyz` until it answers `want`, within [`SETTLE`].
+async fn wait_ready(client: &reqwest::Client, gw: &Gateway, want: StatusCode) {
+    assert!(
+        eventually(SETTLE, || async { readyz(client, gw).await == want }).await,
+        "/readyz did not answer {want} within {SETTLE:?}"
+    );
+}
+
+/// A fresh account and one secret key with `rate_limit` (or the defaults): (account, key id,
+/// raw key), made through `gw`.
+async fn account_and_key(gw: &Gateway, rate_limit: Option<Value>) -> (String, String, String) {
+    let account = gw.create_account(json!({ "name": "fleet" })).await;
+    let mut body = json!({ "name": "main", "type": "secret" });
+    if let Some(limit) = rate_limit {
+        body["rate_limit"] = limit;
+    }
+    let (key_id, key) = gw.create_key(&account, body).await;
+    (account, key_id, key)
+}
+
+/// The key's usage over all time, summed over its buckets: (requests, success, error); `None`
+/// when the admin API cannot answer (the store is down).
+async fn usage_total(gw: &Gateway, account: &str, key_id: &str) -> Option<(u64, u64, u64)> {
+    let path = format!("/v1/accounts/{account}/keys/{key_id}/usage?{ALL_TIME}");
+    let (status, body) = gw.admin(Method::GET, &path, None).await;
+    if status != StatusCode::OK {
+        return None;
+    }
+    let buckets = body["buckets"].as_array().expect("usage buckets");
+    let sum = |field: &str| {
+        buckets
+            .iter()
+            .map(|b| b[field].as_u64().expect("a count"))
+            .sum::<u64>()
+    };
+    Some((
+        sum("request_count"),
+        sum("success_count"),
+        sum("error_count"),
+    ))
+}
+
+/// Polls the key's usage on `gw` until its request count is `want` (within [`SETTLE`]), failing
+/// at once if it ever passes `want` (something was counted twice).
+async fn wait_usage(gw: &Gateway, account: &str, key_id: &str, want: u64) -> (u64, u64, u64) {
+    let last = Mutex::new(None);
+    let reached = eventually(SETTLE, || {
+        let last = &last;
+        async move {
+            let total = usage_total(gw, account, key_id).await;
+            if let Some((requests, _, _)) = total {
+                assert!(
+                    requests <= want,
+                    "usage counted {requests} of {want} requests"
+                );
+            }
+            *last.lock().expect("lock") = total;
+            total.is_some_and(|(requests, _, _)| requests == want)
+        }
+    })
+    .await;
+    assert!(
+        reached,
+        "usage did not reach {want} requests within {SETTLE:?}; last seen {last:?}"
+    );
+    let total = *last.lock().expect("lock");
+    total.expect("a usage total")
+}
+
+/// `sorted[p%]` by the nearest-rank method.
+fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    let rank = (sorted.len() * p).div_ceil(100).max(1);
+    sorted[rank - 1]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1_000.0
+}
+
+/// Kills Redis as a crash would, but keeps its data as a Redis with persistence would: writes
+/// are held first (`CLIENT PAUSE … WRITE`: a write that arrives now is never applied, so the
+/// gateway sees it fail and retries it), then the data set is saved (`SAVE`, loaded again by
+/// [`RedisServer::restart`] from the same directory), then the process is killed with SIGKILL.
+/// The harness's servers run without persistence; without this a restart would come back empty
+/// and no "after recovery" total could match.
+fn crash_keeping_data(redis: &mut RedisServer) {
+    tokio::task::block_in_place(|| {
+        assert_eq!(
+            redis
+                .command(&["CLIENT", "PAUSE", "30000", "WRITE"])
+                .as_deref(),
+            Some("OK"),
+            "CLIENT PAUSE"
+        );
+        assert_eq!(redis.command(&["SAVE"]).as_deref(), Some("OK"), "SAVE");
+        redis.kill();
+    });
+}
+
+fn restart(redis: &mut RedisServer) {
+    tokio::task::block_in_place(|| redis.restart());
+}
+
+// === tests ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_made_on_one_instance_passes_on_the_others() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let gws = fleet(&redis.url(), &upstream, 3, system, |_| {}).await;
+    let client = client();
+
+    let (account, key_id, key) = account_and_key(&gws[0], None).await;
+    for (i, gw) in gws.iter().enumerate().skip(1) {
+        let echo = expect_echo(call(&client, gw, &key).await).await;
+        assert_eq!(
+            echo["headers"]["x-tollgate-key-id"], key_id,
+            "instance {i} forwards with the key's identity: {echo}"
+        );
+        // The shared master key works on every instance, and they see one set of records.
+        let (status, body) = gw
+            .admin(Method::GET, &format!("/v1/accounts/{account}"), None)
+            .await;
+        assert_eq!(status, StatusCode::OK, "instance {i}: {body}");
+        assert_eq!(body["id"], account.as_str());
+    }
+    // And a key made on another instance passes on the first.
+    let (_, key_2) = gws[2]
+        .create_key(&account, json!({ "name": "second", "type": "secret" }))
+        .await;
+    expect_echo(call(&client, &gws[0], &key_2).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deactivation_on_one_instance_is_refused_on_all_within_a_second() {
+    const ROUNDS: usize = 20;
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    // A long ttl: only the invalidation can make the instances re-read the key.
+    let gws = fleet(&redis.url(), &upstream, 3, system, |s| {
+        s.cache.ttl = Duration::from_secs(600);
+    })
+    .await;
+    let client = client();
+    // "keep" stays active, so that the last-credential rule allows every deactivation.
+    let (account, _, _) = account_and_key(&gws[0], None).await;
+
+    let mut delays = Vec::with_capacity(ROUNDS * 2);
+    for round in 0..ROUNDS {
+        let (key_id, key) = gws[0]
+            .create_key(
+                &account,
+                json!({ "name": format!("round-{round}"), "type": "secret" }),
+            )
+            .await;
+        for gw in &gws {
+            expect_echo(call(&client, gw, &key).await).await;
+        }
+        let path = format!("/v1/accounts/{account}/keys/{key_id}/deactivate");
+        let (status, body) = gws[0].admin(Method::POST, &path, None).await;
+        assert_eq!(status, StatusCode::OK, "deactivate: {body}");
+        let deactivated = Instant::now();
+        // On the instance that made the change, at once.
+        expect_refusal(
+            call(&client, &gws[0], &key).await,
+            StatusCode::UNAUTHORIZED,
+            "inactive_credential",
+        )
+        .await;
+        let polls = gws[1..].iter().enumerate().map(|(i, gw)| {
+            let (client, key) = (&client, &key);
+            async move {
+                loop {
+                    let (status, code) = outcome(call(client, gw, key).await).await;
+                    let waited = deactivated.elapsed();
+                    match status {
+                        StatusCode::UNAUTHORIZED => {
+                            assert_eq!(code.as_deref(), Some("inactive_credential"));
+                            return waited;
+                        }
+                        StatusCode::OK => {}
+                        other => panic!("instance {}: {other} {code:?}", i + 1),
+                    }
+                    assert!(
+                        waited < Duration::from_secs(5),
+                        "round {round}: instance {} still passes the key after {waited:?}",
+                        i + 1
+                    );
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        });
+        delays.extend(futures_util::future::join_all(polls).await);
+    }
+    delays.sort();
+    let (p50, p99, max) = (
+        percentile(&delays, 50),
+        percentile(&delays, 99),
+        percentile(&delays, 100),
+    );
+    eprintln!(
+        "deactivation propagation over {} (instance, key) pairs: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        delays.len(),
+        ms(p50),
+        ms(p99),
+        ms(max)
+    );
+    assert!(
+        max < PROPAGATION,
+        "a deactivation took {max:?} to reach an instance (p50 {p50:?}, p99 {p99:?})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_limit_holds_across_three_instances() {
+    const SENT: usize = 300;
+    const CLIENTS: usize = 6;
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    // One clock for the fleet, pinned 20 s into the current minute: one minute window throughout.
+    let now_ms = Utc::now().timestamp_millis();
+    let now = Arc::new(AtomicI64::new(now_ms - now_ms.rem_euclid(60_000) + 20_000));
+    let clock = WallClock::Manual(Arc::clone(&now));
+    let gws = fleet(
+        &redis.url(),
+        &upstream,
+        3,
+        |_| clock.clone(),
+        |s| s.limits.mode = LimitMode::Global,
+    )
+    .await;
+    let limit = json!({ "per_minute": 60, "per_hour": 100_000, "per_day": 1_000_000 });
+    let (_, _, key) = account_and_key(&gws[0], Some(limit)).await;
+
+    let client = client();
+    let gws = Arc::new(gws);
+    let admitted = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..CLIENTS {
+        let (client, gws, key, admitted) = (
+            client.clone(),
+            Arc::clone(&gws),
+            key.clone(),
+            Arc::clone(&admitted),
+        );
+        tasks.push(tokio::spawn(async move {
+            // Client c sends requests c, c + CLIENTS, …, request n to instance n % 3.
+            for n in (c..SENT).step_by(CLIENTS) {
+                let (status, code) = outcome(call(&client, &gws[n % 3], &key).await).await;
+                match status {
+                    StatusCode::OK => {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    StatusCode::TOO_MANY_REQUESTS => {
+                        assert_eq!(code.as_deref(), Some("rate_limited"));
+                    }
+                    other => panic!("request {n}: {other} {code:?}"),
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("client");
+    }
+    let admitted = admitted.load(Ordering::Relaxed);
+    eprintln!("global limit 60/minute over 3 instances: {admitted} of {SENT} requests admitted");
+    // Never more than the limit; fewer only by the leases left on instances (3 × 1 token).
+    assert!(
+        (57..=60).contains(&admitted),
+        "{admitted} requests admitted under a fleet-wide limit of 60/minute"
+    );
+
+    // The next minute has room again, on every instance.
+    now.fetch_add(60_000, Ordering::SeqCst);
+    for (i, gw) in gws.iter().enumerate() {
+        let response = call(&client, gw, &key).await;
+        assert_eq!(
+            response.status(),
+            StatusCode::OK,
+            "instance {i} in the next minute"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_from_three_instances_is_counted_exactly_once() {
+    const PER_CLIENT: usize = 100;
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    // Each instance on its own pinned clock, the middle one latest: `last_used_at` must be the
+    // latest use across the fleet, whichever instance flushes last.
+    let now_ms = Utc::now().timestamp_millis();
+    let base = now_ms - now_ms.rem_euclid(60_000) + 10_000;
+    let offsets = [0, 3_000, 1_000];
+    let flush_fast = |s: &mut Settings| {
+        s.metering.flush_interval = Duration::from_millis(50);
+        s.limits.default = RateLimitSpec {
+            per_minute: Some(1_000_000),
+            per_hour: Some(1_000_000),
+            per_day: Some(1_000_000),
+        };
+    };
+    let gws = fleet(
+        &redis.url(),
+        &upstream,
+        3,
+        |i| WallClock::Manual(Arc::new(AtomicI64::new(base + offsets[i]))),
+        flush_fast,
+    )
+    .await;
+    let (account, key_id, key) = account_and_key(&gws[0], None).await;
+
+    let client = client();
+    let gws = Arc::new(gws);
+    let mut tasks = Vec::new();
+    for c in 0..3 {
+        let (client, gws, key) = (client.clone(), Arc::clone(&gws), key.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..PER_CLIENT {
+                expect_echo(call(&client, &gws[(c + i) % 3], &key).await).await;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("client");
+    }
+    let sent = 3 * PER_CLIENT as u64;
+    let total = wait_usage(&gws[1], &account, &key_id, sent).await;
+    assert_eq!(total, (sent, sent, 0), "(requests, success, error)");
+
+    let (status, body) = gws[2]
+        .admin(
+            Method::GET,
+            &format!("/v1/accounts/{account}/usage/keys"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let entry = body["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .find(|k| k["key_id"] == key_id.as_str())
+        .unwrap_or_else(|| panic!("the key in {body}"))
+        .clone();
+    let last_used: DateTime<Utc> = entry["last_used_at"]
+        .as_str()
+        .unwrap_or_else(|| panic!("last_used_at in {entry}"))
+        .parse()
+        .expect("last_used_at is RFC 3339");
+    assert_eq!(
+        last_used.timestamp_millis(),
+        base + 3_000,
+        "last_used_at is the latest use on any instance: {entry}"
+    );
+
+    // Stopping flushes whatever is left; nothing may be written twice.
+    let gws = Arc::into_inner(gws).expect("clients are done");
+    let mut dirs = Vec::new();
+    for gw in gws {
+        dirs.push(gw.stop().await);
+    }
+    let master = credential::generate(Kind::Master);
+    let reader = Gateway::builder(&upstream)
+        .redis(&redis.url())
+        .master(&master)
+        .start()
+        .await;
+    assert_eq!(
+        usage_total(&reader, &account, &key_id).await,
+        Some((sent, sent, 0)),
+        "the total after every instance stopped"
+    );
+}
+
+/// Steady traffic with one key on one gateway until stopped: (sent, statuses other than 200).
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<(u64, Vec<(StatusCode, Option<String>)>)>,
+}
+
+impl Traffic {
+    fn start(client: &reqwest::Client, gw: &Gateway, key: &str) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (client, url, key, flag) = (
+            client.clone(),
+            gw.proxy_url("/things"),
+            key.to_owned(),
+            Arc::clone(&stop),
+        );
+        let task = tokio::spawn(async move {
+            let (mut sent, mut refused) = (0, Vec::new());
+            while !flag.load(Ordering::Relaxed) {
+                let response = client
+                    .get(&url)
+                    .bearer_auth(&key)
+                    .send()
+                    .await
+                    .expect("proxy request");
+                sent += 1;
+                let (status, code) = outcome(response).await;
+                if status != StatusCode::OK {
+                    refused.push((status, code));
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            (sent, refused)
+        });
+        Traffic { stop, task }
+    }
+
+    async fn stop(self) -> (u64, Vec<(StatusCode, Option<String>)>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("traffic")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_fail_open() {
+    let mut redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let gws = fleet(&redis.url(), &upstream, 1, system, |s| {
+        s.metering.flush_interval = Duration::from_millis(50);
+    })
+    .await;
+    let gw = &gws[0];
+    let client = client();
+    wait_ready(&client, gw, StatusCode::OK).await;
+    let (account, key_id, key) = account_and_key(gw, None).await;
+    expect_echo(call(&client, gw, &key).await).await;
+    let mut sent = 1;
+
+    // Redis dies during traffic, and comes back.
+    let traffic = Traffic::start(&client, gw, &key);
+    assert!(
+        eventually(SETTLE, || async {
+            usage_total(gw, &account, &key_id)
+                .await
+                .is_some_and(|(n, _, _)| n > 5)
+        })
+        .await,
+        "traffic is counted before the outage"
+    );
+    crash_keeping_data(&mut redis);
+    wait_ready(&client, gw, StatusCode::SERVICE_UNAVAILABLE).await;
+    // The cached key keeps passing (the traffic task checks every answer), more of it now.
+    for _ in 0..20 {
+        expect_echo(call(&client, gw, &key).await).await;
+        sent += 1;
+    }
+    // A key this instance never saw cannot be verified: refused, not let in.
+    let unknown = credential::generate(Kind::Secret);
+    expect_refusal(
+        call(&client, gw, &unknown).await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+    )
+    .await;
+    // So is a malformed one, without a lookup.
+    expect_refusal(
+        call(&client, gw, "tgsk_not-a-key").await,
+        StatusCode::UNAUTHORIZED,
+        "invalid_credential",
+    )
+    .await;
+    restart(&mut redis);
+    wait_ready(&client, gw, StatusCode::OK).await;
+    let (during, refused) = traffic.stop().await;
+    sent += during;
+    assert!(
+        refused.is_empty(),
+        "the cached key was refused during the outage (fail_open): {refused:?}"
+    );
+    for _ in 0..5 {
+        expect_echo(call(&client, gw, &key).await).await;
+        sent += 1;
+    }
+    eprintln!("fail_open outage: {sent} requests with the cached key, all passed");
+    // Counts held while Redis was away are written once it is back: nothing lost, nothing twice.
+    let total = wait_usage(gw, &account, &key_id, sent).await;
+    assert_eq!(total, (sent, sent, 0), "(requests, success, error)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_fail_closed() {
+    let mut redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let gws = fleet(&redis.url(), &upstream, 1, system, |s| {
+        s.limits.on_store_error = OnStoreError::FailClosed;
+        s.cache.ttl = Duration::from_millis(300);
+        s.metering.flush_interval = Duration::from_millis(50);
+    })
+    .await;
+    let gw = &gws[0];
+    let client = client();
+    wait_ready(&client, gw, StatusCode::OK).await;
+    let (_, _, key) = account_and_key(gw, None).await;
+    expect_echo(call(&client, gw, &key).await).await;
+
+    crash_keeping_data(&mut redis);
+    wait_ready(&client, gw, StatusCode::SERVICE_UNAVAILABLE).await;
+    // Once its entry is stale the key cannot be verified: 503, never a pass, never a 401.
+    let last = Mutex::new(None);
+    let refused = eventually(SETTLE, || {
+        let (client, key, last) = (&client, &key, &last);
+        async move {
+            let got = outcome(call(client, gw, key).await).await;
+            assert!(
+                got.0 == StatusCode::OK || got.0 == StatusCode::SERVICE_UNAVAILABLE,
+                "while Redis is down: {got:?}"
+            );
+            *last.lock().expect("lock") = Some(got.clone());
+            got == (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some("store_unavailable".to_owned()),
+            )
+        }
+    })
+    .await;
+    assert!(
+        refused,
+        "the key was not refused with 503 store_unavailable: {last:?}"
+    );
+    expect_refusal(
+        call(&client, gw, &key).await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+    )
+    .await;
+    expect_refusal(
+        call(&client, gw, &credential::generate(Kind::Secret)).await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+    )
+    .await;
+
+    restart(&mut redis);
+    wait_ready(&client, gw, StatusCode::OK).await;
+    assert!(
+        eventually(SETTLE, || async {
+            call(&client, gw, &key).await.status() == StatusCode::OK
+        })
+        .await,
+        "the key passes again once Redis is back"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_fleet() {
+    let cluster = tokio::task::block_in_place(RedisCluster::start);
+    let upstream = Upstream::start().await;
+    let gws = fleet(&cluster.url(), &upstream, 2, system, |s| {
+        s.cache.ttl = Duration::from_secs(600);
+    })
+    .await;
+    let client = client();
+    let (account, _, _) = account_and_key(&gws[0], None).await;
+    let (key_id, key) = gws[0]
+        .create_key(&account, json!({ "name": "second", "type": "secret" }))
+        .await;
+    for gw in &gws {
+        expect_echo(call(&client, gw, &key).await).await;
+    }
+    let path = format!("/v1/accounts/{account}/keys/{key_id}/deactivate");
+    let (status, body) = gws[0].admin(Method::POST, &path, None).await;
+    assert_eq!(status, StatusCode::OK, "deactivate: {body}");
+    let deactivated = Instant::now();
+    assert!(
+        eventually(PROPAGATION, || async {
+            outcome(call(&client, &gws[1], &key).await).await
+                == (
+                    StatusCode::UNAUTHORIZED,
+                    Some("inactive_credential".to_owned()),
+                )
+        })
+        .await,
+        "the deactivation did not reach the other instance within {PROPAGATION:?}"
+    );
+    eprintln!(
+        "cluster: deactivation reached the other instance after {:.1} ms",
+        ms(deactivated.elapsed())
+    );
+    // And back: an activation on the second instance reaches the first.
+    let path = format!("/v1/accounts/{account}/keys/{key_id}/activate");
+    let (status, body) = gws[1].admin(Method::POST, &path, None).await;
+    assert_eq!(status, StatusCode::OK, "activate: {body}");
+    assert!(
+        eventually(PROPAGATION, || async {
+            call(&client, &gws[0], &key).await.status() == StatusCode::OK
+        })
+        .await,
+        "the activation did not reach the first instance within {PROPAGATION:?}"
+    );
+}
