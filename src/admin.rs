@@ -82,9 +82,9 @@ pub struct AdminState {
     metrics: Arc<Metrics>,
     /// Settled once at start-up ([`ensure_master_key`]); `None` leaves the operator API shut.
     master: Option<KeyHash>,
-    /// Held across each check-then-write (plan limit, last credential) so that two concurrent
-    /// requests cannot both pass a check that only one of them may. One process only: admin
-    /// writes are rare, and a fleet should send them to one admin listener.
+    /// Held across each check-then-write (plan limit, last credential) in this process; with a
+    /// shared store, [`AdminState::lock_account`] also takes the account's lock in the store, so
+    /// that the rules hold across a fleet.
     writes: Arc<tokio::sync::Mutex<()>>,
     /// `limits.default`, for keys whose buckets this instance has not used yet.
     default_limits: RateLimitSpec,
@@ -120,6 +120,61 @@ impl AdminState {
         self
     }
 }
+
+/// An account's write lock, in this process and in the store; released on drop.
+pub(crate) struct AccountLock {
+    _local: tokio::sync::OwnedMutexGuard<()>,
+    store: SharedStore,
+    name: String,
+    token: String,
+}
+
+impl AdminState {
+    /// Serialises check-then-write changes to one account, across every instance sharing the
+    /// store. Waits up to [`LOCK_WAIT`]; a lock that is never released (its holder died) expires
+    /// after [`LOCK_TTL`].
+    pub(crate) async fn lock_account(&self, account_id: &str) -> Result<AccountLock, ApiError> {
+        let local = Arc::clone(&self.writes).lock_owned().await;
+        let token = crate::credential::new_id("lock");
+        let deadline = tokio::time::Instant::now() + LOCK_WAIT;
+        loop {
+            if self.store.try_lock(account_id, &token, LOCK_TTL).await? {
+                return Ok(AccountLock {
+                    _local: local,
+                    store: Arc::clone(&self.store),
+                    name: account_id.to_owned(),
+                    token,
+                });
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ApiError::StoreUnavailable);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for AccountLock {
+    fn drop(&mut self) {
+        let (store, name, token) = (
+            Arc::clone(&self.store),
+            std::mem::take(&mut self.name),
+            std::mem::take(&mut self.token),
+        );
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = store.unlock(&name, &token).await {
+                    tracing::warn!(error = %e, "releasing an account lock failed; it expires by itself");
+                }
+            });
+        }
+    }
+}
+
+/// How long a change waits for another instance's change to the same account.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+/// How long an account lock lasts if its holder never releases it.
+const LOCK_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 // === functions ===
 

@@ -149,7 +149,8 @@ impl Proxy {
                     window: Window::Minute,
                     retry_after: 1,
                 };
-                return self.refuse(&route.name, busy, Some(&identified), None);
+                let limits = identified.key.limiter.peek(now_ms);
+                return self.refuse(&route.name, busy, Some(&identified), Some(&limits));
             }
         };
         let mut response = self

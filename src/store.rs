@@ -218,6 +218,25 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
+    /// Takes the named lock for `ttl` if nobody holds it (`true`), marking it with `token`. For
+    /// rules that check and then write (plan limits, the last credential) across instances. A
+    /// store that is not shared has no other writers: the default always grants.
+    async fn try_lock(
+        &self,
+        name: &str,
+        token: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, StoreError> {
+        let _ = (name, token, ttl);
+        Ok(true)
+    }
+
+    /// Releases the named lock if it still carries `token`.
+    async fn unlock(&self, name: &str, token: &str) -> Result<(), StoreError> {
+        let _ = (name, token);
+        Ok(())
+    }
+
     /// The stored hash of the operator's master key.
     async fn master_key_hash(&self) -> Result<Option<KeyHash>, StoreError>;
     /// Stores the master key's hash, replacing any earlier one.

@@ -1,7 +1,8 @@
 //! Many instances behind one load balancer, on one Redis (real `redis-server` processes on free
 //! ports, never 6379): keys made on one instance pass on the others, deactivations reach every
 //! instance within a second, global limits hold across the fleet, usage is counted exactly once,
-//! and a Redis outage during traffic is survived per `on_store_error`.
+//! a Redis outage during traffic is survived per `on_store_error`, and the admin API's
+//! check-then-write rules (last credential, plan limit) hold when two instances take the writes.
 
 mod common;
 #[path = "common/redis.rs"]
@@ -102,7 +103,13 @@ async fn wait_ready(client: &reqwest::Client, gw: &Gateway, want: StatusCode) {
 /// A fresh account and one secret key with `rate_limit` (or the defaults): (account, key id,
 /// raw key), made through `gw`.
 async fn account_and_key(gw: &Gateway, rate_limit: Option<Value>) -> (String, String, String) {
-    let account = gw.create_account(json!({ "name": "fleet" })).await;
+    // Room for every test's traffic: a 429 would hide what the test looks at.
+    let account = gw
+        .create_account(json!({
+            "name": "fleet",
+            "rate_limit": { "per_minute": 100000, "per_hour": 1000000, "per_day": 10000000 }
+        }))
+        .await;
     let mut body = json!({ "name": "main", "type": "secret" });
     if let Some(limit) = rate_limit {
         body["rate_limit"] = limit;
@@ -339,7 +346,22 @@ async fn global_limit_holds_across_three_instances() {
         tasks.push(tokio::spawn(async move {
             // Client c sends requests c, c + CLIENTS, …, request n to instance n % 3.
             for n in (c..SENT).step_by(CLIENTS) {
-                let (status, code) = outcome(call(&client, &gws[n % 3], &key).await).await;
+                let response = call(&client, &gws[n % 3], &key).await;
+                if response.status() == StatusCode::TOO_MANY_REQUESTS {
+                    // Every 429 carries the limit headers and Retry-After (contract §4).
+                    assert_eq!(
+                        common::header(&response, "ratelimit-limit"),
+                        Some("60"),
+                        "request {n}: RateLimit-Limit on a 429"
+                    );
+                    assert!(
+                        common::header(&response, "retry-after")
+                            .and_then(|v| v.parse::<u64>().ok())
+                            .is_some_and(|s| (1..=60).contains(&s)),
+                        "request {n}: Retry-After on a 429"
+                    );
+                }
+                let (status, code) = outcome(response).await;
                 match status {
                     StatusCode::OK => {
                         admitted.fetch_add(1, Ordering::Relaxed);
@@ -466,45 +488,50 @@ async fn usage_from_three_instances_is_counted_exactly_once() {
     );
 }
 
-/// Steady traffic with one key on one gateway until stopped: (sent, statuses other than 200).
+/// Steady traffic with one key on one gateway, one request at a time, until stopped.
 struct Traffic {
     stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<(u64, Vec<(StatusCode, Option<String>)>)>,
+    sent: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<Vec<(StatusCode, Option<String>)>>,
 }
 
 impl Traffic {
     fn start(client: &reqwest::Client, gw: &Gateway, key: &str) -> Traffic {
         let stop = Arc::new(AtomicBool::new(false));
-        let (client, url, key, flag) = (
-            client.clone(),
-            gw.proxy_url("/things"),
-            key.to_owned(),
-            Arc::clone(&stop),
-        );
+        let sent = Arc::new(AtomicU64::new(0));
+        let (client, url, key) = (client.clone(), gw.proxy_url("/things"), key.to_owned());
+        let (stop_flag, counter) = (Arc::clone(&stop), Arc::clone(&sent));
         let task = tokio::spawn(async move {
-            let (mut sent, mut refused) = (0, Vec::new());
-            while !flag.load(Ordering::Relaxed) {
+            let mut refused = Vec::new();
+            while !stop_flag.load(Ordering::Relaxed) {
                 let response = client
                     .get(&url)
                     .bearer_auth(&key)
                     .send()
                     .await
                     .expect("proxy request");
-                sent += 1;
+                counter.fetch_add(1, Ordering::Relaxed);
                 let (status, code) = outcome(response).await;
                 if status != StatusCode::OK {
                     refused.push((status, code));
                 }
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            (sent, refused)
+            refused
         });
-        Traffic { stop, task }
+        Traffic { stop, sent, task }
     }
 
+    /// Requests sent so far.
+    fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Stops; (requests sent, the answers other than 200).
     async fn stop(self) -> (u64, Vec<(StatusCode, Option<String>)>) {
         self.stop.store(true, Ordering::Relaxed);
-        self.task.await.expect("traffic")
+        let refused = self.task.await.expect("traffic");
+        (self.sent.load(Ordering::Relaxed), refused)
     }
 }
 
@@ -535,6 +562,7 @@ async fn redis_outage_fail_open() {
         "traffic is counted before the outage"
     );
     crash_keeping_data(&mut redis);
+    let at_crash = traffic.sent();
     wait_ready(&client, gw, StatusCode::SERVICE_UNAVAILABLE).await;
     // The cached key keeps passing (the traffic task checks every answer), more of it now.
     for _ in 0..20 {
@@ -556,6 +584,8 @@ async fn redis_outage_fail_open() {
         "invalid_credential",
     )
     .await;
+    let at_restart = traffic.sent();
+    assert!(at_restart > at_crash, "traffic went on during the outage");
     restart(&mut redis);
     wait_ready(&client, gw, StatusCode::OK).await;
     let (during, refused) = traffic.stop().await;
@@ -683,5 +713,94 @@ async fn redis_cluster_fleet() {
         })
         .await,
         "the activation did not reach the first instance within {PROPAGATION:?}"
+    );
+}
+
+/// Concurrent admin writes through different instances (a load balancer in front of the admin
+/// listeners sends them anywhere) must not both pass a check that only one of them may: here
+/// two deactivations, of an account's only two secret keys, on two instances at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_credential_rule_holds_across_instances() {
+    const ROUNDS: usize = 20;
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let gws = fleet(&redis.url(), &upstream, 2, system, |_| {}).await;
+    let mut broken = Vec::new();
+    for round in 0..ROUNDS {
+        let (account, first, _) = account_and_key(&gws[0], None).await;
+        let (second, _) = gws[0]
+            .create_key(&account, json!({ "name": "second", "type": "secret" }))
+            .await;
+        let deactivate = |key_id: &str| format!("/v1/accounts/{account}/keys/{key_id}/deactivate");
+        let (path_a, path_b) = (deactivate(&first), deactivate(&second));
+        let ((a, body_a), (b, body_b)) = tokio::join!(
+            gws[0].admin(Method::POST, &path_a, None),
+            gws[1].admin(Method::POST, &path_b, None),
+        );
+        for (status, body) in [(a, &body_a), (b, &body_b)] {
+            if status != StatusCode::OK {
+                assert_eq!(status, StatusCode::CONFLICT, "{body}");
+                assert_eq!(body["error"]["code"], "last_credential", "{body}");
+            }
+        }
+        let (_, keys) = gws[1]
+            .admin(Method::GET, &format!("/v1/accounts/{account}/keys"), None)
+            .await;
+        let active = keys["keys"]
+            .as_array()
+            .expect("keys")
+            .iter()
+            .filter(|k| k["active"] == true)
+            .count();
+        if active == 0 {
+            broken.push((round, a.as_u16(), b.as_u16()));
+        }
+    }
+    assert!(
+        broken.is_empty(),
+        "in {} of {ROUNDS} rounds both of an account's two secret keys were deactivated, one on \
+         each instance, leaving none active (one must be 409 last_credential); \
+         (round, status A, status B): {broken:?}",
+        broken.len()
+    );
+}
+
+/// The same across instances for a plan limit: three creations at once on an account allowed
+/// one key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_limit_holds_across_instances() {
+    const ROUNDS: usize = 20;
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let gws = fleet(&redis.url(), &upstream, 3, system, |_| {}).await;
+    let mut broken = Vec::new();
+    for round in 0..ROUNDS {
+        let account = gws[0]
+            .create_account(json!({ "name": "small", "plan": { "max_keys": 1 } }))
+            .await;
+        let path = format!("/v1/accounts/{account}/keys");
+        let create = |gw: &'static str| json!({ "name": gw, "type": "secret" });
+        let (a, b, c) = tokio::join!(
+            gws[0].admin(Method::POST, &path, Some(create("a"))),
+            gws[1].admin(Method::POST, &path, Some(create("b"))),
+            gws[2].admin(Method::POST, &path, Some(create("c"))),
+        );
+        for (status, body) in [&a, &b, &c] {
+            if *status != StatusCode::CREATED {
+                assert_eq!(*status, StatusCode::CONFLICT, "{body}");
+                assert_eq!(body["error"]["code"], "plan_limit", "{body}");
+            }
+        }
+        let (_, keys) = gws[0].admin(Method::GET, &path, None).await;
+        let held = keys["keys"].as_array().expect("keys").len();
+        if held != 1 {
+            broken.push((round, held));
+        }
+    }
+    assert!(
+        broken.is_empty(),
+        "an account with plan.max_keys = 1 got more keys in {} of {ROUNDS} rounds \
+         (round, keys): {broken:?}",
+        broken.len()
     );
 }

@@ -141,7 +141,7 @@ pub(crate) async fn update(
 ) -> Result<Json<AccountRecord>, ApiError> {
     let patch = Patch::new(body, &PATCHABLE, &NOT_NULL)?;
     let (account, changed) = {
-        let _writes = state.writes.lock().await;
+        let _lock = state.lock_account(&access.account.id).await?;
         // Re-read under the lock: the extractor's copy may predate a concurrent change.
         let current = state
             .store
@@ -182,7 +182,7 @@ pub(crate) async fn delete(
     access: AccountAccess,
 ) -> Result<Json<Deleted>, ApiError> {
     let removed = {
-        let _writes = state.writes.lock().await;
+        let _lock = state.lock_account(&access.account.id).await?;
         state.store.delete_account(&access.account.id).await?
     };
     for key in &removed {

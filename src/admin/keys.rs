@@ -147,7 +147,7 @@ pub(crate) async fn create(
     );
     let record = req.into_record(&access.account, grantable.as_deref(), &raw, Utc::now())?;
     {
-        let _writes = state.writes.lock().await;
+        let _lock = state.lock_account(&access.account.id).await?;
         if let Some(max) = access.account.plan.max_keys {
             let held = state.store.list_keys(&access.account.id).await?.len();
             if held >= usize::try_from(max).unwrap_or(usize::MAX) {
@@ -206,7 +206,7 @@ pub(crate) async fn update(
         access.caller_scopes.as_deref(),
     );
     let (key, changed) = {
-        let _writes = state.writes.lock().await;
+        let _lock = state.lock_account(&access.account.id).await?;
         let mut key = fetch(&*state.store, &access.account.id, &key_id).await?;
         let before = KeyFields::of(&key);
         let mut after = patch.apply(&before)?.validated(key.key_type)?;
@@ -262,7 +262,7 @@ async fn set_active(
     active: bool,
 ) -> Result<KeyView, ApiError> {
     let key = {
-        let _writes = state.writes.lock().await;
+        let _lock = state.lock_account(&access.account.id).await?;
         let mut key = fetch(&*state.store, &access.account.id, key_id).await?;
         if !active {
             if key.protected {
@@ -298,7 +298,7 @@ pub(crate) async fn delete(
     KeyId(key_id): KeyId,
 ) -> Result<Json<Deleted>, ApiError> {
     let key = {
-        let _writes = state.writes.lock().await;
+        let _lock = state.lock_account(&access.account.id).await?;
         let key = fetch(&*state.store, &access.account.id, &key_id).await?;
         ensure_not_last(&*state.store, &access.account, &key).await?;
         state

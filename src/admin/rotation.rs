@@ -60,7 +60,7 @@ pub(crate) async fn renew(
 ) -> Result<Json<KeyView>, ApiError> {
     let now = Utc::now();
     let key = {
-        let _writes = state.writes.lock().await;
+        let _lock = state.lock_account(&access.account.id).await?;
         let mut key = keys::fetch(&*state.store, &access.account.id, &key_id).await?;
         let lifetime = match req.ttl.as_deref() {
             Some(ttl) => keys::expiry(None, Some(ttl), now)?.1,
@@ -106,7 +106,7 @@ pub(crate) async fn roll(
         .checked_add_signed(grace)
         .ok_or_else(|| ApiError::field("grace", "is too long"))?;
     let (old, new, raw) = {
-        let _writes = state.writes.lock().await;
+        let _lock = state.lock_account(&access.account.id).await?;
         let old = keys::fetch(&*state.store, &access.account.id, &key_id).await?;
         caller_holds(access.caller_scopes.as_deref(), old.scopes.as_deref())?;
         let raw = credential::generate(match old.key_type {

@@ -78,7 +78,7 @@ pub(crate) async fn create(
         created_at: Utc::now(),
     };
     {
-        let _writes = state.writes.lock().await;
+        let _lock = state.lock_account(&access.account.id).await?;
         let held = state.store.list_sites(&access.account.id).await?;
         if held.iter().any(|s| s.name == site.name) {
             return Err(ApiError::SiteTaken);
@@ -111,7 +111,7 @@ pub(crate) async fn delete(
     SiteId(site_id): SiteId,
 ) -> Result<StatusCode, ApiError> {
     let site = {
-        let _writes = state.writes.lock().await;
+        let _lock = state.lock_account(&access.account.id).await?;
         let site = state
             .store
             .list_sites(&access.account.id)

@@ -887,6 +887,27 @@ impl Store for RedisStore {
             .collect())
     }
 
+    async fn try_lock(&self, name: &str, token: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let reply: Option<String> = self
+            .conn
+            .query(&cmd!("SET", keys::lock(name), token, "NX", "PX", millis))
+            .await?;
+        Ok(reply.is_some())
+    }
+
+    async fn unlock(&self, name: &str, token: &str) -> Result<(), StoreError> {
+        let _deleted: i64 = self
+            .conn
+            .query(&eval(
+                scripts::DELETE_IF_EQUAL,
+                &[keys::lock(name)],
+                &[token],
+            ))
+            .await?;
+        Ok(())
+    }
+
     async fn publish_invalidation(&self, what: &Invalidation) -> Result<(), StoreError> {
         let payload = match what {
             Invalidation::Key(hash) => format!("k:{}", hash.to_hex()),

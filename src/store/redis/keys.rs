@@ -63,6 +63,11 @@ pub(super) fn rate_counter(key_id: &str, window_secs: u64, index: i64) -> String
     format!("tg:{{{key_id}}}:rl:{window_secs}:{index}")
 }
 
+/// A lock named after an account (its tag) or anything else.
+pub(super) fn lock(name: &str) -> String {
+    format!("tg:{{{name}}}:lock")
+}
+
 /// The channel on which instances announce cache invalidations.
 pub(super) const INVALIDATIONS: &str = "tg:invalidations";
 

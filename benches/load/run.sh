@@ -1,0 +1,598 @@
+#!/usr/bin/env bash
+# tollgate's load benchmark: bash benches/load/run.sh
+#
+# In one run, on this machine:
+#   * a fast upstream (nginx answering a static 200) and the load generator on CPU 1;
+#   * the contenders, each pinned to CPU 0 and each its own process:
+#       nginx      nginx as a plain keep-alive reverse proxy (proxy_pass + upstream keepalive)
+#       haproxy    HAProxy, one thread, http-reuse always
+#       tg-public  tollgate, a public route
+#       tg-keyed   tollgate, a keyed route: one key, per-minute/hour/day buckets, metering
+#       tg-1m      tollgate, the keyed route with 1,000,000 distinct keys rotated by rotate.lua
+#       tg-redis   tollgate, the keyed route on the Redis store (config/redis.toml: global limits)
+#   * the same wrk command (wrk -t1 -c64 -s rotate.lua) for every contender, a warm-up before
+#     every measured run, ROUNDS interleaved rounds (round 1: every contender, round 2: ...);
+#   * per run: requests/s, p50, p99, CPU-0 µs per request (busy ticks of cpu0 in /proc/stat over
+#     the run ÷ requests), the proxy process's own CPU µs per request (utime+stime, immune to
+#     other work on CPU 0), CPU-1 busy %, peak RSS (VmHWM), and for tg-redis the Redis commands
+#     per proxied request (INFO stats total_commands_processed);
+#   * a fixed-rate latency run with oha --latency-correction at 25/50/75 % of nginx's rate;
+#   * the per-round tables, the median table and the ratios against the issue's targets, on
+#     stdout and as Markdown in ${TMPDIR:-/tmp}/tollgate-load-results-<date>.md.
+#
+# Knobs (environment): ROUNDS=3 DURATION=8 WARMUP=3 CONNS=64 KEYS=1000000 KEY_BUDGET=300
+# (seconds allowed to create the rotated keys; fewer keys when 1M would take longer)
+# OHA_DURATION=6 FIXED_RATE=1 (0: skip the oha part) SKIP_BUILD=0 KEEP_TMP=0 RESULTS=path.md
+# Needs root for apt-get only when nginx, haproxy, wrk or redis-server is missing.
+
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-8}
+WARMUP=${WARMUP:-3}
+CONNS=${CONNS:-64}
+KEYS=${KEYS:-1000000}
+KEY_BUDGET=${KEY_BUDGET:-300}
+OHA_DURATION=${OHA_DURATION:-6}
+FIXED_RATE=${FIXED_RATE:-1}
+SKIP_BUILD=${SKIP_BUILD:-0}
+KEEP_TMP=${KEEP_TMP:-0}
+PROXY_CPU=0
+LOAD_CPU=1
+STAMP=$(date +%Y%m%d-%H%M%S)
+RESULTS=${RESULTS:-${TMPDIR:-/tmp}/tollgate-load-results-$STAMP.md}
+# A rate limit that never triggers (u32 fields), on each of the three windows.
+HUGE_LIMIT='{"per_minute":4000000000,"per_hour":4000000000,"per_day":4000000000}'
+CONTENDERS=(nginx haproxy tg-public tg-keyed tg-1m tg-redis)
+
+log() { printf '[load %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# ---------------------------------------------------------------------------------------------
+# Tools
+
+export PATH="$PATH:/usr/sbin:/sbin:$HOME/.cargo/bin"
+
+install_tools() {
+    local missing=()
+    command -v nginx >/dev/null || missing+=(nginx)
+    command -v haproxy >/dev/null || missing+=(haproxy)
+    command -v wrk >/dev/null || missing+=(wrk)
+    command -v redis-server >/dev/null || missing+=(redis-server)
+    command -v redis-cli >/dev/null || missing+=(redis-tools)
+    command -v jq >/dev/null || missing+=(jq)
+    command -v curl >/dev/null || missing+=(curl)
+    command -v taskset >/dev/null || missing+=(util-linux)
+    if ((${#missing[@]})); then
+        log "installing ${missing[*]} (apt-get)"
+        apt-get update -qq || true
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null ||
+            die "apt-get install ${missing[*]} failed"
+    fi
+    FIXED_RATE_TOOL=none
+    if [[ $FIXED_RATE == 0 ]]; then
+        log "FIXED_RATE=0: the fixed-rate part is skipped"
+    elif command -v oha >/dev/null; then
+        FIXED_RATE_TOOL=oha
+    else
+        log "installing oha (cargo install oha --locked; one time, several minutes)"
+        if cargo install oha --locked >"${TMPDIR:-/tmp}/oha-install-$STAMP.log" 2>&1; then
+            FIXED_RATE_TOOL=oha
+        elif command -v wrk2 >/dev/null; then
+            log "cargo install oha failed (${TMPDIR:-/tmp}/oha-install-$STAMP.log); using wrk2"
+            FIXED_RATE_TOOL=wrk2
+        else
+            log "cargo install oha failed and wrk2 is absent: the fixed-rate part is skipped"
+        fi
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# Processes, ports, templates
+
+PIDS=()
+WORK=""
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    if [[ -n $WORK && -d $WORK ]]; then
+        if ((rc == 0)) && [[ $KEEP_TMP != 1 ]]; then
+            rm -rf "$WORK"
+        else
+            log "work directory kept: $WORK"
+        fi
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+USED_PORTS=" "
+free_port() {
+    local p
+    while :; do
+        p=$((20000 + RANDOM % 40000))
+        [[ $p == 6379 || $USED_PORTS == *" $p "* ]] && continue
+        [[ -z $(ss -Htln "sport = :$p") ]] || continue
+        USED_PORTS+="$p "
+        echo "$p"
+        return
+    done
+}
+
+wait_port() { # port [seconds [pid]]: fails early when pid exits
+    local i
+    for ((i = 0; i < ${2:-30} * 10; i++)); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        [[ -z ${3:-} ]] || kill -0 "$3" 2>/dev/null || return 1
+        sleep 0.1
+    done
+    return 1
+}
+
+render() { # template output VAR=value...
+    local template=$1 out=$2 kv args=()
+    shift 2
+    for kv in "$@"; do args+=(-e "s|@${kv%%=*}@|${kv#*=}|g"); done
+    sed "${args[@]}" "$template" >"$out"
+    ! grep -q '@[A-Z_]*@' "$out" || die "unfilled placeholder in $out"
+}
+
+declare -A PID PORT ADMIN KEYFILE REQS_SENT
+
+start_bg() { # name cpu logfile cmd... ; records the pid
+    local name=$1 cpu=$2 logf=$3
+    shift 3
+    taskset -c "$cpu" "$@" >"$logf" 2>&1 &
+    PID[$name]=$!
+    PIDS+=("$!")
+}
+
+start_tollgate() { # name config-template extra-render-args...
+    local name=$1 template=$2
+    shift 2
+    local port=${PORT[$name]:-$(free_port)} admin=${ADMIN[$name]:-$(free_port)}
+    PORT[$name]=$port
+    ADMIN[$name]=$admin
+    render "$template" "$WORK/$name.toml" TMP="$WORK" PORT="$port" ADMIN_PORT="$admin" \
+        UPSTREAM_PORT="$UPSTREAM_PORT" CACHE_ENTRIES="$CACHE_ENTRIES" "$@"
+    TOLLGATE_MASTER_KEY=$MASTER start_bg "$name" "$PROXY_CPU" "$WORK/$name.log" \
+        "$BIN" serve --config "$WORK/$name.toml"
+    wait_port "$admin" 30 "${PID[$name]}" && wait_port "$port" 5 "${PID[$name]}" || die "$name did not start: $(tail -5 "$WORK/$name.log")"
+    for _ in $(seq 100); do
+        curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null && return 0
+        sleep 0.1
+    done
+    die "$name is not ready: $(tail -5 "$WORK/$name.log")"
+}
+
+stop_proc() { # name
+    local pid=${PID[$1]}
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+}
+
+admin_post() { # name path json
+    curl -sS -f -X POST "http://127.0.0.1:${ADMIN[$1]}$2" \
+        -H "Authorization: Bearer $MASTER" -H 'Content-Type: application/json' -d "$3"
+}
+
+new_account() { # name -> account id
+    admin_post "$1" /v1/accounts "{\"name\":\"bench-$1\",\"rate_limit\":$HUGE_LIMIT}" | jq -er .id
+}
+
+new_key() { # name account -> raw key
+    admin_post "$1" "/v1/accounts/$2/keys" '{"name":"bench"}' | jq -er .key
+}
+
+# Creates keys with curl's parallel transfers (one process, 16 requests in flight):
+# batch name account count outfile
+key_batch() {
+    local name=$1 acct=$2 count=$3 out=$4
+    curl -sS -Z --parallel-max 16 -X POST \
+        -H "Authorization: Bearer $MASTER" -H 'Content-Type: application/json' \
+        -d '{"name":"bench"}' \
+        "http://127.0.0.1:${ADMIN[$name]}/v1/accounts/$acct/keys?n=[1-$count]" |
+        jq -r '.key // empty' >>"$out"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+
+CLK_TCK=$(getconf CLK_TCK)
+
+# cpu0/cpu1 busy and total ticks from "before|after cpuN ..." lines: prints
+# "busy0 total0 busy1 total1" (busy = total - idle - iowait; total = user..steal).
+cpu_delta() {
+    awk '
+        $1 == "before" || $1 == "after" {
+            t = 0; for (f = 3; f <= 10; f++) t += $f
+            b = t - $6 - $7
+            s = ($1 == "after") ? 1 : -1
+            busy[$2] += s * b; total[$2] += s * t
+        }
+        END { printf "%d %d %d %d\n", busy["cpu0"], total["cpu0"], busy["cpu1"], total["cpu1"] }
+    ' "$1"
+}
+
+proc_stat_line() { # before|after -> "before cpu0 ..." lines like rotate.lua writes
+    grep -E '^cpu[01] ' /proc/stat | sed "s/^/$1 /"
+}
+
+tree_pids() { # pid -> pid and its children
+    echo "$1"
+    pgrep -P "$1" || true
+}
+
+proc_ticks() { # pid -> utime+stime of the process tree, in ticks
+    local p t=0 v
+    for p in $(tree_pids "$1"); do
+        # fields after the ")" of the comm: state is $1, utime $12, stime $13
+        v=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13}') || continue
+        t=$((t + ${v:-0}))
+    done
+    echo "$t"
+}
+
+peak_rss_kb() { # pid -> sum of VmHWM over the process tree
+    local p t=0 v
+    for p in $(tree_pids "$1"); do
+        v=$(awk '/^VmHWM:/ {print $2}' "/proc/$p/status" 2>/dev/null) || continue
+        t=$((t + ${v:-0}))
+    done
+    echo "$t"
+}
+
+redis_commands() {
+    redis-cli -p "$REDIS_PORT" info stats | tr -d '\r' | awk -F: '$1 == "total_commands_processed" {print $2}'
+}
+
+wrk_once() { # name seconds statfile [--latency]
+    local name=$1 secs=$2 stat=$3
+    shift 3
+    : >"$stat"
+    KEYS_FILE=${KEYFILE[$name]} KEY_OFFSET=${REQS_SENT[$name]:-0} STAT_FILE=$stat \
+        taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${secs}s" "$@" -s "$HERE/rotate.lua" \
+        "http://127.0.0.1:${PORT[$name]}/" >"$stat.out" 2>&1 || die "wrk failed on $name: $(tail -3 "$stat.out")"
+    local n
+    n=$(sed -n 's/^result requests=\([0-9]*\).*/\1/p' "$stat")
+    REQS_SENT[$name]=$(( ${REQS_SENT[$name]:-0} + ${n:-0} ))
+}
+
+# One measured run, appended to $WORK/runs.tsv:
+# round name rps p50_ms p99_ms cpu0_us cpu1_pct proc_us rss_mb errors redis_per_req
+measure() { # round name
+    local round=$1 name=$2 pid=${PID[$2]} stat="$WORK/run-$2-r$1"
+    wrk_once "$name" "$WARMUP" "$WORK/warm-$name-r$round"
+    local r0="" r1="" p0 p1
+    [[ $name == tg-redis ]] && r0=$(redis_commands)
+    p0=$(proc_ticks "$pid")
+    wrk_once "$name" "$DURATION" "$stat" --latency
+    p1=$(proc_ticks "$pid")
+    [[ $name == tg-redis ]] && r1=$(redis_commands)
+    local line busy0 total0 busy1 total1
+    line=$(grep '^result ' "$stat") || die "no result from wrk on $name: $(tail -3 "$stat.out")"
+    read -r busy0 total0 busy1 total1 < <(cpu_delta "$stat")
+    local rss
+    rss=$(peak_rss_kb "$pid")
+    awk -v line="$line" -v round="$round" -v name="$name" -v b0="$busy0" -v b1="$busy1" \
+        -v t1="$total1" -v hz="$CLK_TCK" -v pt="$((p1 - p0))" -v rss="$rss" \
+        -v r0="$r0" -v r1="$r1" 'BEGIN {
+            n = split(line, kv, /[ =]/)
+            for (i = 2; i < n; i += 2) v[kv[i]] = kv[i + 1]
+            req = v["requests"]; if (req < 1) req = 1
+            rps = req / (v["duration_us"] / 1e6)
+            redis = (r0 == "") ? "-" : sprintf("%.4f", (r1 - r0) / req)
+            printf "%s\t%s\t%.0f\t%.3f\t%.3f\t%.2f\t%.1f\t%.2f\t%.1f\t%d\t%s\n", round, name, rps,
+                v["p50_us"] / 1000, v["p99_us"] / 1000, b0 * 1e6 / hz / req,
+                (t1 > 0 ? 100 * b1 / t1 : 0), pt * 1e6 / hz / req, rss / 1024,
+                v["status_errors"] + v["socket_errors"], redis
+        }' >>"$WORK/runs.tsv"
+    local last
+    last=$(tail -1 "$WORK/runs.tsv")
+    log "round $round $(printf '%-9s' "$name") $(awk -F'\t' '{printf "%8s rps  p50 %s ms  p99 %s ms  cpu0 %s us/req  proc %s us/req  cpu1 %s%%  rss %s MB  errors %s  redis/req %s", $3, $4, $5, $6, $8, $7, $9, $10, $11}' <<<"$last")"
+    [[ $(cut -f10 <<<"$last") == 0 ]] || log "WARNING: $name answered errors (non-2xx or socket errors) in round $round"
+}
+
+# Fixed-rate run: name rate -> "achieved_rps p50_ms p99_ms errors" on stdout
+fixed_rate() {
+    local name=$1 rate=$2 out="$WORK/fixed-$1-$2"
+    local key
+    key=$(head -1 "${KEYFILE[tg-keyed]}")
+    case $FIXED_RATE_TOOL in
+    oha)
+        local fmt=(--json)
+        oha --help 2>/dev/null | grep -q -- '--output-format' && fmt=(--output-format json)
+        taskset -c "$LOAD_CPU" oha -z "${OHA_DURATION}s" -c "$CONNS" -q "$rate" --latency-correction \
+            --no-tui "${fmt[@]}" -H "X-API-Key: $key" "http://127.0.0.1:${PORT[$name]}/" >"$out.json" 2>"$out.err" ||
+            die "oha failed on $name: $(tail -3 "$out.err")"
+        jq -r '[.summary.requestsPerSec, (.latencyPercentiles.p50 * 1000), (.latencyPercentiles.p99 * 1000),
+                ((.summary.total // 0) - 0 | 0) + ([.statusCodeDistribution | to_entries[] | select(.key != "200") | .value] | add // 0)
+                + ([.errorDistribution // {} | to_entries[] | .value] | add // 0)] | @tsv' "$out.json"
+        ;;
+    wrk2)
+        KEYS_FILE=${KEYFILE[tg-keyed]} STAT_FILE="$out.stat" taskset -c "$LOAD_CPU" wrk2 -t1 -c"$CONNS" \
+            -d"${OHA_DURATION}s" -R"$rate" --latency -s "$HERE/rotate.lua" \
+            "http://127.0.0.1:${PORT[$name]}/" >"$out.txt" 2>&1 || die "wrk2 failed on $name"
+        awk '
+            function ms(s) { if (s ~ /us$/) return s / 1000; if (s ~ /ms$/) return s + 0; if (s ~ /s$/) return s * 1000; return s }
+            $1 == "50.000%" { p50 = ms($2) } $1 == "99.000%" { p99 = ms($2) }
+            $1 == "Requests/sec:" { rps = $2 } /Non-2xx/ { err += $NF }
+            END { printf "%s\t%.3f\t%.3f\t%d\n", rps, p50, p99, err }' "$out.txt"
+        ;;
+    esac
+}
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+median() { sort -g | awk '{v[NR] = $1} END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+
+TABLE_HEAD='| contender | requests/s | p50 ms | p99 ms | CPU-0 µs/req | proxy proc µs/req | CPU-1 busy % | peak RSS MB | errors | Redis cmds/req |
+|---|---|---|---|---|---|---|---|---|---|'
+
+round_table() { # round
+    echo "$TABLE_HEAD"
+    awk -F'\t' -v r="$1" '$1 == r { printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", $2, $3, $4, $5, $6, $8, $7, $9, $10, $11 }' "$WORK/runs.tsv"
+}
+
+# median over rounds, column by column -> $WORK/median.tsv (same columns as runs.tsv, round "median")
+median_table() {
+    : >"$WORK/median.tsv"
+    local name col vals=()
+    for name in "${CONTENDERS[@]}"; do
+        vals=()
+        for col in 3 4 5 6 7 8 9 10 11; do
+            vals+=("$(awk -F'\t' -v n="$name" -v c="$col" '$2 == n && $c != "-" {print $c}' "$WORK/runs.tsv" | median)")
+        done
+        printf 'median\t%s' "$name" >>"$WORK/median.tsv"
+        printf '\t%s' "${vals[@]}" >>"$WORK/median.tsv"
+        printf '\n' >>"$WORK/median.tsv"
+    done
+    echo "$TABLE_HEAD"
+    awk -F'\t' '{ printf "| %s | %.0f | %.3f | %.3f | %.2f | %.2f | %.1f | %.1f | %s | %s |\n", $2, $3, $4, $5, $6, $8, $7, $9, $10, $11 }' "$WORK/median.tsv"
+}
+
+get() { # file round name column
+    awk -F'\t' -v r="$2" -v n="$3" -v c="$4" '$1 == r && $2 == n {print $c}' "$1"
+}
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || a == "-" || b == "-" || b == 0) print "-"; else printf "%.3f", a / b }'; }
+
+verdict() { # value op target
+    awk -v v="$1" -v op="$2" -v t="$3" 'BEGIN {
+        if (v == "-" || v == "") { print "n/a"; exit }
+        if (op == "<=") { if (v <= t) print "met"; else printf "missed by %.0f %%\n", 100 * (v - t) / t }
+        else            { if (v >= t) print "met"; else printf "missed by %.0f %%\n", 100 * (t - v) / t }
+    }'
+}
+
+# "| ratio | round 1 | … | median table | target | verdict |" rows
+ratio_row() { # label op target col_a name_a col_b name_b
+    local label=$1 op=$2 target=$3 ca=$4 na=$5 cb=$6 nb=$7 r cells="" med
+    for ((r = 1; r <= ROUNDS; r++)); do
+        cells+=" $(ratio "$(get "$WORK/runs.tsv" "$r" "$na" "$ca")" "$(get "$WORK/runs.tsv" "$r" "$nb" "$cb")") |"
+    done
+    med=$(ratio "$(get "$WORK/median.tsv" median "$na" "$ca")" "$(get "$WORK/median.tsv" median "$nb" "$cb")")
+    echo "| $label |$cells **$med** | $op $target | $(verdict "$med" "$op" "$target") |"
+}
+
+ratios_table() {
+    local r head="| ratio |" sep="|---|"
+    for ((r = 1; r <= ROUNDS; r++)); do head+=" round $r |"; sep+="---|"; done
+    echo "$head median table | target | verdict |"
+    echo "$sep---|---|---|"
+    ratio_row "tg-keyed CPU-0 µs/req ÷ nginx's" "<=" 1.0 6 tg-keyed 6 nginx
+    ratio_row "(same, proxy process µs/req)" "<=" 1.0 8 tg-keyed 8 nginx
+    ratio_row "tg-keyed rps ÷ tg-public rps" ">=" 0.95 3 tg-keyed 3 tg-public
+    ratio_row "tg-1m rps ÷ tg-keyed rps ($NKEYS keys)" ">=" 0.90 3 tg-1m 3 tg-keyed
+    ratio_row "tg-redis rps ÷ tg-keyed rps" ">=" 0.90 3 tg-redis 3 tg-keyed
+    local cells="" v
+    for ((r = 1; r <= ROUNDS; r++)); do cells+=" $(get "$WORK/runs.tsv" "$r" tg-redis 11) |"; done
+    v=$(get "$WORK/median.tsv" median tg-redis 11)
+    echo "| Redis commands per proxied request (tg-redis) |$cells **$v** | <= 0.05 | $(verdict "$v" "<=" 0.05) |"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Main
+
+main() {
+    ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+    (($(nproc) >= 2)) || die "needs 2 CPUs (proxy on CPU 0, upstream and wrk on CPU 1)"
+    install_tools
+
+    if [[ $SKIP_BUILD != 1 ]]; then
+        log "cargo build --release"
+        (cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
+    fi
+    BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/tollgate
+    [[ -x $BIN ]] || die "no binary at $BIN"
+
+    WORK=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-load.XXXXXX")
+    chmod 755 "$WORK"
+    mkdir -p "$WORK/nginx-upstream-tmp" "$WORK/nginx-proxy-tmp"
+    log "work directory $WORK"
+    : >"$WORK/runs.tsv"
+    LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+
+    # Upstream (CPU 1), the other proxies (CPU 0), Redis (CPU 1).
+    UPSTREAM_PORT=$(free_port)
+    render "$HERE/nginx-upstream.conf" "$WORK/nginx-upstream.conf" TMP="$WORK" UPSTREAM_PORT="$UPSTREAM_PORT"
+    start_bg upstream "$LOAD_CPU" "$WORK/upstream.log" nginx -c "$WORK/nginx-upstream.conf" -p "$WORK"
+    wait_port "$UPSTREAM_PORT" 30 "${PID[upstream]}" || die "upstream nginx did not start: $(cat "$WORK/upstream.log" "$WORK/nginx-upstream.err" 2>/dev/null)"
+
+    PORT[nginx]=$(free_port)
+    render "$HERE/nginx-proxy.conf" "$WORK/nginx-proxy.conf" TMP="$WORK" PORT="${PORT[nginx]}" UPSTREAM_PORT="$UPSTREAM_PORT"
+    start_bg nginx "$PROXY_CPU" "$WORK/nginx.log" nginx -c "$WORK/nginx-proxy.conf" -p "$WORK"
+    wait_port "${PORT[nginx]}" 30 "${PID[nginx]}" || die "nginx proxy did not start"
+
+    PORT[haproxy]=$(free_port)
+    render "$HERE/haproxy.cfg" "$WORK/haproxy.cfg" TMP="$WORK" PORT="${PORT[haproxy]}" UPSTREAM_PORT="$UPSTREAM_PORT"
+    start_bg haproxy "$PROXY_CPU" "$WORK/haproxy.log" haproxy -db -f "$WORK/haproxy.cfg"
+    wait_port "${PORT[haproxy]}" 30 "${PID[haproxy]}" || die "haproxy did not start: $(tail -5 "$WORK/haproxy.log")"
+
+    REDIS_PORT=$(free_port)
+    start_bg redis "$LOAD_CPU" "$WORK/redis.log" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 \
+        --save "" --appendonly no --dir "$WORK" --daemonize no
+    wait_port "$REDIS_PORT" 30 "${PID[redis]}" || die "redis-server did not start"
+
+    # tollgate: four processes, so that each case has its own RSS and key store.
+    MASTER=$("$BIN" keygen --kind master)
+    CACHE_ENTRIES=$((KEYS + KEYS / 2 + 1000))
+    start_tollgate tg-public "$HERE/tollgate-embedded.toml" AUTH=public DB="$WORK/tg-public.db"
+    start_tollgate tg-keyed "$HERE/tollgate-embedded.toml" AUTH=required DB="$WORK/tg-keyed.db"
+    start_tollgate tg-1m "$HERE/tollgate-embedded.toml" AUTH=required DB="$WORK/tg-1m.db"
+    start_tollgate tg-redis "$HERE/tollgate-redis.toml" REDIS_PORT="$REDIS_PORT"
+
+    # One key (tg-keyed; nginx, haproxy and tg-public get the same header and ignore it).
+    local acct
+    acct=$(new_account tg-keyed) || die "cannot create an account on tg-keyed"
+    new_key tg-keyed "$acct" >"$WORK/keys-1.txt" || die "cannot create a key on tg-keyed"
+    acct=$(new_account tg-redis) || die "cannot create an account on tg-redis"
+    new_key tg-redis "$acct" >"$WORK/keys-redis.txt" || die "cannot create a key on tg-redis"
+    for name in nginx haproxy tg-public tg-keyed; do KEYFILE[$name]=$WORK/keys-1.txt; done
+    KEYFILE[tg-redis]=$WORK/keys-redis.txt
+
+    # The rotated keys: a first batch gives the rate; fewer keys when KEYS would exceed KEY_BUDGET.
+    acct=$(new_account tg-1m) || die "cannot create an account on tg-1m"
+    local keys="$WORK/keys-many.txt" t0 t1 made rate target batch
+    : >"$keys"
+    t0=$(date +%s.%N)
+    key_batch tg-1m "$acct" 5000 "$keys"
+    t1=$(date +%s.%N)
+    made=$(wc -l <"$keys")
+    ((made > 0)) || die "no keys created on tg-1m: $(tail -3 "$WORK/tg-1m.log")"
+    rate=$(awk -v n="$made" -v a="$t0" -v b="$t1" 'BEGIN { r = n / (b - a); printf "%.0f", (r < 1 ? 1 : r) }')
+    target=$KEYS
+    if ((KEYS / rate > KEY_BUDGET)); then
+        target=10000
+        for n in 1000000 500000 200000 100000 50000 20000; do
+            if ((n <= KEYS && n <= rate * KEY_BUDGET)); then target=$n; break; fi
+        done
+        log "key creation runs at ~$rate keys/s: $KEYS keys would take ~$((KEYS / rate)) s > KEY_BUDGET=$KEY_BUDGET s; creating $target"
+    else
+        log "key creation runs at ~$rate keys/s; creating $KEYS"
+    fi
+    while ((made < target)); do
+        batch=$((target - made))
+        ((batch > 50000)) && batch=50000
+        key_batch tg-1m "$acct" "$batch" "$keys"
+        made=$(wc -l <"$keys")
+        log "  $made / $target keys ($(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.0f", b - a }') s)"
+        if awk -v a="$t0" -v b="$(date +%s.%N)" -v lim="$((KEY_BUDGET * 3 / 2))" 'BEGIN { exit !(b - a > lim) }'; then
+            log "  key budget exceeded by half; going on with $made keys"
+            break
+        fi
+    done
+    KEY_SECONDS=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.0f", b - a }')
+    sort -u "$keys" -o "$keys"
+    NKEYS=$(wc -l <"$keys")
+    KEY_RATE=$(awk -v n="$NKEYS" -v s="$KEY_SECONDS" 'BEGIN { printf "%.0f", n / (s > 0 ? s : 1) }')
+    log "$NKEYS distinct keys in $KEY_SECONDS s (~$KEY_RATE keys/s)"
+    KEYFILE[tg-1m]=$keys
+    # Restart tg-1m so that its peak RSS is the serving one, not the admin API's, and its key
+    # cache starts cold like a fresh instance's.
+    stop_proc tg-1m
+    start_tollgate tg-1m "$HERE/tollgate-embedded.toml" AUTH=required DB="$WORK/tg-1m.db"
+
+    # Every contender answers 200 through to the upstream.
+    for name in "${CONTENDERS[@]}"; do
+        local code
+        code=$(curl -s -o /dev/null -w '%{http_code}' -H "X-API-Key: $(head -1 "${KEYFILE[$name]}")" "http://127.0.0.1:${PORT[$name]}/")
+        [[ $code == 200 ]] || die "$name answers $code instead of 200"
+    done
+
+    # The wrk rounds.
+    local round
+    ROUND_LOAD=()
+    for ((round = 1; round <= ROUNDS; round++)); do
+        ROUND_LOAD[round]=$(cut -d' ' -f1-3 /proc/loadavg)
+        log "round $round of $ROUNDS (load average ${ROUND_LOAD[round]})"
+        for name in "${CONTENDERS[@]}"; do measure "$round" "$name"; done
+    done
+    median_table >"$WORK/median.md"
+
+    # The fixed-rate runs at 25/50/75 % of nginx's median rate, interleaved per rate.
+    NGINX_RPS=$(get "$WORK/median.tsv" median nginx 3 | awk '{printf "%.0f", $1}')
+    : >"$WORK/fixed.tsv"
+    if [[ $FIXED_RATE_TOOL != none ]]; then
+        for pct in 25 50 75; do
+            local rate=$((NGINX_RPS * pct / 100))
+            for name in nginx haproxy tg-public tg-keyed; do
+                local res
+                res=$(fixed_rate "$name" "$rate")
+                printf '%s\t%s\t%s\t%s\n' "$pct" "$rate" "$name" "$res" >>"$WORK/fixed.tsv"
+                log "fixed rate $pct % ($rate/s) $(printf '%-9s' "$name") $(awk -F'\t' '{printf "achieved %.0f/s  p50 %.3f ms  p99 %.3f ms  errors %s", $1, $2, $3, $4}' <<<"$res")"
+            done
+        done
+    fi
+    LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+
+    report | tee "$RESULTS"
+    log "results written to $RESULTS"
+}
+
+report() {
+    local r
+    echo "# tollgate load benchmark, $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo
+    echo "Command: \`bash benches/load/run.sh\` (ROUNDS=$ROUNDS DURATION=${DURATION}s WARMUP=${WARMUP}s CONNS=$CONNS)."
+    echo "Machine: $(nproc) CPUs, $(lscpu | sed -n 's/^Model name: *//p' | head -1), kernel $(uname -r);"
+    echo "load average at start ${LOAD_START}, at end ${LOAD_END}."
+    echo "Tools: $(nginx -v 2>&1 | sed 's/.*version: //'), $(haproxy -v | head -1 | awk '{print "HAProxy " $3}'),"
+    echo "$(wrk -v 2>&1 | head -1 | awk '{print $1 " " $2}'), redis $(redis-server --version | sed 's/.* v=\([^ ]*\).*/\1/'), fixed rate: $FIXED_RATE_TOOL $( [[ $FIXED_RATE_TOOL == oha ]] && oha --version | awk '{print $2}')."
+    echo "Proxies pinned to CPU $PROXY_CPU; upstream nginx, redis-server and the load generator to CPU $LOAD_CPU."
+    echo "Load: \`wrk -t1 -c$CONNS -d${DURATION}s --latency -s benches/load/rotate.lua\` after a ${WARMUP}s warm-up, every contender, every round."
+    echo "tg-1m rotates $NKEYS distinct keys (created in ${KEY_SECONDS}s through the admin API, ~${KEY_RATE} keys/s)."
+    if ((NKEYS < KEYS)); then
+        echo "**Fewer than $KEYS keys**: creating them would have exceeded KEY_BUDGET=${KEY_BUDGET}s."
+    fi
+    echo
+    echo "CPU-0 µs/req: busy ticks of cpu0 in /proc/stat over the run ÷ requests (includes anything else"
+    echo "running on CPU 0). Proxy proc µs/req: utime+stime of the proxy's processes ÷ requests."
+    echo "Peak RSS: VmHWM of the proxy's processes (nginx: master + worker) after the run."
+    for ((r = 1; r <= ROUNDS; r++)); do
+        echo
+        echo "## Round $r (load average at start ${ROUND_LOAD[r]})"
+        echo
+        round_table "$r"
+    done
+    echo
+    echo "## Median of the $ROUNDS rounds (each column separately)"
+    echo
+    cat "$WORK/median.md"
+    echo
+    echo "## Fixed rate ($FIXED_RATE_TOOL, ${OHA_DURATION}s, -c$CONNS, latency correction; nginx's median rate $NGINX_RPS/s)"
+    echo
+    if [[ ! -s $WORK/fixed.tsv ]]; then
+        echo "Skipped: FIXED_RATE=0, or neither oha nor wrk2 is available."
+    else
+        echo "| % of nginx max | rate/s | contender | achieved/s | p50 ms | p99 ms | errors |"
+        echo "|---|---|---|---|---|---|---|"
+        awk -F'\t' '{ printf "| %s %% | %s | %s | %.0f | %.3f | %.3f | %s |\n", $1, $2, $3, $4, $5, $6, $7 }' "$WORK/fixed.tsv"
+    fi
+    echo
+    echo "## Ratios (targets from the issue)"
+    echo
+    ratios_table
+    if [[ -s $WORK/fixed.tsv ]]; then
+        local pct k n v
+        for pct in 25 50 75; do
+            k=$(awk -F'\t' -v p="$pct" '$1 == p && $3 == "tg-keyed" {print $6}' "$WORK/fixed.tsv")
+            n=$(awk -F'\t' -v p="$pct" '$1 == p && $3 == "nginx" {print $6}' "$WORK/fixed.tsv")
+            v=$(ratio "$k" "$n")
+            echo "| tg-keyed p99 ÷ nginx p99 at $pct % of nginx max ($FIXED_RATE_TOOL) |$(for ((r = 1; r <= ROUNDS; r++)); do printf ' |'; done) **$v** | <= 1.0 | $(verdict "$v" "<=" 1.0) |"
+        done
+    fi
+}
+
+main "$@"
