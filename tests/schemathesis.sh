@@ -37,7 +37,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 cargo build --quiet --bin tollgate
-bin="$root/target/debug/tollgate"
+bin="${CARGO_TARGET_DIR:-$root/target}/debug/tollgate"
 
 # Two free ports, chosen by the kernel.
 read -r proxy_port admin_port < <(python3 - <<'EOF'
