@@ -65,6 +65,8 @@ const KEY_LAST_USED: TableDefinition<&str, i64> = TableDefinition::new("key_last
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 const MASTER_KEY_HASH: &str = "master_key_hash";
+/// redb's page cache.
+const CACHE_BYTES: usize = 64 * 1024 * 1024;
 const USAGE_BYTES: usize = 48;
 
 /// The [`Store`] on a local redb file. Cheap to share: it holds the database behind an [`Arc`].
@@ -88,9 +90,14 @@ impl EmbeddedStore {
                 ))
             })?;
         }
-        let db = Database::create(path).map_err(|e| {
-            StoreError::Unavailable(format!("cannot open database {}: {e}", path.display()))
-        })?;
+        // redb's default page cache is 1 GiB, which a gateway fills with key records it also
+        // holds in its own key cache; 64 MiB keeps the hot pages of indexes and usage.
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| {
+                StoreError::Unavailable(format!("cannot open database {}: {e}", path.display()))
+            })?;
         write_txn(&db, |txn| {
             txn.open_table(ACCOUNTS).map_err(db_err)?;
             txn.open_table(KEYS).map_err(db_err)?;
