@@ -253,6 +253,11 @@ impl KeyCache {
             Slot::Found { fresh_until, .. } => now < *fresh_until + STALE_KEEP,
             Slot::Missing { until } => now < *until,
         });
+        // Leases of keys no longer cached: their unspent tokens only ever make the fleet admit
+        // less, never more.
+        if let Some(shared) = &self.shared {
+            shared.prune_unused();
+        }
     }
 
     async fn load(&self, hash: &KeyHash) -> Loaded {
