@@ -86,13 +86,7 @@ pub fn upstream_request_headers(
     fwd: &Forwarding<'_>,
     identity: Option<&IdentityValues>,
 ) -> HeaderMap {
-    let connection_named: Vec<HeaderName> = incoming
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
+    let connection_named = connection_listed(&incoming);
     let mut out = HeaderMap::with_capacity(incoming.len() + 8);
     let mut prior_xff: Option<HeaderValue> = None;
     let mut current: Option<HeaderName> = None;
@@ -151,14 +145,7 @@ pub fn upstream_request_headers(
 
 /// Removes hop-by-hop headers from an upstream response.
 pub fn clean_response_headers(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
+    for name in connection_listed(headers) {
         headers.remove(name);
     }
     for name in [
@@ -211,6 +198,17 @@ pub fn add_limit_headers(
             headers.insert(X_REMAINING[i].clone(), HeaderValue::from(w.remaining));
         }
     }
+}
+
+/// The headers that `Connection` names: hop-by-hop for this message.
+fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect()
 }
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {

@@ -542,7 +542,7 @@ impl Store for EmbeddedStore {
                     return Ok(());
                 }
                 if let Some(needle) = &search {
-                    if !audit_matches(&entry, needle) {
+                    if !entry.matches(needle) {
                         return Ok(());
                     }
                 }
@@ -836,28 +836,10 @@ where
 
 /// The entry's JSON with its `account_id`, which the record's own serialization skips.
 fn encode_audit(entry: &AuditEntry) -> Result<Vec<u8>, StoreError> {
-    let mut value = serde_json::to_value(entry)
+    let value = entry
+        .stored_json()
         .map_err(|e| StoreError::Corrupt(format!("cannot encode: {e}")))?;
-    if let (Some(object), Some(account_id)) = (value.as_object_mut(), &entry.account_id) {
-        object.insert(
-            "account_id".to_owned(),
-            serde_json::Value::String(account_id.clone()),
-        );
-    }
     encode(&value)
-}
-
-/// Case-insensitive substring match over the searchable fields; `needle` is lowercase.
-fn audit_matches(entry: &AuditEntry, needle: &str) -> bool {
-    [
-        entry.action.as_str(),
-        entry.target_type.as_str(),
-        entry.target_id.as_str(),
-        entry.actor_id.as_str(),
-    ]
-    .iter()
-    .any(|field| field.to_lowercase().contains(needle))
-        || entry.detail.to_string().to_lowercase().contains(needle)
 }
 
 /// The range of `(account_id, _)` keys starts here; callers stop at the first other account.

@@ -329,6 +329,37 @@ fn empty_object() -> serde_json::Value {
     serde_json::Value::Object(serde_json::Map::new())
 }
 
+// === impl AuditEntry ===
+
+impl AuditEntry {
+    /// The entry as stores keep it: its API JSON plus the `account_id` that the API's
+    /// serialization leaves out.
+    pub fn stored_json(&self) -> Result<serde_json::Value, serde_json::Error> {
+        let mut value = serde_json::to_value(self)?;
+        if let (Some(object), Some(account_id)) = (value.as_object_mut(), &self.account_id) {
+            object.insert(
+                "account_id".to_owned(),
+                serde_json::Value::String(account_id.clone()),
+            );
+        }
+        Ok(value)
+    }
+
+    /// Case-insensitive substring match of `needle` (lowercase) over action, target, actor and
+    /// detail: the audit log's `search`.
+    pub fn matches(&self, needle: &str) -> bool {
+        [
+            self.action.as_str(),
+            self.target_type.as_str(),
+            self.target_id.as_str(),
+            self.actor_id.as_str(),
+        ]
+        .iter()
+        .any(|field| field.to_lowercase().contains(needle))
+            || self.detail.to_string().to_lowercase().contains(needle)
+    }
+}
+
 // === impl UsageCounts ===
 
 impl UsageCounts {

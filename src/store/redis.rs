@@ -721,7 +721,7 @@ impl Store for RedisStore {
             }
             if search
                 .as_deref()
-                .is_some_and(|needle| !audit_matches(&entry, needle))
+                .is_some_and(|needle| !entry.matches(needle))
             {
                 continue;
             }
@@ -993,28 +993,10 @@ fn unexpected(method: &str, reply: &[String]) -> StoreError {
 
 /// The entry's JSON with its `account_id`, which the record's own serialization skips.
 fn encode_audit(entry: &AuditEntry) -> Result<String, StoreError> {
-    let mut value = serde_json::to_value(entry)
+    let value = entry
+        .stored_json()
         .map_err(|e| StoreError::Corrupt(format!("cannot encode: {e}")))?;
-    if let (Some(object), Some(account_id)) = (value.as_object_mut(), &entry.account_id) {
-        object.insert(
-            "account_id".to_owned(),
-            serde_json::Value::String(account_id.clone()),
-        );
-    }
     to_json(&value)
-}
-
-/// Case-insensitive substring match over the searchable fields; `needle` is lowercase.
-fn audit_matches(entry: &AuditEntry, needle: &str) -> bool {
-    [
-        entry.action.as_str(),
-        entry.target_type.as_str(),
-        entry.target_id.as_str(),
-        entry.actor_id.as_str(),
-    ]
-    .iter()
-    .any(|field| field.to_lowercase().contains(needle))
-        || entry.detail.to_string().to_lowercase().contains(needle)
 }
 
 /// Counters as Redis integers (signed 64-bit), saturating.
