@@ -7,7 +7,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
+#[path = "support/records.rs"]
+mod records;
+
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::Method;
 use tollgate::auth::cache::{Cached, KeyCache, Lookup};
@@ -18,7 +20,7 @@ use tollgate::limits::Limiters;
 use tollgate::metering::{Meter, Outcome, WallClock};
 use tollgate::metrics::Metrics;
 use tollgate::store::embedded::EmbeddedStore;
-use tollgate::store::{AccountRecord, KeyRecord, KeyType, RateLimitSpec, SharedStore};
+use tollgate::store::{RateLimitSpec, SharedStore};
 
 const BIG: RateLimitSpec = RateLimitSpec {
     per_minute: Some(1_000_000_000),
@@ -55,48 +57,13 @@ fn fixture(keys: usize) -> Fixture {
         .enable_all()
         .build()
         .expect("runtime");
-    let now = Utc::now();
-    let account = AccountRecord {
-        id: "acc_bench".into(),
-        name: "bench".into(),
-        auth_method: Default::default(),
-        rate_limit: None,
-        network_policy: Default::default(),
-        permissions: None,
-        plan: Default::default(),
-        active: true,
-        shared_rate_limit: None,
-        created_at: now,
-        updated_at: now,
-    };
+    let account = records::account("acc_bench");
     let mut raws = Vec::with_capacity(keys);
     rt.block_on(async {
         store.create_account(&account).await.expect("account");
         for i in 0..keys {
             let raw = credential::generate(Kind::Secret);
-            let key = KeyRecord {
-                id: format!("key_{i}"),
-                account_id: account.id.clone(),
-                name: format!("k{i}"),
-                key_type: KeyType::Secret,
-                hash: KeyHash::of(&raw),
-                prefix: credential::display_prefix(&raw),
-                preview: credential::preview(&raw),
-                scopes: None,
-                allowed_origins: vec![],
-                allowed_ips: vec![],
-                rate_limit: None,
-                expires_at: None,
-                lifetime_secs: None,
-                active: true,
-                protected: false,
-                metadata: serde_json::json!({}),
-                remaining: None,
-                external_id: None,
-                imported: false,
-                created_at: now,
-                updated_at: now,
-            };
+            let key = records::secret_key(i, &account.id, &raw);
             store.create_key(&key).await.expect("key");
             assert!(matches!(cache.get(&key.hash).await, Lookup::Found(_)));
             raws.push(raw);

@@ -8,15 +8,17 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+#[path = "support/records.rs"]
+mod records;
+
 use tollgate::auth::cache::{KeyCache, Lookup};
 use tollgate::config::{CacheSettings, OnStoreError};
-use tollgate::credential::{self, KeyHash, Kind};
+use tollgate::credential::{self, Kind};
 use tollgate::limits::Limiters;
 use tollgate::metering::{Meter, WallClock};
 use tollgate::metrics::Metrics;
 use tollgate::store::redis::RedisStore;
-use tollgate::store::{AccountRecord, KeyRecord, KeyType, RateLimitSpec, SharedStore};
+use tollgate::store::{RateLimitSpec, SharedStore};
 
 const KEYS: usize = 5_000;
 
@@ -70,47 +72,12 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let store: SharedStore = Arc::new(store.expect("redis up"));
-        let now = Utc::now();
-        let account = AccountRecord {
-            id: "acc_bench".into(),
-            name: "bench".into(),
-            auth_method: Default::default(),
-            rate_limit: None,
-            network_policy: Default::default(),
-            permissions: None,
-            plan: Default::default(),
-            active: true,
-            shared_rate_limit: None,
-            created_at: now,
-            updated_at: now,
-        };
+        let account = records::account("acc_bench");
         store.create_account(&account).await.expect("account");
         let mut hashes = Vec::with_capacity(KEYS);
         for i in 0..KEYS {
             let raw = credential::generate(Kind::Secret);
-            let key = KeyRecord {
-                id: format!("key_{i}"),
-                account_id: account.id.clone(),
-                name: format!("k{i}"),
-                key_type: KeyType::Secret,
-                hash: KeyHash::of(&raw),
-                prefix: credential::display_prefix(&raw),
-                preview: credential::preview(&raw),
-                scopes: None,
-                allowed_origins: vec![],
-                allowed_ips: vec![],
-                rate_limit: None,
-                expires_at: None,
-                lifetime_secs: None,
-                active: true,
-                protected: false,
-                metadata: serde_json::json!({}),
-                remaining: None,
-                external_id: None,
-                imported: false,
-                created_at: now,
-                updated_at: now,
-            };
+            let key = records::secret_key(i, &account.id, &raw);
             store.create_key(&key).await.expect("key");
             hashes.push(key.hash);
         }

@@ -3,7 +3,8 @@
 //! [`authorize`] runs the contract's checks in order — key state and expiry, account state, auth
 //! method, client IP, origin (publishable keys), method (publishable keys), scope, rate limits —
 //! on a [`CachedKey`] and returns a [`Permit`] or the first [`Refusal`]. It is synchronous and
-//! does no I/O, so the proxy and a future verify endpoint call the very same function.
+//! does no I/O; [`decide`] wraps it with the one wait global limits may need (an empty lease),
+//! and is what the proxy and a future verify endpoint call.
 //! [`cache::KeyCache`] finds the `CachedKey` for a presented credential.
 
 pub mod cache;
@@ -17,7 +18,7 @@ use ipnet::IpNet;
 
 use crate::config::RouteScopes;
 use crate::limits::global::Shortfall;
-use crate::limits::{KeyLimits, LimitSnapshot};
+use crate::limits::{KeyLimits, LimitSnapshot, Window};
 use crate::metering::UsageCell;
 use crate::policy;
 use crate::refusal::Refusal;
@@ -88,9 +89,9 @@ pub struct RequestFacts<'a> {
 }
 
 /// A request that passed every check, with what the limit headers need.
-pub struct Permit {
+pub struct Permit<'a> {
     /// The key.
-    pub key: Arc<CachedKey>,
+    pub key: &'a CachedKey,
     /// The windows after spending this request.
     pub limits: LimitSnapshot,
 }
@@ -105,14 +106,11 @@ pub enum Denial {
 }
 
 /// The decision: every check in the contract's order, synchronously and without I/O.
-pub fn authorize(key: &Arc<CachedKey>, facts: &RequestFacts<'_>) -> Result<Permit, Denial> {
+pub fn authorize<'a>(key: &'a CachedKey, facts: &RequestFacts<'_>) -> Result<Permit<'a>, Denial> {
     check_state(key, facts.now_ms).map_err(|r| Denial::Refused(r, None))?;
     check_network(key, facts).map_err(|r| Denial::Refused(r, None))?;
     match key.limiter.check(facts.now_ms) {
-        Ok(limits) => Ok(Permit {
-            key: Arc::clone(key),
-            limits,
-        }),
+        Ok(limits) => Ok(Permit { key, limits }),
         Err(Shortfall::Exhausted(exhausted)) => Err(Denial::Refused(
             Refusal::RateLimited {
                 window: exhausted.window,
@@ -122,6 +120,31 @@ pub fn authorize(key: &Arc<CachedKey>, facts: &RequestFacts<'_>) -> Result<Permi
         )),
         Err(Shortfall::StoreDown) => Err(Denial::Refused(Refusal::StoreUnavailable, None)),
         Err(Shortfall::NeedsLease) => Err(Denial::NeedsLease),
+    }
+}
+
+/// [`authorize`], with the one wait it may need: under global limits an empty lease costs one
+/// store round trip, then the same decision again. A second empty lease means other requests
+/// took the refill; the request is refused for a second, with the windows as they stand.
+pub async fn decide<'a>(
+    key: &'a CachedKey,
+    facts: &RequestFacts<'_>,
+) -> Result<Permit<'a>, (Refusal, Option<LimitSnapshot>)> {
+    let mut decision = authorize(key, facts);
+    if decision.as_ref().err() == Some(&Denial::NeedsLease) {
+        key.limiter.refill(facts.now_ms).await;
+        decision = authorize(key, facts);
+    }
+    match decision {
+        Ok(permit) => Ok(permit),
+        Err(Denial::Refused(refusal, limits)) => Err((refusal, limits)),
+        Err(Denial::NeedsLease) => Err((
+            Refusal::RateLimited {
+                window: Window::Minute,
+                retry_after: 1,
+            },
+            Some(key.limiter.peek(facts.now_ms)),
+        )),
     }
 }
 

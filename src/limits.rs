@@ -191,11 +191,6 @@ impl<C: Clock + Clone> KeyLimiter<C> {
         }
     }
 
-    /// The limits these buckets enforce.
-    pub fn quotas(&self) -> Quotas {
-        self.quotas
-    }
-
     /// Spends one request from every window, shortest first, stopping at the first that has no
     /// room. A request refused by a longer window has still spent from the shorter ones.
     pub fn check(&self) -> Result<LimitSnapshot, Exhausted> {
@@ -384,11 +379,6 @@ impl<C: Clock + Clone> Limiters<C> {
     /// The key's limiter, if it has one (it has been used since start-up).
     pub fn get(&self, key_id: &str) -> Option<Arc<KeyLimiter<C>>> {
         self.by_key.get(key_id).map(|l| Arc::clone(&l))
-    }
-
-    /// Drops a key's limiter (key deleted).
-    pub fn remove(&self, key_id: &str) {
-        self.by_key.remove(key_id);
     }
 
     /// Number of keys with limiters.

@@ -137,7 +137,8 @@ impl UsageCell {
                 state.last_ms = now_ms;
             }
         }
-        if !self.dirty.swap(true, Ordering::SeqCst) {
+        // Read first: a cell already queued costs its busy requests no write to a shared line.
+        if !self.dirty.load(Ordering::SeqCst) && !self.dirty.swap(true, Ordering::SeqCst) {
             // A send fails only when the meter is gone (shutdown); the counts stay in the cell.
             let _ = self.queue.send(Arc::clone(self));
         }

@@ -26,10 +26,10 @@ use ipnet::IpNet;
 use tokio::time::Instant;
 
 use crate::auth::cache::{KeyCache, Lookup};
-use crate::auth::{self, extract, CachedKey, Denial, RequestFacts};
+use crate::auth::{self, extract, CachedKey, RequestFacts};
 use crate::config::{RouteAuth, Settings};
 use crate::credential::{self, KeyHash, Kind};
-use crate::limits::{LimitSnapshot, Window};
+use crate::limits::LimitSnapshot;
 use crate::metering::{Meter, Outcome};
 use crate::metrics::Metrics;
 use crate::policy;
@@ -132,25 +132,10 @@ impl Proxy {
             scopes: &route.scopes,
             now_ms,
         };
-        let mut decision = auth::authorize(&identified.key, &facts);
-        // Global limits only: an empty lease costs one store round trip, then the same decision
-        // again. A second empty lease means other requests took the refill: give up for now.
-        if decision.as_ref().err() == Some(&Denial::NeedsLease) {
-            identified.key.limiter.refill(now_ms).await;
-            decision = auth::authorize(&identified.key, &facts);
-        }
-        let permit = match decision {
+        let permit = match auth::decide(&identified.key, &facts).await {
             Ok(permit) => permit,
-            Err(Denial::Refused(refusal, limits)) => {
+            Err((refusal, limits)) => {
                 return self.refuse(&route.name, refusal, Some(&identified), limits.as_ref());
-            }
-            Err(Denial::NeedsLease) => {
-                let busy = Refusal::RateLimited {
-                    window: Window::Minute,
-                    retry_after: 1,
-                };
-                let limits = identified.key.limiter.peek(now_ms);
-                return self.refuse(&route.name, busy, Some(&identified), Some(&limits));
             }
         };
         let mut response = self
@@ -193,9 +178,8 @@ impl Proxy {
             .get_all("x-forwarded-for")
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .collect::<Vec<_>>();
-        policy::client_ip(peer.ip(), xff.into_iter(), &self.trusted_proxies)
+            .flat_map(|v| v.split(','));
+        policy::client_ip(peer.ip(), xff, &self.trusted_proxies)
     }
 
     async fn forward(

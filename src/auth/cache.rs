@@ -175,12 +175,6 @@ impl KeyCache {
         self.publish(Invalidation::Account(account_id.to_owned()));
     }
 
-    /// Drops everything, here and on every other instance.
-    pub fn invalidate_all(&self) {
-        self.drop_all();
-        self.publish(Invalidation::All);
-    }
-
     /// Applies an invalidation that arrived from the store's channel (this instance's own
     /// included), without publishing it again.
     pub fn apply(&self, event: &InvalidationEvent) {

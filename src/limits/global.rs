@@ -219,11 +219,6 @@ impl GlobalLimiter {
         }
         snapshot
     }
-
-    /// The limits these leases enforce.
-    pub fn quotas(&self) -> Quotas {
-        self.quotas
-    }
 }
 
 // === impl SharedLimiters ===

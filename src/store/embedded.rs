@@ -129,7 +129,29 @@ impl EmbeddedStore {
         })
     }
 
-    /// The database file's path.
+    /// Writes an account that must (`exists`) or must not already be there.
+    async fn put_account(&self, account: &AccountRecord, exists: bool) -> Result<(), StoreError> {
+        let account = account.clone();
+        self.write(move |txn| {
+            let mut accounts = txn.open_table(ACCOUNTS).map_err(db_err)?;
+            match (
+                accounts.get(account.id.as_str()).map_err(db_err)?.is_some(),
+                exists,
+            ) {
+                (true, false) => return Err(StoreError::AlreadyExists),
+                (false, true) => return Err(StoreError::NotFound),
+                _ => {}
+            }
+            let bytes = encode(&account)?;
+            accounts
+                .insert(account.id.as_str(), bytes.as_slice())
+                .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -206,14 +228,10 @@ impl Store for EmbeddedStore {
                 return Ok(None);
             };
             let sites = txn.open_table(SITES).map_err(db_err)?;
-            let mut site_origins = Vec::new();
-            for item in sites.range(prefix_range(&account.id)).map_err(db_err)? {
-                let (k, value) = item.map_err(db_err)?;
-                if k.value().0 != account.id {
-                    break;
-                }
-                site_origins.push(decode::<SiteRecord>(value.value(), "site")?.name);
-            }
+            let site_origins = account_sites(&sites, &account.id)?
+                .into_iter()
+                .map(|site| site.name)
+                .collect();
             Ok(Some(KeyLookup {
                 key,
                 account,
@@ -224,19 +242,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn create_account(&self, account: &AccountRecord) -> Result<(), StoreError> {
-        let account = account.clone();
-        self.write(move |txn| {
-            let mut accounts = txn.open_table(ACCOUNTS).map_err(db_err)?;
-            if accounts.get(account.id.as_str()).map_err(db_err)?.is_some() {
-                return Err(StoreError::AlreadyExists);
-            }
-            let bytes = encode(&account)?;
-            accounts
-                .insert(account.id.as_str(), bytes.as_slice())
-                .map_err(db_err)?;
-            Ok(())
-        })
-        .await
+        self.put_account(account, false).await
     }
 
     async fn get_account(&self, id: &str) -> Result<Option<AccountRecord>, StoreError> {
@@ -263,19 +269,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn update_account(&self, account: &AccountRecord) -> Result<(), StoreError> {
-        let account = account.clone();
-        self.write(move |txn| {
-            let mut accounts = txn.open_table(ACCOUNTS).map_err(db_err)?;
-            if accounts.get(account.id.as_str()).map_err(db_err)?.is_none() {
-                return Err(StoreError::NotFound);
-            }
-            let bytes = encode(&account)?;
-            accounts
-                .insert(account.id.as_str(), bytes.as_slice())
-                .map_err(db_err)?;
-            Ok(())
-        })
-        .await
+        self.put_account(account, true).await
     }
 
     async fn delete_account(&self, id: &str) -> Result<Vec<KeyRecord>, StoreError> {
@@ -446,20 +440,11 @@ impl Store for EmbeddedStore {
         let site = site.clone();
         self.write(move |txn| {
             let mut sites = txn.open_table(SITES).map_err(db_err)?;
-            for item in sites
-                .range(prefix_range(&site.account_id))
-                .map_err(db_err)?
+            if account_sites(&sites, &site.account_id)?
+                .iter()
+                .any(|s| s.id == site.id || s.name == site.name)
             {
-                let (key, value) = item.map_err(db_err)?;
-                let (account_id, site_id) = key.value();
-                if account_id != site.account_id {
-                    break;
-                }
-                if site_id == site.id
-                    || decode::<SiteRecord>(value.value(), "site")?.name == site.name
-                {
-                    return Err(StoreError::AlreadyExists);
-                }
+                return Err(StoreError::AlreadyExists);
             }
             let bytes = encode(&site)?;
             sites
@@ -477,16 +462,7 @@ impl Store for EmbeddedStore {
         let account_id = account_id.to_owned();
         self.read(move |txn| {
             let sites = txn.open_table(SITES).map_err(db_err)?;
-            let mut out = Vec::new();
-            for item in sites.range(prefix_range(&account_id)).map_err(db_err)? {
-                let (key, value) = item.map_err(db_err)?;
-                if key.value().0 != account_id {
-                    break;
-                }
-                out.push(decode::<SiteRecord>(value.value(), "site")?);
-            }
-            out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-            Ok(out)
+            account_sites(&sites, &account_id)
         })
         .await
     }
@@ -845,6 +821,23 @@ fn encode_audit(entry: &AuditEntry) -> Result<Vec<u8>, StoreError> {
 /// The range of `(account_id, _)` keys starts here; callers stop at the first other account.
 fn prefix_range(account_id: &str) -> std::ops::RangeFrom<(&str, &str)> {
     (account_id, "")..
+}
+
+/// An account's sites, oldest first.
+fn account_sites(
+    sites: &impl ReadableTable<(&'static str, &'static str), &'static [u8]>,
+    account_id: &str,
+) -> Result<Vec<SiteRecord>, StoreError> {
+    let mut out = Vec::new();
+    for item in sites.range(prefix_range(account_id)).map_err(db_err)? {
+        let (key, value) = item.map_err(db_err)?;
+        if key.value().0 != account_id {
+            break;
+        }
+        out.push(decode::<SiteRecord>(value.value(), "site")?);
+    }
+    out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+    Ok(out)
 }
 
 /// The ids of an account's keys, from the `account_keys` index.
