@@ -75,8 +75,13 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     /// A master key generated at this start (no key was configured or stored); show it once.
     pub generated_master_key: Option<String>,
-    shutdown: watch::Sender<bool>,
-    tasks: JoinSet<()>,
+    /// Stops the listeners (phase one of a shutdown).
+    stop_serving: watch::Sender<bool>,
+    /// The listeners: they drain in-flight requests before they end.
+    serving: JoinSet<()>,
+    /// Stops the flusher and the other background tasks (phase two, after the drain).
+    stop_background: watch::Sender<bool>,
+    background: JoinSet<()>,
 }
 
 /// Opens the store, binds both listeners and starts serving.
@@ -138,8 +143,12 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
         max_header_bytes: MAX_HEADER_BYTES,
         drain: DRAIN,
     };
-    let (shutdown, signal) = watch::channel(false);
-    let mut tasks = JoinSet::new();
+    // Two phases: the listeners stop and drain first, so that requests finishing during the
+    // drain are still counted by the flusher's final write.
+    let (stop_serving, signal) = watch::channel(false);
+    let (stop_background, background_signal) = watch::channel(false);
+    let mut serving = JoinSet::new();
+    let mut background = JoinSet::new();
     // With `expose_account_api`, `/v1/account` and `/v1/account/…` on the proxy listener go to
     // the admin router (the operator's `/v1/accounts` never does); everything else is proxied.
     // The choice is made here so that `proxy` and `admin` stay independent of each other.
@@ -147,7 +156,7 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
         .proxy
         .expose_account_api
         .then(|| admin_router.clone());
-    tasks.spawn(listener::serve(
+    serving.spawn(listener::serve(
         proxy_listener,
         move |req: http::Request<hyper::body::Incoming>, peer| {
             let proxy = Arc::clone(&proxy);
@@ -165,16 +174,17 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
         Some(metrics.connections_open.clone()),
         signal.clone(),
     ));
-    tasks.spawn(listener::serve(
+    serving.spawn(listener::serve(
         admin_listener,
         move |req: http::Request<hyper::body::Incoming>, peer| {
             call_admin(admin_router.clone(), req, peer)
         },
         limits,
         None,
-        signal.clone(),
+        signal,
     ));
-    tasks.spawn(flusher::run(
+    let signal = background_signal;
+    background.spawn(flusher::run(
         Arc::clone(&meter),
         Arc::clone(&store),
         Arc::clone(&metrics),
@@ -184,7 +194,7 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
     ));
     // Shared stores tell every instance about changes made through any of them.
     if let Some(events) = store.subscribe_invalidations().await {
-        tasks.spawn(follow_invalidations(
+        background.spawn(follow_invalidations(
             Arc::clone(&cache),
             events,
             signal.clone(),
@@ -198,14 +208,16 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
         metrics,
         metering: settings.metering,
     };
-    tasks.spawn(sweep(cleanup, signal));
+    background.spawn(sweep(cleanup, signal));
     tracing::info!(%proxy_addr, %admin_addr, routes = settings.routes.len(), "tollgate is serving");
     Ok(Running {
         proxy_addr,
         admin_addr,
         generated_master_key: master.generated,
-        shutdown,
-        tasks,
+        stop_serving,
+        serving,
+        stop_background,
+        background,
     })
 }
 
@@ -215,13 +227,19 @@ impl Running {
     /// Stops accepting, lets in-flight requests finish (bounded), flushes usage, and returns when
     /// every task has ended and the store is closed.
     pub async fn shutdown(mut self) {
-        let _ = self.shutdown.send(true);
-        while let Some(result) = self.tasks.join_next().await {
-            if let Err(e) = result {
-                tracing::error!(error = %e, "a task failed during shutdown");
-            }
-        }
+        let _ = self.stop_serving.send(true);
+        join_all(&mut self.serving).await;
+        let _ = self.stop_background.send(true);
+        join_all(&mut self.background).await;
         tracing::info!("tollgate stopped");
+    }
+}
+
+async fn join_all(tasks: &mut JoinSet<()>) {
+    while let Some(result) = tasks.join_next().await {
+        if let Err(e) = result {
+            tracing::error!(error = %e, "a task failed during shutdown");
+        }
     }
 }
 

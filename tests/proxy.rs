@@ -17,6 +17,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tollgate::credential::{self, FormatError, Kind};
+use tollgate::store::embedded::EmbeddedStore;
 
 use common::gateway::Gateway;
 use common::upstream::{pattern_byte, Upstream};
@@ -938,6 +939,7 @@ async fn shutdown_lets_an_in_flight_request_finish() {
         "the request did not reach the upstream"
     );
     let proxy_url = gw.proxy_url("/things");
+    let store_path = gw.store_path();
 
     let stopping = tokio::spawn(gw.stop());
     let response = in_flight
@@ -947,11 +949,38 @@ async fn shutdown_lets_an_in_flight_request_finish() {
 
     let echo = expect_echo(response).await;
     assert_eq!(echo["path"], "/long/slow?ms=500");
-    stopping.await.unwrap();
+    let _dir = stopping.await.unwrap();
     assert!(
         client.get(&proxy_url).send().await.is_err(),
         "still accepting after stop"
     );
+    // The request finished during the drain; the final flush comes after it, so it counts.
+    let store = EmbeddedStore::open(&store_path).expect("reopen the store");
+    let (requests, success) = minute_totals(&store).await;
+    assert_eq!((requests, success), (1, 1));
+}
+
+/// Sums of every key's minute buckets around now: (requests, success).
+async fn minute_totals(store: &EmbeddedStore) -> (u64, u64) {
+    use tollgate::store::Store;
+    let now_minute = chrono::Utc::now().timestamp() / 60;
+    let mut totals = (0, 0);
+    for account in store.list_accounts().await.expect("accounts") {
+        for key in store.list_keys(&account.id).await.expect("keys") {
+            let buckets = store
+                .key_usage(
+                    &key.id,
+                    tollgate::store::Granularity::Minute,
+                    now_minute - 5,
+                    now_minute + 2,
+                )
+                .await
+                .expect("usage");
+            totals.0 += buckets.iter().map(|(_, c)| c.requests).sum::<u64>();
+            totals.1 += buckets.iter().map(|(_, c)| c.success).sum::<u64>();
+        }
+    }
+    totals
 }
 
 #[tokio::test]
@@ -978,7 +1007,6 @@ async fn a_client_too_slow_to_send_its_request_head_is_disconnected() {
 
 #[tokio::test]
 async fn usage_of_every_identified_request_is_in_the_store_after_shutdown() {
-    use tollgate::store::embedded::EmbeddedStore;
     use tollgate::store::Store;
     let upstream = Upstream::start().await;
     let gw = Gateway::start(&upstream).await;
