@@ -12,6 +12,7 @@
 pub mod body;
 pub mod forward;
 pub mod headers;
+pub mod pool;
 pub mod route;
 
 use std::net::SocketAddr;
@@ -22,6 +23,8 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
 use tokio::time::Instant;
 
@@ -36,6 +39,7 @@ use crate::policy;
 use crate::refusal::Refusal;
 use body::{RequestBody, ResponseBody, UsageSink};
 use headers::{Forwarding, IdentityNames};
+use pool::Pool;
 use route::{Route, RouteTable};
 
 /// What the proxy answers with: the upstream's streamed body, or one of ours.
@@ -69,12 +73,14 @@ impl Proxy {
         meter: Arc<Meter>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, http::header::InvalidHeaderName> {
+        let mut pool = Pool::new();
+        let routes = RouteTable::new(&settings.routes, &metrics, &mut pool);
         Ok(Proxy {
-            routes: RouteTable::new(&settings.routes, &metrics),
+            routes,
             cache,
             meter,
             metrics,
-            upstreams: forward::Upstreams::new(),
+            upstreams: forward::Upstreams::new(pool),
             names: IdentityNames::new(&settings.identity.header_prefix)?,
             trusted_proxies: settings.proxy.trusted_proxies.clone(),
             max_body_bytes: settings.proxy.max_body_bytes,
@@ -199,10 +205,14 @@ impl Proxy {
         if declared.is_some_and(|n| n > self.max_body_bytes) {
             return self.refuse(&route.name, Refusal::BodyTooLarge, identified, None);
         }
-        let (parts, body) = req.into_parts();
-        let Ok(uri) = forward::upstream_uri(route, parts.uri.path_and_query()) else {
+        let (mut parts, body) = req.into_parts();
+        let target = route.target();
+        let Ok(uri) = forward::upstream_uri(route, target, parts.uri.path_and_query()) else {
             return self.refuse(&route.name, Refusal::NoRoute, identified, None);
         };
+        // WebSocket and other upgrades: the client's side of the tunnel, once upstream agrees.
+        let upgrade = headers::requested_upgrade(&parts.headers)
+            .map(|protocol| (protocol, parts.extensions.remove::<OnUpgrade>()));
         let peer_trusted = policy::ip_in(&self.trusted_proxies, peer.ip());
         let fwd = Forwarding {
             peer: policy::canonical(peer.ip()),
@@ -210,12 +220,16 @@ impl Proxy {
             host,
             credential: key.map(|(_, source)| source),
         };
-        let upstream_headers = headers::upstream_request_headers(
+        let mut upstream_headers = headers::upstream_request_headers(
             parts.headers,
             &self.names,
             &fwd,
             identified.map(|i| &i.key.identity),
         );
+        upstream_headers.insert(header::HOST, target.host.clone());
+        if let Some((protocol, _)) = &upgrade {
+            headers::ask_upgrade(&mut upstream_headers, protocol.clone());
+        }
         let sink = |i: &Identified| UsageSink {
             cell: Arc::clone(&i.key.usage),
             clock: self.meter.clock().clone(),
@@ -229,25 +243,43 @@ impl Proxy {
         *upstream_req.uri_mut() = uri;
         *upstream_req.headers_mut() = upstream_headers;
         let sent = Instant::now();
-        match self.upstreams.send(route, upstream_req).await {
-            Ok(response) => {
-                self.metrics
-                    .upstream_duration
-                    .observe(sent.elapsed().as_secs_f64());
-                let status = response.status().as_u16();
-                route.counters.inc(status);
-                if let Some(i) = identified {
-                    i.key.usage.record(i.now_ms, Outcome { status });
+        let answer = match self.upstreams.send(route, target, upstream_req).await {
+            Ok(answer) => answer,
+            Err(refusal) => return self.refuse(&route.name, refusal, identified, None),
+        };
+        let forward::Answer { mut response, conn } = answer;
+        self.metrics
+            .upstream_duration
+            .observe(sent.elapsed().as_secs_f64());
+        let status = response.status();
+        let switching = status == http::StatusCode::SWITCHING_PROTOCOLS;
+        if switching {
+            match upgrade {
+                Some((_, Some(client))) => {
+                    let upstream = hyper::upgrade::on(&mut response);
+                    tokio::spawn(tunnel(client, upstream, identified.map(sink)));
                 }
-                let (mut parts, body) = response.into_parts();
-                headers::clean_response_headers(&mut parts.headers);
-                Response::from_parts(
-                    parts,
-                    Either::Left(ResponseBody::new(body, identified.map(sink))),
-                )
+                // 101 to a request that asked for no upgrade (or one that cannot be upgraded).
+                _ => {
+                    return self.refuse(&route.name, Refusal::UpstreamUnavailable, identified, None)
+                }
             }
-            Err(refusal) => self.refuse(&route.name, refusal, identified, None),
         }
+        route.counters.inc(status.as_u16());
+        if let Some(i) = identified {
+            i.key.usage.record(
+                i.now_ms,
+                Outcome {
+                    status: status.as_u16(),
+                },
+            );
+        }
+        let (mut parts, body) = response.into_parts();
+        headers::clean_response_headers(&mut parts.headers, switching);
+        Response::from_parts(
+            parts,
+            Either::Left(ResponseBody::new(body, identified.map(sink), conn)),
+        )
     }
 
     /// The one place a refusal becomes a response: counted, metered when a key was identified,
@@ -284,5 +316,26 @@ impl Proxy {
             );
         }
         response
+    }
+}
+
+/// Joins an upgraded client connection to the upgraded upstream one until either side closes;
+/// the bytes that pass count as the key's bytes in and out.
+async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, sink: Option<UsageSink>) {
+    let (client, upstream) = match tokio::join!(client, upstream) {
+        (Ok(c), Ok(u)) => (c, u),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok((sent, received)) => {
+            if let Some(sink) = sink {
+                sink.cell.record_bytes(sink.clock.now_ms(), sent, received);
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "upgraded connection ended with an error"),
     }
 }

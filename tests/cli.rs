@@ -544,3 +544,35 @@ async fn usage_shows_a_keys_buckets_as_a_table_and_a_chart() {
         .expect("a line for the busy hour");
     assert_eq!(busiest.matches('█').count(), 40, "{chart}");
 }
+
+/// A `TOLLGATE_MASTER_KEY` that is not a valid `tgmk_` credential is a configuration error:
+/// `check-config` and `serve` both exit 2 and name the setting, without echoing the value.
+#[test]
+fn a_bad_master_key_variable_is_a_config_error() {
+    let secret = credential::generate(Kind::Secret);
+    let mut master = credential::generate(Kind::Master);
+    master.pop();
+    master.push('x');
+    for bad in [secret.as_str(), master.as_str(), "not-a-key"] {
+        for command in ["check-config", "serve"] {
+            let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+                .args([command, "--config", "config/tollgate.toml"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .env("TOLLGATE_MASTER_KEY", bad)
+                .output()
+                .expect("run tollgate");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{command} {bad}: {stderr}");
+            assert!(stderr.contains("admin.master_key_env"), "{stderr}");
+            assert!(!stderr.contains(bad), "the value was echoed: {stderr}");
+        }
+    }
+    let good = credential::generate(Kind::Master);
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["check-config", "--config", "config/tollgate.toml"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("TOLLGATE_MASTER_KEY", &good)
+        .output()
+        .expect("run tollgate");
+    assert_eq!(out.status.code(), Some(0));
+}

@@ -1093,3 +1093,112 @@ async fn the_account_api_is_on_the_proxy_listener_only_when_exposed() {
         .expect("send");
     assert_eq!(expect_echo(proxied).await["path"], "/v1/account");
 }
+
+#[tokio::test]
+async fn upstream_connections_are_kept_alive_across_requests_and_client_connections() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let (_, key) = gw.account_with_key().await;
+    for _ in 0..2 {
+        // A new client each round: a new client connection, the same upstream connection.
+        let client = client();
+        for _ in 0..10 {
+            expect_echo(gw.get_with_key(&client, "/things", &key).await).await;
+        }
+    }
+    assert_eq!(upstream.requests_seen(), 20);
+    assert_eq!(upstream.connections_seen(), 1);
+}
+
+#[tokio::test]
+async fn an_upstream_connection_that_closes_is_not_reused() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let (_, key) = gw.account_with_key().await;
+    let client = client();
+    for path in ["/close", "/things", "/close", "/things"] {
+        let r = gw.get_with_key(&client, path, &key).await;
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+        assert_eq!(header(&r, "connection"), None, "hop-by-hop header leaked");
+        expect_echo(r).await;
+    }
+    // Each `/close` ends its connection, so the request after it needs a new one.
+    assert_eq!(upstream.connections_seen(), 3);
+}
+
+#[tokio::test]
+async fn websocket_upgrades_pass_through_both_ways() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let (_, key) = gw.account_with_key().await;
+    let mut stream = tokio::net::TcpStream::connect(gw.proxy_addr)
+        .await
+        .expect("connect");
+    let handshake = format!(
+        "GET /chat/ws HTTP/1.1\r\nHost: example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         X-API-Key: {key}\r\n\r\n"
+    );
+    stream
+        .write_all(handshake.as_bytes())
+        .await
+        .expect("handshake");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(WAIT, stream.read(&mut byte))
+            .await
+            .expect("101 in time")
+            .expect("read");
+        assert_eq!(n, 1, "closed before the end of the head: {head:?}");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    assert!(head.contains("connection: upgrade"), "{head}");
+    // After the switch the gateway is a tunnel: frames go up and come back untouched.
+    let frame: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+    let (mut read, mut write) = stream.into_split();
+    let sent = frame.clone();
+    let writer = tokio::spawn(async move { write.write_all(&sent).await.map(|()| write) });
+    let mut echoed = vec![0u8; frame.len()];
+    tokio::time::timeout(WAIT, read.read_exact(&mut echoed))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+    assert!(echoed == frame, "the tunnel changed the bytes");
+    let _write = writer.await.expect("writer").expect("write");
+}
+
+#[tokio::test]
+async fn http2_clients_are_served() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let (_, key) = gw.account_with_key().await;
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    let requests = (0..8).map(|i| {
+        client
+            .post(gw.proxy_url("/things/echo-body"))
+            .header("x-api-key", &key)
+            .body(vec![i as u8; 10_000])
+            .send()
+    });
+    for (i, response) in futures_util::future::join_all(requests)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        let response = response.expect("send over h2");
+        assert_eq!(response.version(), reqwest::Version::HTTP_2);
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(header(&response, "ratelimit").is_some());
+        let body = response.bytes().await.expect("body");
+        assert_eq!(body.len(), 10_000);
+        assert!(body.iter().all(|b| *b == i as u8));
+    }
+}

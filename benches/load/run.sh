@@ -23,6 +23,7 @@
 # Knobs (environment): ROUNDS=3 DURATION=8 WARMUP=3 CONNS=64 KEYS=1000000 KEY_BUDGET=300
 # (seconds allowed to create the rotated keys; fewer keys when 1M would take longer)
 # OHA_DURATION=6 FIXED_RATE=1 (0: skip the oha part) SKIP_BUILD=0 KEEP_TMP=0 RESULTS=path.md
+# CONTENDERS="nginx tg-keyed" (a subset, for a quick comparison; default: all six)
 # Needs root for apt-get only when nginx, haproxy, wrk or redis-server is missing.
 
 set -euo pipefail
@@ -46,7 +47,8 @@ STAMP=$(date +%Y%m%d-%H%M%S)
 RESULTS=${RESULTS:-${TMPDIR:-/tmp}/tollgate-load-results-$STAMP.md}
 # A rate limit that never triggers (u32 fields), on each of the three windows.
 HUGE_LIMIT='{"per_minute":4000000000,"per_hour":4000000000,"per_day":4000000000}'
-CONTENDERS=(nginx haproxy tg-public tg-keyed tg-1m tg-redis)
+read -r -a CONTENDERS <<<"${CONTENDERS:-nginx haproxy tg-public tg-keyed tg-1m tg-redis}"
+wants() { [[ " ${CONTENDERS[*]} " == *" $1 "* ]]; }
 
 log() { printf '[load %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -423,64 +425,10 @@ ratios_table() {
 # ---------------------------------------------------------------------------------------------
 # Main
 
-main() {
-    ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-    (($(nproc) >= 2)) || die "needs 2 CPUs (proxy on CPU 0, upstream and wrk on CPU 1)"
-    install_tools
-
-    if [[ $SKIP_BUILD != 1 ]]; then
-        log "cargo build --release"
-        (cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
-    fi
-    BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/tollgate
-    [[ -x $BIN ]] || die "no binary at $BIN"
-
-    WORK=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-load.XXXXXX")
-    chmod 755 "$WORK"
-    mkdir -p "$WORK/nginx-upstream-tmp" "$WORK/nginx-proxy-tmp"
-    log "work directory $WORK"
-    : >"$WORK/runs.tsv"
-    LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
-
-    # Upstream (CPU 1), the other proxies (CPU 0), Redis (CPU 1).
-    UPSTREAM_PORT=$(free_port)
-    render "$HERE/nginx-upstream.conf" "$WORK/nginx-upstream.conf" TMP="$WORK" UPSTREAM_PORT="$UPSTREAM_PORT"
-    start_bg upstream "$LOAD_CPU" "$WORK/upstream.log" nginx -c "$WORK/nginx-upstream.conf" -p "$WORK"
-    wait_port "$UPSTREAM_PORT" 30 "${PID[upstream]}" || die "upstream nginx did not start: $(cat "$WORK/upstream.log" "$WORK/nginx-upstream.err" 2>/dev/null)"
-
-    PORT[nginx]=$(free_port)
-    render "$HERE/nginx-proxy.conf" "$WORK/nginx-proxy.conf" TMP="$WORK" PORT="${PORT[nginx]}" UPSTREAM_PORT="$UPSTREAM_PORT"
-    start_bg nginx "$PROXY_CPU" "$WORK/nginx.log" nginx -c "$WORK/nginx-proxy.conf" -p "$WORK"
-    wait_port "${PORT[nginx]}" 30 "${PID[nginx]}" || die "nginx proxy did not start"
-
-    PORT[haproxy]=$(free_port)
-    render "$HERE/haproxy.cfg" "$WORK/haproxy.cfg" TMP="$WORK" PORT="${PORT[haproxy]}" UPSTREAM_PORT="$UPSTREAM_PORT"
-    start_bg haproxy "$PROXY_CPU" "$WORK/haproxy.log" haproxy -db -f "$WORK/haproxy.cfg"
-    wait_port "${PORT[haproxy]}" 30 "${PID[haproxy]}" || die "haproxy did not start: $(tail -5 "$WORK/haproxy.log")"
-
-    REDIS_PORT=$(free_port)
-    start_bg redis "$LOAD_CPU" "$WORK/redis.log" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 \
-        --save "" --appendonly no --dir "$WORK" --daemonize no
-    wait_port "$REDIS_PORT" 30 "${PID[redis]}" || die "redis-server did not start"
-
-    # tollgate: four processes, so that each case has its own RSS and key store.
-    MASTER=$("$BIN" keygen --kind master)
-    CACHE_ENTRIES=$((KEYS + KEYS / 2 + 1000))
-    start_tollgate tg-public "$HERE/tollgate-embedded.toml" AUTH=public DB="$WORK/tg-public.db"
-    start_tollgate tg-keyed "$HERE/tollgate-embedded.toml" AUTH=required DB="$WORK/tg-keyed.db"
-    start_tollgate tg-1m "$HERE/tollgate-embedded.toml" AUTH=required DB="$WORK/tg-1m.db"
-    start_tollgate tg-redis "$HERE/tollgate-redis.toml" REDIS_PORT="$REDIS_PORT"
-
-    # One key (tg-keyed; nginx, haproxy and tg-public get the same header and ignore it).
+# The rotated keys of tg-1m: a first batch gives the rate; fewer keys when KEYS would exceed
+# KEY_BUDGET.
+many_keys() {
     local acct
-    acct=$(new_account tg-keyed) || die "cannot create an account on tg-keyed"
-    new_key tg-keyed "$acct" >"$WORK/keys-1.txt" || die "cannot create a key on tg-keyed"
-    acct=$(new_account tg-redis) || die "cannot create an account on tg-redis"
-    new_key tg-redis "$acct" >"$WORK/keys-redis.txt" || die "cannot create a key on tg-redis"
-    for name in nginx haproxy tg-public tg-keyed; do KEYFILE[$name]=$WORK/keys-1.txt; done
-    KEYFILE[tg-redis]=$WORK/keys-redis.txt
-
-    # The rotated keys: a first batch gives the rate; fewer keys when KEYS would exceed KEY_BUDGET.
     acct=$(new_account tg-1m) || die "cannot create an account on tg-1m"
     local keys="$WORK/keys-many.txt" t0 t1 made rate target batch
     : >"$keys"
@@ -525,6 +473,84 @@ main() {
     stop_proc tg-1m
     start_tollgate tg-1m "$HERE/tollgate-embedded.toml" AUTH=required DB="$WORK/tg-1m.db"
 
+}
+
+main() {
+    ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+    (($(nproc) >= 2)) || die "needs 2 CPUs (proxy on CPU 0, upstream and wrk on CPU 1)"
+    install_tools
+
+    if [[ $SKIP_BUILD != 1 ]]; then
+        log "cargo build --release"
+        (cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
+    fi
+    BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/tollgate
+    [[ -x $BIN ]] || die "no binary at $BIN"
+
+    WORK=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-load.XXXXXX")
+    chmod 755 "$WORK"
+    mkdir -p "$WORK/nginx-upstream-tmp" "$WORK/nginx-proxy-tmp"
+    log "work directory $WORK"
+    : >"$WORK/runs.tsv"
+    LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+
+    # Upstream (CPU 1), the other proxies (CPU 0), Redis (CPU 1).
+    UPSTREAM_PORT=$(free_port)
+    render "$HERE/nginx-upstream.conf" "$WORK/nginx-upstream.conf" TMP="$WORK" UPSTREAM_PORT="$UPSTREAM_PORT"
+    start_bg upstream "$LOAD_CPU" "$WORK/upstream.log" nginx -c "$WORK/nginx-upstream.conf" -p "$WORK"
+    wait_port "$UPSTREAM_PORT" 30 "${PID[upstream]}" || die "upstream nginx did not start: $(cat "$WORK/upstream.log" "$WORK/nginx-upstream.err" 2>/dev/null)"
+
+    if wants nginx; then
+        PORT[nginx]=$(free_port)
+        render "$HERE/nginx-proxy.conf" "$WORK/nginx-proxy.conf" TMP="$WORK" PORT="${PORT[nginx]}" UPSTREAM_PORT="$UPSTREAM_PORT"
+        start_bg nginx "$PROXY_CPU" "$WORK/nginx.log" nginx -c "$WORK/nginx-proxy.conf" -p "$WORK"
+        wait_port "${PORT[nginx]}" 30 "${PID[nginx]}" || die "nginx proxy did not start"
+    fi
+
+    if wants haproxy; then
+        PORT[haproxy]=$(free_port)
+        render "$HERE/haproxy.cfg" "$WORK/haproxy.cfg" TMP="$WORK" PORT="${PORT[haproxy]}" UPSTREAM_PORT="$UPSTREAM_PORT"
+        start_bg haproxy "$PROXY_CPU" "$WORK/haproxy.log" haproxy -db -f "$WORK/haproxy.cfg"
+        wait_port "${PORT[haproxy]}" 30 "${PID[haproxy]}" || die "haproxy did not start: $(tail -5 "$WORK/haproxy.log")"
+    fi
+
+    if wants tg-redis; then
+        REDIS_PORT=$(free_port)
+        start_bg redis "$LOAD_CPU" "$WORK/redis.log" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 \
+            --save "" --appendonly no --dir "$WORK" --daemonize no
+        wait_port "$REDIS_PORT" 30 "${PID[redis]}" || die "redis-server did not start"
+    fi
+
+    # tollgate: up to four processes, so that each case has its own RSS and key store. tg-keyed
+    # always runs: its key is the one every single-key contender is sent.
+    MASTER=$("$BIN" keygen --kind master)
+    CACHE_ENTRIES=$((KEYS + KEYS / 2 + 1000))
+    if wants tg-public; then
+        start_tollgate tg-public "$HERE/tollgate-embedded.toml" AUTH=public DB="$WORK/tg-public.db"
+    fi
+    start_tollgate tg-keyed "$HERE/tollgate-embedded.toml" AUTH=required DB="$WORK/tg-keyed.db"
+    if wants tg-1m; then
+        start_tollgate tg-1m "$HERE/tollgate-embedded.toml" AUTH=required DB="$WORK/tg-1m.db"
+    fi
+    if wants tg-redis; then
+        start_tollgate tg-redis "$HERE/tollgate-redis.toml" REDIS_PORT="$REDIS_PORT"
+    fi
+
+    # One key (tg-keyed; nginx, haproxy and tg-public get the same header and ignore it).
+    local acct
+    acct=$(new_account tg-keyed) || die "cannot create an account on tg-keyed"
+    new_key tg-keyed "$acct" >"$WORK/keys-1.txt" || die "cannot create a key on tg-keyed"
+    if wants tg-redis; then
+        acct=$(new_account tg-redis) || die "cannot create an account on tg-redis"
+        new_key tg-redis "$acct" >"$WORK/keys-redis.txt" || die "cannot create a key on tg-redis"
+        KEYFILE[tg-redis]=$WORK/keys-redis.txt
+    fi
+    for name in nginx haproxy tg-public tg-keyed; do KEYFILE[$name]=$WORK/keys-1.txt; done
+    NKEYS=0 KEY_SECONDS=0 KEY_RATE=0
+    if wants tg-1m; then
+        many_keys
+    fi
+
     # Every contender answers 200 through to the upstream.
     for name in "${CONTENDERS[@]}"; do
         local code
@@ -545,10 +571,11 @@ main() {
     # The fixed-rate runs at 25/50/75 % of nginx's median rate, interleaved per rate.
     NGINX_RPS=$(get "$WORK/median.tsv" median nginx 3 | awk '{printf "%.0f", $1}')
     : >"$WORK/fixed.tsv"
-    if [[ $FIXED_RATE_TOOL != none ]]; then
+    if [[ $FIXED_RATE_TOOL != none ]] && wants nginx; then
         for pct in 25 50 75; do
             local rate=$((NGINX_RPS * pct / 100))
             for name in nginx haproxy tg-public tg-keyed; do
+                wants "$name" || continue
                 local res
                 res=$(fixed_rate "$name" "$rate")
                 printf '%s\t%s\t%s\t%s\n' "$pct" "$rate" "$name" "$res" >>"$WORK/fixed.tsv"

@@ -27,6 +27,19 @@ pub enum MasterKeyError {
     Store(#[from] StoreError),
 }
 
+/// Whether `raw` (the configured variable's value) is a valid `tgmk_` credential; checked
+/// before start-up too, so that a bad value is a configuration error (exit 2).
+pub fn check_master_key(raw: &str) -> Result<(), MasterKeyError> {
+    let why = match credential::parse(raw.trim()) {
+        Ok(Kind::Master) => return Ok(()),
+        Ok(_) => "wrong prefix, expected tgmk_",
+        Err(FormatError::UnknownPrefix) => "unknown prefix",
+        Err(FormatError::Malformed) => "malformed",
+        Err(FormatError::BadChecksum) => "checksum does not match",
+    };
+    Err(MasterKeyError::NotAMasterKey(why))
+}
+
 /// Settles the master key; see the module documentation.
 pub async fn ensure_master_key(
     store: &dyn Store,
@@ -34,21 +47,7 @@ pub async fn ensure_master_key(
 ) -> Result<MasterKey, MasterKeyError> {
     if let Some(raw) = from_env {
         let raw = raw.trim();
-        match credential::parse(raw) {
-            Ok(Kind::Master) => {}
-            Ok(_) => {
-                return Err(MasterKeyError::NotAMasterKey(
-                    "wrong prefix, expected tgmk_",
-                ))
-            }
-            Err(FormatError::UnknownPrefix) => {
-                return Err(MasterKeyError::NotAMasterKey("unknown prefix"))
-            }
-            Err(FormatError::Malformed) => return Err(MasterKeyError::NotAMasterKey("malformed")),
-            Err(FormatError::BadChecksum) => {
-                return Err(MasterKeyError::NotAMasterKey("checksum does not match"))
-            }
-        }
+        check_master_key(raw)?;
         let hash = KeyHash::of(raw);
         store.set_master_key_hash(&hash).await?;
         return Ok(MasterKey {

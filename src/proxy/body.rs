@@ -1,6 +1,7 @@
 //! Body wrappers that stream without buffering: [`RequestBody`] enforces `max_body_bytes` (also
 //! on chunked bodies) and [`ResponseBody`] counts; both add their byte counts to the key's usage
-//! when they finish or are dropped.
+//! when they finish or are dropped. [`ResponseBody`] also holds the upstream connection, and
+//! gives it back to the pool when the body has been read to its end.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use super::pool::Checkin;
 use crate::metering::{UsageCell, WallClock};
 
 /// Where a body's byte count goes when it ends.
@@ -40,7 +42,9 @@ pub struct RequestBody {
 pub struct ResponseBody {
     inner: Incoming,
     seen: u64,
+    ended: bool,
     sink: Option<UsageSink>,
+    conn: Option<Checkin>,
 }
 
 // === impl RequestBody ===
@@ -103,12 +107,15 @@ impl Drop for RequestBody {
 // === impl ResponseBody ===
 
 impl ResponseBody {
-    /// Wraps `inner`, counting what passes.
-    pub fn new(inner: Incoming, sink: Option<UsageSink>) -> Self {
+    /// Wraps `inner`, counting what passes; `conn` goes back to the pool once `inner` has
+    /// ended (a body dropped before its end closes the connection).
+    pub fn new(inner: Incoming, sink: Option<UsageSink>, conn: Option<Checkin>) -> Self {
         ResponseBody {
             inner,
             seen: 0,
+            ended: false,
             sink,
+            conn,
         }
     }
 }
@@ -123,10 +130,14 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                this.seen += data.len() as u64;
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.seen += data.len() as u64;
+                }
             }
+            Poll::Ready(None) => this.ended = true,
+            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
         }
         polled
     }
@@ -144,6 +155,11 @@ impl Drop for ResponseBody {
     fn drop(&mut self) {
         if let Some(sink) = &self.sink {
             sink.cell.record_bytes(sink.clock.now_ms(), 0, self.seen);
+        }
+        // hyper stops polling a body with a known length once it reports its end, so
+        // `is_end_stream` is asked too.
+        if let (true, Some(conn)) = (self.ended || self.inner.is_end_stream(), self.conn.take()) {
+            conn.give_back();
         }
     }
 }

@@ -1,52 +1,54 @@
-//! Sending a request upstream: the pooled keep-alive client, the upstream URI, the route's
-//! deadline, and what a failure means (502, 504, or 413 when our own body limit tripped).
-
-use std::time::Duration;
+//! Sending a request upstream: a connection from the pool, the upstream path, the route's
+//! deadline, the one retry on a kept-alive connection that closed before the request went out,
+//! and what a failure means (502, 504, or 413 when our own body limit tripped).
 
 use http::uri::PathAndQuery;
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::body::{is_body_too_large, RequestBody};
-use super::route::Route;
+use super::pool::{Checkin, Pool};
+use super::route::{Route, Target};
 use crate::refusal::Refusal;
 
-/// The upstream client: HTTP/1.1 keep-alive connections pooled per upstream.
+/// Requests go out on at most this many idle connections before a fresh one is made: an idle
+/// connection can have been closed by the upstream just as the request was written.
+const REUSE_ATTEMPTS: usize = 3;
+
+/// The upstream side of the proxy.
 pub struct Upstreams {
-    client: Client<HttpConnector, RequestBody>,
+    pool: Pool,
+}
+
+/// An upstream's answer, with its connection to give back once the body has been read.
+pub struct Answer {
+    /// Response head and streaming body.
+    pub response: Response<Incoming>,
+    /// The connection, unless it was upgraded or cannot be reused.
+    pub conn: Option<Checkin>,
 }
 
 // === impl Upstreams ===
 
 impl Upstreams {
-    /// A client with keep-alive pooling and TCP_NODELAY.
-    pub fn new() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_timer(TokioTimer::new())
-            .pool_max_idle_per_host(1024)
-            .build(connector);
-        Upstreams { client }
+    /// Over `pool`, whose slots the route table has numbered.
+    pub fn new(pool: Pool) -> Self {
+        Upstreams { pool }
     }
 
-    /// Sends `req` and waits for the response head within the route's timeout.
+    /// Sends `req` to `target` and waits for the response head within the route's timeout.
+    /// `req` has an origin-form URI and its `Host`.
     pub async fn send(
         &self,
         route: &Route,
+        target: &Target,
         req: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, Refusal> {
-        match tokio::time::timeout(route.timeout, self.client.request(req)).await {
+    ) -> Result<Answer, Refusal> {
+        match tokio::time::timeout(route.timeout, self.exchange(target, req)).await {
             Err(_) => Err(Refusal::UpstreamTimeout),
-            Ok(Ok(response)) => Ok(response),
+            Ok(Ok(answer)) => Ok(answer),
             Ok(Err(e)) => {
-                if is_body_too_large(&e) {
+                if is_body_too_large(&*e) {
                     Err(Refusal::BodyTooLarge)
                 } else {
                     tracing::debug!(route = %route.name, error = %e, "upstream request failed");
@@ -55,20 +57,57 @@ impl Upstreams {
             }
         }
     }
-}
 
-impl Default for Upstreams {
-    fn default() -> Self {
-        Self::new()
+    async fn exchange(
+        &self,
+        target: &Target,
+        mut req: Request<RequestBody>,
+    ) -> Result<Answer, Box<dyn std::error::Error + Send + Sync>> {
+        let mut attempts = 0;
+        loop {
+            let mut conn = self.pool.checkout(target.slot).await?;
+            attempts += 1;
+            match conn.sender.try_send_request(req).await {
+                Ok(response) => {
+                    // An upgraded connection belongs to the upgrade; a response that asks for
+                    // the connection to close cannot be followed by another request.
+                    let reusable = response.status() != http::StatusCode::SWITCHING_PROTOCOLS
+                        && !closes(&response);
+                    let conn = reusable.then(|| conn.into_checkin());
+                    return Ok(Answer { response, conn });
+                }
+                Err(mut e) => match e.take_message() {
+                    // Not sent: the kept-alive connection was closing. Another one may do.
+                    Some(unsent) if !conn.fresh && attempts < REUSE_ATTEMPTS => req = unsent,
+                    _ => return Err(Box::new(e.into_error())),
+                },
+            }
+        }
     }
 }
 
-/// The absolute upstream URI for a request path and query.
-pub fn upstream_uri(route: &Route, original: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
-    let upstream = route.upstream();
+/// Whether a response says that its connection closes after it.
+fn closes(response: &Response<Incoming>) -> bool {
+    response
+        .headers()
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("close"))
+}
+
+/// The origin-form URI to send upstream: the target's base path, the route's path (prefix
+/// stripped when configured) and the query.
+pub fn upstream_uri(
+    route: &Route,
+    target: &Target,
+    original: Option<&PathAndQuery>,
+) -> Result<Uri, http::Error> {
+    let base = &target.upstream.base_path;
     let path = original.map_or("/", PathAndQuery::path);
     let forwarded_path = route.upstream_path(path);
-    let path_and_query = if upstream.base_path.is_empty() && forwarded_path.len() == path.len() {
+    let path_and_query = if base.is_empty() && forwarded_path.len() == path.len() {
         // The common case: the client's path and query, unchanged, without a copy.
         original
             .cloned()
@@ -76,9 +115,9 @@ pub fn upstream_uri(route: &Route, original: Option<&PathAndQuery>) -> Result<Ur
     } else {
         let query = original.and_then(PathAndQuery::query);
         let mut s = String::with_capacity(
-            upstream.base_path.len() + forwarded_path.len() + query.map_or(0, |q| q.len() + 1),
+            base.len() + forwarded_path.len() + query.map_or(0, |q| q.len() + 1),
         );
-        s.push_str(&upstream.base_path);
+        s.push_str(base);
         s.push_str(forwarded_path);
         if let Some(q) = query {
             s.push('?');
@@ -86,9 +125,5 @@ pub fn upstream_uri(route: &Route, original: Option<&PathAndQuery>) -> Result<Ur
         }
         PathAndQuery::try_from(s)?
     };
-    Uri::builder()
-        .scheme(upstream.scheme.clone())
-        .authority(upstream.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
+    Ok(Uri::from(path_and_query))
 }

@@ -143,22 +143,48 @@ pub fn upstream_request_headers(
     out
 }
 
-/// Removes hop-by-hop headers from an upstream response.
-pub fn clean_response_headers(headers: &mut HeaderMap) {
+/// The protocol a client asks to upgrade to (`Connection: upgrade` with `Upgrade: …`, as a
+/// WebSocket handshake sends), if any.
+pub fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| headers.get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// Puts an upgrade request back on the upstream request: its hop-by-hop headers were removed
+/// with the others, but an upgrade has to reach the upstream to happen.
+pub fn ask_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, protocol);
+}
+
+/// Removes hop-by-hop headers from an upstream response; a `101 Switching Protocols` keeps
+/// `Connection` and `Upgrade`, which the client needs to finish its upgrade.
+pub fn clean_response_headers(headers: &mut HeaderMap, switching: bool) {
     for name in connection_listed(headers) {
-        headers.remove(name);
+        if !(switching && name == header::UPGRADE) {
+            headers.remove(name);
+        }
     }
     for name in [
-        header::CONNECTION,
         header::TE,
         header::TRAILER,
         header::TRANSFER_ENCODING,
-        header::UPGRADE,
         header::PROXY_AUTHENTICATE,
-        KEEP_ALIVE.clone(),
-        PROXY_CONNECTION.clone(),
     ] {
         headers.remove(name);
+    }
+    for name in [&KEEP_ALIVE, &PROXY_CONNECTION] {
+        headers.remove(name);
+    }
+    if !switching {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
     }
 }
 

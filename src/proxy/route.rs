@@ -4,8 +4,21 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use http::HeaderValue;
+
+use super::pool::Pool;
 use crate::config::{RouteAuth, RouteScopes, RouteSettings, Upstream};
 use crate::metrics::{Metrics, RouteCounters};
+
+/// One upstream of a route, with what forwarding to it needs, built once.
+pub struct Target {
+    /// Where it is.
+    pub upstream: Upstream,
+    /// Its slot in the connection pool (one per distinct authority).
+    pub slot: usize,
+    /// The `Host` header it gets: its own authority.
+    pub host: HeaderValue,
+}
 
 /// One configured route, ready to serve.
 pub struct Route {
@@ -13,7 +26,7 @@ pub struct Route {
     pub name: String,
     host: Option<String>,
     prefix: String,
-    upstreams: Vec<Upstream>,
+    targets: Vec<Target>,
     next: AtomicUsize,
     /// Whether a key is needed.
     pub auth: RouteAuth,
@@ -36,15 +49,24 @@ pub struct RouteTable {
 
 impl RouteTable {
     /// Builds the table; routes with a host come before routes without, longer prefixes before
-    /// shorter ones, so the first match is the best.
-    pub fn new(settings: &[RouteSettings], metrics: &Metrics) -> Self {
+    /// shorter ones, so the first match is the best. Each upstream gets its slot in `pool`.
+    pub fn new(settings: &[RouteSettings], metrics: &Metrics, pool: &mut Pool) -> Self {
         let mut routes: Vec<Route> = settings
             .iter()
             .map(|r| Route {
                 name: r.name.clone(),
                 host: r.host.clone(),
                 prefix: r.path_prefix.clone(),
-                upstreams: r.upstreams.clone(),
+                targets: r
+                    .upstreams
+                    .iter()
+                    .map(|u| Target {
+                        upstream: u.clone(),
+                        slot: pool.slot(&u.authority),
+                        host: HeaderValue::from_str(u.authority.as_str())
+                            .unwrap_or_else(|_| HeaderValue::from_static("")),
+                    })
+                    .collect(),
                 next: AtomicUsize::new(0),
                 auth: r.auth,
                 scopes: r.scopes.clone(),
@@ -77,12 +99,12 @@ impl RouteTable {
 
 impl Route {
     /// The next upstream, round robin.
-    pub fn upstream(&self) -> &Upstream {
-        let n = self.upstreams.len();
+    pub fn target(&self) -> &Target {
+        let n = self.targets.len();
         if n == 1 {
-            return &self.upstreams[0];
+            return &self.targets[0];
         }
-        &self.upstreams[self.next.fetch_add(1, Ordering::Relaxed) % n]
+        &self.targets[self.next.fetch_add(1, Ordering::Relaxed) % n]
     }
 
     /// The path to send upstream: the prefix removed when `strip_prefix` is set.
@@ -155,6 +177,7 @@ mod tests {
                 route("v2", None, "/api/v2"),
             ],
             &metrics,
+            &mut Pool::new(),
         );
         assert_eq!(t.find(None, "/api/v2/x").unwrap().name, "v2");
         assert_eq!(t.find(None, "/api/v1").unwrap().name, "api");
@@ -172,6 +195,7 @@ mod tests {
                 route("a", Some("a.example.com"), "/"),
             ],
             &metrics,
+            &mut Pool::new(),
         );
         assert_eq!(t.find(Some("a.example.com"), "/api/x").unwrap().name, "a");
         assert_eq!(t.find(Some("b.example.com"), "/api/x").unwrap().name, "any");
@@ -181,7 +205,7 @@ mod tests {
     #[test]
     fn strip_prefix_keeps_a_leading_slash() {
         let metrics = Metrics::new().unwrap();
-        let t = RouteTable::new(&[route("api", None, "/api")], &metrics);
+        let t = RouteTable::new(&[route("api", None, "/api")], &metrics, &mut Pool::new());
         let r = t.find(None, "/api/x").unwrap();
         assert_eq!(r.upstream_path("/api/x"), "/x");
         assert_eq!(r.upstream_path("/api"), "/");
@@ -190,7 +214,11 @@ mod tests {
     #[test]
     fn hosts_lose_their_port_and_match_in_any_case() {
         let metrics = Metrics::new().unwrap();
-        let t = RouteTable::new(&[route("a", Some("a.example.com"), "/")], &metrics);
+        let t = RouteTable::new(
+            &[route("a", Some("a.example.com"), "/")],
+            &metrics,
+            &mut Pool::new(),
+        );
         assert_eq!(t.find(Some("A.Example.COM"), "/").unwrap().name, "a");
         assert_eq!(
             request_host(Some("API.example.com:8080")),

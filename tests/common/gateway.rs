@@ -159,6 +159,21 @@ impl Gateway {
         format!("http://{}{path}", self.proxy_addr)
     }
 
+    /// `GET http://PROXY/path` with `key` as a bearer credential, on `client`'s connections.
+    pub async fn get_with_key(
+        &self,
+        client: &reqwest::Client,
+        path: &str,
+        key: &str,
+    ) -> reqwest::Response {
+        client
+            .get(self.proxy_url(path))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("send through the proxy")
+    }
+
     /// `http://ADMIN/path`.
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin_addr)

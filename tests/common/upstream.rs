@@ -9,6 +9,8 @@
 //! | `GET …/big?bytes=N` | 200, N bytes of [`pattern_byte`], streamed in 64 KiB frames |
 //! | `GET …/slow?ms=N` | 200 JSON echo, after N ms |
 //! | `GET …/status/N` | status N, JSON echo |
+//! | `GET …/close` | 200 JSON echo with `Connection: close`; the connection ends after it |
+//! | `GET …/ws` with `Connection: upgrade` | 101 (`Upgrade` as asked), then every byte echoed back |
 //! | anything else | 200 JSON echo: `{"method","path","headers":{name: value},"body_bytes"}` |
 //!
 //! The JSON echo reads (and counts, without keeping) the whole request body before answering, so
@@ -42,6 +44,8 @@ pub struct Upstream {
     addr: SocketAddr,
     /// Requests whose head has arrived, counted for tests that must know one is in flight.
     seen: Arc<AtomicUsize>,
+    /// Connections accepted.
+    connections: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -55,12 +59,15 @@ impl Upstream {
             .expect("bind upstream");
         let addr = listener.local_addr().expect("upstream address");
         let seen = Arc::new(AtomicUsize::new(0));
+        let connections = Arc::new(AtomicUsize::new(0));
         let counter = Arc::clone(&seen);
+        let accepted = Arc::clone(&connections);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                accepted.fetch_add(1, Ordering::SeqCst);
                 let counter = Arc::clone(&counter);
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
@@ -69,11 +76,17 @@ impl Upstream {
                     });
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades()
                         .await;
                 });
             }
         });
-        Upstream { addr, seen, task }
+        Upstream {
+            addr,
+            seen,
+            connections,
+            task,
+        }
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -84,6 +97,11 @@ impl Upstream {
     /// How many request heads have arrived so far.
     pub fn requests_seen(&self) -> usize {
         self.seen.load(Ordering::SeqCst)
+    }
+
+    /// How many connections have been accepted so far.
+    pub fn connections_seen(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
     }
 }
 
@@ -108,8 +126,19 @@ pub async fn dead_url() -> String {
     format!("http://{addr}")
 }
 
-async fn answer(req: Request<Incoming>) -> Response<Body> {
+async fn answer(mut req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
+    if path.ends_with("/ws") {
+        return upgrade_and_echo(&mut req);
+    }
+    if path.ends_with("/close") {
+        let mut response = json_echo(req, StatusCode::OK).await;
+        response.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+        return response;
+    }
     let query = |name: &str| -> Option<u64> {
         req.uri().query()?.split('&').find_map(|pair| {
             let (k, v) = pair.split_once('=')?;
@@ -137,6 +166,32 @@ async fn answer(req: Request<Incoming>) -> Response<Body> {
         }
     }
     json_echo(req, StatusCode::OK).await
+}
+
+/// 101 with the protocol the client asked for, then an echo of every byte on the upgraded
+/// connection; 400 when the request asks for no upgrade.
+fn upgrade_and_echo(req: &mut Request<Incoming>) -> Response<Body> {
+    let Some(protocol) = req.headers().get(http::header::UPGRADE).cloned() else {
+        let mut response = Response::new(text("no upgrade asked for".to_owned()));
+        *response.status_mut() = StatusCode::BAD_REQUEST;
+        return response;
+    };
+    let on_upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        if let Ok(upgraded) = on_upgrade.await {
+            let (mut read, mut write) = tokio::io::split(TokioIo::new(upgraded));
+            let _ = tokio::io::copy(&mut read, &mut write).await;
+        }
+    });
+    let mut response = Response::new(text(String::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(http::header::UPGRADE, protocol);
+    headers.insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("upgrade"),
+    );
+    response
 }
 
 /// `total` bytes of the pattern, produced frame by frame.
