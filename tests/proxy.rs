@@ -3,9 +3,10 @@
 //! back, streamed bodies, key changes taking effect at once, restart, metrics and graceful
 //! shutdown. Every test starts its own upstream and gateway on port 0.
 //!
-//! Not covered yet, for lack of an endpoint: an inactive *account* (there is no way to
-//! deactivate one through the admin API) and usage in the store (there is no usage endpoint;
-//! `forwarded_requests_are_counted_in_metrics` checks the counters on `/metrics` instead).
+//! Covered elsewhere: an inactive *account* refused on the next request
+//! (`admin_accounts::inactive_account_is_refused_on_the_next_request`, through the proxy), and
+//! usage in the store (`usage.rs`, `metering.rs`, and the usage endpoints in `admin_usage.rs`);
+//! here `forwarded_requests_are_counted_in_metrics` checks the counters on `/metrics`.
 
 mod common;
 
