@@ -225,7 +225,7 @@ fn caller_holds(caller: Option<&[String]>, key: Option<&[String]>) -> Result<(),
     let Some(caller) = caller else { return Ok(()) };
     match key {
         Some(scopes) if scopes.iter().all(|s| caller.contains(s)) => Ok(()),
-        _ => Err(ApiError::Forbidden(
+        _ => Err(ApiError::ScopeDenied(
             "this key may not roll a key with scopes it does not hold itself",
         )),
     }
