@@ -30,8 +30,10 @@
 //!
 //! `…` is `/v1/accounts/{account_id}` for the operator (master key) and `/v1/account` for an
 //! account's own secret key, whose scopes must be null or hold `account:read` (GET) or
-//! `account:write` (everything else); ids of another account's keys and sites are 404. Only the
-//! operator changes or deletes an account. Errors are
+//! `account:write` (everything else; 403 `scope_denied` without). An account never sees another:
+//! ids of another account's keys and sites are 404, and so is another account's id in the
+//! operator's form (its own id there is 403 `forbidden`). Only the operator changes or deletes
+//! an account. Errors are
 //! `{"error":{"code","message"}}` ([`error::ApiError`]); unknown paths are 404 `not_found`, and
 //! bodies over 64 KiB are 413 `body_too_large`. Every change writes an audit entry.
 //!

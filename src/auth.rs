@@ -45,8 +45,9 @@ pub struct CachedKey {
     pub account_ips: Vec<IpNet>,
     /// The key's CIDRs (empty = any).
     pub key_ips: Vec<IpNet>,
-    /// Normalised allowed origins (the key's and the account's domains).
-    pub origins: Vec<String>,
+    /// Where a publishable key may be used from: the key's `allowed_origins`, the account's
+    /// `allowed_domains` and its sites, parsed once.
+    pub origins: Vec<policy::OriginRule>,
     /// Granted scopes; `None` = full access.
     pub scopes: Option<Vec<String>>,
     /// The key's rate-limit buckets (this instance's, or leases of the fleet's).
@@ -173,8 +174,8 @@ fn check_network(key: &CachedKey, facts: &RequestFacts<'_>) -> Result<(), Refusa
     }
     if key.key_type == KeyType::Publishable {
         let origin = match facts.origin {
-            Some(o) => policy::normalize_origin(o),
-            None => facts.referer.and_then(policy::origin_of_referer),
+            Some(o) => policy::Origin::parse(o),
+            None => facts.referer.and_then(policy::Origin::of_referer),
         };
         if !origin.is_some_and(|o| policy::origin_allowed(&key.origins, &o)) {
             return Err(Refusal::OriginNotAllowed);

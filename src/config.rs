@@ -1,6 +1,10 @@
 //! Configuration: a TOML file plus `TOLLGATE__SECTION__FIELD` environment overrides, read with
 //! the `config` crate into raw serde structs ([`raw`]), then checked once by [`validate`] into
 //! typed [`Settings`]. Every problem is collected with its field path and reported together.
+//!
+//! From the environment a list field is comma-separated ([`LIST_FIELDS`]); `routes` cannot be
+//! overridden there at all (an entry of an array of tables has no variable name), and a
+//! `TOLLGATE__ROUTES…` variable is reported as a problem rather than ignored.
 
 mod raw;
 mod settings;
@@ -27,6 +31,12 @@ const ENV_PREFIX: &str = "TOLLGATE";
 const SECTIONS: &[&str] = &[
     "proxy", "admin", "store", "cache", "limits", "metering", "identity", "routes",
 ];
+/// The fields that hold a list. From the environment a list is comma-separated
+/// (`TOLLGATE__PROXY__TRUSTED_PROXIES=10.0.0.0/8,192.168.0.0/16`, spaces allowed) and an empty
+/// value is the empty list; every other field keeps its commas. A new list field belongs here.
+/// `routes[].upstreams` is not: `routes` is an array of tables, whose entries no variable can
+/// name, so [`EnvOverrides`] refuses `TOLLGATE__ROUTES…` outright.
+const LIST_FIELDS: &[&str] = &["proxy.trusted_proxies"];
 
 /// One thing wrong with a config, named by its field path (`proxy.listen`, `routes[0].upstreams`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,22 +98,20 @@ pub fn load_with_env(
             "cannot read the file: it does not exist".to_owned(),
         ));
     }
-    let env_map: config::Map<String, String> = env
-        .into_iter()
-        .filter(|(k, _)| k.starts_with("TOLLGATE__"))
-        .collect();
-    let built = config::Config::builder()
-        .add_source(config::File::from(path).format(config::FileFormat::Toml))
-        .add_source(
-            config::Environment::with_prefix(ENV_PREFIX)
-                .prefix_separator("__")
-                .separator("__")
-                .try_parsing(true)
-                .source(Some(env_map)),
-        )
-        .build()
-        .map_err(|e| fail("(file)", e.to_string()))?;
+    let overrides = EnvOverrides::read(env);
+    let built = overrides
+        .over(path)
+        .map_err(|(field, e)| fail(field, e.to_string()))?;
     let mut v = Validator::default();
+    for name in &overrides.routes {
+        v.problem(
+            "routes",
+            format!(
+                "{name}: routes cannot be overridden from the environment (no variable can name \
+                 an entry of an array of tables); change them in the file"
+            ),
+        );
+    }
     let top: BTreeMap<String, config::Value> = match built.clone().try_deserialize() {
         Ok(top) => top,
         Err(e) => return Err(fail("(file)", e.to_string())),
@@ -130,6 +138,66 @@ pub fn load_with_env(
 #[derive(Default)]
 struct Validator {
     problems: Vec<Problem>,
+}
+
+/// The `TOLLGATE__…` variables, less what the config crate cannot express: an empty list (it
+/// would read `""` as a list of one empty entry) and anything under `routes`.
+#[derive(Default)]
+struct EnvOverrides {
+    /// For the config crate's environment source.
+    vars: config::Map<String, String>,
+    /// [`LIST_FIELDS`] set to an empty value.
+    empty_lists: Vec<&'static str>,
+    /// Names of variables that try to override `routes`.
+    routes: Vec<String>,
+}
+
+// === impl EnvOverrides ===
+
+impl EnvOverrides {
+    fn read(env: impl IntoIterator<Item = (String, String)>) -> Self {
+        let mut out = EnvOverrides::default();
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix("TOLLGATE__") else {
+                continue;
+            };
+            // As the config crate names it: `PROXY__TRUSTED_PROXIES` → `proxy.trusted_proxies`.
+            let field = rest.to_lowercase().replace("__", ".");
+            if field == "routes" || field.starts_with("routes.") {
+                out.routes.push(name);
+            } else if let Some(list) = LIST_FIELDS
+                .iter()
+                .find(|f| **f == field && value.trim().is_empty())
+            {
+                out.empty_lists.push(list);
+            } else {
+                out.vars.insert(name, value);
+            }
+        }
+        out
+    }
+
+    /// The file at `path` under these overrides; on failure, the field to blame.
+    fn over(&self, path: &Path) -> Result<config::Config, (&'static str, config::ConfigError)> {
+        let environment = LIST_FIELDS.iter().fold(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .source(Some(self.vars.clone())),
+            |environment, field| environment.with_list_parse_key(field),
+        );
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(environment);
+        for field in self.empty_lists.iter().copied() {
+            builder = builder
+                .set_override(field, Vec::<String>::new())
+                .map_err(|e| (field, e))?;
+        }
+        builder.build().map_err(|e| ("(file)", e))
+    }
 }
 
 // === impl Validator ===

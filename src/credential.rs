@@ -246,6 +246,8 @@ mod tests {
         // CRC-32 of "" is 0; of "123456789" is the IEEE check value 0xCBF43926 = 3421780262.
         assert_eq!(&checksum(b""), b"000000");
         assert_eq!(&checksum(b"123456789"), b"3jZRME");
+        // 35 characters, two short of a credential: a checksum, though `parse` refuses the length.
+        assert_eq!(&checksum(b"tgsk_0123456789abcdefghijABCDEFGHIJ"), b"3P2jQb");
     }
 
     #[test]
@@ -264,12 +266,37 @@ mod tests {
         }
     }
 
+    /// Credentials whose checksums were computed outside this crate (Python's `zlib.crc32` and a
+    /// separate base62 encoder), so that a mistake shared by `checksum` and `parse` cannot pass.
+    /// The last two bodies were solved for a CRC of 0 (all padding) and of 0xFFFFFFFF (the
+    /// largest checksum, `4gfFC3`).
+    const FIXED: [(&str, Kind); 4] = [
+        ("tgsk_0123456789abcdefghijABCDEFGHIJ012fyiTu", Kind::Secret),
+        ("tgmk_0123456789abcdefghijABCDEFGHIJ0140yK5z", Kind::Master),
+        ("tgsk_Ytys3w5N1OTpgsJGcDXBbhGR1BKB8WyN000000", Kind::Secret),
+        ("tgsk_YOquw2K6lVwwhLVZ6NbvwDWEI8SudpGw4gfFC3", Kind::Secret),
+    ];
+
     #[test]
-    fn a_fixed_credential_round_trips() {
-        let body = "tgsk_0123456789abcdefghijABCDEFGHIJ01";
-        let sum = checksum(body.as_bytes());
-        let raw = format!("{body}{}", std::str::from_utf8(&sum).unwrap());
-        assert_eq!(parse(&raw), Ok(Kind::Secret));
+    fn fixed_credentials_parse_as_their_kind() {
+        for (raw, kind) in FIXED {
+            assert_eq!(parse(raw), Ok(kind), "{raw}");
+            let (body, sum) = raw.split_at(CREDENTIAL_LEN - CHECKSUM_LEN);
+            assert_eq!(&checksum(body.as_bytes()), sum.as_bytes(), "{raw}");
+        }
+    }
+
+    #[test]
+    fn a_fixed_credential_with_one_character_changed_is_refused() {
+        for (raw, _) in FIXED {
+            // One character of the random part, and one of the checksum.
+            for at in [PREFIX_LEN + 3, CREDENTIAL_LEN - 1] {
+                let mut bytes = raw.as_bytes().to_vec();
+                bytes[at] = if bytes[at] == b'Z' { b'Y' } else { b'Z' };
+                let changed = String::from_utf8(bytes).unwrap();
+                assert_eq!(parse(&changed), Err(FormatError::BadChecksum), "{changed}");
+            }
+        }
     }
 
     #[test]

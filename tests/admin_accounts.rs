@@ -106,6 +106,32 @@ async fn patch_account_changes_the_named_fields_and_keeps_the_rest() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_domains_take_domains_wildcards_and_origins_normalised() {
+    let (_up, _gw, api) = start().await;
+    let domains = [
+        "Example.COM",
+        "*.Example.org",
+        " https://Example.net:443/ ",
+        "localhost",
+    ];
+    let id = api
+        .account(json!({ "name": "Acme", "network_policy": { "allowed_domains": domains } }))
+        .await;
+    let (_, shown) = api
+        .master(Method::GET, &format!("/v1/accounts/{id}"), None)
+        .await;
+    assert_eq!(
+        shown["network_policy"]["allowed_domains"],
+        json!([
+            "example.com",
+            "*.example.org",
+            "https://example.net",
+            "localhost"
+        ])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn patch_account_refuses_bad_fields_naming_them() {
     let (_up, _gw, api) = start().await;
     let id = api.account(json!({ "name": "Acme" })).await;
@@ -129,7 +155,23 @@ async fn patch_account_refuses_bad_fields_naming_them() {
             "network_policy.allowed_ips[0]",
         ),
         (
-            json!({ "network_policy": { "allowed_domains": ["nope"] } }),
+            json!({ "network_policy": { "allowed_domains": ["not a domain"] } }),
+            "network_policy.allowed_domains[0]",
+        ),
+        (
+            json!({ "network_policy": { "allowed_domains": ["a.example", "example.com:8080"] } }),
+            "network_policy.allowed_domains[1]",
+        ),
+        (
+            json!({ "network_policy": { "allowed_domains": ["ftp://example.com"] } }),
+            "network_policy.allowed_domains[0]",
+        ),
+        (
+            json!({ "network_policy": { "allowed_domains": ["*."] } }),
+            "network_policy.allowed_domains[0]",
+        ),
+        (
+            json!({ "network_policy": { "allowed_domains": ["example.com/path"] } }),
             "network_policy.allowed_domains[0]",
         ),
         (json!({ "network_policy": { "colour": 1 } }), "colour"),

@@ -420,6 +420,139 @@ async fn plan_max_keys_is_409() {
     assert_eq!((status, code(&body)), (StatusCode::CONFLICT, "plan_limit"));
 }
 
+/// A small account for the plan tests: `max_keys` 2, two keys `a` and `b`; their ids.
+async fn full_account(admin: &Admin) -> (String, String, String) {
+    let account = admin
+        .create_account(json!({ "name": "small", "plan": { "max_keys": 2 } }))
+        .await;
+    let account_id = text(&account, "id");
+    let a = text(
+        &admin.create_key(&account_id, json!({ "name": "a" })).await,
+        "id",
+    );
+    let b = text(
+        &admin.create_key(&account_id, json!({ "name": "b" })).await,
+        "id",
+    );
+    (account_id, a, b)
+}
+
+/// `POST /v1/accounts/{account_id}/keys{then}` by the operator: the status and the answer.
+async fn post_keys(
+    admin: &Admin,
+    account_id: &str,
+    then: &str,
+    body: Value,
+) -> (StatusCode, Value) {
+    let path = format!("/v1/accounts/{account_id}/keys{then}");
+    admin.master_call(Method::POST, &path, Some(body)).await
+}
+
+/// Whether an answer is 409 `plan_limit`.
+fn over_plan((status, body): &(StatusCode, Value)) -> bool {
+    *status == StatusCode::CONFLICT && code(body) == "plan_limit"
+}
+
+/// Sets the key's expiry a second in the past, as time would.
+async fn expire(admin: &Admin, account_id: &str, key_id: &str) {
+    let mut key = admin
+        .store
+        .get_key(account_id, key_id)
+        .await
+        .expect("store")
+        .expect("key");
+    key.expires_at = Some(chrono::Utc::now() - chrono::Duration::seconds(1));
+    admin.store.update_key(&key).await.expect("update");
+}
+
+/// `max_keys` counts the keys that can still authenticate: not a rolled key past its grace,
+/// nor an expired or a deactivated one.
+#[tokio::test]
+async fn plan_max_keys_counts_only_keys_that_can_authenticate() {
+    let admin = start().await;
+    let (account_id, a, b) = full_account(&admin).await;
+    let new = |name: &str| json!({ "name": name });
+    assert!(over_plan(
+        &post_keys(&admin, &account_id, "", new("c")).await
+    ));
+
+    // b's old key is past its grace at once; a has expired.
+    let rolled = post_keys(
+        &admin,
+        &account_id,
+        &format!("/{b}/roll"),
+        json!({ "grace": "0s" }),
+    )
+    .await;
+    assert_eq!(rolled.0, StatusCode::CREATED, "{}", rolled.1);
+    expire(&admin, &account_id, &a).await;
+    let (status, c) = post_keys(&admin, &account_id, "", new("c")).await;
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "only b's successor counts: {c}"
+    );
+    assert!(over_plan(
+        &post_keys(&admin, &account_id, "", new("d")).await
+    ));
+
+    // A deactivated key leaves room too.
+    let c = text(&c, "id");
+    let (status, _) = post_keys(&admin, &account_id, &format!("/{c}/deactivate"), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, d) = post_keys(&admin, &account_id, "", new("d")).await;
+    assert_eq!(status, StatusCode::CREATED, "{d}");
+}
+
+/// Whatever makes a key able to authenticate again needs room in the plan, as a new key does,
+/// so the limit cannot be passed by deactivating, creating and activating again.
+#[tokio::test]
+async fn a_key_made_usable_again_needs_room_in_the_plan() {
+    let admin = start().await;
+    let (account_id, a, b) = full_account(&admin).await;
+    let (status, _) = post_keys(&admin, &account_id, &format!("/{b}/deactivate"), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, c) = post_keys(&admin, &account_id, "", json!({ "name": "c", "ttl": "1h" })).await;
+    assert_eq!(status, StatusCode::CREATED, "{c}");
+    let c = text(&c, "id");
+
+    assert!(over_plan(
+        &post_keys(&admin, &account_id, &format!("/{b}/activate"), json!({})).await
+    ));
+    // Rolling a deactivated key adds an active one.
+    assert!(over_plan(
+        &post_keys(&admin, &account_id, &format!("/{b}/roll"), json!({})).await
+    ));
+    // Once c has expired, b fits; renewing c would bring it back past the limit.
+    expire(&admin, &account_id, &c).await;
+    let (status, _) = post_keys(&admin, &account_id, &format!("/{b}/activate"), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(over_plan(
+        &post_keys(&admin, &account_id, &format!("/{c}/renew"), json!({})).await
+    ));
+
+    // A roll replaces a usable key, so it is allowed at the limit; the old key counts until its
+    // grace ends, so a second roll meanwhile is not.
+    let (status, rolled) = post_keys(
+        &admin,
+        &account_id,
+        &format!("/{a}/roll"),
+        json!({ "grace": "1h" }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{rolled}");
+    let successor = text(&rolled, "id");
+    assert!(over_plan(
+        &post_keys(
+            &admin,
+            &account_id,
+            &format!("/{successor}/roll"),
+            json!({})
+        )
+        .await
+    ));
+}
+
 #[tokio::test]
 async fn publishable_key_requires_allowed_origins() {
     let admin = start().await;
@@ -734,10 +867,42 @@ async fn account_key_sees_only_its_own_account() {
         let (status, err) = admin.call(method, &path, &raw_a, None).await;
         assert_eq!((status, code(&err)), (StatusCode::NOT_FOUND, "not_found"));
     }
-    let (status, _) = admin
-        .call(Method::GET, &format!("/v1/accounts/{b}/keys"), &raw_a, None)
+    // The operator's form with another account's id answers as for an account that does not
+    // exist, word for word, so an account key cannot probe which ids exist.
+    let mut answers = Vec::new();
+    for account_id in [b.as_str(), "acc_00000000000000000000"] {
+        for (method, path) in [
+            (Method::GET, format!("/v1/accounts/{account_id}")),
+            (Method::PATCH, format!("/v1/accounts/{account_id}")),
+            (Method::DELETE, format!("/v1/accounts/{account_id}")),
+            (Method::GET, format!("/v1/accounts/{account_id}/keys")),
+            (Method::POST, format!("/v1/accounts/{account_id}/keys")),
+            (
+                Method::GET,
+                format!("/v1/accounts/{account_id}/keys/{b_key}"),
+            ),
+            (
+                Method::POST,
+                format!("/v1/accounts/{account_id}/keys/{b_key}/deactivate"),
+            ),
+            (Method::GET, format!("/v1/accounts/{account_id}/config")),
+        ] {
+            let (status, err) = admin.call(method, &path, &raw_a, None).await;
+            assert_eq!(
+                (status, code(&err)),
+                (StatusCode::NOT_FOUND, "not_found"),
+                "{path}"
+            );
+            answers.push(err);
+        }
+    }
+    let (of_b, of_nobody) = answers.split_at(answers.len() / 2);
+    assert_eq!(of_b, of_nobody);
+    // On its own id the account key is pointed to its own form.
+    let (status, err) = admin
+        .call(Method::GET, &format!("/v1/accounts/{a}/keys"), &raw_a, None)
         .await;
-    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!((status, code(&err)), (StatusCode::FORBIDDEN, "forbidden"));
     let (_, list) = admin
         .call(Method::GET, "/v1/account/keys", &raw_a, None)
         .await;
@@ -788,11 +953,17 @@ async fn account_read_scope_cannot_write() {
             Some(json!({ "name": "nope" })),
         )
         .await;
-    assert_eq!((status, code(&err)), (StatusCode::FORBIDDEN, "forbidden"));
+    assert_eq!(
+        (status, code(&err)),
+        (StatusCode::FORBIDDEN, "scope_denied")
+    );
     let (status, err) = admin
         .call(Method::GET, "/v1/account/keys", &other, None)
         .await;
-    assert_eq!((status, code(&err)), (StatusCode::FORBIDDEN, "forbidden"));
+    assert_eq!(
+        (status, code(&err)),
+        (StatusCode::FORBIDDEN, "scope_denied")
+    );
 }
 
 #[tokio::test]

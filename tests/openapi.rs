@@ -530,6 +530,43 @@ async fn every_documented_operation_answers_as_documented() {
         (409, json!("protected_key"))
     );
 
+    // An account key never sees another account: 404 on its id, as on an unknown one. A key
+    // without the scope its method needs: 403 `scope_denied`.
+    for account_id in [other.as_str(), "acc_nope"] {
+        let (status, refusal) = api
+            .call(
+                "get",
+                "/v1/accounts/{account_id}/keys",
+                &[("account_id", account_id)],
+                own.next(2),
+                None,
+            )
+            .await;
+        assert_eq!(
+            (status, refusal["error"]["code"].clone()),
+            (404, json!("not_found"))
+        );
+    }
+    let (_, reader) = gw
+        .create_key(
+            &account,
+            json!({ "name": "reader", "type": "secret", "scopes": ["account:read"] }),
+        )
+        .await;
+    let (status, refusal) = api
+        .call(
+            "post",
+            "/v1/account/keys",
+            &[],
+            Cred::Account(reader, 1),
+            Some(json!({ "name": "not allowed" })),
+        )
+        .await;
+    assert_eq!(
+        (status, refusal["error"]["code"].clone()),
+        (403, json!("scope_denied"))
+    );
+
     // Operator-only paths refuse an account key; unknown accounts are 404.
     let (status, _) = api
         .call("get", "/v1/accounts", &[], own.next(0), None)

@@ -3,9 +3,10 @@
 //! back, streamed bodies, key changes taking effect at once, restart, metrics and graceful
 //! shutdown. Every test starts its own upstream and gateway on port 0.
 //!
-//! Not covered yet, for lack of an endpoint: an inactive *account* (there is no way to
-//! deactivate one through the admin API) and usage in the store (there is no usage endpoint;
-//! `forwarded_requests_are_counted_in_metrics` checks the counters on `/metrics` instead).
+//! Covered elsewhere: an inactive *account* refused on the next request
+//! (`admin_accounts::inactive_account_is_refused_on_the_next_request`, through the proxy), and
+//! usage in the store (`usage.rs`, `metering.rs`, and the usage endpoints in `admin_usage.rs`);
+//! here `forwarded_requests_are_counted_in_metrics` checks the counters on `/metrics`.
 
 mod common;
 
@@ -345,6 +346,74 @@ async fn publishable_key_is_limited_to_its_origins_and_to_reads() {
         .await
         .unwrap();
     expect_refusal(write, StatusCode::FORBIDDEN, "publishable_key_write").await;
+}
+
+/// The account's `allowed_domains` are domains: `example.com` is that host over http and https
+/// on their default ports, `*.example.org` its subdomains; a full origin is exactly that origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishable_key_passes_from_its_accounts_allowed_domains() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let account = gw
+        .create_account(json!({
+            "name": "acme",
+            "network_policy": {
+                "allowed_domains": ["example.com", "*.example.org", "https://exact.example.net:8443"]
+            }
+        }))
+        .await;
+    let (_, key) = gw
+        .create_key(
+            &account,
+            json!({ "name": "web", "type": "publishable", "allowed_origins": [ORIGIN] }),
+        )
+        .await;
+    let client = client();
+    let url = gw.proxy_url("/things");
+    let from = |origin: &str| {
+        client
+            .get(&url)
+            .bearer_auth(&key)
+            .header("origin", origin)
+            .send()
+    };
+
+    for allowed in [
+        "https://example.com",
+        "http://example.com",
+        "HTTPS://Example.COM:443",
+        "https://a.example.org",
+        "https://a.b.example.org",
+        "https://exact.example.net:8443",
+        ORIGIN,
+    ] {
+        expect_echo(from(allowed).await.unwrap()).await;
+    }
+    for refused in [
+        "https://evil.com",
+        "https://notexample.com",
+        "https://sub.example.com",
+        "https://example.com:8443",
+        "https://example.org",
+        "https://exact.example.net",
+        "http://exact.example.net:8443",
+        "null",
+    ] {
+        expect_refusal(
+            from(refused).await.unwrap(),
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+        )
+        .await;
+    }
+    let by_referer = client
+        .get(&url)
+        .bearer_auth(&key)
+        .header("referer", "https://example.com/page?x=1")
+        .send()
+        .await
+        .unwrap();
+    expect_echo(by_referer).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -229,7 +229,7 @@ impl AccountFields {
                 "network_policy.allowed_ips",
                 &self.network_policy.allowed_ips,
             )?,
-            allowed_domains: validate::origins(
+            allowed_domains: validate::domains(
                 "network_policy.allowed_domains",
                 &self.network_policy.allowed_domains,
             )?,

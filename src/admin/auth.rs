@@ -8,7 +8,12 @@
 //! Two extractors carry the decision to the handlers: [`Operator`] for `/v1/accounts` itself, and
 //! [`AccountAccess`] for an account's resources under either `/v1/accounts/{account_id}/…`
 //! (operator) or `/v1/account/…` (the account's own key, with `account:read` for GET and
-//! `account:write` for everything else when its scopes are limited).
+//! `account:write` for everything else when its scopes are limited; 403 `scope_denied` without).
+//!
+//! An account never sees another account: an account key on `/v1/accounts/{id}…` with any id
+//! but its own gets the operator's 404 for an unknown account, word for word and without a
+//! store read, so it cannot tell which ids exist. On its own id it gets 403 `forbidden`,
+//! pointing it to `/v1/account/…`.
 
 use std::net::SocketAddr;
 
@@ -89,9 +94,14 @@ impl FromRequestParts<AdminState> for Operator {
             Caller::Master => Ok(Operator {
                 ip: client_ip(parts),
             }),
-            Caller::Account { .. } => Err(ApiError::Forbidden(
-                "only the master key may manage accounts; an account key uses /v1/account",
-            )),
+            Caller::Account { account, .. } => {
+                let id = path_param(parts, "account_id").await?;
+                Err(
+                    not_another_account(id.as_deref(), &account.id).unwrap_or(ApiError::Forbidden(
+                        "only the master key may manage accounts; an account key uses /v1/account",
+                    )),
+                )
+            }
         }
     }
 }
@@ -132,7 +142,7 @@ impl FromRequestParts<AdminState> for AccountAccess {
                     SCOPE_WRITE
                 };
                 if !policy::has_scope(scopes.as_deref(), needed) {
-                    return Err(ApiError::Forbidden(if needed == SCOPE_READ {
+                    return Err(ApiError::ScopeDenied(if needed == SCOPE_READ {
                         "this key lacks the account:read scope"
                     } else {
                         "this key lacks the account:write scope"
@@ -145,9 +155,13 @@ impl FromRequestParts<AdminState> for AccountAccess {
                     caller_scopes: scopes,
                 })
             }
-            (Some(_), Caller::Account { .. }) => Err(ApiError::Forbidden(
+            (Some(account_id), Caller::Account { account, .. }) => Err(not_another_account(
+                Some(&account_id),
+                &account.id,
+            )
+            .unwrap_or(ApiError::Forbidden(
                 "an account key manages its own account at /v1/account",
-            )),
+            ))),
             (None, Caller::Master) => Err(ApiError::Forbidden(
                 "the master key manages an account at /v1/accounts/{account_id}",
             )),
@@ -202,6 +216,15 @@ async fn account_key(state: &AdminState, hash: &KeyHash) -> Result<Caller, ApiEr
         scopes: key.scopes,
         account: Box::new(account),
     })
+}
+
+/// For an account key on the operator's form: another account's id (or one that does not exist)
+/// is the 404 an unknown account gets, so that the answer says nothing about other accounts;
+/// `None` on its own id or a path without one.
+fn not_another_account(path_id: Option<&str>, own_id: &str) -> Option<ApiError> {
+    path_id
+        .filter(|id| *id != own_id)
+        .map(|_| ApiError::NotFound("account"))
 }
 
 /// A named path parameter; `None` on routes that do not have it.

@@ -41,9 +41,15 @@ pub enum ApiError {
     /// 401 `inactive_credential`: the key or its account is deactivated.
     #[error("the credential is inactive")]
     InactiveCredential,
-    /// 403 `forbidden`: a valid caller without the right to this resource.
+    /// 403 `forbidden`: a valid credential on the wrong path form (the master key on
+    /// `/v1/account/…`, an account key on `/v1/accounts` or its own `/v1/accounts/{id}/…`), or
+    /// an account that accepts only OAuth. Another account's id is [`ApiError::NotFound`].
     #[error("{0}")]
     Forbidden(&'static str),
+    /// 403 `scope_denied`: an account key without the scope the call needs (`account:read`,
+    /// `account:write`), or asking for a key with scopes it does not hold itself.
+    #[error("{0}")]
+    ScopeDenied(&'static str),
     /// 404 `not_found`: no such path, account or key (or not one the caller may see).
     #[error("{0} not found")]
     NotFound(&'static str),
@@ -116,6 +122,7 @@ impl ApiError {
             ApiError::ExpiredCredential => (StatusCode::UNAUTHORIZED, "expired_credential"),
             ApiError::InactiveCredential => (StatusCode::UNAUTHORIZED, "inactive_credential"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::ScopeDenied(_) => (StatusCode::FORBIDDEN, "scope_denied"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::NameTaken | ApiError::SiteTaken => (StatusCode::CONFLICT, "name_taken"),

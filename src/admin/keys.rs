@@ -10,6 +10,11 @@
 //! usable secret key of an `api_key` account, and `protected` keys (not deactivated; deleting
 //! one is an explicit, permanent act the contract allows).
 //!
+//! `max_keys` counts the keys that can still authenticate ([`can_authenticate`]: active and not
+//! expired, so neither a rolled key past its grace nor a deactivated one). Whatever makes a key
+//! able to authenticate needs room, as a new key does: create, activate, renew of an expired
+//! key, and roll ([`ensure_room`]); otherwise deactivate, create, activate would pass the limit.
+//!
 //! A PATCH is a JSON merge patch ([`Patch`]) over `name`, `scopes`, `allowed_origins`,
 //! `allowed_ips`, `rate_limit` and `metadata`, checked as create checks them. New `scopes` must be
 //! within what the caller may grant; scopes the PATCH does not name are left as they are.
@@ -145,15 +150,11 @@ pub(crate) async fn create(
         access.account.permissions.as_deref(),
         access.caller_scopes.as_deref(),
     );
-    let record = req.into_record(&access.account, grantable.as_deref(), &raw, Utc::now())?;
+    let now = Utc::now();
+    let record = req.into_record(&access.account, grantable.as_deref(), &raw, now)?;
     {
         let _lock = state.lock_account(&access.account.id).await?;
-        if let Some(max) = access.account.plan.max_keys {
-            let held = state.store.list_keys(&access.account.id).await?.len();
-            if held >= usize::try_from(max).unwrap_or(usize::MAX) {
-                return Err(ApiError::PlanLimit { max, what: "keys" });
-            }
-        }
+        ensure_room(&*state.store, &access.account, None, now).await?;
         state.store.create_key(&record).await?;
     }
     // A request with this credential may have been refused a moment ago and cached as unknown.
@@ -254,13 +255,15 @@ pub(crate) async fn activate(
 }
 
 /// Switches a key on or off: a protected key, or the account's last usable secret key, is not
-/// switched off. The change reaches the proxy's cache before the answer, and is audited.
+/// switched off, and one is not switched back on past the plan's `max_keys`. The change reaches
+/// the proxy's cache before the answer, and is audited.
 async fn set_active(
     state: &AdminState,
     access: &AccountAccess,
     key_id: &str,
     active: bool,
 ) -> Result<KeyView, ApiError> {
+    let now = Utc::now();
     let key = {
         let _lock = state.lock_account(&access.account.id).await?;
         let mut key = fetch(&*state.store, &access.account.id, key_id).await?;
@@ -270,8 +273,12 @@ async fn set_active(
             }
             ensure_not_last(&*state.store, &access.account, &key).await?;
         }
+        let was_usable = can_authenticate(&key, now);
         key.active = active;
-        key.updated_at = Utc::now();
+        if !was_usable && can_authenticate(&key, now) {
+            ensure_room(&*state.store, &access.account, Some(&key.id), now).await?;
+        }
+        key.updated_at = now;
         state.store.update_key(&key).await?;
         key
     };
@@ -606,6 +613,35 @@ pub(crate) fn latest_expiry() -> DateTime<Utc> {
     DateTime::from_timestamp(253_402_300_799, 0).unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
+/// Whether the key can still authenticate at `now`: active and not expired. A rolled key's grace
+/// ends at its expiry, so this covers it too. Only these keys count towards `max_keys`.
+pub(crate) fn can_authenticate(key: &KeyRecord, now: DateTime<Utc>) -> bool {
+    key.active && key.expires_at.is_none_or(|at| at > now)
+}
+
+/// Refuses one more key that can authenticate when the account already has `plan.max_keys` of
+/// them, not counting `replacing` (the key a roll replaces, or the one being made usable).
+pub(crate) async fn ensure_room(
+    store: &dyn Store,
+    account: &AccountRecord,
+    replacing: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<(), ApiError> {
+    let Some(max) = account.plan.max_keys else {
+        return Ok(());
+    };
+    let usable = store
+        .list_keys(&account.id)
+        .await?
+        .iter()
+        .filter(|k| Some(k.id.as_str()) != replacing && can_authenticate(k, now))
+        .count();
+    if usable >= usize::try_from(max).unwrap_or(usize::MAX) {
+        return Err(ApiError::PlanLimit { max, what: "keys" });
+    }
+    Ok(())
+}
+
 /// Refuses to remove the last usable secret key of an account that authenticates by API key.
 async fn ensure_not_last(
     store: &dyn Store,
@@ -613,9 +649,7 @@ async fn ensure_not_last(
     key: &KeyRecord,
 ) -> Result<(), ApiError> {
     let now = Utc::now();
-    let usable_secret = |k: &KeyRecord| {
-        k.key_type == KeyType::Secret && k.active && k.expires_at.is_none_or(|at| at > now)
-    };
+    let usable_secret = |k: &KeyRecord| k.key_type == KeyType::Secret && can_authenticate(k, now);
     if account.auth_method != AuthMethod::ApiKey || !usable_secret(key) {
         return Ok(());
     }

@@ -12,9 +12,13 @@
 //! 100 characters) and expires at the earlier of its own expiry and now + `grace` (default 24 h,
 //! `"0s"` ends it at once). Dropping the old key's cache entry makes the proxy apply that expiry
 //! on the next request. The new key is active even when the old one was deactivated (rolling is
-//! how a suspect key is replaced). A roll replaces a key rather than adding one, so it is allowed
-//! even when the account is at its plan's `max_keys`. It hands out a raw key, so an account key
-//! may roll only keys whose scopes it holds itself.
+//! how a suspect key is replaced). It hands out a raw key, so an account key may roll only keys
+//! whose scopes it holds itself.
+//!
+//! Plan `max_keys` ([`keys::ensure_room`]): a roll replaces the old key, so the count leaves the
+//! old key out and a roll is allowed at the limit. The old key still counts during its grace, so
+//! a second roll before the grace ends, or a roll of a deactivated or expired key (which adds a
+//! key that can authenticate), needs room like a new key. Renewing an expired key does too.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -62,6 +66,7 @@ pub(crate) async fn renew(
     let key = {
         let _lock = state.lock_account(&access.account.id).await?;
         let mut key = keys::fetch(&*state.store, &access.account.id, &key_id).await?;
+        let was_usable = keys::can_authenticate(&key, now);
         let lifetime = match req.ttl.as_deref() {
             Some(ttl) => keys::expiry(None, Some(ttl), now)?.1,
             None => key.lifetime_secs,
@@ -74,6 +79,9 @@ pub(crate) async fn renew(
         })?;
         key.expires_at = Some(after(now, lifetime, "ttl")?);
         key.lifetime_secs = Some(lifetime);
+        if !was_usable && keys::can_authenticate(&key, now) {
+            keys::ensure_room(&*state.store, &access.account, Some(&key.id), now).await?;
+        }
         key.updated_at = now;
         state.store.update_key(&key).await?;
         key
@@ -109,6 +117,7 @@ pub(crate) async fn roll(
         let _lock = state.lock_account(&access.account.id).await?;
         let old = keys::fetch(&*state.store, &access.account.id, &key_id).await?;
         caller_holds(access.caller_scopes.as_deref(), old.scopes.as_deref())?;
+        keys::ensure_room(&*state.store, &access.account, Some(&old.id), now).await?;
         let raw = credential::generate(match old.key_type {
             KeyType::Secret => Kind::Secret,
             KeyType::Publishable => Kind::Publishable,
@@ -225,7 +234,7 @@ fn caller_holds(caller: Option<&[String]>, key: Option<&[String]>) -> Result<(),
     let Some(caller) = caller else { return Ok(()) };
     match key {
         Some(scopes) if scopes.iter().all(|s| caller.contains(s)) => Ok(()),
-        _ => Err(ApiError::Forbidden(
+        _ => Err(ApiError::ScopeDenied(
             "this key may not roll a key with scopes it does not hold itself",
         )),
     }

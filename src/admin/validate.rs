@@ -63,14 +63,36 @@ pub(crate) fn cidrs(field: &str, list: &[String]) -> Result<Vec<String>, ApiErro
 
 /// Origins (`scheme://host[:port]`), returned normalised.
 pub(crate) fn origins(field: &str, list: &[String]) -> Result<Vec<String>, ApiError> {
+    normalised(
+        field,
+        list,
+        policy::normalize_origin,
+        "an origin like https://example.com",
+    )
+}
+
+/// Domains (`example.com`, `*.example.com`) or origins (`https://example.com:8443`), returned
+/// normalised. A bare domain has no port: it allows http and https on their default ports.
+pub(crate) fn domains(field: &str, list: &[String]) -> Result<Vec<String>, ApiError> {
+    normalised(
+        field,
+        list,
+        policy::normalize_domain,
+        "a domain like example.com or *.example.com, or an origin like https://example.com:8443",
+    )
+}
+
+fn normalised(
+    field: &str,
+    list: &[String],
+    normalise: fn(&str) -> Option<String>,
+    expected: &str,
+) -> Result<Vec<String>, ApiError> {
     list.iter()
         .enumerate()
         .map(|(i, s)| {
-            policy::normalize_origin(s).ok_or_else(|| {
-                ApiError::field(
-                    format!("{field}[{i}]"),
-                    format!("{s:?} is not an origin like https://example.com"),
-                )
+            normalise(s).ok_or_else(|| {
+                ApiError::field(format!("{field}[{i}]"), format!("{s:?} is not {expected}"))
             })
         })
         .collect()

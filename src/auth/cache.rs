@@ -355,7 +355,7 @@ impl KeyCache {
             .iter()
             .chain(&account.network_policy.allowed_domains)
             .chain(&lookup.site_origins)
-            .filter_map(|o| policy::normalize_origin(o))
+            .filter_map(|o| policy::OriginRule::parse(o))
             .collect();
         let header =
             |s: &str| HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""));
