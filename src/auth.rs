@@ -71,6 +71,9 @@ pub struct IdentityValues {
     pub scopes: HeaderValue,
     /// `RateLimit-Policy` for the key's windows.
     pub policy: Option<HeaderValue>,
+    /// Each window's limit (minute, hour, day), for `RateLimit-Limit` and
+    /// `X-RateLimit-Limit-*`; `None` for windows not limited.
+    pub limits: [Option<HeaderValue>; 3],
 }
 
 /// What the checks need to know about the request.

@@ -123,7 +123,8 @@ impl Window {
         }
     }
 
-    const fn index(self) -> usize {
+    /// Position in [`Window::ALL`].
+    pub const fn index(self) -> usize {
         match self {
             Window::Minute => 0,
             Window::Hour => 1,

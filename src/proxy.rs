@@ -9,6 +9,7 @@
 //! Requests identified to a key are metered whatever their outcome. Must not touch the store
 //! except through the key cache, and never imports `admin`.
 
+pub mod arena;
 pub mod body;
 pub mod forward;
 pub mod headers;
@@ -153,11 +154,7 @@ impl Proxy {
                 Some((&identified, presented.source)),
             )
             .await;
-        headers::add_limit_headers(
-            response.headers_mut(),
-            permit.key.identity.policy.as_ref(),
-            &permit.limits,
-        );
+        headers::add_limit_headers(response.headers_mut(), &permit.key.identity, &permit.limits);
         response
     }
 
@@ -220,8 +217,9 @@ impl Proxy {
             host,
             credential: key.map(|(_, source)| source),
         };
-        let mut upstream_headers = headers::upstream_request_headers(
-            parts.headers,
+        let mut upstream_headers = parts.headers;
+        headers::prepare_upstream_headers(
+            &mut upstream_headers,
             &self.names,
             &fwd,
             identified.map(|i| &i.key.identity),
@@ -309,11 +307,7 @@ impl Proxy {
         }
         let mut response = refusal.to_response().map(Either::Right);
         if let (Some(limits), Some(i)) = (limits, identified) {
-            headers::add_limit_headers(
-                response.headers_mut(),
-                i.key.identity.policy.as_ref(),
-                limits,
-            );
+            headers::add_limit_headers(response.headers_mut(), &i.key.identity, limits);
         }
         response
     }

@@ -373,6 +373,7 @@ impl KeyCache {
                 }),
                 scopes: header(&scopes_text),
                 policy: policy_header(&quotas),
+                limits: quotas.per.map(|q| q.map(|n| HeaderValue::from(n.get()))),
             },
             limiter: {
                 let local = self.limiters.for_key(&key_id, quotas);

@@ -7,15 +7,16 @@ use std::net::IpAddr;
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue};
 
+use std::fmt::Write as _;
+
+use super::arena;
 use crate::auth::extract::{Source, X_API_KEY};
 use crate::auth::IdentityValues;
-use crate::limits::{LimitSnapshot, Window};
+use crate::limits::{LimitSnapshot, Window, WindowState};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
@@ -31,6 +32,34 @@ static X_REMAINING: [HeaderName; 3] = [
     HeaderName::from_static("x-ratelimit-remaining-hour"),
     HeaderName::from_static("x-ratelimit-remaining-day"),
 ];
+
+/// Request headers that never go upstream: hop-by-hop ones, and `Host` (the upstream gets its
+/// own). At most 16, for the bit mask of [`prepare_upstream_headers`].
+static DROPPED: [HeaderName; 9] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::HOST,
+];
+/// Response headers that never go to the client: hop-by-hop ones.
+static DROPPED_IN_RESPONSES: [HeaderName; 8] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
+/// Most headers [`add_limit_headers`] adds: policy, the structured field, three for the
+/// tightest window, two per window.
+const LIMIT_HEADERS: usize = 11;
 
 /// The identity header names for the configured prefix.
 pub struct IdentityNames {
@@ -77,70 +106,83 @@ impl IdentityNames {
     }
 }
 
-/// Rebuilds the request headers for upstream in one pass: drops hop-by-hop headers (and those
-/// that `Connection` names), the credential, `Host` (the client sets the upstream's) and any
-/// client-sent identity header; then adds X-Forwarded-* and, for a key, the identity headers.
-pub fn upstream_request_headers(
-    incoming: HeaderMap,
+/// Turns the client's request headers into the upstream's, in place: drops hop-by-hop headers
+/// (and those that `Connection` names), the credential, `Host` (the caller sets the
+/// upstream's) and any client-sent identity header; then adds X-Forwarded-* and, for a key, the
+/// identity headers. One pass over the names finds what to drop, so a request without such
+/// headers costs no removal, and nothing is allocated but the `X-Forwarded-For` value.
+pub fn prepare_upstream_headers(
+    headers: &mut HeaderMap,
     names: &IdentityNames,
     fwd: &Forwarding<'_>,
     identity: Option<&IdentityValues>,
-) -> HeaderMap {
-    let connection_named = connection_listed(&incoming);
-    let mut out = HeaderMap::with_capacity(incoming.len() + 8);
-    let mut prior_xff: Option<HeaderValue> = None;
-    let mut current: Option<HeaderName> = None;
-    for (name, value) in incoming {
-        if let Some(n) = name {
-            current = Some(n);
+) {
+    let mut drop_mask = 0u16;
+    let mut spoofed = false;
+    for name in headers.keys() {
+        if let Some(i) = DROPPED.iter().position(|d| d == name) {
+            drop_mask |= 1 << i;
+        } else if names.is_identity(name) {
+            spoofed = true;
         }
-        let Some(name) = current.as_ref() else {
-            continue;
-        };
-        if is_hop_by_hop(name)
-            || connection_named.contains(name)
-            || names.is_identity(name)
-            || name == header::HOST
-        {
-            continue;
-        }
-        match fwd.credential {
-            Some(Source::ApiKeyHeader) if name == X_API_KEY => continue,
-            Some(Source::Authorization) if name == header::AUTHORIZATION => continue,
-            _ => {}
-        }
-        if *name == X_FORWARDED_FOR {
-            if fwd.peer_trusted {
-                prior_xff = Some(value);
+    }
+    if let Some(connection) = headers.get(header::CONNECTION).cloned() {
+        for token in connection.to_str().unwrap_or("").split(',') {
+            if let Ok(name) = HeaderName::from_bytes(token.trim().as_bytes()) {
+                headers.remove(name);
             }
-            continue;
         }
-        if !fwd.peer_trusted && (*name == X_FORWARDED_PROTO || *name == X_FORWARDED_HOST) {
-            continue;
-        }
-        out.append(name.clone(), value);
     }
-    let peer = fwd.peer.to_string();
-    let xff = match prior_xff.as_ref().and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {peer}"),
-        None => peer,
+    for (i, name) in DROPPED.iter().enumerate() {
+        if drop_mask & (1 << i) != 0 {
+            headers.remove(name);
+        }
+    }
+    if spoofed {
+        let listed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| names.is_identity(n))
+            .cloned()
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
+    }
+    match fwd.credential {
+        Some(Source::ApiKeyHeader) => drop(headers.remove(&X_API_KEY)),
+        Some(Source::Authorization) => drop(headers.remove(header::AUTHORIZATION)),
+        _ => {}
+    }
+    let xff = if fwd.peer_trusted {
+        arena::value(|buf| {
+            for prior in headers.get_all(&X_FORWARDED_FOR) {
+                buf.extend_from_slice(prior.as_bytes());
+                buf.extend_from_slice(b", ");
+            }
+            let _ = write!(buf, "{}", fwd.peer);
+        })
+    } else {
+        headers.remove(&X_FORWARDED_PROTO);
+        headers.remove(&X_FORWARDED_HOST);
+        arena::value(|buf| {
+            let _ = write!(buf, "{}", fwd.peer);
+        })
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        out.insert(X_FORWARDED_FOR.clone(), v);
+    if let Some(v) = xff {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
     }
-    if !out.contains_key(&X_FORWARDED_PROTO) {
-        out.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     }
-    if let (false, Some(host)) = (out.contains_key(&X_FORWARDED_HOST), fwd.host) {
-        out.insert(X_FORWARDED_HOST.clone(), host.clone());
+    if let (false, Some(host)) = (headers.contains_key(&X_FORWARDED_HOST), fwd.host) {
+        headers.insert(X_FORWARDED_HOST.clone(), host.clone());
     }
     if let Some(id) = identity {
-        out.insert(names.account_id.clone(), id.account_id.clone());
-        out.insert(names.key_id.clone(), id.key_id.clone());
-        out.insert(names.key_type.clone(), id.key_type.clone());
-        out.insert(names.scopes.clone(), id.scopes.clone());
+        headers.insert(names.account_id.clone(), id.account_id.clone());
+        headers.insert(names.key_id.clone(), id.key_id.clone());
+        headers.insert(names.key_type.clone(), id.key_type.clone());
+        headers.insert(names.scopes.clone(), id.scopes.clone());
     }
-    out
 }
 
 /// The protocol a client asks to upgrade to (`Connection: upgrade` with `Upgrade: …`, as a
@@ -166,84 +208,199 @@ pub fn ask_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
 /// Removes hop-by-hop headers from an upstream response; a `101 Switching Protocols` keeps
 /// `Connection` and `Upgrade`, which the client needs to finish its upgrade.
 pub fn clean_response_headers(headers: &mut HeaderMap, switching: bool) {
-    for name in connection_listed(headers) {
-        if !(switching && name == header::UPGRADE) {
+    let mut drop_mask = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = DROPPED_IN_RESPONSES.iter().position(|d| d == name) {
+            drop_mask |= 1 << i;
+        }
+    }
+    if drop_mask == 0 {
+        return;
+    }
+    if let Some(connection) = headers.get(header::CONNECTION).cloned() {
+        for token in connection.to_str().unwrap_or("").split(',') {
+            let token = token.trim();
+            // `keep-alive` and `close` name no header worth a lookup; `upgrade` stays on a 101.
+            if token.eq_ignore_ascii_case("keep-alive")
+                || token.eq_ignore_ascii_case("close")
+                || (switching && token.eq_ignore_ascii_case("upgrade"))
+            {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                headers.remove(name);
+            }
+        }
+    }
+    for (i, name) in DROPPED_IN_RESPONSES.iter().enumerate() {
+        let kept = switching && (*name == header::CONNECTION || *name == header::UPGRADE);
+        if drop_mask & (1 << i) != 0 && !kept {
             headers.remove(name);
         }
     }
-    for name in [
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::PROXY_AUTHENTICATE,
-    ] {
-        headers.remove(name);
-    }
-    for name in [&KEEP_ALIVE, &PROXY_CONNECTION] {
-        headers.remove(name);
-    }
-    if !switching {
-        headers.remove(header::CONNECTION);
-        headers.remove(header::UPGRADE);
-    }
 }
 
-/// Adds both styles of rate-limit headers for the windows in force.
-pub fn add_limit_headers(
-    headers: &mut HeaderMap,
-    policy: Option<&HeaderValue>,
-    limits: &LimitSnapshot,
-) {
+/// Adds both styles of rate-limit headers for the windows in force. The limits are the key's
+/// precomputed values; the remaining counts and resets are written into this thread's header
+/// arena, so no value costs an allocation of its own.
+pub fn add_limit_headers(headers: &mut HeaderMap, key: &IdentityValues, limits: &LimitSnapshot) {
     let Some(tightest) = limits.tightest() else {
         return;
     };
-    if let Some(p) = policy {
+    headers.reserve(LIMIT_HEADERS);
+    if let Some(p) = &key.policy {
         headers.insert(RATELIMIT_POLICY.clone(), p.clone());
     }
-    let mut buf = itoa::Buffer::new();
-    let mut structured = String::with_capacity(32);
-    structured.push('"');
-    structured.push_str(tightest.window.name());
-    structured.push_str("\";r=");
-    structured.push_str(buf.format(tightest.remaining));
-    structured.push_str(";t=");
-    structured.push_str(buf.format(tightest.reset));
-    if let Ok(v) = HeaderValue::from_str(&structured) {
+    let mut n = itoa::Buffer::new();
+    let structured = arena::value(|buf| {
+        buf.extend_from_slice(b"\"");
+        buf.extend_from_slice(tightest.window.name().as_bytes());
+        buf.extend_from_slice(b"\";r=");
+        buf.extend_from_slice(n.format(tightest.remaining).as_bytes());
+        buf.extend_from_slice(b";t=");
+        buf.extend_from_slice(n.format(tightest.reset).as_bytes());
+    });
+    if let Some(v) = structured {
         headers.insert(RATELIMIT.clone(), v);
     }
-    headers.insert(RATELIMIT_LIMIT.clone(), HeaderValue::from(tightest.limit));
-    headers.insert(
-        RATELIMIT_REMAINING.clone(),
-        HeaderValue::from(tightest.remaining),
-    );
-    headers.insert(RATELIMIT_RESET.clone(), HeaderValue::from(tightest.reset));
+    let limit_of = |w: &WindowState| {
+        key.limits[w.window.index()]
+            .clone()
+            .unwrap_or_else(|| HeaderValue::from(w.limit))
+    };
+    let mut number = |v: u64| arena::value(|buf| buf.extend_from_slice(n.format(v).as_bytes()));
+    headers.insert(RATELIMIT_LIMIT.clone(), limit_of(&tightest));
+    if let Some(v) = number(u64::from(tightest.remaining)) {
+        headers.insert(RATELIMIT_REMAINING.clone(), v);
+    }
+    if let Some(v) = number(tightest.reset) {
+        headers.insert(RATELIMIT_RESET.clone(), v);
+    }
     for (i, w) in limits.windows.iter().enumerate() {
         if let Some(w) = w {
             debug_assert_eq!(Window::ALL[i], w.window);
-            headers.insert(X_LIMIT[i].clone(), HeaderValue::from(w.limit));
-            headers.insert(X_REMAINING[i].clone(), HeaderValue::from(w.remaining));
+            headers.insert(X_LIMIT[i].clone(), limit_of(w));
+            if let Some(v) = number(u64::from(w.remaining)) {
+                headers.insert(X_REMAINING[i].clone(), v);
+            }
         }
     }
 }
 
-/// The headers that `Connection` names: hop-by-hop for this message.
-fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect()
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    *name == header::CONNECTION
-        || *name == header::TE
-        || *name == header::TRAILER
-        || *name == header::TRANSFER_ENCODING
-        || *name == header::UPGRADE
-        || *name == header::PROXY_AUTHORIZATION
-        || *name == KEEP_ALIVE
-        || *name == PROXY_CONNECTION
+    fn request_headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn fwd(trusted: bool, credential: Option<Source>) -> Forwarding<'static> {
+        Forwarding {
+            peer: "10.0.0.7".parse().unwrap(),
+            peer_trusted: trusted,
+            host: None,
+            credential,
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_named_spoofed_and_credential_headers_do_not_go_upstream() {
+        let names = IdentityNames::new("X-Gw-").unwrap();
+        let mut h = request_headers(&[
+            ("host", "api.example.com"),
+            ("connection", "keep-alive, x-secret-hop"),
+            ("x-secret-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("x-gw-key-id", "spoofed"),
+            ("x-tollgate-account-id", "spoofed"),
+            ("x-api-key", "tgsk_the_credential"),
+            ("authorization", "Bearer for-the-upstream"),
+            ("accept", "*/*"),
+        ]);
+        prepare_upstream_headers(
+            &mut h,
+            &names,
+            &fwd(false, Some(Source::ApiKeyHeader)),
+            None,
+        );
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            [
+                "accept",
+                "authorization",
+                "x-forwarded-for",
+                "x-forwarded-proto"
+            ]
+        );
+        assert_eq!(h["authorization"], "Bearer for-the-upstream");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.7");
+    }
+
+    #[test]
+    fn a_trusted_peer_extends_every_forwarded_for_value_it_sent() {
+        let names = IdentityNames::new("X-Tollgate-").unwrap();
+        let mut h = request_headers(&[
+            ("x-forwarded-for", "203.0.113.1"),
+            ("x-forwarded-for", "198.51.100.2, 192.0.2.3"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        prepare_upstream_headers(&mut h, &names, &fwd(true, None), None);
+        assert_eq!(
+            h["x-forwarded-for"],
+            "203.0.113.1, 198.51.100.2, 192.0.2.3, 10.0.0.7"
+        );
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+    }
+
+    #[test]
+    fn an_untrusted_peer_cannot_set_forwarded_headers() {
+        let names = IdentityNames::new("X-Tollgate-").unwrap();
+        let mut h = request_headers(&[
+            ("x-forwarded-for", "203.0.113.1"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil.example"),
+        ]);
+        let host = HeaderValue::from_static("api.example.com");
+        let mut f = fwd(false, None);
+        f.host = Some(&host);
+        prepare_upstream_headers(&mut h, &names, &f, None);
+        assert_eq!(h["x-forwarded-for"], "10.0.0.7");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "api.example.com");
+    }
+
+    #[test]
+    fn responses_lose_hop_by_hop_headers_except_an_upgrades_own() {
+        let pairs = [
+            ("connection", "upgrade, x-hop"),
+            ("upgrade", "websocket"),
+            ("x-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("content-type", "text/plain"),
+        ];
+        let mut normal = request_headers(&pairs);
+        clean_response_headers(&mut normal, false);
+        assert_eq!(
+            normal.keys().map(HeaderName::as_str).collect::<Vec<_>>(),
+            ["content-type"]
+        );
+        let mut switching = request_headers(&pairs);
+        clean_response_headers(&mut switching, true);
+        let mut left: Vec<&str> = switching.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["connection", "content-type", "upgrade"]);
+    }
 }
