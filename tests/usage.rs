@@ -1,5 +1,6 @@
 //! Usage metering end to end: exact counts under concurrency, minute boundaries on an injected
-//! clock, and no loss when the store fails for a while.
+//! clock, no loss when the store fails for a while, and a bounded, oldest-first loss when it
+//! fails for too long.
 
 mod common;
 #[path = "common/observed_store.rs"]
@@ -10,7 +11,8 @@ use std::sync::Arc;
 
 use reqwest::StatusCode;
 use serde_json::json;
-use tollgate::metering::{flusher, Meter, Outcome, Pending, WallClock};
+use tollgate::metering::flusher::{self, Backlog, MAX_PENDING_BUCKETS};
+use tollgate::metering::{Meter, Outcome, WallClock};
 use tollgate::metrics::Metrics;
 use tollgate::store::embedded::EmbeddedStore;
 use tollgate::store::*;
@@ -167,34 +169,87 @@ async fn requests_either_side_of_a_minute_boundary_land_in_different_buckets() {
     );
 }
 
-#[tokio::test]
-async fn counts_survive_a_store_outage_and_are_written_once_it_is_back() {
+/// An embedded store behind an off switch, switched off: (its directory, the switch, the store).
+fn switched_off_store() -> (tempfile::TempDir, Arc<ObservedStore>, SharedStore) {
     let dir = tempfile::tempdir().expect("tempdir");
     let switchable = Arc::new(ObservedStore::new(
         EmbeddedStore::open(&dir.path().join("u.db")).expect("store"),
     ));
     switchable.down.store(true, Ordering::SeqCst);
     let store: SharedStore = switchable.clone();
+    (dir, switchable, store)
+}
+
+#[tokio::test]
+async fn counts_survive_a_store_outage_and_are_written_once_it_is_back() {
+    let (_dir, switchable, store) = switched_off_store();
     let meter = Meter::new(WallClock::System);
     let metrics = Metrics::new().expect("metrics");
     let cell = meter.cell(&Arc::from("key_out"), &Arc::from("acc_out"));
     let minute_ms = 60_000 * 29_000_000;
-    let (mut pending, mut failing) = (Pending::default(), false);
+    let mut backlog = Backlog::new(MAX_PENDING_BUCKETS);
     for round in 0..5 {
         for _ in 0..100 {
             cell.record(minute_ms + round * 60_000, Outcome { status: 200 });
         }
-        assert!(!flusher::flush_once(&meter, &store, &metrics, &mut pending, &mut failing).await);
+        assert!(!flusher::flush_once(&meter, &store, &metrics, &mut backlog).await);
     }
     // Five minutes of traffic wait as five merged buckets, not 500 events.
-    assert_eq!(pending.len(), 5);
+    assert_eq!(backlog.len(), 5);
     assert_eq!(metrics.usage_pending_events.get(), 5);
     switchable.down.store(false, Ordering::SeqCst);
-    assert!(flusher::flush_once(&meter, &store, &metrics, &mut pending, &mut failing).await);
-    assert!(pending.is_empty());
+    assert!(flusher::flush_once(&meter, &store, &metrics, &mut backlog).await);
+    assert!(backlog.is_empty());
+    assert_eq!(metrics.usage_pending_events.get(), 0);
     let total = key_total(&switchable.inner, "key_out").await;
     assert_eq!(total.requests, 500);
     // Nothing is written twice.
-    assert!(flusher::flush_once(&meter, &store, &metrics, &mut pending, &mut failing).await);
+    assert!(flusher::flush_once(&meter, &store, &metrics, &mut backlog).await);
     assert_eq!(key_total(&switchable.inner, "key_out").await.requests, 500);
+}
+
+#[tokio::test]
+async fn usage_waiting_for_a_failed_store_is_capped_oldest_minutes_first() {
+    const CAP: usize = 4;
+    let (_dir, switchable, store) = switched_off_store();
+    let meter = Meter::new(WallClock::System);
+    let metrics = Metrics::new().expect("metrics");
+    let cell = meter.cell(&Arc::from("key_cap"), &Arc::from("acc_cap"));
+    let first_minute = 29_000_000_i64;
+    let mut backlog = Backlog::new(CAP);
+    // Ten minutes of traffic while the store is away: the first minute's batch is in flight,
+    // the later ones pending; together they never pass the cap.
+    for m in 0..10 {
+        cell.record((first_minute + m) * 60_000, Outcome { status: 200 });
+        assert!(!flusher::flush_once(&meter, &store, &metrics, &mut backlog).await);
+        assert!(
+            backlog.len() <= CAP,
+            "minute {m}: {} buckets",
+            backlog.len()
+        );
+    }
+    assert_eq!(backlog.len(), CAP);
+    assert_eq!(backlog.dropped(), 6);
+    assert_eq!(metrics.usage_pending_events.get(), CAP as i64);
+
+    switchable.down.store(false, Ordering::SeqCst);
+    assert!(flusher::flush_once(&meter, &store, &metrics, &mut backlog).await);
+    assert!(backlog.is_empty());
+    assert_eq!(
+        backlog.dropped(),
+        0,
+        "the count restarts with the next outage"
+    );
+    let minutes: Vec<i64> = switchable
+        .inner
+        .key_usage("key_cap", Granularity::Minute, 0, i64::MAX)
+        .await
+        .expect("usage")
+        .iter()
+        .map(|(minute, counts)| {
+            assert_eq!(counts.requests, 1);
+            minute - first_minute
+        })
+        .collect();
+    assert_eq!(minutes, vec![6, 7, 8, 9], "the newest minutes were kept");
 }

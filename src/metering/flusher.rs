@@ -1,19 +1,95 @@
 //! The flusher task: every `flush_interval`, take the dirty cells' counts and write them to the
 //! store in one batch. A failed write keeps the counts pending (merged, so memory stays bounded
-//! by key-minutes) and retries on the next tick; shutdown flushes one last time.
+//! by key-minutes) and retries on the next tick; while the store fails, what waits is capped at
+//! `max_buckets`, oldest minutes dropped first. Shutdown flushes one last time.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::{Meter, Pending};
+use super::{cap_oldest, Meter, Pending};
 use crate::metrics::Metrics;
-use crate::store::SharedStore;
+use crate::store::{SharedStore, StoreError};
 
 /// The most (key, minute) buckets kept while the store is failing, about 100 MB: a store that is
 /// away longer than that loses the oldest counts first, and says so.
 pub const MAX_PENDING_BUCKETS: usize = 1_000_000;
+
+/// What the flusher carries from one flush to the next.
+pub struct Backlog {
+    /// Counts drained and not yet stored, merged by (key, minute).
+    pending: Pending,
+    /// The most buckets kept while the store fails.
+    max_buckets: usize,
+    /// Whether the last write failed: the failure and the recovery are logged once each.
+    failing: bool,
+    /// Buckets dropped by the cap since the store began failing.
+    dropped: u64,
+}
+
+// === impl Backlog ===
+
+impl Backlog {
+    /// An empty backlog that keeps at most `max_buckets` while the store fails
+    /// ([`MAX_PENDING_BUCKETS`] in the gateway).
+    pub fn new(max_buckets: usize) -> Self {
+        Backlog {
+            pending: Pending::default(),
+            max_buckets,
+            failing: false,
+            dropped: 0,
+        }
+    }
+
+    /// (key, minute) buckets waiting.
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Buckets dropped by the cap during the current outage (0 once the store took a batch).
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// The store took what was pending.
+    fn written(&mut self) {
+        self.pending.clear();
+        if std::mem::take(&mut self.failing) {
+            match std::mem::take(&mut self.dropped) {
+                0 => tracing::info!("usage writes recovered"),
+                dropped => tracing::error!(
+                    dropped,
+                    "usage writes recovered; the oldest {dropped} (key, minute) buckets of usage \
+                     were dropped during the outage"
+                ),
+            }
+        }
+    }
+
+    /// The store did not take what was pending: keep it, capped.
+    fn failed(&mut self, error: &StoreError) {
+        if !std::mem::replace(&mut self.failing, true) {
+            tracing::warn!(%error, buckets = self.len(), "usage write failed; counts kept and retried");
+        }
+        let dropped = cap_oldest(&mut [&mut self.pending], self.max_buckets);
+        if dropped > 0 && self.dropped == 0 {
+            tracing::error!(
+                max_buckets = self.max_buckets,
+                "usage waiting for the store reached its cap; dropping the oldest minutes until \
+                 the store is back (the number dropped is logged then)"
+            );
+        }
+        self.dropped += dropped as u64;
+    }
+}
+
+// === functions ===
 
 /// Runs until `shutdown` turns true, then drains and writes what is left (bounded by
 /// `final_deadline`).
@@ -25,21 +101,21 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     final_deadline: Duration,
 ) {
-    let mut pending = Pending::default();
+    let mut backlog = Backlog::new(MAX_PENDING_BUCKETS);
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut failing = false;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = shutdown.changed() => break,
         }
-        flush_once(&meter, &store, &metrics, &mut pending, &mut failing).await;
+        flush_once(&meter, &store, &metrics, &mut backlog).await;
     }
-    let last = flush_once(&meter, &store, &metrics, &mut pending, &mut failing);
-    if tokio::time::timeout(final_deadline, last).await.is_err() || !pending.is_empty() {
+    let last = flush_once(&meter, &store, &metrics, &mut backlog);
+    if tokio::time::timeout(final_deadline, last).await.is_err() || !backlog.is_empty() {
         tracing::error!(
-            buckets = pending.len(),
+            buckets = backlog.len(),
+            dropped = backlog.dropped(),
             "usage counts could not be written before shutdown"
         );
     }
@@ -50,27 +126,23 @@ pub async fn flush_once(
     meter: &Meter,
     store: &SharedStore,
     metrics: &Metrics,
-    pending: &mut Pending,
-    failing: &mut bool,
+    backlog: &mut Backlog,
 ) -> bool {
-    meter.drain_into(pending);
+    meter.drain_into(&mut backlog.pending);
     metrics
         .usage_pending_events
-        .set(i64::try_from(pending.len()).unwrap_or(i64::MAX));
-    if pending.is_empty() {
+        .set(i64::try_from(backlog.len()).unwrap_or(i64::MAX));
+    if backlog.is_empty() {
         return true;
     }
-    let batch = pending.batch();
+    let batch = backlog.pending.batch();
     let timer = metrics.usage_flush_duration.start_timer();
     let result = store.add_usage(&batch).await;
     timer.observe_duration();
     match result {
         Ok(()) => {
-            pending.clear();
+            backlog.written();
             metrics.usage_pending_events.set(0);
-            if std::mem::take(failing) {
-                tracing::info!("usage writes recovered");
-            }
             true
         }
         Err(e) => {
@@ -78,9 +150,10 @@ pub async fn flush_once(
                 .store_errors_total
                 .with_label_values(&["add_usage"])
                 .inc();
-            if !std::mem::replace(failing, true) {
-                tracing::warn!(error = %e, buckets = pending.len(), "usage write failed; counts kept and retried");
-            }
+            backlog.failed(&e);
+            metrics
+                .usage_pending_events
+                .set(i64::try_from(backlog.len()).unwrap_or(i64::MAX));
             false
         }
     }
