@@ -1,7 +1,9 @@
 //! The flusher task: every `flush_interval`, take the dirty cells' counts and write them to the
-//! store in one batch. A failed write keeps the counts pending (merged, so memory stays bounded
-//! by key-minutes) and retries on the next tick; while the store fails, what waits is capped at
-//! `max_buckets`, oldest minutes dropped first. Shutdown flushes one last time.
+//! store in one batch. A failed batch is kept as it is, with its id, and sent again on the next
+//! tick before anything newer (the store applies each id once, so a write that was applied but
+//! whose answer was lost is not counted twice); counts arriving meanwhile merge into the next
+//! batch. While the store fails, what waits is capped at `max_buckets`, oldest minutes dropped
+//! first; shutdown flushes one last time.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +12,7 @@ use tokio::sync::watch;
 
 use super::{cap_oldest, Meter, Pending};
 use crate::metrics::Metrics;
-use crate::store::{SharedStore, StoreError};
+use crate::store::{BatchId, SharedStore, StoreError, UsageDelta};
 
 /// The most (key, minute) buckets kept while the store is failing, about 100 MB: a store that is
 /// away longer than that loses the oldest counts first, and says so.
@@ -18,9 +20,14 @@ pub const MAX_PENDING_BUCKETS: usize = 1_000_000;
 
 /// What the flusher carries from one flush to the next.
 pub struct Backlog {
-    /// Counts drained and not yet stored, merged by (key, minute).
+    /// The batch last sent without success, with its id: sent again unchanged until the store
+    /// takes it, because a failed call may still have been applied.
+    in_flight: Option<(BatchId, Pending)>,
+    /// Counts drained since that batch was made, merged by (key, minute).
     pending: Pending,
-    /// The most buckets kept while the store fails.
+    /// The id the next batch made from `pending` gets.
+    next_id: BatchId,
+    /// The most buckets kept, in flight and pending together, while the store fails.
     max_buckets: usize,
     /// Whether the last write failed: the failure and the recovery are logged once each.
     failing: bool,
@@ -35,16 +42,18 @@ impl Backlog {
     /// ([`MAX_PENDING_BUCKETS`] in the gateway).
     pub fn new(max_buckets: usize) -> Self {
         Backlog {
+            in_flight: None,
             pending: Pending::default(),
+            next_id: BatchId::first(),
             max_buckets,
             failing: false,
             dropped: 0,
         }
     }
 
-    /// (key, minute) buckets waiting.
+    /// (key, minute) buckets waiting, in flight and pending.
     pub fn len(&self) -> usize {
-        self.pending.len()
+        self.in_flight.as_ref().map_or(0, |(_, b)| b.len()) + self.pending.len()
     }
 
     /// Whether nothing waits.
@@ -57,9 +66,19 @@ impl Backlog {
         self.dropped
     }
 
-    /// The store took what was pending.
+    /// The batch to send: the one in flight, else a new one made from what is pending.
+    fn batch(&mut self) -> Option<(BatchId, Vec<UsageDelta>)> {
+        if self.in_flight.is_none() && !self.pending.is_empty() {
+            let id = self.next_id;
+            self.next_id = id.next();
+            self.in_flight = Some((id, std::mem::take(&mut self.pending)));
+        }
+        self.in_flight.as_ref().map(|(id, b)| (*id, b.batch()))
+    }
+
+    /// The store took the batch in flight.
     fn written(&mut self) {
-        self.pending.clear();
+        self.in_flight = None;
         if std::mem::take(&mut self.failing) {
             match std::mem::take(&mut self.dropped) {
                 0 => tracing::info!("usage writes recovered"),
@@ -72,12 +91,18 @@ impl Backlog {
         }
     }
 
-    /// The store did not take what was pending: keep it, capped.
+    /// The store did not take the batch in flight: keep it, and cap what waits.
     fn failed(&mut self, error: &StoreError) {
         if !std::mem::replace(&mut self.failing, true) {
             tracing::warn!(%error, buckets = self.len(), "usage write failed; counts kept and retried");
         }
-        let dropped = cap_oldest(&mut [&mut self.pending], self.max_buckets);
+        let dropped = match &mut self.in_flight {
+            Some((_, batch)) => cap_oldest(&mut [batch, &mut self.pending], self.max_buckets),
+            None => cap_oldest(&mut [&mut self.pending], self.max_buckets),
+        };
+        if self.in_flight.as_ref().is_some_and(|(_, b)| b.is_empty()) {
+            self.in_flight = None;
+        }
         if dropped > 0 && self.dropped == 0 {
             tracing::error!(
                 max_buckets = self.max_buckets,
@@ -121,7 +146,8 @@ pub async fn run(
     }
 }
 
-/// Drains the meter and writes everything pending; returns whether the store took it.
+/// Drains the meter and writes everything waiting: the batch in flight first, then one made of
+/// the counts since. Returns whether the store took it all.
 pub async fn flush_once(
     meter: &Meter,
     store: &SharedStore,
@@ -129,32 +155,29 @@ pub async fn flush_once(
     backlog: &mut Backlog,
 ) -> bool {
     meter.drain_into(&mut backlog.pending);
-    metrics
-        .usage_pending_events
-        .set(i64::try_from(backlog.len()).unwrap_or(i64::MAX));
-    if backlog.is_empty() {
-        return true;
-    }
-    let batch = backlog.pending.batch();
-    let timer = metrics.usage_flush_duration.start_timer();
-    let result = store.add_usage(&batch).await;
-    timer.observe_duration();
-    match result {
-        Ok(()) => {
-            backlog.written();
-            metrics.usage_pending_events.set(0);
-            true
-        }
-        Err(e) => {
-            metrics
-                .store_errors_total
-                .with_label_values(&["add_usage"])
-                .inc();
-            backlog.failed(&e);
-            metrics
-                .usage_pending_events
-                .set(i64::try_from(backlog.len()).unwrap_or(i64::MAX));
-            false
+    loop {
+        metrics
+            .usage_pending_events
+            .set(i64::try_from(backlog.len()).unwrap_or(i64::MAX));
+        let Some((id, batch)) = backlog.batch() else {
+            return true;
+        };
+        let timer = metrics.usage_flush_duration.start_timer();
+        let result = store.add_usage(id, &batch).await;
+        timer.observe_duration();
+        match result {
+            Ok(()) => backlog.written(),
+            Err(e) => {
+                metrics
+                    .store_errors_total
+                    .with_label_values(&["add_usage"])
+                    .inc();
+                backlog.failed(&e);
+                metrics
+                    .usage_pending_events
+                    .set(i64::try_from(backlog.len()).unwrap_or(i64::MAX));
+                return false;
+            }
         }
     }
 }

@@ -96,9 +96,9 @@ impl Store for ObservedStore {
     async fn list_audit(&self, a: Option<&str>, q: &AuditQuery) -> Result<AuditPage, StoreError> {
         self.inner.list_audit(a, q).await
     }
-    async fn add_usage(&self, b: &[UsageDelta]) -> Result<(), StoreError> {
+    async fn add_usage(&self, id: BatchId, b: &[UsageDelta]) -> Result<(), StoreError> {
         self.check()?;
-        self.inner.add_usage(b).await
+        self.inner.add_usage(id, b).await
     }
     async fn key_usage(
         &self,
