@@ -1,8 +1,9 @@
 //! Many instances behind one load balancer, on one Redis (real `redis-server` processes on free
 //! ports, never 6379): keys made on one instance pass on the others, deactivations reach every
 //! instance within a second, global limits hold across the fleet, usage is counted exactly once,
-//! a Redis outage during traffic is survived per `on_store_error`, and the admin API's
-//! check-then-write rules (last credential, plan limit) hold when two instances take the writes.
+//! a Redis outage during traffic is survived per `on_store_error` (under global limits too) and
+//! logged once, and the admin API's check-then-write rules (last credential, plan limit) hold
+//! when two instances take the writes.
 
 mod common;
 #[path = "common/redis.rs"]
@@ -184,7 +185,7 @@ fn ms(d: Duration) -> f64 {
 /// The harness's servers run without persistence; without this a restart would come back empty
 /// and no "after recovery" total could match.
 fn crash_keeping_data(redis: &mut RedisServer) {
-    tokio::task::block_in_place(|| {
+    blocking(|| {
         assert_eq!(
             redis
                 .command(&["CLIENT", "PAUSE", "30000", "WRITE"])
@@ -198,7 +199,47 @@ fn crash_keeping_data(redis: &mut RedisServer) {
 }
 
 fn restart(redis: &mut RedisServer) {
-    tokio::task::block_in_place(|| redis.restart());
+    blocking(|| redis.restart());
+}
+
+/// Runs `f`, which blocks the thread for a moment: on a multi-thread runtime with
+/// `block_in_place`, so that the gateway's tasks move to another worker meanwhile; on the
+/// current-thread runtime of the log-reading tests, as it is.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::CurrentThread => f(),
+        _ => tokio::task::block_in_place(f),
+    }
+}
+
+/// A key limit of `per_minute`, with room in the longer windows.
+fn per_minute(limit: u32) -> Value {
+    json!({ "per_minute": limit, "per_hour": 100_000, "per_day": 1_000_000 })
+}
+
+/// `n` requests with `key` on `gw`, one after another `every` apart: the answers.
+async fn paced(
+    client: &reqwest::Client,
+    gw: &Gateway,
+    key: &str,
+    n: usize,
+    every: Duration,
+) -> Vec<(StatusCode, Option<String>)> {
+    let mut answers = Vec::with_capacity(n);
+    for _ in 0..n {
+        answers.push(outcome(call(client, gw, key).await).await);
+        tokio::time::sleep(every).await;
+    }
+    answers
+}
+
+/// Lines logged when `op` starts failing and when it works again.
+fn transitions(logs: &common::Logs, op: &str) -> (usize, usize) {
+    let op = format!("op=\"{op}\"");
+    (
+        logs.count(&["store calls failing", &op]),
+        logs.count(&["store calls work again", &op]),
+    )
 }
 
 // === tests ===
@@ -395,6 +436,136 @@ async fn global_limit_holds_across_three_instances() {
             "instance {i} in the next minute"
         );
     }
+}
+
+// The outage tests below read the logs: tokio's current-thread runtime, so that every task of
+// the gateway logs on the test's thread.
+
+/// One instance under global limits with `on_store_error`, a key of 10/minute that has passed
+/// three times; Redis crashes, paced traffic goes on for 1.6 s (so that the limiter tries Redis
+/// again after its 1 s pause), and `judge` looks at the answers. Every failed `take_tokens` is
+/// counted and the outage logged once; after Redis comes back the key passes on the shared
+/// counters again, and the recovery is logged once.
+async fn global_limits_outage(
+    on_store_error: OnStoreError,
+    judge: impl FnOnce(&[(StatusCode, Option<String>)]),
+) {
+    let logs = common::capture_logs();
+    let mut redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let gws = fleet(&redis.url(), &upstream, 1, system, move |s| {
+        s.limits.mode = LimitMode::Global;
+        s.limits.on_store_error = on_store_error;
+    })
+    .await;
+    let gw = &gws[0];
+    let client = client();
+    let (_, _, key) = account_and_key(gw, Some(per_minute(10))).await;
+    for _ in 0..3 {
+        expect_echo(call(&client, gw, &key).await).await;
+    }
+
+    crash_keeping_data(&mut redis);
+    judge(&paced(&client, gw, &key, 20, Duration::from_millis(80)).await);
+    let errors = gw
+        .metric("tollgate_store_errors_total", &[("op", "take_tokens")])
+        .await;
+    assert!(errors >= 2.0, "take_tokens failures counted: {errors}");
+    assert_eq!(transitions(&logs, "take_tokens"), (1, 0), "{}", logs.text());
+
+    restart(&mut redis);
+    assert!(
+        eventually(SETTLE, || async {
+            call(&client, gw, &key).await.status() == StatusCode::OK
+        })
+        .await,
+        "the key passes on the shared counters again"
+    );
+    for _ in 0..3 {
+        expect_echo(call(&client, gw, &key).await).await;
+    }
+    assert_eq!(transitions(&logs, "take_tokens"), (1, 1), "{}", logs.text());
+}
+
+#[tokio::test]
+async fn global_limits_with_redis_down_fail_open_serve_cached_keys_on_local_limits() {
+    global_limits_outage(OnStoreError::FailOpen, |answers| {
+        // The cached key passes until its own minute bucket on this instance (10) is spent, then
+        // is rate limited; never a 503. (One more may pass on a token leased before the outage,
+        // one on the bucket's refill.)
+        let passed = answers.iter().filter(|(s, _)| *s == StatusCode::OK).count();
+        let limited = (
+            StatusCode::TOO_MANY_REQUESTS,
+            Some("rate_limited".to_owned()),
+        );
+        assert!(
+            answers
+                .iter()
+                .all(|a| a.0 == StatusCode::OK || *a == limited),
+            "{answers:?}"
+        );
+        assert!((10..=12).contains(&passed), "{passed} passed: {answers:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn global_limits_with_redis_down_fail_closed_answer_503() {
+    global_limits_outage(OnStoreError::FailClosed, |answers| {
+        // A token leased before the outage may still be spent; after that the limits cannot be
+        // verified: 503 store_unavailable, every time.
+        let unavailable = (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("store_unavailable".to_owned()),
+        );
+        let first = answers
+            .iter()
+            .position(|a| *a == unavailable)
+            .unwrap_or_else(|| panic!("never refused: {answers:?}"));
+        assert!(first <= 1, "{answers:?}");
+        assert!(
+            answers[first..].iter().all(|a| *a == unavailable),
+            "{answers:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_outage_is_logged_once_by_readyz_and_the_admin_api_not_per_request() {
+    let logs = common::capture_logs();
+    let mut redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let gws = fleet(&redis.url(), &upstream, 1, system, |_| {}).await;
+    let gw = &gws[0];
+    let client = client();
+    wait_ready(&client, gw, StatusCode::OK).await;
+
+    crash_keeping_data(&mut redis);
+    for _ in 0..5 {
+        assert_eq!(readyz(&client, gw).await, StatusCode::SERVICE_UNAVAILABLE);
+        let (status, body) = gw.admin(Method::GET, "/v1/accounts", None).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(body["error"]["code"], "store_unavailable", "{body}");
+    }
+    assert_eq!(transitions(&logs, "ping"), (1, 0), "{}", logs.text());
+    assert_eq!(transitions(&logs, "admin"), (1, 0), "{}", logs.text());
+    let errors = |op: &'static str| async move {
+        gw.metric("tollgate_store_errors_total", &[("op", op)])
+            .await
+    };
+    assert_eq!(errors("admin").await, 5.0);
+    assert!(errors("ping").await >= 5.0);
+
+    restart(&mut redis);
+    wait_ready(&client, gw, StatusCode::OK).await;
+    for _ in 0..3 {
+        assert_eq!(readyz(&client, gw).await, StatusCode::OK);
+        let (status, body) = gw.admin(Method::GET, "/v1/accounts", None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    assert_eq!(transitions(&logs, "ping"), (1, 1), "{}", logs.text());
+    assert_eq!(transitions(&logs, "admin"), (1, 1), "{}", logs.text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

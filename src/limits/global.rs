@@ -21,6 +21,7 @@ use parking_lot::Mutex;
 
 use super::{Exhausted, KeyLimiter, LimitSnapshot, Quotas, Window, WindowState};
 use crate::config::OnStoreError;
+use crate::metrics::{Metrics, StoreCalls};
 use crate::store::{SharedStore, TokenTake};
 
 /// How long to keep using the local fallback after a failed refill before trying the store again.
@@ -49,6 +50,8 @@ pub struct GlobalLimiter {
     fallback: Arc<KeyLimiter>,
     /// Until when (ms) the store counts as down; 0 when it answers.
     down_until_ms: AtomicI64,
+    /// `take_tokens` calls of every key: failures counted, the outage logged once.
+    calls: Arc<StoreCalls>,
     refilling: AtomicBool,
     refill_lock: tokio::sync::Mutex<()>,
 }
@@ -68,6 +71,7 @@ pub struct SharedLimiters {
     by_key: DashMap<Arc<str>, Arc<GlobalLimiter>>,
     store: SharedStore,
     on_store_error: OnStoreError,
+    calls: Arc<StoreCalls>,
 }
 
 // === impl GlobalLimiter ===
@@ -170,6 +174,7 @@ impl GlobalLimiter {
             .await
         {
             Ok(grants) => {
+                self.calls.succeeded();
                 self.down_until_ms.store(0, Ordering::Relaxed);
                 let mut leases = self.leases.lock();
                 for ((i, take), grant) in takes.iter().zip(grants) {
@@ -182,7 +187,17 @@ impl GlobalLimiter {
                 }
             }
             Err(e) => {
-                tracing::debug!(error = %e, key = %self.key_id, "taking shared rate-limit tokens failed");
+                self.calls.failed(
+                    &e,
+                    match self.on_store_error {
+                        OnStoreError::FailOpen => {
+                            "global limits fall back to each instance's own buckets"
+                        }
+                        OnStoreError::FailClosed => {
+                            "requests under global limits are refused with 503"
+                        }
+                    },
+                );
                 self.down_until_ms
                     .store(now_ms + RETRY_AFTER_FAILURE_MS, Ordering::Relaxed);
             }
@@ -224,12 +239,13 @@ impl GlobalLimiter {
 // === impl SharedLimiters ===
 
 impl SharedLimiters {
-    /// A registry over `store`.
-    pub fn new(store: SharedStore, on_store_error: OnStoreError) -> Self {
+    /// A registry over `store`; failed takes are counted in `metrics`.
+    pub fn new(store: SharedStore, on_store_error: OnStoreError, metrics: &Metrics) -> Self {
         SharedLimiters {
             by_key: DashMap::new(),
             store,
             on_store_error,
+            calls: Arc::new(metrics.store_calls("take_tokens")),
         }
     }
 
@@ -255,6 +271,7 @@ impl SharedLimiters {
             on_store_error: self.on_store_error,
             fallback,
             down_until_ms: AtomicI64::new(0),
+            calls: Arc::clone(&self.calls),
             refilling: AtomicBool::new(false),
             refill_lock: tokio::sync::Mutex::new(()),
         });
