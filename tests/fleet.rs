@@ -1,6 +1,7 @@
 //! Many instances behind one load balancer, on one Redis (real `redis-server` processes on free
 //! ports, never 6379): keys made on one instance pass on the others, deactivations reach every
-//! instance within a second, global limits hold across the fleet, usage is counted exactly once,
+//! instance within a second, global limits hold across the fleet (and refuse nothing while it is
+//! under them), usage is counted exactly once,
 //! a Redis outage during traffic is survived per `on_store_error` (under global limits too) and
 //! logged once, and the admin API's check-then-write rules (last credential, plan limit) hold
 //! when two instances take the writes.
@@ -14,12 +15,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use http::HeaderValue;
 use reqwest::{Method, Response, StatusCode};
 use serde_json::{json, Value};
-use tollgate::config::{LimitMode, OnStoreError, Settings};
+use tollgate::auth::{self, CachedKey, IdentityValues, RequestFacts};
+use tollgate::config::{LimitMode, OnStoreError, RouteScopes, Settings};
 use tollgate::credential::{self, Kind};
-use tollgate::metering::WallClock;
-use tollgate::store::RateLimitSpec;
+use tollgate::limits::global::SharedLimiters;
+use tollgate::limits::{KeyLimits, Limiters, Quotas};
+use tollgate::metering::{Meter, WallClock};
+use tollgate::store::redis::RedisStore;
+use tollgate::store::{AuthMethod, KeyType, RateLimitSpec, SharedStore};
 
 use common::gateway::Gateway;
 use common::upstream::Upstream;
@@ -212,6 +218,31 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// `n` instances under global limits on one clock pinned 20 s into the current minute (one
+/// minute window throughout), with `tweak`; the clock, to move to the next minute.
+async fn global_fleet(
+    redis_url: &str,
+    upstream: &Upstream,
+    n: usize,
+    tweak: impl Fn(&mut Settings) + Clone + Send + 'static,
+) -> (Arc<AtomicI64>, Vec<Gateway>) {
+    let now_ms = Utc::now().timestamp_millis();
+    let now = Arc::new(AtomicI64::new(now_ms - now_ms.rem_euclid(60_000) + 20_000));
+    let clock = WallClock::Manual(Arc::clone(&now));
+    let gws = fleet(
+        redis_url,
+        upstream,
+        n,
+        |_| clock.clone(),
+        move |s| {
+            s.limits.mode = LimitMode::Global;
+            tweak(s);
+        },
+    )
+    .await;
+    (now, gws)
+}
+
 /// A key limit of `per_minute`, with room in the longer windows.
 fn per_minute(limit: u32) -> Value {
     json!({ "per_minute": limit, "per_hour": 100_000, "per_day": 1_000_000 })
@@ -231,6 +262,20 @@ async fn paced(
         tokio::time::sleep(every).await;
     }
     answers
+}
+
+/// `count` requests with `key` at once, request n on instance n % the fleet's size: the answers.
+async fn at_once(
+    client: &reqwest::Client,
+    gws: &[Gateway],
+    key: &str,
+    count: usize,
+) -> Vec<(StatusCode, Option<String>)> {
+    futures_util::future::join_all(
+        (0..count)
+            .map(|n| async move { outcome(call(client, &gws[n % gws.len()], key).await).await }),
+    )
+    .await
 }
 
 /// Lines logged when `op` starts failing and when it works again.
@@ -358,20 +403,8 @@ async fn global_limit_holds_across_three_instances() {
     const CLIENTS: usize = 6;
     let redis = RedisServer::start();
     let upstream = Upstream::start().await;
-    // One clock for the fleet, pinned 20 s into the current minute: one minute window throughout.
-    let now_ms = Utc::now().timestamp_millis();
-    let now = Arc::new(AtomicI64::new(now_ms - now_ms.rem_euclid(60_000) + 20_000));
-    let clock = WallClock::Manual(Arc::clone(&now));
-    let gws = fleet(
-        &redis.url(),
-        &upstream,
-        3,
-        |_| clock.clone(),
-        |s| s.limits.mode = LimitMode::Global,
-    )
-    .await;
-    let limit = json!({ "per_minute": 60, "per_hour": 100_000, "per_day": 1_000_000 });
-    let (_, _, key) = account_and_key(&gws[0], Some(limit)).await;
+    let (now, gws) = global_fleet(&redis.url(), &upstream, 3, |_| {}).await;
+    let (_, _, key) = account_and_key(&gws[0], Some(per_minute(60))).await;
 
     let client = client();
     let gws = Arc::new(gws);
@@ -436,6 +469,142 @@ async fn global_limit_holds_across_three_instances() {
             "instance {i} in the next minute"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrent_burst_under_the_global_limit_is_never_refused() {
+    // 15 requests at once on each of 3 instances, under a fleet-wide 60/minute whose leases are
+    // one token each: every request but one per instance finds its lease empty.
+    const BURST: usize = 45;
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let (_now, gws) = global_fleet(&redis.url(), &upstream, 3, |_| {}).await;
+    let (_, _, key) = account_and_key(&gws[0], Some(per_minute(60))).await;
+    let client = client();
+    // The key cached on every instance (3 of the 60), and a connection open for every request
+    // of the burst (a malformed credential costs no token), so that the burst arrives at once.
+    for gw in &gws {
+        expect_echo(call(&client, gw, &key).await).await;
+    }
+    at_once(&client, &gws, "tgsk_not-a-key", BURST).await;
+    let answers = at_once(&client, &gws, &key, BURST).await;
+    let refused: Vec<_> = answers
+        .iter()
+        .enumerate()
+        .filter(|(_, (status, _))| *status != StatusCode::OK)
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "{} of {BURST} concurrent requests were refused while the fleet was under its limit of \
+         60/minute: {refused:?}",
+        refused.len()
+    );
+    // What is left of the window is still the fleet's, and no more: 12, less at most the
+    // leases left on the instances (one token each).
+    let mut admitted = 0;
+    for n in 0..30 {
+        let (status, code) = outcome(call(&client, &gws[n % 3], &key).await).await;
+        match status {
+            StatusCode::OK => admitted += 1,
+            StatusCode::TOO_MANY_REQUESTS => assert_eq!(code.as_deref(), Some("rate_limited")),
+            other => panic!("request {n} after the burst: {other} {code:?}"),
+        }
+    }
+    eprintln!("global limit 60/minute: a burst of {BURST} all admitted, then {admitted} of 30");
+    assert!(
+        (9..=12).contains(&admitted),
+        "{admitted} more admitted after a burst of {BURST} under 60/minute"
+    );
+}
+
+/// A key as the proxy would have cached it, its limits drawn from `shared` (one instance's).
+fn cached_key(shared: &SharedLimiters, key_id: &str, per_minute: u32) -> CachedKey {
+    let (key_id, account_id): (Arc<str>, Arc<str>) = (Arc::from(key_id), Arc::from("acc_race"));
+    let spec = RateLimitSpec {
+        per_minute: Some(per_minute),
+        per_hour: Some(100_000),
+        per_day: Some(1_000_000),
+    };
+    let quotas = Quotas::resolve(Some(&spec), None, &spec);
+    let fallback = Limiters::new().for_key(&key_id, quotas);
+    let value = HeaderValue::from_static("x");
+    CachedKey {
+        key_id: Arc::clone(&key_id),
+        account_id: Arc::clone(&account_id),
+        key_type: KeyType::Secret,
+        key_active: true,
+        account_active: true,
+        auth_method: AuthMethod::ApiKey,
+        expires_at_ms: None,
+        account_ips: Vec::new(),
+        key_ips: Vec::new(),
+        origins: Vec::new(),
+        scopes: None,
+        limiter: KeyLimits::Global(shared.for_key(&account_id, &key_id, quotas, fallback)),
+        usage: Meter::new(WallClock::System).cell(&key_id, &account_id),
+        identity: IdentityValues {
+            account_id: value.clone(),
+            key_id: value.clone(),
+            key_type: value.clone(),
+            scopes: value,
+            policy: None,
+        },
+    }
+}
+
+/// The decision itself, without HTTP in between: many requests at once on every instance find
+/// their lease empty, and the ones whose refill another request spent first must wait for the
+/// next rather than be refused. (Over HTTP the requests arrive too far apart to hit this often.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_decisions_under_the_global_limit_are_never_refused() {
+    const ROUNDS: usize = 30;
+    const PER_INSTANCE: usize = 50;
+    // Leases of one token: every request past the first finds its lease empty.
+    const LIMIT: u32 = 199;
+    let redis = RedisServer::start();
+    let metrics = tollgate::metrics::Metrics::new().expect("metrics");
+    let mut instances = Vec::new();
+    for _ in 0..3 {
+        let store: SharedStore = Arc::new(RedisStore::connect(&redis.url()).await.expect("redis"));
+        instances.push(SharedLimiters::new(store, OnStoreError::FailOpen, &metrics));
+    }
+    let scopes = RouteScopes::default();
+    let mut refused = Vec::new();
+    for round in 0..ROUNDS {
+        let key_id = format!("key_race_{round}");
+        let keys: Vec<Arc<CachedKey>> = instances
+            .iter()
+            .map(|shared| Arc::new(cached_key(shared, &key_id, LIMIT)))
+            .collect();
+        let now_ms = Utc::now().timestamp_millis();
+        let mut tasks = Vec::new();
+        for n in 0..3 * PER_INSTANCE {
+            let key = Arc::clone(&keys[n % 3]);
+            let scopes = scopes.clone();
+            tasks.push(tokio::spawn(async move {
+                let facts = RequestFacts {
+                    method: &Method::GET,
+                    client_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+                    origin: None,
+                    referer: None,
+                    scopes: &scopes,
+                    now_ms,
+                };
+                auth::decide(&key, &facts).await.err().map(|(r, _)| r)
+            }));
+        }
+        for task in tasks {
+            if let Some(refusal) = task.await.expect("decision") {
+                refused.push((round, refusal));
+            }
+        }
+    }
+    assert!(
+        refused.is_empty(),
+        "{} of {} decisions refused while the fleet was under its limit: {refused:?}",
+        refused.len(),
+        ROUNDS * 3 * PER_INSTANCE
+    );
 }
 
 // The outage tests below read the logs: tokio's current-thread runtime, so that every task of
