@@ -1,7 +1,7 @@
 //! Many instances behind one load balancer, on one Redis (real `redis-server` processes on free
-//! ports, never 6379): keys made on one instance pass on the others, deactivations reach every
-//! instance within a second, global limits hold across the fleet (and refuse nothing while it is
-//! under them), usage is counted exactly once,
+//! ports, never 6379): keys made on one instance pass on the others, deactivations, deletions,
+//! rolls and account deactivations reach every instance within a second, global limits hold
+//! across the fleet (and refuse nothing while it is under them), usage is counted exactly once,
 //! a Redis outage during traffic is survived per `on_store_error` (under global limits too) and
 //! logged once, and the admin API's check-then-write rules (last credential, plan limit) hold
 //! when two instances take the writes.
@@ -218,6 +218,108 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// A change made through one instance that every instance must enforce within [`PROPAGATION`].
+#[derive(Debug, Clone, Copy)]
+enum Change {
+    DeactivateKey,
+    DeleteKey,
+    /// A roll with no grace: the old key expires at once.
+    RollKey,
+    /// `PATCH /v1/accounts/{id}` with `active: false`.
+    DeactivateAccount,
+}
+
+impl Change {
+    const ALL: [Change; 4] = [
+        Change::DeactivateKey,
+        Change::DeleteKey,
+        Change::RollKey,
+        Change::DeactivateAccount,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Change::DeactivateKey => "key deactivation",
+            Change::DeleteKey => "key deletion",
+            Change::RollKey => "key roll (grace 0)",
+            Change::DeactivateAccount => "account deactivation",
+        }
+    }
+
+    /// The error code the key gets once the change is in force.
+    fn refusal(self) -> &'static str {
+        match self {
+            Change::DeactivateKey | Change::DeactivateAccount => "inactive_credential",
+            Change::DeleteKey => "invalid_credential",
+            Change::RollKey => "expired_credential",
+        }
+    }
+
+    /// Makes the change to the key through `gw`; a roll answers with the new raw key.
+    async fn make(self, gw: &Gateway, account: &str, key_id: &str) -> Option<String> {
+        let key_path = format!("/v1/accounts/{account}/keys/{key_id}");
+        let (want, (status, body)) = match self {
+            Change::DeactivateKey => (
+                StatusCode::OK,
+                gw.admin(Method::POST, &format!("{key_path}/deactivate"), None)
+                    .await,
+            ),
+            Change::DeleteKey => (
+                StatusCode::OK,
+                gw.admin(Method::DELETE, &key_path, None).await,
+            ),
+            Change::RollKey => (
+                StatusCode::CREATED,
+                gw.admin(
+                    Method::POST,
+                    &format!("{key_path}/roll"),
+                    Some(json!({ "grace": "0s" })),
+                )
+                .await,
+            ),
+            Change::DeactivateAccount => (
+                StatusCode::OK,
+                gw.admin(
+                    Method::PATCH,
+                    &format!("/v1/accounts/{account}"),
+                    Some(json!({ "active": false })),
+                )
+                .await,
+            ),
+        };
+        assert_eq!(status, want, "{}: {body}", self.name());
+        body["key"].as_str().map(str::to_owned)
+    }
+}
+
+/// Polls `gw` with `key` until it is refused with 401 `code`; how long after `since` that was.
+/// Any answer other than a pass or that refusal fails the test, and so does a pass after 5 s.
+async fn refused_after(
+    client: &reqwest::Client,
+    gw: &Gateway,
+    key: &str,
+    code: &str,
+    since: Instant,
+) -> Duration {
+    loop {
+        let (status, got) = outcome(call(client, gw, key).await).await;
+        let waited = since.elapsed();
+        match status {
+            StatusCode::UNAUTHORIZED => {
+                assert_eq!(got.as_deref(), Some(code));
+                return waited;
+            }
+            StatusCode::OK => {}
+            other => panic!("{other} {got:?} while waiting for {code}"),
+        }
+        assert!(
+            waited < Duration::from_secs(5),
+            "the key still passes after {waited:?}; waiting for {code}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// `n` instances under global limits on one clock pinned 20 s into the current minute (one
 /// minute window throughout), with `tweak`; the clock, to move to the next minute.
 async fn global_fleet(
@@ -318,7 +420,7 @@ async fn a_key_made_on_one_instance_passes_on_the_others() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deactivation_on_one_instance_is_refused_on_all_within_a_second() {
+async fn a_change_on_one_instance_is_enforced_on_all_within_a_second() {
     const ROUNDS: usize = 20;
     let redis = RedisServer::start();
     let upstream = Upstream::start().await;
@@ -328,73 +430,67 @@ async fn a_deactivation_on_one_instance_is_refused_on_all_within_a_second() {
     })
     .await;
     let client = client();
-    // "keep" stays active, so that the last-credential rule allows every deactivation.
-    let (account, _, _) = account_and_key(&gws[0], None).await;
-
-    let mut delays = Vec::with_capacity(ROUNDS * 2);
-    for round in 0..ROUNDS {
-        let (key_id, key) = gws[0]
-            .create_key(
-                &account,
-                json!({ "name": format!("round-{round}"), "type": "secret" }),
+    let mut report = Vec::new();
+    for change in Change::ALL {
+        // Its "main" key stays active, so that the last-credential rule allows every change to
+        // the round's key.
+        let (shared_account, _, _) = account_and_key(&gws[0], None).await;
+        let mut delays = Vec::with_capacity(ROUNDS * 2);
+        for round in 0..ROUNDS {
+            let (account, key_id, key) = match change {
+                Change::DeactivateAccount => account_and_key(&gws[0], None).await,
+                _ => {
+                    let name = json!({ "name": format!("round-{round}"), "type": "secret" });
+                    let (key_id, key) = gws[0].create_key(&shared_account, name).await;
+                    (shared_account.clone(), key_id, key)
+                }
+            };
+            for gw in &gws {
+                expect_echo(call(&client, gw, &key).await).await;
+            }
+            let successor = change.make(&gws[0], &account, &key_id).await;
+            let changed = Instant::now();
+            // On the instance that made the change, at once.
+            expect_refusal(
+                call(&client, &gws[0], &key).await,
+                StatusCode::UNAUTHORIZED,
+                change.refusal(),
             )
             .await;
-        for gw in &gws {
-            expect_echo(call(&client, gw, &key).await).await;
-        }
-        let path = format!("/v1/accounts/{account}/keys/{key_id}/deactivate");
-        let (status, body) = gws[0].admin(Method::POST, &path, None).await;
-        assert_eq!(status, StatusCode::OK, "deactivate: {body}");
-        let deactivated = Instant::now();
-        // On the instance that made the change, at once.
-        expect_refusal(
-            call(&client, &gws[0], &key).await,
-            StatusCode::UNAUTHORIZED,
-            "inactive_credential",
-        )
-        .await;
-        let polls = gws[1..].iter().enumerate().map(|(i, gw)| {
-            let (client, key) = (&client, &key);
-            async move {
-                loop {
-                    let (status, code) = outcome(call(client, gw, key).await).await;
-                    let waited = deactivated.elapsed();
-                    match status {
-                        StatusCode::UNAUTHORIZED => {
-                            assert_eq!(code.as_deref(), Some("inactive_credential"));
-                            return waited;
-                        }
-                        StatusCode::OK => {}
-                        other => panic!("instance {}: {other} {code:?}", i + 1),
-                    }
-                    assert!(
-                        waited < Duration::from_secs(5),
-                        "round {round}: instance {} still passes the key after {waited:?}",
-                        i + 1
-                    );
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+            let polls = gws[1..]
+                .iter()
+                .map(|gw| refused_after(&client, gw, &key, change.refusal(), changed));
+            delays.extend(futures_util::future::join_all(polls).await);
+            // A roll's new key passes everywhere.
+            if let Some(successor) = successor {
+                for gw in &gws {
+                    expect_echo(call(&client, gw, &successor).await).await;
                 }
             }
-        });
-        delays.extend(futures_util::future::join_all(polls).await);
+        }
+        delays.sort();
+        let (p50, p99, max) = (
+            percentile(&delays, 50),
+            percentile(&delays, 99),
+            percentile(&delays, 100),
+        );
+        eprintln!(
+            "{} propagation over {} (instance, key) pairs: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            change.name(),
+            delays.len(),
+            ms(p50),
+            ms(p99),
+            ms(max)
+        );
+        report.push((change, p50, p99, max));
     }
-    delays.sort();
-    let (p50, p99, max) = (
-        percentile(&delays, 50),
-        percentile(&delays, 99),
-        percentile(&delays, 100),
-    );
-    eprintln!(
-        "deactivation propagation over {} (instance, key) pairs: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        delays.len(),
-        ms(p50),
-        ms(p99),
-        ms(max)
-    );
-    assert!(
-        max < PROPAGATION,
-        "a deactivation took {max:?} to reach an instance (p50 {p50:?}, p99 {p99:?})"
-    );
+    for (change, p50, p99, max) in report {
+        assert!(
+            max < PROPAGATION,
+            "a {} took {max:?} to reach an instance (p50 {p50:?}, p99 {p99:?})",
+            change.name()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
