@@ -9,7 +9,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 use tollgate::metering::{Meter, Outcome, Pending, WallClock};
 use tollgate::store::embedded::EmbeddedStore;
-use tollgate::store::{Granularity, Store, UsageCounts, UsageDelta};
+use tollgate::store::{BatchId, Granularity, Store, UsageCounts, UsageDelta};
 
 const NOW_MINUTE: i64 = 29_500_000;
 
@@ -52,10 +52,16 @@ fn bench(c: &mut Criterion) {
             let batch: Vec<UsageDelta> = (0..24)
                 .map(|h| delta(NOW_MINUTE - (90 - day) * 1_440 + h * 60))
                 .collect();
-            store.add_usage(&batch).await.expect("days");
+            store
+                .add_usage(BatchId::first(), &batch)
+                .await
+                .expect("days");
         }
         let minutes: Vec<UsageDelta> = (0..2_880).map(|m| delta(NOW_MINUTE - 2_880 + m)).collect();
-        store.add_usage(&minutes).await.expect("minutes");
+        store
+            .add_usage(BatchId::first(), &minutes)
+            .await
+            .expect("minutes");
     });
     let today = Granularity::Day.of_minute(NOW_MINUTE);
     c.bench_function("store/key_usage_90_days", |b| {

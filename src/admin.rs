@@ -60,16 +60,19 @@ mod validate;
 
 use std::sync::Arc;
 
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
 use axum::routing::{delete, get, post};
 use axum::Router;
 
 use crate::auth::cache::KeyCache;
 use crate::credential::KeyHash;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StoreCalls};
 use crate::store::{RateLimitSpec, SharedStore};
 
 pub use error::ApiError;
+use error::StoreFailure;
 pub use master::{ensure_master_key, MasterKey, MasterKeyError};
 
 /// Largest request body the admin API reads.
@@ -90,6 +93,10 @@ pub struct AdminState {
     writes: Arc<tokio::sync::Mutex<()>>,
     /// `limits.default`, for keys whose buckets this instance has not used yet.
     default_limits: RateLimitSpec,
+    /// `/readyz` pings: each failure counted (`op="ping"`), the outage logged once.
+    pings: Arc<StoreCalls>,
+    /// The API's own store calls (`op="admin"`), likewise: see [`watch_store`].
+    store_calls: Arc<StoreCalls>,
 }
 
 // === impl AdminState ===
@@ -105,6 +112,8 @@ impl AdminState {
         AdminState {
             store,
             cache,
+            pings: Arc::new(metrics.store_calls("ping")),
+            store_calls: Arc::new(metrics.store_calls("admin")),
             metrics,
             master: master_hash,
             writes: Arc::new(tokio::sync::Mutex::new(())),
@@ -149,7 +158,7 @@ impl AdminState {
                 });
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(ApiError::StoreUnavailable);
+                return Err(ApiError::AccountBusy);
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
@@ -200,7 +209,24 @@ pub fn router(state: AdminState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(state.clone(), watch_store))
         .with_state(state)
+}
+
+/// Counts the API's requests that failed for an unreachable store, and logs the outage when it
+/// begins and when it ends, once each: the first success under `/v1/` after failures ends it
+/// (every such answer read the store; the admin API never serves keys or accounts from a cache).
+async fn watch_store(State(state): State<AdminState>, request: Request, next: Next) -> Response {
+    let api = request.uri().path().starts_with("/v1/");
+    let response = next.run(request).await;
+    match response.extensions().get::<StoreFailure>() {
+        Some(StoreFailure(detail)) => state
+            .store_calls
+            .failed(detail, "admin requests answer 503 store_unavailable"),
+        None if api && response.status().is_success() => state.store_calls.succeeded(),
+        None => {}
+    }
+    response
 }
 
 /// An account's resources under one base path; both bases reach the same handlers.

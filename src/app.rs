@@ -113,7 +113,8 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
         settings.limits.on_store_error,
     );
     if settings.limits.mode == LimitMode::Global {
-        let shared = SharedLimiters::new(Arc::clone(&store), settings.limits.on_store_error);
+        let shared =
+            SharedLimiters::new(Arc::clone(&store), settings.limits.on_store_error, &metrics);
         cache = cache.with_shared_limits(Arc::new(shared));
     }
     let cache = Arc::new(cache);

@@ -3,8 +3,8 @@
 //! [`authorize`] runs the contract's checks in order — key state and expiry, account state, auth
 //! method, client IP, origin (publishable keys), method (publishable keys), scope, rate limits —
 //! on a [`CachedKey`] and returns a [`Permit`] or the first [`Refusal`]. It is synchronous and
-//! does no I/O; [`decide`] wraps it with the one wait global limits may need (an empty lease),
-//! and is what the proxy and a future verify endpoint call.
+//! does no I/O; [`decide`] wraps it with the wait global limits may need (an empty lease, until
+//! it is refilled), and is what the proxy and a future verify endpoint call.
 //! [`cache::KeyCache`] finds the `CachedKey` for a presented credential.
 
 pub mod cache;
@@ -18,7 +18,7 @@ use ipnet::IpNet;
 
 use crate::config::RouteScopes;
 use crate::limits::global::Shortfall;
-use crate::limits::{KeyLimits, LimitSnapshot, Window};
+use crate::limits::{KeyLimits, LimitSnapshot};
 use crate::metering::UsageCell;
 use crate::policy;
 use crate::refusal::Refusal;
@@ -127,28 +127,25 @@ pub fn authorize<'a>(key: &'a CachedKey, facts: &RequestFacts<'_>) -> Result<Per
     }
 }
 
-/// [`authorize`], with the one wait it may need: under global limits an empty lease costs one
-/// store round trip, then the same decision again. A second empty lease means other requests
-/// took the refill; the request is refused for a second, with the windows as they stand.
+/// [`authorize`], with the one wait it may need: under global limits, a request that finds a
+/// lease empty waits for refills and decides again, until it gets a token or is refused for a
+/// real reason (the window used up fleet-wide, or the store down). Each refill either adds
+/// tokens (the shared counter moves towards the limit), marks the window used up, or marks the
+/// store down, and leases never move back to an earlier window; so the loop ends.
 pub async fn decide<'a>(
     key: &'a CachedKey,
     facts: &RequestFacts<'_>,
 ) -> Result<Permit<'a>, (Refusal, Option<LimitSnapshot>)> {
-    let mut decision = authorize(key, facts);
-    if decision.as_ref().err() == Some(&Denial::NeedsLease) {
-        key.limiter.refill(facts.now_ms).await;
-        decision = authorize(key, facts);
-    }
-    match decision {
-        Ok(permit) => Ok(permit),
-        Err(Denial::Refused(refusal, limits)) => Err((refusal, limits)),
-        Err(Denial::NeedsLease) => Err((
-            Refusal::RateLimited {
-                window: Window::Minute,
-                retry_after: 1,
-            },
-            Some(key.limiter.peek(facts.now_ms)),
-        )),
+    let mut waiting = None;
+    loop {
+        match authorize(key, facts) {
+            Ok(permit) => return Ok(permit),
+            Err(Denial::Refused(refusal, limits)) => return Err((refusal, limits)),
+            Err(Denial::NeedsLease) => {
+                waiting.get_or_insert_with(|| key.limiter.wait());
+                key.limiter.refill(facts.now_ms).await;
+            }
+        }
     }
 }
 

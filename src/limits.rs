@@ -326,6 +326,15 @@ impl KeyLimits {
             g.refill(now_ms).await;
         }
     }
+
+    /// For global limits, counts the caller among the requests waiting for a lease (refills
+    /// take enough for all of them) until the guard is dropped; `None` locally.
+    pub fn wait(&self) -> Option<global::LeaseWait<'_>> {
+        match self {
+            KeyLimits::Local(_) => None,
+            KeyLimits::Global(g) => Some(g.wait()),
+        }
+    }
 }
 
 // === impl Limiters ===

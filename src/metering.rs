@@ -260,30 +260,53 @@ impl Pending {
             .collect()
     }
 
-    /// Drops the oldest buckets beyond `max`; returns how many were dropped.
-    pub fn cap(&mut self, max: usize) -> usize {
-        let excess = self.by_bucket.len().saturating_sub(max);
-        if excess == 0 {
-            return 0;
-        }
-        let mut minutes: Vec<i64> = self.by_bucket.keys().map(|(_, m)| *m).collect();
-        minutes.select_nth_unstable(excess - 1);
-        let cutoff = minutes[excess - 1];
-        let mut dropped = 0;
-        self.by_bucket.retain(|(_, m), _| {
-            let keep = *m > cutoff || dropped >= excess;
-            if !keep {
-                dropped += 1;
+    /// Its buckets' minutes.
+    fn minutes(&self) -> impl Iterator<Item = i64> + '_ {
+        self.by_bucket.keys().map(|(_, minute)| *minute)
+    }
+
+    /// Drops every bucket before `cutoff`, and buckets of `cutoff` itself while `at_cutoff`
+    /// lasts (counting it down); returns how many went.
+    fn drop_before(&mut self, cutoff: i64, at_cutoff: &mut usize) -> usize {
+        let before = self.by_bucket.len();
+        self.by_bucket.retain(|(_, minute), _| {
+            if *minute < cutoff {
+                return false;
             }
-            keep
+            if *minute == cutoff && *at_cutoff > 0 {
+                *at_cutoff -= 1;
+                return false;
+            }
+            true
         });
-        dropped
+        before - self.by_bucket.len()
     }
 
     /// Forgets everything (after a successful write).
     pub fn clear(&mut self) {
         self.by_bucket.clear();
     }
+}
+
+// === functions ===
+
+/// Drops the oldest buckets of `parts`, taken together, beyond `max` (the store is away and
+/// memory must stay bounded: the newest counts are the ones worth keeping); returns how many
+/// were dropped.
+pub fn cap_oldest(parts: &mut [&mut Pending], max: usize) -> usize {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let excess = total.saturating_sub(max);
+    if excess == 0 {
+        return 0;
+    }
+    let mut minutes: Vec<i64> = parts.iter().flat_map(|p| p.minutes()).collect();
+    let cutoff = *minutes.select_nth_unstable(excess - 1).1;
+    let older = minutes.iter().filter(|m| **m < cutoff).count();
+    let mut at_cutoff = excess - older;
+    parts
+        .iter_mut()
+        .map(|p| p.drop_before(cutoff, &mut at_cutoff))
+        .sum()
 }
 
 #[cfg(test)]
@@ -325,19 +348,39 @@ mod tests {
         );
     }
 
+    fn minutes_of(pending: &Pending) -> Vec<i64> {
+        let mut minutes: Vec<i64> = pending.minutes().collect();
+        minutes.sort_unstable();
+        minutes
+    }
+
     #[test]
-    fn pending_is_capped_oldest_first() {
+    fn pending_is_capped_oldest_first_across_parts() {
         let meter = Meter::new(WallClock::System);
-        let cell = meter.cell(&Arc::from("k"), &Arc::from("a"));
-        for minute in 0..10 {
-            cell.record(minute * 60_000, Outcome { status: 200 });
+        let (a, b) = (
+            meter.cell(&Arc::from("a"), &Arc::from("acc")),
+            meter.cell(&Arc::from("b"), &Arc::from("acc")),
+        );
+        let (mut older, mut newer) = (Pending::default(), Pending::default());
+        for minute in 0..4 {
+            a.record(minute * 60_000, Outcome { status: 200 });
         }
-        let mut pending = Pending::default();
-        meter.drain_into(&mut pending);
-        assert_eq!(pending.cap(4), 6);
-        let mut left: Vec<i64> = pending.batch().iter().map(|d| d.minute).collect();
+        meter.drain_into(&mut older);
+        // Minute 3 twice (two keys), so the cut falls inside a minute.
+        for minute in 3..8 {
+            b.record(minute * 60_000, Outcome { status: 200 });
+        }
+        meter.drain_into(&mut newer);
+        assert_eq!(cap_oldest(&mut [&mut older, &mut newer], 9), 0);
+        assert_eq!(cap_oldest(&mut [&mut older, &mut newer], 5), 4);
+        assert_eq!(older.len() + newer.len(), 5);
+        let mut left = minutes_of(&older);
+        left.extend(minutes_of(&newer));
         left.sort_unstable();
-        assert_eq!(left, vec![6, 7, 8, 9]);
+        assert_eq!(left, vec![3, 4, 5, 6, 7]);
+        assert_eq!(cap_oldest(&mut [&mut older, &mut newer], 2), 3);
+        assert!(older.is_empty());
+        assert_eq!(minutes_of(&newer), vec![6, 7]);
     }
 
     #[test]

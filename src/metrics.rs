@@ -1,6 +1,9 @@
 //! The Prometheus registry and every metric of the contract (section 6), with the handles the
 //! request path uses resolved ahead of time. No per-key labels.
 
+use std::fmt::Display;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
@@ -12,8 +15,17 @@ const LATENCY_BUCKETS: &[f64] = &[
     5.0, 10.0,
 ];
 
-/// The `op` labels of `tollgate_store_errors_total`.
-const STORE_OPS: [&str; 4] = ["lookup_key", "add_usage", "prune_usage", "ping"];
+/// The `op` labels of `tollgate_store_errors_total`: store methods, and `admin` for the admin
+/// API's store calls.
+const STORE_OPS: [&str; 7] = [
+    "lookup_key",
+    "add_usage",
+    "prune_usage",
+    "ping",
+    "take_tokens",
+    "publish_invalidation",
+    "admin",
+];
 
 /// All metrics, registered in one registry.
 pub struct Metrics {
@@ -38,6 +50,15 @@ pub struct Metrics {
     pub usage_pending_events: IntGauge,
     /// `tollgate_connections_open`.
     pub connections_open: IntGauge,
+}
+
+/// One kind of store call as this instance sees it: every failure is counted in
+/// `tollgate_store_errors_total{op}`, and the turns from working to failing and back are logged
+/// once each, not per call (a Redis outage under traffic would otherwise log every request).
+pub struct StoreCalls {
+    op: &'static str,
+    errors: IntCounter,
+    failing: AtomicBool,
 }
 
 /// `forwarded` counters of one route by status class, resolved once: the hot path does no label
@@ -160,12 +181,47 @@ impl Metrics {
             .inc();
     }
 
+    /// The failure counter and transition log of one `op` (a label of `STORE_OPS`).
+    pub fn store_calls(&self, op: &'static str) -> StoreCalls {
+        StoreCalls {
+            op,
+            errors: self.store_errors_total.with_label_values(&[op]),
+            failing: AtomicBool::new(false),
+        }
+    }
+
     /// The text exposition.
     pub fn render(&self) -> String {
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed metrics.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+// === impl StoreCalls ===
+
+impl StoreCalls {
+    /// Counts a failure; the first one since the calls last worked is logged, with what it
+    /// means for traffic (`impact`).
+    pub fn failed(&self, error: &dyn Display, impact: &str) {
+        self.errors.inc();
+        if !self.failing.swap(true, Ordering::Relaxed) {
+            tracing::warn!(op = self.op, error = %error, "store calls failing: {impact}");
+        }
+    }
+
+    /// Notes a success; the first one after a failure is logged.
+    pub fn succeeded(&self) {
+        // Read first: while all is well, a success costs no write to a shared line.
+        if self.failing.load(Ordering::Relaxed) && self.failing.swap(false, Ordering::Relaxed) {
+            tracing::info!(op = self.op, "store calls work again");
+        }
+    }
+
+    /// Whether the last call failed.
+    pub fn is_failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
     }
 }
 
@@ -186,5 +242,31 @@ fn status_class(status: u16) -> &'static str {
         3 => "3xx",
         4 => "4xx",
         _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_calls_count_every_failure_and_flip_once_each_way() {
+        let metrics = Metrics::new().expect("metrics");
+        let calls = metrics.store_calls("take_tokens");
+        calls.succeeded();
+        assert!(!calls.is_failing());
+        for _ in 0..3 {
+            calls.failed(&"refused", "limits fall back to this instance");
+        }
+        assert!(calls.is_failing());
+        assert_eq!(
+            metrics
+                .store_errors_total
+                .with_label_values(&["take_tokens"])
+                .get(),
+            3
+        );
+        calls.succeeded();
+        assert!(!calls.is_failing());
     }
 }

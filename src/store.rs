@@ -15,11 +15,17 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 pub use records::{
-    AccountRecord, AuditEntry, AuditPage, AuditQuery, AuthMethod, Granularity, KeyRecord, KeyType,
-    NetworkPolicy, Plan, RateLimitSpec, SiteRecord, UsageCounts, UsageDelta,
+    AccountRecord, AuditEntry, AuditPage, AuditQuery, AuthMethod, BatchId, Granularity, KeyRecord,
+    KeyType, NetworkPolicy, Plan, RateLimitSpec, SiteRecord, UsageCounts, UsageDelta,
 };
 
 use crate::credential::KeyHash;
+
+/// How long a store remembers the last usage batch it applied from a writer ([`BatchId`]): a
+/// retry arriving later than this after the writer's last successful write would be applied
+/// again. The flusher retries every `flush_interval`, so only a store that applied a batch and
+/// then stayed unreachable for a whole day could see one.
+pub const BATCH_MEMORY: std::time::Duration = std::time::Duration::from_secs(86_400);
 
 /// A shared handle to whichever backend the config chose.
 pub type SharedStore = Arc<dyn Store>;
@@ -160,10 +166,12 @@ pub trait Store: Send + Sync + 'static {
         query: &AuditQuery,
     ) -> Result<AuditPage, StoreError>;
 
-    /// Adds a batch of per-key, per-minute counts in one write: the key's minute, hour and day
-    /// buckets, its account's day bucket, and its last-used time. All or nothing: on error none
-    /// of the batch was applied and the caller keeps it to retry.
-    async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError>;
+    /// Adds a batch of per-key, per-minute counts: the key's minute, hour and day buckets, its
+    /// account's day bucket, and its last-used time. Exactly once per [`BatchId`]: a batch whose
+    /// `seq` is not above the last one applied from its writer (within [`BATCH_MEMORY`]) changes
+    /// nothing. On error the caller cannot know whether it was applied (a timeout may come after
+    /// the write), and retries the same batch with the same id.
+    async fn add_usage(&self, id: BatchId, batch: &[UsageDelta]) -> Result<(), StoreError>;
     /// A key's buckets of one granularity with `from <= index < to` (index = bucket start in
     /// seconds since the epoch / bucket length), ascending; buckets without traffic are absent.
     async fn key_usage(

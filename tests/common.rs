@@ -1,6 +1,6 @@
 //! What the integration tests share: [`upstream::Upstream`] (an echo server), [`gateway::Gateway`]
-//! (a whole tollgate in-process), a plain HTTP [`client`], the bounded [`eventually`] wait, and
-//! small readers for error bodies and Prometheus text.
+//! (a whole tollgate in-process), a plain HTTP [`client`], the bounded [`eventually`] wait,
+//! [`capture_logs`], and small readers for error bodies and Prometheus text.
 //!
 //! Cargo also builds this file as a test crate of its own (every `tests/*.rs` is one), and each
 //! test crate uses only part of it; hence the `allow`s. The `#[path]`s make the sub-modules
@@ -14,6 +14,8 @@ pub mod upstream;
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::{Response, StatusCode};
@@ -21,6 +23,61 @@ use serde_json::Value;
 
 /// How often [`eventually`] checks.
 const POLL_EVERY: Duration = Duration::from_millis(20);
+
+/// tollgate's log lines (info and up, plain text) written on this thread while it lives. A test
+/// that reads them runs on tokio's current-thread runtime, so that every task of the gateway
+/// logs on the test's thread.
+pub struct Logs {
+    lines: Arc<Mutex<Vec<u8>>>,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+/// One writer per event, appending to the shared buffer.
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+/// Starts capturing this thread's logs.
+pub fn capture_logs() -> Logs {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&lines);
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter("tollgate=info")
+        .with_ansi(false)
+        .with_writer(move || LogWriter(Arc::clone(&sink)))
+        .finish();
+    Logs {
+        lines,
+        _guard: tracing::subscriber::set_default(subscriber),
+    }
+}
+
+impl Logs {
+    /// How many lines hold every one of `parts`.
+    pub fn count(&self, parts: &[&str]) -> usize {
+        self.text()
+            .lines()
+            .filter(|line| parts.iter().all(|p| line.contains(p)))
+            .count()
+    }
+
+    /// Everything captured so far.
+    pub fn text(&self) -> String {
+        let bytes = self.lines.lock().map(|b| b.clone()).unwrap_or_default();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut lines) = self.0.lock() {
+            lines.extend_from_slice(buf);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 /// A plain-HTTP client that ignores any proxy set in the environment. One per test.
 pub fn client() -> reqwest::Client {

@@ -1,8 +1,10 @@
 //! Many instances behind one load balancer, on one Redis (real `redis-server` processes on free
-//! ports, never 6379): keys made on one instance pass on the others, deactivations reach every
-//! instance within a second, global limits hold across the fleet, usage is counted exactly once,
-//! a Redis outage during traffic is survived per `on_store_error`, and the admin API's
-//! check-then-write rules (last credential, plan limit) hold when two instances take the writes.
+//! ports, never 6379): keys made on one instance pass on the others, deactivations, deletions,
+//! rolls and account deactivations reach every instance within a second, global limits hold
+//! across the fleet (and refuse nothing while it is under them), usage is counted exactly once,
+//! a Redis outage during traffic is survived per `on_store_error` (under global limits too) and
+//! logged once, and the admin API's check-then-write rules (last credential, plan limit) hold
+//! when two instances take the writes.
 
 mod common;
 #[path = "common/redis.rs"]
@@ -13,12 +15,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use http::HeaderValue;
 use reqwest::{Method, Response, StatusCode};
 use serde_json::{json, Value};
-use tollgate::config::{LimitMode, OnStoreError, Settings};
+use tollgate::auth::{self, CachedKey, IdentityValues, RequestFacts};
+use tollgate::config::{LimitMode, OnStoreError, RouteScopes, Settings};
 use tollgate::credential::{self, Kind};
-use tollgate::metering::WallClock;
-use tollgate::store::RateLimitSpec;
+use tollgate::limits::global::SharedLimiters;
+use tollgate::limits::{KeyLimits, Limiters, Quotas};
+use tollgate::metering::{Meter, WallClock};
+use tollgate::store::redis::RedisStore;
+use tollgate::store::{AuthMethod, KeyType, RateLimitSpec, SharedStore};
 
 use common::gateway::Gateway;
 use common::upstream::Upstream;
@@ -184,7 +191,7 @@ fn ms(d: Duration) -> f64 {
 /// The harness's servers run without persistence; without this a restart would come back empty
 /// and no "after recovery" total could match.
 fn crash_keeping_data(redis: &mut RedisServer) {
-    tokio::task::block_in_place(|| {
+    blocking(|| {
         assert_eq!(
             redis
                 .command(&["CLIENT", "PAUSE", "30000", "WRITE"])
@@ -198,7 +205,188 @@ fn crash_keeping_data(redis: &mut RedisServer) {
 }
 
 fn restart(redis: &mut RedisServer) {
-    tokio::task::block_in_place(|| redis.restart());
+    blocking(|| redis.restart());
+}
+
+/// Runs `f`, which blocks the thread for a moment: on a multi-thread runtime with
+/// `block_in_place`, so that the gateway's tasks move to another worker meanwhile; on the
+/// current-thread runtime of the log-reading tests, as it is.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::CurrentThread => f(),
+        _ => tokio::task::block_in_place(f),
+    }
+}
+
+/// A change made through one instance that every instance must enforce within [`PROPAGATION`].
+#[derive(Debug, Clone, Copy)]
+enum Change {
+    DeactivateKey,
+    DeleteKey,
+    /// A roll with no grace: the old key expires at once.
+    RollKey,
+    /// `PATCH /v1/accounts/{id}` with `active: false`.
+    DeactivateAccount,
+}
+
+impl Change {
+    const ALL: [Change; 4] = [
+        Change::DeactivateKey,
+        Change::DeleteKey,
+        Change::RollKey,
+        Change::DeactivateAccount,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Change::DeactivateKey => "key deactivation",
+            Change::DeleteKey => "key deletion",
+            Change::RollKey => "key roll (grace 0)",
+            Change::DeactivateAccount => "account deactivation",
+        }
+    }
+
+    /// The error code the key gets once the change is in force.
+    fn refusal(self) -> &'static str {
+        match self {
+            Change::DeactivateKey | Change::DeactivateAccount => "inactive_credential",
+            Change::DeleteKey => "invalid_credential",
+            Change::RollKey => "expired_credential",
+        }
+    }
+
+    /// Makes the change to the key through `gw`; a roll answers with the new raw key.
+    async fn make(self, gw: &Gateway, account: &str, key_id: &str) -> Option<String> {
+        let key_path = format!("/v1/accounts/{account}/keys/{key_id}");
+        let (want, (status, body)) = match self {
+            Change::DeactivateKey => (
+                StatusCode::OK,
+                gw.admin(Method::POST, &format!("{key_path}/deactivate"), None)
+                    .await,
+            ),
+            Change::DeleteKey => (
+                StatusCode::OK,
+                gw.admin(Method::DELETE, &key_path, None).await,
+            ),
+            Change::RollKey => (
+                StatusCode::CREATED,
+                gw.admin(
+                    Method::POST,
+                    &format!("{key_path}/roll"),
+                    Some(json!({ "grace": "0s" })),
+                )
+                .await,
+            ),
+            Change::DeactivateAccount => (
+                StatusCode::OK,
+                gw.admin(
+                    Method::PATCH,
+                    &format!("/v1/accounts/{account}"),
+                    Some(json!({ "active": false })),
+                )
+                .await,
+            ),
+        };
+        assert_eq!(status, want, "{}: {body}", self.name());
+        body["key"].as_str().map(str::to_owned)
+    }
+}
+
+/// Polls `gw` with `key` until it is refused with 401 `code`; how long after `since` that was.
+/// Any answer other than a pass or that refusal fails the test, and so does a pass after 5 s.
+async fn refused_after(
+    client: &reqwest::Client,
+    gw: &Gateway,
+    key: &str,
+    code: &str,
+    since: Instant,
+) -> Duration {
+    loop {
+        let (status, got) = outcome(call(client, gw, key).await).await;
+        let waited = since.elapsed();
+        match status {
+            StatusCode::UNAUTHORIZED => {
+                assert_eq!(got.as_deref(), Some(code));
+                return waited;
+            }
+            StatusCode::OK => {}
+            other => panic!("{other} {got:?} while waiting for {code}"),
+        }
+        assert!(
+            waited < Duration::from_secs(5),
+            "the key still passes after {waited:?}; waiting for {code}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// `n` instances under global limits on one clock pinned 20 s into the current minute (one
+/// minute window throughout), with `tweak`; the clock, to move to the next minute.
+async fn global_fleet(
+    redis_url: &str,
+    upstream: &Upstream,
+    n: usize,
+    tweak: impl Fn(&mut Settings) + Clone + Send + 'static,
+) -> (Arc<AtomicI64>, Vec<Gateway>) {
+    let now_ms = Utc::now().timestamp_millis();
+    let now = Arc::new(AtomicI64::new(now_ms - now_ms.rem_euclid(60_000) + 20_000));
+    let clock = WallClock::Manual(Arc::clone(&now));
+    let gws = fleet(
+        redis_url,
+        upstream,
+        n,
+        |_| clock.clone(),
+        move |s| {
+            s.limits.mode = LimitMode::Global;
+            tweak(s);
+        },
+    )
+    .await;
+    (now, gws)
+}
+
+/// A key limit of `per_minute`, with room in the longer windows.
+fn per_minute(limit: u32) -> Value {
+    json!({ "per_minute": limit, "per_hour": 100_000, "per_day": 1_000_000 })
+}
+
+/// `n` requests with `key` on `gw`, one after another `every` apart: the answers.
+async fn paced(
+    client: &reqwest::Client,
+    gw: &Gateway,
+    key: &str,
+    n: usize,
+    every: Duration,
+) -> Vec<(StatusCode, Option<String>)> {
+    let mut answers = Vec::with_capacity(n);
+    for _ in 0..n {
+        answers.push(outcome(call(client, gw, key).await).await);
+        tokio::time::sleep(every).await;
+    }
+    answers
+}
+
+/// `count` requests with `key` at once, request n on instance n % the fleet's size: the answers.
+async fn at_once(
+    client: &reqwest::Client,
+    gws: &[Gateway],
+    key: &str,
+    count: usize,
+) -> Vec<(StatusCode, Option<String>)> {
+    futures_util::future::join_all(
+        (0..count)
+            .map(|n| async move { outcome(call(client, &gws[n % gws.len()], key).await).await }),
+    )
+    .await
+}
+
+/// Lines logged when `op` starts failing and when it works again.
+fn transitions(logs: &common::Logs, op: &str) -> (usize, usize) {
+    let op = format!("op=\"{op}\"");
+    (
+        logs.count(&["store calls failing", &op]),
+        logs.count(&["store calls work again", &op]),
+    )
 }
 
 // === tests ===
@@ -232,7 +420,7 @@ async fn a_key_made_on_one_instance_passes_on_the_others() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deactivation_on_one_instance_is_refused_on_all_within_a_second() {
+async fn a_change_on_one_instance_is_enforced_on_all_within_a_second() {
     const ROUNDS: usize = 20;
     let redis = RedisServer::start();
     let upstream = Upstream::start().await;
@@ -242,73 +430,67 @@ async fn a_deactivation_on_one_instance_is_refused_on_all_within_a_second() {
     })
     .await;
     let client = client();
-    // "keep" stays active, so that the last-credential rule allows every deactivation.
-    let (account, _, _) = account_and_key(&gws[0], None).await;
-
-    let mut delays = Vec::with_capacity(ROUNDS * 2);
-    for round in 0..ROUNDS {
-        let (key_id, key) = gws[0]
-            .create_key(
-                &account,
-                json!({ "name": format!("round-{round}"), "type": "secret" }),
+    let mut report = Vec::new();
+    for change in Change::ALL {
+        // Its "main" key stays active, so that the last-credential rule allows every change to
+        // the round's key.
+        let (shared_account, _, _) = account_and_key(&gws[0], None).await;
+        let mut delays = Vec::with_capacity(ROUNDS * 2);
+        for round in 0..ROUNDS {
+            let (account, key_id, key) = match change {
+                Change::DeactivateAccount => account_and_key(&gws[0], None).await,
+                _ => {
+                    let name = json!({ "name": format!("round-{round}"), "type": "secret" });
+                    let (key_id, key) = gws[0].create_key(&shared_account, name).await;
+                    (shared_account.clone(), key_id, key)
+                }
+            };
+            for gw in &gws {
+                expect_echo(call(&client, gw, &key).await).await;
+            }
+            let successor = change.make(&gws[0], &account, &key_id).await;
+            let changed = Instant::now();
+            // On the instance that made the change, at once.
+            expect_refusal(
+                call(&client, &gws[0], &key).await,
+                StatusCode::UNAUTHORIZED,
+                change.refusal(),
             )
             .await;
-        for gw in &gws {
-            expect_echo(call(&client, gw, &key).await).await;
-        }
-        let path = format!("/v1/accounts/{account}/keys/{key_id}/deactivate");
-        let (status, body) = gws[0].admin(Method::POST, &path, None).await;
-        assert_eq!(status, StatusCode::OK, "deactivate: {body}");
-        let deactivated = Instant::now();
-        // On the instance that made the change, at once.
-        expect_refusal(
-            call(&client, &gws[0], &key).await,
-            StatusCode::UNAUTHORIZED,
-            "inactive_credential",
-        )
-        .await;
-        let polls = gws[1..].iter().enumerate().map(|(i, gw)| {
-            let (client, key) = (&client, &key);
-            async move {
-                loop {
-                    let (status, code) = outcome(call(client, gw, key).await).await;
-                    let waited = deactivated.elapsed();
-                    match status {
-                        StatusCode::UNAUTHORIZED => {
-                            assert_eq!(code.as_deref(), Some("inactive_credential"));
-                            return waited;
-                        }
-                        StatusCode::OK => {}
-                        other => panic!("instance {}: {other} {code:?}", i + 1),
-                    }
-                    assert!(
-                        waited < Duration::from_secs(5),
-                        "round {round}: instance {} still passes the key after {waited:?}",
-                        i + 1
-                    );
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+            let polls = gws[1..]
+                .iter()
+                .map(|gw| refused_after(&client, gw, &key, change.refusal(), changed));
+            delays.extend(futures_util::future::join_all(polls).await);
+            // A roll's new key passes everywhere.
+            if let Some(successor) = successor {
+                for gw in &gws {
+                    expect_echo(call(&client, gw, &successor).await).await;
                 }
             }
-        });
-        delays.extend(futures_util::future::join_all(polls).await);
+        }
+        delays.sort();
+        let (p50, p99, max) = (
+            percentile(&delays, 50),
+            percentile(&delays, 99),
+            percentile(&delays, 100),
+        );
+        eprintln!(
+            "{} propagation over {} (instance, key) pairs: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            change.name(),
+            delays.len(),
+            ms(p50),
+            ms(p99),
+            ms(max)
+        );
+        report.push((change, p50, p99, max));
     }
-    delays.sort();
-    let (p50, p99, max) = (
-        percentile(&delays, 50),
-        percentile(&delays, 99),
-        percentile(&delays, 100),
-    );
-    eprintln!(
-        "deactivation propagation over {} (instance, key) pairs: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        delays.len(),
-        ms(p50),
-        ms(p99),
-        ms(max)
-    );
-    assert!(
-        max < PROPAGATION,
-        "a deactivation took {max:?} to reach an instance (p50 {p50:?}, p99 {p99:?})"
-    );
+    for (change, p50, p99, max) in report {
+        assert!(
+            max < PROPAGATION,
+            "a {} took {max:?} to reach an instance (p50 {p50:?}, p99 {p99:?})",
+            change.name()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -317,20 +499,8 @@ async fn global_limit_holds_across_three_instances() {
     const CLIENTS: usize = 6;
     let redis = RedisServer::start();
     let upstream = Upstream::start().await;
-    // One clock for the fleet, pinned 20 s into the current minute: one minute window throughout.
-    let now_ms = Utc::now().timestamp_millis();
-    let now = Arc::new(AtomicI64::new(now_ms - now_ms.rem_euclid(60_000) + 20_000));
-    let clock = WallClock::Manual(Arc::clone(&now));
-    let gws = fleet(
-        &redis.url(),
-        &upstream,
-        3,
-        |_| clock.clone(),
-        |s| s.limits.mode = LimitMode::Global,
-    )
-    .await;
-    let limit = json!({ "per_minute": 60, "per_hour": 100_000, "per_day": 1_000_000 });
-    let (_, _, key) = account_and_key(&gws[0], Some(limit)).await;
+    let (now, gws) = global_fleet(&redis.url(), &upstream, 3, |_| {}).await;
+    let (_, _, key) = account_and_key(&gws[0], Some(per_minute(60))).await;
 
     let client = client();
     let gws = Arc::new(gws);
@@ -395,6 +565,272 @@ async fn global_limit_holds_across_three_instances() {
             "instance {i} in the next minute"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrent_burst_under_the_global_limit_is_never_refused() {
+    // 15 requests at once on each of 3 instances, under a fleet-wide 60/minute whose leases are
+    // one token each: every request but one per instance finds its lease empty.
+    const BURST: usize = 45;
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let (_now, gws) = global_fleet(&redis.url(), &upstream, 3, |_| {}).await;
+    let (_, _, key) = account_and_key(&gws[0], Some(per_minute(60))).await;
+    let client = client();
+    // The key cached on every instance (3 of the 60), and a connection open for every request
+    // of the burst (a malformed credential costs no token), so that the burst arrives at once.
+    for gw in &gws {
+        expect_echo(call(&client, gw, &key).await).await;
+    }
+    at_once(&client, &gws, "tgsk_not-a-key", BURST).await;
+    let answers = at_once(&client, &gws, &key, BURST).await;
+    let refused: Vec<_> = answers
+        .iter()
+        .enumerate()
+        .filter(|(_, (status, _))| *status != StatusCode::OK)
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "{} of {BURST} concurrent requests were refused while the fleet was under its limit of \
+         60/minute: {refused:?}",
+        refused.len()
+    );
+    // What is left of the window is still the fleet's, and no more: 12, less at most the
+    // leases left on the instances (one token each).
+    let mut admitted = 0;
+    for n in 0..30 {
+        let (status, code) = outcome(call(&client, &gws[n % 3], &key).await).await;
+        match status {
+            StatusCode::OK => admitted += 1,
+            StatusCode::TOO_MANY_REQUESTS => assert_eq!(code.as_deref(), Some("rate_limited")),
+            other => panic!("request {n} after the burst: {other} {code:?}"),
+        }
+    }
+    eprintln!("global limit 60/minute: a burst of {BURST} all admitted, then {admitted} of 30");
+    assert!(
+        (9..=12).contains(&admitted),
+        "{admitted} more admitted after a burst of {BURST} under 60/minute"
+    );
+}
+
+/// A key as the proxy would have cached it, its limits drawn from `shared` (one instance's).
+fn cached_key(shared: &SharedLimiters, key_id: &str, per_minute: u32) -> CachedKey {
+    let (key_id, account_id): (Arc<str>, Arc<str>) = (Arc::from(key_id), Arc::from("acc_race"));
+    let spec = RateLimitSpec {
+        per_minute: Some(per_minute),
+        per_hour: Some(100_000),
+        per_day: Some(1_000_000),
+    };
+    let quotas = Quotas::resolve(Some(&spec), None, &spec);
+    let fallback = Limiters::new().for_key(&key_id, quotas);
+    let value = HeaderValue::from_static("x");
+    CachedKey {
+        key_id: Arc::clone(&key_id),
+        account_id: Arc::clone(&account_id),
+        key_type: KeyType::Secret,
+        key_active: true,
+        account_active: true,
+        auth_method: AuthMethod::ApiKey,
+        expires_at_ms: None,
+        account_ips: Vec::new(),
+        key_ips: Vec::new(),
+        origins: Vec::new(),
+        scopes: None,
+        limiter: KeyLimits::Global(shared.for_key(&account_id, &key_id, quotas, fallback)),
+        usage: Meter::new(WallClock::System).cell(&key_id, &account_id),
+        identity: IdentityValues {
+            account_id: value.clone(),
+            key_id: value.clone(),
+            key_type: value.clone(),
+            scopes: value,
+            policy: None,
+        },
+    }
+}
+
+/// The decision itself, without HTTP in between: many requests at once on every instance find
+/// their lease empty, and the ones whose refill another request spent first must wait for the
+/// next rather than be refused. (Over HTTP the requests arrive too far apart to hit this often.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_decisions_under_the_global_limit_are_never_refused() {
+    const ROUNDS: usize = 30;
+    const PER_INSTANCE: usize = 50;
+    // Leases of one token: every request past the first finds its lease empty.
+    const LIMIT: u32 = 199;
+    let redis = RedisServer::start();
+    let metrics = tollgate::metrics::Metrics::new().expect("metrics");
+    let mut instances = Vec::new();
+    for _ in 0..3 {
+        let store: SharedStore = Arc::new(RedisStore::connect(&redis.url()).await.expect("redis"));
+        instances.push(SharedLimiters::new(store, OnStoreError::FailOpen, &metrics));
+    }
+    let scopes = RouteScopes::default();
+    let mut refused = Vec::new();
+    for round in 0..ROUNDS {
+        let key_id = format!("key_race_{round}");
+        let keys: Vec<Arc<CachedKey>> = instances
+            .iter()
+            .map(|shared| Arc::new(cached_key(shared, &key_id, LIMIT)))
+            .collect();
+        let now_ms = Utc::now().timestamp_millis();
+        let mut tasks = Vec::new();
+        for n in 0..3 * PER_INSTANCE {
+            let key = Arc::clone(&keys[n % 3]);
+            let scopes = scopes.clone();
+            tasks.push(tokio::spawn(async move {
+                let facts = RequestFacts {
+                    method: &Method::GET,
+                    client_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+                    origin: None,
+                    referer: None,
+                    scopes: &scopes,
+                    now_ms,
+                };
+                auth::decide(&key, &facts).await.err().map(|(r, _)| r)
+            }));
+        }
+        for task in tasks {
+            if let Some(refusal) = task.await.expect("decision") {
+                refused.push((round, refusal));
+            }
+        }
+    }
+    assert!(
+        refused.is_empty(),
+        "{} of {} decisions refused while the fleet was under its limit: {refused:?}",
+        refused.len(),
+        ROUNDS * 3 * PER_INSTANCE
+    );
+}
+
+// The outage tests below read the logs: tokio's current-thread runtime, so that every task of
+// the gateway logs on the test's thread.
+
+/// One instance under global limits with `on_store_error`, a key of 10/minute that has passed
+/// three times; Redis crashes, paced traffic goes on for 1.6 s (so that the limiter tries Redis
+/// again after its 1 s pause), and `judge` looks at the answers. Every failed `take_tokens` is
+/// counted and the outage logged once; after Redis comes back the key passes on the shared
+/// counters again, and the recovery is logged once.
+async fn global_limits_outage(
+    on_store_error: OnStoreError,
+    judge: impl FnOnce(&[(StatusCode, Option<String>)]),
+) {
+    let logs = common::capture_logs();
+    let mut redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let gws = fleet(&redis.url(), &upstream, 1, system, move |s| {
+        s.limits.mode = LimitMode::Global;
+        s.limits.on_store_error = on_store_error;
+    })
+    .await;
+    let gw = &gws[0];
+    let client = client();
+    let (_, _, key) = account_and_key(gw, Some(per_minute(10))).await;
+    for _ in 0..3 {
+        expect_echo(call(&client, gw, &key).await).await;
+    }
+
+    crash_keeping_data(&mut redis);
+    judge(&paced(&client, gw, &key, 20, Duration::from_millis(80)).await);
+    let errors = gw
+        .metric("tollgate_store_errors_total", &[("op", "take_tokens")])
+        .await;
+    assert!(errors >= 2.0, "take_tokens failures counted: {errors}");
+    assert_eq!(transitions(&logs, "take_tokens"), (1, 0), "{}", logs.text());
+
+    restart(&mut redis);
+    assert!(
+        eventually(SETTLE, || async {
+            call(&client, gw, &key).await.status() == StatusCode::OK
+        })
+        .await,
+        "the key passes on the shared counters again"
+    );
+    for _ in 0..3 {
+        expect_echo(call(&client, gw, &key).await).await;
+    }
+    assert_eq!(transitions(&logs, "take_tokens"), (1, 1), "{}", logs.text());
+}
+
+#[tokio::test]
+async fn global_limits_with_redis_down_fail_open_serve_cached_keys_on_local_limits() {
+    global_limits_outage(OnStoreError::FailOpen, |answers| {
+        // The cached key passes until its own minute bucket on this instance (10) is spent, then
+        // is rate limited; never a 503. (One more may pass on a token leased before the outage,
+        // one on the bucket's refill.)
+        let passed = answers.iter().filter(|(s, _)| *s == StatusCode::OK).count();
+        let limited = (
+            StatusCode::TOO_MANY_REQUESTS,
+            Some("rate_limited".to_owned()),
+        );
+        assert!(
+            answers
+                .iter()
+                .all(|a| a.0 == StatusCode::OK || *a == limited),
+            "{answers:?}"
+        );
+        assert!((10..=12).contains(&passed), "{passed} passed: {answers:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn global_limits_with_redis_down_fail_closed_answer_503() {
+    global_limits_outage(OnStoreError::FailClosed, |answers| {
+        // A token leased before the outage may still be spent; after that the limits cannot be
+        // verified: 503 store_unavailable, every time.
+        let unavailable = (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("store_unavailable".to_owned()),
+        );
+        let first = answers
+            .iter()
+            .position(|a| *a == unavailable)
+            .unwrap_or_else(|| panic!("never refused: {answers:?}"));
+        assert!(first <= 1, "{answers:?}");
+        assert!(
+            answers[first..].iter().all(|a| *a == unavailable),
+            "{answers:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_outage_is_logged_once_by_readyz_and_the_admin_api_not_per_request() {
+    let logs = common::capture_logs();
+    let mut redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let gws = fleet(&redis.url(), &upstream, 1, system, |_| {}).await;
+    let gw = &gws[0];
+    let client = client();
+    wait_ready(&client, gw, StatusCode::OK).await;
+
+    crash_keeping_data(&mut redis);
+    for _ in 0..5 {
+        assert_eq!(readyz(&client, gw).await, StatusCode::SERVICE_UNAVAILABLE);
+        let (status, body) = gw.admin(Method::GET, "/v1/accounts", None).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(body["error"]["code"], "store_unavailable", "{body}");
+    }
+    assert_eq!(transitions(&logs, "ping"), (1, 0), "{}", logs.text());
+    assert_eq!(transitions(&logs, "admin"), (1, 0), "{}", logs.text());
+    let errors = |op: &'static str| async move {
+        gw.metric("tollgate_store_errors_total", &[("op", op)])
+            .await
+    };
+    assert_eq!(errors("admin").await, 5.0);
+    assert!(errors("ping").await >= 5.0);
+
+    restart(&mut redis);
+    wait_ready(&client, gw, StatusCode::OK).await;
+    for _ in 0..3 {
+        assert_eq!(readyz(&client, gw).await, StatusCode::OK);
+        let (status, body) = gw.admin(Method::GET, "/v1/accounts", None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    assert_eq!(transitions(&logs, "ping"), (1, 1), "{}", logs.text());
+    assert_eq!(transitions(&logs, "admin"), (1, 1), "{}", logs.text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,8 +1,10 @@
 //! The key cache against the real embedded store: one store read for concurrent misses,
-//! negative entries with their own ttl, the bound on entries, and invalidation.
+//! negative entries with their own ttl, the bound on entries, invalidation, and store failures
+//! counted on every call but logged once per outage.
 //!
 //! `ObservedStore` delegates every call to a real `EmbeddedStore` and counts `lookup_key`.
 
+mod common;
 #[path = "common/observed_store.rs"]
 mod observed_store;
 
@@ -25,6 +27,7 @@ use observed_store::ObservedStore;
 struct Fixture {
     store: Arc<ObservedStore>,
     cache: Arc<KeyCache>,
+    metrics: Arc<Metrics>,
     account: AccountRecord,
     _dir: tempfile::TempDir,
 }
@@ -34,11 +37,12 @@ fn fixture(settings: CacheSettings) -> Fixture {
     let inner = EmbeddedStore::open(&dir.path().join("t.db")).expect("store");
     let store = Arc::new(ObservedStore::new(inner));
     let shared: SharedStore = store.clone();
+    let metrics = Arc::new(Metrics::new().expect("metrics"));
     let cache = Arc::new(KeyCache::new(
         shared,
         Arc::new(Limiters::new()),
         Arc::new(Meter::new(WallClock::System)),
-        Arc::new(Metrics::new().expect("metrics")),
+        Arc::clone(&metrics),
         settings,
         RateLimitSpec {
             per_minute: Some(60),
@@ -64,6 +68,7 @@ fn fixture(settings: CacheSettings) -> Fixture {
     Fixture {
         store,
         cache,
+        metrics,
         account,
         _dir: dir,
     }
@@ -200,4 +205,66 @@ async fn the_cache_holds_at_most_max_entries() {
         assert!(matches!(f.cache.get(&key.hash).await, Lookup::Found(_)));
         assert!(f.cache.len() <= 10, "cache grew to {}", f.cache.len());
     }
+}
+
+/// `tollgate_store_errors_total{op}` as the fixture's metrics hold it.
+fn store_errors(f: &Fixture, op: &str) -> u64 {
+    f.metrics.store_errors_total.with_label_values(&[op]).get()
+}
+
+#[tokio::test]
+async fn store_failures_are_counted_per_call_and_logged_once_per_outage() {
+    let logs = common::capture_logs();
+    let f = fixture(settings());
+    let key = with_key(&f).await;
+    f.store.down.store(true, Ordering::SeqCst);
+    for _ in 0..3 {
+        assert!(matches!(
+            f.cache
+                .get(&KeyHash::of(&credential::generate(Kind::Secret)))
+                .await,
+            Lookup::Unavailable
+        ));
+        // Published from a task of its own: the change is not held up by the store.
+        f.cache.invalidate(&key.hash);
+    }
+    assert!(
+        common::eventually(Duration::from_secs(5), || async {
+            store_errors(&f, "publish_invalidation") == 3
+        })
+        .await,
+        "publish failures counted: {}",
+        store_errors(&f, "publish_invalidation")
+    );
+    assert_eq!(store_errors(&f, "lookup_key"), 3);
+    for op in ["lookup_key", "publish_invalidation"] {
+        let op = format!("op=\"{op}\"");
+        assert_eq!(
+            logs.count(&["store calls failing", &op]),
+            1,
+            "{}",
+            logs.text()
+        );
+        assert_eq!(logs.count(&["store calls work again", &op]), 0);
+    }
+
+    f.store.down.store(false, Ordering::SeqCst);
+    for _ in 0..2 {
+        assert!(matches!(f.cache.get(&key.hash).await, Lookup::Found(_)));
+        f.cache.invalidate(&key.hash);
+    }
+    assert!(
+        common::eventually(Duration::from_secs(5), || async {
+            logs.count(&["store calls work again", "op=\"publish_invalidation\""]) == 1
+        })
+        .await,
+        "{}",
+        logs.text()
+    );
+    assert_eq!(
+        logs.count(&["store calls work again", "op=\"lookup_key\""]),
+        1
+    );
+    assert_eq!(logs.count(&["store calls failing"]), 2, "{}", logs.text());
+    assert_eq!(store_errors(&f, "publish_invalidation"), 3);
 }

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use tollgate::metering::flusher;
-use tollgate::metering::{Meter, Outcome, Pending, WallClock};
+use tollgate::metering::flusher::{Backlog, MAX_PENDING_BUCKETS};
+use tollgate::metering::{Meter, Outcome, WallClock};
 use tollgate::metrics::Metrics;
 use tollgate::store::embedded::EmbeddedStore;
 use tollgate::store::{SharedStore, UsageCounts};
@@ -31,12 +32,11 @@ async fn counts_reach_the_store_once_per_flush_and_merge_per_minute() {
     b.record(minute_ms + 60_000, Outcome { status: 204 });
     a.record_bytes(minute_ms, 1_000, 2_000);
 
-    let mut pending = Pending::default();
-    let mut failing = false;
-    assert!(flusher::flush_once(&meter, &store, &metrics, &mut pending, &mut failing).await);
-    assert!(pending.is_empty());
+    let mut backlog = Backlog::new(MAX_PENDING_BUCKETS);
+    assert!(flusher::flush_once(&meter, &store, &metrics, &mut backlog).await);
+    assert!(backlog.is_empty());
     // A second flush with no new traffic writes nothing more.
-    assert!(flusher::flush_once(&meter, &store, &metrics, &mut pending, &mut failing).await);
+    assert!(flusher::flush_once(&meter, &store, &metrics, &mut backlog).await);
 
     let m = minute_ms / 60_000;
     let a_usage = store
@@ -102,14 +102,13 @@ async fn concurrent_requests_on_one_key_are_all_counted() {
             }
         }));
     }
-    let mut pending = Pending::default();
-    let mut failing = false;
+    let mut backlog = Backlog::new(MAX_PENDING_BUCKETS);
     // Flush while the writers run, then once more after they finish.
-    flusher::flush_once(&meter, &store, &metrics, &mut pending, &mut failing).await;
+    flusher::flush_once(&meter, &store, &metrics, &mut backlog).await;
     for t in tasks {
         t.await.expect("writer");
     }
-    assert!(flusher::flush_once(&meter, &store, &metrics, &mut pending, &mut failing).await);
+    assert!(flusher::flush_once(&meter, &store, &metrics, &mut backlog).await);
     let m = now / 60_000;
     let usage = store
         .key_usage("key_hot", tollgate::store::Granularity::Minute, m, m + 1)

@@ -14,7 +14,7 @@ use tollgate::credential::{self, KeyHash, Kind};
 use tollgate::store::embedded::EmbeddedStore;
 use tollgate::store::redis::RedisStore;
 use tollgate::store::{
-    AccountRecord, AuditEntry, AuditQuery, AuthMethod, Granularity, KeyRecord, KeyType,
+    AccountRecord, AuditEntry, AuditQuery, AuthMethod, BatchId, Granularity, KeyRecord, KeyType,
     NetworkPolicy, Plan, SharedStore, SiteRecord, Store, StoreError, TokenTake, UsageCounts,
     UsageDelta,
 };
@@ -152,6 +152,7 @@ pub async fn run_all(store: SharedStore) {
     sites(&store).await;
     audit_log(&store).await;
     usage(&store).await;
+    usage_batches_apply_once(&store).await;
     usage_rollups(&store).await;
     master_key(&store).await;
 }
@@ -692,23 +693,29 @@ async fn usage(store: &SharedStore) {
     let m = 28_000_000_i64;
 
     store
-        .add_usage(&[
-            delta(&k, m, counts(1, 10)),
-            delta(&k, m + 1, counts(2, 20)),
-            delta(&other, m, counts(100, 1000)),
-        ])
+        .add_usage(
+            BatchId::first(),
+            &[
+                delta(&k, m, counts(1, 10)),
+                delta(&k, m + 1, counts(2, 20)),
+                delta(&other, m, counts(100, 1000)),
+            ],
+        )
         .await
         .unwrap();
     // A second batch merges into the buckets; a batch may hold the same bucket twice.
     store
-        .add_usage(&[
-            delta(&k, m, counts(3, 30)),
-            delta(&k, m + 5, counts(4, 40)),
-            delta(&k, m + 5, counts(1, 1)),
-        ])
+        .add_usage(
+            BatchId::first(),
+            &[
+                delta(&k, m, counts(3, 30)),
+                delta(&k, m + 5, counts(4, 40)),
+                delta(&k, m + 5, counts(1, 1)),
+            ],
+        )
         .await
         .unwrap();
-    store.add_usage(&[]).await.unwrap();
+    store.add_usage(BatchId::first(), &[]).await.unwrap();
 
     let all = store
         .key_usage(&k, Granularity::Minute, m - 10, m + 10)
@@ -781,6 +788,66 @@ async fn usage(store: &SharedStore) {
     );
 }
 
+/// A batch applied again under its id — a retry after an answer was lost — changes nothing;
+/// nor does an older batch of the same writer. Other writers' batches are their own.
+async fn usage_batches_apply_once(store: &SharedStore) {
+    let p = unique();
+    let (a, b) = (format!("key_{p}_a"), format!("key_{p}_b"));
+    let account = format!("acc_{p}");
+    let on = |key: &str, minute: i64, c: UsageCounts| UsageDelta {
+        key_id: key.to_owned(),
+        account_id: account.clone(),
+        minute,
+        counts: c,
+        last_used_ms: minute * 60_000,
+    };
+    let m = 28_000_000_i64;
+    let day = Granularity::Day.of_minute(m);
+    let first = BatchId::first();
+    // Two keys and the account: three hash tags (on a cluster, likely three slots).
+    let batch = [on(&a, m, counts(1, 10)), on(&b, m + 1, counts(2, 20))];
+    for _ in 0..3 {
+        store.add_usage(first, &batch).await.unwrap();
+    }
+    let minutes = |key: String| async move {
+        store
+            .key_usage(&key, Granularity::Minute, 0, i64::MAX)
+            .await
+            .unwrap()
+    };
+    assert_eq!(minutes(a.clone()).await, vec![(m, counts(1, 10))]);
+    assert_eq!(minutes(b.clone()).await, vec![(m + 1, counts(2, 20))]);
+    assert_eq!(
+        store.account_usage(&account, day, day + 1).await.unwrap(),
+        vec![(day, counts(3, 30))]
+    );
+
+    // The writer's next batch counts; then neither it nor the first one again.
+    let second = first.next();
+    store
+        .add_usage(second, &[on(&a, m, counts(4, 40))])
+        .await
+        .unwrap();
+    store
+        .add_usage(second, &[on(&a, m, counts(4, 40))])
+        .await
+        .unwrap();
+    store.add_usage(first, &batch).await.unwrap();
+    assert_eq!(minutes(a.clone()).await, vec![(m, counts(5, 50))]);
+    assert_eq!(minutes(b.clone()).await, vec![(m + 1, counts(2, 20))]);
+
+    // Another writer numbers its own batches.
+    let other = BatchId::first();
+    assert_ne!(other.writer, first.writer);
+    store.add_usage(other, &batch).await.unwrap();
+    assert_eq!(minutes(a).await, vec![(m, counts(6, 60))]);
+    assert_eq!(minutes(b).await, vec![(m + 1, counts(4, 40))]);
+    assert_eq!(
+        store.account_usage(&account, day, day + 1).await.unwrap(),
+        vec![(day, counts(10, 100))]
+    );
+}
+
 async fn usage_rollups(store: &SharedStore) {
     let p = unique();
     let (a, b) = (format!("key_{p}_a"), format!("key_{p}_b"));
@@ -796,13 +863,16 @@ async fn usage_rollups(store: &SharedStore) {
     let day = 20_000_i64;
     let m = day * 1_440;
     store
-        .add_usage(&[
-            on(&a, m, counts(1, 1), m * 60_000 + 5),
-            on(&a, m + 59, counts(2, 2), m * 60_000 + 9),
-            on(&a, m + 60, counts(4, 4), 0),
-            on(&b, m + 1_439, counts(8, 8), 0),
-            on(&b, m + 1_440, counts(16, 16), 0),
-        ])
+        .add_usage(
+            BatchId::first(),
+            &[
+                on(&a, m, counts(1, 1), m * 60_000 + 5),
+                on(&a, m + 59, counts(2, 2), m * 60_000 + 9),
+                on(&a, m + 60, counts(4, 4), 0),
+                on(&b, m + 1_439, counts(8, 8), 0),
+                on(&b, m + 1_440, counts(16, 16), 0),
+            ],
+        )
         .await
         .unwrap();
     let hours = store
@@ -839,7 +909,7 @@ async fn usage_rollups(store: &SharedStore) {
     );
     // Last use is the latest ever written, whatever the batch order.
     store
-        .add_usage(&[on(&a, m, counts(1, 0), m * 60_000 + 7)])
+        .add_usage(BatchId::first(), &[on(&a, m, counts(1, 0), m * 60_000 + 7)])
         .await
         .unwrap();
     let last = store
@@ -915,7 +985,7 @@ async fn embedded_survives_reopen() {
         store.create_key(&k).await.unwrap();
         store.set_master_key_hash(&master).await.unwrap();
         store
-            .add_usage(&[delta(&k.id, 5, counts(1, 2))])
+            .add_usage(BatchId::first(), &[delta(&k.id, 5, counts(1, 2))])
             .await
             .unwrap();
     }

@@ -1,24 +1,31 @@
 //! Usage metering end to end: exact counts under concurrency, minute boundaries on an injected
-//! clock, and no loss when the store fails for a while.
+//! clock, no loss when the store fails for a while (and a bounded, oldest-first loss when it
+//! fails for too long), and no double count when Redis applies a write whose answer is lost.
 
 mod common;
 #[path = "common/observed_store.rs"]
 mod observed_store;
+#[path = "common/redis.rs"]
+mod redis_harness;
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::json;
-use tollgate::metering::{flusher, Meter, Outcome, Pending, WallClock};
+use tollgate::metering::flusher::{self, Backlog, MAX_PENDING_BUCKETS};
+use tollgate::metering::{Meter, Outcome, WallClock};
 use tollgate::metrics::Metrics;
 use tollgate::store::embedded::EmbeddedStore;
+use tollgate::store::redis::RedisStore;
 use tollgate::store::*;
 
 use common::client;
 use common::gateway::Gateway;
 use common::upstream::Upstream;
 use observed_store::ObservedStore;
+use redis_harness::RedisServer;
 
 /// The sum of a key's day buckets.
 async fn key_total(store: &EmbeddedStore, key_id: &str) -> UsageCounts {
@@ -167,34 +174,155 @@ async fn requests_either_side_of_a_minute_boundary_land_in_different_buckets() {
     );
 }
 
-#[tokio::test]
-async fn counts_survive_a_store_outage_and_are_written_once_it_is_back() {
+/// An embedded store behind an off switch, switched off: (its directory, the switch, the store).
+fn switched_off_store() -> (tempfile::TempDir, Arc<ObservedStore>, SharedStore) {
     let dir = tempfile::tempdir().expect("tempdir");
     let switchable = Arc::new(ObservedStore::new(
         EmbeddedStore::open(&dir.path().join("u.db")).expect("store"),
     ));
     switchable.down.store(true, Ordering::SeqCst);
     let store: SharedStore = switchable.clone();
+    (dir, switchable, store)
+}
+
+#[tokio::test]
+async fn counts_survive_a_store_outage_and_are_written_once_it_is_back() {
+    let (_dir, switchable, store) = switched_off_store();
     let meter = Meter::new(WallClock::System);
     let metrics = Metrics::new().expect("metrics");
     let cell = meter.cell(&Arc::from("key_out"), &Arc::from("acc_out"));
     let minute_ms = 60_000 * 29_000_000;
-    let (mut pending, mut failing) = (Pending::default(), false);
+    let mut backlog = Backlog::new(MAX_PENDING_BUCKETS);
     for round in 0..5 {
         for _ in 0..100 {
             cell.record(minute_ms + round * 60_000, Outcome { status: 200 });
         }
-        assert!(!flusher::flush_once(&meter, &store, &metrics, &mut pending, &mut failing).await);
+        assert!(!flusher::flush_once(&meter, &store, &metrics, &mut backlog).await);
     }
     // Five minutes of traffic wait as five merged buckets, not 500 events.
-    assert_eq!(pending.len(), 5);
+    assert_eq!(backlog.len(), 5);
     assert_eq!(metrics.usage_pending_events.get(), 5);
     switchable.down.store(false, Ordering::SeqCst);
-    assert!(flusher::flush_once(&meter, &store, &metrics, &mut pending, &mut failing).await);
-    assert!(pending.is_empty());
+    assert!(flusher::flush_once(&meter, &store, &metrics, &mut backlog).await);
+    assert!(backlog.is_empty());
+    assert_eq!(metrics.usage_pending_events.get(), 0);
     let total = key_total(&switchable.inner, "key_out").await;
     assert_eq!(total.requests, 500);
     // Nothing is written twice.
-    assert!(flusher::flush_once(&meter, &store, &metrics, &mut pending, &mut failing).await);
+    assert!(flusher::flush_once(&meter, &store, &metrics, &mut backlog).await);
     assert_eq!(key_total(&switchable.inner, "key_out").await.requests, 500);
+}
+
+#[tokio::test]
+async fn usage_waiting_for_a_failed_store_is_capped_oldest_minutes_first() {
+    const CAP: usize = 4;
+    let (_dir, switchable, store) = switched_off_store();
+    let meter = Meter::new(WallClock::System);
+    let metrics = Metrics::new().expect("metrics");
+    let cell = meter.cell(&Arc::from("key_cap"), &Arc::from("acc_cap"));
+    let first_minute = 29_000_000_i64;
+    let mut backlog = Backlog::new(CAP);
+    // Ten minutes of traffic while the store is away: the first minute's batch is in flight,
+    // the later ones pending; together they never pass the cap.
+    for m in 0..10 {
+        cell.record((first_minute + m) * 60_000, Outcome { status: 200 });
+        assert!(!flusher::flush_once(&meter, &store, &metrics, &mut backlog).await);
+        assert!(
+            backlog.len() <= CAP,
+            "minute {m}: {} buckets",
+            backlog.len()
+        );
+    }
+    assert_eq!(backlog.len(), CAP);
+    assert_eq!(backlog.dropped(), 6);
+    assert_eq!(metrics.usage_pending_events.get(), CAP as i64);
+
+    switchable.down.store(false, Ordering::SeqCst);
+    assert!(flusher::flush_once(&meter, &store, &metrics, &mut backlog).await);
+    assert!(backlog.is_empty());
+    assert_eq!(
+        backlog.dropped(),
+        0,
+        "the count restarts with the next outage"
+    );
+    let minutes: Vec<i64> = switchable
+        .inner
+        .key_usage("key_cap", Granularity::Minute, 0, i64::MAX)
+        .await
+        .expect("usage")
+        .iter()
+        .map(|(minute, counts)| {
+            assert_eq!(counts.requests, 1);
+            minute - first_minute
+        })
+        .collect();
+    assert_eq!(minutes, vec![6, 7, 8, 9], "the newest minutes were kept");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usage_write_redis_applied_but_answered_too_late_is_counted_once() {
+    let redis = RedisServer::start();
+    let redis_store = Arc::new(RedisStore::connect(&redis.url()).await.expect("redis"));
+    let store: SharedStore = redis_store.clone();
+    let meter = Meter::new(WallClock::System);
+    let metrics = Metrics::new().expect("metrics");
+    let (key_id, account_id) = ("key_late", "acc_late");
+    let cell = meter.cell(&Arc::from(key_id), &Arc::from(account_id));
+    let minute_ms = 60_000 * 29_000_000;
+    let requests = |n: u64| {
+        for _ in 0..n {
+            cell.record(minute_ms, Outcome { status: 200 });
+        }
+    };
+    let total = || async {
+        let days = redis_store
+            .key_usage(key_id, Granularity::Day, 0, i64::MAX)
+            .await
+            .expect("usage");
+        days.iter().map(|(_, c)| c.requests).sum::<u64>()
+    };
+    let mut backlog = Backlog::new(MAX_PENDING_BUCKETS);
+    requests(100);
+    assert!(flusher::flush_once(&meter, &store, &metrics, &mut backlog).await);
+    assert_eq!(total().await, 100);
+
+    // Redis freezes with the next batch on its socket: the client gives up after its deadline,
+    // and Redis applies the batch when it thaws. The gateway cannot tell this from a write that
+    // never arrived.
+    requests(50);
+    tokio::task::block_in_place(|| redis.pause());
+    let failed = flusher::flush_once(&meter, &store, &metrics, &mut backlog).await;
+    tokio::task::block_in_place(|| redis.resume());
+    assert!(!failed, "the write timed out for the client");
+    assert!(
+        common::eventually(Duration::from_secs(5), || async { total().await == 150 }).await,
+        "redis applied the batch it received before it froze: {}",
+        total().await
+    );
+
+    // New traffic, then the retry: the frozen batch again (recognised, not added), then the new
+    // counts in a batch of their own.
+    requests(25);
+    assert_eq!(backlog.len(), 1);
+    assert!(flusher::flush_once(&meter, &store, &metrics, &mut backlog).await);
+    assert!(backlog.is_empty());
+    assert_eq!(total().await, 175, "every request counted exactly once");
+    let minute = redis_store
+        .key_usage(key_id, Granularity::Minute, 0, i64::MAX)
+        .await
+        .expect("minutes");
+    assert_eq!(minute.len(), 1);
+    assert_eq!(
+        (minute[0].1.requests, minute[0].1.success),
+        (175, 175),
+        "the minute bucket"
+    );
+    let account: u64 = redis_store
+        .account_usage(account_id, 0, i64::MAX)
+        .await
+        .expect("account")
+        .iter()
+        .map(|(_, c)| c.requests)
+        .sum();
+    assert_eq!(account, 175, "the account's day");
 }

@@ -1,8 +1,10 @@
 //! [`ApiError`]: every way an admin request can fail, each variant with its status and code
 //! beside it, and the one place where they become `{"error":{"code","message"}}` responses.
 //!
-//! Converting to a response has no side effects; the one log line for a failing store is written
-//! where the [`StoreError`] is converted, because only there is its detail still known.
+//! Converting to a response has no side effects. A corrupt record is logged where the
+//! [`StoreError`] is converted, because only there is its detail still known; an unreachable
+//! store carries its detail in the response's extensions ([`StoreFailure`]), where the admin
+//! router's one middleware counts it and logs the outage once, not per request.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -92,10 +94,20 @@ pub enum ApiError {
     /// 500 `internal_error`: a stored record could not be decoded.
     #[error("a stored record could not be read")]
     StoreCorrupt,
-    /// 503 `store_unavailable`: the store could not be reached; nothing was changed.
+    /// 503 `store_unavailable`: the store could not be reached; nothing was changed. The detail
+    /// is for the log, never the body.
     #[error("the store is unavailable; retry later")]
-    StoreUnavailable,
+    StoreUnavailable(String),
+    /// 503 `store_unavailable`: another change to the account (on this or another instance)
+    /// held its lock for longer than a change may wait.
+    #[error("another change to this account is in progress; retry later")]
+    AccountBusy,
 }
+
+/// Set on the response of a request that failed because the store could not be reached: the
+/// store's own words, for the log.
+#[derive(Debug, Clone)]
+pub(crate) struct StoreFailure(pub(crate) String);
 
 // === impl ApiError ===
 
@@ -132,7 +144,9 @@ impl ApiError {
             ApiError::ProtectedKey => (StatusCode::CONFLICT, "protected_key"),
             ApiError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             ApiError::StoreCorrupt => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
-            ApiError::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            ApiError::StoreUnavailable(_) | ApiError::AccountBusy => {
+                (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
+            }
         }
     }
 }
@@ -141,7 +155,11 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
         let body = json!({ "error": { "code": code, "message": self.to_string() } });
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if let ApiError::StoreUnavailable(detail) = self {
+            response.extensions_mut().insert(StoreFailure(detail));
+        }
+        response
     }
 }
 
@@ -152,10 +170,7 @@ impl From<StoreError> for ApiError {
             StoreError::AlreadyExists => ApiError::AlreadyExists,
             // A record that vanished between our read and write: it is gone either way.
             StoreError::NotFound => ApiError::NotFound("record"),
-            StoreError::Unavailable(detail) => {
-                tracing::warn!(error = %detail, "admin: store unavailable");
-                ApiError::StoreUnavailable
-            }
+            StoreError::Unavailable(detail) => ApiError::StoreUnavailable(detail),
             StoreError::Corrupt(detail) => {
                 tracing::error!(error = %detail, "admin: corrupt record in store");
                 ApiError::StoreCorrupt

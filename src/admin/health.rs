@@ -21,26 +21,23 @@ pub(crate) async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// `GET /readyz`: the store answers.
+/// `GET /readyz`: the store answers. A failing store is counted on every probe and logged once
+/// per outage, like every store failure.
 pub(crate) async fn readyz(State(state): State<AdminState>) -> (StatusCode, Json<Value>) {
+    const IMPACT: &str = "/readyz answers 503";
     match tokio::time::timeout(PING_TIMEOUT, state.store.ping()).await {
-        Ok(Ok(())) => (StatusCode::OK, Json(json!({ "status": "ready" }))),
+        Ok(Ok(())) => {
+            state.pings.succeeded();
+            (StatusCode::OK, Json(json!({ "status": "ready" })))
+        }
         Ok(Err(e)) => {
-            state
-                .metrics
-                .store_errors_total
-                .with_label_values(&["ping"])
-                .inc();
-            tracing::warn!(error = %e, "readyz: store ping failed");
+            state.pings.failed(&e, IMPACT);
             unavailable()
         }
         Err(_) => {
             state
-                .metrics
-                .store_errors_total
-                .with_label_values(&["ping"])
-                .inc();
-            tracing::warn!("readyz: store ping timed out");
+                .pings
+                .failed(&"no answer to a ping within 2 s", IMPACT);
             unavailable()
         }
     }

@@ -4,7 +4,7 @@
 //! one store read. A stale entry is kept a while so that `fail_open` can still serve the key
 //! when the store is down.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ use crate::credential::{KeyHash, KeyHashBuilder};
 use crate::limits::global::SharedLimiters;
 use crate::limits::{KeyLimits, Limiters, Quotas, Window};
 use crate::metering::Meter;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StoreCalls};
 use crate::policy;
 use crate::store::{
     Invalidation, InvalidationEvent, KeyLookup, KeyType, RateLimitSpec, SharedStore,
@@ -68,9 +68,10 @@ pub struct KeyCache {
     /// Bumped by every invalidation; a load that started before one does not insert its result,
     /// which may predate the change.
     generation: AtomicU64,
-    /// Whether the last store read failed: failures and recoveries are logged once each, not
-    /// per request.
-    store_failing: AtomicBool,
+    /// Store reads by hash: failures counted, failure and recovery logged once each.
+    lookups: StoreCalls,
+    /// Invalidations published to the other instances, likewise.
+    publishes: Arc<StoreCalls>,
     store: SharedStore,
     limiters: Arc<Limiters>,
     /// Set with `limits.mode = "global"`: keys draw on the fleet's counters, with `limiters` as
@@ -101,7 +102,8 @@ impl KeyCache {
             map: DashMap::with_hasher(KeyHashBuilder::default()),
             inflight: DashMap::with_hasher(KeyHashBuilder::default()),
             generation: AtomicU64::new(0),
-            store_failing: AtomicBool::new(false),
+            lookups: metrics.store_calls("lookup_key"),
+            publishes: Arc::new(metrics.store_calls("publish_invalidation")),
             store,
             limiters,
             shared: None,
@@ -220,11 +222,15 @@ impl KeyCache {
     /// Publishes without making the caller wait; a failure leaves the other instances on their
     /// ttl, which is the backstop.
     fn publish(&self, what: Invalidation) {
-        let store = Arc::clone(&self.store);
+        let (store, publishes) = (Arc::clone(&self.store), Arc::clone(&self.publishes));
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                if let Err(e) = store.publish_invalidation(&what).await {
-                    tracing::warn!(error = %e, "publishing a cache invalidation failed");
+                match store.publish_invalidation(&what).await {
+                    Ok(()) => publishes.succeeded(),
+                    Err(e) => publishes.failed(
+                        &e,
+                        "changes reach the other instances only when their cache ttl runs out",
+                    ),
                 }
             });
         }
@@ -276,19 +282,14 @@ impl KeyCache {
         let found = match self.store.lookup_key(hash).await {
             Ok(found) => found,
             Err(e) => {
-                self.metrics
-                    .store_errors_total
-                    .with_label_values(&["lookup_key"])
-                    .inc();
-                if !self.store_failing.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(error = %e, "key lookups are failing; serving what the cache holds per on_store_error");
-                }
+                self.lookups.failed(
+                    &e,
+                    "key lookups fail; serving what the cache holds per on_store_error",
+                );
                 return Err(());
             }
         };
-        if self.store_failing.swap(false, Ordering::Relaxed) {
-            tracing::info!("key lookups work again");
-        }
+        self.lookups.succeeded();
         let now = Instant::now();
         let (slot, result) = match found {
             Some(lookup) => {

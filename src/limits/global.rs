@@ -5,15 +5,18 @@
 //! Each key holds, per window (fixed UTC minute, hour, day), a local lease of tokens taken from
 //! the shared counter with [`Store::take_tokens`], which never lets the counter pass the limit.
 //! A request spends one local token per window, synchronously and without I/O. When a lease runs
-//! below half, a background refill takes more; only a request that finds a lease empty waits for
-//! one round trip ([`GlobalLimiter::refill`]). Accuracy: the fleet never admits more than the
+//! below half, a background refill takes more; only a request that finds a lease empty waits,
+//! for refills ([`GlobalLimiter::refill`]) until it gets a token or the shared counter says the
+//! window is used up: so no request is refused while the fleet is under its limit. A refill asks
+//! for at least as many tokens as there are requests waiting ([`LeaseWait`]), so that a burst
+//! costs one round trip rather than one per request. Accuracy: the fleet never admits more than the
 //! limit in a window while the store answers; it admits less only by tokens leased to instances
 //! that see no further traffic in that window, at most `instances × lease` (lease = limit / 100,
 //! at least 1, at most 1 000). When the store fails, `fail_open` falls back to the key's local
 //! buckets until a refill succeeds, and `fail_closed` refuses with `store_unavailable`.
 
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -21,6 +24,7 @@ use parking_lot::Mutex;
 
 use super::{Exhausted, KeyLimiter, LimitSnapshot, Quotas, Window, WindowState};
 use crate::config::OnStoreError;
+use crate::metrics::{Metrics, StoreCalls};
 use crate::store::{SharedStore, TokenTake};
 
 /// How long to keep using the local fallback after a failed refill before trying the store again.
@@ -49,8 +53,17 @@ pub struct GlobalLimiter {
     fallback: Arc<KeyLimiter>,
     /// Until when (ms) the store counts as down; 0 when it answers.
     down_until_ms: AtomicI64,
+    /// `take_tokens` calls of every key: failures counted, the outage logged once.
+    calls: Arc<StoreCalls>,
+    /// Requests waiting for a token: a refill takes at least this many.
+    waiting: AtomicU32,
     refilling: AtomicBool,
     refill_lock: tokio::sync::Mutex<()>,
+}
+
+/// A request waiting for a lease, counted in [`GlobalLimiter`]'s waiters until dropped.
+pub struct LeaseWait<'a> {
+    limiter: &'a GlobalLimiter,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -68,6 +81,7 @@ pub struct SharedLimiters {
     by_key: DashMap<Arc<str>, Arc<GlobalLimiter>>,
     store: SharedStore,
     on_store_error: OnStoreError,
+    calls: Arc<StoreCalls>,
 }
 
 // === impl GlobalLimiter ===
@@ -90,13 +104,7 @@ impl GlobalLimiter {
                 continue;
             };
             let lease = &mut leases[i];
-            let index = window_index(*window, now_ms);
-            if lease.index != index {
-                *lease = Lease {
-                    index,
-                    ..Lease::default()
-                };
-            }
+            lease.enter(window_index(*window, now_ms));
             if lease.tokens == 0 {
                 if lease.exhausted {
                     let retry_after = seconds_left(*window, now_ms).max(1);
@@ -128,38 +136,19 @@ impl GlobalLimiter {
         Ok(snapshot)
     }
 
-    /// Takes fresh leases for the windows running low, in one store round trip. Concurrent calls
-    /// share one refill.
+    /// Counts the caller as waiting for a token until the guard is dropped, so that refills
+    /// meanwhile take enough for every waiter.
+    pub fn wait(&self) -> LeaseWait<'_> {
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        LeaseWait { limiter: self }
+    }
+
+    /// Takes fresh leases for the windows running low (or too small for the requests waiting),
+    /// in one store round trip. Concurrent calls take turns; one that finds the leases already
+    /// full enough returns at once.
     pub async fn refill(&self, now_ms: i64) {
         let _one_at_a_time = self.refill_lock.lock().await;
-        let takes: Vec<(usize, TokenTake)> = {
-            let mut leases = self.leases.lock();
-            Window::ALL
-                .iter()
-                .enumerate()
-                .filter_map(|(i, window)| {
-                    let limit = self.quotas.per[i]?.get();
-                    let lease = &mut leases[i];
-                    let index = window_index(*window, now_ms);
-                    if lease.index != index {
-                        *lease = Lease {
-                            index,
-                            ..Lease::default()
-                        };
-                    }
-                    let size = lease_size(self.quotas.per[i]?);
-                    (!lease.exhausted && lease.tokens < size.div_ceil(2)).then_some((
-                        i,
-                        TokenTake {
-                            window_secs: window.seconds(),
-                            index,
-                            limit,
-                            want: size - lease.tokens,
-                        },
-                    ))
-                })
-                .collect()
-        };
+        let takes = self.takes(now_ms);
         if takes.is_empty() {
             return;
         }
@@ -170,6 +159,7 @@ impl GlobalLimiter {
             .await
         {
             Ok(grants) => {
+                self.calls.succeeded();
                 self.down_until_ms.store(0, Ordering::Relaxed);
                 let mut leases = self.leases.lock();
                 for ((i, take), grant) in takes.iter().zip(grants) {
@@ -182,11 +172,49 @@ impl GlobalLimiter {
                 }
             }
             Err(e) => {
-                tracing::debug!(error = %e, key = %self.key_id, "taking shared rate-limit tokens failed");
+                self.calls.failed(
+                    &e,
+                    match self.on_store_error {
+                        OnStoreError::FailOpen => {
+                            "global limits fall back to each instance's own buckets"
+                        }
+                        OnStoreError::FailClosed => {
+                            "requests under global limits are refused with 503"
+                        }
+                    },
+                );
                 self.down_until_ms
                     .store(now_ms + RETRY_AFTER_FAILURE_MS, Ordering::Relaxed);
             }
         }
+    }
+
+    /// What a refill asks for: per window running low, enough to fill the lease, or to give
+    /// every waiting request a token if that is more.
+    fn takes(&self, now_ms: i64) -> Vec<(usize, TokenTake)> {
+        let waiting = self.waiting.load(Ordering::Acquire);
+        let mut leases = self.leases.lock();
+        Window::ALL
+            .iter()
+            .enumerate()
+            .filter_map(|(i, window)| {
+                let limit = self.quotas.per[i]?;
+                let lease = &mut leases[i];
+                lease.enter(window_index(*window, now_ms));
+                let size = lease_size(limit);
+                let low = lease.tokens < size.div_ceil(2) || lease.tokens < waiting;
+                let want = size.max(waiting).saturating_sub(lease.tokens);
+                (!lease.exhausted && low && want > 0).then_some((
+                    i,
+                    TokenTake {
+                        window_secs: window.seconds(),
+                        index: lease.index,
+                        limit: limit.get(),
+                        want,
+                    },
+                ))
+            })
+            .collect()
     }
 
     fn refill_in_background(self: &Arc<Self>, now_ms: i64) {
@@ -211,7 +239,7 @@ impl GlobalLimiter {
         for (i, window) in Window::ALL.iter().enumerate() {
             if let Some(limit) = self.quotas.per[i] {
                 let mut lease = leases[i];
-                if lease.index != window_index(*window, now_ms) {
+                if lease.index < window_index(*window, now_ms) {
                     lease = Lease::default();
                 }
                 snapshot.windows[i] = Some(state(*window, limit, &lease, now_ms));
@@ -221,15 +249,40 @@ impl GlobalLimiter {
     }
 }
 
+// === impl Lease ===
+
+impl Lease {
+    /// Moves the lease to window `index` if that is a later one (its tokens belong to the past
+    /// window). Never back: a request that read the clock just before a boundary spends from
+    /// the new window rather than dropping the new lease for the old window's.
+    fn enter(&mut self, index: i64) {
+        if index > self.index {
+            *self = Lease {
+                index,
+                ..Lease::default()
+            };
+        }
+    }
+}
+
+// === impl LeaseWait ===
+
+impl Drop for LeaseWait<'_> {
+    fn drop(&mut self) {
+        self.limiter.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 // === impl SharedLimiters ===
 
 impl SharedLimiters {
-    /// A registry over `store`.
-    pub fn new(store: SharedStore, on_store_error: OnStoreError) -> Self {
+    /// A registry over `store`; failed takes are counted in `metrics`.
+    pub fn new(store: SharedStore, on_store_error: OnStoreError, metrics: &Metrics) -> Self {
         SharedLimiters {
             by_key: DashMap::new(),
             store,
             on_store_error,
+            calls: Arc::new(metrics.store_calls("take_tokens")),
         }
     }
 
@@ -255,6 +308,8 @@ impl SharedLimiters {
             on_store_error: self.on_store_error,
             fallback,
             down_until_ms: AtomicI64::new(0),
+            calls: Arc::clone(&self.calls),
+            waiting: AtomicU32::new(0),
             refilling: AtomicBool::new(false),
             refill_lock: tokio::sync::Mutex::new(()),
         });
@@ -315,6 +370,22 @@ mod tests {
         assert_eq!(lease_size(n(60)), 1);
         assert_eq!(lease_size(n(10_000)), 100);
         assert_eq!(lease_size(n(1_000_000_000)), 1_000);
+    }
+
+    #[test]
+    fn leases_move_only_forward() {
+        let mut lease = Lease {
+            index: 7,
+            tokens: 3,
+            total: 10,
+            exhausted: false,
+        };
+        // A request that read the clock in the previous window keeps the current lease.
+        lease.enter(6);
+        lease.enter(7);
+        assert_eq!((lease.index, lease.tokens), (7, 3));
+        lease.enter(8);
+        assert_eq!((lease.index, lease.tokens, lease.total), (8, 0, 0));
     }
 
     #[test]

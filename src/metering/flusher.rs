@@ -1,19 +1,120 @@
 //! The flusher task: every `flush_interval`, take the dirty cells' counts and write them to the
-//! store in one batch. A failed write keeps the counts pending (merged, so memory stays bounded
-//! by key-minutes) and retries on the next tick; shutdown flushes one last time.
+//! store in one batch. A failed batch is kept as it is, with its id, and sent again on the next
+//! tick before anything newer (the store applies each id once, so a write that was applied but
+//! whose answer was lost is not counted twice); counts arriving meanwhile merge into the next
+//! batch. While the store fails, what waits is capped at `max_buckets`, oldest minutes dropped
+//! first; shutdown flushes one last time.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::{Meter, Pending};
+use super::{cap_oldest, Meter, Pending};
 use crate::metrics::Metrics;
-use crate::store::SharedStore;
+use crate::store::{BatchId, SharedStore, StoreError, UsageDelta};
 
 /// The most (key, minute) buckets kept while the store is failing, about 100 MB: a store that is
 /// away longer than that loses the oldest counts first, and says so.
 pub const MAX_PENDING_BUCKETS: usize = 1_000_000;
+
+/// What the flusher carries from one flush to the next.
+pub struct Backlog {
+    /// The batch last sent without success, with its id: sent again unchanged until the store
+    /// takes it, because a failed call may still have been applied.
+    in_flight: Option<(BatchId, Pending)>,
+    /// Counts drained since that batch was made, merged by (key, minute).
+    pending: Pending,
+    /// The id the next batch made from `pending` gets.
+    next_id: BatchId,
+    /// The most buckets kept, in flight and pending together, while the store fails.
+    max_buckets: usize,
+    /// Whether the last write failed: the failure and the recovery are logged once each.
+    failing: bool,
+    /// Buckets dropped by the cap since the store began failing.
+    dropped: u64,
+}
+
+// === impl Backlog ===
+
+impl Backlog {
+    /// An empty backlog that keeps at most `max_buckets` while the store fails
+    /// ([`MAX_PENDING_BUCKETS`] in the gateway).
+    pub fn new(max_buckets: usize) -> Self {
+        Backlog {
+            in_flight: None,
+            pending: Pending::default(),
+            next_id: BatchId::first(),
+            max_buckets,
+            failing: false,
+            dropped: 0,
+        }
+    }
+
+    /// (key, minute) buckets waiting, in flight and pending.
+    pub fn len(&self) -> usize {
+        self.in_flight.as_ref().map_or(0, |(_, b)| b.len()) + self.pending.len()
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Buckets dropped by the cap during the current outage (0 once the store took a batch).
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// The batch to send: the one in flight, else a new one made from what is pending.
+    fn batch(&mut self) -> Option<(BatchId, Vec<UsageDelta>)> {
+        if self.in_flight.is_none() && !self.pending.is_empty() {
+            let id = self.next_id;
+            self.next_id = id.next();
+            self.in_flight = Some((id, std::mem::take(&mut self.pending)));
+        }
+        self.in_flight.as_ref().map(|(id, b)| (*id, b.batch()))
+    }
+
+    /// The store took the batch in flight.
+    fn written(&mut self) {
+        self.in_flight = None;
+        if std::mem::take(&mut self.failing) {
+            match std::mem::take(&mut self.dropped) {
+                0 => tracing::info!("usage writes recovered"),
+                dropped => tracing::error!(
+                    dropped,
+                    "usage writes recovered; the oldest {dropped} (key, minute) buckets of usage \
+                     were dropped during the outage"
+                ),
+            }
+        }
+    }
+
+    /// The store did not take the batch in flight: keep it, and cap what waits.
+    fn failed(&mut self, error: &StoreError) {
+        if !std::mem::replace(&mut self.failing, true) {
+            tracing::warn!(%error, buckets = self.len(), "usage write failed; counts kept and retried");
+        }
+        let dropped = match &mut self.in_flight {
+            Some((_, batch)) => cap_oldest(&mut [batch, &mut self.pending], self.max_buckets),
+            None => cap_oldest(&mut [&mut self.pending], self.max_buckets),
+        };
+        if self.in_flight.as_ref().is_some_and(|(_, b)| b.is_empty()) {
+            self.in_flight = None;
+        }
+        if dropped > 0 && self.dropped == 0 {
+            tracing::error!(
+                max_buckets = self.max_buckets,
+                "usage waiting for the store reached its cap; dropping the oldest minutes until \
+                 the store is back (the number dropped is logged then)"
+            );
+        }
+        self.dropped += dropped as u64;
+    }
+}
+
+// === functions ===
 
 /// Runs until `shutdown` turns true, then drains and writes what is left (bounded by
 /// `final_deadline`).
@@ -25,63 +126,58 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     final_deadline: Duration,
 ) {
-    let mut pending = Pending::default();
+    let mut backlog = Backlog::new(MAX_PENDING_BUCKETS);
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut failing = false;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = shutdown.changed() => break,
         }
-        flush_once(&meter, &store, &metrics, &mut pending, &mut failing).await;
+        flush_once(&meter, &store, &metrics, &mut backlog).await;
     }
-    let last = flush_once(&meter, &store, &metrics, &mut pending, &mut failing);
-    if tokio::time::timeout(final_deadline, last).await.is_err() || !pending.is_empty() {
+    let last = flush_once(&meter, &store, &metrics, &mut backlog);
+    if tokio::time::timeout(final_deadline, last).await.is_err() || !backlog.is_empty() {
         tracing::error!(
-            buckets = pending.len(),
+            buckets = backlog.len(),
+            dropped = backlog.dropped(),
             "usage counts could not be written before shutdown"
         );
     }
 }
 
-/// Drains the meter and writes everything pending; returns whether the store took it.
+/// Drains the meter and writes everything waiting: the batch in flight first, then one made of
+/// the counts since. Returns whether the store took it all.
 pub async fn flush_once(
     meter: &Meter,
     store: &SharedStore,
     metrics: &Metrics,
-    pending: &mut Pending,
-    failing: &mut bool,
+    backlog: &mut Backlog,
 ) -> bool {
-    meter.drain_into(pending);
-    metrics
-        .usage_pending_events
-        .set(i64::try_from(pending.len()).unwrap_or(i64::MAX));
-    if pending.is_empty() {
-        return true;
-    }
-    let batch = pending.batch();
-    let timer = metrics.usage_flush_duration.start_timer();
-    let result = store.add_usage(&batch).await;
-    timer.observe_duration();
-    match result {
-        Ok(()) => {
-            pending.clear();
-            metrics.usage_pending_events.set(0);
-            if std::mem::take(failing) {
-                tracing::info!("usage writes recovered");
+    meter.drain_into(&mut backlog.pending);
+    loop {
+        metrics
+            .usage_pending_events
+            .set(i64::try_from(backlog.len()).unwrap_or(i64::MAX));
+        let Some((id, batch)) = backlog.batch() else {
+            return true;
+        };
+        let timer = metrics.usage_flush_duration.start_timer();
+        let result = store.add_usage(id, &batch).await;
+        timer.observe_duration();
+        match result {
+            Ok(()) => backlog.written(),
+            Err(e) => {
+                metrics
+                    .store_errors_total
+                    .with_label_values(&["add_usage"])
+                    .inc();
+                backlog.failed(&e);
+                metrics
+                    .usage_pending_events
+                    .set(i64::try_from(backlog.len()).unwrap_or(i64::MAX));
+                return false;
             }
-            true
-        }
-        Err(e) => {
-            metrics
-                .store_errors_total
-                .with_label_values(&["add_usage"])
-                .inc();
-            if !std::mem::replace(failing, true) {
-                tracing::warn!(error = %e, buckets = pending.len(), "usage write failed; counts kept and retried");
-            }
-            false
         }
     }
 }

@@ -21,6 +21,7 @@
 //! | `audit`          | sequence (`u64`, ascending)       | entry JSON + `account_id` | the audit log in append order (read backwards: newest first) |
 //! | `audit_accounts` | (account id, sequence)            | `()`                      | one account's audit entries without scanning the others    |
 //! | `usage_minute`   | (key id, minute since epoch `i64`) | 48 bytes: 6 × LE `u64`   | usage buckets; a range scan gives `[from, to)` ascending    |
+//! | `usage_writers`  | batch writer (`u64`)              | (last seq applied, ms)    | [`Store::add_usage`] applies each [`BatchId`] once; rows older than [`BATCH_MEMORY`] are dropped |
 //! | `meta`           | name (`str`)                      | bytes                     | singletons: `master_key_hash` (32 bytes)                   |
 //!
 //! Lists are sorted oldest first by `(created_at, id)`; the audit log is newest first by append
@@ -38,8 +39,8 @@ use serde::Serialize;
 
 use crate::credential::KeyHash;
 use crate::store::{
-    AccountRecord, AuditEntry, AuditPage, AuditQuery, Granularity, KeyLookup, KeyRecord,
-    SiteRecord, Store, StoreError, UsageCounts, UsageDelta,
+    AccountRecord, AuditEntry, AuditPage, AuditQuery, BatchId, Granularity, KeyLookup, KeyRecord,
+    SiteRecord, Store, StoreError, UsageCounts, UsageDelta, BATCH_MEMORY,
 };
 
 const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("accounts");
@@ -62,6 +63,7 @@ const USAGE_DAY_BY_TIME: TableDefinition<(i64, &str), ()> =
 const ACCOUNT_USAGE_DAY: TableDefinition<(&str, i64), &[u8]> =
     TableDefinition::new("account_usage_day");
 const KEY_LAST_USED: TableDefinition<&str, i64> = TableDefinition::new("key_last_used");
+const USAGE_WRITERS: TableDefinition<u64, (u64, i64)> = TableDefinition::new("usage_writers");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 const MASTER_KEY_HASH: &str = "master_key_hash";
@@ -553,12 +555,18 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError> {
+    async fn add_usage(&self, id: BatchId, batch: &[UsageDelta]) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
         let batch = batch.to_vec();
+        let now_ms = chrono::Utc::now().timestamp_millis();
         self.write(move |txn| {
+            // A commit is all or nothing, so a failed call was not applied; but a caller that
+            // retries (with the same id) is told "done" without counting twice all the same.
+            if !claim_batch(txn, id, now_ms)? {
+                return Ok(());
+            }
             for g in Granularity::ALL {
                 let mut usage = txn.open_table(usage_table(g)).map_err(db_err)?;
                 let mut by_time = txn.open_table(usage_time_index(g)).map_err(db_err)?;
@@ -710,6 +718,25 @@ impl Store for EmbeddedStore {
         })
         .await
     }
+}
+
+/// Records `id` as its writer's last applied batch, unless that writer already has one as
+/// recent; forgets writers silent for longer than [`BATCH_MEMORY`]. `false`: already applied.
+fn claim_batch(txn: &WriteTransaction, id: BatchId, now_ms: i64) -> Result<bool, StoreError> {
+    let mut writers = txn.open_table(USAGE_WRITERS).map_err(db_err)?;
+    let last = writers.get(id.writer).map_err(db_err)?.map(|v| v.value().0);
+    if last.is_some_and(|seq| seq >= id.seq) {
+        return Ok(false);
+    }
+    writers
+        .insert(id.writer, (id.seq, now_ms))
+        .map_err(db_err)?;
+    let memory_ms = i64::try_from(BATCH_MEMORY.as_millis()).unwrap_or(i64::MAX);
+    let cutoff = now_ms.saturating_sub(memory_ms);
+    writers
+        .retain(|_, (_, applied_ms)| applied_ms >= cutoff)
+        .map_err(db_err)?;
+    Ok(true)
 }
 
 fn usage_table(g: Granularity) -> TableDefinition<'static, (&'static str, i64), &'static [u8]> {

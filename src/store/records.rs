@@ -255,6 +255,19 @@ pub struct UsageDelta {
     pub last_used_ms: i64,
 }
 
+/// Which usage batch a write is: its writer (one flusher, a random id) and its number in that
+/// writer's sequence. A writer sends its batches one at a time and numbers them 1, 2, 3, …,
+/// retrying a batch unchanged (same id) until the store takes it; so a store applies a batch only
+/// if its number is above the last one it applied from that writer, and a retry of a batch that
+/// was applied but whose answer was lost changes nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BatchId {
+    /// The writer, random per flusher.
+    pub writer: u64,
+    /// 1 for the writer's first batch, then one more for each batch after it.
+    pub seq: u64,
+}
+
 /// The stored bucket sizes. Weeks and months are sums of days.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Granularity {
@@ -327,6 +340,27 @@ fn yes() -> bool {
 
 fn empty_object() -> serde_json::Value {
     serde_json::Value::Object(serde_json::Map::new())
+}
+
+// === impl BatchId ===
+
+impl BatchId {
+    /// The first batch of a new writer, with a random writer id.
+    pub fn first() -> Self {
+        BatchId {
+            writer: rand::random(),
+            seq: 1,
+        }
+    }
+
+    /// The writer's next batch.
+    #[must_use]
+    pub fn next(self) -> Self {
+        BatchId {
+            writer: self.writer,
+            seq: self.seq + 1,
+        }
+    }
 }
 
 // === impl AuditEntry ===

@@ -29,6 +29,7 @@
 //! | `tg:{acc}:account_usage:d:{day}`     | hash   | `requests success error rate_limited bytes_in bytes_out` | day TTL | the account's day bucket (sum over its keys) |
 //! | `tg:{key}:usage:{m,h,d}`             | zset   | bucket index (member = score)                   | per granularity | a key's buckets in a range: one `ZRANGEBYSCORE` |
 //! | `tg:{key}:usage:{m,h,d}:{index}`     | hash   | the six counters (`HINCRBY`)                    | per granularity | a key's minute, hour or day bucket |
+//! | `tg:{slot tag}:usage_writer:{writer}` | string | the last usage batch (`seq`) applied from one flusher to this slot's buckets | 1 day ([`BATCH_MEMORY`]), renewed per batch | [`Store::add_usage`] exactly once: a retried batch is not counted again |
 //! | `tg:keyhash:{hex}`                   | string | `acc_id` `\n` `key_id`                          | —          | [`Store::lookup_key`]; uniqueness of key hashes |
 //! | `tg:{_global}:accounts`              | set    | account ids                                     | —          | [`Store::list_accounts`] |
 //! | `tg:{_global}:audit`                 | list   | every audit JSON + `account_id`, newest first   | —          | [`Store::list_audit`] over all accounts |
@@ -61,13 +62,22 @@
 //! | `delete_account` | 3 RT: read key ids; one script deletes account, keys, names, sites if the key ids are unchanged (else re-read); then hash indexes and list entry | same, the last step concurrently per slot |
 //! | `append_audit` | 1 RT, one `MULTI` (account list + global list) | 1 RT, the two lists concurrently, each atomic |
 //! | `list_audit` | 1 RT (`LLEN` + `LRANGE` page when unfiltered, else the whole list filtered here) | same |
-//! | `add_usage` | 1 RT, one `MULTI` (`HINCRBY`s, indexes, owners, `ZADD GT` last use) | 1 RT: one `MULTI` per slot, all slots concurrently |
+//! | `add_usage` | 1 RT, one `MULTI`: one `ADD_USAGE` script (writer marker, `HINCRBY`s, indexes) + owners and `ZADD GT` last use | 1 RT: one `ADD_USAGE` script per slot, all slots concurrently |
 //! | `key_usage`, `account_usage` | 2 RT: `ZRANGEBYSCORE`, then one pipeline of `HMGET`s | same |
 //! | `prune_usage` | 4 RT per 256 owners: owners, their old indexes, one `MULTI` deleting buckets, owner scores | same, per slot concurrently |
 //!
-//! What a cluster cannot give: `add_usage` is all-or-nothing per slot, not per batch (a failure
-//! in one slot after another succeeded double-counts that slot's part when the batch is
-//! retried); `append_audit` may land in one list and not the other; a key or account deletion
+//! Usage is counted exactly once per batch ([`BatchId`]): the `ADD_USAGE` script first compares
+//! the batch's number with its writer's marker in that slot (`tg:{slot tag}:usage_writer:{w}`,
+//! the slot tag being `_usage` on a single server and, on a cluster, a short tag `_s…` of that
+//! very slot, so there is one marker per slot and writer whatever the batch ids) and returns
+//! without a change if the batch was applied before; otherwise it sets the marker and adds the
+//! counts in the same script, so that Redis runs both or neither. A flusher retries a failed batch
+//! unchanged until it is taken, so on a cluster a slot that took its part before a failure
+//! elsewhere skips it on the retry. The owners and last-use indexes keep a minimum and a maximum
+//! and so are safe to apply twice. The marker lives a day past its writer's last batch: a batch
+//! applied, unanswered, and then retried more than a day later would count twice.
+//!
+//! What a cluster cannot give: `append_audit` may land in one list and not the other; a key or account deletion
 //! that fails after its records went leaves hash index entries pointing at nothing (lookups ignore
 //! them, but `create_key` with that same hash is refused until they are gone). Key ids are unique
 //! within their account (keys of two accounts are in two slots); generated ids never collide.
@@ -94,9 +104,9 @@ use self::keys::{COUNTERS, GLOBAL, USAGE};
 use self::scripts::eval;
 use crate::credential::KeyHash;
 use crate::store::{
-    AccountRecord, AuditEntry, AuditPage, AuditQuery, Granularity, Invalidation, InvalidationEvent,
-    KeyLookup, KeyRecord, SiteRecord, Store, StoreError, TokenGrant, TokenTake, UsageCounts,
-    UsageDelta,
+    AccountRecord, AuditEntry, AuditPage, AuditQuery, BatchId, Granularity, Invalidation,
+    InvalidationEvent, KeyLookup, KeyRecord, SiteRecord, Store, StoreError, TokenGrant, TokenTake,
+    UsageCounts, UsageDelta, BATCH_MEMORY,
 };
 
 /// Builds a [`redis::Cmd`](::redis::Cmd) from a name and arguments.
@@ -733,60 +743,44 @@ impl Store for RedisStore {
         Ok(page)
     }
 
-    async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError> {
+    async fn add_usage(&self, id: BatchId, batch: &[UsageDelta]) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
-        // Merge the batch first: one HINCRBY per counter per distinct bucket.
-        let mut buckets: BTreeMap<(String, i64), (String, Granularity, UsageCounts)> =
-            BTreeMap::new();
-        let mut last_used: BTreeMap<&str, i64> = BTreeMap::new();
-        for delta in batch {
-            for g in Granularity::ALL {
-                let index = g.of_minute(delta.minute);
-                let bucket = buckets
-                    .entry((keys::key_usage(&delta.key_id, g), index))
-                    .or_insert_with(|| (delta.key_id.clone(), g, UsageCounts::default()));
-                merge_saturating(&mut bucket.2, &delta.counts);
-            }
-            let day = Granularity::Day.of_minute(delta.minute);
-            let bucket = buckets
-                .entry((keys::account_usage(&delta.account_id), day))
-                .or_insert_with(|| {
-                    (
-                        delta.account_id.clone(),
-                        Granularity::Day,
-                        UsageCounts::default(),
-                    )
-                });
-            merge_saturating(&mut bucket.2, &delta.counts);
-            let seen = last_used.entry(delta.key_id.as_str()).or_insert(i64::MIN);
-            *seen = (*seen).max(delta.last_used_ms);
-        }
-
-        let mut writes = Batch::atomic();
+        let (buckets, last_used) = merge_batch(batch);
+        let cluster = self.conn.is_cluster();
+        // Per slot (one, on a single server): the script's keys and arguments, opened by the
+        // writer's marker of that slot and the batch's number.
+        let mut slots: BTreeMap<u16, (Vec<String>, Vec<String>)> = BTreeMap::new();
         // Per granularity: bucket index key → its lowest index in this batch.
         let mut owners: [BTreeMap<&str, i64>; 3] = Default::default();
         for ((index_key, index), (tag, g, counts)) in &buckets {
-            let bucket = keys::bucket(index_key, *index);
-            let fields = counter_values(counts);
-            let mut wrote = false;
-            for (field, value) in COUNTERS.iter().zip(fields) {
-                if value != 0 || (!wrote && *field == COUNTERS[5]) {
-                    writes.add(tag, cmd!("HINCRBY", &bucket, *field, value));
-                    wrote = true;
-                }
-            }
-            writes.add(tag, cmd!("ZADD", index_key, *index, *index));
-            if let Some(ttl) = self.bucket_ttl(*g) {
-                writes.add(tag, cmd!("EXPIRE", &bucket, ttl));
-                writes.add(tag, cmd!("EXPIRE", index_key, ttl));
-            }
+            let slot = if cluster { keys::slot_of(tag) } else { 0 };
+            let (script_keys, args) = slots.entry(slot).or_insert_with(|| {
+                let marker = keys::usage_writer(script_tag(cluster, slot), id.writer);
+                let ttl = BATCH_MEMORY.as_secs();
+                (vec![marker], vec![id.seq.to_string(), ttl.to_string()])
+            });
+            script_keys.push(keys::bucket(index_key, *index));
+            script_keys.push(index_key.clone());
+            args.push(index.to_string());
+            args.push(self.bucket_ttl(*g).unwrap_or(0).to_string());
+            args.extend(counter_values(counts).iter().map(i64::to_string));
             let lowest = owners[granularity_slot(*g)]
                 .entry(index_key.as_str())
                 .or_insert(*index);
             *lowest = (*lowest).min(*index);
         }
+
+        let mut writes = Batch::atomic();
+        for (slot, (script_keys, args)) in &slots {
+            writes.add(
+                script_tag(cluster, *slot),
+                eval(scripts::ADD_USAGE, script_keys, args),
+            );
+        }
+        // The usage indexes keep a minimum and a maximum: applying them twice changes nothing,
+        // so they need no marker.
         for g in Granularity::ALL {
             let lowest = &owners[granularity_slot(g)];
             if lowest.is_empty() {
@@ -958,6 +952,52 @@ fn granularity_slot(granularity: Granularity) -> usize {
         Granularity::Minute => 0,
         Granularity::Hour => 1,
         Granularity::Day => 2,
+    }
+}
+
+/// A batch's counts merged per bucket — (bucket index key, index) → (hash tag, granularity,
+/// counts) — and each key's latest use.
+type MergedBatch<'a> = (
+    BTreeMap<(String, i64), (String, Granularity, UsageCounts)>,
+    BTreeMap<&'a str, i64>,
+);
+
+/// Merges a batch: one script argument per counter per distinct bucket.
+fn merge_batch(batch: &[UsageDelta]) -> MergedBatch<'_> {
+    let mut buckets: BTreeMap<(String, i64), (String, Granularity, UsageCounts)> = BTreeMap::new();
+    let mut last_used: BTreeMap<&str, i64> = BTreeMap::new();
+    for delta in batch {
+        for g in Granularity::ALL {
+            let index = g.of_minute(delta.minute);
+            let bucket = buckets
+                .entry((keys::key_usage(&delta.key_id, g), index))
+                .or_insert_with(|| (delta.key_id.clone(), g, UsageCounts::default()));
+            merge_saturating(&mut bucket.2, &delta.counts);
+        }
+        let day = Granularity::Day.of_minute(delta.minute);
+        let bucket = buckets
+            .entry((keys::account_usage(&delta.account_id), day))
+            .or_insert_with(|| {
+                (
+                    delta.account_id.clone(),
+                    Granularity::Day,
+                    UsageCounts::default(),
+                )
+            });
+        merge_saturating(&mut bucket.2, &delta.counts);
+        let seen = last_used.entry(delta.key_id.as_str()).or_insert(i64::MIN);
+        *seen = (*seen).max(delta.last_used_ms);
+    }
+    (buckets, last_used)
+}
+
+/// The tag of a usage script's slot: a tag of that very slot on a cluster; on a single server,
+/// where one script takes the whole batch, the usage indexes' tag.
+fn script_tag(cluster: bool, slot: u16) -> &'static str {
+    if cluster {
+        keys::slot_tag(slot)
+    } else {
+        USAGE
     }
 }
 

@@ -10,7 +10,7 @@ use tollgate::store::embedded::EmbeddedStore;
 use tollgate::store::*;
 
 /// A real embedded store, observed: counts `lookup_key` calls, and while `down` is set fails
-/// `ping`, `lookup_key` and `add_usage` as an unreachable store would. Every call goes to the
+/// `ping`, `lookup_key`, `add_usage` and `publish_invalidation` as an unreachable store would. Every call goes to the
 /// real store; nothing is mocked.
 pub struct ObservedStore {
     /// The store underneath.
@@ -96,9 +96,13 @@ impl Store for ObservedStore {
     async fn list_audit(&self, a: Option<&str>, q: &AuditQuery) -> Result<AuditPage, StoreError> {
         self.inner.list_audit(a, q).await
     }
-    async fn add_usage(&self, b: &[UsageDelta]) -> Result<(), StoreError> {
+    async fn add_usage(&self, id: BatchId, b: &[UsageDelta]) -> Result<(), StoreError> {
         self.check()?;
-        self.inner.add_usage(b).await
+        self.inner.add_usage(id, b).await
+    }
+    async fn publish_invalidation(&self, what: &Invalidation) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.publish_invalidation(what).await
     }
     async fn key_usage(
         &self,

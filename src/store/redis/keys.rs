@@ -1,7 +1,12 @@
 //! Key names: the data model table of [`super`] as functions. Every key starts with `tg:` and
 //! carries a hash tag `{…}`, which is also the tag [`super::conn::Batch`] groups commands by.
 
+use std::sync::OnceLock;
+
 use crate::store::Granularity;
+
+/// Slots of a Redis Cluster.
+const SLOTS: u16 = 16_384;
 
 /// The tag of the operator-level singletons (account list, audit index, master key hash).
 /// Leading underscore: generated ids (`acc_…`, `key_…`) never collide with it.
@@ -105,6 +110,52 @@ pub(super) fn last_used() -> String {
     format!("tg:{{{USAGE}}}:last_used")
 }
 
+/// The last usage batch applied from one writer (`SET`, the batch's `seq`) to the usage keys of
+/// one cluster slot: `slot_tag` is a tag of that slot ([`slot_tag`]; on a single server, where
+/// one script takes the whole batch, [`USAGE`]). One key per (slot, writer), whatever the batch
+/// ids, so that they stay few.
+pub(super) fn usage_writer(slot_tag: &str, writer: u64) -> String {
+    format!("tg:{{{slot_tag}}}:usage_writer:{writer:016x}")
+}
+
+/// The cluster slot of a hash tag (CRC16/XMODEM of the tag, modulo 16 384), as Redis computes it.
+pub(super) fn slot_of(tag: &str) -> u16 {
+    let mut crc: u16 = 0;
+    for byte in tag.bytes() {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % SLOTS
+}
+
+/// A short tag that lands in `slot`: `_s` and a number, the first such number for that slot.
+/// The table is built once (about 170 000 hashes, a few milliseconds) on first use.
+pub(super) fn slot_tag(slot: u16) -> &'static str {
+    static TAGS: OnceLock<Vec<String>> = OnceLock::new();
+    let tags = TAGS.get_or_init(|| {
+        let mut tags = vec![String::new(); usize::from(SLOTS)];
+        let mut missing = tags.len();
+        let mut n = 0u32;
+        while missing > 0 {
+            let tag = format!("_s{n}");
+            let entry = &mut tags[usize::from(slot_of(&tag))];
+            if entry.is_empty() {
+                *entry = tag;
+                missing -= 1;
+            }
+            n += 1;
+        }
+        tags
+    });
+    &tags[usize::from(slot % SLOTS)]
+}
+
 /// The hash tag of a key name: what is between its first `{` and the next `}`.
 pub(super) fn tag_of(key: &str) -> Option<&str> {
     let open = key.find('{')?;
@@ -145,5 +196,20 @@ mod tests {
         assert_eq!(tag_of(&hash_index("ab12")), Some("ab12"));
         assert_eq!(tag_of(&owners(Granularity::Day)), Some(USAGE));
         assert_eq!(tag_of("tg:{}:x"), None);
+    }
+
+    #[test]
+    fn slots_are_the_ones_redis_computes() {
+        // The cluster specification's check value, and `CLUSTER KEYSLOT` answers.
+        assert_eq!(slot_of("123456789"), 0x31C3);
+        assert_eq!(slot_of("foo"), 12_182);
+        assert_eq!(
+            slot_of("_usage"),
+            slot_of(tag_of(&last_used()).unwrap_or(""))
+        );
+        for slot in [0, 1, 12_182, 16_383] {
+            assert_eq!(slot_of(slot_tag(slot)), slot);
+        }
+        assert_eq!(tag_of(&usage_writer("_s7", 255)), Some("_s7"));
     }
 }

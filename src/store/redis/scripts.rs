@@ -1,5 +1,6 @@
-//! The Lua scripts: each is one atomic check-then-write on keys of one hash tag (one cluster
-//! slot), with every key it touches passed in `KEYS`. They are sent with `EVAL` (Redis caches the
+//! The Lua scripts: each is one atomic check-then-write on keys of one cluster slot (of one hash
+//! tag, but for `ADD_USAGE`, which takes every usage key of its slot), with every key it touches
+//! passed in `KEYS`. They are sent with `EVAL` (Redis caches the
 //! compiled script by its digest), so that a script may sit inside a pipeline or a `MULTI` without
 //! the `NOSCRIPT` failure an `EVALSHA` meets after a restart or failover.
 
@@ -128,6 +129,39 @@ for i = 1, #KEYS do
   out[#out + 1] = cur
 end
 return out
+"#;
+
+/// Adds one usage batch's counts to the buckets of one cluster slot (the whole batch on a single
+/// server), once per batch: if the writer's marker already holds this batch's number or a later
+/// one, the batch was applied before (its answer was lost) and nothing changes. Marker and
+/// counts change in one script, so they cannot part.
+///
+/// `KEYS`: the writer's marker, then per bucket its hash and its index (sorted set).
+/// `ARGV`: the batch's number, the marker's TTL (seconds), then per bucket its index, its TTL
+/// (seconds, `0` for none) and the six counters (`requests success error rate_limited bytes_in
+/// bytes_out`). Returns 1 when applied, 0 when it had been already.
+pub(super) const ADD_USAGE: &str = r#"
+local last = redis.call('GET', KEYS[1])
+if last and tonumber(last) >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+local fields = {'requests', 'success', 'error', 'rate_limited', 'bytes_in', 'bytes_out'}
+for b = 1, (#KEYS - 1) / 2 do
+  local bucket, index_key, a = KEYS[2 * b], KEYS[2 * b + 1], 2 + 8 * (b - 1)
+  local wrote = false
+  for f = 1, 6 do
+    if ARGV[a + 2 + f] ~= '0' then
+      redis.call('HINCRBY', bucket, fields[f], ARGV[a + 2 + f])
+      wrote = true
+    end
+  end
+  if not wrote then redis.call('HINCRBY', bucket, 'bytes_out', 0) end
+  redis.call('ZADD', index_key, ARGV[a + 1], ARGV[a + 1])
+  if ARGV[a + 2] ~= '0' then
+    redis.call('EXPIRE', bucket, ARGV[a + 2])
+    redis.call('EXPIRE', index_key, ARGV[a + 2])
+  end
+end
+return 1
 "#;
 
 /// `EVAL script numkeys keys… args…`.
