@@ -110,6 +110,14 @@ pub struct KeyLookup {
 /// The store interface. Every method is one atomic operation on the backend.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// A number that moves on whenever a write may change what [`Store::lookup_key`] answers,
+    /// read without I/O; `None` when the backend cannot tell (other processes write to it, as
+    /// with Redis). The key cache keeps an entry past its ttl without a re-read while this has
+    /// not moved since the entry was read.
+    fn revision(&self) -> Option<u64> {
+        None
+    }
+
     /// Succeeds when the backend is reachable and answering (readiness).
     async fn ping(&self) -> Result<(), StoreError>;
 

@@ -175,6 +175,30 @@ async fn a_cached_key_is_reread_after_its_ttl() {
     assert!(matches!(f.cache.get(&key.hash).await, Lookup::Found(k) if !k.key_active));
 }
 
+/// The embedded store sees every write, so an entry past its ttl is kept without a re-read
+/// while nothing changed; the first change anywhere in accounts, keys or sites, even one made
+/// behind the cache's back, makes the next use past the ttl read again.
+#[tokio::test(start_paused = true)]
+async fn past_its_ttl_a_key_is_reread_only_when_the_store_changed() {
+    let f = fixture(settings());
+    let mut key = with_key(&f).await;
+    assert!(matches!(f.cache.get(&key.hash).await, Lookup::Found(_)));
+    assert_eq!(lookups(&f), 1);
+    for _ in 0..3 {
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert!(matches!(f.cache.get(&key.hash).await, Lookup::Found(k) if k.key_active));
+    }
+    f.cache.sweep();
+    tokio::time::advance(Duration::from_secs(20 * 60)).await;
+    f.cache.sweep();
+    assert!(matches!(f.cache.get(&key.hash).await, Lookup::Found(_)));
+    assert_eq!(lookups(&f), 1, "re-read although nothing changed");
+    key.active = false;
+    f.store.update_key(&key).await.expect("update");
+    assert!(matches!(f.cache.get(&key.hash).await, Lookup::Found(k) if !k.key_active));
+    assert_eq!(lookups(&f), 2);
+}
+
 #[tokio::test]
 async fn invalidation_takes_effect_on_the_next_lookup() {
     let f = fixture(settings());

@@ -2,7 +2,10 @@
 //! I/O. Entries are fresh for `ttl` (unknown hashes for `negative_ttl`), dropped at once by
 //! [`KeyCache::invalidate`], and bounded by `max_entries`. Concurrent misses for one hash share
 //! one store read. A stale entry is kept a while so that `fail_open` can still serve the key
-//! when the store is down.
+//! when the store is down. Past its ttl an entry is still fresh, without a re-read, while the
+//! store's [`revision`](crate::store::Store::revision) has not moved since it was read (the
+//! embedded store sees every write; Redis, written by other instances, cannot tell, so there the
+//! ttl always means a re-read).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -52,6 +55,8 @@ enum Slot {
     Found {
         key: Arc<CachedKey>,
         fresh_until: Instant,
+        /// The store's revision when the read began ([`crate::store::Store::revision`]).
+        revision: Option<u64>,
     },
     Missing {
         until: Instant,
@@ -150,7 +155,11 @@ impl KeyCache {
     pub fn cached(&self, hash: &KeyHash) -> Cached {
         let now = Instant::now();
         let found = match self.map.get(hash).as_deref() {
-            Some(Slot::Found { key, fresh_until }) if now < *fresh_until => {
+            Some(Slot::Found {
+                key,
+                fresh_until,
+                revision,
+            }) if now < *fresh_until || self.unchanged_since(*revision) => {
                 Cached::Fresh(Lookup::Found(Arc::clone(key)))
             }
             Some(Slot::Missing { until }) if now < *until => Cached::Fresh(Lookup::NotFound),
@@ -162,6 +171,12 @@ impl KeyCache {
             Cached::Stale(_) | Cached::Absent => self.metrics.key_cache_misses.inc(),
         }
         found
+    }
+
+    /// Whether the store says nothing has changed since `revision`: then an entry past its ttl
+    /// is as good as a re-read, and none is made.
+    fn unchanged_since(&self, revision: Option<u64>) -> bool {
+        revision.is_some() && revision == self.store.revision()
     }
 
     /// Drops what is cached for one credential hash, here and (through the store) on every
@@ -250,7 +265,11 @@ impl KeyCache {
     pub fn sweep(&self) {
         let now = Instant::now();
         self.map.retain(|_, slot| match slot {
-            Slot::Found { fresh_until, .. } => now < *fresh_until + STALE_KEEP,
+            Slot::Found {
+                fresh_until,
+                revision,
+                ..
+            } => now < *fresh_until + STALE_KEEP || self.unchanged_since(*revision),
             Slot::Missing { until } => now < *until,
         });
         // Leases of keys no longer cached: their unspent tokens only ever make the fleet admit
@@ -273,12 +292,18 @@ impl KeyCache {
         // already filled the map (it inserts before it leaves the in-flight map): use that.
         let now = Instant::now();
         match self.map.get(hash).as_deref() {
-            Some(Slot::Found { key, fresh_until }) if now < *fresh_until => {
+            Some(Slot::Found {
+                key,
+                fresh_until,
+                revision,
+            }) if now < *fresh_until || self.unchanged_since(*revision) => {
                 return Ok(Some(Arc::clone(key)))
             }
             Some(Slot::Missing { until }) if now < *until => return Ok(None),
             _ => {}
         }
+        // Read before the lookup: a write that lands during it moves the revision past this.
+        let revision = self.store.revision();
         let found = match self.store.lookup_key(hash).await {
             Ok(found) => found,
             Err(e) => {
@@ -298,6 +323,7 @@ impl KeyCache {
                     Slot::Found {
                         key: Arc::clone(&key),
                         fresh_until: now + self.settings.ttl,
+                        revision,
                     },
                     Some(key),
                 )

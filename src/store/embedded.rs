@@ -30,6 +30,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -75,6 +76,9 @@ const USAGE_BYTES: usize = 48;
 pub struct EmbeddedStore {
     db: Arc<Database>,
     path: PathBuf,
+    /// Bumped after every write to accounts, keys or sites: see [`Store::revision`]. Only this
+    /// process can write the file (redb locks it), so the counter sees every change.
+    revision: AtomicU64,
 }
 
 // === impl EmbeddedStore ===
@@ -126,6 +130,7 @@ impl EmbeddedStore {
             other => other,
         })?;
         Ok(EmbeddedStore {
+            revision: AtomicU64::new(0),
             db: Arc::new(db),
             path: path.to_path_buf(),
         })
@@ -134,7 +139,7 @@ impl EmbeddedStore {
     /// Writes an account that must (`exists`) or must not already be there.
     async fn put_account(&self, account: &AccountRecord, exists: bool) -> Result<(), StoreError> {
         let account = account.clone();
-        self.write(move |txn| {
+        self.write_records(move |txn| {
             let mut accounts = txn.open_table(ACCOUNTS).map_err(db_err)?;
             match (
                 accounts.get(account.id.as_str()).map_err(db_err)?.is_some(),
@@ -192,6 +197,18 @@ impl EmbeddedStore {
     {
         self.run(move |db| write_txn(db, f)).await
     }
+
+    /// [`EmbeddedStore::write`] for a change that may change what `lookup_key` answers: the
+    /// revision moves on once it is over (also when it failed: a wasted re-read is harmless).
+    async fn write_records<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+    {
+        let result = self.write(f).await;
+        self.revision.fetch_add(1, Ordering::SeqCst);
+        result
+    }
 }
 
 impl fmt::Debug for EmbeddedStore {
@@ -204,6 +221,10 @@ impl fmt::Debug for EmbeddedStore {
 
 #[async_trait]
 impl Store for EmbeddedStore {
+    fn revision(&self) -> Option<u64> {
+        Some(self.revision.load(Ordering::SeqCst))
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.read(|txn| {
             txn.open_table(META).map_err(db_err)?;
@@ -276,7 +297,7 @@ impl Store for EmbeddedStore {
 
     async fn delete_account(&self, id: &str) -> Result<Vec<KeyRecord>, StoreError> {
         let id = id.to_owned();
-        self.write(move |txn| {
+        self.write_records(move |txn| {
             let mut accounts = txn.open_table(ACCOUNTS).map_err(db_err)?;
             if accounts.remove(id.as_str()).map_err(db_err)?.is_none() {
                 return Err(StoreError::NotFound);
@@ -324,7 +345,7 @@ impl Store for EmbeddedStore {
 
     async fn create_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
         let key = key.clone();
-        self.write(move |txn| {
+        self.write_records(move |txn| {
             let mut names = txn.open_table(KEY_NAMES).map_err(db_err)?;
             let name_key = (key.account_id.as_str(), key.name.as_str());
             if names.get(name_key).map_err(db_err)?.is_some() {
@@ -384,7 +405,7 @@ impl Store for EmbeddedStore {
 
     async fn update_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
         let mut key = key.clone();
-        self.write(move |txn| {
+        self.write_records(move |txn| {
             let mut keys = txn.open_table(KEYS).map_err(db_err)?;
             let old = match get_json::<_, KeyRecord>(&keys, key.id.as_str(), "key")? {
                 Some(old) if old.account_id == key.account_id => old,
@@ -419,7 +440,7 @@ impl Store for EmbeddedStore {
         key_id: &str,
     ) -> Result<Option<KeyRecord>, StoreError> {
         let (account_id, key_id) = (account_id.to_owned(), key_id.to_owned());
-        self.write(move |txn| {
+        self.write_records(move |txn| {
             let mut keys = txn.open_table(KEYS).map_err(db_err)?;
             let key = match get_json::<_, KeyRecord>(&keys, key_id.as_str(), "key")? {
                 Some(key) if key.account_id == account_id => key,
@@ -440,7 +461,7 @@ impl Store for EmbeddedStore {
 
     async fn create_site(&self, site: &SiteRecord) -> Result<(), StoreError> {
         let site = site.clone();
-        self.write(move |txn| {
+        self.write_records(move |txn| {
             let mut sites = txn.open_table(SITES).map_err(db_err)?;
             if account_sites(&sites, &site.account_id)?
                 .iter()
@@ -471,7 +492,7 @@ impl Store for EmbeddedStore {
 
     async fn delete_site(&self, account_id: &str, site_id: &str) -> Result<bool, StoreError> {
         let (account_id, site_id) = (account_id.to_owned(), site_id.to_owned());
-        self.write(move |txn| {
+        self.write_records(move |txn| {
             let mut sites = txn.open_table(SITES).map_err(db_err)?;
             let removed = sites
                 .remove((account_id.as_str(), site_id.as_str()))

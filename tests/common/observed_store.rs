@@ -42,6 +42,9 @@ impl ObservedStore {
 
 #[async_trait]
 impl Store for ObservedStore {
+    fn revision(&self) -> Option<u64> {
+        self.inner.revision()
+    }
     async fn ping(&self) -> Result<(), StoreError> {
         self.check()?;
         self.inner.ping().await
