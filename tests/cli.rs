@@ -576,3 +576,75 @@ fn a_bad_master_key_variable_is_a_config_error() {
         .expect("run tollgate");
     assert_eq!(out.status.code(), Some(0));
 }
+
+/// `tollgate serve` as a process: with `--log-format json` every stderr line is a JSON object;
+/// on a new store it prints the generated master key once, on stdout; a second start on the same
+/// store prints none; SIGTERM stops it with exit code 0.
+#[test]
+fn serve_logs_json_and_prints_a_generated_master_key_only_once() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("t.toml");
+    let toml = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [store]\npath = \"{}\"\n[[routes]]\nname = \"api\"\npath_prefix = \"/\"\n\
+         upstreams = [\"http://127.0.0.1:9\"]\n",
+        dir.path().join("t.db").display()
+    );
+    std::fs::write(&config, toml).expect("write config");
+    let start = || {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        command
+            .args(["--log-format", "json", "serve", "--config"])
+            .arg(&config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (name, _) in std::env::vars() {
+            if name.starts_with("TOLLGATE") {
+                command.env_remove(name);
+            }
+        }
+        let mut child = command.spawn().expect("start tollgate");
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let mut logged = Vec::new();
+        for line in lines.by_ref() {
+            let line = line.expect("stderr line");
+            let entry: Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+            let serving = entry["fields"]["message"] == "tollgate is serving";
+            logged.push(entry);
+            if serving {
+                break;
+            }
+        }
+        assert!(
+            logged.iter().any(|e| e["level"] == "INFO"),
+            "no INFO line: {logged:?}"
+        );
+        let stopped = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(stopped.success());
+        for line in lines {
+            let line = line.expect("stderr line");
+            assert!(serde_json::from_str::<Value>(&line).is_ok(), "{line}");
+        }
+        let out = child.wait_with_output().expect("wait");
+        assert_eq!(out.status.code(), Some(0));
+        String::from_utf8(out.stdout).expect("utf-8 stdout")
+    };
+    let first = start();
+    let printed: Vec<&str> = first
+        .split_whitespace()
+        .filter(|w| w.starts_with("tgmk_"))
+        .collect();
+    assert_eq!(printed.len(), 1, "stdout: {first}");
+    assert_eq!(
+        credential::parse(printed[0]).expect("a valid credential"),
+        Kind::Master
+    );
+    let second = start();
+    assert!(!second.contains("tgmk_"), "printed again: {second}");
+}
