@@ -290,8 +290,11 @@ measure() { # round name
     [[ $name == tg-redis ]] && r0=$(redis_commands)
     p0=$(proc_ticks "$pid")
     wrk_once "$name" "$DURATION" "$stat" --latency
-    p1=$(proc_ticks "$pid")
     [[ $name == tg-redis ]] && r1=$(redis_commands)
+    # A tollgate's own CPU includes writing the usage of the run's requests, which may end after
+    # wrk does (many keys): counted until its pending usage is written.
+    [[ $name == tg-* ]] && drain_usage "$name"
+    p1=$(proc_ticks "$pid")
     local line busy0 total0 busy1 total1
     line=$(grep '^result ' "$stat") || die "no result from wrk on $name: $(tail -3 "$stat.out")"
     read -r busy0 total0 busy1 total1 < <(cpu_delta "$stat")
@@ -316,6 +319,20 @@ measure() { # round name
     [[ $(cut -f10 <<<"$last") == 0 ]] || log "WARNING: $name answered errors (non-2xx or socket errors) in round $round"
 }
 
+# Waits (at most 120 s) until a tollgate's usage counts are all written, so that its flushes do
+# not land on CPU 0 during the next contender's run (with many keys a flush takes a while).
+drain_usage() { # name
+    local name=$1 pending
+    # One flush interval first: counts still in the meter are not in the gauge yet.
+    sleep 1.5
+    for _ in $(seq 240); do
+        pending=$(curl -s "http://127.0.0.1:${ADMIN[$name]}/metrics" | awk '$1 == "tollgate_usage_pending_events" {printf "%d", $2}')
+        [[ ${pending:-0} == 0 ]] && return 0
+        sleep 0.5
+    done
+    log "WARNING: $name still had $pending usage buckets pending after 120 s"
+}
+
 # Runs wrk against name until its key cache has missed once per key (every key read once), and
 # records how long the first pass took: the cost of a cold key.
 warm_cache() { # name
@@ -328,6 +345,7 @@ warm_cache() { # name
         misses=$(curl -s "http://127.0.0.1:${ADMIN[$name]}/metrics" | awk '$1 == "tollgate_key_cache_misses_total" {printf "%d", $2}')
         passes=$((passes + 1))
     done
+    drain_usage "$name"
     WARM_SECONDS=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.0f", b - a }')
     WARM_REQUESTS=$((${REQS_SENT[$name]:-0} - sent0))
     WARM_US_PER_REQ=$(awk -v t="$(($(proc_ticks "${PID[$name]}") - before))" -v hz="$CLK_TCK" -v n="$WARM_REQUESTS" 'BEGIN { printf "%.1f", (n > 0 ? t * 1e6 / hz / n : 0) }')
