@@ -6,8 +6,8 @@
 //! measured the pooled client ~18 % dearer than pinned connections on one core). A connection
 //! goes back to the list of the thread that finishes its response body ([`Checkin`], kept by
 //! the response body and given back when that body has ended); one whose response was cut off,
-//! or that was upgraded, is closed instead. Idle connections older than [`IDLE_TIMEOUT`] or closed by the upstream are
-//! dropped when met.
+//! or that was upgraded, is closed instead. Idle connections older than [`IDLE_TIMEOUT`] or
+//! closed by the upstream are dropped when met.
 
 use std::cell::RefCell;
 use std::io;
