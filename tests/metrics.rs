@@ -120,3 +120,34 @@ async fn metrics_parse_and_count_the_traffic_sent() {
         }
     }
 }
+
+/// `tollgate_connections_open` counts the proxy's client connections: up by one for each open
+/// connection, back down when they close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_open_follows_the_clients_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let open = || async { gw.metric("tollgate_connections_open", &[]).await };
+    let before = open().await;
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(gw.proxy_addr)
+            .await
+            .expect("connect");
+        s.write_all(b"GET /public/x HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .expect("request");
+        let mut buf = [0u8; 12];
+        s.read_exact(&mut buf).await.expect("answer");
+        assert_eq!(&buf, b"HTTP/1.1 200");
+        streams.push(s);
+    }
+    assert_eq!(open().await, before + 3.0);
+    drop(streams);
+    let closed = common::eventually(std::time::Duration::from_secs(5), || async {
+        open().await == before
+    })
+    .await;
+    assert!(closed, "still {} open", open().await);
+}

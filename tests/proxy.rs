@@ -337,15 +337,28 @@ async fn publishable_key_is_limited_to_its_origins_and_to_reads() {
     let neither = get().send().await.unwrap();
     expect_refusal(neither, StatusCode::FORBIDDEN, "origin_not_allowed").await;
 
-    let write = client
-        .post(&url)
-        .bearer_auth(&key)
-        .header("origin", ORIGIN)
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
-    expect_refusal(write, StatusCode::FORBIDDEN, "publishable_key_write").await;
+    for method in [Method::POST, Method::PUT, Method::PATCH, Method::DELETE] {
+        let write = client
+            .request(method.clone(), &url)
+            .bearer_auth(&key)
+            .header("origin", ORIGIN)
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        expect_refusal(write, StatusCode::FORBIDDEN, "publishable_key_write").await;
+    }
+    // HEAD and OPTIONS are reads, as GET is.
+    for method in [Method::HEAD, Method::OPTIONS] {
+        let read = client
+            .request(method.clone(), &url)
+            .bearer_auth(&key)
+            .header("origin", ORIGIN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(read.status(), StatusCode::OK, "{method}");
+    }
 }
 
 /// The account's `allowed_domains` are domains: `example.com` is that host over http and https
@@ -531,6 +544,59 @@ async fn chunked_body_over_the_limit_is_413_body_too_large() {
         .unwrap();
 
     expect_refusal(response, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large").await;
+}
+
+/// The hour and the day windows refuse too, each named in its 429, once the shorter windows
+/// still have room: the structured `RateLimit` field names the window with the fewest left.
+#[tokio::test]
+async fn the_hour_and_the_day_windows_refuse_when_they_are_used_up() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let account = gw.create_account(json!({ "name": "acme" })).await;
+    let client = client();
+    for (window, limits) in [
+        (
+            "hour",
+            json!({ "per_minute": 100, "per_hour": 2, "per_day": 100 }),
+        ),
+        (
+            "day",
+            json!({ "per_minute": 100, "per_hour": 100, "per_day": 2 }),
+        ),
+    ] {
+        let (_, key) = gw
+            .create_key(&account, json!({ "name": window, "rate_limit": limits }))
+            .await;
+        for n in 1..=2 {
+            let r = gw.get_with_key(&client, "/things", &key).await;
+            assert_eq!(r.status(), StatusCode::OK, "{window}: request {n}");
+            let structured = header(&r, "ratelimit").expect("RateLimit").to_owned();
+            assert!(
+                structured.starts_with(&format!("\"{window}\";r={};", 2 - n)),
+                "{window}: {structured}"
+            );
+            expect_echo(r).await;
+        }
+        let refused = gw.get_with_key(&client, "/things", &key).await;
+        assert!(header(&refused, "retry-after").is_some());
+        assert_eq!(
+            header(&refused, &format!("x-ratelimit-remaining-{window}")),
+            Some("0")
+        );
+        let error = expect_refusal(refused, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
+        assert_eq!(error["window"], window);
+    }
+    let limited = |w: &'static str| [("window", w)];
+    assert_eq!(
+        gw.metric("tollgate_rate_limited_total", &limited("hour"))
+            .await,
+        1.0
+    );
+    assert_eq!(
+        gw.metric("tollgate_rate_limited_total", &limited("day"))
+            .await,
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
