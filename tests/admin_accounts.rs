@@ -383,3 +383,27 @@ async fn config_shows_the_account_and_the_calling_key() {
         json!({ "tenant": null, "client": null })
     );
 }
+
+/// `GET /v1/account` with one of the account's own keys: its `id`, `name`, `auth_method` and
+/// `created_at` (RFC 3339 UTC), the same as the operator sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_reads_itself_at_v1_account() {
+    let (_up, _gw, api) = start().await;
+    let account = api
+        .account(json!({ "name": "acme", "auth_method": "any" }))
+        .await;
+    let key = api.key(&account, json!({ "name": "own" })).await;
+    let (status, me) = api
+        .call(Method::GET, "/v1/account", &text(&key, "key"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{me}");
+    assert_eq!(me["id"], account.as_str());
+    assert_eq!(me["name"], "acme");
+    assert_eq!(me["auth_method"], "any");
+    let created = text(&me, "created_at");
+    assert!(created.ends_with('Z'), "not UTC: {created}");
+    let (_, seen) = api
+        .master(Method::GET, &format!("/v1/accounts/{account}"), None)
+        .await;
+    assert_eq!(time(&me, "created_at"), time(&seen, "created_at"));
+}

@@ -38,6 +38,42 @@ async fn proxied(gw: &Gateway, key: &str) -> StatusCode {
         .status()
 }
 
+// === create ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_key_refuses_bad_fields_naming_them() {
+    let (_up, _gw, api) = start().await;
+    let account = api.account(json!({ "name": "acme" })).await;
+    let path = format!("/v1/accounts/{account}/keys");
+    for (body, field) in [
+        (json!({}), "name"),
+        (json!({ "name": "" }), "name"),
+        (json!({ "name": "x".repeat(101) }), "name"),
+        (json!({ "name": "k", "type": "master" }), "type"),
+        (
+            json!({ "name": "k", "type": "publishable" }),
+            "allowed_origins",
+        ),
+        (json!({ "name": "k", "ttl": "forever" }), "ttl"),
+        (
+            json!({ "name": "k", "expires_at": "yesterday" }),
+            "expires_at",
+        ),
+        (json!({ "name": "k", "metadata": "x" }), "metadata"),
+        (
+            json!({ "name": "k", "allowed_ips": ["300.0.0.1"] }),
+            "allowed_ips[0]",
+        ),
+        (json!({ "name": "k", "colour": "red" }), "colour"),
+    ] {
+        let (status, err) = api.master(Method::POST, &path, Some(body.clone())).await;
+        assert_names_field(status, &err, field);
+    }
+    // Nothing was created by the refused requests.
+    let (_, keys) = api.master(Method::GET, &path, None).await;
+    assert_eq!(keys["keys"].as_array().map(Vec::len), Some(0), "{keys}");
+}
+
 // === PATCH ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -366,3 +366,35 @@ fn routes_cannot_be_overridden_from_the_environment() {
         "{err}"
     );
 }
+
+/// Durations take the contract's units; an unknown field inside a route, and a route that
+/// leaves fields out, get the route defaults (`auth = "required"`, `strip_prefix = false`,
+/// `timeout = "30s"`) or a problem naming `routes[i].field`.
+#[test]
+fn durations_route_defaults_and_unknown_route_fields() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = "[cache]\nttl = \"5m\"\nnegative_ttl = \"250ms\"\n\
+                [metering]\nflush_interval = \"2s\"\nretention = { minute = \"1h\", hour = \"7d\", day = \"30d\" }\n\
+                [[routes]]\nname = \"api\"\npath_prefix = \"/\"\nupstreams = [\"http://127.0.0.1:8000\"]\n";
+    let path = write(dir.path(), "ok.toml", toml);
+    let s = config::load_with_env(&path, Vec::new()).expect("loads");
+    assert_eq!(s.cache.ttl, Duration::from_secs(300));
+    assert_eq!(s.cache.negative_ttl, Duration::from_millis(250));
+    assert_eq!(s.metering.flush_interval, Duration::from_secs(2));
+    assert_eq!(s.metering.retention_minute, Duration::from_secs(3600));
+    assert_eq!(s.metering.retention_day, Duration::from_secs(30 * 86_400));
+    let route = &s.routes[0];
+    assert_eq!(route.auth, tollgate::config::RouteAuth::Required);
+    assert!(!route.strip_prefix);
+    assert_eq!(route.timeout, Duration::from_secs(30));
+
+    let bad = "[[routes]]\nname = \"a\"\npath_prefix = \"/\"\nupstreams = [\"http://127.0.0.1:8000\"]\n\
+               [[routes]]\nname = \"b\"\npath_prefix = \"/b\"\nupstreams = [\"http://127.0.0.1:8000\"]\nretries = 3\n";
+    let path = write(dir.path(), "bad.toml", bad);
+    let err = config::load_with_env(&path, Vec::new()).expect_err("unknown route field");
+    assert!(
+        err.problems.iter().any(|p| p.field.starts_with("routes[1]")
+            && format!("{} {}", p.field, p.message).contains("retries")),
+        "{err}"
+    );
+}
