@@ -1337,3 +1337,69 @@ async fn http2_clients_are_served() {
         assert!(body.iter().all(|b| *b == i as u8));
     }
 }
+
+/// A route's upstreams take turns (round robin); `strip_prefix` and an upstream's base path
+/// shape the path each one gets, and a `host` route wins over the catch-all for its host.
+#[tokio::test]
+async fn a_routes_upstreams_take_turns_and_get_the_rewritten_path() {
+    let (a, b) = (Upstream::start().await, Upstream::start().await);
+    let routes = format!(
+        r#"
+[[routes]]
+name = "api"
+path_prefix = "/"
+upstreams = ["{a}"]
+
+[[routes]]
+name = "pair"
+path_prefix = "/pair"
+upstreams = ["{a}/base", "{b}"]
+strip_prefix = true
+auth = "public"
+
+[[routes]]
+name = "hosted"
+host = "b.example.com"
+path_prefix = "/"
+upstreams = ["{b}"]
+auth = "public"
+"#,
+        a = a.url(),
+        b = b.url()
+    );
+    let gw = Gateway::builder(&a).routes(routes).start().await;
+    let client = client();
+    let mut paths = Vec::new();
+    for _ in 0..10 {
+        let r = client
+            .get(gw.proxy_url("/pair/items?x=1"))
+            .send()
+            .await
+            .expect("send");
+        paths.push(
+            expect_echo(r).await["path"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned(),
+        );
+    }
+    assert_eq!((a.requests_seen(), b.requests_seen()), (5, 5));
+    assert_eq!(
+        paths.iter().filter(|p| *p == "/base/items?x=1").count(),
+        5,
+        "{paths:?}"
+    );
+    assert_eq!(
+        paths.iter().filter(|p| *p == "/items?x=1").count(),
+        5,
+        "{paths:?}"
+    );
+    let hosted = client
+        .get(gw.proxy_url("/anything"))
+        .header("host", "B.example.com:8080")
+        .send()
+        .await
+        .expect("send");
+    expect_echo(hosted).await;
+    assert_eq!(b.requests_seen(), 6, "the host route did not win");
+}
