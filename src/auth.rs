@@ -58,7 +58,9 @@ pub struct CachedKey {
     pub identity: IdentityValues,
 }
 
-/// `X-Tollgate-*` values of one key, built once per cache load.
+/// `X-Tollgate-*` values of one key, built once per cache load. Values that many keys have in
+/// common are shared, not copied: the account id with the account's other keys, the limit
+/// values with every key of the same quotas, `*` and the key types are static.
 #[derive(Clone)]
 pub struct IdentityValues {
     /// Account id.
@@ -69,11 +71,18 @@ pub struct IdentityValues {
     pub key_type: HeaderValue,
     /// Space-separated scopes, `*` for full access.
     pub scopes: HeaderValue,
-    /// `RateLimit-Policy` for the key's windows.
+    /// The limit header values of the key's quotas.
+    pub limits: Arc<LimitValues>,
+}
+
+/// The limit header values of one set of quotas, shared by every key that has them.
+#[derive(Default)]
+pub struct LimitValues {
+    /// `RateLimit-Policy` for the windows in force; `None` when no window is limited.
     pub policy: Option<HeaderValue>,
     /// Each window's limit (minute, hour, day), for `RateLimit-Limit` and
     /// `X-RateLimit-Limit-*`; `None` for windows not limited.
-    pub limits: [Option<HeaderValue>; 3],
+    pub per_window: [Option<HeaderValue>; 3],
 }
 
 /// What the checks need to know about the request.

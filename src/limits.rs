@@ -33,7 +33,7 @@ pub enum Window {
 }
 
 /// The effective per-window limits of a key; `None` = that window is not limited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Quotas {
     /// Requests per minute, hour, day, in [`Window::ALL`] order.
     pub per: [Option<NonZeroU32>; 3],

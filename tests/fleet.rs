@@ -643,8 +643,7 @@ fn cached_key(shared: &SharedLimiters, key_id: &str, per_minute: u32) -> CachedK
             key_id: value.clone(),
             key_type: value.clone(),
             scopes: value,
-            policy: None,
-            limits: [None, None, None],
+            limits: Default::default(),
         },
     }
 }

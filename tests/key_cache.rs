@@ -292,3 +292,39 @@ async fn store_failures_are_counted_per_call_and_logged_once_per_outage() {
     assert_eq!(logs.count(&["store calls failing"]), 2, "{}", logs.text());
     assert_eq!(store_errors(&f, "publish_invalidation"), 3);
 }
+
+/// Keys of one account with the same quotas share their account id and limit header values
+/// instead of each holding copies; a key with its own rate limit gets its own values.
+#[tokio::test]
+async fn keys_share_what_they_have_in_common() {
+    let f = fixture(settings());
+    let (a, b) = (with_key(&f).await, with_key(&f).await);
+    let mut own = key_record(&f.account.id, &credential::generate(Kind::Secret));
+    own.rate_limit = Some(RateLimitSpec {
+        per_minute: Some(5),
+        per_hour: None,
+        per_day: None,
+    });
+    f.store.create_key(&own).await.expect("create key");
+    let get = |hash| {
+        let cache = Arc::clone(&f.cache);
+        async move {
+            match cache.get(&hash).await {
+                Lookup::Found(k) => k,
+                _ => panic!("key not found"),
+            }
+        }
+    };
+    let (a, b, own) = (get(a.hash).await, get(b.hash).await, get(own.hash).await);
+    assert!(Arc::ptr_eq(&a.account_id, &b.account_id));
+    assert!(Arc::ptr_eq(&a.identity.limits, &b.identity.limits));
+    assert!(!Arc::ptr_eq(&a.identity.limits, &own.identity.limits));
+    assert_eq!(a.identity.scopes, "*");
+    assert_eq!(
+        own.identity.limits.per_window[0]
+            .as_ref()
+            .map(|v| v.as_bytes()),
+        Some(&b"5"[..])
+    );
+    assert_eq!(a.identity.account_id, f.account.id.as_str());
+}

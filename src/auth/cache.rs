@@ -16,7 +16,7 @@ use http::HeaderValue;
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
-use super::{CachedKey, IdentityValues};
+use super::{CachedKey, IdentityValues, LimitValues};
 use crate::config::{CacheSettings, OnStoreError};
 use crate::credential::{KeyHash, KeyHashBuilder};
 use crate::limits::global::SharedLimiters;
@@ -70,6 +70,10 @@ pub struct KeyCache {
     map: DashMap<KeyHash, Slot, KeyHashBuilder>,
     /// One shared cell per hash being loaded: the first miss reads, later ones wait on it.
     inflight: DashMap<KeyHash, Arc<OnceCell<Loaded>>, KeyHashBuilder>,
+    /// Header values shared between cached keys: per set of quotas, and per account (its id as
+    /// `Arc<str>` and as a header value). Pruned by [`KeyCache::sweep`] once no key holds them.
+    limit_values: DashMap<Quotas, Arc<LimitValues>>,
+    account_ids: DashMap<Arc<str>, HeaderValue>,
     /// Bumped by every invalidation; a load that started before one does not insert its result,
     /// which may predate the change.
     generation: AtomicU64,
@@ -106,6 +110,8 @@ impl KeyCache {
         KeyCache {
             map: DashMap::with_hasher(KeyHashBuilder::default()),
             inflight: DashMap::with_hasher(KeyHashBuilder::default()),
+            limit_values: DashMap::new(),
+            account_ids: DashMap::new(),
             generation: AtomicU64::new(0),
             lookups: metrics.store_calls("lookup_key"),
             publishes: Arc::new(metrics.store_calls("publish_invalidation")),
@@ -272,6 +278,8 @@ impl KeyCache {
             } => now < *fresh_until + STALE_KEEP || self.unchanged_since(*revision),
             Slot::Missing { until } => now < *until,
         });
+        self.limit_values.retain(|_, v| Arc::strong_count(v) > 1);
+        self.account_ids.retain(|id, _| Arc::strong_count(id) > 1);
         // Leases of keys no longer cached: their unspent tokens only ever make the fleet admit
         // less, never more.
         if let Some(shared) = &self.shared {
@@ -363,10 +371,31 @@ impl KeyCache {
         });
     }
 
+    /// The shared header values of `quotas`, made on first use.
+    fn limit_values(&self, quotas: Quotas) -> Arc<LimitValues> {
+        let entry = self.limit_values.entry(quotas).or_insert_with(|| {
+            Arc::new(LimitValues {
+                policy: policy_header(&quotas),
+                per_window: quotas.per.map(|q| q.map(|n| HeaderValue::from(n.get()))),
+            })
+        });
+        Arc::clone(entry.value())
+    }
+
+    /// The account's id as shared `Arc<str>` and header value, made on first use.
+    fn account_id(&self, id: &str) -> (Arc<str>, HeaderValue) {
+        if let Some(entry) = self.account_ids.get(id) {
+            return (Arc::clone(entry.key()), entry.value().clone());
+        }
+        let value = HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static(""));
+        let entry = self.account_ids.entry(Arc::from(id)).or_insert(value);
+        (Arc::clone(entry.key()), entry.value().clone())
+    }
+
     fn build(&self, lookup: &KeyLookup) -> CachedKey {
         let (key, account) = (&lookup.key, &lookup.account);
         let key_id: Arc<str> = Arc::from(key.id.as_str());
-        let account_id: Arc<str> = Arc::from(account.id.as_str());
+        let (account_id, account_id_value) = self.account_id(&account.id);
         let quotas = Quotas::resolve(
             key.rate_limit.as_ref(),
             account.rate_limit.as_ref(),
@@ -386,21 +415,20 @@ impl KeyCache {
             .collect();
         let header =
             |s: &str| HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""));
-        let scopes_text = key
+        let scopes = key
             .scopes
             .as_ref()
-            .map_or_else(|| "*".to_owned(), |s| s.join(" "));
+            .map_or_else(|| HeaderValue::from_static("*"), |s| header(&s.join(" ")));
         CachedKey {
             identity: IdentityValues {
-                account_id: header(&account.id),
+                account_id: account_id_value,
                 key_id: header(&key.id),
                 key_type: HeaderValue::from_static(match key.key_type {
                     KeyType::Secret => "secret",
                     KeyType::Publishable => "publishable",
                 }),
-                scopes: header(&scopes_text),
-                policy: policy_header(&quotas),
-                limits: quotas.per.map(|q| q.map(|n| HeaderValue::from(n.get()))),
+                scopes,
+                limits: self.limit_values(quotas),
             },
             limiter: {
                 let local = self.limiters.for_key(&key_id, quotas);

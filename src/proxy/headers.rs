@@ -248,7 +248,7 @@ pub fn add_limit_headers(headers: &mut HeaderMap, key: &IdentityValues, limits: 
         return;
     };
     headers.reserve(LIMIT_HEADERS);
-    if let Some(p) = &key.policy {
+    if let Some(p) = &key.limits.policy {
         headers.insert(RATELIMIT_POLICY.clone(), p.clone());
     }
     let mut n = itoa::Buffer::new();
@@ -264,7 +264,7 @@ pub fn add_limit_headers(headers: &mut HeaderMap, key: &IdentityValues, limits: 
         headers.insert(RATELIMIT.clone(), v);
     }
     let limit_of = |w: &WindowState| {
-        key.limits[w.window.index()]
+        key.limits.per_window[w.window.index()]
             .clone()
             .unwrap_or_else(|| HeaderValue::from(w.limit))
     };
