@@ -241,11 +241,11 @@ impl Proxy {
         *upstream_req.uri_mut() = uri;
         *upstream_req.headers_mut() = upstream_headers;
         let sent = Instant::now();
-        let answer = match self.upstreams.send(route, target, upstream_req).await {
-            Ok(answer) => answer,
-            Err(refusal) => return self.refuse(&route.name, refusal, identified, None),
-        };
-        let forward::Answer { mut response, conn } = answer;
+        let forward::Answer { mut response, conn } =
+            match self.upstreams.send(route, target, upstream_req).await {
+                Ok(answer) => answer,
+                Err(refusal) => return self.refuse(&route.name, refusal, identified, None),
+            };
         self.metrics
             .upstream_duration
             .observe(sent.elapsed().as_secs_f64());

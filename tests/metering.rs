@@ -32,7 +32,7 @@ async fn counts_reach_the_store_once_per_flush_and_merge_per_minute() {
     b.record(minute_ms + 60_000, Outcome { status: 204 });
     a.record_bytes(minute_ms, 1_000, 2_000);
 
-    let mut backlog = Backlog::new(MAX_PENDING_BUCKETS);
+    let mut backlog = Backlog::new(MAX_PENDING_BUCKETS, &metrics);
     assert!(flusher::flush_once(&meter, &store, &metrics, &mut backlog).await);
     assert!(backlog.is_empty());
     // A second flush with no new traffic writes nothing more.
@@ -102,7 +102,7 @@ async fn concurrent_requests_on_one_key_are_all_counted() {
             }
         }));
     }
-    let mut backlog = Backlog::new(MAX_PENDING_BUCKETS);
+    let mut backlog = Backlog::new(MAX_PENDING_BUCKETS, &metrics);
     // Flush while the writers run, then once more after they finish.
     flusher::flush_once(&meter, &store, &metrics, &mut backlog).await;
     for t in tasks {

@@ -192,7 +192,7 @@ async fn counts_survive_a_store_outage_and_are_written_once_it_is_back() {
     let metrics = Metrics::new().expect("metrics");
     let cell = meter.cell(&Arc::from("key_out"), &Arc::from("acc_out"));
     let minute_ms = 60_000 * 29_000_000;
-    let mut backlog = Backlog::new(MAX_PENDING_BUCKETS);
+    let mut backlog = Backlog::new(MAX_PENDING_BUCKETS, &metrics);
     for round in 0..5 {
         for _ in 0..100 {
             cell.record(minute_ms + round * 60_000, Outcome { status: 200 });
@@ -221,7 +221,7 @@ async fn usage_waiting_for_a_failed_store_is_capped_oldest_minutes_first() {
     let metrics = Metrics::new().expect("metrics");
     let cell = meter.cell(&Arc::from("key_cap"), &Arc::from("acc_cap"));
     let first_minute = 29_000_000_i64;
-    let mut backlog = Backlog::new(CAP);
+    let mut backlog = Backlog::new(CAP, &metrics);
     // Ten minutes of traffic while the store is away: the first minute's batch is in flight,
     // the later ones pending; together they never pass the cap.
     for m in 0..10 {
@@ -281,7 +281,7 @@ async fn a_usage_write_redis_applied_but_answered_too_late_is_counted_once() {
             .expect("usage");
         days.iter().map(|(_, c)| c.requests).sum::<u64>()
     };
-    let mut backlog = Backlog::new(MAX_PENDING_BUCKETS);
+    let mut backlog = Backlog::new(MAX_PENDING_BUCKETS, &metrics);
     requests(100);
     assert!(flusher::flush_once(&meter, &store, &metrics, &mut backlog).await);
     assert_eq!(total().await, 100);

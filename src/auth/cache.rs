@@ -165,7 +165,7 @@ impl KeyCache {
                 key,
                 fresh_until,
                 revision,
-            }) if now < *fresh_until || self.unchanged_since(*revision) => {
+            }) if self.fresh(now, *fresh_until, *revision) => {
                 Cached::Fresh(Lookup::Found(Arc::clone(key)))
             }
             Some(Slot::Missing { until }) if now < *until => Cached::Fresh(Lookup::NotFound),
@@ -179,10 +179,11 @@ impl KeyCache {
         found
     }
 
-    /// Whether the store says nothing has changed since `revision`: then an entry past its ttl
-    /// is as good as a re-read, and none is made.
-    fn unchanged_since(&self, revision: Option<u64>) -> bool {
-        revision.is_some() && revision == self.store.revision()
+    /// Whether an entry read at store `revision` is still good at `now`: before `until`, or,
+    /// past it, while the store says nothing has changed since (as good as a re-read, and none
+    /// is made).
+    fn fresh(&self, now: Instant, until: Instant, revision: Option<u64>) -> bool {
+        now < until || (revision.is_some() && revision == self.store.revision())
     }
 
     /// Drops what is cached for one credential hash, here and (through the store) on every
@@ -275,7 +276,7 @@ impl KeyCache {
                 fresh_until,
                 revision,
                 ..
-            } => now < *fresh_until + STALE_KEEP || self.unchanged_since(*revision),
+            } => self.fresh(now, *fresh_until + STALE_KEEP, *revision),
             Slot::Missing { until } => now < *until,
         });
         self.limit_values.retain(|_, v| Arc::strong_count(v) > 1);
@@ -304,9 +305,7 @@ impl KeyCache {
                 key,
                 fresh_until,
                 revision,
-            }) if now < *fresh_until || self.unchanged_since(*revision) => {
-                return Ok(Some(Arc::clone(key)))
-            }
+            }) if self.fresh(now, *fresh_until, *revision) => return Ok(Some(Arc::clone(key))),
             Some(Slot::Missing { until }) if now < *until => return Ok(None),
             _ => {}
         }
@@ -387,8 +386,10 @@ impl KeyCache {
         if let Some(entry) = self.account_ids.get(id) {
             return (Arc::clone(entry.key()), entry.value().clone());
         }
-        let value = HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static(""));
-        let entry = self.account_ids.entry(Arc::from(id)).or_insert(value);
+        let entry = self
+            .account_ids
+            .entry(Arc::from(id))
+            .or_insert_with(|| header_value(id));
         (Arc::clone(entry.key()), entry.value().clone())
     }
 
@@ -413,16 +414,14 @@ impl KeyCache {
             .chain(&lookup.site_origins)
             .filter_map(|o| policy::OriginRule::parse(o))
             .collect();
-        let header =
-            |s: &str| HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""));
-        let scopes = key
-            .scopes
-            .as_ref()
-            .map_or_else(|| HeaderValue::from_static("*"), |s| header(&s.join(" ")));
+        let scopes = key.scopes.as_ref().map_or_else(
+            || HeaderValue::from_static("*"),
+            |s| header_value(&s.join(" ")),
+        );
         CachedKey {
             identity: IdentityValues {
                 account_id: account_id_value,
-                key_id: header(&key.id),
+                key_id: header_value(&key.id),
                 key_type: HeaderValue::from_static(match key.key_type {
                     KeyType::Secret => "secret",
                     KeyType::Publishable => "publishable",
@@ -453,6 +452,12 @@ impl KeyCache {
             scopes: key.scopes.clone(),
         }
     }
+}
+
+/// `s` as a header value; ids and scopes are validated ASCII when stored, so the empty fallback
+/// is for a record edited behind the API's back.
+fn header_value(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 /// `"minute";q=60;w=60, "hour";q=1000;w=3600, "day";q=10000;w=86400` for the windows in force.

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::{cap_oldest, Meter, Pending};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StoreCalls};
 use crate::store::{BatchId, SharedStore, StoreError, UsageDelta};
 
 /// The most (key, minute) buckets kept while the store is failing, about 100 MB: a store that is
@@ -29,8 +29,8 @@ pub struct Backlog {
     next_id: BatchId,
     /// The most buckets kept, in flight and pending together, while the store fails.
     max_buckets: usize,
-    /// Whether the last write failed: the failure and the recovery are logged once each.
-    failing: bool,
+    /// `add_usage` calls: each failure counted, the outage logged once.
+    calls: StoreCalls,
     /// Buckets dropped by the cap since the store began failing.
     dropped: u64,
 }
@@ -39,14 +39,14 @@ pub struct Backlog {
 
 impl Backlog {
     /// An empty backlog that keeps at most `max_buckets` while the store fails
-    /// ([`MAX_PENDING_BUCKETS`] in the gateway).
-    pub fn new(max_buckets: usize) -> Self {
+    /// ([`MAX_PENDING_BUCKETS`] in the gateway), counting failures in `metrics`.
+    pub fn new(max_buckets: usize, metrics: &Metrics) -> Self {
         Backlog {
             in_flight: None,
             pending: Pending::default(),
             next_id: BatchId::first(),
             max_buckets,
-            failing: false,
+            calls: metrics.store_calls("add_usage"),
             dropped: 0,
         }
     }
@@ -79,23 +79,20 @@ impl Backlog {
     /// The store took the batch in flight.
     fn written(&mut self) {
         self.in_flight = None;
-        if std::mem::take(&mut self.failing) {
-            match std::mem::take(&mut self.dropped) {
-                0 => tracing::info!("usage writes recovered"),
-                dropped => tracing::error!(
-                    dropped,
-                    "usage writes recovered; the oldest {dropped} (key, minute) buckets of usage \
-                     were dropped during the outage"
-                ),
-            }
+        self.calls.succeeded();
+        let dropped = std::mem::take(&mut self.dropped);
+        if dropped > 0 {
+            tracing::error!(
+                dropped,
+                "the oldest {dropped} (key, minute) buckets of usage were dropped during the outage"
+            );
         }
     }
 
     /// The store did not take the batch in flight: keep it, and cap what waits.
     fn failed(&mut self, error: &StoreError) {
-        if !std::mem::replace(&mut self.failing, true) {
-            tracing::warn!(%error, buckets = self.len(), "usage write failed; counts kept and retried");
-        }
+        self.calls
+            .failed(error, "usage counts are kept in memory and retried");
         let dropped = match &mut self.in_flight {
             Some((_, batch)) => cap_oldest(&mut [batch, &mut self.pending], self.max_buckets),
             None => cap_oldest(&mut [&mut self.pending], self.max_buckets),
@@ -126,7 +123,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     final_deadline: Duration,
 ) {
-    let mut backlog = Backlog::new(MAX_PENDING_BUCKETS);
+    let mut backlog = Backlog::new(MAX_PENDING_BUCKETS, &metrics);
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -168,10 +165,6 @@ pub async fn flush_once(
         match result {
             Ok(()) => backlog.written(),
             Err(e) => {
-                metrics
-                    .store_errors_total
-                    .with_label_values(&["add_usage"])
-                    .inc();
                 backlog.failed(&e);
                 metrics
                     .usage_pending_events

@@ -7,6 +7,7 @@ use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 
 use super::body::{is_body_too_large, RequestBody};
+use super::headers;
 use super::pool::{Checkin, Pool};
 use super::route::{Route, Target};
 use crate::refusal::Refusal;
@@ -72,7 +73,7 @@ impl Upstreams {
                     // An upgraded connection belongs to the upgrade; a response that asks for
                     // the connection to close cannot be followed by another request.
                     let reusable = response.status() != http::StatusCode::SWITCHING_PROTOCOLS
-                        && !closes(&response);
+                        && !headers::connection_has(response.headers(), "close");
                     let conn = reusable.then(|| conn.into_checkin());
                     return Ok(Answer { response, conn });
                 }
@@ -84,17 +85,6 @@ impl Upstreams {
             }
         }
     }
-}
-
-/// Whether a response says that its connection closes after it.
-fn closes(response: &Response<Incoming>) -> bool {
-    response
-        .headers()
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("close"))
 }
 
 /// The origin-form URI to send upstream: the target's base path, the route's path (prefix

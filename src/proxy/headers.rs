@@ -33,30 +33,27 @@ static X_REMAINING: [HeaderName; 3] = [
     HeaderName::from_static("x-ratelimit-remaining-day"),
 ];
 
-/// Request headers that never go upstream: hop-by-hop ones, and `Host` (the upstream gets its
-/// own). At most 16, for the bit mask of [`prepare_upstream_headers`].
-static DROPPED: [HeaderName; 9] = [
+/// Hop-by-hop headers, and `Host`: what never crosses the proxy as it came. A header's position
+/// here is its bit in the masks below.
+static HOP_BY_HOP: [HeaderName; 10] = [
     header::CONNECTION,
+    header::UPGRADE,
     header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHORIZATION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
     header::HOST,
 ];
-/// Response headers that never go to the client: hop-by-hop ones.
-static DROPPED_IN_RESPONSES: [HeaderName; 8] = [
-    header::CONNECTION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHENTICATE,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-];
+const CONNECTION_BIT: u16 = 1 << 0;
+const UPGRADE_BIT: u16 = 1 << 1;
+/// Dropped from requests: all of them but `Proxy-Authenticate` (the upstream gets its own
+/// `Host`).
+const REQUEST_DROPS: u16 = 0b10_1111_1111;
+/// Dropped from responses: all of them but `Proxy-Authorization` and `Host`.
+const RESPONSE_DROPS: u16 = 0b01_0111_1111;
 /// Most headers [`add_limit_headers`] adds: policy, the structured field, three for the
 /// tightest window, two per window.
 const LIMIT_HEADERS: usize = 11;
@@ -117,27 +114,14 @@ pub fn prepare_upstream_headers(
     fwd: &Forwarding<'_>,
     identity: Option<&IdentityValues>,
 ) {
-    let mut drop_mask = 0u16;
+    let mut found = 0u16;
     let mut spoofed = false;
     for name in headers.keys() {
-        if let Some(i) = DROPPED.iter().position(|d| d == name) {
-            drop_mask |= 1 << i;
-        } else if names.is_identity(name) {
-            spoofed = true;
-        }
+        let bit = hop_by_hop_bit(name);
+        found |= bit;
+        spoofed |= bit == 0 && names.is_identity(name);
     }
-    if let Some(connection) = headers.get(header::CONNECTION).cloned() {
-        for token in connection.to_str().unwrap_or("").split(',') {
-            if let Ok(name) = HeaderName::from_bytes(token.trim().as_bytes()) {
-                headers.remove(name);
-            }
-        }
-    }
-    for (i, name) in DROPPED.iter().enumerate() {
-        if drop_mask & (1 << i) != 0 {
-            headers.remove(name);
-        }
-    }
+    remove_hop_by_hop(headers, found, found & REQUEST_DROPS, false);
     if spoofed {
         let listed: Vec<HeaderName> = headers
             .keys()
@@ -153,21 +137,19 @@ pub fn prepare_upstream_headers(
         Some(Source::Authorization) => drop(headers.remove(header::AUTHORIZATION)),
         _ => {}
     }
-    let xff = if fwd.peer_trusted {
-        arena::value(|buf| {
+    if !fwd.peer_trusted {
+        headers.remove(&X_FORWARDED_PROTO);
+        headers.remove(&X_FORWARDED_HOST);
+    }
+    let xff = arena::value(|buf| {
+        if fwd.peer_trusted {
             for prior in headers.get_all(&X_FORWARDED_FOR) {
                 buf.extend_from_slice(prior.as_bytes());
                 buf.extend_from_slice(b", ");
             }
-            let _ = write!(buf, "{}", fwd.peer);
-        })
-    } else {
-        headers.remove(&X_FORWARDED_PROTO);
-        headers.remove(&X_FORWARDED_HOST);
-        arena::value(|buf| {
-            let _ = write!(buf, "{}", fwd.peer);
-        })
-    };
+        }
+        let _ = write!(buf, "{}", fwd.peer);
+    });
     if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
@@ -188,14 +170,18 @@ pub fn prepare_upstream_headers(
 /// The protocol a client asks to upgrade to (`Connection: upgrade` with `Upgrade: …`, as a
 /// WebSocket handshake sends), if any.
 pub fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
-    let asks = headers
+    connection_has(headers, "upgrade")
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// Whether a `Connection` header of the message lists `token` (`close`, `upgrade`, …).
+pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    asks.then(|| headers.get(header::UPGRADE).cloned())
-        .flatten()
+        .flat_map(tokens)
+        .any(|t| t.eq_ignore_ascii_case(token))
 }
 
 /// Puts an upgrade request back on the upstream request: its hop-by-hop headers were removed
@@ -208,36 +194,58 @@ pub fn ask_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
 /// Removes hop-by-hop headers from an upstream response; a `101 Switching Protocols` keeps
 /// `Connection` and `Upgrade`, which the client needs to finish its upgrade.
 pub fn clean_response_headers(headers: &mut HeaderMap, switching: bool) {
-    let mut drop_mask = 0u16;
-    for name in headers.keys() {
-        if let Some(i) = DROPPED_IN_RESPONSES.iter().position(|d| d == name) {
-            drop_mask |= 1 << i;
+    let found = headers.keys().fold(0, |m, name| m | hop_by_hop_bit(name));
+    let kept = if switching {
+        CONNECTION_BIT | UPGRADE_BIT
+    } else {
+        0
+    };
+    remove_hop_by_hop(headers, found, found & RESPONSE_DROPS & !kept, switching);
+}
+
+/// The bit of `name` in [`HOP_BY_HOP`]; 0 for any other header.
+fn hop_by_hop_bit(name: &HeaderName) -> u16 {
+    HOP_BY_HOP
+        .iter()
+        .position(|h| h == name)
+        .map_or(0, |i| 1 << i)
+}
+
+/// With `found` the bits of the [`HOP_BY_HOP`] headers present: first removes the headers that
+/// `Connection` names (hop-by-hop for this message; `keep_upgrade` keeps a named `Upgrade`, which
+/// a 101 needs), then those whose bits are in `dropped`. Nothing is allocated unless `Connection`
+/// names a header.
+fn remove_hop_by_hop(headers: &mut HeaderMap, found: u16, dropped: u16, keep_upgrade: bool) {
+    if found & CONNECTION_BIT != 0 {
+        let mut i = 0;
+        while let Some(value) = headers.get_all(header::CONNECTION).iter().nth(i).cloned() {
+            for token in tokens(&value) {
+                // `close` and `keep-alive` name no header worth a lookup.
+                let skip = token.eq_ignore_ascii_case("close")
+                    || token.eq_ignore_ascii_case("keep-alive")
+                    || (keep_upgrade && token.eq_ignore_ascii_case("upgrade"));
+                if let (false, Ok(name)) = (skip, HeaderName::from_bytes(token.as_bytes())) {
+                    headers.remove(name);
+                }
+            }
+            i += 1;
         }
     }
-    if drop_mask == 0 {
-        return;
-    }
-    if let Some(connection) = headers.get(header::CONNECTION).cloned() {
-        for token in connection.to_str().unwrap_or("").split(',') {
-            let token = token.trim();
-            // `keep-alive` and `close` name no header worth a lookup; `upgrade` stays on a 101.
-            if token.eq_ignore_ascii_case("keep-alive")
-                || token.eq_ignore_ascii_case("close")
-                || (switching && token.eq_ignore_ascii_case("upgrade"))
-            {
-                continue;
-            }
-            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
-                headers.remove(name);
-            }
-        }
-    }
-    for (i, name) in DROPPED_IN_RESPONSES.iter().enumerate() {
-        let kept = switching && (*name == header::CONNECTION || *name == header::UPGRADE);
-        if drop_mask & (1 << i) != 0 && !kept {
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if dropped & (1 << i) != 0 {
             headers.remove(name);
         }
     }
+}
+
+/// The comma-separated tokens of a list-valued header such as `Connection`, trimmed.
+fn tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
+    value
+        .to_str()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
 }
 
 /// Adds both styles of rate-limit headers for the windows in force. The limits are the key's
