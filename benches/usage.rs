@@ -1,5 +1,7 @@
-//! Metering costs: the per-request count on a key's usage cell, and reading a busy key's
-//! buckets back from the embedded store (90 day buckets; 2 880 minute buckets = 48 h).
+//! Metering costs: the per-request count on a key's usage cell, reading a busy key's buckets
+//! back from the embedded store (90 day buckets; 2 880 minute buckets = 48 h), and one flush of
+//! a second's traffic over many keys (20 000 deltas into a store that holds 100 000 keys' last
+//! ten minutes).
 //!
 //! `cargo bench --bench usage`
 
@@ -85,6 +87,53 @@ fn bench(c: &mut Criterion) {
             assert_eq!(minutes.len(), 2_880);
         })
     });
+    flush_many_keys(c, &rt);
+}
+
+/// One flush as the flusher sends it with 1M keys in rotation: 20 000 distinct keys' deltas in
+/// the current minute, into a store holding 100 000 keys' buckets for the last ten minutes.
+fn flush_many_keys(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
+    const KEYS: usize = 100_000;
+    const PER_FLUSH: usize = 20_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = EmbeddedStore::open(&dir.path().join("flush.db")).expect("store");
+    let one = UsageCounts {
+        requests: 1,
+        success: 1,
+        ..UsageCounts::default()
+    };
+    let ids: Vec<String> = (0..KEYS).map(|i| format!("key_{i:08x}")).collect();
+    let delta = |i: usize, minute: i64| UsageDelta {
+        key_id: ids[i].clone(),
+        account_id: "acc_many".into(),
+        minute,
+        counts: one,
+        last_used_ms: minute * 60_000,
+    };
+    let mut id = BatchId::first();
+    rt.block_on(async {
+        for minute in NOW_MINUTE - 10..NOW_MINUTE {
+            let batch: Vec<UsageDelta> = (0..KEYS).map(|i| delta(i, minute)).collect();
+            store.add_usage(id, &batch).await.expect("history");
+            id = id.next();
+        }
+    });
+    // Keys in a scattered order, as rotation hits them; each flush takes the next 20 000.
+    let order: Vec<usize> = (0..KEYS).map(|i| (i * 7_919) % KEYS).collect();
+    let mut at = 0;
+    let mut group = c.benchmark_group("store");
+    group.sample_size(10);
+    group.bench_function("flush_20k_of_100k_keys", |b| {
+        b.iter(|| {
+            let batch: Vec<UsageDelta> = (0..PER_FLUSH)
+                .map(|n| delta(order[(at + n) % KEYS], NOW_MINUTE))
+                .collect();
+            at = (at + PER_FLUSH) % KEYS;
+            rt.block_on(store.add_usage(id, &batch)).expect("flush");
+            id = id.next();
+        })
+    });
+    group.finish();
 }
 
 #[allow(missing_docs)]

@@ -928,6 +928,20 @@ async fn usage_rollups(store: &SharedStore) {
         .await
         .unwrap();
     assert_eq!(minutes, vec![(m + 60, counts(4, 4))]);
+    // A key's last use outlives the minute buckets it was written with.
+    store
+        .prune_usage(Granularity::Minute, m + 1_441)
+        .await
+        .unwrap();
+    assert!(store
+        .key_usage(&a, Granularity::Minute, 0, i64::MAX)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        store.last_used(std::slice::from_ref(&a)).await.unwrap(),
+        vec![Some(m * 60_000 + 9)]
+    );
     assert_eq!(
         store
             .key_usage(&a, Granularity::Hour, 0, i64::MAX)

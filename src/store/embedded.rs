@@ -20,7 +20,10 @@
 //! | `sites`          | (account id, site id)             | site JSON                 | an account's sites, listed by key prefix                   |
 //! | `audit`          | sequence (`u64`, ascending)       | entry JSON + `account_id` | the audit log in append order (read backwards: newest first) |
 //! | `audit_accounts` | (account id, sequence)            | `()`                      | one account's audit entries without scanning the others    |
-//! | `usage_minute`   | (key id, minute since epoch `i64`) | 48 bytes: 6 × LE `u64`   | usage buckets; a range scan gives `[from, to)` ascending    |
+//! | `key_minutes`, `key_hours`, `key_days`, `account_days` | (index `i64`, owner id) | 56 bytes: 6 × LE `u64` counts, LE `i64` last used ms | usage buckets, time-major so that a flush touches only the current pages ([`usage`]) |
+//! | `…_by_key`, `account_days_by_account` | (owner id, index) | `()` | an owner's buckets from … to; written once per new bucket |
+//! | `usage_journal`  | sequence (`u64`)                  | one `add_usage` batch, packed | flushes not yet folded into the buckets ([`journal`]) |
+//! | `key_last_used`  | key id                            | ms (`i64`)                | last use of a key whose minute buckets were pruned         |
 //! | `usage_writers`  | batch writer (`u64`)              | (last seq applied, ms)    | [`Store::add_usage`] applies each [`BatchId`] once; rows older than [`BATCH_MEMORY`] are dropped |
 //! | `meta`           | name (`str`)                      | bytes                     | singletons: `master_key_hash` (32 bytes)                   |
 //!
@@ -34,9 +37,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use parking_lot::Mutex;
 use redb::{Database, ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+
+mod journal;
+mod usage;
+
+use journal::{Applied, Unfolded};
 
 use crate::credential::KeyHash;
 use crate::store::{
@@ -52,25 +61,12 @@ const KEY_NAMES: TableDefinition<(&str, &str), &str> = TableDefinition::new("key
 const SITES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("sites");
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 const AUDIT_ACCOUNTS: TableDefinition<(&str, u64), ()> = TableDefinition::new("audit_accounts");
-const USAGE_MINUTE: TableDefinition<(&str, i64), &[u8]> = TableDefinition::new("usage_minute");
-const USAGE_HOUR: TableDefinition<(&str, i64), &[u8]> = TableDefinition::new("usage_hour");
-const USAGE_DAY: TableDefinition<(&str, i64), &[u8]> = TableDefinition::new("usage_day");
-const USAGE_MINUTE_BY_TIME: TableDefinition<(i64, &str), ()> =
-    TableDefinition::new("usage_minute_by_time");
-const USAGE_HOUR_BY_TIME: TableDefinition<(i64, &str), ()> =
-    TableDefinition::new("usage_hour_by_time");
-const USAGE_DAY_BY_TIME: TableDefinition<(i64, &str), ()> =
-    TableDefinition::new("usage_day_by_time");
-const ACCOUNT_USAGE_DAY: TableDefinition<(&str, i64), &[u8]> =
-    TableDefinition::new("account_usage_day");
-const KEY_LAST_USED: TableDefinition<&str, i64> = TableDefinition::new("key_last_used");
 const USAGE_WRITERS: TableDefinition<u64, (u64, i64)> = TableDefinition::new("usage_writers");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 const MASTER_KEY_HASH: &str = "master_key_hash";
 /// redb's page cache.
 const CACHE_BYTES: usize = 64 * 1024 * 1024;
-const USAGE_BYTES: usize = 48;
 
 /// The [`Store`] on a local redb file. Cheap to share: it holds the database behind an [`Arc`].
 pub struct EmbeddedStore {
@@ -79,6 +75,9 @@ pub struct EmbeddedStore {
     /// Bumped after every write to accounts, keys or sites: see [`Store::revision`]. Only this
     /// process can write the file (redb locks it), so the counter sees every change.
     revision: AtomicU64,
+    /// Usage journaled and not yet in the buckets; locked for every usage call, across its
+    /// transaction, so that a query never sees counts both folded and unfolded.
+    unfolded: Arc<Mutex<Unfolded>>,
 }
 
 // === impl EmbeddedStore ===
@@ -104,7 +103,7 @@ impl EmbeddedStore {
             .map_err(|e| {
                 StoreError::Unavailable(format!("cannot open database {}: {e}", path.display()))
             })?;
-        write_txn(&db, |txn| {
+        let unfolded = write_txn(&db, |txn| {
             txn.open_table(ACCOUNTS).map_err(db_err)?;
             txn.open_table(KEYS).map_err(db_err)?;
             txn.open_table(KEY_HASHES).map_err(db_err)?;
@@ -113,14 +112,10 @@ impl EmbeddedStore {
             txn.open_table(SITES).map_err(db_err)?;
             txn.open_table(AUDIT).map_err(db_err)?;
             txn.open_table(AUDIT_ACCOUNTS).map_err(db_err)?;
-            for g in Granularity::ALL {
-                txn.open_table(usage_table(g)).map_err(db_err)?;
-                txn.open_table(usage_time_index(g)).map_err(db_err)?;
-            }
-            txn.open_table(ACCOUNT_USAGE_DAY).map_err(db_err)?;
-            txn.open_table(KEY_LAST_USED).map_err(db_err)?;
+            txn.open_table(USAGE_WRITERS).map_err(db_err)?;
+            usage::create_tables(txn)?;
             txn.open_table(META).map_err(db_err)?;
-            Ok(())
+            Unfolded::recover(txn)
         })
         .map_err(|e| match e {
             StoreError::Unavailable(msg) => StoreError::Unavailable(format!(
@@ -131,6 +126,7 @@ impl EmbeddedStore {
         })?;
         Ok(EmbeddedStore {
             revision: AtomicU64::new(0),
+            unfolded: Arc::new(Mutex::new(unfolded)),
             db: Arc::new(db),
             path: path.to_path_buf(),
         })
@@ -173,6 +169,42 @@ impl EmbeddedStore {
         tokio::task::spawn_blocking(move || f(&db))
             .await
             .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
+    }
+
+    /// Runs `f` in one read transaction with the unfolded usage, both as of one moment.
+    async fn read_usage<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&ReadTransaction, &Unfolded) -> Result<T, StoreError> + Send + 'static,
+    {
+        let unfolded = Arc::clone(&self.unfolded);
+        self.run(move |db| {
+            let unfolded = unfolded.lock();
+            let txn = db.begin_read().map_err(db_err)?;
+            f(&txn, &unfolded)
+        })
+        .await
+    }
+
+    /// Runs `f` in one write transaction with the unfolded usage; what it did to the journal
+    /// reaches memory only once the transaction is committed.
+    async fn write_usage<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&WriteTransaction, &Unfolded) -> Result<(Option<Applied>, T), StoreError>
+            + Send
+            + 'static,
+    {
+        let unfolded = Arc::clone(&self.unfolded);
+        self.run(move |db| {
+            let mut unfolded = unfolded.lock();
+            let (applied, value) = write_txn(db, |txn| f(txn, &unfolded))?;
+            if let Some(applied) = applied {
+                unfolded.committed(applied);
+            }
+            Ok(value)
+        })
+        .await
     }
 
     /// Runs `f` in one read transaction on the blocking pool.
@@ -582,43 +614,13 @@ impl Store for EmbeddedStore {
         }
         let batch = batch.to_vec();
         let now_ms = chrono::Utc::now().timestamp_millis();
-        self.write(move |txn| {
+        self.write_usage(move |txn, unfolded| {
             // A commit is all or nothing, so a failed call was not applied; but a caller that
             // retries (with the same id) is told "done" without counting twice all the same.
             if !claim_batch(txn, id, now_ms)? {
-                return Ok(());
+                return Ok((None, ()));
             }
-            for g in Granularity::ALL {
-                let mut usage = txn.open_table(usage_table(g)).map_err(db_err)?;
-                let mut by_time = txn.open_table(usage_time_index(g)).map_err(db_err)?;
-                for delta in &batch {
-                    let index = g.of_minute(delta.minute);
-                    add_bucket(&mut usage, (delta.key_id.as_str(), index), &delta.counts)?;
-                    by_time
-                        .insert((index, delta.key_id.as_str()), ())
-                        .map_err(db_err)?;
-                }
-            }
-            let mut accounts = txn.open_table(ACCOUNT_USAGE_DAY).map_err(db_err)?;
-            let mut last_used = txn.open_table(KEY_LAST_USED).map_err(db_err)?;
-            for delta in &batch {
-                let day = Granularity::Day.of_minute(delta.minute);
-                add_bucket(
-                    &mut accounts,
-                    (delta.account_id.as_str(), day),
-                    &delta.counts,
-                )?;
-                let seen = last_used
-                    .get(delta.key_id.as_str())
-                    .map_err(db_err)?
-                    .map(|v| v.value());
-                if seen.is_none_or(|s| s < delta.last_used_ms) {
-                    last_used
-                        .insert(delta.key_id.as_str(), delta.last_used_ms)
-                        .map_err(db_err)?;
-                }
-            }
-            Ok(())
+            Ok((Some(unfolded.apply(txn, batch)?), ()))
         })
         .await
     }
@@ -634,9 +636,9 @@ impl Store for EmbeddedStore {
             return Ok(Vec::new());
         }
         let key_id = key_id.to_owned();
-        self.read(move |txn| {
-            let usage = txn.open_table(usage_table(granularity)).map_err(db_err)?;
-            read_buckets(&usage, &key_id, from, to)
+        self.read_usage(move |txn, unfolded| {
+            let stored = usage::key_buckets(txn, &key_id, granularity, from, to)?;
+            Ok(unfolded.add_key(&key_id, granularity, from, to, stored))
         })
         .await
     }
@@ -651,63 +653,28 @@ impl Store for EmbeddedStore {
             return Ok(Vec::new());
         }
         let account_id = account_id.to_owned();
-        self.read(move |txn| {
-            let usage = txn.open_table(ACCOUNT_USAGE_DAY).map_err(db_err)?;
-            read_buckets(&usage, &account_id, from_day, to_day)
+        self.read_usage(move |txn, unfolded| {
+            let stored = usage::account_days(txn, &account_id, from_day, to_day)?;
+            Ok(unfolded.add_account(&account_id, from_day, to_day, stored))
         })
         .await
     }
 
     async fn last_used(&self, key_ids: &[String]) -> Result<Vec<Option<i64>>, StoreError> {
         let key_ids = key_ids.to_vec();
-        self.read(move |txn| {
-            let table = txn.open_table(KEY_LAST_USED).map_err(db_err)?;
+        self.read_usage(move |txn, unfolded| {
             key_ids
                 .iter()
-                .map(|id| Ok(table.get(id.as_str()).map_err(db_err)?.map(|v| v.value())))
+                .map(|id| Ok(usage::last_used(txn, id)?.max(unfolded.last_used(id))))
                 .collect()
         })
         .await
     }
 
     async fn prune_usage(&self, granularity: Granularity, before: i64) -> Result<u64, StoreError> {
-        self.write(move |txn| {
-            let mut usage = txn.open_table(usage_table(granularity)).map_err(db_err)?;
-            let mut by_time = txn
-                .open_table(usage_time_index(granularity))
-                .map_err(db_err)?;
-            let mut expired: Vec<(i64, String)> = Vec::new();
-            for item in by_time
-                .range((i64::MIN, "")..(before, ""))
-                .map_err(db_err)?
-            {
-                let (k, _) = item.map_err(db_err)?;
-                let (index, key_id) = k.value();
-                expired.push((index, key_id.to_owned()));
-            }
-            for (index, key_id) in &expired {
-                usage.remove((key_id.as_str(), *index)).map_err(db_err)?;
-                by_time.remove((*index, key_id.as_str())).map_err(db_err)?;
-            }
-            let mut removed = expired.len() as u64;
-            if granularity == Granularity::Day {
-                let mut accounts = txn.open_table(ACCOUNT_USAGE_DAY).map_err(db_err)?;
-                let mut old: Vec<(String, i64)> = Vec::new();
-                for item in accounts.iter().map_err(db_err)? {
-                    let (k, _) = item.map_err(db_err)?;
-                    let (account_id, day) = k.value();
-                    if day < before {
-                        old.push((account_id.to_owned(), day));
-                    }
-                }
-                for (account_id, day) in &old {
-                    accounts
-                        .remove((account_id.as_str(), *day))
-                        .map_err(db_err)?;
-                }
-                removed += old.len() as u64;
-            }
-            Ok(removed)
+        self.write_usage(move |txn, unfolded| {
+            let folded = unfolded.fold(txn)?;
+            Ok((Some(folded), usage::prune(txn, granularity, before)?))
         })
         .await
     }
@@ -758,54 +725,6 @@ fn claim_batch(txn: &WriteTransaction, id: BatchId, now_ms: i64) -> Result<bool,
         .retain(|_, (_, applied_ms)| applied_ms >= cutoff)
         .map_err(db_err)?;
     Ok(true)
-}
-
-fn usage_table(g: Granularity) -> TableDefinition<'static, (&'static str, i64), &'static [u8]> {
-    match g {
-        Granularity::Minute => USAGE_MINUTE,
-        Granularity::Hour => USAGE_HOUR,
-        Granularity::Day => USAGE_DAY,
-    }
-}
-
-fn usage_time_index(g: Granularity) -> TableDefinition<'static, (i64, &'static str), ()> {
-    match g {
-        Granularity::Minute => USAGE_MINUTE_BY_TIME,
-        Granularity::Hour => USAGE_HOUR_BY_TIME,
-        Granularity::Day => USAGE_DAY_BY_TIME,
-    }
-}
-
-/// Adds `counts` into the bucket `(owner, index)`.
-fn add_bucket(
-    table: &mut redb::Table<'_, (&'static str, i64), &'static [u8]>,
-    bucket: (&str, i64),
-    counts: &UsageCounts,
-) -> Result<(), StoreError> {
-    let mut total = match table.get(bucket).map_err(db_err)? {
-        Some(bytes) => decode_usage(bytes.value())?,
-        None => UsageCounts::default(),
-    };
-    add_saturating(&mut total, counts);
-    table
-        .insert(bucket, encode_usage(&total).as_slice())
-        .map_err(db_err)?;
-    Ok(())
-}
-
-/// `owner`'s buckets with `from <= index < to`, ascending.
-fn read_buckets(
-    table: &impl ReadableTable<(&'static str, i64), &'static [u8]>,
-    owner: &str,
-    from: i64,
-    to: i64,
-) -> Result<Vec<(i64, UsageCounts)>, StoreError> {
-    let mut out = Vec::new();
-    for item in table.range((owner, from)..(owner, to)).map_err(db_err)? {
-        let (key, value) = item.map_err(db_err)?;
-        out.push((key.value().1, decode_usage(value.value())?));
-    }
-    Ok(out)
 }
 
 /// Runs `f` in one write transaction: commits if it succeeds, aborts otherwise.
@@ -929,51 +848,101 @@ fn remove_key_indexes(
     Ok(())
 }
 
-fn encode_usage(counts: &UsageCounts) -> [u8; USAGE_BYTES] {
-    let fields = [
-        counts.requests,
-        counts.success,
-        counts.error,
-        counts.rate_limited,
-        counts.bytes_in,
-        counts.bytes_out,
-    ];
-    let mut out = [0u8; USAGE_BYTES];
-    for (chunk, field) in out.chunks_exact_mut(8).zip(fields) {
-        chunk.copy_from_slice(&field.to_le_bytes());
-    }
-    out
-}
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
 
-fn decode_usage(bytes: &[u8]) -> Result<UsageCounts, StoreError> {
-    if bytes.len() != USAGE_BYTES {
-        return Err(StoreError::Corrupt(format!(
-            "usage bucket: expected {USAGE_BYTES} bytes, found {}",
-            bytes.len()
-        )));
-    }
-    let mut fields = [0u64; 6];
-    for (field, chunk) in fields.iter_mut().zip(bytes.chunks_exact(8)) {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(chunk);
-        *field = u64::from_le_bytes(word);
-    }
-    let [requests, success, error, rate_limited, bytes_in, bytes_out] = fields;
-    Ok(UsageCounts {
-        requests,
-        success,
-        error,
-        rate_limited,
-        bytes_in,
-        bytes_out,
-    })
-}
+    use super::*;
 
-fn add_saturating(into: &mut UsageCounts, add: &UsageCounts) {
-    into.requests = into.requests.saturating_add(add.requests);
-    into.success = into.success.saturating_add(add.success);
-    into.error = into.error.saturating_add(add.error);
-    into.rate_limited = into.rate_limited.saturating_add(add.rate_limited);
-    into.bytes_in = into.bytes_in.saturating_add(add.bytes_in);
-    into.bytes_out = into.bytes_out.saturating_add(add.bytes_out);
+    fn delta(key: &str, minute: i64, requests: u64, last_used_ms: i64) -> UsageDelta {
+        UsageDelta {
+            key_id: key.into(),
+            account_id: "acc_1".into(),
+            minute,
+            counts: UsageCounts {
+                requests,
+                ..UsageCounts::default()
+            },
+            last_used_ms,
+        }
+    }
+
+    async fn minutes(store: &EmbeddedStore, key: &str) -> Vec<(i64, u64)> {
+        let buckets = store
+            .key_usage(key, Granularity::Minute, 0, i64::MAX)
+            .await
+            .unwrap();
+        buckets.into_iter().map(|(m, c)| (m, c.requests)).collect()
+    }
+
+    #[tokio::test]
+    async fn usage_adds_up_across_journal_fold_and_reopen() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join("usage.redb");
+        let store = EmbeddedStore::open(&path).unwrap();
+        let mut id = BatchId::first();
+        // Journaled, not folded: queries see it all the same.
+        store
+            .add_usage(id, &[delta("key_a", 5, 1, 300_001)])
+            .await
+            .unwrap();
+        assert!(!store.unfolded.lock().is_empty());
+        assert_eq!(minutes(&store, "key_a").await, vec![(5, 1)]);
+        // A batch past the threshold folds everything, itself included.
+        store.unfolded.lock().fold_at = 0;
+        id = id.next();
+        let batch = [delta("key_a", 5, 2, 300_002), delta("key_a", 6, 4, 360_000)];
+        store.add_usage(id, &batch).await.unwrap();
+        assert!(store.unfolded.lock().is_empty());
+        assert_eq!(minutes(&store, "key_a").await, vec![(5, 3), (6, 4)]);
+        // Past the interval, the next batch folds too.
+        {
+            let mut unfolded = store.unfolded.lock();
+            unfolded.fold_at = usize::MAX;
+            unfolded.fold_every = Duration::ZERO;
+        }
+        id = id.next();
+        store
+            .add_usage(id, &[delta("key_b", 6, 8, 360_500)])
+            .await
+            .unwrap();
+        assert!(!store.unfolded.lock().is_empty());
+        id = id.next();
+        store
+            .add_usage(id, &[delta("key_b", 6, 16, 360_400)])
+            .await
+            .unwrap();
+        assert!(store.unfolded.lock().is_empty());
+        // Journaled again, then the process stops: opening folds the journal, and what was
+        // folded before is not counted twice.
+        store.unfolded.lock().fold_every = Duration::MAX;
+        id = id.next();
+        store
+            .add_usage(id, &[delta("key_a", 6, 32, 360_001)])
+            .await
+            .unwrap();
+        // A retried batch is still applied once while only journaled.
+        store
+            .add_usage(id, &[delta("key_a", 6, 32, 360_001)])
+            .await
+            .unwrap();
+        drop(store);
+        let store = EmbeddedStore::open(&path).unwrap();
+        assert!(store.unfolded.lock().is_empty());
+        assert_eq!(minutes(&store, "key_a").await, vec![(5, 3), (6, 36)]);
+        assert_eq!(minutes(&store, "key_b").await, vec![(6, 24)]);
+        let day = store.account_usage("acc_1", 0, 1).await.unwrap();
+        assert_eq!(day.len(), 1);
+        assert_eq!(day[0].1.requests, 63);
+        let hours = store
+            .key_usage("key_a", Granularity::Hour, 0, 1)
+            .await
+            .unwrap();
+        assert_eq!(hours[0].1.requests, 39);
+        let ids = ["key_a".to_owned(), "key_b".to_owned(), "key_c".to_owned()];
+        assert_eq!(
+            store.last_used(&ids).await.unwrap(),
+            vec![Some(360_001), Some(360_500), None]
+        );
+    }
 }

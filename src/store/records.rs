@@ -397,13 +397,39 @@ impl AuditEntry {
 // === impl UsageCounts ===
 
 impl UsageCounts {
-    /// Adds another set of counts into this one.
+    /// The six counts in their stored order: requests, success, error, rate limited, bytes
+    /// in, bytes out.
+    pub fn to_array(&self) -> [u64; 6] {
+        [
+            self.requests,
+            self.success,
+            self.error,
+            self.rate_limited,
+            self.bytes_in,
+            self.bytes_out,
+        ]
+    }
+
+    /// The counts from [`UsageCounts::to_array`]'s order.
+    pub fn from_array(n: [u64; 6]) -> UsageCounts {
+        let [requests, success, error, rate_limited, bytes_in, bytes_out] = n;
+        UsageCounts {
+            requests,
+            success,
+            error,
+            rate_limited,
+            bytes_in,
+            bytes_out,
+        }
+    }
+
+    /// Adds another set of counts into this one, saturating (a count never wraps).
     pub fn merge(&mut self, other: &UsageCounts) {
-        self.requests += other.requests;
-        self.success += other.success;
-        self.error += other.error;
-        self.rate_limited += other.rate_limited;
-        self.bytes_in += other.bytes_in;
-        self.bytes_out += other.bytes_out;
+        self.requests = self.requests.saturating_add(other.requests);
+        self.success = self.success.saturating_add(other.success);
+        self.error = self.error.saturating_add(other.error);
+        self.rate_limited = self.rate_limited.saturating_add(other.rate_limited);
+        self.bytes_in = self.bytes_in.saturating_add(other.bytes_in);
+        self.bytes_out = self.bytes_out.saturating_add(other.bytes_out);
     }
 }

@@ -972,7 +972,7 @@ fn merge_batch(batch: &[UsageDelta]) -> MergedBatch<'_> {
             let bucket = buckets
                 .entry((keys::key_usage(&delta.key_id, g), index))
                 .or_insert_with(|| (delta.key_id.clone(), g, UsageCounts::default()));
-            merge_saturating(&mut bucket.2, &delta.counts);
+            bucket.2.merge(&delta.counts);
         }
         let day = Granularity::Day.of_minute(delta.minute);
         let bucket = buckets
@@ -984,7 +984,7 @@ fn merge_batch(batch: &[UsageDelta]) -> MergedBatch<'_> {
                     UsageCounts::default(),
                 )
             });
-        merge_saturating(&mut bucket.2, &delta.counts);
+        bucket.2.merge(&delta.counts);
         let seen = last_used.entry(delta.key_id.as_str()).or_insert(i64::MIN);
         *seen = (*seen).max(delta.last_used_ms);
     }
@@ -1068,14 +1068,4 @@ fn counts_from(fields: &[Option<u64>]) -> Result<UsageCounts, StoreError> {
         bytes_in: n(bytes_in),
         bytes_out: n(bytes_out),
     })
-}
-
-/// Adds `add` into `into`, saturating (the records' own `merge` would overflow on absurd counts).
-fn merge_saturating(into: &mut UsageCounts, add: &UsageCounts) {
-    into.requests = into.requests.saturating_add(add.requests);
-    into.success = into.success.saturating_add(add.success);
-    into.error = into.error.saturating_add(add.error);
-    into.rate_limited = into.rate_limited.saturating_add(add.rate_limited);
-    into.bytes_in = into.bytes_in.saturating_add(add.bytes_in);
-    into.bytes_out = into.bytes_out.saturating_add(add.bytes_out);
 }

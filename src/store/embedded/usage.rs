@@ -1,0 +1,389 @@
+//! Usage buckets in the embedded store, laid out for the flusher's writes.
+//!
+//! Every second the flusher adds one delta per key touched in that second. With many keys, a
+//! key-major table (`(key id, minute)`) puts those updates on leaf pages scattered over the
+//! whole file, and every commit copies each of them (redb is copy-on-write). So each family of
+//! buckets is stored time-major, `(index, owner)`, where one second's updates fall on the few
+//! pages of the current minute, hour and day; a key-major index `(owner, index)` answers
+//! "this key's buckets from … to" and is written only when a bucket is new (once per key per
+//! minute, not once per second). A key's last-used time rides in its buckets, so the flush
+//! writes no per-key row: it is the newest minute bucket's, or, once that is pruned, the
+//! `key_last_used` row that pruning leaves behind.
+
+use std::collections::HashMap;
+
+use redb::{ReadTransaction, ReadableTable, Table, TableDefinition, WriteTransaction};
+
+use super::db_err;
+use crate::store::{Granularity, StoreError, UsageCounts, UsageDelta};
+
+/// Six LE `u64` counts, then the LE `i64` last-used time in milliseconds.
+const BUCKET_BYTES: usize = 56;
+
+type ByTime = TableDefinition<'static, (i64, &'static str), &'static [u8]>;
+type ByOwner = TableDefinition<'static, (&'static str, i64), ()>;
+
+/// The last-used time kept for a key whose minute buckets were all pruned.
+const KEY_LAST_USED: TableDefinition<&str, i64> = TableDefinition::new("key_last_used");
+
+/// One family of buckets: a time-major table of counts and its owner-major index.
+pub(super) struct Family {
+    by_time: ByTime,
+    by_owner: ByOwner,
+}
+
+const KEY_MINUTES: Family = Family::new("key_minutes", "key_minutes_by_key");
+const KEY_HOURS: Family = Family::new("key_hours", "key_hours_by_key");
+const KEY_DAYS: Family = Family::new("key_days", "key_days_by_key");
+const ACCOUNT_DAYS: Family = Family::new("account_days", "account_days_by_account");
+
+/// A bucket's contents.
+#[derive(Debug, Default, Clone, Copy)]
+struct Bucket {
+    counts: UsageCounts,
+    last_used_ms: i64,
+}
+
+// === impl Family ===
+
+impl Family {
+    const fn new(by_time: &'static str, by_owner: &'static str) -> Family {
+        Family {
+            by_time: TableDefinition::new(by_time),
+            by_owner: TableDefinition::new(by_owner),
+        }
+    }
+
+    fn of_keys(g: Granularity) -> &'static Family {
+        match g {
+            Granularity::Minute => &KEY_MINUTES,
+            Granularity::Hour => &KEY_HOURS,
+            Granularity::Day => &KEY_DAYS,
+        }
+    }
+
+    fn open<'txn>(&self, txn: &'txn WriteTransaction) -> Result<Open<'txn>, StoreError> {
+        Ok(Open {
+            by_time: txn.open_table(self.by_time).map_err(db_err)?,
+            by_owner: txn.open_table(self.by_owner).map_err(db_err)?,
+        })
+    }
+
+    /// `owner`'s buckets with `from <= index < to`, ascending.
+    fn read(
+        &self,
+        txn: &ReadTransaction,
+        owner: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(i64, UsageCounts)>, StoreError> {
+        let by_time = txn.open_table(self.by_time).map_err(db_err)?;
+        let by_owner = txn.open_table(self.by_owner).map_err(db_err)?;
+        let mut out = Vec::new();
+        for item in by_owner.range((owner, from)..(owner, to)).map_err(db_err)? {
+            let (key, _) = item.map_err(db_err)?;
+            let index = key.value().1;
+            let bucket = read_bucket(&by_time, (index, owner))?.ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "usage index names a missing bucket {owner}@{index}"
+                ))
+            })?;
+            out.push((index, bucket.counts));
+        }
+        Ok(out)
+    }
+
+    /// `owner`'s newest bucket.
+    fn newest(&self, txn: &ReadTransaction, owner: &str) -> Result<Option<Bucket>, StoreError> {
+        let by_owner = txn.open_table(self.by_owner).map_err(db_err)?;
+        let newest = by_owner
+            .range((owner, i64::MIN)..=(owner, i64::MAX))
+            .map_err(db_err)?
+            .next_back();
+        let Some(item) = newest else {
+            return Ok(None);
+        };
+        let index = item.map_err(db_err)?.0.value().1;
+        let by_time = txn.open_table(self.by_time).map_err(db_err)?;
+        read_bucket(&by_time, (index, owner))
+    }
+
+    /// Removes every bucket with index `< before`, handing each to `removed` first.
+    fn prune(
+        &self,
+        txn: &WriteTransaction,
+        before: i64,
+        mut removed: impl FnMut(&str, &Bucket) -> Result<(), StoreError>,
+    ) -> Result<u64, StoreError> {
+        let mut open = self.open(txn)?;
+        let mut expired: Vec<(i64, String)> = Vec::new();
+        for item in open
+            .by_time
+            .range((i64::MIN, "")..(before, ""))
+            .map_err(db_err)?
+        {
+            let (key, value) = item.map_err(db_err)?;
+            let (index, owner) = key.value();
+            removed(owner, &decode(value.value())?)?;
+            expired.push((index, owner.to_owned()));
+        }
+        for (index, owner) in &expired {
+            open.by_time
+                .remove((*index, owner.as_str()))
+                .map_err(db_err)?;
+            open.by_owner
+                .remove((owner.as_str(), *index))
+                .map_err(db_err)?;
+        }
+        Ok(expired.len() as u64)
+    }
+}
+
+/// A family's tables, open in a write transaction.
+struct Open<'txn> {
+    by_time: Table<'txn, (i64, &'static str), &'static [u8]>,
+    by_owner: Table<'txn, (&'static str, i64), ()>,
+}
+
+impl Open<'_> {
+    /// Adds `counts` into `owner`'s bucket `index`, creating it (and its index row) if new.
+    fn add(
+        &mut self,
+        index: i64,
+        owner: &str,
+        counts: &UsageCounts,
+        last_used_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut bucket = match read_bucket(&self.by_time, (index, owner))? {
+            Some(bucket) => bucket,
+            None => self.create(index, owner)?,
+        };
+        bucket.counts.merge(counts);
+        bucket.last_used_ms = bucket.last_used_ms.max(last_used_ms);
+        self.put(index, owner, &bucket)
+    }
+
+    /// Adds into a key's minute bucket, keeping its last use where [`last_used`] finds it: a
+    /// new bucket starts from the key's previous newest one, so the newest bucket holds the
+    /// latest use; a delta into an older bucket (a late or retried one) goes to `kept`.
+    fn add_minute(
+        &mut self,
+        kept: &mut Table<'_, &'static str, i64>,
+        minute: i64,
+        key_id: &str,
+        counts: &UsageCounts,
+        last_used_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut bucket = match read_bucket(&self.by_time, (minute, key_id))? {
+            Some(bucket) => {
+                if self.has_after(key_id, minute)? {
+                    keep_latest(kept, key_id, last_used_ms)?;
+                }
+                bucket
+            }
+            None => {
+                let previous = self.newest_before(key_id, minute)?;
+                if self.has_after(key_id, minute)? {
+                    keep_latest(kept, key_id, last_used_ms)?;
+                }
+                let mut bucket = self.create(minute, key_id)?;
+                bucket.last_used_ms = previous.map_or(0, |b| b.last_used_ms);
+                bucket
+            }
+        };
+        bucket.counts.merge(counts);
+        bucket.last_used_ms = bucket.last_used_ms.max(last_used_ms);
+        self.put(minute, key_id, &bucket)
+    }
+
+    fn create(&mut self, index: i64, owner: &str) -> Result<Bucket, StoreError> {
+        self.by_owner.insert((owner, index), ()).map_err(db_err)?;
+        Ok(Bucket::default())
+    }
+
+    fn put(&mut self, index: i64, owner: &str, bucket: &Bucket) -> Result<(), StoreError> {
+        self.by_time
+            .insert((index, owner), encode(bucket).as_slice())
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Whether `owner` has a bucket after `index`.
+    fn has_after(&self, owner: &str, index: i64) -> Result<bool, StoreError> {
+        if index == i64::MAX {
+            return Ok(false);
+        }
+        let mut after = self
+            .by_owner
+            .range((owner, index + 1)..=(owner, i64::MAX))
+            .map_err(db_err)?;
+        Ok(after.next().is_some())
+    }
+
+    /// `owner`'s newest bucket before `index`.
+    fn newest_before(&self, owner: &str, index: i64) -> Result<Option<Bucket>, StoreError> {
+        let newest = self
+            .by_owner
+            .range((owner, i64::MIN)..(owner, index))
+            .map_err(db_err)?
+            .next_back();
+        let Some(item) = newest else {
+            return Ok(None);
+        };
+        let index = item.map_err(db_err)?.0.value().1;
+        read_bucket(&self.by_time, (index, owner))
+    }
+}
+
+/// Raises the kept last use of `key_id` to `ms`.
+fn keep_latest(
+    kept: &mut Table<'_, &'static str, i64>,
+    key_id: &str,
+    ms: i64,
+) -> Result<(), StoreError> {
+    let seen = kept.get(key_id).map_err(db_err)?.map(|v| v.value());
+    if seen.is_none_or(|s| s < ms) {
+        kept.insert(key_id, ms).map_err(db_err)?;
+    }
+    Ok(())
+}
+
+/// Creates the usage tables.
+pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
+    for family in [&KEY_MINUTES, &KEY_HOURS, &KEY_DAYS, &ACCOUNT_DAYS] {
+        family.open(txn)?;
+    }
+    txn.open_table(KEY_LAST_USED).map_err(db_err)?;
+    Ok(())
+}
+
+/// Adds a batch into the keys' minute, hour and day buckets and the accounts' day buckets.
+pub(super) fn add(txn: &WriteTransaction, batch: &mut [UsageDelta]) -> Result<(), StoreError> {
+    // In index order the updates walk each table's current pages once, front to back.
+    batch.sort_unstable_by(|a, b| (a.minute, &a.key_id).cmp(&(b.minute, &b.key_id)));
+    let mut kept = txn.open_table(KEY_LAST_USED).map_err(db_err)?;
+    let mut minutes = KEY_MINUTES.open(txn)?;
+    for d in batch.iter() {
+        minutes.add_minute(&mut kept, d.minute, &d.key_id, &d.counts, d.last_used_ms)?;
+    }
+    for g in [Granularity::Hour, Granularity::Day] {
+        let mut buckets = Family::of_keys(g).open(txn)?;
+        for d in batch.iter() {
+            let index = g.of_minute(d.minute);
+            buckets.add(index, &d.key_id, &d.counts, d.last_used_ms)?;
+        }
+    }
+    let mut accounts = ACCOUNT_DAYS.open(txn)?;
+    for delta in batch.iter() {
+        let day = Granularity::Day.of_minute(delta.minute);
+        accounts.add(day, &delta.account_id, &delta.counts, delta.last_used_ms)?;
+    }
+    Ok(())
+}
+
+/// A key's buckets of one granularity with `from <= index < to`, ascending.
+pub(super) fn key_buckets(
+    txn: &ReadTransaction,
+    key_id: &str,
+    g: Granularity,
+    from: i64,
+    to: i64,
+) -> Result<Vec<(i64, UsageCounts)>, StoreError> {
+    Family::of_keys(g).read(txn, key_id, from, to)
+}
+
+/// An account's day buckets with `from <= day < to`, ascending.
+pub(super) fn account_days(
+    txn: &ReadTransaction,
+    account_id: &str,
+    from: i64,
+    to: i64,
+) -> Result<Vec<(i64, UsageCounts)>, StoreError> {
+    ACCOUNT_DAYS.read(txn, account_id, from, to)
+}
+
+/// When the key was last used: its newest minute bucket's time, or what pruning kept.
+pub(super) fn last_used(txn: &ReadTransaction, key_id: &str) -> Result<Option<i64>, StoreError> {
+    let kept = txn
+        .open_table(KEY_LAST_USED)
+        .map_err(db_err)?
+        .get(key_id)
+        .map_err(db_err)?
+        .map(|v| v.value());
+    let newest = KEY_MINUTES
+        .newest(txn, key_id)?
+        .map(|bucket| bucket.last_used_ms);
+    Ok(kept.max(newest))
+}
+
+/// Removes the buckets of one granularity with index `< before` (for days, the accounts' too).
+/// Pruned minute buckets leave their key's last-used time in `key_last_used`.
+pub(super) fn prune(
+    txn: &WriteTransaction,
+    g: Granularity,
+    before: i64,
+) -> Result<u64, StoreError> {
+    let mut removed = if g == Granularity::Minute {
+        // One write per key, with the latest of its pruned buckets.
+        let mut latest: HashMap<String, i64> = HashMap::new();
+        let removed = KEY_MINUTES.prune(txn, before, |key_id, bucket| {
+            let ms = latest.entry(key_id.to_owned()).or_insert(i64::MIN);
+            *ms = (*ms).max(bucket.last_used_ms);
+            Ok(())
+        })?;
+        let mut kept = txn.open_table(KEY_LAST_USED).map_err(db_err)?;
+        for (key_id, ms) in latest {
+            keep_latest(&mut kept, &key_id, ms)?;
+        }
+        removed
+    } else {
+        Family::of_keys(g).prune(txn, before, |_, _| Ok(()))?
+    };
+    if g == Granularity::Day {
+        removed += ACCOUNT_DAYS.prune(txn, before, |_, _| Ok(()))?;
+    }
+    Ok(removed)
+}
+
+fn read_bucket(
+    table: &impl ReadableTable<(i64, &'static str), &'static [u8]>,
+    key: (i64, &str),
+) -> Result<Option<Bucket>, StoreError> {
+    match table.get(key).map_err(db_err)? {
+        Some(bytes) => decode(bytes.value()).map(Some),
+        None => Ok(None),
+    }
+}
+
+fn encode(bucket: &Bucket) -> [u8; BUCKET_BYTES] {
+    let fields = bucket.counts.to_array();
+    let mut out = [0u8; BUCKET_BYTES];
+    let (counts, last_used) = out.split_at_mut(48);
+    for (chunk, field) in counts.chunks_exact_mut(8).zip(fields) {
+        chunk.copy_from_slice(&field.to_le_bytes());
+    }
+    last_used.copy_from_slice(&bucket.last_used_ms.to_le_bytes());
+    out
+}
+
+fn decode(bytes: &[u8]) -> Result<Bucket, StoreError> {
+    let bytes: &[u8; BUCKET_BYTES] = bytes.try_into().map_err(|_| {
+        StoreError::Corrupt(format!(
+            "usage bucket: expected {BUCKET_BYTES} bytes, found {}",
+            bytes.len()
+        ))
+    })?;
+    let word = |i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
+        w
+    };
+    let mut n = [0u64; 6];
+    for (i, v) in n.iter_mut().enumerate() {
+        *v = u64::from_le_bytes(word(i));
+    }
+    Ok(Bucket {
+        counts: UsageCounts::from_array(n),
+        last_used_ms: i64::from_le_bytes(word(6)),
+    })
+}
