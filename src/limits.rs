@@ -14,12 +14,31 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
-use governor::clock::{Clock, QuantaClock};
+use governor::clock::{Clock, ReasonablyRealtime};
 use governor::middleware::StateInformationMiddleware;
+use governor::nanos::Nanos;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 
 use crate::store::RateLimitSpec;
+
+/// The process's monotonic clock as governor reads it: one `quanta::Clock` (TSC-based) for the
+/// whole process, read as governor's `QuantaClock` reads its own. Zero-sized, where governor's `QuantaClock` carries a 40-byte
+/// `quanta::Clock` in each of a key's three buckets and in its limiter (160 B per key).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessClock;
+
+impl Clock for ProcessClock {
+    type Instant = Nanos;
+
+    fn now(&self) -> Nanos {
+        static CLOCK: std::sync::OnceLock<quanta::Clock> = std::sync::OnceLock::new();
+        let clock = CLOCK.get_or_init(quanta::Clock::new);
+        Nanos::new(clock.delta_as_nanos(0, clock.raw()))
+    }
+}
+
+impl ReasonablyRealtime for ProcessClock {}
 
 /// A limit window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -73,7 +92,7 @@ pub struct Exhausted {
 type Bucket<C> = RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>;
 
 /// The three buckets of one key.
-pub struct KeyLimiter<C: Clock = QuantaClock> {
+pub struct KeyLimiter<C: Clock = ProcessClock> {
     quotas: Quotas,
     buckets: [Option<Bucket<C>>; 3],
     /// Remaining count of each window at its last check; governor cannot peek without spending,
@@ -94,7 +113,7 @@ pub enum KeyLimits {
 }
 
 /// Every key's limiter, by key id.
-pub struct Limiters<C: Clock = QuantaClock> {
+pub struct Limiters<C: Clock = ProcessClock> {
     by_key: DashMap<Arc<str>, Arc<KeyLimiter<C>>>,
     clock: C,
 }
@@ -339,14 +358,14 @@ impl KeyLimits {
 
 // === impl Limiters ===
 
-impl Limiters<QuantaClock> {
+impl Limiters<ProcessClock> {
     /// A registry on the real clock.
     pub fn new() -> Self {
-        Self::with_clock(QuantaClock::default())
+        Self::with_clock(ProcessClock)
     }
 }
 
-impl Default for Limiters<QuantaClock> {
+impl Default for Limiters<ProcessClock> {
     fn default() -> Self {
         Self::new()
     }
