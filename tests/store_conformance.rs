@@ -867,8 +867,8 @@ async fn usage_rollups(store: &SharedStore) {
             BatchId::first(),
             &[
                 on(&a, m, counts(1, 1), m * 60_000 + 5),
-                on(&a, m + 59, counts(2, 2), m * 60_000 + 9),
-                on(&a, m + 60, counts(4, 4), 0),
+                on(&a, m + 59, counts(2, 2), (m + 59) * 60_000 + 9),
+                on(&a, m + 60, counts(4, 4), (m + 60) * 60_000 + 3),
                 on(&b, m + 1_439, counts(8, 8), 0),
                 on(&b, m + 1_440, counts(16, 16), 0),
             ],
@@ -916,7 +916,7 @@ async fn usage_rollups(store: &SharedStore) {
         .last_used(&[a.clone(), format!("key_{p}_never")])
         .await
         .unwrap();
-    assert_eq!(last, vec![Some(m * 60_000 + 9), None]);
+    assert_eq!(last, vec![Some((m + 60) * 60_000 + 3), None]);
     // Pruning removes only buckets before the cut, for that granularity only.
     let removed = store
         .prune_usage(Granularity::Minute, m + 60)
@@ -940,7 +940,7 @@ async fn usage_rollups(store: &SharedStore) {
         .is_empty());
     assert_eq!(
         store.last_used(std::slice::from_ref(&a)).await.unwrap(),
-        vec![Some(m * 60_000 + 9)]
+        vec![Some((m + 60) * 60_000 + 3)]
     );
     assert_eq!(
         store

@@ -250,8 +250,9 @@ pub struct UsageDelta {
     pub minute: i64,
     /// What to add.
     pub counts: UsageCounts,
-    /// The latest request among these counts, milliseconds since the epoch; the store keeps the
-    /// maximum it has seen per key.
+    /// The latest request among these counts, milliseconds since the epoch, within `minute`
+    /// (the flusher takes both from one clock reading; the embedded store clamps it there). The
+    /// store keeps the maximum it has seen per key.
     pub last_used_ms: i64,
 }
 

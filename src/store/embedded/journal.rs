@@ -20,7 +20,7 @@ use crate::store::{Granularity, StoreError, UsageCounts, UsageDelta};
 /// Fold at least this often.
 const FOLD_EVERY: Duration = Duration::from_secs(60);
 /// Fold sooner once this many (key, minute) buckets wait, which bounds the memory they take.
-const FOLD_AT: usize = 200_000;
+const FOLD_AT: usize = 100_000;
 
 const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("usage_journal");
 
@@ -52,11 +52,13 @@ impl Default for Unfolded {
     }
 }
 
+/// One key's waiting counts. A key has a minute or two waiting, so they are a short `Vec`
+/// (a `BTreeMap` would allocate a 600-byte node per key).
 #[derive(Default)]
 struct KeyCounts {
     account_id: String,
-    minutes: BTreeMap<i64, UsageCounts>,
-    last_used_ms: i64,
+    /// (minute, counts, latest use in that minute).
+    minutes: Vec<(i64, UsageCounts, i64)>,
 }
 
 /// What [`Unfolded::apply`] did with a batch.
@@ -149,34 +151,32 @@ impl Unfolded {
         if key.account_id != d.account_id {
             key.account_id.clone_from(&d.account_id);
         }
-        key.last_used_ms = key.last_used_ms.max(d.last_used_ms);
-        let minute = key.minutes.entry(d.minute).or_insert_with(|| {
-            self.buckets += 1;
-            UsageCounts::default()
-        });
-        minute.merge(&d.counts);
+        match key.minutes.iter_mut().find(|(m, _, _)| *m == d.minute) {
+            Some((_, counts, last_used_ms)) => {
+                counts.merge(&d.counts);
+                *last_used_ms = (*last_used_ms).max(d.last_used_ms);
+            }
+            None => {
+                key.minutes.push((d.minute, d.counts, d.last_used_ms));
+                self.buckets += 1;
+            }
+        }
         let day = Granularity::Day.of_minute(d.minute);
         let account = self.accounts.entry(d.account_id).or_default();
         account.entry(day).or_default().merge(&d.counts);
     }
 
-    /// Everything unfolded, one delta per (key, minute). The last-used time goes with the
-    /// key's latest minute.
+    /// Everything unfolded, one delta per (key, minute).
     fn deltas(&self) -> Vec<UsageDelta> {
         let mut out = Vec::with_capacity(self.buckets);
         for (key_id, key) in &self.keys {
-            let latest = key.minutes.keys().next_back().copied();
-            for (&minute, counts) in &key.minutes {
+            for &(minute, counts, last_used_ms) in &key.minutes {
                 out.push(UsageDelta {
                     key_id: key_id.clone(),
                     account_id: key.account_id.clone(),
                     minute,
-                    counts: *counts,
-                    last_used_ms: if Some(minute) == latest {
-                        key.last_used_ms
-                    } else {
-                        0
-                    },
+                    counts,
+                    last_used_ms,
                 });
             }
         }
@@ -198,7 +198,7 @@ impl Unfolded {
         let extra = key
             .minutes
             .iter()
-            .map(|(&minute, counts)| (g.of_minute(minute), counts));
+            .map(|(minute, counts, _)| (g.of_minute(*minute), counts));
         merge_sorted(stored, extra, from, to)
     }
 
@@ -224,7 +224,8 @@ impl Unfolded {
 
     /// The key's latest unfolded use.
     pub(super) fn last_used(&self, key_id: &str) -> Option<i64> {
-        self.keys.get(key_id).map(|k| k.last_used_ms)
+        let key = self.keys.get(key_id)?;
+        key.minutes.iter().map(|(_, _, ms)| *ms).max()
     }
 }
 

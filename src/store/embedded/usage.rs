@@ -163,39 +163,6 @@ impl Open<'_> {
         self.put(index, owner, &bucket)
     }
 
-    /// Adds into a key's minute bucket, keeping its last use where [`last_used`] finds it: a
-    /// new bucket starts from the key's previous newest one, so the newest bucket holds the
-    /// latest use; a delta into an older bucket (a late or retried one) goes to `kept`.
-    fn add_minute(
-        &mut self,
-        kept: &mut Table<'_, &'static str, i64>,
-        minute: i64,
-        key_id: &str,
-        counts: &UsageCounts,
-        last_used_ms: i64,
-    ) -> Result<(), StoreError> {
-        let mut bucket = match read_bucket(&self.by_time, (minute, key_id))? {
-            Some(bucket) => {
-                if self.has_after(key_id, minute)? {
-                    keep_latest(kept, key_id, last_used_ms)?;
-                }
-                bucket
-            }
-            None => {
-                let previous = self.newest_before(key_id, minute)?;
-                if self.has_after(key_id, minute)? {
-                    keep_latest(kept, key_id, last_used_ms)?;
-                }
-                let mut bucket = self.create(minute, key_id)?;
-                bucket.last_used_ms = previous.map_or(0, |b| b.last_used_ms);
-                bucket
-            }
-        };
-        bucket.counts.merge(counts);
-        bucket.last_used_ms = bucket.last_used_ms.max(last_used_ms);
-        self.put(minute, key_id, &bucket)
-    }
-
     fn create(&mut self, index: i64, owner: &str) -> Result<Bucket, StoreError> {
         self.by_owner.insert((owner, index), ()).map_err(db_err)?;
         Ok(Bucket::default())
@@ -206,32 +173,6 @@ impl Open<'_> {
             .insert((index, owner), encode(bucket).as_slice())
             .map_err(db_err)?;
         Ok(())
-    }
-
-    /// Whether `owner` has a bucket after `index`.
-    fn has_after(&self, owner: &str, index: i64) -> Result<bool, StoreError> {
-        if index == i64::MAX {
-            return Ok(false);
-        }
-        let mut after = self
-            .by_owner
-            .range((owner, index + 1)..=(owner, i64::MAX))
-            .map_err(db_err)?;
-        Ok(after.next().is_some())
-    }
-
-    /// `owner`'s newest bucket before `index`.
-    fn newest_before(&self, owner: &str, index: i64) -> Result<Option<Bucket>, StoreError> {
-        let newest = self
-            .by_owner
-            .range((owner, i64::MIN)..(owner, index))
-            .map_err(db_err)?
-            .next_back();
-        let Some(item) = newest else {
-            return Ok(None);
-        };
-        let index = item.map_err(db_err)?.0.value().1;
-        read_bucket(&self.by_time, (index, owner))
     }
 }
 
@@ -261,10 +202,13 @@ pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
 pub(super) fn add(txn: &WriteTransaction, batch: &mut [UsageDelta]) -> Result<(), StoreError> {
     // In index order the updates walk each table's current pages once, front to back.
     batch.sort_unstable_by(|a, b| (a.minute, &a.key_id).cmp(&(b.minute, &b.key_id)));
-    let mut kept = txn.open_table(KEY_LAST_USED).map_err(db_err)?;
     let mut minutes = KEY_MINUTES.open(txn)?;
     for d in batch.iter() {
-        minutes.add_minute(&mut kept, d.minute, &d.key_id, &d.counts, d.last_used_ms)?;
+        // Within its minute, a newer bucket's last use is always the later one, so the newest
+        // bucket holds the key's last use (see [`last_used`]).
+        let start = d.minute.saturating_mul(60_000);
+        let last_used_ms = d.last_used_ms.clamp(start, start.saturating_add(59_999));
+        minutes.add(d.minute, &d.key_id, &d.counts, last_used_ms)?;
     }
     for g in [Granularity::Hour, Granularity::Day] {
         let mut buckets = Family::of_keys(g).open(txn)?;
@@ -273,10 +217,17 @@ pub(super) fn add(txn: &WriteTransaction, batch: &mut [UsageDelta]) -> Result<()
             buckets.add(index, &d.key_id, &d.counts, d.last_used_ms)?;
         }
     }
+    // An account has many keys in a batch: one update per account and day.
+    let mut by_account: HashMap<(&str, i64), (UsageCounts, i64)> = HashMap::new();
+    for d in batch.iter() {
+        let day = Granularity::Day.of_minute(d.minute);
+        let (counts, last) = by_account.entry((&d.account_id, day)).or_default();
+        counts.merge(&d.counts);
+        *last = (*last).max(d.last_used_ms);
+    }
     let mut accounts = ACCOUNT_DAYS.open(txn)?;
-    for delta in batch.iter() {
-        let day = Granularity::Day.of_minute(delta.minute);
-        accounts.add(day, &delta.account_id, &delta.counts, delta.last_used_ms)?;
+    for ((account_id, day), (counts, last)) in by_account {
+        accounts.add(day, account_id, &counts, last)?;
     }
     Ok(())
 }
