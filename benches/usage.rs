@@ -1,7 +1,7 @@
 //! Metering costs: the per-request count on a key's usage cell, reading a busy key's buckets
-//! back from the embedded store (90 day buckets; 2 880 minute buckets = 48 h), and one flush of
-//! a second's traffic over many keys (20 000 deltas into a store that holds 100 000 keys' last
-//! ten minutes).
+//! back from the embedded store (90 day buckets; 2 880 minute buckets = 48 h), and flushes of
+//! a second's traffic over many keys (20 000 deltas each into a store that holds 100 000 keys'
+//! last ten minutes), with the journal's folds.
 //!
 //! `cargo bench --bench usage`
 
@@ -90,7 +90,7 @@ fn bench(c: &mut Criterion) {
     flush_many_keys(c, &rt);
 }
 
-/// One flush as the flusher sends it with 1M keys in rotation: 20 000 distinct keys' deltas in
+/// Flushes as the flusher sends them with many keys in rotation: 20 000 distinct keys' deltas in
 /// the current minute, into a store holding 100 000 keys' buckets for the last ten minutes.
 fn flush_many_keys(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     const KEYS: usize = 100_000;
@@ -123,14 +123,18 @@ fn flush_many_keys(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     let mut at = 0;
     let mut group = c.benchmark_group("store");
     group.sample_size(10);
-    group.bench_function("flush_20k_of_100k_keys", |b| {
+    // Five flushes: every key once, and the fold that the waiting 100 000 buckets bring about
+    // (at the sixth flush at the latest), so each iteration carries its share of the folding.
+    group.bench_function("5_flushes_of_20k_of_100k_keys", |b| {
         b.iter(|| {
-            let batch: Vec<UsageDelta> = (0..PER_FLUSH)
-                .map(|n| delta(order[(at + n) % KEYS], NOW_MINUTE))
-                .collect();
-            at = (at + PER_FLUSH) % KEYS;
-            rt.block_on(store.add_usage(id, &batch)).expect("flush");
-            id = id.next();
+            for _ in 0..5 {
+                let batch: Vec<UsageDelta> = (0..PER_FLUSH)
+                    .map(|n| delta(order[(at + n) % KEYS], NOW_MINUTE))
+                    .collect();
+                at = (at + PER_FLUSH) % KEYS;
+                rt.block_on(store.add_usage(id, &batch)).expect("flush");
+                id = id.next();
+            }
         })
     });
     group.finish();

@@ -20,7 +20,7 @@
 //! | `sites`          | (account id, site id)             | site JSON                 | an account's sites, listed by key prefix                   |
 //! | `audit`          | sequence (`u64`, ascending)       | entry JSON + `account_id` | the audit log in append order (read backwards: newest first) |
 //! | `audit_accounts` | (account id, sequence)            | `()`                      | one account's audit entries without scanning the others    |
-//! | `key_minutes`, `key_hours`, `key_days`, `account_days` | (index `i64`, owner id) | 56 bytes: 6 × LE `u64` counts, LE `i64` last used ms | usage buckets, time-major so that a flush touches only the current pages ([`usage`]) |
+//! | `key_minutes`, `key_hours`, `key_days`, `account_days` | (index `i64`, owner id as bytes) | 56 bytes: 6 × LE `u64` counts, LE `i64` last used ms | usage buckets, time-major so that a flush touches only the current pages ([`usage`]) |
 //! | `…_by_key`, `account_days_by_account` | (owner id, index) | `()` | an owner's buckets from … to; written once per new bucket |
 //! | `usage_journal`  | sequence (`u64`)                  | one `add_usage` batch, packed | flushes not yet folded into the buckets ([`journal`]) |
 //! | `key_last_used`  | key id                            | ms (`i64`)                | last use of a key whose minute buckets were pruned         |

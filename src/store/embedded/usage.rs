@@ -20,8 +20,8 @@ use crate::store::{Granularity, StoreError, UsageCounts, UsageDelta};
 /// Six LE `u64` counts, then the LE `i64` last-used time in milliseconds.
 const BUCKET_BYTES: usize = 56;
 
-type ByTime = TableDefinition<'static, (i64, &'static str), &'static [u8]>;
-type ByOwner = TableDefinition<'static, (&'static str, i64), ()>;
+type ByTime = TableDefinition<'static, (i64, &'static [u8]), &'static [u8]>;
+type ByOwner = TableDefinition<'static, (&'static [u8], i64), ()>;
 
 /// The last-used time kept for a key whose minute buckets were all pruned.
 const KEY_LAST_USED: TableDefinition<&str, i64> = TableDefinition::new("key_last_used");
@@ -80,10 +80,11 @@ impl Family {
         let by_time = txn.open_table(self.by_time).map_err(db_err)?;
         let by_owner = txn.open_table(self.by_owner).map_err(db_err)?;
         let mut out = Vec::new();
-        for item in by_owner.range((owner, from)..(owner, to)).map_err(db_err)? {
+        let id = owner.as_bytes();
+        for item in by_owner.range((id, from)..(id, to)).map_err(db_err)? {
             let (key, _) = item.map_err(db_err)?;
             let index = key.value().1;
-            let bucket = read_bucket(&by_time, (index, owner))?.ok_or_else(|| {
+            let bucket = read_bucket(&by_time, (index, id))?.ok_or_else(|| {
                 StoreError::Corrupt(format!(
                     "usage index names a missing bucket {owner}@{index}"
                 ))
@@ -96,6 +97,7 @@ impl Family {
     /// `owner`'s newest bucket.
     fn newest(&self, txn: &ReadTransaction, owner: &str) -> Result<Option<Bucket>, StoreError> {
         let by_owner = txn.open_table(self.by_owner).map_err(db_err)?;
+        let owner = owner.as_bytes();
         let newest = by_owner
             .range((owner, i64::MIN)..=(owner, i64::MAX))
             .map_err(db_err)?
@@ -116,23 +118,26 @@ impl Family {
         mut removed: impl FnMut(&str, &Bucket) -> Result<(), StoreError>,
     ) -> Result<u64, StoreError> {
         let mut open = self.open(txn)?;
-        let mut expired: Vec<(i64, String)> = Vec::new();
+        let mut expired: Vec<(i64, Vec<u8>)> = Vec::new();
+        let none: &[u8] = &[];
         for item in open
             .by_time
-            .range((i64::MIN, "")..(before, ""))
+            .range((i64::MIN, none)..(before, none))
             .map_err(db_err)?
         {
             let (key, value) = item.map_err(db_err)?;
             let (index, owner) = key.value();
-            removed(owner, &decode(value.value())?)?;
-            expired.push((index, owner.to_owned()));
+            let id = std::str::from_utf8(owner)
+                .map_err(|_| StoreError::Corrupt("usage bucket owner is not UTF-8".into()))?;
+            removed(id, &decode(value.value())?)?;
+            expired.push((index, owner.to_vec()));
         }
         for (index, owner) in &expired {
             open.by_time
-                .remove((*index, owner.as_str()))
+                .remove((*index, owner.as_slice()))
                 .map_err(db_err)?;
             open.by_owner
-                .remove((owner.as_str(), *index))
+                .remove((owner.as_slice(), *index))
                 .map_err(db_err)?;
         }
         Ok(expired.len() as u64)
@@ -141,8 +146,8 @@ impl Family {
 
 /// A family's tables, open in a write transaction.
 struct Open<'txn> {
-    by_time: Table<'txn, (i64, &'static str), &'static [u8]>,
-    by_owner: Table<'txn, (&'static str, i64), ()>,
+    by_time: Table<'txn, (i64, &'static [u8]), &'static [u8]>,
+    by_owner: Table<'txn, (&'static [u8], i64), ()>,
 }
 
 impl Open<'_> {
@@ -154,6 +159,7 @@ impl Open<'_> {
         counts: &UsageCounts,
         last_used_ms: i64,
     ) -> Result<(), StoreError> {
+        let owner = owner.as_bytes();
         let mut bucket = match read_bucket(&self.by_time, (index, owner))? {
             Some(bucket) => bucket,
             None => self.create(index, owner)?,
@@ -163,12 +169,12 @@ impl Open<'_> {
         self.put(index, owner, &bucket)
     }
 
-    fn create(&mut self, index: i64, owner: &str) -> Result<Bucket, StoreError> {
+    fn create(&mut self, index: i64, owner: &[u8]) -> Result<Bucket, StoreError> {
         self.by_owner.insert((owner, index), ()).map_err(db_err)?;
         Ok(Bucket::default())
     }
 
-    fn put(&mut self, index: i64, owner: &str, bucket: &Bucket) -> Result<(), StoreError> {
+    fn put(&mut self, index: i64, owner: &[u8], bucket: &Bucket) -> Result<(), StoreError> {
         self.by_time
             .insert((index, owner), encode(bucket).as_slice())
             .map_err(db_err)?;
@@ -297,8 +303,8 @@ pub(super) fn prune(
 }
 
 fn read_bucket(
-    table: &impl ReadableTable<(i64, &'static str), &'static [u8]>,
-    key: (i64, &str),
+    table: &impl ReadableTable<(i64, &'static [u8]), &'static [u8]>,
+    key: (i64, &[u8]),
 ) -> Result<Option<Bucket>, StoreError> {
     match table.get(key).map_err(db_err)? {
         Some(bytes) => decode(bytes.value()).map(Some),
