@@ -42,12 +42,12 @@ pub struct CachedKey {
     /// Expiry, milliseconds since the epoch.
     pub expires_at_ms: Option<i64>,
     /// The account's CIDRs (empty = any).
-    pub account_ips: Vec<IpNet>,
+    pub account_ips: Box<[IpNet]>,
     /// The key's CIDRs (empty = any).
-    pub key_ips: Vec<IpNet>,
+    pub key_ips: Box<[IpNet]>,
     /// Where a publishable key may be used from: the key's `allowed_origins`, the account's
     /// `allowed_domains` and its sites, parsed once.
-    pub origins: Vec<policy::OriginRule>,
+    pub origins: Box<[policy::OriginRule]>,
     /// Granted scopes; `None` = full access.
     pub scopes: Option<Vec<String>>,
     /// The key's rate-limit buckets (this instance's, or leases of the fleet's).
@@ -67,8 +67,8 @@ pub struct IdentityValues {
     pub account_id: HeaderValue,
     /// Key id.
     pub key_id: HeaderValue,
-    /// `secret` or `publishable`.
-    pub key_type: HeaderValue,
+    /// `secret` or `publishable` (a static value: the header is built from it when sent).
+    pub key_type: KeyType,
     /// Space-separated scopes, `*` for full access.
     pub scopes: HeaderValue,
     /// The limit header values of the key's quotas.

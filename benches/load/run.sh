@@ -265,6 +265,15 @@ peak_rss_kb() { # pid -> sum of VmHWM over the process tree
     echo "$t"
 }
 
+rss_kb() { # pid -> sum of VmRSS over the process tree
+    local p t=0 v
+    for p in $(tree_pids "$1"); do
+        v=$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status" 2>/dev/null) || continue
+        t=$((t + ${v:-0}))
+    done
+    echo "$t"
+}
+
 redis_commands() {
     redis-cli -p "$REDIS_PORT" info stats | tr -d '\r' | awk -F: '$1 == "total_commands_processed" {print $2}'
 }
@@ -338,6 +347,7 @@ drain_usage() { # name
 warm_cache() { # name
     local name=$1 t0 misses=0 passes=0 before sent0
     before=$(proc_ticks "${PID[$name]}")
+    WARM_RSS_BEFORE_KB=$(rss_kb "${PID[$name]}")
     sent0=${REQS_SENT[$name]:-0}
     t0=$(date +%s.%N)
     while ((misses < NKEYS && passes < 200)); do
@@ -346,10 +356,12 @@ warm_cache() { # name
         passes=$((passes + 1))
     done
     drain_usage "$name"
+    WARM_RSS_AFTER_KB=$(rss_kb "${PID[$name]}")
     WARM_SECONDS=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.0f", b - a }')
     WARM_REQUESTS=$((${REQS_SENT[$name]:-0} - sent0))
     WARM_US_PER_REQ=$(awk -v t="$(($(proc_ticks "${PID[$name]}") - before))" -v hz="$CLK_TCK" -v n="$WARM_REQUESTS" 'BEGIN { printf "%.1f", (n > 0 ? t * 1e6 / hz / n : 0) }')
     log "$name: cache warmed in ${WARM_SECONDS}s: $WARM_REQUESTS requests, $misses of them misses, ${WARM_US_PER_REQ} us of proxy CPU per request"
+    log "$name: resident $((WARM_RSS_BEFORE_KB / 1024)) MB before, $((WARM_RSS_AFTER_KB / 1024)) MB with $NKEYS keys cached and their usage flushed: $(((WARM_RSS_AFTER_KB - WARM_RSS_BEFORE_KB) * 1024 / (NKEYS > 0 ? NKEYS : 1))) bytes per key"
 }
 
 # Fixed-rate run: name rate -> "achieved_rps p50_ms p99_ms errors" on stdout
@@ -644,6 +656,7 @@ report() {
     echo "Load: \`wrk -t1 -c$CONNS -d${DURATION}s --latency -s benches/load/rotate.lua\` after a ${WARMUP}s warm-up, every contender, every round."
     echo "tg-1m rotates $NKEYS distinct keys (created in ${KEY_SECONDS}s through the admin API, ~${KEY_RATE} keys/s);"
     echo "its cache was warmed first: ${WARM_SECONDS:-0}s of wrk until every key had been read once (${WARM_REQUESTS:-0} requests, ${WARM_US_PER_REQ:-0} µs of proxy CPU per request, misses and hits)."
+    echo "Resident memory of tg-1m (VmRSS) before that pass: $((${WARM_RSS_BEFORE_KB:-0} / 1024)) MB; after it, with every key cached and its usage flushed: $((${WARM_RSS_AFTER_KB:-0} / 1024)) MB, $(((${WARM_RSS_AFTER_KB:-0} - ${WARM_RSS_BEFORE_KB:-0}) * 1024 / (NKEYS > 0 ? NKEYS : 1))) bytes per cached key."
     if ((NKEYS < KEYS)); then
         echo "**Fewer than $KEYS keys**: creating them would have exceeded KEY_BUDGET=${KEY_BUDGET}s."
     fi

@@ -24,9 +24,7 @@ use crate::limits::{KeyLimits, Limiters, Quotas, Window};
 use crate::metering::Meter;
 use crate::metrics::{Metrics, StoreCalls};
 use crate::policy;
-use crate::store::{
-    Invalidation, InvalidationEvent, KeyLookup, KeyType, RateLimitSpec, SharedStore,
-};
+use crate::store::{Invalidation, InvalidationEvent, KeyLookup, RateLimitSpec, SharedStore};
 
 /// How long a stale entry is kept as a fallback for `fail_open`.
 const STALE_KEEP: Duration = Duration::from_secs(15 * 60);
@@ -405,7 +403,7 @@ impl KeyCache {
         let cidrs = |list: &[String]| {
             list.iter()
                 .filter_map(|s| policy::parse_cidr(s))
-                .collect::<Vec<_>>()
+                .collect::<Box<[_]>>()
         };
         let origins = key
             .allowed_origins
@@ -413,7 +411,7 @@ impl KeyCache {
             .chain(&account.network_policy.allowed_domains)
             .chain(&lookup.site_origins)
             .filter_map(|o| policy::OriginRule::parse(o))
-            .collect();
+            .collect::<Box<[_]>>();
         let scopes = key.scopes.as_ref().map_or_else(
             || HeaderValue::from_static("*"),
             |s| header_value(&s.join(" ")),
@@ -422,10 +420,7 @@ impl KeyCache {
             identity: IdentityValues {
                 account_id: account_id_value,
                 key_id: header_value(&key.id),
-                key_type: HeaderValue::from_static(match key.key_type {
-                    KeyType::Secret => "secret",
-                    KeyType::Publishable => "publishable",
-                }),
+                key_type: key.key_type,
                 scopes,
                 limits: self.limit_values(quotas),
             },

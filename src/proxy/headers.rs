@@ -13,7 +13,10 @@ use super::arena;
 use crate::auth::extract::{Source, X_API_KEY};
 use crate::auth::IdentityValues;
 use crate::limits::{LimitSnapshot, Window, WindowState};
+use crate::store::KeyType;
 
+static SECRET: HeaderValue = HeaderValue::from_static("secret");
+static PUBLISHABLE: HeaderValue = HeaderValue::from_static("publishable");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -162,7 +165,11 @@ pub fn prepare_upstream_headers(
     if let Some(id) = identity {
         headers.insert(names.account_id.clone(), id.account_id.clone());
         headers.insert(names.key_id.clone(), id.key_id.clone());
-        headers.insert(names.key_type.clone(), id.key_type.clone());
+        let key_type = match id.key_type {
+            KeyType::Secret => &SECRET,
+            KeyType::Publishable => &PUBLISHABLE,
+        };
+        headers.insert(names.key_type.clone(), key_type.clone());
         headers.insert(names.scopes.clone(), id.scopes.clone());
     }
 }
