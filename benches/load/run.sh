@@ -256,23 +256,16 @@ proc_ticks() { # pid -> utime+stime of the process tree, in ticks
     echo "$t"
 }
 
-peak_rss_kb() { # pid -> sum of VmHWM over the process tree
+status_kb() { # pid field -> sum of /proc/*/status field (VmHWM, VmRSS) over the process tree
     local p t=0 v
     for p in $(tree_pids "$1"); do
-        v=$(awk '/^VmHWM:/ {print $2}' "/proc/$p/status" 2>/dev/null) || continue
+        v=$(awk -v f="$2:" '$1 == f {print $2}' "/proc/$p/status" 2>/dev/null) || continue
         t=$((t + ${v:-0}))
     done
     echo "$t"
 }
-
-rss_kb() { # pid -> sum of VmRSS over the process tree
-    local p t=0 v
-    for p in $(tree_pids "$1"); do
-        v=$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status" 2>/dev/null) || continue
-        t=$((t + ${v:-0}))
-    done
-    echo "$t"
-}
+peak_rss_kb() { status_kb "$1" VmHWM; }
+rss_kb() { status_kb "$1" VmRSS; }
 
 redis_commands() {
     redis-cli -p "$REDIS_PORT" info stats | tr -d '\r' | awk -F: '$1 == "total_commands_processed" {print $2}'
