@@ -21,7 +21,7 @@
 //! | `audit`          | sequence (`u64`, ascending)       | entry JSON + `account_id` | the audit log in append order (read backwards: newest first) |
 //! | `audit_accounts` | (account id, sequence)            | `()`                      | one account's audit entries without scanning the others    |
 //! | `key_minutes`, `key_hours`, `key_days`, `account_days` | (index `i64`, owner id as bytes) | 56 bytes: 6 × LE `u64` counts, LE `i64` last used ms | usage buckets, time-major so that a flush touches only the current pages ([`usage`]) |
-//! | `…_by_key`, `account_days_by_account` | (owner id, index) | `()` | an owner's buckets from … to; written once per new bucket |
+//! | `key_minutes_by_key_hour`, `key_hours_by_key`, `key_days_by_key`, `account_days_by_account` | (owner id, hour for minutes, else index) | `()` | an owner's buckets from … to; written once per new hour of minutes, or new bucket |
 //! | `usage_journal`  | sequence (`u64`)                  | one `add_usage` batch, packed | flushes not yet folded into the buckets ([`journal`]) |
 //! | `key_last_used`  | key id                            | ms (`i64`)                | last use of a key whose minute buckets were pruned         |
 //! | `usage_writers`  | batch writer (`u64`)              | (last seq applied, ms)    | [`Store::add_usage`] applies each [`BatchId`] once; rows older than [`BATCH_MEMORY`] are dropped |

@@ -10,7 +10,7 @@
 //! writes no per-key row: it is the newest minute bucket's, or, once that is pruned, the
 //! `key_last_used` row that pruning leaves behind.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use redb::{ReadTransaction, ReadableTable, Table, TableDefinition, WriteTransaction};
 
@@ -26,16 +26,20 @@ type ByOwner = TableDefinition<'static, (&'static [u8], i64), ()>;
 /// The last-used time kept for a key whose minute buckets were all pruned.
 const KEY_LAST_USED: TableDefinition<&str, i64> = TableDefinition::new("key_last_used");
 
-/// One family of buckets: a time-major table of counts and its owner-major index.
+/// One family of buckets: a time-major table of counts and its owner-major index. An index row
+/// `(owner, group)` says that the owner may have buckets `group × span … group × span + span − 1`;
+/// for minutes a group is an hour, so that a busy key adds one index row an hour, not one a
+/// minute (index rows are scattered over the file by key, so each insert costs a page copy).
 pub(super) struct Family {
     by_time: ByTime,
     by_owner: ByOwner,
+    span: i64,
 }
 
-const KEY_MINUTES: Family = Family::new("key_minutes", "key_minutes_by_key");
-const KEY_HOURS: Family = Family::new("key_hours", "key_hours_by_key");
-const KEY_DAYS: Family = Family::new("key_days", "key_days_by_key");
-const ACCOUNT_DAYS: Family = Family::new("account_days", "account_days_by_account");
+const KEY_MINUTES: Family = Family::new("key_minutes", "key_minutes_by_key_hour", 60);
+const KEY_HOURS: Family = Family::new("key_hours", "key_hours_by_key", 1);
+const KEY_DAYS: Family = Family::new("key_days", "key_days_by_key", 1);
+const ACCOUNT_DAYS: Family = Family::new("account_days", "account_days_by_account", 1);
 
 /// A bucket's contents.
 #[derive(Debug, Default, Clone, Copy)]
@@ -47,11 +51,18 @@ struct Bucket {
 // === impl Family ===
 
 impl Family {
-    const fn new(by_time: &'static str, by_owner: &'static str) -> Family {
+    const fn new(by_time: &'static str, by_owner: &'static str, span: i64) -> Family {
         Family {
             by_time: TableDefinition::new(by_time),
             by_owner: TableDefinition::new(by_owner),
+            span,
         }
+    }
+
+    /// The indexes of a group's buckets.
+    fn members(&self, group: i64) -> std::ops::Range<i64> {
+        let start = group.saturating_mul(self.span);
+        start..start.saturating_add(self.span)
     }
 
     fn of_keys(g: Granularity) -> &'static Family {
@@ -66,6 +77,7 @@ impl Family {
         Ok(Open {
             by_time: txn.open_table(self.by_time).map_err(db_err)?,
             by_owner: txn.open_table(self.by_owner).map_err(db_err)?,
+            span: self.span,
         })
     }
 
@@ -81,15 +93,22 @@ impl Family {
         let by_owner = txn.open_table(self.by_owner).map_err(db_err)?;
         let mut out = Vec::new();
         let id = owner.as_bytes();
-        for item in by_owner.range((id, from)..(id, to)).map_err(db_err)? {
+        let groups = (id, from.div_euclid(self.span))..=(id, (to - 1).div_euclid(self.span));
+        for item in by_owner.range(groups).map_err(db_err)? {
             let (key, _) = item.map_err(db_err)?;
-            let index = key.value().1;
-            let bucket = read_bucket(&by_time, (index, id))?.ok_or_else(|| {
-                StoreError::Corrupt(format!(
-                    "usage index names a missing bucket {owner}@{index}"
-                ))
-            })?;
-            out.push((index, bucket.counts));
+            let members = self.members(key.value().1);
+            for index in members.start.max(from)..members.end.min(to) {
+                match read_bucket(&by_time, (index, id))? {
+                    Some(bucket) => out.push((index, bucket.counts)),
+                    // A group's row says "may have": only a row of one bucket must find it.
+                    None if self.span == 1 => {
+                        return Err(StoreError::Corrupt(format!(
+                            "usage index names a missing bucket {owner}@{index}"
+                        )))
+                    }
+                    None => {}
+                }
+            }
         }
         Ok(out)
     }
@@ -97,17 +116,20 @@ impl Family {
     /// `owner`'s newest bucket.
     fn newest(&self, txn: &ReadTransaction, owner: &str) -> Result<Option<Bucket>, StoreError> {
         let by_owner = txn.open_table(self.by_owner).map_err(db_err)?;
-        let owner = owner.as_bytes();
-        let newest = by_owner
-            .range((owner, i64::MIN)..=(owner, i64::MAX))
-            .map_err(db_err)?
-            .next_back();
-        let Some(item) = newest else {
-            return Ok(None);
-        };
-        let index = item.map_err(db_err)?.0.value().1;
         let by_time = txn.open_table(self.by_time).map_err(db_err)?;
-        read_bucket(&by_time, (index, owner))
+        let owner = owner.as_bytes();
+        let groups = by_owner
+            .range((owner, i64::MIN)..=(owner, i64::MAX))
+            .map_err(db_err)?;
+        for item in groups.rev() {
+            let group = item.map_err(db_err)?.0.value().1;
+            for index in self.members(group).rev() {
+                if let Some(bucket) = read_bucket(&by_time, (index, owner))? {
+                    return Ok(Some(bucket));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Removes every bucket with index `< before`, handing each to `removed` first.
@@ -132,13 +154,26 @@ impl Family {
             removed(id, &decode(value.value())?)?;
             expired.push((index, owner.to_vec()));
         }
+        let mut groups: HashSet<(&[u8], i64)> = HashSet::new();
         for (index, owner) in &expired {
             open.by_time
                 .remove((*index, owner.as_slice()))
                 .map_err(db_err)?;
-            open.by_owner
-                .remove((owner.as_slice(), *index))
-                .map_err(db_err)?;
+            groups.insert((owner.as_slice(), index.div_euclid(self.span)));
+        }
+        // A group's index row goes once none of its buckets is left.
+        for (owner, group) in groups {
+            let members = self.members(group);
+            let mut left = false;
+            for index in members.start.max(before)..members.end {
+                if read_bucket(&open.by_time, (index, owner))?.is_some() {
+                    left = true;
+                    break;
+                }
+            }
+            if !left {
+                open.by_owner.remove((owner, group)).map_err(db_err)?;
+            }
         }
         Ok(expired.len() as u64)
     }
@@ -148,6 +183,7 @@ impl Family {
 struct Open<'txn> {
     by_time: Table<'txn, (i64, &'static [u8]), &'static [u8]>,
     by_owner: Table<'txn, (&'static [u8], i64), ()>,
+    span: i64,
 }
 
 impl Open<'_> {
@@ -169,8 +205,14 @@ impl Open<'_> {
         self.put(index, owner, &bucket)
     }
 
+    /// A new bucket: its group's index row is written unless the bucket before it, in the same
+    /// group, shows that it is there already (a read on the current pages, not the index's).
     fn create(&mut self, index: i64, owner: &[u8]) -> Result<Bucket, StoreError> {
-        self.by_owner.insert((owner, index), ()).map_err(db_err)?;
+        let first_of_group = index.rem_euclid(self.span) == 0;
+        if first_of_group || read_bucket(&self.by_time, (index - 1, owner))?.is_none() {
+            let group = index.div_euclid(self.span);
+            self.by_owner.insert((owner, group), ()).map_err(db_err)?;
+        }
         Ok(Bucket::default())
     }
 
@@ -343,4 +385,75 @@ fn decode(bytes: &[u8]) -> Result<Bucket, StoreError> {
         counts: UsageCounts::from_array(n),
         last_used_ms: i64::from_le_bytes(word(6)),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::EmbeddedStore;
+    use super::*;
+    use crate::store::{BatchId, Store};
+
+    fn at(minute: i64) -> UsageDelta {
+        UsageDelta {
+            key_id: "key_a".into(),
+            account_id: "acc_a".into(),
+            minute,
+            counts: UsageCounts {
+                requests: 1,
+                ..UsageCounts::default()
+            },
+            last_used_ms: minute * 60_000 + 7,
+        }
+    }
+
+    async fn minutes(store: &EmbeddedStore, from: i64, to: i64) -> Vec<i64> {
+        let buckets = store
+            .key_usage("key_a", Granularity::Minute, from, to)
+            .await
+            .unwrap();
+        buckets.into_iter().map(|(m, _)| m).collect()
+    }
+
+    fn index_rows(store: &EmbeddedStore) -> Vec<i64> {
+        let txn = store.db.begin_read().unwrap();
+        let index = txn.open_table(KEY_MINUTES.by_owner).unwrap();
+        index
+            .iter()
+            .unwrap()
+            .map(|row| row.unwrap().0.value().1)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn minute_buckets_are_indexed_by_hour_and_pruned_with_their_rows() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("u.redb")).unwrap();
+        store.unfolded.lock().fold_at = 0;
+        let batch: Vec<UsageDelta> = [5, 7, 59, 61, 119, 120, 200].map(at).into();
+        store.add_usage(BatchId::first(), &batch).await.unwrap();
+        // One row per hour with traffic, however many minutes it holds.
+        assert_eq!(index_rows(&store), vec![0, 1, 2, 3]);
+        assert_eq!(
+            minutes(&store, 0, i64::MAX).await,
+            vec![5, 7, 59, 61, 119, 120, 200]
+        );
+        assert_eq!(minutes(&store, 6, 120).await, vec![7, 59, 61, 119]);
+        assert_eq!(minutes(&store, 62, 119).await, Vec::<i64>::new());
+        let prune = |before| store.prune_usage(Granularity::Minute, before);
+        assert_eq!(prune(60).await.unwrap(), 3);
+        assert_eq!(index_rows(&store), vec![1, 2, 3]);
+        // Part of an hour pruned: its row stays for the minutes left.
+        assert_eq!(prune(100).await.unwrap(), 1);
+        assert_eq!(index_rows(&store), vec![1, 2, 3]);
+        assert_eq!(minutes(&store, 0, i64::MAX).await, vec![119, 120, 200]);
+        // The rest of it, and the hour after, whose later minutes have no traffic.
+        assert_eq!(prune(121).await.unwrap(), 2);
+        assert_eq!(index_rows(&store), vec![3]);
+        let key = ["key_a".to_owned()];
+        let newest = || store.last_used(&key);
+        assert_eq!(newest().await.unwrap(), vec![Some(200 * 60_000 + 7)]);
+        assert_eq!(prune(201).await.unwrap(), 1);
+        assert!(index_rows(&store).is_empty());
+        assert_eq!(newest().await.unwrap(), vec![Some(200 * 60_000 + 7)]);
+    }
 }
