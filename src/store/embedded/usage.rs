@@ -1,14 +1,15 @@
-//! Usage buckets in the embedded store, laid out for the flusher's writes.
+//! Usage buckets in the embedded store, laid out for the writes that fill them.
 //!
-//! Every second the flusher adds one delta per key touched in that second. With many keys, a
-//! key-major table (`(key id, minute)`) puts those updates on leaf pages scattered over the
-//! whole file, and every commit copies each of them (redb is copy-on-write). So each family of
-//! buckets is stored time-major, `(index, owner)`, where one second's updates fall on the few
-//! pages of the current minute, hour and day; a key-major index `(owner, index)` answers
-//! "this key's buckets from … to" and is written only when a bucket is new (once per key per
-//! minute, not once per second). A key's last-used time rides in its buckets, so the flush
-//! writes no per-key row: it is the newest minute bucket's, or, once that is pruned, the
-//! `key_last_used` row that pruning leaves behind.
+//! The writes come from the journal's folds ([`super::journal`]): one delta per key and minute.
+//! With many keys, a key-major table (`(key id, minute)`) puts those updates on leaf pages
+//! scattered over the whole file, and every commit copies each of them (redb is copy-on-write).
+//! So each family of buckets is stored time-major, `(index, owner)`, where a fold's updates fall
+//! on the few pages of the current minute, hour and day. A key-major index answers "this key's
+//! buckets from … to"; its rows are the scattered writes, so they are few: one per new bucket
+//! for hours and days, and one per key and hour for minutes (a row `(owner, hour)` says "may
+//! have minute buckets in this hour", and reads probe its 60 minutes). A key's last-used time
+//! rides in its buckets, so no per-key row is written either: it is the newest minute bucket's,
+//! or, once that is pruned, the `key_last_used` row that pruning leaves behind.
 
 use std::collections::{HashMap, HashSet};
 
