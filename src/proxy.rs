@@ -203,6 +203,7 @@ impl Proxy {
             return self.refuse(&route.name, Refusal::BodyTooLarge, identified, None);
         }
         let (mut parts, body) = req.into_parts();
+        let client_version = parts.version;
         let target = route.target();
         let Ok(uri) = forward::upstream_uri(route, target, parts.uri.path_and_query()) else {
             return self.refuse(&route.name, Refusal::NoRoute, identified, None);
@@ -273,6 +274,9 @@ impl Proxy {
             );
         }
         let (mut parts, body) = response.into_parts();
+        // The answer goes out in the client's version, not the upstream's (an HTTP/1.0 upstream
+        // must not turn a keep-alive HTTP/1.1 client connection into a closing 1.0 one).
+        parts.version = client_version;
         headers::clean_response_headers(&mut parts.headers, switching);
         Response::from_parts(
             parts,

@@ -1262,6 +1262,63 @@ async fn an_upstream_connection_that_closes_is_not_reused() {
 }
 
 #[tokio::test]
+async fn an_http_1_0_upstream_is_answered_to_the_client_as_http_1_1_on_a_kept_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream that speaks HTTP/1.0: one answer per connection, then it closes.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let old_url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = conn
+                .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await;
+        }
+    });
+    let upstream = Upstream::start().await;
+    let routes = format!(
+        r#"
+[[routes]]
+name = "old"
+path_prefix = "/"
+upstreams = ["{old_url}"]
+auth = "public"
+"#
+    );
+    let gw = Gateway::builder(&upstream).routes(routes).start().await;
+    let mut stream = tokio::net::TcpStream::connect(gw.proxy_addr)
+        .await
+        .expect("connect");
+    for round in 0..2 {
+        stream
+            .write_all(b"GET /x HTTP/1.1\r\nHost: example\r\n\r\n")
+            .await
+            .expect("request");
+        let mut got = Vec::new();
+        let mut byte = [0u8; 1];
+        while !got.ends_with(b"\r\n\r\nok") {
+            let n = tokio::time::timeout(WAIT, stream.read(&mut byte))
+                .await
+                .expect("answer in time")
+                .expect("read");
+            assert_eq!(n, 1, "round {round}: closed after {got:?}");
+            got.push(byte[0]);
+        }
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with("HTTP/1.1 200"), "round {round}: {got}");
+    }
+}
+
+#[tokio::test]
 async fn websocket_upgrades_pass_through_both_ways() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let upstream = Upstream::start().await;
