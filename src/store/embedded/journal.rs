@@ -30,7 +30,8 @@ pub(super) struct Unfolded {
     pub(super) fold_every: Duration,
     pub(super) fold_at: usize,
     keys: HashMap<String, KeyCounts>,
-    accounts: HashMap<String, BTreeMap<i64, UsageCounts>>,
+    /// Per account, its waiting (day, counts): a day or two, so a short `Vec` as for keys.
+    accounts: HashMap<String, Vec<(i64, UsageCounts)>>,
     buckets: usize,
     /// When the oldest of them was journaled.
     since: Option<Instant>,
@@ -162,8 +163,11 @@ impl Unfolded {
             }
         }
         let day = Granularity::Day.of_minute(d.minute);
-        let account = self.accounts.entry(d.account_id).or_default();
-        account.entry(day).or_default().merge(&d.counts);
+        let days = self.accounts.entry(d.account_id).or_default();
+        match days.iter_mut().find(|(at, _)| *at == day) {
+            Some((_, counts)) => counts.merge(&d.counts),
+            None => days.push((day, d.counts)),
+        }
     }
 
     /// Everything unfolded, one delta per (key, minute).
@@ -213,7 +217,7 @@ impl Unfolded {
         let Some(days) = self.accounts.get(account_id) else {
             return stored;
         };
-        merge_sorted(stored, days.iter().map(|(&d, c)| (d, c)), from, to)
+        merge_sorted(stored, days.iter().map(|(d, c)| (*d, c)), from, to)
     }
 
     /// Whether nothing waits to be folded.
