@@ -23,8 +23,9 @@ use governor::{Quota, RateLimiter};
 use crate::store::RateLimitSpec;
 
 /// The process's monotonic clock as governor reads it: one `quanta::Clock` (TSC-based) for the
-/// whole process, read as governor's `QuantaClock` reads its own. Zero-sized, where governor's `QuantaClock` carries a 40-byte
-/// `quanta::Clock` in each of a key's three buckets and in its limiter (160 B per key).
+/// whole process, read as governor's `QuantaClock` reads its own. Zero-sized, where a
+/// `QuantaClock` carries a 40-byte `quanta::Clock` in each of a key's three buckets and in its
+/// limiter (160 B per key).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ProcessClock;
 

@@ -43,6 +43,23 @@ fn with_bad_checksum(raw: &str) -> String {
     bad
 }
 
+/// Reads `stream` a byte at a time (nothing past what is asked for) until what was read ends
+/// with `end`; fails if it closes first or takes longer than [`WAIT`].
+async fn read_until(stream: &mut tokio::net::TcpStream, end: &[u8]) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(end) {
+        let n = tokio::time::timeout(WAIT, stream.read(&mut byte))
+            .await
+            .expect("answer in time")
+            .expect("read");
+        assert_eq!(n, 1, "closed after {got:?}");
+        got.push(byte[0]);
+    }
+    got
+}
+
 async fn cache_misses(gw: &Gateway) -> f64 {
     gw.metric("tollgate_key_cache_misses_total", &[]).await
 }
@@ -1303,16 +1320,7 @@ auth = "public"
             .write_all(b"GET /x HTTP/1.1\r\nHost: example\r\n\r\n")
             .await
             .expect("request");
-        let mut got = Vec::new();
-        let mut byte = [0u8; 1];
-        while !got.ends_with(b"\r\n\r\nok") {
-            let n = tokio::time::timeout(WAIT, stream.read(&mut byte))
-                .await
-                .expect("answer in time")
-                .expect("read");
-            assert_eq!(n, 1, "round {round}: closed after {got:?}");
-            got.push(byte[0]);
-        }
+        let got = read_until(&mut stream, b"\r\n\r\nok").await;
         let got = String::from_utf8_lossy(&got);
         assert!(got.starts_with("HTTP/1.1 200"), "round {round}: {got}");
     }
@@ -1336,16 +1344,7 @@ async fn websocket_upgrades_pass_through_both_ways() {
         .write_all(handshake.as_bytes())
         .await
         .expect("handshake");
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(WAIT, stream.read(&mut byte))
-            .await
-            .expect("101 in time")
-            .expect("read");
-        assert_eq!(n, 1, "closed before the end of the head: {head:?}");
-        head.push(byte[0]);
-    }
+    let head = read_until(&mut stream, b"\r\n\r\n").await;
     let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");

@@ -612,7 +612,8 @@ impl Store for EmbeddedStore {
         if batch.is_empty() {
             return Ok(());
         }
-        let batch = batch.to_vec();
+        let mut batch = batch.to_vec();
+        batch.iter_mut().for_each(usage::keep_last_use_in_minute);
         let now_ms = chrono::Utc::now().timestamp_millis();
         self.write_usage(move |txn, unfolded| {
             // A commit is all or nothing, so a failed call was not applied; but a caller that

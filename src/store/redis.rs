@@ -1041,31 +1041,17 @@ fn encode_audit(entry: &AuditEntry) -> Result<String, StoreError> {
 
 /// Counters as Redis integers (signed 64-bit), saturating.
 fn counter_values(counts: &UsageCounts) -> [i64; 6] {
-    [
-        counts.requests,
-        counts.success,
-        counts.error,
-        counts.rate_limited,
-        counts.bytes_in,
-        counts.bytes_out,
-    ]
-    .map(|n| i64::try_from(n).unwrap_or(i64::MAX))
+    counts
+        .to_array()
+        .map(|n| i64::try_from(n).unwrap_or(i64::MAX))
 }
 
 fn counts_from(fields: &[Option<u64>]) -> Result<UsageCounts, StoreError> {
-    let [requests, success, error, rate_limited, bytes_in, bytes_out] = fields else {
-        return Err(StoreError::Corrupt(format!(
+    let fields: &[Option<u64>; 6] = fields.try_into().map_err(|_| {
+        StoreError::Corrupt(format!(
             "usage bucket: expected 6 counters, found {}",
             fields.len()
-        )));
-    };
-    let n = |field: &Option<u64>| field.unwrap_or(0);
-    Ok(UsageCounts {
-        requests: n(requests),
-        success: n(success),
-        error: n(error),
-        rate_limited: n(rate_limited),
-        bytes_in: n(bytes_in),
-        bytes_out: n(bytes_out),
-    })
+        ))
+    })?;
+    Ok(UsageCounts::from_array(fields.map(|f| f.unwrap_or(0))))
 }

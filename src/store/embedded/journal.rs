@@ -30,8 +30,6 @@ pub(super) struct Unfolded {
     pub(super) fold_every: Duration,
     pub(super) fold_at: usize,
     keys: HashMap<String, KeyCounts>,
-    /// Per account, its waiting (day, counts): a day or two, so a short `Vec` as for keys.
-    accounts: HashMap<String, Vec<(i64, UsageCounts)>>,
     buckets: usize,
     /// When the oldest of them was journaled.
     since: Option<Instant>,
@@ -45,7 +43,6 @@ impl Default for Unfolded {
             fold_every: FOLD_EVERY,
             fold_at: FOLD_AT,
             keys: HashMap::new(),
-            accounts: HashMap::new(),
             buckets: 0,
             since: None,
             next_seq: 0,
@@ -76,16 +73,14 @@ impl Unfolded {
     /// Creates the journal table and folds what it holds (a crash's leftovers) into the
     /// buckets.
     pub(super) fn recover(txn: &WriteTransaction) -> Result<Unfolded, StoreError> {
-        let mut journal = txn.open_table(JOURNAL).map_err(db_err)?;
         let mut left: Vec<UsageDelta> = Vec::new();
+        let journal = txn.open_table(JOURNAL).map_err(db_err)?;
         for item in journal.iter().map_err(db_err)? {
             let (_, value) = item.map_err(db_err)?;
             decode(value.value(), &mut left)?;
         }
-        if !left.is_empty() {
-            usage::add(txn, &mut left)?;
-            journal.retain(|_, _| false).map_err(db_err)?;
-        }
+        drop(journal);
+        fold_into(txn, &mut left)?;
         Ok(Unfolded::default())
     }
 
@@ -99,10 +94,7 @@ impl Unfolded {
         let due = self.since.is_some_and(|t| t.elapsed() >= self.fold_every)
             || self.buckets + batch.len() > self.fold_at;
         if due {
-            let mut all = self.deltas();
-            all.extend(batch);
-            self.fold_into(txn, &mut all)?;
-            return Ok(Applied::Folded);
+            return self.fold_with(txn, batch);
         }
         let mut journal = txn.open_table(JOURNAL).map_err(db_err)?;
         journal
@@ -114,18 +106,19 @@ impl Unfolded {
     /// Folds everything unfolded into the buckets, in `txn`; then [`Unfolded::committed`] with
     /// [`Applied::Folded`].
     pub(super) fn fold(&self, txn: &WriteTransaction) -> Result<Applied, StoreError> {
-        let mut all = self.deltas();
-        if !all.is_empty() {
-            self.fold_into(txn, &mut all)?;
-        }
-        Ok(Applied::Folded)
+        self.fold_with(txn, Vec::new())
     }
 
-    fn fold_into(&self, txn: &WriteTransaction, all: &mut [UsageDelta]) -> Result<(), StoreError> {
-        usage::add(txn, all)?;
-        let mut journal = txn.open_table(JOURNAL).map_err(db_err)?;
-        journal.retain(|_, _| false).map_err(db_err)?;
-        Ok(())
+    /// Folds everything unfolded and `extra` into the buckets.
+    fn fold_with(
+        &self,
+        txn: &WriteTransaction,
+        extra: Vec<UsageDelta>,
+    ) -> Result<Applied, StoreError> {
+        let mut all = self.deltas();
+        all.extend(extra);
+        fold_into(txn, &mut all)?;
+        Ok(Applied::Folded)
     }
 
     /// Brings memory in line with a committed [`Unfolded::apply`] or [`Unfolded::fold`].
@@ -133,7 +126,6 @@ impl Unfolded {
         match applied {
             Applied::Folded => {
                 self.keys.clear();
-                self.accounts.clear();
                 self.buckets = 0;
                 self.since = None;
             }
@@ -161,12 +153,6 @@ impl Unfolded {
                 key.minutes.push((d.minute, d.counts, d.last_used_ms));
                 self.buckets += 1;
             }
-        }
-        let day = Granularity::Day.of_minute(d.minute);
-        let days = self.accounts.entry(d.account_id).or_default();
-        match days.iter_mut().find(|(at, _)| *at == day) {
-            Some((_, counts)) => counts.merge(&d.counts),
-            None => days.push((day, d.counts)),
         }
     }
 
@@ -214,10 +200,14 @@ impl Unfolded {
         to: i64,
         stored: Vec<(i64, UsageCounts)>,
     ) -> Vec<(i64, UsageCounts)> {
-        let Some(days) = self.accounts.get(account_id) else {
-            return stored;
-        };
-        merge_sorted(stored, days.iter().map(|(d, c)| (*d, c)), from, to)
+        // Derived from the keys' minutes: at most `fold_at` of them, read only by the usage API.
+        let extra = self
+            .keys
+            .values()
+            .filter(|key| key.account_id == account_id)
+            .flat_map(|key| &key.minutes)
+            .map(|(minute, counts, _)| (Granularity::Day.of_minute(*minute), counts));
+        merge_sorted(stored, extra, from, to)
     }
 
     /// Whether nothing waits to be folded.
@@ -231,6 +221,17 @@ impl Unfolded {
         let key = self.keys.get(key_id)?;
         key.minutes.iter().map(|(_, _, ms)| *ms).max()
     }
+}
+
+/// Adds `all` into the buckets and empties the journal, in `txn`.
+fn fold_into(txn: &WriteTransaction, all: &mut [UsageDelta]) -> Result<(), StoreError> {
+    if all.is_empty() {
+        return Ok(());
+    }
+    usage::add(txn, all)?;
+    let mut journal = txn.open_table(JOURNAL).map_err(db_err)?;
+    journal.retain(|_, _| false).map_err(db_err)?;
+    Ok(())
 }
 
 /// `stored` (ascending, distinct) plus the `extra` counts whose index is in `[from, to)`.

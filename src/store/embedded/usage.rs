@@ -225,19 +225,6 @@ impl Open<'_> {
     }
 }
 
-/// Raises the kept last use of `key_id` to `ms`.
-fn keep_latest(
-    kept: &mut Table<'_, &'static str, i64>,
-    key_id: &str,
-    ms: i64,
-) -> Result<(), StoreError> {
-    let seen = kept.get(key_id).map_err(db_err)?.map(|v| v.value());
-    if seen.is_none_or(|s| s < ms) {
-        kept.insert(key_id, ms).map_err(db_err)?;
-    }
-    Ok(())
-}
-
 /// Creates the usage tables.
 pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     for family in [&KEY_MINUTES, &KEY_HOURS, &KEY_DAYS, &ACCOUNT_DAYS] {
@@ -251,34 +238,36 @@ pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
 pub(super) fn add(txn: &WriteTransaction, batch: &mut [UsageDelta]) -> Result<(), StoreError> {
     // In index order the updates walk each table's current pages once, front to back.
     batch.sort_unstable_by(|a, b| (a.minute, &a.key_id).cmp(&(b.minute, &b.key_id)));
-    let mut minutes = KEY_MINUTES.open(txn)?;
-    for d in batch.iter() {
-        // Within its minute, a newer bucket's last use is always the later one, so the newest
-        // bucket holds the key's last use (see [`last_used`]).
-        let start = d.minute.saturating_mul(60_000);
-        let last_used_ms = d.last_used_ms.clamp(start, start.saturating_add(59_999));
-        minutes.add(d.minute, &d.key_id, &d.counts, last_used_ms)?;
-    }
-    for g in [Granularity::Hour, Granularity::Day] {
+    for g in Granularity::ALL {
         let mut buckets = Family::of_keys(g).open(txn)?;
         for d in batch.iter() {
             let index = g.of_minute(d.minute);
             buckets.add(index, &d.key_id, &d.counts, d.last_used_ms)?;
         }
     }
-    // An account has many keys in a batch: one update per account and day.
-    let mut by_account: HashMap<(&str, i64), (UsageCounts, i64)> = HashMap::new();
+    // An account has many keys in a batch: one update per account and day. (Only minute
+    // buckets' last use is ever read.)
+    let mut by_account: HashMap<(&str, i64), UsageCounts> = HashMap::new();
     for d in batch.iter() {
         let day = Granularity::Day.of_minute(d.minute);
-        let (counts, last) = by_account.entry((&d.account_id, day)).or_default();
-        counts.merge(&d.counts);
-        *last = (*last).max(d.last_used_ms);
+        by_account
+            .entry((&d.account_id, day))
+            .or_default()
+            .merge(&d.counts);
     }
     let mut accounts = ACCOUNT_DAYS.open(txn)?;
-    for ((account_id, day), (counts, last)) in by_account {
-        accounts.add(day, account_id, &counts, last)?;
+    for ((account_id, day), counts) in by_account {
+        accounts.add(day, account_id, &counts, 0)?;
     }
     Ok(())
+}
+
+/// Clamps a delta's last use into its minute, as the flusher sends it anyway: then a newer
+/// minute bucket's last use is always the later one, and the newest bucket holds the key's last
+/// use (see [`last_used`]). Applied once, where a batch enters the store.
+pub(super) fn keep_last_use_in_minute(d: &mut UsageDelta) {
+    let start = d.minute.saturating_mul(60_000);
+    d.last_used_ms = d.last_used_ms.clamp(start, start.saturating_add(59_999));
 }
 
 /// A key's buckets of one granularity with `from <= index < to`, ascending.
@@ -333,7 +322,13 @@ pub(super) fn prune(
         })?;
         let mut kept = txn.open_table(KEY_LAST_USED).map_err(db_err)?;
         for (key_id, ms) in latest {
-            keep_latest(&mut kept, &key_id, ms)?;
+            let seen = kept
+                .get(key_id.as_str())
+                .map_err(db_err)?
+                .map(|v| v.value());
+            if seen.is_none_or(|s| s < ms) {
+                kept.insert(key_id.as_str(), ms).map_err(db_err)?;
+            }
         }
         removed
     } else {
