@@ -87,10 +87,11 @@ pub struct AdminState {
     metrics: Arc<Metrics>,
     /// Settled once at start-up ([`ensure_master_key`]); `None` leaves the operator API shut.
     master: Option<KeyHash>,
-    /// Held across each check-then-write (plan limit, last credential) in this process; with a
-    /// shared store, [`AdminState::lock_account`] also takes the account's lock in the store, so
-    /// that the rules hold across a fleet.
-    writes: Arc<tokio::sync::Mutex<()>>,
+    /// Held across each check-then-write (plan limit, last credential) in this process, one
+    /// stripe per account (by hash of its id), so that writes to different accounts run side by
+    /// side; with a shared store, [`AdminState::lock_account`] also takes the account's lock in
+    /// the store, so that the rules hold across a fleet.
+    writes: Arc<[Arc<tokio::sync::Mutex<()>>]>,
     /// `limits.default`, for keys whose buckets this instance has not used yet.
     default_limits: RateLimitSpec,
     /// `/readyz` pings: each failure counted (`op="ping"`), the outage logged once.
@@ -116,7 +117,9 @@ impl AdminState {
             store_calls: Arc::new(metrics.store_calls("admin")),
             metrics,
             master: master_hash,
-            writes: Arc::new(tokio::sync::Mutex::new(())),
+            writes: (0..WRITE_STRIPES)
+                .map(|_| Arc::new(tokio::sync::Mutex::new(())))
+                .collect(),
             default_limits: RateLimitSpec {
                 per_minute: Some(60),
                 per_hour: Some(1_000),
@@ -132,6 +135,9 @@ impl AdminState {
     }
 }
 
+/// Stripes of the in-process account write lock: two accounts share one with odds 1 in 64.
+const WRITE_STRIPES: usize = 64;
+
 /// An account's write lock, in this process and in the store; released on drop.
 pub(crate) struct AccountLock {
     _local: tokio::sync::OwnedMutexGuard<()>,
@@ -145,7 +151,14 @@ impl AdminState {
     /// store. Waits up to [`LOCK_WAIT`]; a lock that is never released (its holder died) expires
     /// after [`LOCK_TTL`].
     pub(crate) async fn lock_account(&self, account_id: &str) -> Result<AccountLock, ApiError> {
-        let local = Arc::clone(&self.writes).lock_owned().await;
+        let stripe = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::hash::DefaultHasher::new();
+            account_id.hash(&mut h);
+            // The remainder is below WRITE_STRIPES, so it fits a usize.
+            (h.finish() % WRITE_STRIPES as u64) as usize
+        };
+        let local = Arc::clone(&self.writes[stripe]).lock_owned().await;
         let token = crate::credential::new_id("lock");
         let deadline = tokio::time::Instant::now() + LOCK_WAIT;
         loop {

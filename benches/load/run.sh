@@ -22,6 +22,7 @@
 #
 # Knobs (environment): ROUNDS=3 DURATION=8 WARMUP=3 CONNS=64 KEYS=1000000 KEY_BUDGET=300
 # (seconds allowed to create the rotated keys; fewer keys when 1M would take longer)
+# KEY_ACCOUNTS=16 (the accounts the rotated keys are spread over)
 # OHA_DURATION=6 FIXED_RATE=1 (0: skip the oha part) SKIP_BUILD=0 KEEP_TMP=0 RESULTS=path.md
 # CONTENDERS="nginx tg-keyed" (a subset, for a quick comparison; default: all six)
 # Needs root for apt-get only when nginx, haproxy, wrk or redis-server is missing.
@@ -37,6 +38,7 @@ WARMUP=${WARMUP:-3}
 CONNS=${CONNS:-64}
 KEYS=${KEYS:-1000000}
 KEY_BUDGET=${KEY_BUDGET:-300}
+KEY_ACCOUNTS=${KEY_ACCOUNTS:-16}
 OHA_DURATION=${OHA_DURATION:-6}
 FIXED_RATE=${FIXED_RATE:-1}
 SKIP_BUILD=${SKIP_BUILD:-0}
@@ -197,18 +199,21 @@ new_key() { # name account -> raw key
     admin_post "$1" "/v1/accounts/$2/keys" '{"name":"bench"}' | jq -er .key
 }
 
-# Creates keys with curl's parallel transfers (one curl process, 16 requests in flight; key names
-# must be unique within an account, so each request has its own body):
-# key_batch name account first count outfile
+# Creates keys with curl's parallel transfers (one curl process, 16 requests in flight; key i
+# goes to account i mod the number of accounts, so that the requests in flight write to different
+# accounts and share the store's fsyncs; key names must be unique within an account, so each
+# request has its own body):
+# key_batch name "account..." first count outfile
 key_batch() {
-    local name=$1 acct=$2 first=$3 count=$4 out=$5 cfg="$WORK/keys-curl.cfg"
+    local name=$1 accts=$2 first=$3 count=$4 out=$5 cfg="$WORK/keys-curl.cfg"
     (
         umask 077
-        awk -v url="http://127.0.0.1:${ADMIN[$name]}/v1/accounts/$acct/keys" -v m="$MASTER" \
+        awk -v base="http://127.0.0.1:${ADMIN[$name]}/v1/accounts/" -v accts="$accts" -v m="$MASTER" \
             -v s="$first" -v n="$count" 'BEGIN {
+                na = split(accts, acct, " ")
                 for (i = s; i < s + n; i++) {
                     if (i > s) print "next"
-                    printf "url = \"%s\"\nsilent\nshow-error\n", url
+                    printf "url = \"%s%s/keys\"\nsilent\nshow-error\n", base, acct[i % na + 1]
                     printf "header = \"Authorization: Bearer %s\"\n", m
                     printf "header = \"Content-Type: application/json\"\n"
                     printf "data = \"{\\\"name\\\":\\\"k%d\\\"}\"\n", i
@@ -466,11 +471,14 @@ ratios_table() {
 # ---------------------------------------------------------------------------------------------
 # Main
 
-# The rotated keys of tg-1m: a first batch gives the rate; fewer keys when KEYS would exceed
-# KEY_BUDGET.
+# The rotated keys of tg-1m, spread over KEY_ACCOUNTS accounts: a first batch gives the rate;
+# fewer keys when KEYS would exceed KEY_BUDGET.
 many_keys() {
-    local acct
-    acct=$(new_account tg-1m) || die "cannot create an account on tg-1m"
+    local acct="" a i
+    for i in $(seq "$KEY_ACCOUNTS"); do
+        a=$(new_account tg-1m) || die "cannot create an account on tg-1m"
+        acct+="$a "
+    done
     local keys="$WORK/keys-many.txt" t0 t1 made rate target batch
     : >"$keys"
     t0=$(date +%s.%N)

@@ -1,8 +1,9 @@
 //! The embedded store: one [redb] file on local disk, crash-safe and transactional.
 //!
 //! Every [`Store`] method is one redb transaction (reads in a read transaction, changes in one
-//! write transaction committed with redb's default immediate durability), run on the blocking
-//! pool with [`tokio::task::spawn_blocking`] because redb is synchronous. redb errors become
+//! write transaction), run on the blocking pool with [`tokio::task::spawn_blocking`] because redb
+//! is synchronous. A write returns once it is durable; concurrent writes share one fsync
+//! ([`commit`]). redb errors become
 //! [`StoreError::Unavailable`]; records that do not decode become [`StoreError::Corrupt`].
 //!
 //! # Data model
@@ -42,9 +43,11 @@ use redb::{Database, ReadTransaction, ReadableTable, TableDefinition, WriteTrans
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+mod commit;
 mod journal;
 mod usage;
 
+use commit::GroupCommit;
 use journal::{Applied, Unfolded};
 
 use crate::credential::KeyHash;
@@ -71,6 +74,8 @@ const CACHE_BYTES: usize = 64 * 1024 * 1024;
 /// The [`Store`] on a local redb file. Cheap to share: it holds the database behind an [`Arc`].
 pub struct EmbeddedStore {
     db: Arc<Database>,
+    /// Every write after `open` commits through it.
+    commits: Arc<GroupCommit>,
     path: PathBuf,
     /// Bumped after every write to accounts, keys or sites: see [`Store::revision`]. Only this
     /// process can write the file (redb locks it), so the counter sees every change.
@@ -103,31 +108,36 @@ impl EmbeddedStore {
             .map_err(|e| {
                 StoreError::Unavailable(format!("cannot open database {}: {e}", path.display()))
             })?;
-        let unfolded = write_txn(&db, |txn| {
-            txn.open_table(ACCOUNTS).map_err(db_err)?;
-            txn.open_table(KEYS).map_err(db_err)?;
-            txn.open_table(KEY_HASHES).map_err(db_err)?;
-            txn.open_table(ACCOUNT_KEYS).map_err(db_err)?;
-            txn.open_table(KEY_NAMES).map_err(db_err)?;
-            txn.open_table(SITES).map_err(db_err)?;
-            txn.open_table(AUDIT).map_err(db_err)?;
-            txn.open_table(AUDIT_ACCOUNTS).map_err(db_err)?;
-            txn.open_table(USAGE_WRITERS).map_err(db_err)?;
-            usage::create_tables(txn)?;
-            txn.open_table(META).map_err(db_err)?;
-            Unfolded::recover(txn)
-        })
-        .map_err(|e| match e {
-            StoreError::Unavailable(msg) => StoreError::Unavailable(format!(
-                "cannot initialize database {}: {msg}",
-                path.display()
-            )),
-            other => other,
-        })?;
+        let commits = GroupCommit::default();
+        let unfolded = commits
+            .write(&db, |db| {
+                commit::transaction(db, |txn| {
+                    txn.open_table(ACCOUNTS).map_err(db_err)?;
+                    txn.open_table(KEYS).map_err(db_err)?;
+                    txn.open_table(KEY_HASHES).map_err(db_err)?;
+                    txn.open_table(ACCOUNT_KEYS).map_err(db_err)?;
+                    txn.open_table(KEY_NAMES).map_err(db_err)?;
+                    txn.open_table(SITES).map_err(db_err)?;
+                    txn.open_table(AUDIT).map_err(db_err)?;
+                    txn.open_table(AUDIT_ACCOUNTS).map_err(db_err)?;
+                    txn.open_table(USAGE_WRITERS).map_err(db_err)?;
+                    usage::create_tables(txn)?;
+                    txn.open_table(META).map_err(db_err)?;
+                    Unfolded::recover(txn)
+                })
+            })
+            .map_err(|e| match e {
+                StoreError::Unavailable(msg) => StoreError::Unavailable(format!(
+                    "cannot initialize database {}: {msg}",
+                    path.display()
+                )),
+                other => other,
+            })?;
         Ok(EmbeddedStore {
             revision: AtomicU64::new(0),
             unfolded: Arc::new(Mutex::new(unfolded)),
             db: Arc::new(db),
+            commits: Arc::new(commits),
             path: path.to_path_buf(),
         })
     }
@@ -159,14 +169,15 @@ impl EmbeddedStore {
         &self.path
     }
 
-    /// Runs `f` on the blocking pool with the database.
+    /// Runs `f` on the blocking pool with the database and its group commit.
     async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Database, &GroupCommit) -> Result<T, StoreError> + Send + 'static,
     {
         let db = Arc::clone(&self.db);
-        tokio::task::spawn_blocking(move || f(&db))
+        let commits = Arc::clone(&self.commits);
+        tokio::task::spawn_blocking(move || f(&db, &commits))
             .await
             .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
     }
@@ -178,7 +189,7 @@ impl EmbeddedStore {
         F: FnOnce(&ReadTransaction, &Unfolded) -> Result<T, StoreError> + Send + 'static,
     {
         let unfolded = Arc::clone(&self.unfolded);
-        self.run(move |db| {
+        self.run(move |db, _| {
             let unfolded = unfolded.lock();
             let txn = db.begin_read().map_err(db_err)?;
             f(&txn, &unfolded)
@@ -187,7 +198,8 @@ impl EmbeddedStore {
     }
 
     /// Runs `f` in one write transaction with the unfolded usage; what it did to the journal
-    /// reaches memory only once the transaction is committed.
+    /// reaches memory once the transaction is committed, and the call returns once that commit
+    /// is durable.
     async fn write_usage<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -196,13 +208,15 @@ impl EmbeddedStore {
             + 'static,
     {
         let unfolded = Arc::clone(&self.unfolded);
-        self.run(move |db| {
-            let mut unfolded = unfolded.lock();
-            let (applied, value) = write_txn(db, |txn| f(txn, &unfolded))?;
-            if let Some(applied) = applied {
-                unfolded.committed(applied);
-            }
-            Ok(value)
+        self.run(move |db, commits| {
+            commits.write(db, move |db| {
+                let mut unfolded = unfolded.lock();
+                let (applied, value) = commit::transaction(db, |txn| f(txn, &unfolded))?;
+                if let Some(applied) = applied {
+                    unfolded.committed(applied);
+                }
+                Ok(value)
+            })
         })
         .await
     }
@@ -213,21 +227,22 @@ impl EmbeddedStore {
         T: Send + 'static,
         F: FnOnce(&ReadTransaction) -> Result<T, StoreError> + Send + 'static,
     {
-        self.run(move |db| {
+        self.run(move |db, _| {
             let txn = db.begin_read().map_err(db_err)?;
             f(&txn)
         })
         .await
     }
 
-    /// Runs `f` in one write transaction on the blocking pool; commits if it succeeds, aborts
-    /// otherwise.
+    /// Runs `f` in one write transaction on the blocking pool; commits if it succeeds (returning
+    /// once the commit is durable), aborts otherwise.
     async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&WriteTransaction) -> Result<T, StoreError> + Send + 'static,
     {
-        self.run(move |db| write_txn(db, f)).await
+        self.run(move |db, commits| commits.write(db, move |db| commit::transaction(db, f)))
+            .await
     }
 
     /// [`EmbeddedStore::write`] for a change that may change what `lookup_key` answers: the
@@ -726,26 +741,6 @@ fn claim_batch(txn: &WriteTransaction, id: BatchId, now_ms: i64) -> Result<bool,
         .retain(|_, (_, applied_ms)| applied_ms >= cutoff)
         .map_err(db_err)?;
     Ok(true)
-}
-
-/// Runs `f` in one write transaction: commits if it succeeds, aborts otherwise.
-fn write_txn<T>(
-    db: &Database,
-    f: impl FnOnce(&WriteTransaction) -> Result<T, StoreError>,
-) -> Result<T, StoreError> {
-    let txn = db.begin_write().map_err(db_err)?;
-    match f(&txn) {
-        Ok(value) => {
-            txn.commit().map_err(db_err)?;
-            Ok(value)
-        }
-        Err(e) => {
-            // The error being returned matters more than a failed abort; an uncommitted
-            // transaction never becomes visible either way.
-            let _ = txn.abort();
-            Err(e)
-        }
-    }
 }
 
 /// Any redb error: the backend failed and the operation did not happen.
