@@ -19,8 +19,11 @@ use crate::store::{Granularity, StoreError, UsageCounts, UsageDelta};
 
 /// Fold at least this often.
 const FOLD_EVERY: Duration = Duration::from_secs(60);
-/// Fold sooner once this many (key, minute) buckets wait, which bounds the memory they take.
-const FOLD_AT: usize = 100_000;
+/// Fold sooner once this many (key, minute) buckets wait, which bounds the memory they take
+/// (~200 bytes each). A fold's cost is mostly the pages it rewrites, and with many keys nearly
+/// every page of the current minute's, hour's and day's rows is touched by any fold: fewer,
+/// larger folds rewrite them less often per bucket.
+const FOLD_AT: usize = 500_000;
 
 const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("usage_journal");
 
@@ -150,6 +153,8 @@ impl Unfolded {
                 *last_used_ms = (*last_used_ms).max(d.last_used_ms);
             }
             None => {
+                // Most keys have one minute waiting: no room for four.
+                key.minutes.reserve_exact(1);
                 key.minutes.push((d.minute, d.counts, d.last_used_ms));
                 self.buckets += 1;
             }
