@@ -138,6 +138,15 @@ impl AdminState {
 /// Stripes of the in-process account write lock: two accounts share one with odds 1 in 64.
 const WRITE_STRIPES: usize = 64;
 
+/// The stripe of [`AdminState::writes`] that guards `account_id`.
+fn write_stripe(account_id: &str) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    account_id.hash(&mut h);
+    // The remainder is below WRITE_STRIPES, so it fits a usize.
+    (h.finish() % WRITE_STRIPES as u64) as usize
+}
+
 /// An account's write lock, in this process and in the store; released on drop.
 pub(crate) struct AccountLock {
     _local: tokio::sync::OwnedMutexGuard<()>,
@@ -151,14 +160,9 @@ impl AdminState {
     /// store. Waits up to [`LOCK_WAIT`]; a lock that is never released (its holder died) expires
     /// after [`LOCK_TTL`].
     pub(crate) async fn lock_account(&self, account_id: &str) -> Result<AccountLock, ApiError> {
-        let stripe = {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::hash::DefaultHasher::new();
-            account_id.hash(&mut h);
-            // The remainder is below WRITE_STRIPES, so it fits a usize.
-            (h.finish() % WRITE_STRIPES as u64) as usize
-        };
-        let local = Arc::clone(&self.writes[stripe]).lock_owned().await;
+        let local = Arc::clone(&self.writes[write_stripe(account_id)])
+            .lock_owned()
+            .await;
         let token = crate::credential::new_id("lock");
         let deadline = tokio::time::Instant::now() + LOCK_WAIT;
         loop {

@@ -110,21 +110,19 @@ impl EmbeddedStore {
             })?;
         let commits = GroupCommit::default();
         let unfolded = commits
-            .write(&db, |db| {
-                commit::transaction(db, |txn| {
-                    txn.open_table(ACCOUNTS).map_err(db_err)?;
-                    txn.open_table(KEYS).map_err(db_err)?;
-                    txn.open_table(KEY_HASHES).map_err(db_err)?;
-                    txn.open_table(ACCOUNT_KEYS).map_err(db_err)?;
-                    txn.open_table(KEY_NAMES).map_err(db_err)?;
-                    txn.open_table(SITES).map_err(db_err)?;
-                    txn.open_table(AUDIT).map_err(db_err)?;
-                    txn.open_table(AUDIT_ACCOUNTS).map_err(db_err)?;
-                    txn.open_table(USAGE_WRITERS).map_err(db_err)?;
-                    usage::create_tables(txn)?;
-                    txn.open_table(META).map_err(db_err)?;
-                    Unfolded::recover(txn)
-                })
+            .write(&db, |txn| {
+                txn.open_table(ACCOUNTS).map_err(db_err)?;
+                txn.open_table(KEYS).map_err(db_err)?;
+                txn.open_table(KEY_HASHES).map_err(db_err)?;
+                txn.open_table(ACCOUNT_KEYS).map_err(db_err)?;
+                txn.open_table(KEY_NAMES).map_err(db_err)?;
+                txn.open_table(SITES).map_err(db_err)?;
+                txn.open_table(AUDIT).map_err(db_err)?;
+                txn.open_table(AUDIT_ACCOUNTS).map_err(db_err)?;
+                txn.open_table(USAGE_WRITERS).map_err(db_err)?;
+                usage::create_tables(txn)?;
+                txn.open_table(META).map_err(db_err)?;
+                Unfolded::recover(txn)
             })
             .map_err(|e| match e {
                 StoreError::Unavailable(msg) => StoreError::Unavailable(format!(
@@ -209,7 +207,7 @@ impl EmbeddedStore {
     {
         let unfolded = Arc::clone(&self.unfolded);
         self.run(move |db, commits| {
-            commits.write(db, move |db| {
+            commits.job(db, move |db| {
                 let mut unfolded = unfolded.lock();
                 let (applied, value) = commit::transaction(db, |txn| f(txn, &unfolded))?;
                 if let Some(applied) = applied {
@@ -241,8 +239,7 @@ impl EmbeddedStore {
         T: Send + 'static,
         F: FnOnce(&WriteTransaction) -> Result<T, StoreError> + Send + 'static,
     {
-        self.run(move |db, commits| commits.write(db, move |db| commit::transaction(db, f)))
-            .await
+        self.run(move |db, commits| commits.write(db, f)).await
     }
 
     /// [`EmbeddedStore::write`] for a change that may change what `lookup_key` answers: the

@@ -52,9 +52,22 @@ struct Queue {
 // === impl GroupCommit ===
 
 impl GroupCommit {
-    /// Runs `job` (which writes with [`transaction`]) in the next round, and returns its result
-    /// once its change is durable.
+    /// Runs `f` in one write transaction of the next round (see [`transaction`]), and returns
+    /// its result once the change is durable.
     pub(super) fn write<T>(
+        &self,
+        db: &Database,
+        f: impl FnOnce(&WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+    {
+        self.job(db, move |db| transaction(db, f))
+    }
+
+    /// Runs `job` (which writes with [`transaction`], and may do more around it) in the next
+    /// round, and returns its result once its change is durable.
+    pub(super) fn job<T>(
         &self,
         db: &Database,
         job: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
@@ -100,9 +113,7 @@ impl GroupCommit {
             self.round_over.notify_all();
         }
     }
-}
 
-impl GroupCommit {
     /// One round: every job in its own non-durable transaction (with those queued while they
     /// ran, up to [`ROUND_JOBS`]), one durable sync, the results.
     fn round(&self, db: &Database, mut jobs: Vec<Job>) {
@@ -127,7 +138,7 @@ impl GroupCommit {
 }
 
 /// Runs `f` in one write transaction and commits it without durability if `f` succeeds (aborts
-/// otherwise): for the jobs of [`GroupCommit::write`], whose round makes it durable.
+/// otherwise): for the jobs of [`GroupCommit::job`], whose round makes it durable.
 pub(super) fn transaction<T>(
     db: &Database,
     f: impl FnOnce(&WriteTransaction) -> Result<T, StoreError>,
@@ -184,9 +195,7 @@ mod tests {
                     std::thread::spawn(move || {
                         for i in 0..50 {
                             commits
-                                .write(&db, move |db| {
-                                    transaction(db, |txn| insert(txn, t * 1000 + i))
-                                })
+                                .write(&db, move |txn| insert(txn, t * 1000 + i))
                                 .expect("write");
                         }
                     })
@@ -211,26 +220,20 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = Database::create(dir.path().join("g.db")).expect("create");
         let commits = GroupCommit::default();
-        commits
-            .write(&db, |db| transaction(db, |txn| insert(txn, 1)))
-            .expect("write");
-        let failed = commits.write(&db, |db| {
-            transaction(db, |txn| {
-                insert(txn, 2)?;
-                Err::<(), _>(StoreError::NameTaken)
-            })
+        commits.write(&db, |txn| insert(txn, 1)).expect("write");
+        let failed = commits.write(&db, |txn| {
+            insert(txn, 2)?;
+            Err::<(), _>(StoreError::NameTaken)
         });
         assert!(matches!(failed, Err(StoreError::NameTaken)));
-        let panicked = commits.write(&db, |db| {
-            transaction(db, |txn| {
-                insert(txn, 3)?;
-                panic!("a bug in a job")
-            })
+        let panicked = commits.write(&db, |txn| {
+            insert(txn, 3)?;
+            panic!("a bug in a job")
         });
         let panicked: Result<(), _> = panicked;
         assert!(matches!(panicked, Err(StoreError::Unavailable(_))));
         commits
-            .write(&db, |db| transaction(db, |txn| insert(txn, 4)))
+            .write(&db, |txn| insert(txn, 4))
             .expect("a write after a panicked one");
         let txn = db.begin_read().expect("read");
         let t = txn.open_table(T).expect("table");
