@@ -445,6 +445,7 @@ fn serve(path: &std::path::Path) -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        let stop = crate::shutdown::signal();
         let running = match app::start(settings, StartOptions { master_key, ..Default::default() }).await {
             Ok(r) => r,
             Err(e) => {
@@ -456,7 +457,7 @@ fn serve(path: &std::path::Path) -> ExitCode {
             // Printed once, on stdout, so it can be captured; only its hash is stored.
             println!("Generated the operator's master key (shown only this once; store it safely):\n  {raw}");
         }
-        crate::shutdown::signal().await;
+        stop.await;
         tracing::info!("shutting down: draining requests and flushing usage");
         running.shutdown().await;
         ExitCode::SUCCESS
