@@ -134,6 +134,14 @@ impl Window {
         }
     }
 
+    /// Whole seconds until a bucket of `limit` per window with `remaining` left is full again
+    /// (rounded up; exact, in integers).
+    pub(crate) const fn refill_secs(self, limit: u32, remaining: u32) -> u64 {
+        let missing = (limit - if remaining < limit { remaining } else { limit }) as u64;
+        let limit = if limit == 0 { 1 } else { limit as u64 };
+        (missing * self.seconds()).div_ceil(limit)
+    }
+
     /// Length in seconds.
     pub const fn seconds(self) -> u64 {
         match self {
@@ -225,18 +233,15 @@ impl<C: Clock + Clone> KeyLimiter<C> {
                 continue;
             };
             let limit = limit.get();
-            let per_request = window.seconds() as f64 / f64::from(limit);
             match bucket.check() {
                 Ok(state) => {
                     let remaining = state.remaining_burst_capacity();
                     self.last_remaining[i].store(remaining, Ordering::Relaxed);
-                    let reset =
-                        (f64::from(limit - remaining.min(limit)) * per_request).ceil() as u64;
                     snapshot.windows[i] = Some(WindowState {
                         window,
                         limit,
                         remaining,
-                        reset,
+                        reset: window.refill_secs(limit, remaining),
                     });
                 }
                 Err(not_until) => {
@@ -276,13 +281,11 @@ impl<C: Clock + Clone> KeyLimiter<C> {
             if let Some(limit) = self.quotas.per[i] {
                 let limit = limit.get();
                 let remaining = self.last_remaining[i].load(Ordering::Relaxed).min(limit);
-                let per_request = window.seconds() as f64 / f64::from(limit);
-                let reset = (f64::from(limit - remaining) * per_request).ceil() as u64;
                 snapshot.windows[i] = Some(WindowState {
                     window: *window,
                     limit,
                     remaining,
-                    reset,
+                    reset: window.refill_secs(limit, remaining),
                 });
             }
         }
@@ -432,6 +435,16 @@ mod tests {
         Quotas {
             per: [NonZeroU32::new(m), NonZeroU32::new(h), NonZeroU32::new(d)],
         }
+    }
+
+    #[test]
+    fn refill_seconds_round_up_exactly() {
+        assert_eq!(Window::Minute.refill_secs(3, 1), 40);
+        assert_eq!(Window::Minute.refill_secs(7, 0), 60);
+        assert_eq!(Window::Minute.refill_secs(7, 7), 0);
+        assert_eq!(Window::Minute.refill_secs(7, 9), 0);
+        assert_eq!(Window::Day.refill_secs(1000, 999), 87);
+        assert_eq!(Window::Hour.refill_secs(u32::MAX, 0), 3600);
     }
 
     #[test]

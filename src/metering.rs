@@ -78,15 +78,38 @@ struct PendingBucket {
     last_used_ms: i64,
 }
 
+/// How far the coarse clock may lag the exact one: a kernel tick is 1–10 ms.
+const COARSE_LAG_MS: i64 = 20;
+
 // === impl WallClock ===
 
 impl WallClock {
-    /// Milliseconds since the epoch.
+    /// Milliseconds since the epoch, exact where it matters: when `deadline` (a key's expiry)
+    /// is within the coarse clock's lag ahead, the exact clock decides, so that a key set to
+    /// expire now is refused at once.
+    pub fn now_ms_near(&self, deadline: Option<i64>) -> i64 {
+        let now = self.now_ms();
+        match (self, deadline) {
+            (WallClock::System, Some(at)) if at > now && at - now <= COARSE_LAG_MS => {
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(now, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+                    .max(now)
+            }
+            _ => now,
+        }
+    }
+
+    /// Milliseconds since the epoch, from the coarse clock (it lags by up to a kernel tick).
     pub fn now_ms(&self) -> i64 {
         match self {
-            WallClock::System => SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+            // The coarse clock: updated every kernel tick (1–4 ms), read without a syscall.
+            WallClock::System => {
+                let t = rustix::time::clock_gettime(rustix::time::ClockId::RealtimeCoarse);
+                t.tv_sec
+                    .saturating_mul(1000)
+                    .saturating_add(t.tv_nsec / 1_000_000)
+            }
             WallClock::Manual(ms) => ms.load(Ordering::Relaxed),
         }
     }
@@ -312,6 +335,31 @@ pub fn cap_oldest(parts: &mut [&mut Pending], max: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn exact_ms() -> i64 {
+        let since = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock");
+        i64::try_from(since.as_millis()).expect("ms")
+    }
+
+    #[test]
+    fn the_coarse_clock_is_close_and_a_near_deadline_reads_the_exact_one() {
+        let clock = WallClock::System;
+        for _ in 0..1000 {
+            let before = exact_ms();
+            let coarse = clock.now_ms();
+            assert!(
+                (before - COARSE_LAG_MS..=exact_ms()).contains(&coarse),
+                "{coarse} vs {before}"
+            );
+            // A key that expires at this very millisecond is expired, whatever the tick.
+            let deadline = exact_ms();
+            assert!(clock.now_ms_near(Some(deadline)) >= deadline);
+            // A far deadline costs no exact reading and changes nothing.
+            assert!(clock.now_ms_near(Some(deadline + 60_000)) < deadline + 60_000);
+        }
+        let manual = WallClock::Manual(Arc::new(AtomicI64::new(5)));
+        assert_eq!(manual.now_ms_near(Some(10)), 5);
+    }
 
     #[test]
     fn requests_either_side_of_a_minute_land_in_different_buckets() {

@@ -27,9 +27,9 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
-use tokio::time::Instant;
+use quanta::Instant;
 
-use crate::auth::cache::{KeyCache, Lookup};
+use crate::auth::cache::{Cached, KeyCache, Lookup};
 use crate::auth::{self, extract, CachedKey, RequestFacts};
 use crate::config::{RouteAuth, Settings};
 use crate::credential::{self, KeyHash, Kind};
@@ -127,7 +127,7 @@ impl Proxy {
             Ok(key) => key,
             Err(refusal) => return self.refuse(&route.name, refusal, None, None),
         };
-        let now_ms = self.meter.clock().now_ms();
+        let now_ms = self.meter.clock().now_ms_near(key.expires_at_ms);
         let identified = Identified { key, now_ms };
         let client_ip = self.client_ip(peer, req.headers());
         let headers = req.headers();
@@ -158,15 +158,23 @@ impl Proxy {
         response
     }
 
-    /// Format and checksum first (no lookup for a malformed credential), then the cache.
+    /// Memory first, then format and checksum, then the store: a malformed credential is
+    /// refused without a store read. A key that memory holds was well-formed when it was issued
+    /// (its hash matches), so the format check is skipped for it, as is the clock for a fresh
+    /// entry.
     async fn authenticate(&self, raw: &str) -> Result<Arc<CachedKey>, Refusal> {
+        let hash = KeyHash::of(raw);
+        let cached = match self.cache.cached(&hash) {
+            Cached::Fresh(Lookup::Found(key)) => return Ok(key),
+            cached => cached,
+        };
         match credential::parse(raw) {
             Ok(Kind::Secret | Kind::Publishable) => {}
             Ok(Kind::ClientSecret | Kind::AccessToken | Kind::Master) | Err(_) => {
                 return Err(Refusal::InvalidCredential)
             }
         }
-        match self.cache.get(&KeyHash::of(raw)).await {
+        match self.cache.get_after(&hash, cached).await {
             Lookup::Found(key) => Ok(key),
             Lookup::NotFound => Err(Refusal::InvalidCredential),
             Lookup::Unavailable => Err(Refusal::StoreUnavailable),

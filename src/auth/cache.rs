@@ -140,11 +140,21 @@ impl KeyCache {
 
     /// The key for `hash`, from memory when fresh, else from the store.
     pub async fn get(&self, hash: &KeyHash) -> Lookup {
-        let stale = match self.cached(hash) {
+        self.get_after(hash, self.cached(hash)).await
+    }
+
+    /// The asynchronous half of [`KeyCache::get`]: given what [`KeyCache::cached`] said for
+    /// `hash`, the answer, reading the store unless memory's answer was fresh. For a caller that
+    /// checks something between the two, such as the credential's format before any store read.
+    pub async fn get_after(&self, hash: &KeyHash, cached: Cached) -> Lookup {
+        let stale = match cached {
             Cached::Fresh(lookup) => return lookup,
             Cached::Stale(key) => Some(key),
             Cached::Absent => None,
         };
+        // A miss is counted where it goes to the store, so a credential refused between the
+        // two halves (malformed) is neither a hit nor a miss.
+        self.metrics.key_cache_misses.inc();
         match self.load(hash).await {
             Ok(Some(key)) => Lookup::Found(key),
             Ok(None) => Lookup::NotFound,
@@ -157,22 +167,26 @@ impl KeyCache {
 
     /// The synchronous half of [`KeyCache::get`]: what memory says, without any I/O.
     pub fn cached(&self, hash: &KeyHash) -> Cached {
-        let now = Instant::now();
+        // The store's revision first: while it has not moved, the clock need not be read.
         let found = match self.map.get(hash).as_deref() {
             Some(Slot::Found {
                 key,
                 fresh_until,
                 revision,
-            }) if self.fresh(now, *fresh_until, *revision) => {
-                Cached::Fresh(Lookup::Found(Arc::clone(key)))
+            }) => {
+                if self.unchanged(*revision) || Instant::now() < *fresh_until {
+                    Cached::Fresh(Lookup::Found(Arc::clone(key)))
+                } else {
+                    Cached::Stale(Arc::clone(key))
+                }
             }
-            Some(Slot::Missing { until }) if now < *until => Cached::Fresh(Lookup::NotFound),
-            Some(Slot::Found { key, .. }) => Cached::Stale(Arc::clone(key)),
+            Some(Slot::Missing { until }) if Instant::now() < *until => {
+                Cached::Fresh(Lookup::NotFound)
+            }
             Some(Slot::Missing { .. }) | None => Cached::Absent,
         };
-        match found {
-            Cached::Fresh(_) => self.metrics.key_cache_hits.inc(),
-            Cached::Stale(_) | Cached::Absent => self.metrics.key_cache_misses.inc(),
+        if let Cached::Fresh(_) = found {
+            self.metrics.key_cache_hits.inc();
         }
         found
     }
@@ -181,7 +195,12 @@ impl KeyCache {
     /// past it, while the store says nothing has changed since (as good as a re-read, and none
     /// is made).
     fn fresh(&self, now: Instant, until: Instant, revision: Option<u64>) -> bool {
-        now < until || (revision.is_some() && revision == self.store.revision())
+        now < until || self.unchanged(revision)
+    }
+
+    /// Whether the store says nothing has changed since `revision` was read.
+    fn unchanged(&self, revision: Option<u64>) -> bool {
+        revision.is_some() && revision == self.store.revision()
     }
 
     /// Drops what is cached for one credential hash, here and (through the store) on every

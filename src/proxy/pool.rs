@@ -17,8 +17,8 @@ use std::time::Duration;
 use http::uri::Authority;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
+use quanta::Instant;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 use super::body::RequestBody;
 
