@@ -22,10 +22,11 @@ use governor::{Quota, RateLimiter};
 
 use crate::store::RateLimitSpec;
 
-/// The process's monotonic clock as governor reads it: one `quanta::Clock` (TSC-based) for the
-/// whole process, read as governor's `QuantaClock` reads its own. Zero-sized, where a
-/// `QuantaClock` carries a 40-byte `quanta::Clock` in each of a key's three buckets and in its
-/// limiter (160 B per key).
+/// The process's monotonic clock as governor reads it: `CLOCK_MONOTONIC_COARSE`, which the
+/// kernel updates every tick (1–4 ms) and the vDSO reads in ~5 ns, against ~11 ns for the TSC
+/// through quanta; a check reads it once per window. A refill is then counted a tick late at
+/// worst, which no per-minute, -hour or -day limit can tell. Zero-sized, where governor's
+/// `QuantaClock` carries a 40-byte `quanta::Clock` in each of a key's three buckets.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ProcessClock;
 
@@ -33,9 +34,10 @@ impl Clock for ProcessClock {
     type Instant = Nanos;
 
     fn now(&self) -> Nanos {
-        static CLOCK: std::sync::OnceLock<quanta::Clock> = std::sync::OnceLock::new();
-        let clock = CLOCK.get_or_init(quanta::Clock::new);
-        Nanos::new(clock.delta_as_nanos(0, clock.raw()))
+        let t = rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse);
+        let secs = u64::try_from(t.tv_sec).unwrap_or(0);
+        let nanos = u64::try_from(t.tv_nsec).unwrap_or(0);
+        Nanos::new(secs.saturating_mul(1_000_000_000).saturating_add(nanos))
     }
 }
 
