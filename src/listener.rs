@@ -2,21 +2,29 @@
 //! request heads (size, and time against slow clients), the open-connections gauge, and a
 //! graceful drain on shutdown. Takes a *bound* listener, so tests bind port 0.
 //!
-//! The accept step is the seam where TLS (rustls) will wrap the stream before HTTP starts.
+//! The accept step is the seam where TLS (rustls) will wrap the stream before HTTP starts; there
+//! ALPN will pick the `Protocol` that `sniff` picks from the first bytes on cleartext.
+//!
+//! Each connection is served by hyper's own `http1` or `http2` connection rather than
+//! hyper-util's `auto` one, because of what an idle keep-alive connection keeps: `auto` reads
+//! the first 24 bytes itself and hands them to hyper, whose next read then doubles its 8 KiB read
+//! buffer to 16 KiB for the connection's life, and its task is sized for the larger HTTP/2 state
+//! (docs/PERFORMANCE.md, "Idle keep-alive connections").
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::{pin, Pin};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
 use prometheus::IntGauge;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 /// Per-connection protocol limits.
@@ -28,6 +36,29 @@ pub struct ConnLimits {
     pub max_header_bytes: usize,
     /// How long in-flight requests get to finish after shutdown starts.
     pub drain: Duration,
+}
+
+/// The HTTP version a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    /// HTTP/1.x.
+    Http1,
+    /// HTTP/2 with prior knowledge (the client opened with the connection preface).
+    Http2,
+}
+
+/// How every HTTP/2 connection opens (RFC 9113 §3.4); no HTTP/1 request starts like it.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The longest wait between two looks at a connection whose first bytes are still too few to
+/// tell its protocol (see `sniff`).
+const SNIFF_MAX_DELAY: Duration = Duration::from_millis(64);
+
+/// Both protocols' settings, built once and shared by every connection.
+struct Protocols {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+    header_timeout: Duration,
 }
 
 /// Serves `handler` on every connection until `shutdown` turns true, then stops accepting and
@@ -45,17 +76,24 @@ pub async fn serve<H, Fut, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    let mut http1 = http1::Builder::new();
+    http1
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192));
-    builder
-        .http2()
+    let mut http2 = http2::Builder::new(TokioExecutor::new());
+    http2
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
-    let graceful = GracefulShutdown::new();
+    let protocols = Arc::new(Protocols {
+        http1,
+        http2,
+        header_timeout: limits.header_timeout,
+    });
+    // Every connection holds a receiver: a value sent tells them all to finish, and the sender
+    // learns when the last one has closed. (hyper-util's `GracefulShutdown` does the same, but
+    // cannot watch hyper's upgradeable HTTP/1 connection.)
+    let (drain_tx, drain_rx) = watch::channel(());
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -70,34 +108,132 @@ pub async fn serve<H, Fut, B>(
             _ = shutdown.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let service = service_fn(move |req| {
-            // Boxed: hyper moves the service's future into its connection state, and the
-            // proxy's is ~4.7 KB (the whole path down to the upstream exchange); a move of a box
-            // is 8 bytes, one allocation cheaper than the copies (3 % of the CPU per request).
-            let fut = Box::pin(handler(req, peer));
-            async move { Ok::<_, Infallible>(fut.await) }
-        });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn.into_owned());
         let gauge = connections.clone();
         if let Some(g) = &gauge {
             g.inc();
         }
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-            if let Some(g) = gauge {
-                g.dec();
-            }
-        });
+        tokio::spawn(serve_connection(
+            stream,
+            peer,
+            handler.clone(),
+            Arc::clone(&protocols),
+            drain_rx.clone(),
+            gauge,
+        ));
     }
     drop(listener);
-    if tokio::time::timeout(limits.drain, graceful.shutdown())
+    drop(drain_rx);
+    drain_tx.send_replace(());
+    if tokio::time::timeout(limits.drain, drain_tx.closed())
         .await
         .is_err()
     {
         tracing::warn!(after = ?limits.drain, "in-flight requests did not finish in time; closing them");
+    }
+}
+
+/// One connection, from its first bytes to its close.
+async fn serve_connection<H, Fut, B>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    handler: H,
+    protocols: Arc<Protocols>,
+    mut drain: watch::Receiver<()>,
+    gauge: Option<IntGauge>,
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> Fut + Send + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    // Boxed: hyper keeps the slot of the request in flight for the connection's life, sized for
+    // the handler's future (the proxy's is ~4.7 KB, the whole path down to the upstream
+    // exchange), so an idle connection keeps a pointer instead of ~9 KB; and a move of a box is
+    // 8 bytes, one allocation cheaper than the copies (3 % of the CPU per request).
+    let service = service_fn(move |req| {
+        let fut = Box::pin(handler(req, peer));
+        async move { Ok::<_, Infallible>(fut.await) }
+    });
+    let protocol = tokio::select! {
+        sniffed = tokio::time::timeout(protocols.header_timeout, sniff(&stream)) => sniffed,
+        _ = drain.changed() => Ok(Ok(None)),
+    };
+    let ended = match protocol {
+        Ok(Ok(Some(Protocol::Http1))) => {
+            let conn = pin!(protocols
+                .http1
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades());
+            until_drained(conn, http1::UpgradeableConnection::graceful_shutdown, drain).await
+        }
+        Ok(Ok(Some(Protocol::Http2))) => {
+            // Boxed so that the task of every HTTP/1 connection is not sized for HTTP/2's state.
+            let mut conn = Box::pin(
+                protocols
+                    .http2
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+            until_drained(conn.as_mut(), http2::Connection::graceful_shutdown, drain).await
+        }
+        // Closed, or shutting down, before a request began.
+        Ok(Ok(None)) => Ok(()),
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "connection failed before a request");
+            Ok(())
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "no request head in time");
+            Ok(())
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+    if let Some(g) = gauge {
+        g.dec();
+    }
+}
+
+/// Drives `conn` to its end; once the drain starts, asks it to finish its requests and close.
+/// Takes the connection pinned by the caller: moved in, it would take room twice in the task.
+async fn until_drained<C>(
+    mut conn: Pin<&mut C>,
+    graceful_shutdown: fn(Pin<&mut C>),
+    mut drain: watch::Receiver<()>,
+) -> hyper::Result<()>
+where
+    C: Future<Output = hyper::Result<()>>,
+{
+    tokio::select! {
+        ended = conn.as_mut() => return ended,
+        _ = drain.changed() => graceful_shutdown(conn.as_mut()),
+    }
+    conn.await
+}
+
+/// The protocol of a cleartext connection, from its first bytes, which stay in the socket for
+/// hyper to read (`peek`, so no buffer of ours is handed over); `None` when it closes first.
+///
+/// Almost always the first segment decides. Only when the bytes so far are a beginning of the
+/// HTTP/2 preface ("P", "PR", … a split preface) is there nothing new to wait on (the socket
+/// stays readable with them): it looks again after a short, doubling delay. The caller bounds
+/// the whole by the header timeout.
+async fn sniff(stream: &TcpStream) -> std::io::Result<Option<Protocol>> {
+    let mut first = [0u8; H2_PREFACE.len()];
+    let mut delay = Duration::from_millis(1);
+    loop {
+        let n = stream.peek(&mut first).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if !H2_PREFACE.starts_with(&first[..n]) {
+            return Ok(Some(Protocol::Http1));
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(Some(Protocol::Http2));
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(SNIFF_MAX_DELAY);
     }
 }

@@ -1158,6 +1158,130 @@ async fn a_client_too_slow_to_send_its_request_head_is_disconnected() {
 }
 
 #[tokio::test]
+async fn a_client_that_sends_nothing_is_disconnected_after_the_header_timeout() {
+    use tokio::io::AsyncReadExt;
+    let upstream = Upstream::start().await;
+    let gw = Gateway::builder(&upstream)
+        .tweak(|s| s.proxy.request_header_timeout = Duration::from_millis(200))
+        .start()
+        .await;
+    let mut stream = tokio::net::TcpStream::connect(gw.proxy_addr)
+        .await
+        .expect("connect");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the connection was still open after 5 s");
+    assert!(rest.is_empty(), "{rest:?}");
+}
+
+/// "P" may begin a POST or the HTTP/2 preface: the gateway waits for the next bytes to tell.
+#[tokio::test]
+async fn a_request_head_whose_first_byte_arrives_alone_is_served() {
+    use tokio::io::AsyncWriteExt;
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let (_, key) = gw.account_with_key().await;
+    let mut stream = tokio::net::TcpStream::connect(gw.proxy_addr)
+        .await
+        .expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    stream.write_all(b"P").await.expect("first byte");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let rest = format!(
+        "OST /things/echo-body HTTP/1.1\r\nHost: example\r\nX-API-Key: {key}\r\n\
+         Content-Length: 2\r\n\r\nhi"
+    );
+    stream.write_all(rest.as_bytes()).await.expect("rest");
+    let head = read_until(&mut stream, b"\r\n\r\n").await;
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}
+
+/// A client stream that sends its first `first` bytes, then nothing until `pause` has passed.
+struct SlowStart {
+    inner: tokio::net::TcpStream,
+    first: usize,
+    pause: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl tokio::io::AsyncRead for SlowStart {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for SlowStart {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        if this.first > 0 {
+            let part = &buf[..buf.len().min(this.first)];
+            let n = std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_write(cx, part))?;
+            this.first -= n;
+            return std::task::Poll::Ready(Ok(n));
+        }
+        if let Some(pause) = &mut this.pause {
+            std::task::ready!(std::future::Future::poll(pause.as_mut(), cx));
+            this.pause = None;
+        }
+        std::pin::Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test]
+async fn an_http2_preface_split_in_two_is_still_http2() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let (_, key) = gw.account_with_key().await;
+    let inner = tokio::net::TcpStream::connect(gw.proxy_addr)
+        .await
+        .expect("connect");
+    inner.set_nodelay(true).expect("nodelay");
+    let slow = SlowStart {
+        inner,
+        first: 10,
+        pause: Some(Box::pin(tokio::time::sleep(Duration::from_millis(50)))),
+    };
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(slow))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    let request = http::Request::get(gw.proxy_url("/things"))
+        .header("x-api-key", &key)
+        .body(http_body_util::Empty::<Bytes>::new())
+        .expect("request");
+    let response = tokio::time::timeout(WAIT, sender.send_request(request))
+        .await
+        .expect("answer in time")
+        .expect("send over h2");
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), http::StatusCode::OK);
+}
+
+#[tokio::test]
 async fn usage_of_every_identified_request_is_in_the_store_after_shutdown() {
     use tollgate::store::Store;
     let upstream = Upstream::start().await;
