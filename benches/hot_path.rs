@@ -1,4 +1,5 @@
-//! The per-request policy step on a cached key: SHA-256, cache lookup, the decision (state, network, scope, three GCRA windows) and the usage count. No store I/O.
+//! The per-request policy step on a cached key: SHA-256, cache lookup, the decision (state,
+//! network, scope, three GCRA windows) and the usage count. No store I/O.
 //!
 //! `cargo bench --bench hot_path`
 

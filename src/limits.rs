@@ -138,10 +138,9 @@ impl Window {
 
     /// Whole seconds until a bucket of `limit` per window with `remaining` left is full again
     /// (rounded up; exact, in integers).
-    pub(crate) const fn refill_secs(self, limit: u32, remaining: u32) -> u64 {
-        let missing = (limit - if remaining < limit { remaining } else { limit }) as u64;
-        let limit = if limit == 0 { 1 } else { limit as u64 };
-        (missing * self.seconds()).div_ceil(limit)
+    pub(crate) fn refill_secs(self, limit: u32, remaining: u32) -> u64 {
+        let missing = u64::from(limit.saturating_sub(remaining));
+        (missing * self.seconds()).div_ceil(u64::from(limit.max(1)))
     }
 
     /// Length in seconds.

@@ -156,18 +156,18 @@ async fn serve_connection<H, Fut, B>(
         async move { Ok::<_, Infallible>(fut.await) }
     });
     let protocol = tokio::select! {
-        sniffed = tokio::time::timeout(protocols.header_timeout, sniff(&stream)) => sniffed,
-        _ = drain.changed() => Ok(Ok(None)),
+        protocol = first_bytes(&stream, peer, protocols.header_timeout) => protocol,
+        _ = drain.changed() => None,
     };
     let ended = match protocol {
-        Ok(Ok(Some(Protocol::Http1))) => {
+        Some(Protocol::Http1) => {
             let conn = pin!(protocols
                 .http1
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades());
             until_drained(conn, http1::UpgradeableConnection::graceful_shutdown, drain).await
         }
-        Ok(Ok(Some(Protocol::Http2))) => {
+        Some(Protocol::Http2) => {
             // Boxed so that the task of every HTTP/1 connection is not sized for HTTP/2's state.
             let mut conn = Box::pin(
                 protocols
@@ -176,16 +176,8 @@ async fn serve_connection<H, Fut, B>(
             );
             until_drained(conn.as_mut(), http2::Connection::graceful_shutdown, drain).await
         }
-        // Closed, or shutting down, before a request began.
-        Ok(Ok(None)) => Ok(()),
-        Ok(Err(e)) => {
-            tracing::debug!(%peer, error = %e, "connection failed before a request");
-            Ok(())
-        }
-        Err(_) => {
-            tracing::debug!(%peer, "no request head in time");
-            Ok(())
-        }
+        // Closed, failed, silent too long, or shutting down before a request began.
+        None => Ok(()),
     };
     if let Err(e) = ended {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -210,6 +202,21 @@ where
         _ = drain.changed() => graceful_shutdown(conn.as_mut()),
     }
     conn.await
+}
+
+/// [`sniff`] within `timeout`; `None` (logged) when the connection fails or stays silent.
+async fn first_bytes(stream: &TcpStream, peer: SocketAddr, timeout: Duration) -> Option<Protocol> {
+    match tokio::time::timeout(timeout, sniff(stream)).await {
+        Ok(Ok(protocol)) => protocol,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "connection failed before a request");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "no request head in time");
+            None
+        }
+    }
 }
 
 /// The protocol of a cleartext connection, from its first bytes, which stay in the socket for

@@ -81,6 +81,13 @@ struct PendingBucket {
 /// How far the coarse clock may lag the exact one: a kernel tick is 1–10 ms.
 const COARSE_LAG_MS: i64 = 20;
 
+/// Milliseconds since the epoch from the exact system clock (0 before 1970).
+fn exact_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 // === impl WallClock ===
 
 impl WallClock {
@@ -91,10 +98,7 @@ impl WallClock {
         let now = self.now_ms();
         match (self, deadline) {
             (WallClock::System, Some(at)) if at > now && at - now <= COARSE_LAG_MS => {
-                SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(now, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-                    .max(now)
+                exact_ms().max(now)
             }
             _ => now,
         }
@@ -335,11 +339,6 @@ pub fn cap_oldest(parts: &mut [&mut Pending], max: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn exact_ms() -> i64 {
-        let since = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock");
-        i64::try_from(since.as_millis()).expect("ms")
-    }
 
     #[test]
     fn the_coarse_clock_is_close_and_a_near_deadline_reads_the_exact_one() {

@@ -1135,42 +1135,48 @@ async fn minute_totals(store: &EmbeddedStore) -> (u64, u64) {
     totals
 }
 
-#[tokio::test]
-async fn a_client_too_slow_to_send_its_request_head_is_disconnected() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let upstream = Upstream::start().await;
-    let gw = Gateway::builder(&upstream)
+/// A gateway whose clients get 200 ms for a request head, and a connection to it.
+async fn impatient_gateway(upstream: &Upstream) -> (Gateway, tokio::net::TcpStream) {
+    let gw = Gateway::builder(upstream)
         .tweak(|s| s.proxy.request_header_timeout = Duration::from_millis(200))
         .start()
         .await;
-    let mut stream = tokio::net::TcpStream::connect(gw.proxy_addr)
+    let stream = tokio::net::TcpStream::connect(gw.proxy_addr)
         .await
         .expect("connect");
+    (gw, stream)
+}
+
+/// What the gateway sends before it closes `stream`; `None` when it is still open after 5 s.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+    closed.ok().map(|_| rest)
+}
+
+#[tokio::test]
+async fn a_client_too_slow_to_send_its_request_head_is_disconnected() {
+    use tokio::io::AsyncWriteExt;
+    let upstream = Upstream::start().await;
+    let (_gw, mut stream) = impatient_gateway(&upstream).await;
     stream
         .write_all(b"GET / HTTP/1.1\r\nHost: example\r\n")
         .await
         .expect("partial head");
     // The head never completes; the gateway must close the connection on its own.
-    let mut rest = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
-    assert!(closed.is_ok(), "the connection was still open after 5 s");
+    let closed = read_until_closed(&mut stream).await;
+    assert!(closed.is_some(), "the connection was still open after 5 s");
     assert_eq!(upstream.requests_seen(), 0);
 }
 
 #[tokio::test]
 async fn a_client_that_sends_nothing_is_disconnected_after_the_header_timeout() {
-    use tokio::io::AsyncReadExt;
     let upstream = Upstream::start().await;
-    let gw = Gateway::builder(&upstream)
-        .tweak(|s| s.proxy.request_header_timeout = Duration::from_millis(200))
-        .start()
-        .await;
-    let mut stream = tokio::net::TcpStream::connect(gw.proxy_addr)
-        .await
-        .expect("connect");
-    let mut rest = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
-    assert!(closed.is_ok(), "the connection was still open after 5 s");
+    let (_gw, mut stream) = impatient_gateway(&upstream).await;
+    let closed = read_until_closed(&mut stream).await;
+    assert!(closed.is_some(), "the connection was still open after 5 s");
+    let rest = closed.unwrap_or_default();
     assert!(rest.is_empty(), "{rest:?}");
 }
 

@@ -167,22 +167,18 @@ impl KeyCache {
 
     /// The synchronous half of [`KeyCache::get`]: what memory says, without any I/O.
     pub fn cached(&self, hash: &KeyHash) -> Cached {
-        // The store's revision first: while it has not moved, the clock need not be read.
         let found = match self.map.get(hash).as_deref() {
             Some(Slot::Found {
                 key,
                 fresh_until,
                 revision,
-            }) => {
-                if self.unchanged(*revision) || Instant::now() < *fresh_until {
-                    Cached::Fresh(Lookup::Found(Arc::clone(key)))
-                } else {
-                    Cached::Stale(Arc::clone(key))
-                }
+            }) if self.fresh(*fresh_until, *revision, Instant::now) => {
+                Cached::Fresh(Lookup::Found(Arc::clone(key)))
             }
             Some(Slot::Missing { until }) if Instant::now() < *until => {
                 Cached::Fresh(Lookup::NotFound)
             }
+            Some(Slot::Found { key, .. }) => Cached::Stale(Arc::clone(key)),
             Some(Slot::Missing { .. }) | None => Cached::Absent,
         };
         if let Cached::Fresh(_) = found {
@@ -191,16 +187,11 @@ impl KeyCache {
         found
     }
 
-    /// Whether an entry read at store `revision` is still good at `now`: before `until`, or,
-    /// past it, while the store says nothing has changed since (as good as a re-read, and none
-    /// is made).
-    fn fresh(&self, now: Instant, until: Instant, revision: Option<u64>) -> bool {
-        now < until || self.unchanged(revision)
-    }
-
-    /// Whether the store says nothing has changed since `revision` was read.
-    fn unchanged(&self, revision: Option<u64>) -> bool {
-        revision.is_some() && revision == self.store.revision()
+    /// Whether an entry read at store `revision` is still good: while the store says nothing
+    /// has changed since (as good as a re-read, and none is made), or else before `until`. The
+    /// revision comes first, so a hit under an unmoved revision reads no clock.
+    fn fresh(&self, until: Instant, revision: Option<u64>, now: impl FnOnce() -> Instant) -> bool {
+        (revision.is_some() && revision == self.store.revision()) || now() < until
     }
 
     /// Drops what is cached for one credential hash, here and (through the store) on every
@@ -293,7 +284,7 @@ impl KeyCache {
                 fresh_until,
                 revision,
                 ..
-            } => self.fresh(now, *fresh_until + STALE_KEEP, *revision),
+            } => self.fresh(*fresh_until + STALE_KEEP, *revision, || now),
             Slot::Missing { until } => now < *until,
         });
         self.limit_values.retain(|_, v| Arc::strong_count(v) > 1);
@@ -322,7 +313,7 @@ impl KeyCache {
                 key,
                 fresh_until,
                 revision,
-            }) if self.fresh(now, *fresh_until, *revision) => return Ok(Some(Arc::clone(key))),
+            }) if self.fresh(*fresh_until, *revision, || now) => return Ok(Some(Arc::clone(key))),
             Some(Slot::Missing { until }) if now < *until => return Ok(None),
             _ => {}
         }
