@@ -97,7 +97,8 @@ pub struct RequestFacts<'a> {
     pub referer: Option<&'a str>,
     /// The route's scopes.
     pub scopes: &'a RouteScopes,
-    /// Now, milliseconds since the epoch.
+    /// Now, milliseconds since the epoch, as `WallClock::now_ms_near(key.expires_at_ms)` reads
+    /// it: the coarse clock, or the exact one when the key's expiry is that close.
     pub now_ms: i64,
 }
 
