@@ -41,6 +41,20 @@ pub struct CachedKey {
     pub auth_method: AuthMethod,
     /// Expiry, milliseconds since the epoch.
     pub expires_at_ms: Option<i64>,
+    /// Where and for what the key may be used; `None` for a key without IP, origin or scope
+    /// rules (most keys), so that those cost one pointer.
+    pub rules: Option<Box<KeyRules>>,
+    /// The key's rate-limit buckets (this instance's, or leases of the fleet's).
+    pub limiter: KeyLimits,
+    /// The key's usage counters.
+    pub usage: Arc<UsageCell>,
+    /// Identity header values, ready to send upstream.
+    pub identity: IdentityValues,
+}
+
+/// What limits where and for what a key may be used.
+#[derive(Default)]
+pub struct KeyRules {
     /// The account's CIDRs (empty = any).
     pub account_ips: Box<[IpNet]>,
     /// The key's CIDRs (empty = any).
@@ -49,13 +63,7 @@ pub struct CachedKey {
     /// `allowed_domains` and its sites, parsed once.
     pub origins: Box<[policy::OriginRule]>,
     /// Granted scopes; `None` = full access.
-    pub scopes: Option<Vec<String>>,
-    /// The key's rate-limit buckets (this instance's, or leases of the fleet's).
-    pub limiter: KeyLimits,
-    /// The key's usage counters.
-    pub usage: Arc<UsageCell>,
-    /// Identity header values, ready to send upstream.
-    pub identity: IdentityValues,
+    pub scopes: Option<Box<[String]>>,
 }
 
 /// `X-Tollgate-*` values of one key, built once per cache load. Values that many keys have in
@@ -69,8 +77,8 @@ pub struct IdentityValues {
     pub key_id: HeaderValue,
     /// `secret` or `publishable` (a static value: the header is built from it when sent).
     pub key_type: KeyType,
-    /// Space-separated scopes, `*` for full access.
-    pub scopes: HeaderValue,
+    /// Space-separated scopes; `None` for full access (sent as `*`).
+    pub scopes: Option<Box<HeaderValue>>,
     /// The limit header values of the key's quotas.
     pub limits: Arc<LimitValues>,
 }
@@ -176,10 +184,15 @@ fn check_state(key: &CachedKey, now_ms: i64) -> Result<(), Refusal> {
 }
 
 fn check_network(key: &CachedKey, facts: &RequestFacts<'_>) -> Result<(), Refusal> {
-    if !key.account_ips.is_empty() && !policy::ip_in(&key.account_ips, facts.client_ip) {
+    let (account_ips, key_ips, origins, scopes): (&[IpNet], &[IpNet], &[_], _) =
+        match key.rules.as_deref() {
+            Some(r) => (&r.account_ips, &r.key_ips, &r.origins, r.scopes.as_deref()),
+            None => (&[], &[], &[], None),
+        };
+    if !account_ips.is_empty() && !policy::ip_in(account_ips, facts.client_ip) {
         return Err(Refusal::IpNotAllowed);
     }
-    if !key.key_ips.is_empty() && !policy::ip_in(&key.key_ips, facts.client_ip) {
+    if !key_ips.is_empty() && !policy::ip_in(key_ips, facts.client_ip) {
         return Err(Refusal::IpNotAllowed);
     }
     if key.key_type == KeyType::Publishable {
@@ -187,7 +200,7 @@ fn check_network(key: &CachedKey, facts: &RequestFacts<'_>) -> Result<(), Refusa
             Some(o) => policy::Origin::parse(o),
             None => facts.referer.and_then(policy::Origin::of_referer),
         };
-        if !origin.is_some_and(|o| policy::origin_allowed(&key.origins, &o)) {
+        if !origin.is_some_and(|o| policy::origin_allowed(origins, &o)) {
             return Err(Refusal::OriginNotAllowed);
         }
         if !policy::is_read_method(facts.method) {
@@ -200,7 +213,7 @@ fn check_network(key: &CachedKey, facts: &RequestFacts<'_>) -> Result<(), Refusa
         &facts.scopes.write
     };
     if let Some(scope) = needed {
-        if !policy::has_scope(key.scopes.as_deref(), scope) {
+        if !policy::has_scope(scopes, scope) {
             return Err(Refusal::ScopeDenied);
         }
     }

@@ -29,8 +29,8 @@ use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
 use quanta::Instant;
 
-use crate::auth::cache::{Cached, KeyCache, Lookup};
-use crate::auth::{self, extract, CachedKey, RequestFacts};
+use crate::auth::cache::{Cached, KeyCache, KeyRef, Lookup};
+use crate::auth::{self, extract, RequestFacts};
 use crate::config::{RouteAuth, Settings};
 use crate::credential::{self, KeyHash, Kind};
 use crate::limits::LimitSnapshot;
@@ -60,7 +60,7 @@ pub struct Proxy {
 
 /// A request identified to a key, for metering whatever happens next.
 struct Identified {
-    key: Arc<CachedKey>,
+    key: KeyRef,
     now_ms: i64,
 }
 
@@ -162,7 +162,7 @@ impl Proxy {
     /// refused without a store read. A key that memory holds was well-formed when it was issued
     /// (its hash matches), so the format check is skipped for it, as is the clock for a fresh
     /// entry.
-    async fn authenticate(&self, raw: &str) -> Result<Arc<CachedKey>, Refusal> {
+    async fn authenticate(&self, raw: &str) -> Result<KeyRef, Refusal> {
         let hash = KeyHash::of(raw);
         let cached = match self.cache.cached(&hash) {
             Cached::Fresh(Lookup::Found(key)) => return Ok(key),

@@ -7,7 +7,7 @@
 //! embedded store sees every write; Redis, written by other instances, cannot tell, so there the
 //! ttl always means a re-read).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use http::HeaderValue;
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
-use super::{CachedKey, IdentityValues, LimitValues};
+use super::{CachedKey, IdentityValues, KeyRules, LimitValues};
 use crate::config::{CacheSettings, OnStoreError};
 use crate::credential::{KeyHash, KeyHashBuilder};
 use crate::limits::global::SharedLimiters;
@@ -32,7 +32,7 @@ const STALE_KEEP: Duration = Duration::from_secs(15 * 60);
 /// What the cache knows about a hash.
 pub enum Lookup {
     /// A key (fresh, or stale while the store is down under `fail_open`).
-    Found(Arc<CachedKey>),
+    Found(KeyRef),
     /// No such key.
     NotFound,
     /// The store could not be asked and nothing usable is cached.
@@ -44,24 +44,43 @@ pub enum Cached {
     /// A fresh answer.
     Fresh(Lookup),
     /// A key past its ttl: to be re-read, and served only if the store is down under fail_open.
-    Stale(Arc<CachedKey>),
+    Stale(KeyRef),
     /// Nothing cached.
     Absent,
 }
 
+/// A map slot: a pointer to the key, or when a miss stops being fresh. 16 bytes (the
+/// `Instant`'s niche holds the tag), so that a million keys' slots take ~100 MB less than
+/// with the entry's times inline.
 enum Slot {
-    Found {
-        key: Arc<CachedKey>,
-        fresh_until: Instant,
-        /// The store's revision when the read began ([`crate::store::Store::revision`]).
-        revision: Option<u64>,
-    },
-    Missing {
-        until: Instant,
-    },
+    Found(KeyRef),
+    Missing(Instant),
 }
 
-type Loaded = Result<Option<Arc<CachedKey>>, ()>;
+/// A cached key, with what says whether it is still fresh.
+struct Entry {
+    key: CachedKey,
+    fresh_until: Instant,
+    /// The store's revision when the read began ([`crate::store::Store::revision`]).
+    revision: Option<u64>,
+    /// Set by a resync: re-read on next use whatever the revision says.
+    expired: AtomicBool,
+}
+
+/// A shared handle to a cached key (one allocation with its cache bookkeeping); derefs to the
+/// [`CachedKey`].
+#[derive(Clone)]
+pub struct KeyRef(Arc<Entry>);
+
+impl std::ops::Deref for KeyRef {
+    type Target = CachedKey;
+
+    fn deref(&self) -> &CachedKey {
+        &self.0.key
+    }
+}
+
+type Loaded = Result<Option<KeyRef>, ()>;
 
 /// See the module documentation.
 pub struct KeyCache {
@@ -168,18 +187,14 @@ impl KeyCache {
     /// The synchronous half of [`KeyCache::get`]: what memory says, without any I/O.
     pub fn cached(&self, hash: &KeyHash) -> Cached {
         let found = match self.map.get(hash).as_deref() {
-            Some(Slot::Found {
-                key,
-                fresh_until,
-                revision,
-            }) if self.fresh(*fresh_until, *revision, Instant::now) => {
-                Cached::Fresh(Lookup::Found(Arc::clone(key)))
+            Some(Slot::Found(key)) if self.fresh(&key.0, Instant::now) => {
+                Cached::Fresh(Lookup::Found(key.clone()))
             }
-            Some(Slot::Missing { until }) if Instant::now() < *until => {
+            Some(Slot::Missing(until)) if Instant::now() < *until => {
                 Cached::Fresh(Lookup::NotFound)
             }
-            Some(Slot::Found { key, .. }) => Cached::Stale(Arc::clone(key)),
-            Some(Slot::Missing { .. }) | None => Cached::Absent,
+            Some(Slot::Found(key)) => Cached::Stale(key.clone()),
+            Some(Slot::Missing(_)) | None => Cached::Absent,
         };
         if let Cached::Fresh(_) = found {
             self.metrics.key_cache_hits.inc();
@@ -187,11 +202,18 @@ impl KeyCache {
         found
     }
 
-    /// Whether an entry read at store `revision` is still good: while the store says nothing
-    /// has changed since (as good as a re-read, and none is made), or else before `until`. The
-    /// revision comes first, so a hit under an unmoved revision reads no clock.
-    fn fresh(&self, until: Instant, revision: Option<u64>, now: impl FnOnce() -> Instant) -> bool {
-        (revision.is_some() && revision == self.store.revision()) || now() < until
+    /// Whether an entry is still good: while the store says nothing has changed since it was
+    /// read (as good as a re-read, and none is made), or else before its `fresh_until` unless a
+    /// resync expired it. The revision comes first, so a hit under an unmoved revision reads no
+    /// clock.
+    fn fresh(&self, entry: &Entry, now: impl FnOnce() -> Instant) -> bool {
+        self.unchanged_since(entry.revision)
+            || (!entry.expired.load(Ordering::Relaxed) && now() < entry.fresh_until)
+    }
+
+    /// Whether the store's revision is known and still `revision`.
+    fn unchanged_since(&self, revision: Option<u64>) -> bool {
+        revision.is_some() && revision == self.store.revision()
     }
 
     /// Drops what is cached for one credential hash, here and (through the store) on every
@@ -226,8 +248,8 @@ impl KeyCache {
     fn drop_account(&self, account_id: &str) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.map.retain(|_, slot| match slot {
-            Slot::Found { key, .. } => &*key.account_id != account_id,
-            Slot::Missing { .. } => true,
+            Slot::Found(key) => &*key.account_id != account_id,
+            Slot::Missing(_) => true,
         });
     }
 
@@ -239,13 +261,12 @@ impl KeyCache {
     /// Makes every entry stale: re-read on next use, but still there for `fail_open`.
     fn expire_all(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
-        let now = Instant::now();
         self.map.retain(|_, slot| match slot {
-            Slot::Found { fresh_until, .. } => {
-                *fresh_until = now;
+            Slot::Found(key) => {
+                key.0.expired.store(true, Ordering::Relaxed);
                 true
             }
-            Slot::Missing { .. } => false,
+            Slot::Missing(_) => false,
         });
     }
 
@@ -280,12 +301,10 @@ impl KeyCache {
     pub fn sweep(&self) {
         let now = Instant::now();
         self.map.retain(|_, slot| match slot {
-            Slot::Found {
-                fresh_until,
-                revision,
-                ..
-            } => self.fresh(*fresh_until + STALE_KEEP, *revision, || now),
-            Slot::Missing { until } => now < *until,
+            Slot::Found(key) => {
+                self.unchanged_since(key.0.revision) || now < key.0.fresh_until + STALE_KEEP
+            }
+            Slot::Missing(until) => now < *until,
         });
         self.limit_values.retain(|_, v| Arc::strong_count(v) > 1);
         self.account_ids.retain(|id, _| Arc::strong_count(id) > 1);
@@ -309,12 +328,8 @@ impl KeyCache {
         // already filled the map (it inserts before it leaves the in-flight map): use that.
         let now = Instant::now();
         match self.map.get(hash).as_deref() {
-            Some(Slot::Found {
-                key,
-                fresh_until,
-                revision,
-            }) if self.fresh(*fresh_until, *revision, || now) => return Ok(Some(Arc::clone(key))),
-            Some(Slot::Missing { until }) if now < *until => return Ok(None),
+            Some(Slot::Found(key)) if self.fresh(&key.0, || now) => return Ok(Some(key.clone())),
+            Some(Slot::Missing(until)) if now < *until => return Ok(None),
             _ => {}
         }
         // Read before the lookup: a write that lands during it moves the revision past this.
@@ -333,22 +348,15 @@ impl KeyCache {
         let now = Instant::now();
         let (slot, result) = match found {
             Some(lookup) => {
-                let key = Arc::new(self.build(&lookup));
-                (
-                    Slot::Found {
-                        key: Arc::clone(&key),
-                        fresh_until: now + self.settings.ttl,
-                        revision,
-                    },
-                    Some(key),
-                )
+                let key = KeyRef(Arc::new(Entry {
+                    key: self.build(&lookup),
+                    fresh_until: now + self.settings.ttl,
+                    revision,
+                    expired: AtomicBool::new(false),
+                }));
+                (Slot::Found(key.clone()), Some(key))
             }
-            None => (
-                Slot::Missing {
-                    until: now + self.settings.negative_ttl,
-                },
-                None,
-            ),
+            None => (Slot::Missing(now + self.settings.negative_ttl), None),
         };
         if self.generation.load(Ordering::SeqCst) == generation {
             self.make_room();
@@ -422,16 +430,25 @@ impl KeyCache {
             .chain(&lookup.site_origins)
             .filter_map(|o| policy::OriginRule::parse(o))
             .collect::<Box<[_]>>();
-        let scopes = key.scopes.as_ref().map_or_else(
-            || HeaderValue::from_static("*"),
-            |s| header_value(&s.join(" ")),
-        );
+        let rules = KeyRules {
+            account_ips: cidrs(&account.network_policy.allowed_ips),
+            key_ips: cidrs(&key.allowed_ips),
+            origins,
+            scopes: key.scopes.as_ref().map(|s| s.clone().into_boxed_slice()),
+        };
+        let unrestricted = rules.account_ips.is_empty()
+            && rules.key_ips.is_empty()
+            && rules.origins.is_empty()
+            && rules.scopes.is_none();
         CachedKey {
             identity: IdentityValues {
                 account_id: account_id_value,
                 key_id: header_value(&key.id),
                 key_type: key.key_type,
-                scopes,
+                scopes: key
+                    .scopes
+                    .as_ref()
+                    .map(|s| Box::new(header_value(&s.join(" ")))),
                 limits: self.limit_values(quotas),
             },
             limiter: {
@@ -451,10 +468,7 @@ impl KeyCache {
             account_active: account.active,
             auth_method: account.auth_method,
             expires_at_ms: key.expires_at.map(|t| t.timestamp_millis()),
-            account_ips: cidrs(&account.network_policy.allowed_ips),
-            key_ips: cidrs(&key.allowed_ips),
-            origins,
-            scopes: key.scopes.clone(),
+            rules: (!unrestricted).then(|| Box::new(rules)),
         }
     }
 }
@@ -479,4 +493,20 @@ fn policy_header(quotas: &Quotas) -> Option<HeaderValue> {
         return None;
     }
     HeaderValue::from_str(&parts.join(", ")).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A million slots are a million of these: a found key is one pointer (the `Instant` niche
+    /// holds the tag), so the map's per-key cost stays at hash + pointer.
+    #[test]
+    fn a_slot_is_two_words() {
+        assert!(
+            std::mem::size_of::<Slot>() <= 16,
+            "{}",
+            std::mem::size_of::<Slot>()
+        );
+    }
 }
