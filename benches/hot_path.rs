@@ -14,19 +14,12 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::Method;
 use tollgate::auth::cache::{Cached, KeyCache, Lookup};
 use tollgate::auth::{authorize, RequestFacts};
-use tollgate::config::{CacheSettings, OnStoreError, RouteScopes};
+use tollgate::config::RouteScopes;
 use tollgate::credential::{self, KeyHash, Kind};
-use tollgate::limits::Limiters;
 use tollgate::metering::{Meter, Outcome, WallClock};
 use tollgate::metrics::Metrics;
 use tollgate::store::embedded::EmbeddedStore;
-use tollgate::store::{RateLimitSpec, SharedStore};
-
-const BIG: RateLimitSpec = RateLimitSpec {
-    per_minute: Some(1_000_000_000),
-    per_hour: Some(1_000_000_000),
-    per_day: Some(1_000_000_000),
-};
+use tollgate::store::SharedStore;
 
 struct Fixture {
     cache: KeyCache,
@@ -40,19 +33,8 @@ fn fixture(keys: usize) -> Fixture {
     let store: SharedStore =
         Arc::new(EmbeddedStore::open(&dir.path().join("bench.db")).expect("store"));
     let meter = Arc::new(Meter::new(WallClock::System));
-    let cache = KeyCache::new(
-        Arc::clone(&store),
-        Arc::new(Limiters::new()),
-        Arc::clone(&meter),
-        Arc::new(Metrics::new().expect("metrics")),
-        CacheSettings {
-            ttl: Duration::from_secs(3600),
-            negative_ttl: Duration::from_secs(5),
-            max_entries: keys * 2,
-        },
-        BIG,
-        OnStoreError::FailOpen,
-    );
+    let metrics = Arc::new(Metrics::new().expect("metrics"));
+    let cache = records::cache(&store, &meter, &metrics, keys);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

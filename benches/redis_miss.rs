@@ -11,14 +11,12 @@ use std::time::{Duration, Instant};
 #[path = "support/records.rs"]
 mod records;
 
-use tollgate::auth::cache::{KeyCache, Lookup};
-use tollgate::config::{CacheSettings, OnStoreError};
+use tollgate::auth::cache::Lookup;
 use tollgate::credential::{self, Kind};
-use tollgate::limits::Limiters;
 use tollgate::metering::{Meter, WallClock};
 use tollgate::metrics::Metrics;
 use tollgate::store::redis::RedisStore;
-use tollgate::store::{RateLimitSpec, SharedStore};
+use tollgate::store::SharedStore;
 
 const KEYS: usize = 5_000;
 
@@ -81,23 +79,9 @@ fn main() {
             store.create_key(&key).await.expect("key");
             hashes.push(key.hash);
         }
-        let cache = KeyCache::new(
-            Arc::clone(&store),
-            Arc::new(Limiters::new()),
-            Arc::new(Meter::new(WallClock::System)),
-            Arc::new(Metrics::new().expect("metrics")),
-            CacheSettings {
-                ttl: Duration::from_secs(3600),
-                negative_ttl: Duration::from_secs(5),
-                max_entries: KEYS * 2,
-            },
-            RateLimitSpec {
-                per_minute: Some(60),
-                per_hour: Some(1000),
-                per_day: Some(10_000),
-            },
-            OnStoreError::FailOpen,
-        );
+        let meter = Arc::new(Meter::new(WallClock::System));
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let cache = records::cache(&store, &meter, &metrics, KEYS);
         let mut times = Vec::with_capacity(KEYS);
         for hash in &hashes {
             let started = Instant::now();

@@ -1,8 +1,46 @@
-//! Records the benches store before measuring: one account, and secret keys in it.
+//! What the benches set up before measuring: one account, secret keys in it, and a key cache
+//! whose limits never refuse.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::Utc;
+use tollgate::auth::cache::KeyCache;
+use tollgate::config::{CacheSettings, OnStoreError};
 use tollgate::credential::{self, KeyHash};
-use tollgate::store::{AccountRecord, KeyRecord, KeyType};
+use tollgate::limits::Limiters;
+use tollgate::metering::Meter;
+use tollgate::metrics::Metrics;
+use tollgate::store::{AccountRecord, KeyRecord, KeyType, RateLimitSpec, SharedStore};
+
+/// Limits high enough that no bench request is refused: every window is still checked.
+const BIG: RateLimitSpec = RateLimitSpec {
+    per_minute: Some(1_000_000_000),
+    per_hour: Some(1_000_000_000),
+    per_day: Some(1_000_000_000),
+};
+
+/// A cache over `store` with room for twice `keys`, an hour's TTL and [`BIG`] limits.
+pub(crate) fn cache(
+    store: &SharedStore,
+    meter: &Arc<Meter>,
+    metrics: &Arc<Metrics>,
+    keys: usize,
+) -> KeyCache {
+    KeyCache::new(
+        Arc::clone(store),
+        Arc::new(Limiters::new()),
+        Arc::clone(meter),
+        Arc::clone(metrics),
+        CacheSettings {
+            ttl: Duration::from_secs(3600),
+            negative_ttl: Duration::from_secs(5),
+            max_entries: keys * 2,
+        },
+        BIG,
+        OnStoreError::FailOpen,
+    )
+}
 
 /// An active account with no limits of its own.
 pub(crate) fn account(id: &str) -> AccountRecord {

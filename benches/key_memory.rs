@@ -1,0 +1,169 @@
+//! Memory per cached key: live heap bytes (counted by a wrapper around the binary's allocator,
+//! mimalloc) and resident memory, per key, after each stage a key goes through in the proxy:
+//! cached (the cache entry, its buckets and usage cell), used once (the decision and the usage
+//! count), and flushed (its counts handed to the store, where the embedded store's journal keeps
+//! them until a fold).
+//!
+//! `cargo bench --bench key_memory [-- KEYS]` (default 200,000 keys)
+
+// A counting allocator has to implement `GlobalAlloc`, an unsafe trait; it only forwards to
+// mimalloc. The gateway itself has no `unsafe`.
+#![allow(unsafe_code)]
+
+use std::alloc::{GlobalAlloc, Layout};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::sync::Arc;
+
+#[path = "support/records.rs"]
+mod records;
+
+use futures_util::stream::{self, StreamExt};
+use http::Method;
+use mimalloc::MiMalloc;
+use tollgate::auth::cache::{Cached, Lookup};
+use tollgate::auth::{authorize, RequestFacts};
+use tollgate::config::RouteScopes;
+use tollgate::credential::{self, KeyHash, Kind};
+use tollgate::metering::flusher::{self, Backlog};
+use tollgate::metering::{Meter, Outcome, WallClock};
+use tollgate::metrics::Metrics;
+use tollgate::store::embedded::EmbeddedStore;
+use tollgate::store::SharedStore;
+
+/// mimalloc, counting the bytes asked for and not yet freed.
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: every call is passed to mimalloc unchanged; only the counter is added.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: the caller's contract, passed on.
+        unsafe { MiMalloc.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: the caller's contract, passed on.
+        unsafe { MiMalloc.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
+        // SAFETY: the caller's contract, passed on.
+        unsafe { MiMalloc.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Resident memory, bytes (`VmRSS`).
+fn resident() -> isize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<isize>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+struct Reading {
+    live: isize,
+    resident: isize,
+}
+
+fn read() -> Reading {
+    Reading {
+        live: LIVE.load(Ordering::Relaxed),
+        resident: resident(),
+    }
+}
+
+fn report(stage: &str, before: &Reading, keys: usize) -> Reading {
+    let now = read();
+    let per = |a: isize, b: isize| (a - b) / keys.max(1) as isize;
+    println!(
+        "{stage:<34} heap {:>6} B/key   resident {:>6} B/key",
+        per(now.live, before.live),
+        per(now.resident, before.resident)
+    );
+    now
+}
+
+fn main() {
+    let keys: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(200_000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store: SharedStore =
+        Arc::new(EmbeddedStore::open(&dir.path().join("bench.db")).expect("store"));
+    let metrics = Arc::new(Metrics::new().expect("metrics"));
+    let meter = Arc::new(Meter::new(WallClock::System));
+    let cache = records::cache(&store, &meter, &metrics, keys);
+    let account = records::account("acc_bench");
+    let raws: Vec<String> = (0..keys)
+        .map(|_| credential::generate(Kind::Secret))
+        .collect();
+    let hashes: Vec<KeyHash> = raws.iter().map(|r| KeyHash::of(r)).collect();
+    rt.block_on(async {
+        store.create_account(&account).await.expect("account");
+        // Concurrent creates share their commits.
+        stream::iter(raws.iter().enumerate())
+            .for_each_concurrent(256, |(i, raw)| {
+                let (store, key) = (&store, records::secret_key(i, &account.id, raw));
+                async move { store.create_key(&key).await.expect("key") }
+            })
+            .await;
+        // Reads every key once, so that the store's page cache is as full before the
+        // measurement as after it: what is counted is the gateway's own structures.
+        for hash in &hashes {
+            assert!(store.lookup_key(hash).await.expect("lookup").is_some());
+        }
+    });
+    println!("{keys} keys (live heap counted at the allocator; resident = VmRSS)");
+    let start = read();
+
+    rt.block_on(async {
+        for hash in &hashes {
+            assert!(matches!(cache.get(hash).await, Lookup::Found(_)));
+        }
+    });
+    let cached = report("cached", &start, keys);
+
+    let scopes = RouteScopes::default();
+    let ip: IpAddr = "127.0.0.1".parse().expect("ip");
+    for hash in &hashes {
+        let Cached::Fresh(Lookup::Found(key)) = cache.cached(hash) else {
+            panic!("not cached");
+        };
+        let now_ms = meter.clock().now_ms();
+        let facts = RequestFacts {
+            method: &Method::GET,
+            client_ip: ip,
+            origin: None,
+            referer: None,
+            scopes: &scopes,
+            now_ms,
+        };
+        let permit = authorize(&key, &facts).unwrap_or_else(|_| panic!("refused"));
+        permit.key.usage.record(now_ms, Outcome { status: 200 });
+    }
+    let used = report("  + used once", &cached, keys);
+
+    let mut backlog = Backlog::new(usize::MAX, &metrics);
+    rt.block_on(flusher::flush_once(&meter, &store, &metrics, &mut backlog));
+    report("  + flushed (journal, not folded)", &used, keys);
+    report("total", &start, keys);
+    drop((cache, raws, hashes));
+}
