@@ -165,5 +165,4 @@ fn main() {
     rt.block_on(flusher::flush_once(&meter, &store, &metrics, &mut backlog));
     report("  + flushed (journal, not folded)", &used, keys);
     report("total", &start, keys);
-    drop((cache, raws, hashes));
 }

@@ -83,6 +83,16 @@ pub struct IdentityValues {
     pub limits: Arc<LimitValues>,
 }
 
+/// The scopes header of a key with full access.
+static ALL_SCOPES: HeaderValue = HeaderValue::from_static("*");
+
+impl IdentityValues {
+    /// The `X-Tollgate-Scopes` value: the key's scopes, or `*` for full access.
+    pub fn scopes_header(&self) -> &HeaderValue {
+        self.scopes.as_deref().unwrap_or(&ALL_SCOPES)
+    }
+}
+
 /// The limit header values of one set of quotas, shared by every key that has them.
 #[derive(Default)]
 pub struct LimitValues {
@@ -184,15 +194,13 @@ fn check_state(key: &CachedKey, now_ms: i64) -> Result<(), Refusal> {
 }
 
 fn check_network(key: &CachedKey, facts: &RequestFacts<'_>) -> Result<(), Refusal> {
-    let (account_ips, key_ips, origins, scopes): (&[IpNet], &[IpNet], &[_], _) =
-        match key.rules.as_deref() {
-            Some(r) => (&r.account_ips, &r.key_ips, &r.origins, r.scopes.as_deref()),
-            None => (&[], &[], &[], None),
-        };
-    if !account_ips.is_empty() && !policy::ip_in(account_ips, facts.client_ip) {
+    // A key without rules has the empty ones (empty boxed slices: no allocation).
+    let unrestricted = KeyRules::default();
+    let rules = key.rules.as_deref().unwrap_or(&unrestricted);
+    if !rules.account_ips.is_empty() && !policy::ip_in(&rules.account_ips, facts.client_ip) {
         return Err(Refusal::IpNotAllowed);
     }
-    if !key_ips.is_empty() && !policy::ip_in(key_ips, facts.client_ip) {
+    if !rules.key_ips.is_empty() && !policy::ip_in(&rules.key_ips, facts.client_ip) {
         return Err(Refusal::IpNotAllowed);
     }
     if key.key_type == KeyType::Publishable {
@@ -200,7 +208,7 @@ fn check_network(key: &CachedKey, facts: &RequestFacts<'_>) -> Result<(), Refusa
             Some(o) => policy::Origin::parse(o),
             None => facts.referer.and_then(policy::Origin::of_referer),
         };
-        if !origin.is_some_and(|o| policy::origin_allowed(origins, &o)) {
+        if !origin.is_some_and(|o| policy::origin_allowed(&rules.origins, &o)) {
             return Err(Refusal::OriginNotAllowed);
         }
         if !policy::is_read_method(facts.method) {
@@ -213,7 +221,7 @@ fn check_network(key: &CachedKey, facts: &RequestFacts<'_>) -> Result<(), Refusa
         &facts.scopes.write
     };
     if let Some(scope) = needed {
-        if !policy::has_scope(scopes, scope) {
+        if !policy::has_scope(rules.scopes.as_deref(), scope) {
             return Err(Refusal::ScopeDenied);
         }
     }

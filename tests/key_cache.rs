@@ -319,10 +319,7 @@ async fn keys_share_what_they_have_in_common() {
     assert!(Arc::ptr_eq(&a.account_id, &b.account_id));
     assert!(Arc::ptr_eq(&a.identity.limits, &b.identity.limits));
     assert!(!Arc::ptr_eq(&a.identity.limits, &own.identity.limits));
-    assert!(
-        a.identity.scopes.is_none(),
-        "an unscoped key sends the shared `*`"
-    );
+    assert_eq!(a.identity.scopes_header(), "*");
     assert_eq!(
         own.identity.limits.per_window[0]
             .as_ref()

@@ -16,8 +16,6 @@ use crate::limits::{LimitSnapshot, Window, WindowState};
 use crate::store::KeyType;
 
 static SECRET: HeaderValue = HeaderValue::from_static("secret");
-/// The scopes header of a key with full access.
-static ALL_SCOPES: HeaderValue = HeaderValue::from_static("*");
 static PUBLISHABLE: HeaderValue = HeaderValue::from_static("publishable");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -172,8 +170,7 @@ pub fn prepare_upstream_headers(
             KeyType::Publishable => &PUBLISHABLE,
         };
         headers.insert(names.key_type.clone(), key_type.clone());
-        let scopes = id.scopes.as_deref().unwrap_or(&ALL_SCOPES);
-        headers.insert(names.scopes.clone(), scopes.clone());
+        headers.insert(names.scopes.clone(), id.scopes_header().clone());
     }
 }
 
