@@ -270,9 +270,7 @@ async fn open_embedded(path: &std::path::Path) -> Result<EmbeddedStore, crate::s
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })
+    crate::listener::bind(addr).map_err(|source| StartError::Bind { addr, source })
 }
 
 fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, StartError> {

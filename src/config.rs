@@ -546,6 +546,17 @@ impl Validator {
                     &at("path_prefix"),
                     format!("`{path_prefix}` must start with /"),
                 );
+            } else {
+                // Requests are matched on their normalised path, so a prefix in any other form
+                // would never match.
+                match crate::proxy::target::normalise(&path_prefix) {
+                    Ok(std::borrow::Cow::Borrowed(_)) => {}
+                    Ok(std::borrow::Cow::Owned(normal)) => self.problem(
+                        &at("path_prefix"),
+                        format!("`{path_prefix}` is not in normal form; write `{normal}`"),
+                    ),
+                    Err(e) => self.problem(&at("path_prefix"), format!("`{path_prefix}`: {e}")),
+                }
             }
             let upstreams = r.upstreams.unwrap_or_default();
             if upstreams.is_empty() {
@@ -591,6 +602,7 @@ impl Validator {
                 );
             }
             let timeout = self.duration(&at("timeout"), r.timeout, "30s");
+            let idle_timeout = self.duration(&at("idle_timeout"), r.idle_timeout, "30s");
             out.push(RouteSettings {
                 name,
                 path_prefix,
@@ -600,6 +612,7 @@ impl Validator {
                 scopes,
                 strip_prefix: r.strip_prefix.unwrap_or(false),
                 timeout,
+                idle_timeout,
             });
         }
         out

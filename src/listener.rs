@@ -24,7 +24,7 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus::IntGauge;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 
 /// Per-connection protocol limits.
@@ -61,6 +61,31 @@ struct Protocols {
     header_timeout: Duration,
 }
 
+/// The listen backlog when the system's maximum cannot be read.
+const FALLBACK_BACKLOG: u32 = 4096;
+
+/// Binds `addr` with the system's largest listen backlog (`net.core.somaxconn`): a burst of
+/// connections waits in the kernel's queue instead of being dropped (tokio's default is 1024,
+/// and what a platform raised somaxconn for should not be capped by us).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(system_backlog())
+}
+
+/// `net.core.somaxconn`, the most the kernel queues for one listener.
+fn system_backlog() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .map_or(FALLBACK_BACKLOG, |n| n.clamp(128, i32::MAX as u32))
+}
+
 /// Serves `handler` on every connection until `shutdown` turns true, then stops accepting and
 /// lets open requests finish within `limits.drain`.
 pub async fn serve<H, Fut, B>(
@@ -80,6 +105,9 @@ pub async fn serve<H, Fut, B>(
     http1
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
+        // The head's exact size; the read buffer (`max_buf_size`) only bounds what one read
+        // may add, and alone let heads of 112 KiB through a 64 KiB limit.
+        .max_header_size(limits.max_header_bytes)
         .max_buf_size(limits.max_header_bytes.max(8192));
     let mut http2 = http2::Builder::new(TokioExecutor::new());
     http2

@@ -66,6 +66,11 @@ pub struct StoreCalls {
 #[derive(Clone)]
 pub struct RouteCounters {
     by_class: [IntCounter; 5],
+    /// `outcome="client_closed"`: forwarded, and the client went away before the upstream's
+    /// head arrived.
+    client_closed: IntCounter,
+    /// `outcome="upstream_timeout"`: the upstream's body stalled past the idle timeout and was cut.
+    body_stalled: IntCounter,
 }
 
 // === impl Metrics ===
@@ -171,6 +176,14 @@ impl Metrics {
         };
         RouteCounters {
             by_class: [c("1xx"), c("2xx"), c("3xx"), c("4xx"), c("5xx")],
+            client_closed: self
+                .requests_total
+                .with_label_values(&[route, "client_closed", "4xx"]),
+            body_stalled: self.requests_total.with_label_values(&[
+                route,
+                "upstream_timeout",
+                "5xx",
+            ]),
         }
     }
 
@@ -232,6 +245,16 @@ impl RouteCounters {
     pub fn inc(&self, status: u16) {
         let i = usize::from((status / 100).clamp(1, 5)) - 1;
         self.by_class[i].inc();
+    }
+
+    /// Counts one forwarded request whose client went away before the upstream answered.
+    pub fn client_closed(&self) {
+        self.client_closed.inc();
+    }
+
+    /// Counts one forwarded request whose upstream body stalled and was cut.
+    pub fn body_stalled(&self) {
+        self.body_stalled.inc();
     }
 }
 

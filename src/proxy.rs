@@ -14,8 +14,11 @@ pub mod body;
 pub mod forward;
 pub mod headers;
 pub mod pool;
+pub mod record;
 pub mod route;
+pub mod target;
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -41,7 +44,9 @@ use crate::refusal::Refusal;
 use body::{RequestBody, ResponseBody, UsageSink};
 use headers::{Forwarding, IdentityNames};
 use pool::Pool;
+use record::Record;
 use route::{Route, RouteTable};
+use target::TargetError;
 
 /// What the proxy answers with: the upstream's streamed body, or one of ours.
 pub type ProxyBody = Either<ResponseBody, Full<Bytes>>;
@@ -56,6 +61,15 @@ pub struct Proxy {
     names: IdentityNames,
     trusted_proxies: Vec<IpNet>,
     max_body_bytes: u64,
+}
+
+/// What the target check decided, for the steps after it.
+#[derive(Clone, Copy)]
+struct Checked<'a> {
+    /// The host the request is for (authority, else `Host`), for `X-Forwarded-Host`.
+    host: Option<&'a HeaderValue>,
+    /// The normalised path when it differs from the request's (what is matched is forwarded).
+    path: Option<&'a str>,
 }
 
 /// A request identified to a key, for metering whatever happens next.
@@ -91,21 +105,29 @@ impl Proxy {
     /// Serves one request from a client at `peer`.
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         let started = Instant::now();
-        let host_value = req.headers().get(header::HOST).cloned().or_else(|| {
-            req.uri()
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+        let (host_value, normalised) = match checked_target(&req) {
+            Ok(checked) => checked,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "request target refused");
+                let refusal = match e {
+                    TargetError::MethodNotAllowed => Refusal::MethodNotAllowed,
+                    _ => Refusal::BadRequest,
+                };
+                return self.refuse("-", refusal, None, None);
+            }
+        };
+        let path = normalised.as_deref().unwrap_or(req.uri().path());
         let host = route::request_host(host_value.as_ref().and_then(|v| v.to_str().ok()));
-        let Some(route) = self.routes.find(host, req.uri().path()) else {
+        let Some(route) = self.routes.find(host, path) else {
             return self.refuse("-", Refusal::NoRoute, None, None);
         };
+        let target = Checked {
+            host: host_value.as_ref(),
+            path: normalised.as_deref(),
+        };
         let response = match route.auth {
-            RouteAuth::Public => {
-                self.forward(route, req, peer, host_value.as_ref(), None)
-                    .await
-            }
-            RouteAuth::Required => self.keyed(route, req, peer, host_value.as_ref()).await,
+            RouteAuth::Public => self.forward(route, req, peer, target, None).await,
+            RouteAuth::Required => self.keyed(route, req, peer, target).await,
         };
         self.metrics
             .request_duration
@@ -118,7 +140,7 @@ impl Proxy {
         route: &Route,
         req: Request<Incoming>,
         peer: SocketAddr,
-        host: Option<&HeaderValue>,
+        target: Checked<'_>,
     ) -> Response<ProxyBody> {
         let Some(presented) = extract::credential(req.headers()) else {
             return self.refuse(&route.name, Refusal::MissingCredential, None, None);
@@ -150,7 +172,7 @@ impl Proxy {
                 route,
                 req,
                 peer,
-                host,
+                target,
                 Some((&identified, presented.source)),
             )
             .await;
@@ -198,7 +220,7 @@ impl Proxy {
         route: &Route,
         req: Request<Incoming>,
         peer: SocketAddr,
-        host: Option<&HeaderValue>,
+        checked: Checked<'_>,
         key: Option<(&Identified, extract::Source)>,
     ) -> Response<ProxyBody> {
         let identified = key.map(|(i, _)| i);
@@ -213,17 +235,20 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         let client_version = parts.version;
         let target = route.target();
-        let Ok(uri) = forward::upstream_uri(route, target, parts.uri.path_and_query()) else {
+        let Ok(uri) =
+            forward::upstream_uri(route, target, checked.path, parts.uri.path_and_query())
+        else {
             return self.refuse(&route.name, Refusal::NoRoute, identified, None);
         };
-        // WebSocket and other upgrades: the client's side of the tunnel, once upstream agrees.
+        // WebSocket upgrades: the client's side of the tunnel, once upstream agrees. Any other
+        // upgrade (h2c above all: a tunnel past the gateway) is not passed on.
         let upgrade = headers::requested_upgrade(&parts.headers)
             .map(|protocol| (protocol, parts.extensions.remove::<OnUpgrade>()));
         let peer_trusted = policy::ip_in(&self.trusted_proxies, peer.ip());
         let fwd = Forwarding {
             peer: policy::canonical(peer.ip()),
             peer_trusted,
-            host,
+            host: checked.host,
             credential: key.map(|(_, source)| source),
         };
         let mut upstream_headers = parts.headers;
@@ -244,43 +269,55 @@ impl Proxy {
         let mut upstream_req = Request::new(RequestBody::new(
             body,
             self.max_body_bytes,
+            route.idle_timeout,
             identified.map(sink),
         ));
         *upstream_req.method_mut() = parts.method;
         *upstream_req.uri_mut() = uri;
         *upstream_req.headers_mut() = upstream_headers;
+        // From here the request counts whatever its client does: if the client leaves while the
+        // upstream works, this future is dropped and the record counts it then.
+        let mut record = Record::new(
+            Arc::clone(&route.counters),
+            identified.map(|i| (sink(i), i.now_ms)),
+        );
         let sent = Instant::now();
         let forward::Answer { mut response, conn } =
             match self.upstreams.send(route, target, upstream_req).await {
                 Ok(answer) => answer,
-                Err(refusal) => return self.refuse(&route.name, refusal, identified, None),
+                Err(refusal) => {
+                    record.refused();
+                    return self.refuse(&route.name, refusal, identified, None);
+                }
             };
         self.metrics
             .upstream_duration
             .observe(sent.elapsed().as_secs_f64());
         let status = response.status();
         let switching = status == http::StatusCode::SWITCHING_PROTOCOLS;
-        if switching {
+        record.answered(status.as_u16());
+        let record = if switching {
             match upgrade {
                 Some((_, Some(client))) => {
                     let upstream = hyper::upgrade::on(&mut response);
                     tokio::spawn(tunnel(client, upstream, identified.map(sink)));
+                    record.finish();
+                    None
                 }
                 // 101 to a request that asked for no upgrade (or one that cannot be upgraded).
                 _ => {
-                    return self.refuse(&route.name, Refusal::UpstreamUnavailable, identified, None)
+                    record.refused();
+                    return self.refuse(
+                        &route.name,
+                        Refusal::UpstreamUnavailable,
+                        identified,
+                        None,
+                    );
                 }
             }
-        }
-        route.counters.inc(status.as_u16());
-        if let Some(i) = identified {
-            i.key.usage.record(
-                i.now_ms,
-                Outcome {
-                    status: status.as_u16(),
-                },
-            );
-        }
+        } else {
+            Some(record)
+        };
         let (mut parts, body) = response.into_parts();
         // The answer goes out in the client's version, not the upstream's (an HTTP/1.0 upstream
         // must not turn a keep-alive HTTP/1.1 client connection into a closing 1.0 one).
@@ -288,7 +325,7 @@ impl Proxy {
         headers::clean_response_headers(&mut parts.headers, switching);
         Response::from_parts(
             parts,
-            Either::Left(ResponseBody::new(body, identified.map(sink), conn)),
+            Either::Left(ResponseBody::new(body, route.idle_timeout, record, conn)),
         )
     }
 
@@ -323,6 +360,20 @@ impl Proxy {
         }
         response
     }
+}
+
+/// Method, host and path of a request, checked (`target`): the host it is for and its path
+/// when normalising changed it.
+fn checked_target(
+    req: &Request<Incoming>,
+) -> Result<(Option<HeaderValue>, Option<String>), TargetError> {
+    target::check_method(req.method())?;
+    let host = target::request_host(req.uri(), req.version(), req.headers())?;
+    let path = match target::normalise(req.uri().path())? {
+        Cow::Borrowed(_) => None,
+        Cow::Owned(p) => Some(p),
+    };
+    Ok((host, path))
 }
 
 /// Joins an upgraded client connection to the upgraded upstream one until either side closes;

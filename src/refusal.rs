@@ -9,9 +9,17 @@ use http_body_util::Full;
 
 use crate::limits::Window;
 
+/// What a 405 lists in `Allow`: every method but `CONNECT` and `TRACE`.
+const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+
 /// Why the gateway answered instead of the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
+    /// The request target or framing breaks the rules of contract §4 (an ambiguous path, two
+    /// `Host`s, a body that breaks its own framing or stalls).
+    BadRequest,
+    /// `CONNECT` or `TRACE`.
+    MethodNotAllowed,
     /// No credential in any of the three header forms.
     MissingCredential,
     /// Malformed, bad checksum, unknown, or not usable here.
@@ -55,6 +63,8 @@ impl Refusal {
     /// Status and code, exactly as in the contract. No `_` arm: a new variant must be mapped.
     pub fn status_and_code(self) -> (StatusCode, &'static str) {
         match self {
+            Refusal::BadRequest => (StatusCode::BAD_REQUEST, "bad_request"),
+            Refusal::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Refusal::MissingCredential => (StatusCode::UNAUTHORIZED, "missing_credential"),
             Refusal::InvalidCredential => (StatusCode::UNAUTHORIZED, "invalid_credential"),
             Refusal::ExpiredCredential => (StatusCode::UNAUTHORIZED, "expired_credential"),
@@ -76,6 +86,8 @@ impl Refusal {
     /// A sentence for humans.
     pub fn message(self) -> &'static str {
         match self {
+            Refusal::BadRequest => "the request is malformed or ambiguous",
+            Refusal::MethodNotAllowed => "this method is not allowed through the gateway",
             Refusal::MissingCredential => {
                 "an API key is required: send Authorization: Bearer <key> or X-API-Key"
             }
@@ -114,6 +126,9 @@ impl Refusal {
         );
         if let Refusal::RateLimited { retry_after, .. } = self {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+        }
+        if let Refusal::MethodNotAllowed = self {
+            headers.insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
         }
         response
     }

@@ -121,5 +121,6 @@ pub(crate) struct RawRoute {
     pub(crate) scopes: Option<BTreeMap<String, String>>,
     pub(crate) strip_prefix: Option<bool>,
     pub(crate) timeout: Option<String>,
+    pub(crate) idle_timeout: Option<String>,
     pub(crate) cost: Option<u32>,
 }

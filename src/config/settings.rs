@@ -149,6 +149,9 @@ pub struct RouteSettings {
     pub strip_prefix: bool,
     /// Upstream response-head deadline.
     pub timeout: Duration,
+    /// The longest silence inside a streamed body, either way: a stalled upstream body is cut
+    /// (counted as `upstream_timeout`), a stalled client body refused (`bad_request`).
+    pub idle_timeout: Duration,
 }
 
 /// One upstream base URL, split once.

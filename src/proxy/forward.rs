@@ -6,7 +6,7 @@ use http::uri::PathAndQuery;
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 
-use super::body::{is_body_too_large, RequestBody};
+use super::body::{caused_by, BodyTooLarge, ClientBodyError, RequestBody};
 use super::headers;
 use super::pool::{Checkin, Pool};
 use super::route::{Route, Target};
@@ -49,8 +49,11 @@ impl Upstreams {
             Err(_) => Err(Refusal::UpstreamTimeout),
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(e)) => {
-                if is_body_too_large(&*e) {
+                if caused_by::<BodyTooLarge>(&*e) {
                     Err(Refusal::BodyTooLarge)
+                } else if caused_by::<ClientBodyError>(&*e) {
+                    tracing::debug!(route = %route.name, error = %e, "client body failed");
+                    Err(Refusal::BadRequest)
                 } else {
                     tracing::debug!(route = %route.name, error = %e, "upstream request failed");
                     Err(Refusal::UpstreamUnavailable)
@@ -88,16 +91,18 @@ impl Upstreams {
 }
 
 /// The origin-form URI to send upstream: the target's base path, the route's path (prefix
-/// stripped when configured) and the query.
+/// stripped when configured; `normalised` when the check changed the request's) and the query.
 pub fn upstream_uri(
     route: &Route,
     target: &Target,
+    normalised: Option<&str>,
     original: Option<&PathAndQuery>,
 ) -> Result<Uri, http::Error> {
     let base = &target.upstream.base_path;
-    let path = original.map_or("/", PathAndQuery::path);
+    let path = normalised.unwrap_or_else(|| original.map_or("/", PathAndQuery::path));
     let forwarded_path = route.upstream_path(path);
-    let path_and_query = if base.is_empty() && forwarded_path.len() == path.len() {
+    let unchanged = normalised.is_none() && forwarded_path.len() == path.len();
+    let path_and_query = if base.is_empty() && unchanged {
         // The common case: the client's path and query, unchanged, without a copy.
         original
             .cloned()

@@ -20,6 +20,9 @@ static PUBLISHABLE: HeaderValue = HeaderValue::from_static("publishable");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+/// Sent with an h2c upgrade; meaningless once the upgrade is not passed on.
+static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
@@ -119,12 +122,23 @@ pub fn prepare_upstream_headers(
 ) {
     let mut found = 0u16;
     let mut spoofed = false;
+    let mut claims = false;
     for name in headers.keys() {
         let bit = hop_by_hop_bit(name);
         found |= bit;
         spoofed |= bit == 0 && names.is_identity(name);
+        claims |= name == header::FORWARDED || name == X_REAL_IP || name == HTTP2_SETTINGS;
     }
     remove_hop_by_hop(headers, found, found & REQUEST_DROPS, false);
+    if claims {
+        headers.remove(&HTTP2_SETTINGS);
+        // What a client says about where it came from is believed only from a trusted proxy,
+        // like X-Forwarded-For.
+        if !fwd.peer_trusted {
+            headers.remove(header::FORWARDED);
+            headers.remove(&X_REAL_IP);
+        }
+    }
     if spoofed {
         let listed: Vec<HeaderName> = headers
             .keys()
@@ -174,12 +188,16 @@ pub fn prepare_upstream_headers(
     }
 }
 
-/// The protocol a client asks to upgrade to (`Connection: upgrade` with `Upgrade: …`, as a
-/// WebSocket handshake sends), if any.
+/// The WebSocket upgrade a client asks for (`Connection: upgrade` with `Upgrade: websocket`), if
+/// any. No other upgrade is passed on: an `h2c` one would make the upstream connection a tunnel
+/// of HTTP/2 requests that the gateway never sees (h2c smuggling), so such a request goes on as
+/// a plain one, its upgrade headers removed with the other hop-by-hop headers.
 pub fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
-    connection_has(headers, "upgrade")
-        .then(|| headers.get(header::UPGRADE).cloned())
-        .flatten()
+    let protocol = headers.get(header::UPGRADE)?;
+    let websocket = protocol
+        .to_str()
+        .is_ok_and(|p| p.trim().eq_ignore_ascii_case("websocket"));
+    (websocket && connection_has(headers, "upgrade")).then(|| protocol.clone())
 }
 
 /// Whether a `Connection` header of the message lists `token` (`close`, `upgrade`, …).
@@ -380,12 +398,31 @@ mod tests {
     }
 
     #[test]
+    fn only_websocket_upgrades_are_passed_on() {
+        let ws = request_headers(&[("connection", "Upgrade"), ("upgrade", "WebSocket")]);
+        assert_eq!(requested_upgrade(&ws).unwrap(), "WebSocket");
+        let h2c = request_headers(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAAQAAP__"),
+        ]);
+        assert!(requested_upgrade(&h2c).is_none());
+        let mut h = h2c;
+        let names = IdentityNames::new("X-Tollgate-").unwrap();
+        prepare_upstream_headers(&mut h, &names, &fwd(false, None), None);
+        assert!(h.get("upgrade").is_none() && h.get("http2-settings").is_none());
+        assert!(h.get("connection").is_none());
+    }
+
+    #[test]
     fn an_untrusted_peer_cannot_set_forwarded_headers() {
         let names = IdentityNames::new("X-Tollgate-").unwrap();
         let mut h = request_headers(&[
             ("x-forwarded-for", "203.0.113.1"),
             ("x-forwarded-proto", "https"),
             ("x-forwarded-host", "evil.example"),
+            ("forwarded", "for=203.0.113.1;proto=https"),
+            ("x-real-ip", "203.0.113.1"),
         ]);
         let host = HeaderValue::from_static("api.example.com");
         let mut f = fwd(false, None);
@@ -394,6 +431,12 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "10.0.0.7");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "api.example.com");
+        assert!(h.get("forwarded").is_none() && h.get("x-real-ip").is_none());
+        let mut trusted =
+            request_headers(&[("forwarded", "for=1.2.3.4"), ("x-real-ip", "1.2.3.4")]);
+        prepare_upstream_headers(&mut trusted, &names, &fwd(true, None), None);
+        assert_eq!(trusted["forwarded"], "for=1.2.3.4");
+        assert_eq!(trusted["x-real-ip"], "1.2.3.4");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! prefix. Pure apart from the round-robin counter.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderValue;
@@ -36,8 +37,10 @@ pub struct Route {
     pub strip_prefix: bool,
     /// Upstream answer deadline.
     pub timeout: Duration,
-    /// `requests_total{outcome="forwarded"}` handles.
-    pub counters: RouteCounters,
+    /// Upstream body idle deadline, either way.
+    pub idle_timeout: Duration,
+    /// `requests_total` handles of forwarded requests; shared with each request's record.
+    pub counters: Arc<RouteCounters>,
 }
 
 /// All routes, most specific first.
@@ -72,7 +75,8 @@ impl RouteTable {
                 scopes: r.scopes.clone(),
                 strip_prefix: r.strip_prefix,
                 timeout: r.timeout,
-                counters: metrics.route_counters(&r.name),
+                idle_timeout: r.idle_timeout,
+                counters: Arc::new(metrics.route_counters(&r.name)),
             })
             .collect();
         routes.sort_by(|a, b| {
@@ -164,6 +168,7 @@ mod tests {
             scopes: RouteScopes::default(),
             strip_prefix: true,
             timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
         }
     }
 
