@@ -398,3 +398,30 @@ fn durations_route_defaults_and_unknown_route_fields() {
         "{err}"
     );
 }
+
+#[test]
+fn idle_timeout_defaults_to_30s_and_route_prefixes_must_be_in_normal_form() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ok = "[[routes]]\nname = \"api\"\npath_prefix = \"/\"\nupstreams = [\"http://127.0.0.1:8000\"]\n\
+              [[routes]]\nname = \"v2\"\npath_prefix = \"/v2\"\nidle_timeout = \"250ms\"\n\
+              upstreams = [\"http://127.0.0.1:8000\"]\n";
+    let s = config::load_with_env(&write(dir.path(), "ok.toml", ok), Vec::new()).expect("loads");
+    assert_eq!(s.routes[0].idle_timeout, Duration::from_secs(30));
+    assert_eq!(s.routes[1].idle_timeout, Duration::from_millis(250));
+
+    let bad = "[[routes]]\nname = \"a\"\npath_prefix = \"/a/../b\"\nupstreams = [\"http://127.0.0.1:8000\"]\n\
+               [[routes]]\nname = \"b\"\npath_prefix = \"/%2e%2e\"\nupstreams = [\"http://127.0.0.1:8000\"]\n";
+    let err = config::load_with_env(&write(dir.path(), "bad.toml", bad), Vec::new())
+        .expect_err("prefixes not in normal form");
+    for (field, why) in [
+        ("routes[0].path_prefix", "write `/b`"),
+        ("routes[1].path_prefix", "above the root"),
+    ] {
+        assert!(
+            err.problems
+                .iter()
+                .any(|p| p.field == field && p.message.contains(why)),
+            "{field}: {err}"
+        );
+    }
+}
