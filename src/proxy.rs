@@ -25,6 +25,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response};
+use http_body::Body as _;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
@@ -104,6 +105,20 @@ impl Proxy {
 
     /// Serves one request from a client at `peer`.
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        // An HTTP/1 request whose body the gateway refuses without reading leaves that body in
+        // the connection; hyper then closes it after the answer, so the answer says so, or the
+        // client's next request on it would be lost.
+        let body_left = req.version() < http::Version::HTTP_2 && !req.body().is_end_stream();
+        let mut response = self.serve(req, peer).await;
+        if body_left && matches!(response.body(), Either::Right(_)) {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+
+    async fn serve(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         let started = Instant::now();
         let (host_value, normalised) = match checked_target(&req) {
             Ok(checked) => checked,

@@ -534,3 +534,36 @@ async fn requests_whose_clients_hang_up_after_forwarding_are_still_metered() {
     .await;
     assert!(metered, "the key's usage counts all twenty");
 }
+
+// === refusals that leave a body unread ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_that_leaves_the_body_unread_says_connection_close() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let body = "x".repeat(64 * 1024);
+    let mut stream = TcpStream::connect(gw.proxy_addr).await.expect("connect");
+    let request = format!(
+        "POST /things/x HTTP/1.1\r\nHost: example\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // The gateway answers 401 without reading the body; writing it all may fail once it closes.
+    let _ = stream.write_all(request.as_bytes()).await;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut got)).await;
+    let r = parse(&got);
+    assert_eq!((r.status, r.code().as_str()), (401, "missing_credential"));
+    assert!(
+        r.head.to_ascii_lowercase().contains("connection: close"),
+        "{}",
+        r.head
+    );
+    // Without a body there is nothing left unread: the connection stays open.
+    let r = common::client()
+        .get(gw.proxy_url("/things/x"))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(r.headers().get("connection").is_none());
+}
