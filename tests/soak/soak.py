@@ -60,6 +60,13 @@ RECOVERY_GRACE = 5.0
 # Client socket timeout: longer than any answer the upstream is asked for (slow ≤ 1.5 s) plus a
 # Redis pause, so a timeout is a stall worth reporting, not a slow answer.
 CLIENT_TIMEOUT = 30.0
+# An answer slower than this (other than /slow's, which are asked to be slow) is reported as a
+# stall, by phase. Reported, not judged: the machine is shared and a debug build is measured.
+STALL_SECONDS = 2.5
+# A hang-up: the client sends a keyed request for a slow answer (HANGUP_SLOW_MS) and closes the
+# connection after HANGUP_AFTER s, long after the key was identified and the request forwarded.
+HANGUP_SLOW_MS = 1500
+HANGUP_AFTER = 0.3
 # How long a process may take to become ready / to stop before it is killed.
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
@@ -556,6 +563,7 @@ class KeyStats:
     refused: int = 0  # no connection: never reached a gateway
     cut: int = 0  # sent, then reset / closed / timed out without an answer
     stale_keepalive: int = 0  # a kept-alive connection closed under the request
+    hung_up: int = 0  # the client closed the connection before the answer (on purpose)
     body_mismatch: int = 0
     key_id_mismatch: int = 0
 
@@ -567,6 +575,14 @@ class Unanswered:
     kind: str  # refused | cut | stale_keepalive
     error: str
     after: str  # what the previous answer on this connection was, for stale connections
+    t0: float
+    t1: float
+
+
+@dataclass
+class HangUp:
+    gateway: str
+    key: str
     t0: float
     t1: float
 
@@ -590,6 +606,8 @@ class Recorder:
         self.keys: dict[str, KeyStats] = defaultdict(KeyStats)
         self.gateway_5xx: list[Gateway5xx] = []
         self.unanswered_events: list[Unanswered] = []
+        self.hang_ups: list[HangUp] = []
+        self.stalls: list[tuple[str, str, float, float]] = []  # gateway, what, t0, t1
         self.errors: Counter = Counter()  # client-side exception names
 
     def answered(self, key: Key | None, label, gw, status, code, upstream, t0, t1,
@@ -618,6 +636,19 @@ class Recorder:
                     s.rate_limited += 1
             s.body_mismatch += not body_ok
             s.key_id_mismatch += not key_id_ok
+
+    def stall(self, gateway: str, what: str, t0: float, t1: float) -> None:
+        with self.lock:
+            self.stalls.append((gateway, what, t0, t1))
+            self.timeline[int(t1 - self.t_start)]["stalled"] += 1
+
+    def hung_up(self, label: str, gateway: str, t0: float) -> None:
+        t1 = time.time()
+        with self.lock:
+            self.keys[label].sent += 1
+            self.keys[label].hung_up += 1
+            self.hang_ups.append(HangUp(gateway, label, t0, t1))
+            self.timeline[int(t1 - self.t_start)]["hung_up"] += 1
 
     def unanswered(self, label, gw, kind, exc: BaseException, after: str, t0: float) -> None:
         t1 = time.time()
@@ -685,9 +716,31 @@ class Worker(threading.Thread):
             return {"X-API-Key": key.raw}
         return {"Authorization": "Basic " + base64.b64encode(f"{key.raw}:".encode()).decode()}
 
+    def hang_up(self, gw_name: str, gw: Gateway, key: Key) -> None:
+        """A keyed request whose client closes the connection before the (slow) answer."""
+        t0 = time.time()
+        try:
+            sock = socket.create_connection(("127.0.0.1", gw.proxy_port), timeout=CLIENT_TIMEOUT)
+        except OSError as exc:
+            self.rec.unanswered(key.label, gw_name, "refused", exc, "-", t0)
+            return
+        try:
+            sock.sendall(f"GET /slow?ms={HANGUP_SLOW_MS} HTTP/1.1\r\nHost: soak\r\n"
+                         f"X-API-Key: {key.raw}\r\n\r\n".encode())
+            time.sleep(HANGUP_AFTER)
+        except OSError as exc:
+            self.rec.unanswered(key.label, gw_name, "cut", exc, "-", t0)
+            return
+        finally:
+            sock.close()
+        self.rec.hung_up(key.label, gw_name, t0)
+
     def one(self) -> None:
         gw_name, key = self.pick()
         gw = self.gateways[gw_name]
+        if key is not None and key.valid and not key.low_limit and self.rng.random() < 0.04:
+            self.hang_up(gw_name, gw, key)
+            return
         method, path, body = self.request_shape()
         label = key.label if key else f"{'embedded' if gw_name == 'embedded' else 'redis'}/public"
         if key is None:
@@ -724,6 +777,8 @@ class Worker(threading.Thread):
             self.rec.unanswered(label, gw_name, kind, exc, after, t0)
             return
         t1 = time.time()
+        if t1 - t0 > STALL_SECONDS and "/slow" not in path:
+            self.rec.stall(gw_name, f"{method} {path.split('?')[0]} {resp.status}", t0, t1)
         upstream = resp.getheader(UPSTREAM_MARK) == "1"
         code = None
         if not upstream and resp.status >= 400:
@@ -799,12 +854,22 @@ def settle_usage(gateways, keys, frm) -> tuple[dict[str, Counter], float]:
 
 
 def reconcile(rec: Recorder, keys: list[Key], usage: dict[str, Counter], faults: FaultInjector):
+    # A hang-up outside any fault of its gateway must be counted (the key was identified and the
+    # request forwarded before the client left); during one, the lookup itself may have been
+    # what the client left, so it may or may not count.
+    hung_clean, hung_fault = Counter(), Counter()
+    for h in rec.hang_ups:
+        if faults.touching(h.gateway, h.t0, h.t1):
+            hung_fault[h.key] += 1
+        else:
+            hung_clean[h.key] += 1
     rows, totals = [], Counter()
     for key in keys:
         s = rec.keys.get(key.label, KeyStats())
         row = {"key": key.label, "sent": s.sent, "answered": s.answered,
                "metered_expected": s.metered_expected,
                "refused": s.refused, "cut": s.cut, "stale_keepalive": s.stale_keepalive,
+               "hung_up": s.hung_up, "hung_up_outside_faults": hung_clean[key.label],
                "statuses": dict(sorted(s.statuses.items())),
                "gateway_codes": dict(sorted(s.gateway_codes.items())),
                "upstream_5xx": s.upstream_5xx, "body_mismatch": s.body_mismatch,
@@ -812,11 +877,16 @@ def reconcile(rec: Recorder, keys: list[Key], usage: dict[str, Counter], faults:
         if key.valid:
             u = usage[key.label]
             counted = u["request_count"]
-            maybe = s.cut + s.stale_keepalive  # sent, no answer: the gateway may have counted it
+            # Sent, no answer: the gateway may have counted it, or not.
+            maybe = s.cut + s.stale_keepalive + hung_fault[key.label]
+            certain = s.metered_expected + hung_clean[key.label]
             row.update(
                 counted=counted,
-                lost=max(0, s.metered_expected - counted),
-                counted_twice=max(0, counted - s.metered_expected - maybe),
+                must_count=certain,
+                lost=max(0, certain - counted),
+                # At least this many of the lost had an answer; the rest were hang-ups.
+                lost_answered=max(0, s.metered_expected - counted),
+                counted_twice=max(0, counted - certain - maybe),
                 counted_unanswered_band=maybe,
                 usage=dict(u),
                 success_diff=u["success_count"] - s.success,
@@ -825,10 +895,12 @@ def reconcile(rec: Recorder, keys: list[Key], usage: dict[str, Counter], faults:
                 valid_key_refused_unknown=s.gateway_codes.get("invalid_credential", 0),
                 unidentified_store_down=s.gateway_codes.get("store_unavailable", 0),
             )
-            for f in ("counted", "lost", "counted_twice", "metered_expected",
+            for f in ("counted", "must_count", "lost", "lost_answered", "counted_twice",
+                      "metered_expected",
                       "valid_key_refused_unknown"):
                 totals[f] += row[f]
-        for f in ("sent", "answered", "refused", "cut", "stale_keepalive", "upstream_5xx",
+        for f in ("sent", "answered", "refused", "cut", "stale_keepalive", "hung_up",
+                  "hung_up_outside_faults", "upstream_5xx",
                   "body_mismatch", "key_id_mismatch"):
             totals[f] += row[f]
         rows.append(row)
@@ -850,6 +922,13 @@ def reconcile(rec: Recorder, keys: list[Key], usage: dict[str, Counter], faults:
         else:
             unanswered_outside[f"{u.kind} ({u.error}) on {u.gateway}, after {u.after}"] += 1
     totals["unanswered_outside_faults"] = sum(unanswered_outside.values())
+    stalls = Counter()
+    for gw, what, t0, t1 in rec.stalls:
+        f = faults.touching(gw, t0, t1)
+        stalls[f"during {f.kind}" if f else "outside faults"] += 1
+    totals["stalls"] = len(rec.stalls)
+    totals["stall_max_s"] = round(max((t1 - t0 for _, _, t0, t1 in rec.stalls), default=0), 2)
+    totals["stalls_by_phase"] = dict(stalls)
     totals["gateway_5xx"] = len(rec.gateway_5xx)
     totals["gateway_5xx_during_faults"] = sum(during.values())
     totals["gateway_5xx_outside_faults"] = len(outside)
@@ -859,19 +938,23 @@ def reconcile(rec: Recorder, keys: list[Key], usage: dict[str, Counter], faults:
 
 
 def print_table(rows, totals, during, outside, u_during, u_outside) -> None:
-    cols = ["key", "answered", "expected", "counted", "lost", "twice", "cut+stale", "refused",
-            "429", "gw5xx codes"]
-    fmt = "{:<18}{:>9}{:>9}{:>9}{:>6}{:>6}{:>10}{:>8}{:>6}  {}"
+    cols = ["key", "answered", "hung up", "must", "counted", "lost", "twice", "cut+stale",
+            "refused", "429", "gw5xx codes"]
+    fmt = "{:<18}{:>9}{:>8}{:>7}{:>8}{:>6}{:>6}{:>10}{:>8}{:>6}  {}"
     print(fmt.format(*cols))
     for r in rows:
         codes = ",".join(f"{c}={n}" for c, n in r["gateway_codes"].items())
-        print(fmt.format(r["key"], r["answered"], r["metered_expected"] if "counted" in r else "-",
+        print(fmt.format(r["key"], r["answered"], r["hung_up"], r.get("must_count", "-"),
                          r.get("counted", "-"), r.get("lost", "-"), r.get("counted_twice", "-"),
                          r["cut"] + r["stale_keepalive"], r["refused"],
                          r["statuses"].get(429, 0), codes))
     print()
     print(f"answered: {totals['answered']}, counted: {totals['counted']} "
-          f"(expected {totals['metered_expected']}), lost: {totals['lost']}, "
+          f"(must count {totals['must_count']}: answered and identified "
+          f"{totals['metered_expected']}, hung up outside faults "
+          f"{totals['hung_up_outside_faults']}), lost: {totals['lost']} "
+          f"(of answered requests: {totals['lost_answered']}, of hang-ups: "
+          f"{totals['lost'] - totals['lost_answered']}), "
           f"counted twice: {totals['counted_twice']}, "
           f"gateway 5xx outside faults: {totals['gateway_5xx_outside_faults']}")
     print(f"gateway 5xx: {totals['gateway_5xx']}, explained by a fault in progress: "
@@ -883,6 +966,8 @@ def print_table(rows, totals, during, outside, u_during, u_outside) -> None:
           f"key id mismatches: {totals['key_id_mismatch']}")
     for what, n in sorted(during.items()):
         print(f"  gateway 5xx {what}: {n}")
+    print(f"answers slower than {STALL_SECONDS}s (not /slow): {totals['stalls']}, "
+          f"longest {totals['stall_max_s']}s, {totals['stalls_by_phase']}")
     for e in outside[:20]:
         print(f"  OUTSIDE a fault: {e}")
     print(f"no answer outside a fault of that gateway: {totals['unanswered_outside_faults']}")
