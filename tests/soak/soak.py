@@ -362,6 +362,14 @@ class Gateway:
         self.proc = None
         return code
 
+    def kill(self) -> None:
+        """SIGKILL: a crash; whatever was not flushed is gone."""
+        if self.proc:
+            self.proc.kill()
+            self.proc.wait(timeout=STOP_TIMEOUT)
+            self.procs.forget(self.name)
+            self.proc = None
+
     def admin(self, method: str, path: str, body=None):
         conn = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=10)
         try:
@@ -454,9 +462,10 @@ class Fault:
                 and self.overlaps(t0, t1))
 
 
-def schedule(duration: float) -> list[tuple[float, str, float]]:
+def schedule(duration: float, crash: bool) -> list[tuple[float, str, float]]:
     """(offset s, fault, length s): one cycle per started 120 s, each cycle a quiet start, the
-    five faults in turn, and a quiet tail; lengths scale with the cycle, clamped."""
+    five faults in turn, and a quiet tail; lengths scale with the cycle, clamped. With `crash`,
+    each cycle also SIGKILLs redis-a (its unflushed counts are lost by design)."""
     cycles = max(1, int(duration // 120))
     span = duration / cycles
     plan = []
@@ -475,6 +484,8 @@ def schedule(duration: float) -> list[tuple[float, str, float]]:
             (base + 0.74 * span, "redis_kill", length(0.03, 2, 10)),
             (base + 0.80 * span, "restart:redis-b", 0),
         ]
+        if crash:
+            plan.append((base + 0.86 * span, "crash:redis-a", 0))
     return plan
 
 
@@ -515,6 +526,12 @@ class FaultInjector:
             time.sleep(length)
             self.upstream.start()
             self._close(f)
+        elif kind.startswith("crash:"):
+            gw = self.gateways[kind.split(":", 1)[1]]
+            f = self._open(kind, (gw.name,), "SIGKILL, then start on the same store and port")
+            gw.kill()
+            gw.start()
+            self._close(f)
         elif kind.startswith("restart:"):
             gw = self.gateways[kind.split(":", 1)[1]]
             f = self._open(kind, (gw.name,), "SIGTERM, then start on the same store and port")
@@ -537,7 +554,8 @@ class FaultInjector:
         """A fault that touches the gateway while the request ran; a restart of that gateway
         first, as it explains a refused or dropped connection best."""
         with self.lock:
-            ranked = sorted(self.faults, key=lambda f: not f.kind.startswith("restart:"))
+            ranked = sorted(self.faults, key=lambda f: not f.kind.startswith(("restart:",
+                                                                              "crash:")))
         return next((f for f in ranked if f.touches(gateway, t0, t1)), None)
 
     def in_any(self, t0: float, t1: float) -> bool:
@@ -991,6 +1009,7 @@ def soak(binary: str, workdir: str, procs: Processes) -> int:
     results = os.environ.get("RESULTS") or os.path.join(
         tempfile.gettempdir(), f"tollgate-soak-{time.strftime('%Y%m%d-%H%M%S')}.json")
     log(f"DURATION={duration}s WORKERS={workers} SEED={seed} REDIS_PERSIST={int(persist)} "
+        f"CRASH={os.environ.get('CRASH', '0')} "
         f"workdir {workdir}")
 
     master = subprocess.run([binary, "keygen", "--kind", "master"], check=True,
@@ -1015,7 +1034,8 @@ def soak(binary: str, workdir: str, procs: Processes) -> int:
                     for g in gateways.values()))
 
     injector = FaultInjector(redis, upstream, gateways)
-    plan = schedule(duration)
+    crash = os.environ.get("CRASH", "0") == "1"
+    plan = schedule(duration, crash)
     stop = threading.Event()
     t_start = time.time()
     rec = Recorder(t_start)
