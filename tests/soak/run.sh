@@ -10,7 +10,8 @@
 # 120 s) WORKERS=6 SEED=<time> LOST_MAX=0 DOUBLED_MAX=0 REDIS_PERSIST=1 (0: no AOF, as the test
 # harness runs Redis; a kill then wipes every key and count) RESULTS=path.json WORKDIR=dir
 # KEEP_TMP=0 (1: keep logs and stores even on success) SOAK_SKIP_BUILD=0 TOLLGATE_BIN=path
-# SOAK_RUST_LOG=info. Needs redis-server and python3 (3.11, standard library only).
+# SOAK_RUST_LOG=info CRASH=0 (1: also SIGKILL a gateway once per cycle; its unflushed counts
+# are lost by design, which shows that the reconciliation catches a loss). Needs redis-server and python3 (3.11, standard library only).
 
 set -euo pipefail
 
