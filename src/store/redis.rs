@@ -83,6 +83,7 @@
 //! within their account (keys of two accounts are in two slots); generated ids never collide.
 //! Like any remote store, a call that times out may still have been applied.
 
+mod breaker;
 mod conn;
 mod keys;
 mod pubsub;
@@ -99,7 +100,7 @@ use serde::Serialize;
 
 use tokio::sync::mpsc;
 
-use self::conn::{decode, Batch, Conn};
+use self::conn::{decode, Batch, Conn, REQUEST_DEADLINE};
 use self::keys::{COUNTERS, GLOBAL, USAGE};
 use self::scripts::eval;
 use crate::credential::KeyHash;
@@ -127,7 +128,12 @@ const ATTEMPTS: usize = 5;
 /// The [`Store`] on Redis or Redis Cluster. Cheap to share: it holds one multiplexed connection
 /// (or cluster connection) that every call uses concurrently.
 pub struct RedisStore {
+    /// For the admin API and the background tasks: 2.5 s per round trip.
     conn: Conn,
+    /// The same connection and breaker for what a request may wait on (`lookup_key`,
+    /// `take_tokens`) and for `/readyz`'s `ping`: [`REQUEST_DEADLINE`] per round trip, so that a
+    /// hung Redis fails them in tens of milliseconds rather than seconds.
+    hot: Conn,
     /// A node to subscribe to for invalidations (any node of a cluster receives every publish).
     subscribe_url: String,
     /// Backstop TTLs of usage buckets by granularity (minute, hour, day): renewed on each write,
@@ -148,6 +154,7 @@ impl RedisStore {
             None => url.to_owned(),
         };
         Ok(RedisStore {
+            hot: conn.with_deadline(REQUEST_DEADLINE),
             conn,
             subscribe_url,
             bucket_ttls: [
@@ -162,6 +169,13 @@ impl RedisStore {
     /// Keep it above the configured retention: a bucket expires this long after its last write.
     pub fn with_bucket_ttl(mut self, granularity: Granularity, ttl: Option<Duration>) -> Self {
         self.bucket_ttls[granularity_slot(granularity)] = ttl;
+        self
+    }
+
+    /// Reports the circuit breaker's state in `gauge` (`tollgate_store_breaker_open`: 1 while
+    /// calls are refused or probing, 0 while closed).
+    pub fn with_breaker_gauge(self, gauge: prometheus::IntGauge) -> Self {
+        self.conn.breaker().set_gauge(gauge);
         self
     }
 
@@ -347,13 +361,13 @@ impl fmt::Debug for RedisStore {
 #[async_trait]
 impl Store for RedisStore {
     async fn ping(&self) -> Result<(), StoreError> {
-        let _: String = self.conn.query(&cmd!("PING")).await?;
+        let _: String = self.hot.query(&cmd!("PING")).await?;
         Ok(())
     }
 
     async fn lookup_key(&self, hash: &KeyHash) -> Result<Option<KeyLookup>, StoreError> {
         let owner: Option<String> = self
-            .conn
+            .hot
             .query(&cmd!("GET", keys::hash_index(&hash.to_hex())))
             .await?;
         let Some(owner) = owner else {
@@ -369,7 +383,7 @@ impl Store for RedisStore {
         );
         let account = batch.add(account_id, cmd!("GET", keys::account(account_id)));
         let sites = batch.add(account_id, cmd!("HVALS", keys::sites(account_id)));
-        let mut values = self.conn.run(batch).await?;
+        let mut values = self.hot.run(batch).await?;
 
         let Some(key) = decode::<Option<String>>(take(&mut values, key))? else {
             return Ok(None);
@@ -863,7 +877,7 @@ impl Store for RedisStore {
             .flat_map(|t| [u64::from(t.limit), u64::from(t.want), t.window_secs * 2])
             .collect();
         let reply: Vec<u64> = self
-            .conn
+            .hot
             .query(&eval(scripts::TAKE_TOKENS, &counters, &args))
             .await?;
         if reply.len() != takes.len() * 2 {
