@@ -47,6 +47,8 @@ async fn gateway(redis: &RedisServer, upstream: &Upstream, policy: OnStoreError)
             s.cache.ttl = TTL;
             s.limits.on_store_error = policy;
             s.metering.flush_interval = Duration::from_millis(50);
+            // Out of the way: every request here should pass, however fast the machine.
+            s.limits.default.per_minute = Some(1_000_000);
         })
         .start()
         .await

@@ -2,10 +2,19 @@
 //! Cluster (`redis+cluster://h1:p1,h2:p2,…`), shared by every gateway instance.
 //!
 //! Records are JSON (`serde_json`), as in the embedded store, so that a field added with a serde
-//! default reads older records. Redis errors become [`StoreError::Unavailable`] (connection and
-//! response timeouts of 2 s, and a 2.5 s deadline per round trip, so a dead Redis fails a call
-//! instead of hanging it; the connection comes back by itself); records or replies that do not
-//! decode become [`StoreError::Corrupt`].
+//! default reads older records. Redis errors become [`StoreError::Unavailable`]; records or
+//! replies that do not decode become [`StoreError::Corrupt`]. The connection comes back by itself.
+//!
+//! # A hung Redis fails like a dead one
+//!
+//! Every round trip has a deadline: 50 ms for what a proxied request may wait on
+//! ([`Store::lookup_key`], [`Store::take_tokens`]) and for [`Store::ping`] (readiness), 2.5 s
+//! for the admin API and the background tasks (with the client's 2 s connection and response
+//! timeouts below it). And every round trip goes through one circuit breaker (`breaker.rs`):
+//! three outages in a row open it, calls then fail at once without touching the socket, one
+//! probe a second tries again, and its success closes it. So a Redis that stops answering costs
+//! a request at most 50 ms, and once the breaker is open nothing; the key cache never waits
+//! for a key it holds at all (see `auth::cache`).
 //!
 //! # Data model
 //!

@@ -258,8 +258,8 @@ impl Link {
 
     /// The connection manager answers a call with the error of the last failed reconnection
     /// (without sending anything) and only then starts a new one. Such a call is safe to repeat
-    /// at once, on the new connection: so the first call after Redis comes back succeeds, however
-    /// long ago the last reconnection failed. (The manager marks these errors only in their
+    /// at once, on the new connection: so the first call after Redis comes back (the breaker's
+    /// probe) succeeds, however long ago the last reconnection failed. (The manager marks these errors only in their
     /// message; if that changes, the call simply fails as before.)
     ///
     /// Likewise a write that failed with a broken pipe or a reset connection on a connection
