@@ -22,7 +22,7 @@ use tollgate::store::embedded::EmbeddedStore;
 use tollgate::store::SharedStore;
 
 struct Fixture {
-    cache: KeyCache,
+    cache: Arc<KeyCache>,
     meter: Arc<Meter>,
     raws: Vec<String>,
     _dir: tempfile::TempDir,

@@ -86,6 +86,7 @@ pub struct Running {
 
 /// Opens the store, binds both listeners and starts serving.
 pub async fn start(settings: Settings, options: StartOptions) -> Result<Running, StartError> {
+    let metrics = Arc::new(Metrics::new()?);
     let store: SharedStore = match &settings.store {
         StoreSettings::Embedded { path } => Arc::new(open_embedded(path).await?),
         StoreSettings::Redis { url } => {
@@ -96,11 +97,11 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
                     .await?
                     .with_bucket_ttl(Granularity::Minute, Some(m.retention_minute * 2))
                     .with_bucket_ttl(Granularity::Hour, Some(m.retention_hour * 2))
-                    .with_bucket_ttl(Granularity::Day, Some(m.retention_day * 2)),
+                    .with_bucket_ttl(Granularity::Day, Some(m.retention_day * 2))
+                    .with_breaker_gauge(metrics.store_breaker_open.clone()),
             )
         }
     };
-    let metrics = Arc::new(Metrics::new()?);
     let meter = Arc::new(Meter::new(options.clock));
     let limiters = Arc::new(Limiters::new());
     let mut cache = KeyCache::new(

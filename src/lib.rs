@@ -21,7 +21,8 @@
 //!
 //! `listener` accepts → `proxy::Proxy::handle` matches a route → `auth::extract` finds the
 //! credential → `credential::parse` checks its checksum → `auth::cache::KeyCache` finds the key
-//! (memory, else one store read) → `auth::authorize` checks state, network, scope and limits →
+//! (memory — a stale entry too, re-read in the background — else one store read with a 50 ms
+//! deadline behind a circuit breaker) → `auth::authorize` checks state, network, scope and limits →
 //! `proxy::forward` streams it upstream with identity headers → the response streams back with
 //! limit headers → the key's `metering::UsageCell` counts it; `metering::flusher` writes the
 //! counts in batches.

@@ -50,6 +50,10 @@ pub struct Metrics {
     pub usage_pending_events: IntGauge,
     /// `tollgate_connections_open`.
     pub connections_open: IntGauge,
+    /// `tollgate_store_breaker_open`: 1 while the Redis store's circuit breaker refuses calls
+    /// (or lets one probe through), else 0. Not in the contract's list; always 0 on the embedded
+    /// store, which has no breaker.
+    pub store_breaker_open: IntGauge,
 }
 
 /// One kind of store call as this instance sees it: every failure is counted in
@@ -144,7 +148,12 @@ impl Metrics {
         registry.register(Box::new(store_errors_total.clone()))?;
         registry.register(Box::new(usage_flush_duration.clone()))?;
         registry.register(Box::new(usage_pending_events.clone()))?;
+        let store_breaker_open = IntGauge::new(
+            "tollgate_store_breaker_open",
+            "1 while the store's circuit breaker fails calls at once (Redis not answering)",
+        )?;
         registry.register(Box::new(connections_open.clone()))?;
+        registry.register(Box::new(store_breaker_open.clone()))?;
         // Exported at zero from the start, so that alerts and rate() see the series before the
         // first event.
         for op in STORE_OPS {
@@ -165,6 +174,7 @@ impl Metrics {
             usage_flush_duration,
             usage_pending_events,
             connections_open,
+            store_breaker_open,
         })
     }
 

@@ -33,6 +33,10 @@ struct Fixture {
 }
 
 fn fixture(settings: CacheSettings) -> Fixture {
+    fixture_with(settings, OnStoreError::FailOpen)
+}
+
+fn fixture_with(settings: CacheSettings, on_store_error: OnStoreError) -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let inner = EmbeddedStore::open(&dir.path().join("t.db")).expect("store");
     let store = Arc::new(ObservedStore::new(inner));
@@ -49,7 +53,7 @@ fn fixture(settings: CacheSettings) -> Fixture {
             per_hour: Some(1000),
             per_day: Some(10_000),
         },
-        OnStoreError::FailOpen,
+        on_store_error,
     ));
     let now = Utc::now();
     let account = AccountRecord {
@@ -172,7 +176,79 @@ async fn a_cached_key_is_reread_after_its_ttl() {
         "ttl not over"
     );
     tokio::time::advance(Duration::from_secs(31)).await;
-    assert!(matches!(f.cache.get(&key.hash).await, Lookup::Found(k) if !k.key_active));
+    // Past its ttl the key is answered at once, as it was, while a read refreshes it.
+    assert!(matches!(f.cache.get(&key.hash).await, Lookup::Found(k) if k.key_active));
+    assert!(
+        common::eventually(Duration::from_secs(1), || async {
+            matches!(f.cache.get(&key.hash).await, Lookup::Found(k) if !k.key_active)
+        })
+        .await,
+        "the background read did not refresh the entry"
+    );
+}
+
+/// Stale-while-revalidate: a key past its ttl never waits for the store. Every use answers at
+/// once from memory and one background read (not one per use) refreshes it.
+#[tokio::test(start_paused = true)]
+async fn a_stale_key_is_answered_at_once_and_refreshed_by_one_read() {
+    let f = fixture(settings());
+    let mut key = with_key(&f).await;
+    assert!(matches!(f.cache.get(&key.hash).await, Lookup::Found(_)));
+    key.active = false;
+    f.store.update_key(&key).await.expect("update");
+    tokio::time::advance(Duration::from_secs(31)).await;
+    for _ in 0..100 {
+        // No await point lets the refresh run in between: every one of these is answered
+        // from memory.
+        assert!(matches!(f.cache.get(&key.hash).await, Lookup::Found(k) if k.key_active));
+    }
+    assert!(
+        common::eventually(Duration::from_secs(1), || async {
+            matches!(f.cache.get(&key.hash).await, Lookup::Found(k) if !k.key_active)
+        })
+        .await
+    );
+    assert_eq!(
+        lookups(&f),
+        2,
+        "one read to cache the key, one to refresh it"
+    );
+}
+
+/// With the store failing, a stale key keeps passing under `fail_open` (the refreshes fail in
+/// the background) and is refused under `fail_closed` once a read has failed; both come back
+/// when the store does.
+#[tokio::test(start_paused = true)]
+async fn a_stale_key_with_the_store_down_passes_under_fail_open_only() {
+    for policy in [OnStoreError::FailOpen, OnStoreError::FailClosed] {
+        let f = fixture_with(settings(), policy);
+        let key = with_key(&f).await;
+        assert!(matches!(f.cache.get(&key.hash).await, Lookup::Found(_)));
+        // A write moves the store's revision: past its ttl the entry is stale, not kept fresh.
+        f.store.update_key(&key).await.expect("update");
+        f.store.down.store(true, Ordering::SeqCst);
+        tokio::time::advance(Duration::from_secs(31)).await;
+        // The first use past the ttl cannot know yet that the store is down.
+        assert!(matches!(f.cache.get(&key.hash).await, Lookup::Found(_)));
+        let failed = || async { store_errors(&f, "lookup_key") >= 1 };
+        assert!(common::eventually(Duration::from_secs(1), failed).await);
+        for _ in 0..3 {
+            let got = f.cache.get(&key.hash).await;
+            match policy {
+                OnStoreError::FailOpen => assert!(matches!(got, Lookup::Found(_))),
+                OnStoreError::FailClosed => assert!(matches!(got, Lookup::Unavailable)),
+            }
+            tokio::task::yield_now().await;
+        }
+        f.store.down.store(false, Ordering::SeqCst);
+        assert!(
+            common::eventually(Duration::from_secs(1), || async {
+                matches!(f.cache.get(&key.hash).await, Lookup::Found(_))
+            })
+            .await,
+            "{policy:?}: the key passes again once the store answers"
+        );
+    }
 }
 
 /// The embedded store sees every write, so an entry past its ttl is kept without a re-read

@@ -26,8 +26,8 @@ pub(crate) fn cache(
     meter: &Arc<Meter>,
     metrics: &Arc<Metrics>,
     keys: usize,
-) -> KeyCache {
-    KeyCache::new(
+) -> Arc<KeyCache> {
+    Arc::new(KeyCache::new(
         Arc::clone(store),
         Arc::new(Limiters::new()),
         Arc::clone(meter),
@@ -39,7 +39,7 @@ pub(crate) fn cache(
         },
         BIG,
         OnStoreError::FailOpen,
-    )
+    ))
 }
 
 /// An active account with no limits of its own.

@@ -1,8 +1,11 @@
 //! The key cache: presented credential hash → [`CachedKey`], so that a known key costs no store
 //! I/O. Entries are fresh for `ttl` (unknown hashes for `negative_ttl`), dropped at once by
 //! [`KeyCache::invalidate`], and bounded by `max_entries`. Concurrent misses for one hash share
-//! one store read. A stale entry is kept a while so that `fail_open` can still serve the key
-//! when the store is down. Past its ttl an entry is still fresh, without a re-read, while the
+//! one store read. A key in the cache never waits on the store: past its ttl (for up to
+//! [`STALE_KEEP`]) the entry is served while one background read refreshes it
+//! (stale-while-revalidate); if that read fails, `fail_open` goes on serving it, and
+//! `fail_closed` refuses it while the store's reads are failing. Past its ttl an entry is still
+//! fresh, without a re-read, while the
 //! store's [`revision`](crate::store::Store::revision) has not moved since it was read (the
 //! embedded store sees every write; Redis, written by other instances, cannot tell, so there the
 //! ttl always means a re-read).
@@ -11,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use dashmap::mapref::entry::Entry as MapEntry;
 use dashmap::DashMap;
 use http::HeaderValue;
 use tokio::sync::OnceCell;
@@ -26,7 +30,8 @@ use crate::metrics::{Metrics, StoreCalls};
 use crate::policy;
 use crate::store::{Invalidation, InvalidationEvent, KeyLookup, RateLimitSpec, SharedStore};
 
-/// How long a stale entry is kept as a fallback for `fail_open`.
+/// How long past its ttl an entry is still served (while it is re-read in the background, and as
+/// the fallback for `fail_open` while the store is down); after that a use waits for the read.
 const STALE_KEEP: Duration = Duration::from_secs(15 * 60);
 
 /// What the cache knows about a hash.
@@ -43,7 +48,8 @@ pub enum Lookup {
 pub enum Cached {
     /// A fresh answer.
     Fresh(Lookup),
-    /// A key past its ttl: to be re-read, and served only if the store is down under fail_open.
+    /// A key past its ttl (by less than [`STALE_KEEP`]): served while it is re-read in the
+    /// background, unless the store is failing under `fail_closed`.
     Stale(KeyRef),
     /// Nothing cached.
     Absent,
@@ -157,31 +163,58 @@ impl KeyCache {
         }
     }
 
-    /// The key for `hash`, from memory when fresh, else from the store.
-    pub async fn get(&self, hash: &KeyHash) -> Lookup {
+    /// The key for `hash`, from memory when fresh or stale, else from the store.
+    pub async fn get(self: &Arc<Self>, hash: &KeyHash) -> Lookup {
         self.get_after(hash, self.cached(hash)).await
     }
 
     /// The asynchronous half of [`KeyCache::get`]: given what [`KeyCache::cached`] said for
-    /// `hash`, the answer, reading the store unless memory's answer was fresh. For a caller that
-    /// checks something between the two, such as the credential's format before any store read.
-    pub async fn get_after(&self, hash: &KeyHash, cached: Cached) -> Lookup {
-        let stale = match cached {
-            Cached::Fresh(lookup) => return lookup,
-            Cached::Stale(key) => Some(key),
-            Cached::Absent => None,
-        };
+    /// `hash`, the answer. Only a hash that memory knows nothing about waits for the store; a
+    /// stale key is answered at once and re-read in the background. For a caller that checks
+    /// something between the two, such as the credential's format before any store read.
+    pub async fn get_after(self: &Arc<Self>, hash: &KeyHash, cached: Cached) -> Lookup {
         // A miss is counted where it goes to the store, so a credential refused between the
         // two halves (malformed) is neither a hit nor a miss.
-        self.metrics.key_cache_misses.inc();
+        match cached {
+            Cached::Fresh(lookup) => return lookup,
+            Cached::Stale(key) => {
+                self.metrics.key_cache_misses.inc();
+                return self.revalidate(hash, key);
+            }
+            Cached::Absent => self.metrics.key_cache_misses.inc(),
+        }
         match self.load(hash).await {
             Ok(Some(key)) => Lookup::Found(key),
             Ok(None) => Lookup::NotFound,
-            Err(()) => match (stale, self.on_store_error) {
-                (Some(key), OnStoreError::FailOpen) => Lookup::Found(key),
-                _ => Lookup::Unavailable,
-            },
+            Err(()) => Lookup::Unavailable,
         }
+    }
+
+    /// A stale key's answer, without waiting: one background read refreshes it (none is
+    /// started while one for this hash is under way). Meanwhile the key is served as it was,
+    /// except under `fail_closed` while the store's reads are failing: then it cannot be
+    /// verified (the read under way will say when the store is back).
+    fn revalidate(self: &Arc<Self>, hash: &KeyHash, key: KeyRef) -> Lookup {
+        self.refresh_in_background(hash);
+        match self.on_store_error {
+            OnStoreError::FailClosed if self.lookups.is_failing() => Lookup::Unavailable,
+            OnStoreError::FailOpen | OnStoreError::FailClosed => Lookup::Found(key),
+        }
+    }
+
+    fn refresh_in_background(self: &Arc<Self>, hash: &KeyHash) {
+        let cell = match self.inflight.entry(*hash) {
+            MapEntry::Occupied(_) => return,
+            MapEntry::Vacant(vacant) => Arc::clone(vacant.insert(Arc::default()).value()),
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.inflight.remove_if(hash, |_, c| Arc::ptr_eq(c, &cell));
+            return;
+        };
+        let (this, hash) = (Arc::clone(self), *hash);
+        runtime.spawn(async move {
+            let _ = this.load_in(&hash, cell).await;
+        });
     }
 
     /// The synchronous half of [`KeyCache::get`]: what memory says, without any I/O.
@@ -193,8 +226,10 @@ impl KeyCache {
             Some(Slot::Missing(until)) if Instant::now() < *until => {
                 Cached::Fresh(Lookup::NotFound)
             }
-            Some(Slot::Found(key)) => Cached::Stale(key.clone()),
-            Some(Slot::Missing(_)) | None => Cached::Absent,
+            Some(Slot::Found(key)) if Instant::now() < key.0.fresh_until + STALE_KEEP => {
+                Cached::Stale(key.clone())
+            }
+            Some(Slot::Found(_) | Slot::Missing(_)) | None => Cached::Absent,
         };
         if let Cached::Fresh(_) = found {
             self.metrics.key_cache_hits.inc();
@@ -317,6 +352,12 @@ impl KeyCache {
 
     async fn load(&self, hash: &KeyHash) -> Loaded {
         let cell = Arc::clone(self.inflight.entry(*hash).or_default().value());
+        self.load_in(hash, cell).await
+    }
+
+    /// Reads `hash` into `cell` (this hash's in-flight read, which other callers may await),
+    /// unless a read already filled it.
+    async fn load_in(&self, hash: &KeyHash, cell: Arc<OnceCell<Loaded>>) -> Loaded {
         let result = cell.get_or_init(|| self.read_through(hash)).await.clone();
         self.inflight.remove_if(hash, |_, c| Arc::ptr_eq(c, &cell));
         result

@@ -148,6 +148,11 @@ impl GlobalLimiter {
     /// full enough returns at once.
     pub async fn refill(&self, now_ms: i64) {
         let _one_at_a_time = self.refill_lock.lock().await;
+        // The refill this one waited for failed: the store is down for now, and the caller's
+        // next check takes the fallback instead of waiting for another deadline.
+        if self.down_until_ms.load(Ordering::Relaxed) > now_ms {
+            return;
+        }
         let takes = self.takes(now_ms);
         if takes.is_empty() {
             return;

@@ -2,10 +2,19 @@
 //! Cluster (`redis+cluster://h1:p1,h2:p2,…`), shared by every gateway instance.
 //!
 //! Records are JSON (`serde_json`), as in the embedded store, so that a field added with a serde
-//! default reads older records. Redis errors become [`StoreError::Unavailable`] (connection and
-//! response timeouts of 2 s, and a 2.5 s deadline per round trip, so a dead Redis fails a call
-//! instead of hanging it; the connection comes back by itself); records or replies that do not
-//! decode become [`StoreError::Corrupt`].
+//! default reads older records. Redis errors become [`StoreError::Unavailable`]; records or
+//! replies that do not decode become [`StoreError::Corrupt`]. The connection comes back by itself.
+//!
+//! # A hung Redis fails like a dead one
+//!
+//! Every round trip has a deadline: 50 ms for what a proxied request may wait on
+//! ([`Store::lookup_key`], [`Store::take_tokens`]) and for [`Store::ping`] (readiness), 2.5 s
+//! for the admin API and the background tasks (with the client's 2 s connection and response
+//! timeouts below it). And every round trip goes through one circuit breaker (`breaker.rs`):
+//! three outages in a row open it, calls then fail at once without touching the socket, one
+//! probe a second tries again, and its success closes it. So a Redis that stops answering costs
+//! a request at most 50 ms, and once the breaker is open nothing; the key cache never waits
+//! for a key it holds at all (see `auth::cache`).
 //!
 //! # Data model
 //!
@@ -83,6 +92,7 @@
 //! within their account (keys of two accounts are in two slots); generated ids never collide.
 //! Like any remote store, a call that times out may still have been applied.
 
+mod breaker;
 mod conn;
 mod keys;
 mod pubsub;
@@ -99,7 +109,7 @@ use serde::Serialize;
 
 use tokio::sync::mpsc;
 
-use self::conn::{decode, Batch, Conn};
+use self::conn::{decode, Batch, Conn, REQUEST_DEADLINE};
 use self::keys::{COUNTERS, GLOBAL, USAGE};
 use self::scripts::eval;
 use crate::credential::KeyHash;
@@ -127,7 +137,12 @@ const ATTEMPTS: usize = 5;
 /// The [`Store`] on Redis or Redis Cluster. Cheap to share: it holds one multiplexed connection
 /// (or cluster connection) that every call uses concurrently.
 pub struct RedisStore {
+    /// For the admin API and the background tasks: 2.5 s per round trip.
     conn: Conn,
+    /// The same connection and breaker for what a request may wait on (`lookup_key`,
+    /// `take_tokens`) and for `/readyz`'s `ping`: [`REQUEST_DEADLINE`] per round trip, so that a
+    /// hung Redis fails them in tens of milliseconds rather than seconds.
+    hot: Conn,
     /// A node to subscribe to for invalidations (any node of a cluster receives every publish).
     subscribe_url: String,
     /// Backstop TTLs of usage buckets by granularity (minute, hour, day): renewed on each write,
@@ -148,6 +163,7 @@ impl RedisStore {
             None => url.to_owned(),
         };
         Ok(RedisStore {
+            hot: conn.with_deadline(REQUEST_DEADLINE),
             conn,
             subscribe_url,
             bucket_ttls: [
@@ -162,6 +178,13 @@ impl RedisStore {
     /// Keep it above the configured retention: a bucket expires this long after its last write.
     pub fn with_bucket_ttl(mut self, granularity: Granularity, ttl: Option<Duration>) -> Self {
         self.bucket_ttls[granularity_slot(granularity)] = ttl;
+        self
+    }
+
+    /// Reports the circuit breaker's state in `gauge` (`tollgate_store_breaker_open`: 1 while
+    /// calls are refused or probing, 0 while closed).
+    pub fn with_breaker_gauge(self, gauge: prometheus::IntGauge) -> Self {
+        self.conn.breaker().set_gauge(gauge);
         self
     }
 
@@ -347,13 +370,13 @@ impl fmt::Debug for RedisStore {
 #[async_trait]
 impl Store for RedisStore {
     async fn ping(&self) -> Result<(), StoreError> {
-        let _: String = self.conn.query(&cmd!("PING")).await?;
+        let _: String = self.hot.query(&cmd!("PING")).await?;
         Ok(())
     }
 
     async fn lookup_key(&self, hash: &KeyHash) -> Result<Option<KeyLookup>, StoreError> {
         let owner: Option<String> = self
-            .conn
+            .hot
             .query(&cmd!("GET", keys::hash_index(&hash.to_hex())))
             .await?;
         let Some(owner) = owner else {
@@ -369,7 +392,7 @@ impl Store for RedisStore {
         );
         let account = batch.add(account_id, cmd!("GET", keys::account(account_id)));
         let sites = batch.add(account_id, cmd!("HVALS", keys::sites(account_id)));
-        let mut values = self.conn.run(batch).await?;
+        let mut values = self.hot.run(batch).await?;
 
         let Some(key) = decode::<Option<String>>(take(&mut values, key))? else {
             return Ok(None);
@@ -863,7 +886,7 @@ impl Store for RedisStore {
             .flat_map(|t| [u64::from(t.limit), u64::from(t.want), t.window_secs * 2])
             .collect();
         let reply: Vec<u64> = self
-            .conn
+            .hot
             .query(&eval(scripts::TAKE_TOKENS, &counters, &args))
             .await?;
         if reply.len() != takes.len() * 2 {

@@ -3,11 +3,15 @@
 //!
 //! A single server gets one [`ConnectionManager`] (multiplexed, reconnects by itself); a cluster
 //! gets one [`ClusterConnection`] (routes each command or single-slot pipeline to its node). Every
-//! call is bounded: connection and response timeouts on the client, and an overall deadline here,
-//! so a dead Redis fails a call in about two seconds instead of hanging it.
+//! round trip is bounded: connection and response timeouts on the client, and a deadline here
+//! per handle — [`REQUEST_DEADLINE`] for the calls a proxied request may wait on,
+//! [`CALL_DEADLINE`] for the admin API and the background tasks — and every round trip goes
+//! through the connection's one [`Breaker`], so that once Redis stops answering, calls fail at
+//! once instead of each waiting out its deadline.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -16,20 +20,38 @@ use ::redis::cluster::ClusterClientBuilder;
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::{Cmd, ErrorKind, FromRedisValue, Pipeline, RedisError, RedisFuture, Value};
 
+use super::breaker::Breaker;
 use crate::store::StoreError;
 
 /// Connecting to one server or node gives up after this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// A command or pipeline without an answer after this fails (and the connection is replaced).
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
-/// The deadline of one round trip here, reconnection attempts included: a backstop above the
-/// client's own timeouts, so that no store call waits longer, whatever state the client is in.
+/// The deadline of one round trip of the admin API or a background task (the flusher, pruning,
+/// publishing), reconnection attempts included: a backstop above the client's own timeouts, so
+/// that no store call waits longer, whatever state the client is in.
 const CALL_DEADLINE: Duration = Duration::from_millis(2_500);
+/// The deadline of one round trip that a proxied request may be waiting on (the key lookup of a
+/// cache miss, a global limit's token take) and of `/readyz`'s ping. A healthy Redis answers in
+/// well under a millisecond (63 µs on localhost, ~1 ms across a zone, a few ms at the p99 of a
+/// busy server), so 50 ms is an order of magnitude above any healthy answer — a slow one does not
+/// fail — yet short enough that a hung Redis costs a request no more than a user could notice,
+/// and only until [`Breaker`] opens.
+pub(super) const REQUEST_DEADLINE: Duration = Duration::from_millis(50);
+
+/// A handle to the shared connection with its deadline per round trip; cheap to clone. Every
+/// handle of one connection shares its [`Breaker`].
+#[derive(Clone)]
+pub(super) struct Conn {
+    link: Link,
+    breaker: Arc<Breaker>,
+    deadline: Duration,
+}
 
 /// The two topologies, each implementing [`ConnectionLike`]; this enum does too, by delegation,
 /// so that every store method is written once. Both are cheap handles to a shared connection.
 #[derive(Clone)]
-pub(super) enum Conn {
+enum Link {
     /// `redis://host:port`.
     Single(ConnectionManager),
     /// `redis+cluster://h1:p1,h2:p2,…`.
@@ -51,60 +73,43 @@ pub(super) struct Batch {
 
 impl Conn {
     /// Connects to `redis://…` (one server) or `redis+cluster://h1:p1,h2:p2,…` (a cluster, from
-    /// any of its nodes).
+    /// any of its nodes); the handle has [`CALL_DEADLINE`] and a closed breaker.
     pub(super) async fn connect(url: &str) -> Result<Conn, StoreError> {
-        let shown = redact(url);
-        if let Some(rest) = url.strip_prefix("redis+cluster://") {
-            let nodes = cluster_nodes(rest)?;
-            let client = ClusterClientBuilder::new(nodes)
-                .connection_timeout(CONNECT_TIMEOUT)
-                .response_timeout(RESPONSE_TIMEOUT)
-                // Retries are for redirections and node failover; keep them few and quick so
-                // that an unreachable cluster still fails a call within the deadline.
-                .retries(2)
-                .min_retry_wait(10)
-                .max_retry_wait(200)
-                .build()
-                .map_err(|e| StoreError::Unavailable(format!("redis cluster {shown}: {e}")))?;
-            let conn = deadline(client.get_async_connection()).await.map_err(|e| {
-                unavailable(&format!("cannot connect to redis cluster {shown}"), &e)
-            })?;
-            return Ok(Conn::Cluster(conn));
+        let link = Link::connect(url).await?;
+        Ok(Conn {
+            link,
+            breaker: Arc::new(Breaker::new()),
+            deadline: CALL_DEADLINE,
+        })
+    }
+
+    /// Another handle to the same connection and breaker, whose round trips have `deadline`.
+    pub(super) fn with_deadline(&self, deadline: Duration) -> Conn {
+        Conn {
+            deadline,
+            ..self.clone()
         }
-        if !url.starts_with("redis://") {
-            return Err(StoreError::Unavailable(format!(
-                "unsupported redis url {shown:?}: expected redis://host:port or \
-                 redis+cluster://host:port,host:port,…"
-            )));
-        }
-        let client = ::redis::Client::open(url)
-            .map_err(|e| StoreError::Unavailable(format!("redis url {shown:?}: {e}")))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(CONNECT_TIMEOUT)
-            .set_response_timeout(RESPONSE_TIMEOUT)
-            // No backoff inside a reconnection (its first retry alone sleeps 1–2 s): a failed
-            // reconnection is tried again by the next call, see `never_sent`.
-            .set_number_of_retries(0);
-        let conn = deadline(ConnectionManager::new_with_config(client, config))
-            .await
-            .map_err(|e| unavailable(&format!("cannot connect to redis {shown}"), &e))?;
-        Ok(Conn::Single(conn))
+    }
+
+    /// The breaker all handles of this connection share.
+    pub(super) fn breaker(&self) -> &Breaker {
+        &self.breaker
     }
 
     pub(super) fn is_cluster(&self) -> bool {
-        matches!(self, Conn::Cluster(_))
+        matches!(self.link, Link::Cluster(_))
     }
 
     /// Runs one command.
     pub(super) async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
-        let mut conn = self.clone();
+        let mut link = self.link.clone();
         let attempt = async {
-            match cmd.query_async::<Value>(&mut conn).await {
-                Err(e) if self.never_sent(&e) => cmd.query_async::<Value>(&mut conn).await,
+            match cmd.query_async::<Value>(&mut link).await {
+                Err(e) if self.link.never_sent(&e) => cmd.query_async::<Value>(&mut link).await,
                 other => other,
             }
         };
-        let value = deadline(attempt).await.map_err(|e| redis_err(&e))?;
+        let value = self.round_trip(attempt).await?;
         decode(value)
     }
 
@@ -182,26 +187,85 @@ impl Conn {
     }
 
     async fn run_pipeline(&self, pipe: Pipeline) -> Result<Vec<Value>, StoreError> {
-        let mut conn = self.clone();
+        let mut link = self.link.clone();
         let attempt = async {
-            match pipe.query_async::<Vec<Value>>(&mut conn).await {
-                Err(e) if self.never_sent(&e) => pipe.query_async::<Vec<Value>>(&mut conn).await,
+            match pipe.query_async::<Vec<Value>>(&mut link).await {
+                Err(e) if self.link.never_sent(&e) => {
+                    pipe.query_async::<Vec<Value>>(&mut link).await
+                }
                 other => other,
             }
         };
-        deadline(attempt).await.map_err(|e| redis_err(&e))
+        self.round_trip(attempt).await
+    }
+
+    /// One round trip: through the breaker (refused at once while it is open), bounded by this
+    /// handle's deadline.
+    async fn round_trip<T>(
+        &self,
+        attempt: impl Future<Output = Result<T, RedisError>>,
+    ) -> Result<T, StoreError> {
+        self.breaker.call(deadline(self.deadline, attempt)).await
+    }
+}
+
+// === impl Link ===
+
+impl Link {
+    async fn connect(url: &str) -> Result<Link, StoreError> {
+        let shown = redact(url);
+        if let Some(rest) = url.strip_prefix("redis+cluster://") {
+            let nodes = cluster_nodes(rest)?;
+            let client = ClusterClientBuilder::new(nodes)
+                .connection_timeout(CONNECT_TIMEOUT)
+                .response_timeout(RESPONSE_TIMEOUT)
+                // Retries are for redirections and node failover; keep them few and quick so
+                // that an unreachable cluster still fails a call within the deadline.
+                .retries(2)
+                .min_retry_wait(10)
+                .max_retry_wait(200)
+                .build()
+                .map_err(|e| StoreError::Unavailable(format!("redis cluster {shown}: {e}")))?;
+            let conn = deadline(CALL_DEADLINE, client.get_async_connection())
+                .await
+                .map_err(|e| {
+                    unavailable(&format!("cannot connect to redis cluster {shown}"), &e)
+                })?;
+            return Ok(Link::Cluster(conn));
+        }
+        if !url.starts_with("redis://") {
+            return Err(StoreError::Unavailable(format!(
+                "unsupported redis url {shown:?}: expected redis://host:port or \
+                 redis+cluster://host:port,host:port,…"
+            )));
+        }
+        let client = ::redis::Client::open(url)
+            .map_err(|e| StoreError::Unavailable(format!("redis url {shown:?}: {e}")))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(CONNECT_TIMEOUT)
+            .set_response_timeout(RESPONSE_TIMEOUT)
+            // No backoff inside a reconnection (its first retry alone sleeps 1–2 s): a failed
+            // reconnection is tried again by the next call, see `never_sent`.
+            .set_number_of_retries(0);
+        let conn = deadline(
+            CALL_DEADLINE,
+            ConnectionManager::new_with_config(client, config),
+        )
+        .await
+        .map_err(|e| unavailable(&format!("cannot connect to redis {shown}"), &e))?;
+        Ok(Link::Single(conn))
     }
 
     /// The connection manager answers a call with the error of the last failed reconnection
     /// (without sending anything) and only then starts a new one. Such a call is safe to repeat
-    /// at once, on the new connection: so the first call after Redis comes back succeeds, however
-    /// long ago the last reconnection failed. (The manager marks these errors only in their
+    /// at once, on the new connection: so the first call after Redis comes back (the breaker's
+    /// probe) succeeds, however long ago the last reconnection failed. (The manager marks these errors only in their
     /// message; if that changes, the call simply fails as before.)
     ///
     /// Likewise a write that failed with a broken pipe or a reset connection on a connection
     /// that Redis closed (it restarted) reached nobody; the manager reconnects on that error.
     fn never_sent(&self, e: &RedisError) -> bool {
-        if !matches!(self, Conn::Single(_)) || !e.is_io_error() {
+        if !matches!(self, Link::Single(_)) || !e.is_io_error() {
             return false;
         }
         let text = e.to_string();
@@ -211,11 +275,11 @@ impl Conn {
     }
 }
 
-impl ConnectionLike for Conn {
+impl ConnectionLike for Link {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Conn::Single(conn) => conn.req_packed_command(cmd),
-            Conn::Cluster(conn) => conn.req_packed_command(cmd),
+            Link::Single(conn) => conn.req_packed_command(cmd),
+            Link::Cluster(conn) => conn.req_packed_command(cmd),
         }
     }
 
@@ -226,15 +290,15 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Conn::Single(conn) => conn.req_packed_commands(cmd, offset, count),
-            Conn::Cluster(conn) => conn.req_packed_commands(cmd, offset, count),
+            Link::Single(conn) => conn.req_packed_commands(cmd, offset, count),
+            Link::Cluster(conn) => conn.req_packed_commands(cmd, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
-            Conn::Single(conn) => conn.get_db(),
-            Conn::Cluster(conn) => conn.get_db(),
+            Link::Single(conn) => conn.get_db(),
+            Link::Cluster(conn) => conn.get_db(),
         }
     }
 }
@@ -306,14 +370,17 @@ async fn join_all<T>(futures: Vec<Pin<Box<dyn Future<Output = T> + Send + '_>>>)
     outputs.into_iter().flatten().collect()
 }
 
-/// Bounds one round trip by [`CALL_DEADLINE`].
-async fn deadline<T>(future: impl Future<Output = Result<T, RedisError>>) -> Result<T, RedisError> {
-    match tokio::time::timeout(CALL_DEADLINE, future).await {
+/// Bounds one round trip by `limit`.
+async fn deadline<T>(
+    limit: Duration,
+    future: impl Future<Output = Result<T, RedisError>>,
+) -> Result<T, RedisError> {
+    match tokio::time::timeout(limit, future).await {
         Ok(result) => result,
         Err(_) => Err(RedisError::from((
             ErrorKind::IoError,
             "no answer from redis",
-            format!("within {} ms", CALL_DEADLINE.as_millis()),
+            format!("within {} ms", limit.as_millis()),
         ))),
     }
 }
