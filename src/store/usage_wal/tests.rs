@@ -38,12 +38,10 @@ fn two_groups(dir: &Path) -> (u64, u64) {
     (first_end, second_end)
 }
 
-fn read_all(
-    dir: &Path,
-) -> (
-    Result<SegmentRead, SegmentError>,
-    Vec<(String, String, i64)>,
-) {
+/// What a read handed over: (key id, account id, ms) per event.
+type Seen = Vec<(String, String, i64)>;
+
+fn read_all(dir: &Path) -> (Result<SegmentRead, SegmentError>, Seen) {
     let mut seen = Vec::new();
     let read = read_segment(dir, id(7), |key, account, ms, _| {
         seen.push((key.to_owned(), account.to_owned(), ms));
