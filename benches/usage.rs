@@ -3,12 +3,16 @@
 //! a second's traffic over many keys (20 000 deltas each into a store that holds 100 000 keys'
 //! last ten minutes), with the journal's folds.
 //!
+//! The same per-request count in the durable mode (`meter/…_wal`: an event appended for the
+//! write-ahead log, whose writer thread runs meanwhile).
+//!
 //! `cargo bench --bench usage`
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use tollgate::metering::wal::Wal;
 use tollgate::metering::{Meter, Outcome, Pending, WallClock};
 use tollgate::store::embedded::EmbeddedStore;
 use tollgate::store::{BatchId, Granularity, Store, UsageCounts, UsageDelta};
@@ -23,6 +27,33 @@ fn bench(c: &mut Criterion) {
         b.iter(|| cell.record(clock.now_ms(), Outcome { status: 200 }))
     });
     let mut pending = Pending::default();
+    meter.drain_into(&mut pending);
+
+    // The durable mode: the same call appends an event for the log's writer thread, which
+    // writes and fdatasyncs a group every 5 ms meanwhile (to a temporary directory).
+    let wal_dir = tempfile::tempdir().expect("tempdir");
+    let wal = Wal::open(wal_dir.path(), Duration::from_millis(5)).expect("wal");
+    wal.start().expect("writer");
+    let wal_meter = Meter::new(WallClock::System).with_wal(Arc::clone(&wal));
+    let wal_cell = wal_meter.cell(&Arc::from("key_bench"), &Arc::from("acc_bench"));
+    c.bench_function("meter/record_one_request_wal", |b| {
+        b.iter(|| wal_cell.record(clock.now_ms(), Outcome { status: 200 }))
+    });
+    c.bench_function("meter/record_one_request_with_bytes_wal", |b| {
+        b.iter(|| {
+            let now = clock.now_ms();
+            wal_cell.record(now, Outcome { status: 200 });
+            wal_cell.record_bytes(now, 100, 1_000);
+        })
+    });
+    c.bench_function("meter/record_one_request_with_bytes", |b| {
+        b.iter(|| {
+            let now = clock.now_ms();
+            cell.record(now, Outcome { status: 200 });
+            cell.record_bytes(now, 100, 1_000);
+        })
+    });
+    wal.close();
     meter.drain_into(&mut pending);
 
     let dir = tempfile::tempdir().expect("tempdir");

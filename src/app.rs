@@ -15,10 +15,11 @@ use tower::ServiceExt;
 
 use crate::admin::{self, AdminState};
 use crate::auth::cache::KeyCache;
-use crate::config::{LimitMode, MeteringSettings, Settings, StoreSettings};
+use crate::config::{Durability, LimitMode, MeteringSettings, Settings, StoreSettings};
 use crate::limits::global::SharedLimiters;
 use crate::limits::Limiters;
 use crate::listener::{self, ConnLimits};
+use crate::metering::wal::{self, Wal};
 use crate::metering::{flusher, retention, Meter, WallClock};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
@@ -53,6 +54,9 @@ pub enum StartError {
     /// Metrics could not be registered (a bug).
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The usage write-ahead log could not be opened or replayed.
+    #[error("{0}")]
+    UsageLog(#[from] crate::metering::wal::WalError),
     /// A configured header prefix is not a valid header name.
     #[error("identity header prefix: {0}")]
     HeaderPrefix(#[from] http::header::InvalidHeaderName),
@@ -102,7 +106,15 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
             )
         }
     };
-    let meter = Arc::new(Meter::new(options.clock));
+    let mut meter = Meter::new(options.clock);
+    if let Durability::Wal {
+        path,
+        sync_interval,
+    } = &settings.metering.durability
+    {
+        meter = meter.with_wal(open_usage_log(path, *sync_interval, &store).await?);
+    }
+    let meter = Arc::new(meter);
     let limiters = Arc::new(Limiters::new());
     let mut cache = KeyCache::new(
         Arc::clone(&store),
@@ -268,6 +280,28 @@ async fn open_embedded(path: &std::path::Path) -> Result<EmbeddedStore, crate::s
     tokio::task::spawn_blocking(move || EmbeddedStore::open(&path))
         .await
         .map_err(|e| crate::store::StoreError::Unavailable(e.to_string()))?
+}
+
+/// Opens the usage log, replays what a crash left in it into the store (before anything is
+/// served, so that no count waits on traffic) and starts its writer.
+async fn open_usage_log(
+    dir: &std::path::Path,
+    sync_interval: Duration,
+    store: &SharedStore,
+) -> Result<Arc<Wal>, StartError> {
+    let log = Wal::open(dir, sync_interval)?;
+    let replayed = wal::replay(dir, store).await?;
+    if replayed.segments > 0 {
+        tracing::info!(
+            segments = replayed.segments,
+            buckets = replayed.buckets,
+            torn_bytes = replayed.torn_bytes,
+            corrupt = replayed.corrupt,
+            "replayed the usage log left by the last run"
+        );
+    }
+    log.start()?;
+    Ok(log)
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {

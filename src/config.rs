@@ -18,9 +18,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 pub use settings::{
-    AdminSettings, CacheSettings, IdentitySettings, LimitMode, LimitSettings, MeteringSettings,
-    OnStoreError, ProxySettings, RouteAuth, RouteScopes, RouteSettings, Settings, StoreSettings,
-    Upstream,
+    AdminSettings, CacheSettings, Durability, IdentitySettings, LimitMode, LimitSettings,
+    MeteringSettings, OnStoreError, ProxySettings, RouteAuth, RouteScopes, RouteSettings, Settings,
+    StoreSettings, Upstream,
 };
 
 use crate::store::RateLimitSpec;
@@ -37,6 +37,8 @@ const SECTIONS: &[&str] = &[
 /// `routes[].upstreams` is not: `routes` is an array of tables, whose entries no variable can
 /// name, so [`EnvOverrides`] refuses `TOLLGATE__ROUTES…` outright.
 const LIST_FIELDS: &[&str] = &["proxy.trusted_proxies"];
+/// The longest `metering.wal_sync_interval`: the durable mode promises to lose at most this.
+const MAX_WAL_SYNC_INTERVAL: Duration = Duration::from_millis(50);
 
 /// One thing wrong with a config, named by its field path (`proxy.listen`, `routes[0].upstreams`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -269,7 +271,7 @@ impl Validator {
         let store = self.store(store);
         let cache = self.cache(cache);
         let limits = self.limits(limits);
-        let metering = self.metering(metering);
+        let metering = self.metering(metering, store.as_ref());
         let identity = self.identity(identity);
         let routes = self.routes(routes);
         if let (Some(LimitMode::Global), Some(StoreSettings::Embedded { .. })) =
@@ -492,16 +494,78 @@ impl Validator {
         })
     }
 
-    fn metering(&mut self, raw: RawMetering) -> MeteringSettings {
+    fn metering(&mut self, raw: RawMetering, store: Option<&StoreSettings>) -> MeteringSettings {
         self.unknown("metering", &raw.unknown);
+        let durability = self.durability(&raw, store);
         let flush_interval = self.duration("metering.flush_interval", raw.flush_interval, "1s");
         let r = raw.retention.unwrap_or_default();
         self.unknown("metering.retention", &r.unknown);
         MeteringSettings {
             flush_interval,
+            durability,
             retention_minute: self.duration("metering.retention.minute", r.minute, "48h"),
             retention_hour: self.duration("metering.retention.hour", r.hour, "90d"),
             retention_day: self.duration("metering.retention.day", r.day, "1100d"),
+        }
+    }
+
+    /// `metering.durability` with its `wal_*` fields: the log's directory defaults to one
+    /// beside the embedded store's file (`data/tollgate.db` → `data/tollgate.usage-wal`), else
+    /// `data/usage-wal`; the sync interval to 5 ms, at most 50 ms (what a crash may lose).
+    fn durability(&mut self, raw: &RawMetering, store: Option<&StoreSettings>) -> Durability {
+        match raw.durability.as_deref().unwrap_or("interval") {
+            "interval" => {
+                for (field, set) in [
+                    ("metering.wal_path", raw.wal_path.is_some()),
+                    (
+                        "metering.wal_sync_interval",
+                        raw.wal_sync_interval.is_some(),
+                    ),
+                ] {
+                    if set {
+                        self.problem(field, "only used with durability = \"wal\"");
+                    }
+                }
+                Durability::Interval
+            }
+            "wal" => {
+                let sync_interval = self.duration(
+                    "metering.wal_sync_interval",
+                    raw.wal_sync_interval.clone(),
+                    "5ms",
+                );
+                if sync_interval > MAX_WAL_SYNC_INTERVAL {
+                    self.problem(
+                        "metering.wal_sync_interval",
+                        "must be at most 50ms: it is what a crash may lose",
+                    );
+                }
+                let path = match (&raw.wal_path, store) {
+                    (Some(path), _) => PathBuf::from(path),
+                    (None, Some(StoreSettings::Embedded { path })) => {
+                        let stem = path.file_stem().map_or_else(
+                            || "tollgate".into(),
+                            |s| s.to_string_lossy().into_owned(),
+                        );
+                        path.with_file_name(format!("{stem}.usage-wal"))
+                    }
+                    (None, _) => PathBuf::from("data/usage-wal"),
+                };
+                if path.as_os_str().is_empty() {
+                    self.problem("metering.wal_path", "must not be empty");
+                }
+                Durability::Wal {
+                    path,
+                    sync_interval,
+                }
+            }
+            other => {
+                self.problem(
+                    "metering.durability",
+                    format!("`{other}` is not one of \"interval\", \"wal\""),
+                );
+                Durability::Interval
+            }
         }
     }
 

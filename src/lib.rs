@@ -9,7 +9,8 @@
 //! `proxy::route` (the route table).
 //!
 //! Layer 1, state: [`limits`] (per-key GCRA buckets), [`auth`] (the key cache and the one
-//! decision, [`auth::authorize`]), [`metering`] (per-key minute counters and their flusher),
+//! decision, [`auth::authorize`]), [`metering`] (per-key minute counters, their flusher, and the durable mode's write-ahead
+//! log),
 //! [`store`] (the only module that touches disk or network), [`metrics`].
 //!
 //! Layer 2, edges: [`proxy`] (the request path) and [`admin`] (the admin API); they never

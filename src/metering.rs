@@ -1,5 +1,6 @@
 //! Usage metering: per-key, per-minute counters in memory, written to the store in one batch per
-//! `flush_interval` by [`flusher`].
+//! `flush_interval` by [`flusher`]; or, with `metering.durability = "wal"`, every event through
+//! the write-ahead log of [`wal`] first, so that a crash loses milliseconds of usage, not seconds.
 //!
 //! The request path touches only its key's [`UsageCell`] (held by the cached key): a per-key lock
 //! (never a global one, never across an await) and, once per flush interval per key, a push onto
@@ -9,6 +10,7 @@
 pub mod bucket;
 pub mod flusher;
 pub mod retention;
+pub mod wal;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -18,7 +20,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use dashmap::DashMap;
 use parking_lot::Mutex;
 
-use crate::store::{UsageCounts, UsageDelta};
+use crate::store::{UsageCounts, UsageDelta, UsageEvent};
+use wal::Wal;
 
 /// Wall-clock milliseconds since the Unix epoch; injectable so that tests can place requests on
 /// either side of a minute boundary.
@@ -47,6 +50,8 @@ pub struct UsageCell {
     /// the cell, so the flusher visits only cells with traffic.
     dirty: AtomicBool,
     queue: mpsc::Sender<Arc<UsageCell>>,
+    /// In the durable mode, where every event goes instead of `state`.
+    wal: Option<Arc<Wal>>,
 }
 
 #[derive(Default)]
@@ -64,6 +69,7 @@ pub struct Meter {
     queue: mpsc::Sender<Arc<UsageCell>>,
     dirty: Mutex<mpsc::Receiver<Arc<UsageCell>>>,
     clock: WallClock,
+    wal: Option<Arc<Wal>>,
 }
 
 /// Counts taken from the cells and not yet stored, merged by (key, minute).
@@ -124,17 +130,12 @@ impl WallClock {
 impl UsageCell {
     /// Counts one request identified to this key.
     pub fn record(self: &Arc<Self>, now_ms: i64, outcome: Outcome) {
-        self.add(now_ms, true, |c| {
-            c.requests += 1;
-            if outcome.status < 400 {
-                c.success += 1;
-            } else {
-                c.error += 1;
-            }
-            if outcome.status == 429 {
-                c.rate_limited += 1;
-            }
-        });
+        self.add(
+            now_ms,
+            UsageEvent::Response {
+                status: outcome.status,
+            },
+        );
     }
 
     /// Counts body bytes, when a body finishes.
@@ -142,13 +143,20 @@ impl UsageCell {
         if bytes_in == 0 && bytes_out == 0 {
             return;
         }
-        self.add(now_ms, false, |c| {
-            c.bytes_in += bytes_in;
-            c.bytes_out += bytes_out;
-        });
+        self.add(
+            now_ms,
+            UsageEvent::Bytes {
+                bytes_in,
+                bytes_out,
+            },
+        );
     }
 
-    fn add(self: &Arc<Self>, now_ms: i64, is_request: bool, f: impl FnOnce(&mut UsageCounts)) {
+    fn add(self: &Arc<Self>, now_ms: i64, event: UsageEvent) {
+        if let Some(wal) = &self.wal {
+            wal.push(self, now_ms, event);
+            return;
+        }
         let minute = now_ms.div_euclid(60_000);
         {
             let mut state = self.state.lock();
@@ -159,8 +167,8 @@ impl UsageCell {
                     state.earlier.push((old_minute, old));
                 }
             }
-            f(&mut state.counts);
-            if is_request && now_ms > state.last_ms {
+            state.counts.count(event);
+            if matches!(event, UsageEvent::Response { .. }) && now_ms > state.last_ms {
                 state.last_ms = now_ms;
             }
         }
@@ -200,7 +208,20 @@ impl Meter {
             queue,
             dirty: Mutex::new(dirty),
             clock,
+            wal: None,
         }
+    }
+
+    /// The durable mode: every event of every cell made from now on goes through `wal`.
+    #[must_use]
+    pub fn with_wal(mut self, wal: Arc<Wal>) -> Self {
+        self.wal = Some(wal);
+        self
+    }
+
+    /// The write-ahead log, in the durable mode.
+    pub fn wal(&self) -> Option<&Arc<Wal>> {
+        self.wal.as_ref()
     }
 
     /// The clock every request's minute is read from.
@@ -220,6 +241,7 @@ impl Meter {
                 state: Mutex::new(CellState::default()),
                 dirty: AtomicBool::new(false),
                 queue: self.queue.clone(),
+                wal: self.wal.clone(),
             })
         });
         Arc::clone(&cell)
@@ -261,6 +283,24 @@ impl Pending {
             });
         bucket.counts.merge(counts);
         bucket.last_used_ms = bucket.last_used_ms.max(last_used_ms);
+    }
+
+    /// Adds one event of a key at `ms` (the log's path: the event is the unit, not a cell's sum).
+    fn add_event(&mut self, key_id: &Arc<str>, account_id: &Arc<str>, ms: i64, event: UsageEvent) {
+        let mut counts = UsageCounts::default();
+        counts.count(event);
+        self.add(key_id, account_id, ms.div_euclid(60_000), &counts, ms);
+    }
+
+    /// Adds every bucket of `other`.
+    pub fn merge(&mut self, other: Pending) {
+        if self.by_bucket.is_empty() {
+            *self = other;
+            return;
+        }
+        for ((key_id, minute), b) in other.by_bucket {
+            self.add(&key_id, &b.account_id, minute, &b.counts, b.last_used_ms);
+        }
     }
 
     /// Number of (key, minute) buckets waiting.

@@ -9,6 +9,7 @@
 pub mod embedded;
 mod records;
 pub mod redis;
+pub mod usage_wal;
 
 use std::sync::Arc;
 
@@ -16,7 +17,7 @@ use async_trait::async_trait;
 
 pub use records::{
     AccountRecord, AuditEntry, AuditPage, AuditQuery, AuthMethod, BatchId, Granularity, KeyRecord,
-    KeyType, NetworkPolicy, Plan, RateLimitSpec, SiteRecord, UsageCounts, UsageDelta,
+    KeyType, NetworkPolicy, Plan, RateLimitSpec, SiteRecord, UsageCounts, UsageDelta, UsageEvent,
 };
 
 use crate::credential::KeyHash;

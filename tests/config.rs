@@ -424,4 +424,73 @@ fn idle_timeout_defaults_to_30s_and_route_prefixes_must_be_in_normal_form() {
             "{field}: {err}"
         );
     }
+
+/// `metering.durability`: `interval` by default; `wal` with its directory beside the embedded
+/// store's file and a 5 ms sync interval, both settable from the file or the environment; bad
+/// values named by field, a sync interval above 50 ms refused, `wal_*` without `wal` refused.
+#[test]
+fn metering_durability_defaults_overrides_and_problems() {
+    use tollgate::config::Durability;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "t.toml", FULL_CONFIG);
+    let s = config::load_with_env(&path, Vec::new()).expect("loads");
+    assert_eq!(s.metering.durability, Durability::Interval);
+
+    let s = config::load_with_env(&path, env(&[("TOLLGATE__METERING__DURABILITY", "wal")]))
+        .expect("loads");
+    assert_eq!(
+        s.metering.durability,
+        Durability::Wal {
+            path: PathBuf::from("data/tollgate.usage-wal"),
+            sync_interval: Duration::from_millis(5),
+        }
+    );
+    let s = config::load_with_env(
+        &path,
+        env(&[
+            ("TOLLGATE__METERING__DURABILITY", "wal"),
+            ("TOLLGATE__METERING__WAL_PATH", "/var/lib/tollgate/wal"),
+            ("TOLLGATE__METERING__WAL_SYNC_INTERVAL", "20ms"),
+        ]),
+    )
+    .expect("loads");
+    assert_eq!(
+        s.metering.durability,
+        Durability::Wal {
+            path: PathBuf::from("/var/lib/tollgate/wal"),
+            sync_interval: Duration::from_millis(20),
+        }
+    );
+
+    let bad = |text: &str, field: &str| {
+        let path = write(dir.path(), "bad.toml", text);
+        let err = config::load_with_env(&path, Vec::new()).expect_err(text);
+        assert!(names(&err, field), "{text}: {err}");
+    };
+    bad("[metering]\ndurability = \"fsync\"", "metering.durability");
+    bad(
+        "[metering]\ndurability = \"wal\"\nwal_sync_interval = \"100ms\"",
+        "metering.wal_sync_interval",
+    );
+    bad(
+        "[metering]\ndurability = \"wal\"\nwal_sync_interval = \"soon\"",
+        "metering.wal_sync_interval",
+    );
+    bad(
+        "[metering]\ndurability = \"wal\"\nwal_path = \"\"",
+        "metering.wal_path",
+    );
+    bad("[metering]\nwal_path = \"x\"", "metering.wal_path");
+
+    // Without an embedded store's file to sit beside, the log has a directory of its own.
+    let path = write(
+        dir.path(),
+        "redis.toml",
+        "[store]\nbackend = \"redis\"\nredis_url = \"redis://127.0.0.1:6379\"\n\
+         [metering]\ndurability = \"wal\"",
+    );
+    let s = config::load_with_env(&path, Vec::new()).expect("loads");
+    assert!(
+        matches!(&s.metering.durability, Durability::Wal { path, .. } if path == Path::new("data/usage-wal"))
+    );
 }

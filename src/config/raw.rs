@@ -86,6 +86,9 @@ pub(crate) struct RawMetering {
     #[serde(flatten)]
     pub(crate) unknown: Unknown,
     pub(crate) flush_interval: Option<String>,
+    pub(crate) durability: Option<String>,
+    pub(crate) wal_path: Option<String>,
+    pub(crate) wal_sync_interval: Option<String>,
     pub(crate) retention: Option<RawRetention>,
 }
 

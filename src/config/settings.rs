@@ -111,16 +111,33 @@ pub enum OnStoreError {
 }
 
 /// `[metering]`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct MeteringSettings {
     /// How often counters are written to the store.
     pub flush_interval: Duration,
+    /// What a crash may lose.
+    pub durability: Durability,
     /// How long minute buckets are kept.
     pub retention_minute: Duration,
     /// How long hour buckets are kept.
     pub retention_hour: Duration,
     /// How long day buckets are kept.
     pub retention_day: Duration,
+}
+
+/// `metering.durability`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Durability {
+    /// Counts live in memory until the next flush: a crash loses up to `flush_interval`.
+    Interval,
+    /// Every event goes to a write-ahead log on disk within `sync_interval` (group commit); a
+    /// crash loses at most that much.
+    Wal {
+        /// The log's directory (local to this instance).
+        path: PathBuf,
+        /// How often buffered events are written and `fdatasync`ed.
+        sync_interval: Duration,
+    },
 }
 
 /// `[identity]`.

@@ -4,12 +4,17 @@
 //! whose answer was lost is not counted twice); counts arriving meanwhile merge into the next
 //! batch. While the store fails, what waits is capped at `max_buckets`, oldest minutes dropped
 //! first; shutdown flushes one last time.
+//!
+//! With the write-ahead log ([`super::wal`]) the counts come from rotating the log instead of
+//! from the cells, a batch's id is (the log's writer, its last segment), and the segments are
+//! released once the store took it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 
+use super::wal::Wal;
 use super::{cap_oldest, Meter, Pending};
 use crate::metrics::{Metrics, StoreCalls};
 use crate::store::{BatchId, SharedStore, StoreError, UsageDelta};
@@ -25,8 +30,10 @@ pub struct Backlog {
     in_flight: Option<(BatchId, Pending)>,
     /// Counts drained since that batch was made, merged by (key, minute).
     pending: Pending,
-    /// The id the next batch made from `pending` gets.
+    /// The id the next batch made from `pending` gets (without the log).
     next_id: BatchId,
+    /// With the log: the last segment whose counts are in `pending`.
+    pending_seq: Option<u64>,
     /// The most buckets kept, in flight and pending together, while the store fails.
     max_buckets: usize,
     /// `add_usage` calls: each failure counted, the outage logged once.
@@ -45,6 +52,7 @@ impl Backlog {
             in_flight: None,
             pending: Pending::default(),
             next_id: BatchId::first(),
+            pending_seq: None,
             max_buckets,
             calls: metrics.store_calls("add_usage"),
             dropped: 0,
@@ -67,18 +75,32 @@ impl Backlog {
     }
 
     /// The batch to send: the one in flight, else a new one made from what is pending.
-    fn batch(&mut self) -> Option<(BatchId, Vec<UsageDelta>)> {
+    fn batch(&mut self, wal: Option<&Wal>) -> Option<(BatchId, Vec<UsageDelta>)> {
         if self.in_flight.is_none() && !self.pending.is_empty() {
-            let id = self.next_id;
-            self.next_id = id.next();
+            let id = match (wal, self.pending_seq.take()) {
+                (Some(wal), Some(seq)) => wal.batch_id(seq),
+                _ => {
+                    let id = self.next_id;
+                    self.next_id = id.next();
+                    id
+                }
+            };
             self.in_flight = Some((id, std::mem::take(&mut self.pending)));
         }
         self.in_flight.as_ref().map(|(id, b)| (*id, b.batch()))
     }
 
-    /// The store took the batch in flight.
-    fn written(&mut self) {
-        self.in_flight = None;
+    /// Takes what the log's rotation closed.
+    fn rotated(&mut self, closed: Option<(u64, Pending)>) {
+        if let Some((seq, counts)) = closed {
+            self.pending.merge(counts);
+            self.pending_seq = Some(seq);
+        }
+    }
+
+    /// The store took the batch in flight; its id.
+    fn written(&mut self) -> Option<BatchId> {
+        let id = self.in_flight.take().map(|(id, _)| id);
         self.calls.succeeded();
         let dropped = std::mem::take(&mut self.dropped);
         if dropped > 0 {
@@ -87,6 +109,7 @@ impl Backlog {
                 "the oldest {dropped} (key, minute) buckets of usage were dropped during the outage"
             );
         }
+        id
     }
 
     /// The store did not take the batch in flight: keep it, and cap what waits.
@@ -141,6 +164,15 @@ pub async fn run(
             "usage counts could not be written before shutdown"
         );
     }
+    if let Some(wal) = meter.wal().cloned() {
+        // What the store did not take stays in the log's segments, replayed at the next start.
+        if tokio::task::spawn_blocking(move || wal.close())
+            .await
+            .is_err()
+        {
+            tracing::error!("closing the usage log failed");
+        }
+    }
 }
 
 /// Drains the meter and writes everything waiting: the batch in flight first, then one made of
@@ -151,19 +183,27 @@ pub async fn flush_once(
     metrics: &Metrics,
     backlog: &mut Backlog,
 ) -> bool {
-    meter.drain_into(&mut backlog.pending);
+    match meter.wal() {
+        Some(wal) => backlog.rotated(wal.rotate().await),
+        None => meter.drain_into(&mut backlog.pending),
+    }
+    let wal = meter.wal().map(|w| &**w);
     loop {
         metrics
             .usage_pending_events
             .set(i64::try_from(backlog.len()).unwrap_or(i64::MAX));
-        let Some((id, batch)) = backlog.batch() else {
+        let Some((id, batch)) = backlog.batch(wal) else {
             return true;
         };
         let timer = metrics.usage_flush_duration.start_timer();
         let result = store.add_usage(id, &batch).await;
         timer.observe_duration();
         match result {
-            Ok(()) => backlog.written(),
+            Ok(()) => {
+                if let (Some(wal), Some(id)) = (wal, backlog.written()) {
+                    wal.release(id.seq);
+                }
+            }
             Err(e) => {
                 backlog.failed(&e);
                 metrics

@@ -239,6 +239,25 @@ pub struct UsageCounts {
     pub bytes_out: u64,
 }
 
+/// One thing a key's usage counts: a finished request (by its final status) or the bytes of
+/// its bodies. The metering cells and the usage write-ahead log both count through
+/// [`UsageCounts::count`], so the two cannot disagree on what a status adds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageEvent {
+    /// A request identified to the key, with its final status code.
+    Response {
+        /// The status.
+        status: u16,
+    },
+    /// Body bytes, counted when a body ends.
+    Bytes {
+        /// Request body bytes.
+        bytes_in: u64,
+        /// Response body bytes.
+        bytes_out: u64,
+    },
+}
+
 /// Counts to add to one key's one minute.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageDelta {
@@ -398,6 +417,31 @@ impl AuditEntry {
 // === impl UsageCounts ===
 
 impl UsageCounts {
+    /// Adds one event: a response is a request, a success (< 400) or an error, and a 429 also
+    /// a rate-limited one; bytes add to the byte counts.
+    pub fn count(&mut self, event: UsageEvent) {
+        match event {
+            UsageEvent::Response { status } => {
+                self.requests += 1;
+                if status < 400 {
+                    self.success += 1;
+                } else {
+                    self.error += 1;
+                }
+                if status == 429 {
+                    self.rate_limited += 1;
+                }
+            }
+            UsageEvent::Bytes {
+                bytes_in,
+                bytes_out,
+            } => {
+                self.bytes_in += bytes_in;
+                self.bytes_out += bytes_out;
+            }
+        }
+    }
+
     /// The six counts in their stored order: requests, success, error, rate limited, bytes
     /// in, bytes out.
     pub fn to_array(&self) -> [u64; 6] {
