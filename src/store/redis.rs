@@ -103,8 +103,9 @@ use self::conn::{decode, Batch, Conn};
 use self::keys::{COUNTERS, GLOBAL, USAGE};
 use self::scripts::eval;
 use crate::credential::KeyHash;
+use crate::store::audit_chain::ChainHead;
 use crate::store::{
-    AccountRecord, AuditEntry, AuditPage, AuditQuery, BatchId, Granularity, Invalidation,
+    AccountRecord, AuditChainPage, AuditEntry, AuditPage, AuditQuery, BatchId, Granularity, Invalidation,
     InvalidationEvent, KeyLookup, KeyRecord, SiteRecord, Store, StoreError, TokenGrant, TokenTake,
     UsageCounts, UsageDelta, BATCH_MEMORY,
 };
@@ -118,6 +119,8 @@ macro_rules! cmd {
         cmd
     }};
 }
+
+mod audit;
 
 /// Owners of old buckets handled per round of [`Store::prune_usage`].
 const PRUNE_CHUNK: usize = 256;
@@ -133,6 +136,8 @@ pub struct RedisStore {
     /// Backstop TTLs of usage buckets by granularity (minute, hour, day): renewed on each write,
     /// so a bucket outlives its last write by this much even if pruning never runs.
     bucket_ttls: [Option<Duration>; 3],
+    /// This process's appends to one account's audit chain, one at a time ([`audit`]).
+    audit_turns: audit::AuditTurns,
 }
 
 // === impl RedisStore ===
@@ -155,6 +160,7 @@ impl RedisStore {
                 Some(Duration::from_secs(400 * 86_400)),
                 None,
             ],
+            audit_turns: audit::AuditTurns::default(),
         })
     }
 
@@ -681,17 +687,33 @@ impl Store for RedisStore {
     }
 
     async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
-        let json = encode_audit(entry)?;
-        let mut batch = Batch::atomic();
-        if let Some(account_id) = &entry.account_id {
-            batch.add(
-                account_id,
-                cmd!("LPUSH", keys::account_audit(account_id), &json),
-            );
+        let mut entry = entry.clone();
+        (entry.prev_hash, entry.hash) = (None, None);
+        match entry.account_id.clone() {
+            Some(account_id) => {
+                audit::append(&self.conn, &self.audit_turns, &account_id, entry).await
+            }
+            None => {
+                let json = encode_audit(&entry)?;
+                self.conn
+                    .query::<Value>(&cmd!("LPUSH", keys::audit(), &json))
+                    .await?;
+                Ok(())
+            }
         }
-        batch.add(GLOBAL, cmd!("LPUSH", keys::audit(), &json));
-        self.conn.run(batch).await?;
-        Ok(())
+    }
+
+    async fn audit_head(&self, account_id: &str) -> Result<Option<ChainHead>, StoreError> {
+        audit::head(&self.conn, account_id).await
+    }
+
+    async fn audit_chain_page(
+        &self,
+        account_id: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<AuditChainPage, StoreError> {
+        audit::chain_page(&self.conn, account_id, after, limit).await
     }
 
     async fn list_audit(
