@@ -16,8 +16,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 pub use records::{
-    AccountRecord, AuditChainPage, AuditEntry, AuditPage, AuditQuery, AuthMethod, BatchId, Granularity, KeyRecord,
-    KeyType, NetworkPolicy, Plan, RateLimitSpec, SiteRecord, UsageCounts, UsageDelta,
+    AccountRecord, AuditChainPage, AuditEntry, AuditPage, AuditQuery, AuthMethod, BatchId,
+    Granularity, KeyRecord, KeyType, NetworkPolicy, Plan, RateLimitSpec, SiteRecord, UsageCounts,
+    UsageDelta,
 };
 
 use crate::credential::KeyHash;
@@ -174,7 +175,10 @@ pub trait Store: Send + Sync + 'static {
     async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError>;
     /// The head of an account's audit chain (its newest chained entry's id and hash); `None`
     /// before its first chained entry.
-    async fn audit_head(&self, account_id: &str) -> Result<Option<audit_chain::ChainHead>, StoreError>;
+    async fn audit_head(
+        &self,
+        account_id: &str,
+    ) -> Result<Option<audit_chain::ChainHead>, StoreError>;
     /// Up to `limit` of an account's audit entries, oldest first, starting after position
     /// `after` (a previous page's `next`; `None` for the oldest). Entries appended meanwhile
     /// come after, never inside, the pages already read.

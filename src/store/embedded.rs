@@ -57,8 +57,8 @@ use journal::{Applied, Unfolded};
 use crate::credential::KeyHash;
 use crate::store::audit_chain::{self, ChainHead};
 use crate::store::{
-    AccountRecord, AuditChainPage, AuditEntry, AuditPage, AuditQuery, BatchId, Granularity, KeyLookup, KeyRecord,
-    SiteRecord, Store, StoreError, UsageCounts, UsageDelta, BATCH_MEMORY,
+    AccountRecord, AuditChainPage, AuditEntry, AuditPage, AuditQuery, BatchId, Granularity,
+    KeyLookup, KeyRecord, SiteRecord, Store, StoreError, UsageCounts, UsageDelta, BATCH_MEMORY,
 };
 
 const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("accounts");

@@ -105,9 +105,9 @@ use self::scripts::eval;
 use crate::credential::KeyHash;
 use crate::store::audit_chain::ChainHead;
 use crate::store::{
-    AccountRecord, AuditChainPage, AuditEntry, AuditPage, AuditQuery, BatchId, Granularity, Invalidation,
-    InvalidationEvent, KeyLookup, KeyRecord, SiteRecord, Store, StoreError, TokenGrant, TokenTake,
-    UsageCounts, UsageDelta, BATCH_MEMORY,
+    AccountRecord, AuditChainPage, AuditEntry, AuditPage, AuditQuery, BatchId, Granularity,
+    Invalidation, InvalidationEvent, KeyLookup, KeyRecord, SiteRecord, Store, StoreError,
+    TokenGrant, TokenTake, UsageCounts, UsageDelta, BATCH_MEMORY,
 };
 
 /// Builds a [`redis::Cmd`](::redis::Cmd) from a name and arguments.

@@ -89,7 +89,10 @@ fn every_field_is_covered_and_none_differs_from_empty() {
             Box::new(|e| e.created_at += chrono::Duration::nanoseconds(1)),
         ),
         ("account none", Box::new(|e| e.account_id = None)),
-        ("account empty", Box::new(|e| e.account_id = Some(String::new()))),
+        (
+            "account empty",
+            Box::new(|e| e.account_id = Some(String::new())),
+        ),
         // Moving a character from one field to the next: lengths keep them apart.
         (
             "boundary",
@@ -125,7 +128,16 @@ fn detail_member_order_and_a_stored_round_trip_do_not_change_the_hash() {
     let stored = serde_json::to_vec(&c.stored_json().unwrap_or_default()).unwrap_or_default();
     let read = AuditEntry::from_stored(&stored);
     assert_eq!(read.as_ref().ok(), Some(&c));
-    assert_eq!(walk(&[c], read.ok().map(|e| ChainHead { id: e.id, hash: e.hash.unwrap_or_default() })), intact(1));
+    assert_eq!(
+        walk(
+            &[c],
+            read.ok().map(|e| ChainHead {
+                id: e.id,
+                hash: e.hash.unwrap_or_default()
+            })
+        ),
+        intact(1)
+    );
 }
 
 #[test]

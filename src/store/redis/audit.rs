@@ -60,7 +60,9 @@ pub(super) async fn append(
     if !cluster {
         script_keys.push(keys::audit());
     }
-    let mut current: Option<String> = conn.query(&redis::cmd("GET").arg(&head_key).clone()).await?;
+    let mut current: Option<String> = conn
+        .query(&redis::cmd("GET").arg(&head_key).clone())
+        .await?;
     for attempt in 0..ATTEMPTS {
         let head = current
             .as_deref()
