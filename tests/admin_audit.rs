@@ -501,7 +501,7 @@ async fn two_gateways_on_one_redis_appending_at_once_keep_the_chain_intact() {
         gateways.push(gw);
     }
     let account = apis[0].account(json!({ "name": "acme" })).await;
-    let calls = (0..30).map(|i| {
+    let calls = (0..60).map(|i| {
         let (api, account) = (&apis[i % 2], &account);
         async move {
             let (status, answer) = api
@@ -515,10 +515,10 @@ async fn two_gateways_on_one_redis_appending_at_once_keep_the_chain_intact() {
         }
     });
     futures_util::future::join_all(calls).await;
-    assert_eq!(entries(&apis[1], &account).await.len(), 31);
+    assert_eq!(entries(&apis[1], &account).await.len(), 61);
     for api in &apis {
         let path = format!("/v1/accounts/{account}/audit/verify");
-        assert_eq!(verify(api, &path, &master).await, intact(31));
+        assert_eq!(verify(api, &path, &master).await, intact(61));
     }
 }
 
