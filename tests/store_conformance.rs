@@ -735,7 +735,7 @@ async fn audit_chain_links_each_account(store: &SharedStore) {
     assert_eq!(store.audit_head(&acc_a).await.unwrap(), None);
     let empty = store.audit_chain_page(&acc_a, None, 10).await.unwrap();
     assert!(empty.entries.is_empty() && empty.next.is_none());
-    assert_eq!(verdict(store, &acc_a).await.intact, true);
+    assert!(verdict(store, &acc_a).await.intact);
 
     // Interleaved with another account's entries and an unchained operator entry; a link the
     // caller sets is replaced by the store's.

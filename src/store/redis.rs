@@ -25,6 +25,7 @@
 //! | `tg:{acc}:sites`                     | hash   | site id → site JSON                             | —          | the account's sites (read with the key on lookup) |
 //! | `tg:{acc}:site_names`                | hash   | origin → site id                                | —          | uniqueness of site names within the account |
 //! | `tg:{acc}:audit`                     | list   | audit JSON + `account_id`, newest first         | —          | one account's audit log (kept when the account goes) |
+//! | `tg:{acc}:audit_head`                | string | [`ChainHead`] JSON: the newest chained entry's id and hash | — | the account's audit chain ([`audit`]); kept with the log |
 //! | `tg:{acc}:account_usage:d`           | zset   | day index (member = score)                      | day TTL    | the account's day buckets in a range, for reads and pruning |
 //! | `tg:{acc}:account_usage:d:{day}`     | hash   | `requests success error rate_limited bytes_in bytes_out` | day TTL | the account's day bucket (sum over its keys) |
 //! | `tg:{key}:usage:{m,h,d}`             | zset   | bucket index (member = score)                   | per granularity | a key's buckets in a range: one `ZRANGEBYSCORE` |
@@ -60,7 +61,8 @@
 //! | `update_key` | 1 RT, one script (name move + record) | same |
 //! | `delete_key` | 2 RT: script (record, name, key ids), then compare-and-delete of the hash index | same |
 //! | `delete_account` | 3 RT: read key ids; one script deletes account, keys, names, sites if the key ids are unchanged (else re-read); then hash indexes and list entry | same, the last step concurrently per slot |
-//! | `append_audit` | 1 RT, one `MULTI` (account list + global list) | 1 RT, the two lists concurrently, each atomic |
+//! | `append_audit` | 2 RT: `GET` the chain head, then one script (account list, head, global list) if the head has not moved, else again from the head it answers | 3 RT: the same script without the global list, then the global list |
+//! | `audit_head`, `audit_chain_page` | 1 RT (`GET`; `LRANGE` counted from the tail) | same |
 //! | `list_audit` | 1 RT (`LLEN` + `LRANGE` page when unfiltered, else the whole list filtered here) | same |
 //! | `add_usage` | 1 RT, one `MULTI`: one `ADD_USAGE` script (writer marker, `HINCRBY`s, indexes) + owners and `ZADD GT` last use | 1 RT: one `ADD_USAGE` script per slot, all slots concurrently |
 //! | `key_usage`, `account_usage` | 2 RT: `ZRANGEBYSCORE`, then one pipeline of `HMGET`s | same |

@@ -1,4 +1,4 @@
-use chrono::{DateTime, Utc};
+use chrono::DateTime;
 use serde_json::json;
 
 use super::*;
@@ -71,11 +71,14 @@ fn the_canonical_form_is_pinned() {
 /// `struct.pack('>Q', …)` and `json.dumps(…, sort_keys=True, separators=(',', ':'))`).
 const PINNED: &str = "405187c0e905f66c495dd938610a553dfd18514c442e1e421379573325b3f98c";
 
+/// A named change to an entry.
+type Change = (&'static str, Box<dyn Fn(&mut AuditEntry)>);
+
 #[test]
 fn every_field_is_covered_and_none_differs_from_empty() {
     let base = entry(0);
     let original = entry_hash(GENESIS, &base);
-    let changes: Vec<(&str, Box<dyn Fn(&mut AuditEntry)>)> = vec![
+    let changes: Vec<Change> = vec![
         ("id", Box::new(|e| e.id.push('x'))),
         ("actor_id", Box::new(|e| e.actor_id.push('x'))),
         ("action", Box::new(|e| e.action.push('x'))),
@@ -188,7 +191,7 @@ fn entries_before_chaining_are_skipped_and_unhashed_ones_after_are_bad() {
 
     let mut stripped = chained.clone();
     stripped[1].hash = None;
-    assert_eq!(walk(&stripped, head.clone()), bad(1, "aud_1"));
+    assert_eq!(walk(&stripped, head), bad(1, "aud_1"));
     // A link where the store has no head at all is out of place.
     assert_eq!(walk(&chained, None), bad(0, "aud_0"));
 }
@@ -197,7 +200,7 @@ fn entries_before_chaining_are_skipped_and_unhashed_ones_after_are_bad() {
 fn entries_after_the_head_are_not_looked_at() {
     let (entries, _) = chain(3);
     let (_, head_at_two) = chain(2);
-    let mut later = entries.clone();
+    let mut later = entries;
     later[2].detail = json!("appended while walking");
     assert_eq!(walk(&later, head_at_two), intact(2));
 }
