@@ -24,6 +24,7 @@
 //! | `POST …/sites` | both | 201 site |
 //! | `DELETE …/sites/{site_id}` | both | 204, no body |
 //! | `GET …/audit` | both | `{"logs":[…],"total","limit","offset"}`, newest first |
+//! | `GET …/audit/verify` | both | `{"intact","entries","first_bad_id"}`: the account's hash chain checked |
 //! | `GET …/keys/{key_id}/usage` | both | every bucket of `from`..`to` by `interval`, zeros included |
 //! | `GET …/usage` | both | `today`, `this_month`, `this_year`, `custom` totals |
 //! | `GET …/usage/keys` | both | `total_keys`, `active_keys`, each key's last use and tightest window |
@@ -277,6 +278,7 @@ fn account_routes(base: &str) -> Router<AdminState> {
         )
         .route(&format!("{base}/sites/{{site_id}}"), delete(sites::delete))
         .route(&format!("{base}/audit"), get(audit::list))
+        .route(&format!("{base}/audit/verify"), get(audit::verify))
         .route(&format!("{base}/keys/{{key_id}}/usage"), get(usage::key))
         .route(&format!("{base}/usage"), get(usage::account))
         .route(&format!("{base}/usage/keys"), get(usage::keys))

@@ -6,6 +6,7 @@
 //! path of a cached key: the proxy reads a key once per cache miss ([`Store::lookup_key`]) and the
 //! metering flusher writes usage in batches ([`Store::add_usage`]).
 
+pub mod audit_chain;
 pub mod embedded;
 mod records;
 pub mod redis;
@@ -16,8 +17,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 pub use records::{
-    AccountRecord, AuditEntry, AuditPage, AuditQuery, AuthMethod, BatchId, Granularity, KeyRecord,
-    KeyType, NetworkPolicy, Plan, RateLimitSpec, SiteRecord, UsageCounts, UsageDelta, UsageEvent,
+    AccountRecord, AuditChainPage, AuditEntry, AuditPage, AuditQuery, AuthMethod, BatchId,
+    Granularity, KeyRecord, KeyType, NetworkPolicy, Plan, RateLimitSpec, SiteRecord, UsageCounts,
+    UsageDelta, UsageEvent,
 };
 
 use crate::credential::KeyHash;
@@ -166,8 +168,27 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes a site; `false` if it did not exist.
     async fn delete_site(&self, account_id: &str, site_id: &str) -> Result<bool, StoreError>;
 
-    /// Appends an audit entry.
+    /// Appends an audit entry. An entry with an account becomes the next link of that account's
+    /// chain ([`audit_chain`]): the store sets its `prev_hash` and `hash` (whatever the caller
+    /// set) from the account's head, and moves the head, atomically with the append, so that
+    /// concurrent appends (from several instances, too) keep the chain linear. An entry without
+    /// an account joins only the all-accounts log, unchained.
     async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError>;
+    /// The head of an account's audit chain (its newest chained entry's id and hash); `None`
+    /// before its first chained entry.
+    async fn audit_head(
+        &self,
+        account_id: &str,
+    ) -> Result<Option<audit_chain::ChainHead>, StoreError>;
+    /// Up to `limit` of an account's audit entries, oldest first, starting after position
+    /// `after` (a previous page's `next`; `None` for the oldest). Entries appended meanwhile
+    /// come after, never inside, the pages already read.
+    async fn audit_chain_page(
+        &self,
+        account_id: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<AuditChainPage, StoreError>;
     /// Audit entries, newest first, filtered to one account when `account_id` is given.
     async fn list_audit(
         &self,

@@ -1,16 +1,20 @@
 //! The audit log through the admin API (contract section 5): an entry for every change, newest
-//! first, one account's entries only, and `limit` / `offset` / `action` / `search` with `total`.
-//! Each test starts its own upstream and gateway on port 0.
+//! first, one account's entries only, and `limit` / `offset` / `action` / `search` with `total`;
+//! and its hash chain at `…/audit/verify`, found intact, and found broken where an entry stored in
+//! Redis or in the embedded file was rewritten or removed behind the gateway's back.
+//! Each test starts its own upstream and gateway (and Redis) on port 0.
 
 #[path = "admin_client.rs"]
 mod admin_client;
 mod common;
+#[path = "common/redis.rs"]
+mod redis_harness;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use tollgate::credential::KeyHash;
 
-use admin_client::{assert_names_field, text, AdminClient};
+use admin_client::{assert_names_field, code, text, AdminClient};
 use common::gateway::Gateway;
 use common::upstream::Upstream;
 
@@ -149,8 +153,10 @@ async fn every_change_is_audited_newest_first() {
                 "actor_id",
                 "created_at",
                 "detail",
+                "hash",
                 "id",
                 "ip",
+                "prev_hash",
                 "target_id",
                 "target_type"
             ],
@@ -283,4 +289,305 @@ async fn an_account_sees_only_its_own_entries() {
         )
         .await;
     assert_eq!(page["total"], 0, "{page}");
+}
+
+// === the hash chain: GET …/audit/verify ===
+
+/// `GET path` (an `…/audit/verify`) with `cred`: 200 and the verdict.
+async fn verify(api: &AdminClient, path: &str, cred: &str) -> Value {
+    let (status, verdict) = api.call(Method::GET, path, cred, None).await;
+    assert_eq!(status, StatusCode::OK, "{path}: {verdict}");
+    verdict
+}
+
+fn intact(entries: u64) -> Value {
+    json!({ "intact": true, "entries": entries, "first_bad_id": null })
+}
+
+/// The account's entries, newest first, as `GET …/audit` lists them (one page of 100).
+async fn entries(api: &AdminClient, account: &str) -> Vec<Value> {
+    let (_, page) = api
+        .master(
+            Method::GET,
+            &format!("/v1/accounts/{account}/audit?limit=100"),
+            None,
+        )
+        .await;
+    logs(&page).clone()
+}
+
+/// Makes `n` changes to `account` (key creates and renames).
+async fn changes(api: &AdminClient, account: &str, n: usize) {
+    let key = api.key(account, json!({ "name": "first" })).await;
+    let key_id = text(&key, "id");
+    for i in 1..n {
+        let (status, answer) = api
+            .master(
+                Method::PATCH,
+                &format!("/v1/accounts/{account}/keys/{key_id}"),
+                Some(json!({ "name": format!("renamed-{i}") })),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_accounts_chain_is_intact_after_every_change() {
+    let (_up, gw, api) = start().await;
+    let (account, _, raw) = api.account_with_key("acme").await;
+    let path = format!("/v1/accounts/{account}/audit/verify");
+    assert_eq!(verify(&api, &path, &gw.master).await, intact(2));
+    changes(&api, &account, 5).await;
+    assert_eq!(verify(&api, &path, &gw.master).await, intact(7));
+    assert_eq!(
+        verify(&api, "/v1/account/audit/verify", &raw).await,
+        intact(7)
+    );
+
+    // The listing shows the links: each entry's prev_hash is the hash of the one before it.
+    let listed = entries(&api, &account).await;
+    assert_eq!(listed.len(), 7);
+    let oldest = &listed[6];
+    assert_eq!(oldest["prev_hash"], "0".repeat(64));
+    for pair in listed.windows(2) {
+        assert_eq!(pair[0]["prev_hash"], pair[1]["hash"], "{}", pair[0]);
+        assert_eq!(text(&pair[0], "hash").len(), 64);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewritten_or_removed_redis_entry_breaks_the_chain_there() {
+    let redis = redis_harness::RedisServer::start();
+    let upstream = Upstream::start().await;
+    let gw = Gateway::builder(&upstream)
+        .redis(&redis.url())
+        .start()
+        .await;
+    let api = AdminClient::new(gw.admin_url(""), &gw.master);
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+
+    // Rewriting one entry's detail in place.
+    let account = api.account(json!({ "name": "acme" })).await;
+    changes(&api, &account, 5).await;
+    let list = format!("tg:{{{account}}}:audit");
+    let victim = text(&entries(&api, &account).await[2], "id");
+    let stored: String = redis::cmd("LINDEX")
+        .arg(&list)
+        .arg(2)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut forged: Value = serde_json::from_str(&stored).unwrap();
+    assert_eq!(forged["id"], victim.as_str());
+    forged["detail"] = json!({ "name": "nothing to see" });
+    let _: () = redis::cmd("LSET")
+        .arg(&list)
+        .arg(2)
+        .arg(forged.to_string())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let path = format!("/v1/accounts/{account}/audit/verify");
+    assert_eq!(
+        verify(&api, &path, &gw.master).await,
+        json!({ "intact": false, "entries": 3, "first_bad_id": victim })
+    );
+
+    // Removing one entry: the entry after it no longer follows.
+    let account = api.account(json!({ "name": "other" })).await;
+    changes(&api, &account, 5).await;
+    let list = format!("tg:{{{account}}}:audit");
+    let listed = entries(&api, &account).await;
+    let stored: String = redis::cmd("LINDEX")
+        .arg(&list)
+        .arg(3)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let removed: i64 = redis::cmd("LREM")
+        .arg(&list)
+        .arg(1)
+        .arg(&stored)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(removed, 1);
+    let path = format!("/v1/accounts/{account}/audit/verify");
+    assert_eq!(
+        verify(&api, &path, &gw.master).await,
+        json!({ "intact": false, "entries": 2, "first_bad_id": text(&listed[2], "id") })
+    );
+}
+
+/// Rewrites (with `Some`) or removes (with `None`) the embedded store's audit entry `id`.
+fn edit_embedded_entry(path: &std::path::Path, id: &str, forged_detail: Option<Value>) {
+    use redb::{ReadableTable, TableDefinition};
+    const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+    let db = redb::Database::open(path).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let mut audit = txn.open_table(AUDIT).unwrap();
+        let mut found = None;
+        for item in audit.iter().unwrap() {
+            let (seq, bytes) = item.unwrap();
+            let entry: Value = serde_json::from_slice(bytes.value()).unwrap();
+            if entry["id"] == id {
+                found = Some((seq.value(), entry));
+            }
+        }
+        let (seq, mut entry) = found.expect("the entry is in the file");
+        match forged_detail {
+            Some(detail) => {
+                entry["detail"] = detail;
+                let bytes = serde_json::to_vec(&entry).unwrap();
+                audit.insert(seq, bytes.as_slice()).unwrap();
+            }
+            None => {
+                audit.remove(seq).unwrap();
+            }
+        }
+    }
+    txn.commit().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewritten_or_removed_embedded_entry_breaks_the_chain_there() {
+    let upstream = Upstream::start().await;
+    let mut gw = Gateway::start(&upstream).await;
+    let api = AdminClient::new(gw.admin_url(""), &gw.master);
+    let forged = api.account(json!({ "name": "forged" })).await;
+    changes(&api, &forged, 4).await;
+    let removed = api.account(json!({ "name": "removed" })).await;
+    changes(&api, &removed, 4).await;
+    let (forged_list, removed_list) = (entries(&api, &forged).await, entries(&api, &removed).await);
+    // Newest first: [1] is the second newest.
+    let victim = text(&forged_list[1], "id");
+    let gone = text(&removed_list[2], "id");
+    gw.restart_after(|path| {
+        edit_embedded_entry(path, &victim, Some(json!({ "name": "nothing to see" })));
+        edit_embedded_entry(path, &gone, None);
+    })
+    .await;
+
+    let api = AdminClient::new(gw.admin_url(""), &gw.master);
+    let path = format!("/v1/accounts/{forged}/audit/verify");
+    assert_eq!(
+        verify(&api, &path, &gw.master).await,
+        json!({ "intact": false, "entries": 3, "first_bad_id": victim })
+    );
+    let path = format!("/v1/accounts/{removed}/audit/verify");
+    assert_eq!(
+        verify(&api, &path, &gw.master).await,
+        json!({ "intact": false, "entries": 2, "first_bad_id": text(&removed_list[1], "id") })
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_on_one_redis_appending_at_once_keep_the_chain_intact() {
+    let redis = redis_harness::RedisServer::start();
+    let upstream = Upstream::start().await;
+    let master = tollgate::credential::generate(tollgate::credential::Kind::Master);
+    let mut apis = Vec::new();
+    let mut gateways = Vec::new();
+    for _ in 0..2 {
+        let gw = Gateway::builder(&upstream)
+            .redis(&redis.url())
+            .master(&master)
+            .start()
+            .await;
+        apis.push(AdminClient::new(gw.admin_url(""), &master));
+        gateways.push(gw);
+    }
+    let account = apis[0].account(json!({ "name": "acme" })).await;
+    let calls = (0..60).map(|i| {
+        let (api, account) = (&apis[i % 2], &account);
+        async move {
+            let (status, answer) = api
+                .master(
+                    Method::POST,
+                    &format!("/v1/accounts/{account}/keys"),
+                    Some(json!({ "name": format!("k{i}") })),
+                )
+                .await;
+            assert_eq!(status, StatusCode::CREATED, "{answer}");
+        }
+    });
+    futures_util::future::join_all(calls).await;
+    assert_eq!(entries(&apis[1], &account).await.len(), 61);
+    for api in &apis {
+        let path = format!("/v1/accounts/{account}/audit/verify");
+        assert_eq!(verify(api, &path, &master).await, intact(61));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_verifies_its_own_chain_and_no_other() {
+    let (_up, _gw, api) = start().await;
+    let (a, _, raw_a) = api.account_with_key("a").await;
+    let (b, _, _) = api.account_with_key("b").await;
+    let reader = api
+        .key(&a, json!({ "name": "reader", "scopes": ["account:read"] }))
+        .await;
+    let reader = text(&reader, "key");
+    let writer = api
+        .key(&a, json!({ "name": "writer", "scopes": ["account:write"] }))
+        .await;
+    let writer = text(&writer, "key");
+
+    for cred in [&raw_a, &reader] {
+        assert_eq!(
+            verify(&api, "/v1/account/audit/verify", cred).await,
+            intact(4)
+        );
+    }
+    let (status, err) = api
+        .call(Method::GET, "/v1/account/audit/verify", &writer, None)
+        .await;
+    assert_eq!(
+        (status, code(&err)),
+        (StatusCode::FORBIDDEN, "scope_denied")
+    );
+    let (status, err) = api
+        .call(
+            Method::GET,
+            &format!("/v1/accounts/{b}/audit/verify"),
+            &raw_a,
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, code(&err)),
+        (StatusCode::NOT_FOUND, "not_found"),
+        "{err}"
+    );
+    let (status, _) = api
+        .call(
+            Method::GET,
+            "/v1/account/audit/verify",
+            "tgsk_nonsense",
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_verifies_any_account_and_an_unknown_one_is_404() {
+    let (_up, gw, api) = start().await;
+    let (a, _, _) = api.account_with_key("a").await;
+    let b = api.account(json!({ "name": "b" })).await;
+    for (account, n) in [(&a, 2), (&b, 1)] {
+        let path = format!("/v1/accounts/{account}/audit/verify");
+        assert_eq!(verify(&api, &path, &gw.master).await, intact(n));
+    }
+    let (status, err) = api
+        .master(Method::GET, "/v1/accounts/acc_nobody/audit/verify", None)
+        .await;
+    assert_eq!(
+        (status, code(&err)),
+        (StatusCode::NOT_FOUND, "not_found"),
+        "{err}"
+    );
 }

@@ -450,6 +450,14 @@ async fn every_documented_operation_answers_as_documented() {
             )
             .await;
         assert_eq!(status, 400);
+        let (status, verdict) = api
+            .call("get", &p("/audit/verify"), &ids, cred.next(2), None)
+            .await;
+        assert_eq!(
+            (status, &verdict["intact"]),
+            (200, &json!(true)),
+            "{verdict}"
+        );
 
         // Refusals the document lists.
         let mut unknown_key = ids.clone();

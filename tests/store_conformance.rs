@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
 use tollgate::credential::{self, KeyHash, Kind};
+use tollgate::store::audit_chain::{ChainVerdict, ChainWalk, Step, GENESIS};
 use tollgate::store::embedded::EmbeddedStore;
 use tollgate::store::redis::RedisStore;
 use tollgate::store::{
@@ -107,7 +108,47 @@ fn audit(
         detail,
         ip: Some("127.0.0.1".to_owned()),
         created_at: Utc::now(),
+        prev_hash: None,
+        hash: None,
     }
+}
+
+/// The entry as the caller wrote it, without the links the store added.
+fn unlinked(entry: &AuditEntry) -> AuditEntry {
+    AuditEntry {
+        prev_hash: None,
+        hash: None,
+        ..entry.clone()
+    }
+}
+
+/// Every entry of an account's chain, oldest first, read in pages of `page`.
+async fn whole_chain(store: &SharedStore, account_id: &str, page: usize) -> Vec<AuditEntry> {
+    let mut out = Vec::new();
+    let mut after = None;
+    loop {
+        let got = store
+            .audit_chain_page(account_id, after, page)
+            .await
+            .unwrap();
+        assert!(got.entries.len() <= page);
+        out.extend(got.entries.into_iter().map(|e| e.expect("readable")));
+        match got.next {
+            Some(next) => after = Some(next),
+            None => return out,
+        }
+    }
+}
+
+/// The verdict over an account's chain as `GET …/audit/verify` reaches it.
+async fn verdict(store: &SharedStore, account_id: &str) -> ChainVerdict {
+    let mut walk = ChainWalk::new(store.audit_head(account_id).await.unwrap());
+    for entry in whole_chain(store, account_id, 3).await {
+        if walk.check(Ok(&entry)) == Step::Done {
+            break;
+        }
+    }
+    walk.finish()
 }
 
 fn counts(requests: u64, bytes_in: u64) -> UsageCounts {
@@ -151,6 +192,8 @@ pub async fn run_all(store: SharedStore) {
     delete_account_cascades(&store).await;
     sites(&store).await;
     audit_log(&store).await;
+    audit_chain_links_each_account(&store).await;
+    audit_chain_stays_linear_under_concurrent_appends(&store).await;
     usage(&store).await;
     usage_batches_apply_once(&store).await;
     usage_rollups(&store).await;
@@ -606,7 +649,7 @@ async fn audit_log(store: &SharedStore) {
         .unwrap();
     assert_eq!(page.total, 4);
     assert_eq!(ids(&page.entries, |e| &e.id), audit_ids(&[5, 4, 2, 0]));
-    assert_eq!(page.entries[0], entries[5]);
+    assert_eq!(unlinked(&page.entries[0]), entries[5]);
     assert!(page
         .entries
         .iter()
@@ -684,6 +727,128 @@ async fn audit_log(store: &SharedStore) {
         .unwrap();
     assert_eq!(page.total, 0);
     assert!(page.entries.is_empty());
+}
+
+async fn audit_chain_links_each_account(store: &SharedStore) {
+    let p = unique();
+    let (acc_a, acc_b) = (format!("acc_{p}_a"), format!("acc_{p}_b"));
+    assert_eq!(store.audit_head(&acc_a).await.unwrap(), None);
+    let empty = store.audit_chain_page(&acc_a, None, 10).await.unwrap();
+    assert!(empty.entries.is_empty() && empty.next.is_none());
+    assert!(verdict(store, &acc_a).await.intact);
+
+    // Interleaved with another account's entries and an unchained operator entry; a link the
+    // caller sets is replaced by the store's.
+    let mut written = Vec::new();
+    for i in 0..7 {
+        let mut e = audit(
+            &format!("aud_{p}_a{i}"),
+            Some(&acc_a),
+            "key.create",
+            "k",
+            serde_json::json!({ "i": i }),
+        );
+        e.hash = Some("forged".to_owned());
+        store.append_audit(&e).await.unwrap();
+        written.push(e);
+        let other = audit(
+            &format!("aud_{p}_b{i}"),
+            Some(&acc_b),
+            "key.create",
+            "k",
+            serde_json::json!({}),
+        );
+        store.append_audit(&other).await.unwrap();
+        let operator = audit(
+            &format!("aud_{p}_o{i}"),
+            None,
+            "key.create",
+            "k",
+            serde_json::json!({}),
+        );
+        store.append_audit(&operator).await.unwrap();
+    }
+
+    for page in [1, 2, 7, 100] {
+        let chain = whole_chain(store, &acc_a, page).await;
+        assert_eq!(
+            chain.iter().map(unlinked).collect::<Vec<_>>(),
+            written.iter().map(unlinked).collect::<Vec<_>>(),
+            "oldest first in pages of {page}"
+        );
+        let mut prev = GENESIS.to_owned();
+        for e in &chain {
+            assert_eq!(e.prev_hash.as_deref(), Some(prev.as_str()), "{}", e.id);
+            prev = e.hash.clone().expect("a hash");
+            assert_eq!(prev.len(), 64);
+        }
+        let head = store.audit_head(&acc_a).await.unwrap().expect("a head");
+        assert_eq!(
+            (head.id.as_str(), head.hash.as_str()),
+            (chain[6].id.as_str(), prev.as_str())
+        );
+    }
+    assert_eq!(
+        verdict(store, &acc_a).await,
+        ChainVerdict {
+            intact: true,
+            entries: 7,
+            first_bad_id: None
+        }
+    );
+    assert_eq!(verdict(store, &acc_b).await.entries, 7);
+
+    // The listing shows the same links; the operator entry has none.
+    let page = store
+        .list_audit(
+            None,
+            &AuditQuery {
+                limit: 100,
+                offset: 0,
+                action: None,
+                search: Some(p.clone()),
+            },
+        )
+        .await
+        .unwrap();
+    for e in &page.entries {
+        let chained = e.account_id.is_some();
+        assert_eq!(
+            (e.prev_hash.is_some(), e.hash.is_some()),
+            (chained, chained),
+            "{}",
+            e.id
+        );
+    }
+}
+
+async fn audit_chain_stays_linear_under_concurrent_appends(store: &SharedStore) {
+    let p = unique();
+    let acc = format!("acc_{p}");
+    let tasks: Vec<_> = (0..24)
+        .map(|i| {
+            let store = Arc::clone(store);
+            let e = audit(
+                &format!("aud_{p}_{i}"),
+                Some(&acc),
+                "key.update",
+                "k",
+                serde_json::json!({ "i": i }),
+            );
+            tokio::spawn(async move { store.append_audit(&e).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        verdict(store, &acc).await,
+        ChainVerdict {
+            intact: true,
+            entries: 24,
+            first_bad_id: None
+        }
+    );
 }
 
 async fn usage(store: &SharedStore) {
@@ -1205,6 +1370,41 @@ async fn take_tokens_never_pass_the_limit(store: SharedStore) {
         .unwrap();
     assert_eq!((next[0].granted, next[0].total), (3, 3));
     assert_eq!((next[1].granted, next[1].total), (2, 2));
+}
+
+/// Two instances (two connections, each with its own in-process turns) appending to one account
+/// at once: only the head check in the script keeps the chain linear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_audit_chain_stays_linear_across_instances() {
+    let server = RedisServer::start();
+    let a: SharedStore = Arc::new(RedisStore::connect(&server.url()).await.unwrap());
+    let b: SharedStore = Arc::new(RedisStore::connect(&server.url()).await.unwrap());
+    let acc = format!("acc_{}", unique());
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let store = Arc::clone(if i % 2 == 0 { &a } else { &b });
+            let e = audit(
+                &format!("aud_{i}"),
+                Some(&acc),
+                "key.update",
+                "k",
+                serde_json::json!({ "i": i }),
+            );
+            tokio::spawn(async move { store.append_audit(&e).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        verdict(&a, &acc).await,
+        ChainVerdict {
+            intact: true,
+            entries: 40,
+            first_bad_id: None
+        }
+    );
+    assert_eq!(whole_chain(&b, &acc, 100).await.len(), 40);
 }
 
 #[tokio::test]

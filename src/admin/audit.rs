@@ -1,5 +1,6 @@
-//! The audit log: writing the entry that every change leaves behind ([`record`]), and reading an
-//! account's entries at `GET …/audit` ([`list`]).
+//! The audit log: writing the entry that every change leaves behind ([`record`]), reading an
+//! account's entries at `GET …/audit` ([`list`]), and checking its hash chain at
+//! `GET …/audit/verify` ([`verify`]; the chain itself is `store::audit_chain`).
 //!
 //! The entry is written after the change succeeded. If that write fails the change stands (and
 //! the caller is told it succeeded, since retrying would repeat it); the failure is logged with
@@ -17,12 +18,16 @@ use super::auth::{AccountAccess, Actor};
 use super::error::ApiError;
 use super::AdminState;
 use crate::credential;
+use crate::store::audit_chain::{ChainVerdict, ChainWalk, Step};
 use crate::store::{AuditEntry, AuditQuery, Store};
 
 /// Page size when `limit` is not given.
 const DEFAULT_LIMIT: usize = 50;
 /// Largest page.
 const MAX_LIMIT: usize = 100;
+/// Entries read per store call while verifying: the walk holds one page at a time, whatever
+/// the log's length.
+const VERIFY_PAGE: usize = 256;
 
 /// One change, as the audit log describes it.
 pub(crate) struct Change<'a> {
@@ -84,6 +89,34 @@ pub(crate) async fn list(
     }))
 }
 
+/// `GET …/audit/verify`: walks the account's chain oldest first, in pages, up to the head read
+/// at the start, and answers whether every link fits and, if not, the first that does not.
+pub(crate) async fn verify(
+    State(state): State<AdminState>,
+    access: AccountAccess,
+) -> Result<Json<ChainVerdict>, ApiError> {
+    let account_id = &access.account.id;
+    let mut walk = ChainWalk::new(state.store.audit_head(account_id).await?);
+    let mut after = None;
+    'pages: loop {
+        let page = state
+            .store
+            .audit_chain_page(account_id, after, VERIFY_PAGE)
+            .await?;
+        for entry in &page.entries {
+            let entry = entry.as_ref().map_err(Option::as_deref);
+            if walk.check(entry) == Step::Done {
+                break 'pages;
+            }
+        }
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    Ok(Json(walk.finish()))
+}
+
 /// Appends the entry for `change`.
 pub(crate) async fn record(store: &dyn Store, origin: Origin<'_>, change: Change<'_>) {
     let entry = AuditEntry {
@@ -96,6 +129,8 @@ pub(crate) async fn record(store: &dyn Store, origin: Origin<'_>, change: Change
         detail: change.detail,
         ip: origin.ip.map(str::to_owned),
         created_at: Utc::now(),
+        prev_hash: None,
+        hash: None,
     };
     if let Err(e) = store.append_audit(&entry).await {
         tracing::error!(error = %e, entry = ?entry, "admin: audit entry not written");

@@ -21,6 +21,7 @@
 //! | `sites`          | (account id, site id)             | site JSON                 | an account's sites, listed by key prefix                   |
 //! | `audit`          | sequence (`u64`, ascending)       | entry JSON + `account_id` | the audit log in append order (read backwards: newest first) |
 //! | `audit_accounts` | (account id, sequence)            | `()`                      | one account's audit entries without scanning the others    |
+//! | `audit_heads`    | account id                        | [`ChainHead`] JSON        | the newest link of the account's audit chain ([`audit_chain`]) |
 //! | `key_minutes`, `key_hours`, `key_days`, `account_days` | (index `i64`, owner id as bytes) | 56 bytes: 6 × LE `u64` counts, LE `i64` last used ms | usage buckets, time-major so that a flush touches only the current pages ([`usage`]) |
 //! | `key_minutes_by_key_hour`, `key_hours_by_key`, `key_days_by_key`, `account_days_by_account` | (owner id, hour for minutes, else index) | `()` | an owner's buckets from … to; written once per new hour of minutes, or new bucket |
 //! | `usage_journal`  | sequence (`u64`)                  | one `add_usage` batch, packed | flushes not yet folded into the buckets ([`journal`]) |
@@ -31,6 +32,9 @@
 //! Lists are sorted oldest first by `(created_at, id)`; the audit log is newest first by append
 //! order. The audit entry's `account_id` is not part of its serialized JSON (it is
 //! `skip_serializing` for the API), so the stored JSON carries it as an extra `account_id` field.
+//!
+//! An append reads the account's chain head, links the entry to it and moves the head in the
+//! same write transaction, so the chain is linear: redb runs one write transaction at a time.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -51,9 +55,10 @@ use commit::GroupCommit;
 use journal::{Applied, Unfolded};
 
 use crate::credential::KeyHash;
+use crate::store::audit_chain::{self, ChainHead};
 use crate::store::{
-    AccountRecord, AuditEntry, AuditPage, AuditQuery, BatchId, Granularity, KeyLookup, KeyRecord,
-    SiteRecord, Store, StoreError, UsageCounts, UsageDelta, BATCH_MEMORY,
+    AccountRecord, AuditChainPage, AuditEntry, AuditPage, AuditQuery, BatchId, Granularity,
+    KeyLookup, KeyRecord, SiteRecord, Store, StoreError, UsageCounts, UsageDelta, BATCH_MEMORY,
 };
 
 const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("accounts");
@@ -64,6 +69,7 @@ const KEY_NAMES: TableDefinition<(&str, &str), &str> = TableDefinition::new("key
 const SITES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("sites");
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 const AUDIT_ACCOUNTS: TableDefinition<(&str, u64), ()> = TableDefinition::new("audit_accounts");
+const AUDIT_HEADS: TableDefinition<&str, &[u8]> = TableDefinition::new("audit_heads");
 const USAGE_WRITERS: TableDefinition<u64, (u64, i64)> = TableDefinition::new("usage_writers");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
@@ -119,6 +125,7 @@ impl EmbeddedStore {
                 txn.open_table(SITES).map_err(db_err)?;
                 txn.open_table(AUDIT).map_err(db_err)?;
                 txn.open_table(AUDIT_ACCOUNTS).map_err(db_err)?;
+                txn.open_table(AUDIT_HEADS).map_err(db_err)?;
                 txn.open_table(USAGE_WRITERS).map_err(db_err)?;
                 usage::create_tables(txn)?;
                 txn.open_table(META).map_err(db_err)?;
@@ -548,22 +555,74 @@ impl Store for EmbeddedStore {
     }
 
     async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
-        let entry = entry.clone();
+        let mut entry = entry.clone();
+        (entry.prev_hash, entry.hash) = (None, None);
         self.write(move |txn| {
             let mut audit = txn.open_table(AUDIT).map_err(db_err)?;
             let seq = match audit.last().map_err(db_err)? {
                 Some((key, _)) => key.value().saturating_add(1),
                 None => 0,
             };
-            let bytes = encode_audit(&entry)?;
-            audit.insert(seq, bytes.as_slice()).map_err(db_err)?;
-            if let Some(account_id) = &entry.account_id {
+            if let Some(account_id) = entry.account_id.clone() {
+                let mut heads = txn.open_table(AUDIT_HEADS).map_err(db_err)?;
+                let head: Option<ChainHead> =
+                    get_json(&heads, account_id.as_str(), "audit chain head")?;
+                let head = audit_chain::link(head.as_ref(), &mut entry);
+                heads
+                    .insert(account_id.as_str(), encode(&head)?.as_slice())
+                    .map_err(db_err)?;
                 let mut by_account = txn.open_table(AUDIT_ACCOUNTS).map_err(db_err)?;
                 by_account
                     .insert((account_id.as_str(), seq), ())
                     .map_err(db_err)?;
             }
+            let bytes = encode_audit(&entry)?;
+            audit.insert(seq, bytes.as_slice()).map_err(db_err)?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn audit_head(&self, account_id: &str) -> Result<Option<ChainHead>, StoreError> {
+        let account_id = account_id.to_owned();
+        self.read(move |txn| {
+            let heads = txn.open_table(AUDIT_HEADS).map_err(db_err)?;
+            get_json(&heads, account_id.as_str(), "audit chain head")
+        })
+        .await
+    }
+
+    async fn audit_chain_page(
+        &self,
+        account_id: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<AuditChainPage, StoreError> {
+        let account_id = account_id.to_owned();
+        self.read(move |txn| {
+            let audit = txn.open_table(AUDIT).map_err(db_err)?;
+            let by_account = txn.open_table(AUDIT_ACCOUNTS).map_err(db_err)?;
+            let start = match after {
+                Some(seq) => match seq.checked_add(1) {
+                    Some(next) => next,
+                    None => return Ok(AuditChainPage::default()),
+                },
+                None => 0,
+            };
+            let range = (account_id.as_str(), start)..=(account_id.as_str(), u64::MAX);
+            let mut page = AuditChainPage::default();
+            let (mut last, mut rows) = (None, 0);
+            for item in by_account.range(range).map_err(db_err)?.take(limit) {
+                let seq = item.map_err(db_err)?.0.value().1;
+                (last, rows) = (Some(seq), rows + 1);
+                // An index row without its entry: the entry after it shows the gap.
+                if let Some(value) = audit.get(seq).map_err(db_err)? {
+                    page.entries.push(AuditEntry::from_stored(value.value()));
+                }
+            }
+            // A short page reached the newest entry.
+            page.next = last.filter(|_| rows == limit);
+            Ok(page)
         })
         .await
     }

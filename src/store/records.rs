@@ -198,6 +198,24 @@ pub struct AuditEntry {
     pub ip: Option<String>,
     /// When.
     pub created_at: DateTime<Utc>,
+    /// The `hash` of the entry before this one in its account's chain, or
+    /// [`crate::store::audit_chain::GENESIS`]; set by the store on append, absent on entries
+    /// written before chaining and on entries without an account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev_hash: Option<String>,
+    /// SHA-256 over `prev_hash` and this entry's fields ([`crate::store::audit_chain`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
+}
+
+/// A page of one account's audit entries, oldest first, for walking its chain
+/// ([`crate::store::Store::audit_chain_page`]).
+#[derive(Debug, Default)]
+pub struct AuditChainPage {
+    /// Oldest first; an entry that does not decode is `Err` with its `id` if one could be read.
+    pub entries: Vec<Result<AuditEntry, Option<String>>>,
+    /// Where the next page starts; `None` when this page reached the newest entry.
+    pub next: Option<u64>,
 }
 
 /// Filters for [`crate::store::Store::list_audit`].
@@ -397,6 +415,16 @@ impl AuditEntry {
             );
         }
         Ok(value)
+    }
+
+    /// Decodes a stored entry for a chain walk: an entry that does not decode is `Err` with its
+    /// `id`, when the bytes are a JSON object with a string `id`.
+    pub fn from_stored(bytes: &[u8]) -> Result<AuditEntry, Option<String>> {
+        serde_json::from_slice(bytes).map_err(|_| {
+            serde_json::from_slice::<serde_json::Value>(bytes)
+                .ok()
+                .and_then(|v| v.get("id").and_then(|id| id.as_str()).map(str::to_owned))
+        })
     }
 
     /// Case-insensitive substring match of `needle` (lowercase) over action, target, actor and

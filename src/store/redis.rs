@@ -34,6 +34,7 @@
 //! | `tg:{acc}:sites`                     | hash   | site id → site JSON                             | —          | the account's sites (read with the key on lookup) |
 //! | `tg:{acc}:site_names`                | hash   | origin → site id                                | —          | uniqueness of site names within the account |
 //! | `tg:{acc}:audit`                     | list   | audit JSON + `account_id`, newest first         | —          | one account's audit log (kept when the account goes) |
+//! | `tg:{acc}:audit_head`                | string | [`ChainHead`] JSON: the newest chained entry's id and hash | — | the account's audit chain ([`audit`]); kept with the log |
 //! | `tg:{acc}:account_usage:d`           | zset   | day index (member = score)                      | day TTL    | the account's day buckets in a range, for reads and pruning |
 //! | `tg:{acc}:account_usage:d:{day}`     | hash   | `requests success error rate_limited bytes_in bytes_out` | day TTL | the account's day bucket (sum over its keys) |
 //! | `tg:{key}:usage:{m,h,d}`             | zset   | bucket index (member = score)                   | per granularity | a key's buckets in a range: one `ZRANGEBYSCORE` |
@@ -69,7 +70,8 @@
 //! | `update_key` | 1 RT, one script (name move + record) | same |
 //! | `delete_key` | 2 RT: script (record, name, key ids), then compare-and-delete of the hash index | same |
 //! | `delete_account` | 3 RT: read key ids; one script deletes account, keys, names, sites if the key ids are unchanged (else re-read); then hash indexes and list entry | same, the last step concurrently per slot |
-//! | `append_audit` | 1 RT, one `MULTI` (account list + global list) | 1 RT, the two lists concurrently, each atomic |
+//! | `append_audit` | 2 RT: `GET` the chain head, then one script (account list, head, global list) if the head has not moved, else again from the head it answers | 3 RT: the same script without the global list, then the global list |
+//! | `audit_head`, `audit_chain_page` | 1 RT (`GET`; `LRANGE` counted from the tail) | same |
 //! | `list_audit` | 1 RT (`LLEN` + `LRANGE` page when unfiltered, else the whole list filtered here) | same |
 //! | `add_usage` | 1 RT, one `MULTI`: one `ADD_USAGE` script (writer marker, `HINCRBY`s, indexes) + owners and `ZADD GT` last use | 1 RT: one `ADD_USAGE` script per slot, all slots concurrently |
 //! | `key_usage`, `account_usage` | 2 RT: `ZRANGEBYSCORE`, then one pipeline of `HMGET`s | same |
@@ -113,10 +115,11 @@ use self::conn::{decode, Batch, Conn, REQUEST_DEADLINE};
 use self::keys::{COUNTERS, GLOBAL, USAGE};
 use self::scripts::eval;
 use crate::credential::KeyHash;
+use crate::store::audit_chain::ChainHead;
 use crate::store::{
-    AccountRecord, AuditEntry, AuditPage, AuditQuery, BatchId, Granularity, Invalidation,
-    InvalidationEvent, KeyLookup, KeyRecord, SiteRecord, Store, StoreError, TokenGrant, TokenTake,
-    UsageCounts, UsageDelta, BATCH_MEMORY,
+    AccountRecord, AuditChainPage, AuditEntry, AuditPage, AuditQuery, BatchId, Granularity,
+    Invalidation, InvalidationEvent, KeyLookup, KeyRecord, SiteRecord, Store, StoreError,
+    TokenGrant, TokenTake, UsageCounts, UsageDelta, BATCH_MEMORY,
 };
 
 /// Builds a [`redis::Cmd`](::redis::Cmd) from a name and arguments.
@@ -128,6 +131,8 @@ macro_rules! cmd {
         cmd
     }};
 }
+
+mod audit;
 
 /// Owners of old buckets handled per round of [`Store::prune_usage`].
 const PRUNE_CHUNK: usize = 256;
@@ -148,6 +153,8 @@ pub struct RedisStore {
     /// Backstop TTLs of usage buckets by granularity (minute, hour, day): renewed on each write,
     /// so a bucket outlives its last write by this much even if pruning never runs.
     bucket_ttls: [Option<Duration>; 3],
+    /// This process's appends to one account's audit chain, one at a time ([`audit`]).
+    audit_turns: audit::AuditTurns,
 }
 
 // === impl RedisStore ===
@@ -171,6 +178,7 @@ impl RedisStore {
                 Some(Duration::from_secs(400 * 86_400)),
                 None,
             ],
+            audit_turns: audit::AuditTurns::default(),
         })
     }
 
@@ -704,17 +712,33 @@ impl Store for RedisStore {
     }
 
     async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
-        let json = encode_audit(entry)?;
-        let mut batch = Batch::atomic();
-        if let Some(account_id) = &entry.account_id {
-            batch.add(
-                account_id,
-                cmd!("LPUSH", keys::account_audit(account_id), &json),
-            );
+        let mut entry = entry.clone();
+        (entry.prev_hash, entry.hash) = (None, None);
+        match entry.account_id.clone() {
+            Some(account_id) => {
+                audit::append(&self.conn, &self.audit_turns, &account_id, entry).await
+            }
+            None => {
+                let json = encode_audit(&entry)?;
+                self.conn
+                    .query::<Value>(&cmd!("LPUSH", keys::audit(), &json))
+                    .await?;
+                Ok(())
+            }
         }
-        batch.add(GLOBAL, cmd!("LPUSH", keys::audit(), &json));
-        self.conn.run(batch).await?;
-        Ok(())
+    }
+
+    async fn audit_head(&self, account_id: &str) -> Result<Option<ChainHead>, StoreError> {
+        audit::head(&self.conn, account_id).await
+    }
+
+    async fn audit_chain_page(
+        &self,
+        account_id: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<AuditChainPage, StoreError> {
+        audit::chain_page(&self.conn, account_id, after, limit).await
     }
 
     async fn list_audit(

@@ -250,8 +250,17 @@ impl Gateway {
     /// Stops gracefully and starts again on the same config and store. The listeners get new
     /// ports: use [`Gateway::proxy_url`] again afterwards.
     pub async fn restart(&mut self) {
+        self.restart_after(|_| {}).await;
+    }
+
+    /// Stops gracefully, runs `offline` while nothing holds the store (e.g. to edit the
+    /// embedded file, given its path), and starts again like [`Gateway::restart`].
+    pub async fn restart_after(&mut self, offline: impl FnOnce(&std::path::Path)) {
         if let Some(running) = self.running.take() {
             running.shutdown().await;
+        }
+        if let tollgate::config::StoreSettings::Embedded { path } = &self.settings.store {
+            offline(path);
         }
         let running = start(&self.settings, &self.master, &self.clock).await;
         self.proxy_addr = running.proxy_addr;

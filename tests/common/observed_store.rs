@@ -96,6 +96,17 @@ impl Store for ObservedStore {
     async fn append_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
         self.inner.append_audit(e).await
     }
+    async fn audit_head(&self, a: &str) -> Result<Option<audit_chain::ChainHead>, StoreError> {
+        self.inner.audit_head(a).await
+    }
+    async fn audit_chain_page(
+        &self,
+        a: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<AuditChainPage, StoreError> {
+        self.inner.audit_chain_page(a, after, limit).await
+    }
     async fn list_audit(&self, a: Option<&str>, q: &AuditQuery) -> Result<AuditPage, StoreError> {
         self.inner.list_audit(a, q).await
     }

@@ -52,6 +52,11 @@ pub(super) fn account_audit(account_id: &str) -> String {
     format!("tg:{{{account_id}}}:audit")
 }
 
+/// The newest link of an account's audit chain: [`crate::store::audit_chain::ChainHead`] JSON.
+pub(super) fn audit_head(account_id: &str) -> String {
+    format!("tg:{{{account_id}}}:audit_head")
+}
+
 /// The index (sorted set) of an account's day buckets; a bucket is [`bucket`] of it.
 pub(super) fn account_usage(account_id: &str) -> String {
     format!("tg:{{{account_id}}}:account_usage:d")

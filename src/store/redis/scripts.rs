@@ -110,6 +110,21 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 "#;
 
+/// Appends an audit entry as the next link of its account's chain, if the chain's head is still
+/// the one the entry was linked to; on a single server also to the all-accounts list.
+///
+/// `KEYS`: the account's audit list, its chain head, [the all-accounts audit list].
+/// `ARGV`: the head the entry was linked to (`''` for none), entry JSON, the new head.
+/// Returns `{ok}`, or `{moved, head now}` (`''` for none): link the entry again and retry.
+pub(super) const APPEND_AUDIT: &str = r#"
+local cur = redis.call('GET', KEYS[2]) or ''
+if cur ~= ARGV[1] then return {'moved', cur} end
+redis.call('LPUSH', KEYS[1], ARGV[2])
+redis.call('SET', KEYS[2], ARGV[3])
+if KEYS[3] then redis.call('LPUSH', KEYS[3], ARGV[2]) end
+return {'ok'}
+"#;
+
 /// Takes tokens from shared window counters without letting any pass its limit.
 ///
 /// `KEYS`: one counter per window. `ARGV`: per window, `limit`, `want`, `ttl` (seconds).
