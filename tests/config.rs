@@ -424,6 +424,7 @@ fn idle_timeout_defaults_to_30s_and_route_prefixes_must_be_in_normal_form() {
             "{field}: {err}"
         );
     }
+}
 
 /// `metering.durability`: `interval` by default; `wal` with its directory beside the embedded
 /// store's file and a 5 ms sync interval, both settable from the file or the environment; bad
