@@ -436,9 +436,8 @@ mod tests {
                 // Stored buckets on both sides of the range too (a window reads none of them), a third
                 // of indexes non-zero.
                 let stored: Vec<(i64, UsageCounts)> = (lo - 40..hi + 40)
-                    .filter_map(|i| {
-                        (random(3) == 0).then(|| (i, requests(1 + i.rem_euclid(9) as u64)))
-                    })
+                    .filter(|_| random(3) == 0)
+                    .map(|i| (i, requests(1 + i.rem_euclid(9) as u64)))
                     .collect();
                 // The whole range's answer from what a read of its source range gives.
                 let read: Vec<_> = stored
