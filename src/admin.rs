@@ -99,6 +99,8 @@ pub struct AdminState {
     pings: Arc<StoreCalls>,
     /// The API's own store calls (`op="admin"`), likewise: see [`watch_store`].
     store_calls: Arc<StoreCalls>,
+    /// Places for heavy usage reads ([`MAX_HEAVY_USAGE_READS`]), shared by every account.
+    heavy_usage_reads: Arc<tokio::sync::Semaphore>,
 }
 
 // === impl AdminState ===
@@ -126,6 +128,7 @@ impl AdminState {
                 per_hour: Some(1_000),
                 per_day: Some(10_000),
             },
+            heavy_usage_reads: Arc::new(tokio::sync::Semaphore::new(MAX_HEAVY_USAGE_READS)),
         }
     }
 
@@ -133,6 +136,32 @@ impl AdminState {
     pub fn with_default_limits(mut self, default: RateLimitSpec) -> Self {
         self.default_limits = default;
         self
+    }
+}
+
+/// Usage reads of more than 20,000 buckets that may run at once in this process; more wait up
+/// to [`HEAVY_USAGE_WAIT`], then answer 503 `usage_busy`. Streamed, each holds about 1 MB
+/// (a window of stored buckets and three chunks of JSON), so memory is not what this bounds: the
+/// CPU is. The largest read encodes 27 MB of JSON, about 0.1 s of one core in a release build;
+/// four at once leave the proxy (which shares the runtime's threads) at least half of a two-core
+/// machine, and a fifth caller waits about as long as one of them takes.
+pub const MAX_HEAVY_USAGE_READS: usize = 4;
+
+/// How long a heavy usage read waits for a place before it answers 503 `usage_busy`.
+const HEAVY_USAGE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl AdminState {
+    /// A place among [`MAX_HEAVY_USAGE_READS`], held until the read's answer is sent;
+    /// [`ApiError::UsageBusy`] when none frees up within [`HEAVY_USAGE_WAIT`].
+    pub(crate) async fn heavy_usage_read(
+        &self,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        let places = Arc::clone(&self.heavy_usage_reads);
+        match tokio::time::timeout(HEAVY_USAGE_WAIT, places.acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            // The semaphore is never closed; a closed one would have no place either.
+            Ok(Err(_)) | Err(_) => Err(ApiError::UsageBusy),
+        }
     }
 }
 

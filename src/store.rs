@@ -17,9 +17,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 pub use records::{
-    AccountRecord, AuditChainPage, AuditEntry, AuditPage, AuditQuery, AuthMethod, BatchId,
-    Granularity, KeyRecord, KeyType, NetworkPolicy, Plan, RateLimitSpec, SiteRecord, UsageCounts,
-    UsageDelta, UsageEvent,
+    key_name_index, AccountRecord, AuditChainPage, AuditEntry, AuditPage, AuditQuery, AuthMethod,
+    BatchId, Granularity, KeyRecord, KeyType, NetworkPolicy, Plan, RateLimitSpec, SiteRecord,
+    UsageCounts, UsageDelta, UsageEvent,
 };
 
 use crate::credential::KeyHash;
@@ -140,8 +140,8 @@ pub trait Store: Send + Sync + 'static {
     /// callers can invalidate caches); `NotFound` if there is none.
     async fn delete_account(&self, id: &str) -> Result<Vec<KeyRecord>, StoreError>;
 
-    /// Creates a key; `NameTaken` if its account has a key of that name, `AlreadyExists` if the
-    /// id or hash exists.
+    /// Creates a key; `NameTaken` if its account has a key of that name ignoring ASCII case
+    /// ([`key_name_index`]), `AlreadyExists` if the id or hash exists.
     async fn create_key(&self, key: &KeyRecord) -> Result<(), StoreError>;
     /// One key of one account.
     async fn get_key(
@@ -152,7 +152,8 @@ pub trait Store: Send + Sync + 'static {
     /// All keys of an account, oldest first.
     async fn list_keys(&self, account_id: &str) -> Result<Vec<KeyRecord>, StoreError>;
     /// Replaces an existing key (same id, account and hash); `NameTaken` if renamed onto a
-    /// taken name, `NotFound` if absent.
+    /// name another key holds (ignoring ASCII case: a key may change the case of its own name),
+    /// `NotFound` if absent.
     async fn update_key(&self, key: &KeyRecord) -> Result<(), StoreError>;
     /// Deletes a key and its hash index, returning it; `Ok(None)` if it did not exist.
     async fn delete_key(

@@ -407,3 +407,73 @@ async fn an_account_reads_itself_at_v1_account() {
         .await;
     assert_eq!(time(&me, "created_at"), time(&seen, "created_at"));
 }
+
+// === bodies and names ===
+
+/// Every admin endpoint that takes a body takes a JSON object: an array (which serde would read
+/// as the struct's fields in order, so `["acme"]` made an account named acme), a string, a
+/// number or `null` is 400 `invalid_request`, and nothing is created or changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_is_not_a_json_object_is_400_on_every_endpoint() {
+    let (_up, _gw, api) = start().await;
+    let (account, key_id, _) = api.account_with_key("acme").await;
+    let base = format!("/v1/accounts/{account}");
+    let key = format!("{base}/keys/{key_id}");
+    let endpoints = [
+        (Method::POST, "/v1/accounts".to_owned()),
+        (Method::PATCH, base.clone()),
+        (Method::POST, format!("{base}/keys")),
+        (Method::PATCH, key.clone()),
+        (Method::POST, format!("{key}/renew")),
+        (Method::POST, format!("{key}/roll")),
+        (Method::POST, format!("{base}/sites")),
+    ];
+    let (_, before_accounts) = api.master(Method::GET, "/v1/accounts", None).await;
+    let (_, before_keys) = api.master(Method::GET, &format!("{base}/keys"), None).await;
+    for (method, path) in &endpoints {
+        for body in [
+            json!(["acme"]),
+            json!(["https://example.com"]),
+            json!("acme"),
+            json!(42),
+            Value::Null,
+        ] {
+            let (status, err) = api.master(method.clone(), path, Some(body.clone())).await;
+            assert_eq!(
+                (status, code(&err)),
+                (StatusCode::BAD_REQUEST, "invalid_request"),
+                "{method} {path} with {body}: {err}"
+            );
+        }
+    }
+    let (_, after_accounts) = api.master(Method::GET, "/v1/accounts", None).await;
+    let (_, after_keys) = api.master(Method::GET, &format!("{base}/keys"), None).await;
+    assert_eq!(after_accounts, before_accounts);
+    assert_eq!(after_keys, before_keys);
+}
+
+/// An account's name is at most 100 characters, like a key's, on create and on PATCH.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn account_name_is_at_most_100_characters() {
+    let (_up, _gw, api) = start().await;
+    let (status, err) = api
+        .master(
+            Method::POST,
+            "/v1/accounts",
+            Some(json!({ "name": "x".repeat(101) })),
+        )
+        .await;
+    assert_names_field(status, &err, "name");
+    let id = api.account(json!({ "name": "é".repeat(100) })).await;
+    let path = format!("/v1/accounts/{id}");
+    let (status, err) = api
+        .master(
+            Method::PATCH,
+            &path,
+            Some(json!({ "name": "y".repeat(101) })),
+        )
+        .await;
+    assert_names_field(status, &err, "name");
+    let (_, account) = api.master(Method::GET, &path, None).await;
+    assert_eq!(text(&account, "name"), "é".repeat(100));
+}

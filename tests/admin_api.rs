@@ -739,6 +739,53 @@ async fn bad_json_is_400() {
     );
 }
 
+/// An account named before the 100-character limit (older versions took 200) keeps its name
+/// through a PATCH of another field; only a new name must fit.
+#[tokio::test]
+async fn an_older_long_account_name_survives_a_patch_of_another_field() {
+    let admin = start().await;
+    let now = chrono::Utc::now();
+    let long = "n".repeat(150);
+    let record = tollgate::store::AccountRecord {
+        id: "acc_older".to_owned(),
+        name: long.clone(),
+        auth_method: Default::default(),
+        rate_limit: None,
+        network_policy: Default::default(),
+        permissions: None,
+        plan: Default::default(),
+        active: true,
+        shared_rate_limit: None,
+        created_at: now,
+        updated_at: now,
+    };
+    admin.store.create_account(&record).await.expect("create");
+    let (status, account) = admin
+        .master_call(
+            Method::PATCH,
+            "/v1/accounts/acc_older",
+            Some(json!({ "active": false })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{account}");
+    assert_eq!(
+        (text(&account, "name"), &account["active"]),
+        (long, &json!(false))
+    );
+    let (status, err) = admin
+        .master_call(
+            Method::PATCH,
+            "/v1/accounts/acc_older",
+            Some(json!({ "name": "m".repeat(101) })),
+        )
+        .await;
+    assert_eq!(
+        (status, code(&err)),
+        (StatusCode::BAD_REQUEST, "invalid_request")
+    );
+    assert!(message(&err).contains("name"), "{err}");
+}
+
 #[tokio::test]
 async fn body_over_64_kib_is_413() {
     let admin = start().await;

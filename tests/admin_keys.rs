@@ -797,3 +797,41 @@ async fn account_key_changes_its_own_keys_at_v1_account() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(proxied(&gw, &new).await, StatusCode::OK);
 }
+
+/// Key names are unique in an account ignoring case: `skb` beside `SKB` is 409 `name_taken`,
+/// on create and on rename; a key may change the case of its own name, and keeps the name as
+/// given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_names_are_unique_ignoring_case() {
+    let (_up, _gw, api) = start().await;
+    let account = api.account(json!({ "name": "acme" })).await;
+    let keys = format!("/v1/accounts/{account}/keys");
+    let first = api.key(&account, json!({ "name": "SKB" })).await;
+    assert_eq!(text(&first, "name"), "SKB");
+    let (status, err) = api
+        .master(Method::POST, &keys, Some(json!({ "name": "skb" })))
+        .await;
+    assert_eq!(
+        (status, code(&err)),
+        (StatusCode::CONFLICT, "name_taken"),
+        "{err}"
+    );
+
+    let other = api.key(&account, json!({ "name": "other" })).await;
+    let other_path = format!("{keys}/{}", text(&other, "id"));
+    let (status, err) = api
+        .master(Method::PATCH, &other_path, Some(json!({ "name": "Skb" })))
+        .await;
+    assert_eq!(
+        (status, code(&err)),
+        (StatusCode::CONFLICT, "name_taken"),
+        "{err}"
+    );
+
+    let first_path = format!("{keys}/{}", text(&first, "id"));
+    let (status, renamed) = api
+        .master(Method::PATCH, &first_path, Some(json!({ "name": "skb" })))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{renamed}");
+    assert_eq!(text(&renamed, "name"), "skb");
+}

@@ -355,3 +355,60 @@ async fn keys_at_a_glance_show_last_use_and_the_tightest_window() {
         .as_str()
         .is_some_and(|p| p.starts_with("tgsk_")));
 }
+
+/// At most `MAX_HEAVY_USAGE_READS` reads of more than 20,000 buckets run at once: with that many
+/// answers stalled by clients that read nothing, one more heavy read waits its deadline and is
+/// 503 `usage_busy` with `Retry-After`, while a light read is served at once; when the stalled
+/// clients go, their places free and a heavy read is served whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_usage_reads_are_bounded_and_the_one_too_many_is_503_usage_busy() {
+    let f = fixture().await;
+    let base = format!("/v1/accounts/{}/keys/{}/usage", f.account_id, f.key_id);
+    let heavy = f.gw.admin_url(&format!(
+        "{base}?from=2026-01-01T00:00:00Z&to=2026-05-19T21:20:00Z&interval=minute"
+    ));
+    let light = format!("{base}?from=2026-01-01T00:00:00Z&to=2026-01-08T00:00:00Z&interval=minute");
+    let get = |url: String| {
+        let master = f.gw.master.clone();
+        async move {
+            client()
+                .get(url)
+                .bearer_auth(master)
+                .send()
+                .await
+                .expect("usage request")
+        }
+    };
+    // Each answer has begun (its head is sent once it holds a place); none is read.
+    let mut stalled = Vec::new();
+    for _ in 0..tollgate::admin::MAX_HEAVY_USAGE_READS {
+        let response = get(heavy.clone()).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        stalled.push(response);
+    }
+    let (status, body) = f.get(&light).await;
+    assert_eq!(
+        (status, body["buckets"].as_array().map(Vec::len)),
+        (StatusCode::OK, Some(10_080))
+    );
+    let busy = get(heavy.clone()).await;
+    assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        busy.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"1"[..])
+    );
+    let body: Value = busy.json().await.expect("JSON error");
+    assert_eq!(body["error"]["code"], "usage_busy", "{body}");
+
+    drop(stalled);
+    let served = eventually(Duration::from_secs(10), || async {
+        let response = get(heavy.clone()).await;
+        if response.status() != StatusCode::OK {
+            return false;
+        }
+        let body: Value = response.json().await.expect("the whole answer is JSON");
+        body["buckets"].as_array().map(Vec::len) == Some(200_000)
+    })
+    .await;
+    assert!(served, "the places of the stalled reads were never freed");
+}

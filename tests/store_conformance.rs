@@ -187,6 +187,7 @@ pub async fn run_all(store: SharedStore) {
     lookup_by_hash(&store).await;
     key_name_taken(&store).await;
     key_rename(&store).await;
+    key_names_ignore_case(&store).await;
     key_duplicates(&store).await;
     key_missing(&store).await;
     delete_account_cascades(&store).await;
@@ -443,6 +444,66 @@ async fn key_rename(store: &SharedStore) {
         store.create_key(&clash).await,
         Err(StoreError::NameTaken)
     ));
+}
+
+/// Key names are unique within an account ignoring ASCII case (`SKB` and `skb` are one name);
+/// the record keeps the name as given, and a key may change the case of its own name.
+async fn key_names_ignore_case(store: &SharedStore) {
+    let p = unique();
+    let acc = account(&format!("acc_{p}"), at(0));
+    store.create_account(&acc).await.unwrap();
+    let upper = key(&format!("key_{p}_1"), &acc.id, "SKB", at(1));
+    store.create_key(&upper).await.unwrap();
+    for name in ["skb", "Skb", "SKB"] {
+        taken(
+            store,
+            &key(&format!("key_{p}_{name}"), &acc.id, name, at(2)),
+        )
+        .await;
+    }
+    assert_eq!(name_of(store, &upper).await, "SKB");
+
+    let other = key(&format!("key_{p}_2"), &acc.id, "other", at(3));
+    store.create_key(&other).await.unwrap();
+    let mut onto = other.clone();
+    onto.name = "sKb".to_owned();
+    assert!(matches!(
+        store.update_key(&onto).await,
+        Err(StoreError::NameTaken)
+    ));
+
+    // Its own name in another case: allowed, and the name stays taken in every case.
+    let mut recased = upper.clone();
+    recased.name = "skb".to_owned();
+    store.update_key(&recased).await.unwrap();
+    assert_eq!(name_of(store, &upper).await, "skb");
+    taken(store, &key(&format!("key_{p}_3"), &acc.id, "SKB", at(4))).await;
+
+    // Renamed away or deleted, the name is free in any case.
+    let mut away = recased.clone();
+    away.name = "moved".to_owned();
+    store.update_key(&away).await.unwrap();
+    let again = key(&format!("key_{p}_4"), &acc.id, "Skb", at(5));
+    store.create_key(&again).await.unwrap();
+    store.delete_key(&acc.id, &again.id).await.unwrap();
+    let last = key(&format!("key_{p}_5"), &acc.id, "sKB", at(6));
+    store.create_key(&last).await.unwrap();
+    taken(store, &key(&format!("key_{p}_6"), &acc.id, "MOVED", at(7))).await;
+}
+
+/// The stored name of `key`, which must exist.
+async fn name_of(store: &SharedStore, key: &KeyRecord) -> String {
+    let stored = store.get_key(&key.account_id, &key.id).await.unwrap();
+    stored.expect("the key exists").name
+}
+
+/// Asserts that creating `key` is refused as `NameTaken`.
+async fn taken(store: &SharedStore, key: &KeyRecord) {
+    assert!(
+        matches!(store.create_key(key).await, Err(StoreError::NameTaken)),
+        "{} should be taken",
+        key.name
+    );
 }
 
 async fn key_duplicates(store: &SharedStore) {
@@ -1188,6 +1249,50 @@ async fn embedded_survives_reopen() {
     ));
 }
 
+/// A file written before names were unique ignoring case holds its name entries under the name
+/// as given; opening it re-keys them once, so an older `SKB` takes `skb` too.
+#[tokio::test]
+async fn embedded_folds_the_key_names_of_an_older_file() {
+    use redb::TableDefinition;
+    const KEY_NAMES: TableDefinition<(&str, &str), &str> = TableDefinition::new("key_names");
+    const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("tollgate.redb");
+    let p = unique();
+    let acc = account(&format!("acc_{p}"), at(0));
+    let k = key(&format!("key_{p}"), &acc.id, "SKB", at(1));
+    {
+        let store = EmbeddedStore::open(&path).unwrap();
+        store.create_account(&acc).await.unwrap();
+        store.create_key(&k).await.unwrap();
+    }
+    // Make it as an older version wrote it.
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut names = txn.open_table(KEY_NAMES).unwrap();
+            let id = names
+                .remove((acc.id.as_str(), "skb"))
+                .unwrap()
+                .unwrap()
+                .value()
+                .to_owned();
+            names.insert((acc.id.as_str(), "SKB"), id.as_str()).unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .remove("key_names_folded")
+                .unwrap();
+        }
+        txn.commit().unwrap();
+        let txn = db.begin_read().unwrap();
+        let names = txn.open_table(KEY_NAMES).unwrap();
+        assert!(names.get((acc.id.as_str(), "SKB")).unwrap().is_some());
+    }
+    let store: SharedStore = Arc::new(EmbeddedStore::open(&path).unwrap());
+    older_name_is_folded(&store, &k, &p).await;
+}
+
 #[tokio::test]
 async fn embedded_refuses_second_open() {
     let dir = tempfile::TempDir::new().unwrap();
@@ -1213,6 +1318,50 @@ async fn redis_conformance() {
     // A fresh server has no master key.
     assert!(store.master_key_hash().await.unwrap().is_none());
     run_all(Arc::new(store)).await;
+}
+
+/// Names that an older version wrote under the name as given (`tg:{acc}:names` field `SKB`)
+/// are re-keyed by the first script that checks a name in the account, so `skb` is taken too,
+/// and deleting the older key frees the name.
+#[tokio::test]
+async fn redis_folds_the_key_names_of_an_older_version() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    let p = unique();
+    let acc = account(&format!("acc_{p}"), at(0));
+    let k = key(&format!("key_{p}"), &acc.id, "SKB", at(1));
+    store.create_account(&acc).await.unwrap();
+    store.create_key(&k).await.unwrap();
+    // Make it as an older version wrote it.
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let names = format!("tg:{{{}}}:names", acc.id);
+    let _: () = redis::cmd("DEL")
+        .arg(&names)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(&names)
+        .arg("SKB")
+        .arg(&k.id)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let store: SharedStore = Arc::new(store);
+    older_name_is_folded(&store, &k, &p).await;
+}
+
+/// With `older` (named `SKB`) indexed as an older version did: `skb` is taken, and free once
+/// `older` is deleted.
+async fn older_name_is_folded(store: &SharedStore, older: &KeyRecord, p: &str) {
+    let clash = key(&format!("key_{p}_2"), &older.account_id, "skb", at(2));
+    taken(store, &clash).await;
+    store
+        .delete_key(&older.account_id, &older.id)
+        .await
+        .unwrap();
+    store.create_key(&clash).await.unwrap();
 }
 
 #[tokio::test]

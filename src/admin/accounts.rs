@@ -29,7 +29,7 @@ use crate::credential;
 use crate::store::{AccountRecord, AuthMethod, NetworkPolicy, Plan, RateLimitSpec};
 
 /// Longest account name.
-const MAX_NAME_CHARS: usize = 200;
+const MAX_NAME_CHARS: usize = 100;
 
 /// The fields PATCH may name.
 const PATCHABLE: [&str; 7] = [
@@ -86,7 +86,7 @@ pub(crate) async fn create(
     operator: Operator,
     JsonBody(req): JsonBody<AccountFields>,
 ) -> Result<(StatusCode, Json<AccountRecord>), ApiError> {
-    let fields = req.validated()?;
+    let fields = req.validated(None)?;
     let now = Utc::now();
     let account = fields.into_record(credential::new_id("acc"), now, now);
     state.store.create_account(&account).await?;
@@ -149,7 +149,7 @@ pub(crate) async fn update(
             .await?
             .ok_or(ApiError::NotFound("account"))?;
         let before = AccountFields::of(&current);
-        let after = patch.apply(&before)?.validated()?;
+        let after = patch.apply(&before)?.validated(Some(&before))?;
         let changed = after.changed_from(&before);
         if changed.is_empty() {
             return Ok(Json(current));
@@ -220,9 +220,14 @@ impl AccountFields {
     }
 
     /// Checks every field, trimming the name and normalising CIDRs and origins; a `rate_limit`
-    /// with no window set is no rate limit.
-    fn validated(self) -> Result<Self, ApiError> {
-        let name = validate::name("name", &self.name, MAX_NAME_CHARS)?;
+    /// with no window set is no rate limit. A name unchanged from `before` (the account being
+    /// patched) is kept as it is: a PATCH of another field must not fail on a name that an older
+    /// version accepted.
+    fn validated(self, before: Option<&AccountFields>) -> Result<Self, ApiError> {
+        let name = match before {
+            Some(before) if before.name == self.name => self.name,
+            _ => validate::name("name", &self.name, MAX_NAME_CHARS)?,
+        };
         validate::rate_limit("rate_limit", self.rate_limit.as_ref())?;
         let network_policy = NetworkPolicy {
             allowed_ips: validate::cidrs(

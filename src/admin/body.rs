@@ -2,7 +2,9 @@
 //! so that a failure names the field it is about (`rate_limit.per_minute: invalid type…`).
 //!
 //! The `Content-Type` is not checked: `curl -d` sends a form type, and the body is JSON either
-//! way.
+//! way. Every body the API takes is a JSON object: an array, string, number or `null` is 400
+//! `invalid_request` here, once, before serde sees it (serde would read `["acme"]` as a struct
+//! whose fields come in order, and take it as `{"name":"acme"}`).
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
@@ -44,8 +46,9 @@ where
     }
 }
 
-/// Deserializes `bytes`, naming the field that failed.
+/// Deserializes `bytes`, a JSON object, naming the field that failed.
 pub(crate) fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    object_only(bytes)?;
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
@@ -61,4 +64,59 @@ pub(crate) fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     de.end()
         .map_err(|e| ApiError::InvalidBody(format!("body is not valid JSON: {e}")))?;
     Ok(value)
+}
+
+/// Refuses a body whose JSON value is not an object; bad JSON is left to [`parse`] to name.
+fn object_only(bytes: &[u8]) -> Result<(), ApiError> {
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    let kind = match first {
+        Some(b'{') | None => return Ok(()),
+        Some(b'[') => "an array",
+        Some(b'"') => "a string",
+        Some(b'n') => "null",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'-' | b'0'..=b'9') => "a number",
+        Some(_) => return Ok(()),
+    };
+    if serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_err() {
+        // Not JSON at all: `parse` says so, with serde's position.
+        return Ok(());
+    }
+    Err(ApiError::InvalidBody(format!(
+        "the body must be a JSON object, not {kind}"
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Named {
+        name: String,
+    }
+
+    #[test]
+    fn only_a_json_object_is_a_body() {
+        assert!(parse::<Named>(br#" {"name":"acme"} "#).is_ok());
+        for body in [
+            &br#"["acme"]"#[..],
+            br#""acme""#,
+            b"42",
+            b"-1",
+            b"null",
+            b"true",
+            b" [ ] ",
+        ] {
+            let err = parse::<Named>(body).unwrap_err();
+            assert!(
+                err.to_string().contains("must be a JSON object"),
+                "{}: {err}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        let err = parse::<Named>(b"[oops").unwrap_err();
+        assert!(err.to_string().contains("not valid JSON"), "{err}");
+    }
 }

@@ -6,7 +6,7 @@
 //! store carries its detail in the response's extensions ([`StoreFailure`]), where the admin
 //! router's one middleware counts it and logs the outage once, not per request.
 
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
@@ -98,6 +98,10 @@ pub enum ApiError {
     /// is for the log, never the body.
     #[error("the store is unavailable; retry later")]
     StoreUnavailable(String),
+    /// 503 `usage_busy`, with `Retry-After: 1`: as many heavy usage reads as may run at once
+    /// ([`super::MAX_HEAVY_USAGE_READS`]) kept running for longer than a read may wait.
+    #[error("too many large usage reads are running; retry shortly, or ask for fewer buckets")]
+    UsageBusy,
     /// 503 `store_unavailable`: another change to the account (on this or another instance)
     /// held its lock for longer than a change may wait.
     #[error("another change to this account is in progress; retry later")]
@@ -147,6 +151,7 @@ impl ApiError {
             ApiError::StoreUnavailable(_) | ApiError::AccountBusy => {
                 (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
             }
+            ApiError::UsageBusy => (StatusCode::SERVICE_UNAVAILABLE, "usage_busy"),
         }
     }
 }
@@ -156,8 +161,16 @@ impl IntoResponse for ApiError {
         let (status, code) = self.status_and_code();
         let body = json!({ "error": { "code": code, "message": self.to_string() } });
         let mut response = (status, Json(body)).into_response();
-        if let ApiError::StoreUnavailable(detail) = self {
-            response.extensions_mut().insert(StoreFailure(detail));
+        match self {
+            ApiError::StoreUnavailable(detail) => {
+                response.extensions_mut().insert(StoreFailure(detail));
+            }
+            ApiError::UsageBusy => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
         }
         response
     }

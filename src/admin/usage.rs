@@ -5,11 +5,19 @@
 //! the last second of traffic may not show yet. Every bucket of a range is listed, zeros
 //! included; weeks (ISO, Monday) and months (calendar) are sums of UTC days. Rate-limit figures
 //! come from this instance's buckets as of the key's last request.
+//!
+//! A key's buckets are streamed ([`stream`]), and a read of more than [`HEAVY_BUCKETS`] takes
+//! one of [`super::MAX_HEAVY_USAGE_READS`] places first (503 `usage_busy` when none frees up in
+//! time): memory and CPU stay bounded whatever ranges account keys ask for.
+
+mod stream;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
+use axum::response::Response;
 use axum::Json;
 use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Utc};
 use serde::Serialize;
@@ -19,33 +27,17 @@ use super::error::ApiError;
 use super::keys::{fetch, KeyId};
 use super::AdminState;
 use crate::limits::{LimitSnapshot, Quotas};
-use crate::metering::bucket::{self, Interval, RangeError};
+use crate::metering::bucket::{Filler, Interval, RangeError};
 use crate::store::{Granularity, UsageCounts};
+use stream::BucketStream;
 
 /// The default range of a key's usage: the last 90 days.
 const DEFAULT_DAYS: i64 = 90;
 
-/// `{"key_id","interval","from","to","buckets":[…]}`.
-#[derive(Serialize)]
-pub(crate) struct KeyUsage {
-    key_id: String,
-    interval: &'static str,
-    from: DateTime<Utc>,
-    to: DateTime<Utc>,
-    buckets: Vec<Bucket>,
-}
-
-/// One bucket of a key's usage.
-#[derive(Serialize)]
-pub(crate) struct Bucket {
-    bucket: DateTime<Utc>,
-    request_count: u64,
-    success_count: u64,
-    error_count: u64,
-    rate_limited_count: u64,
-    bytes_in: u64,
-    bytes_out: u64,
-}
+/// A read of more buckets than this is heavy: it waits for one of
+/// [`super::MAX_HEAVY_USAGE_READS`] places. A week of minutes (10,080) or 90 days of hours
+/// (2,160), what a dashboard asks for, never waits.
+pub(crate) const HEAVY_BUCKETS: u64 = 20_000;
 
 /// `{request_count, success_count, error_count}` of a period.
 #[derive(Serialize, Default, Clone, Copy, PartialEq, Eq, Debug)]
@@ -93,7 +85,7 @@ pub(crate) async fn key(
     access: AccountAccess,
     KeyId(key_id): KeyId,
     params: Result<Query<BTreeMap<String, String>>, QueryRejection>,
-) -> Result<Json<KeyUsage>, ApiError> {
+) -> Result<Response, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::InvalidBody(format!("query: {e}")))?;
     only(&params, &["from", "to", "interval"])?;
     let now = Utc::now();
@@ -107,41 +99,18 @@ pub(crate) async fn key(
             ApiError::field("interval", "must be one of minute, hour, day, week, month")
         })?,
     };
-    if from > to {
-        return Err(ApiError::field("from", "must not be after `to`"));
-    }
-    let n = interval.count(from, to);
-    if n > bucket::MAX_BUCKETS {
-        return Err(ApiError::TooManyBuckets(n));
-    }
-    let key = fetch(&*state.store, &access.account.id, &key_id).await?;
-    let (lo, hi) = bucket::source_range(interval, from, to);
-    let stored = state
-        .store
-        .key_usage(&key.id, interval.source(), lo, hi)
-        .await?;
-    let buckets = bucket::fill(interval, from, to, &stored).map_err(|e| match e {
+    let filler = Filler::new(interval, from, to).map_err(|e| match e {
         RangeError::Reversed => ApiError::field("from", "must not be after `to`"),
         RangeError::TooMany(n) => ApiError::TooManyBuckets(n),
     })?;
-    Ok(Json(KeyUsage {
-        key_id: key.id,
-        interval: interval.name(),
-        from,
-        to,
-        buckets: buckets
-            .into_iter()
-            .map(|(start, c)| Bucket {
-                bucket: start,
-                request_count: c.requests,
-                success_count: c.success,
-                error_count: c.error,
-                rate_limited_count: c.rate_limited,
-                bytes_in: c.bytes_in,
-                bytes_out: c.bytes_out,
-            })
-            .collect(),
-    }))
+    let key = fetch(&*state.store, &access.account.id, &key_id).await?;
+    let permit = if filler.remaining() > HEAVY_BUCKETS {
+        Some(state.heavy_usage_read().await?)
+    } else {
+        None
+    };
+    let answer = BucketStream::new(Arc::clone(&state.store), key.id, interval, filler, permit);
+    Ok(answer.respond(from, to).await?)
 }
 
 /// `GET …/usage?start_date=&end_date=`: today, this month, this year (UTC), and the custom

@@ -2,8 +2,6 @@
 //! start on Monday, months on the 1st), and turning stored day/hour/minute buckets into every
 //! bucket of a range, zeros included.
 
-use std::collections::BTreeMap;
-
 use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Utc};
 
 use crate::store::{Granularity, UsageCounts};
@@ -144,34 +142,138 @@ impl Interval {
 }
 
 /// Every bucket of `interval` that starts in `[floor(from), to)`, with the stored buckets
-/// (`(index, counts)` of `interval.source()`) summed into them and zeros elsewhere.
+/// (`(index, counts)` of `interval.source()`) summed into them and zeros elsewhere; the whole
+/// range at once, as [`Filler`] makes it a window at a time.
 pub fn fill(
     interval: Interval,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
     stored: &[(i64, UsageCounts)],
 ) -> Result<Vec<(DateTime<Utc>, UsageCounts)>, RangeError> {
-    if from > to {
-        return Err(RangeError::Reversed);
-    }
-    let n = interval.count(from, to);
-    if n > MAX_BUCKETS {
-        return Err(RangeError::TooMany(n));
-    }
-    let len = interval.source().seconds();
-    let mut sums: BTreeMap<DateTime<Utc>, UsageCounts> = BTreeMap::new();
-    for (index, counts) in stored {
-        if let Some(t) = Utc.timestamp_opt(index * len, 0).single() {
-            sums.entry(interval.floor(t)).or_default().merge(counts);
-        }
-    }
-    let mut out = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
-    let mut start = interval.floor(from);
-    while start < to {
-        out.push((start, sums.get(&start).copied().unwrap_or_default()));
-        start = interval.next(start);
+    let mut filler = Filler::new(interval, from, to)?;
+    let mut stored = stored.to_vec();
+    stored.sort_by_key(|(index, _)| *index);
+    let mut out = Vec::with_capacity(usize::try_from(filler.remaining()).unwrap_or(0));
+    while let Some(window) = filler.next_window(u64::MAX) {
+        filler.fill(&window, &stored, |start, counts| out.push((start, counts)));
     }
     Ok(out)
+}
+
+/// Makes the buckets of a range a window at a time, so that neither the stored buckets nor the
+/// answer need be held whole: [`Filler::next_window`] says which stored buckets to read next,
+/// [`Filler::fill`] turns them into that window's buckets, zeros included, in order.
+///
+/// The windows partition [`source_range`], so each stored bucket lands in the same bucket as
+/// with [`fill`], and the concatenated windows are exactly its answer.
+#[derive(Debug, Clone)]
+pub struct Filler {
+    interval: Interval,
+    /// Start of the next bucket to make.
+    next: DateTime<Utc>,
+    to: DateTime<Utc>,
+    /// The end of [`source_range`]: the last window reads up to it.
+    source_end: i64,
+}
+
+/// One read's worth of a [`Filler`]'s range: the stored-bucket indexes `[lo, hi)` to read, and
+/// the buckets that start before `end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// First stored-bucket index to read.
+    pub lo: i64,
+    /// One past the last.
+    pub hi: i64,
+    end: DateTime<Utc>,
+}
+
+// === impl Filler ===
+
+impl Filler {
+    /// A filler for `[floor(from), to)`: refused as [`fill`] refuses it.
+    pub fn new(
+        interval: Interval,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Self, RangeError> {
+        if from > to {
+            return Err(RangeError::Reversed);
+        }
+        let n = interval.count(from, to);
+        if n > MAX_BUCKETS {
+            return Err(RangeError::TooMany(n));
+        }
+        Ok(Filler {
+            interval,
+            next: interval.floor(from),
+            to,
+            source_end: source_range(interval, from, to).1,
+        })
+    }
+
+    /// How many buckets are still to be made.
+    pub fn remaining(&self) -> u64 {
+        self.interval.count(self.next, self.to)
+    }
+
+    /// The next window: up to `max_buckets` buckets (at least one); `None` once every bucket is
+    /// made. A window reads at most `max_buckets` stored buckets of its source (31 times that
+    /// for months, 7 for weeks).
+    pub fn next_window(&self, max_buckets: u64) -> Option<Window> {
+        if self.next >= self.to {
+            return None;
+        }
+        let len = self.interval.source().seconds();
+        let lo = self.next.timestamp().div_euclid(len);
+        let mut end = self.interval.next(self.next);
+        let mut made = 1;
+        while end < self.to && made < max_buckets {
+            end = self.interval.next(end);
+            made += 1;
+        }
+        let hi = if end >= self.to {
+            self.source_end
+        } else {
+            end.timestamp().div_euclid(len)
+        };
+        Some(Window { lo, hi, end })
+    }
+
+    /// Hands `emit` every bucket of `window`, in order, with the `stored` buckets (ascending, as
+    /// read for the window) summed into them and zeros elsewhere.
+    pub fn fill(
+        &mut self,
+        window: &Window,
+        stored: &[(i64, UsageCounts)],
+        mut emit: impl FnMut(DateTime<Utc>, UsageCounts),
+    ) {
+        let len = self.interval.source().seconds();
+        let mut stored = stored.iter().peekable();
+        let mut start = self.next;
+        while start < window.end && start < self.to {
+            let mut sum = UsageCounts::default();
+            while let Some((index, counts)) = stored.peek() {
+                let Some(t) = index
+                    .checked_mul(len)
+                    .and_then(|secs| Utc.timestamp_opt(secs, 0).single())
+                else {
+                    stored.next();
+                    continue;
+                };
+                let bucket = self.interval.floor(t);
+                if bucket > start {
+                    break;
+                }
+                if bucket == start {
+                    sum.merge(counts);
+                }
+                stored.next();
+            }
+            emit(start, sum);
+            start = self.interval.next(start);
+        }
+        self.next = start;
+    }
 }
 
 /// The stored-bucket index range `[from, to)` that covers the buckets of [`fill`].
@@ -273,6 +375,101 @@ mod tests {
                 (t("2025-12-01T00:00:00Z"), requests(1))
             ]
         );
+    }
+
+    /// The whole-range answer as it was made before windows: every stored bucket summed into
+    /// a map by the start of its bucket, then every bucket of the range listed.
+    fn reference(
+        interval: Interval,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        stored: &[(i64, UsageCounts)],
+    ) -> Vec<(DateTime<Utc>, UsageCounts)> {
+        let len = interval.source().seconds();
+        let mut sums = std::collections::BTreeMap::<DateTime<Utc>, UsageCounts>::new();
+        for (index, counts) in stored {
+            let t = Utc.timestamp_opt(index * len, 0).unwrap();
+            sums.entry(interval.floor(t)).or_default().merge(counts);
+        }
+        let mut out = Vec::new();
+        let mut start = interval.floor(from);
+        while start < to {
+            out.push((start, sums.get(&start).copied().unwrap_or_default()));
+            start = interval.next(start);
+        }
+        out
+    }
+
+    #[test]
+    fn windows_of_any_size_make_the_same_buckets_as_the_whole_range() {
+        let mut seed = 0x2545_f491_u64;
+        let mut random = move |n: u64| -> u64 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for interval in [
+            Interval::Minute,
+            Interval::Hour,
+            Interval::Day,
+            Interval::Week,
+            Interval::Month,
+        ] {
+            // About 200 buckets each, unaligned, aligned, and empty.
+            let long = match interval {
+                Interval::Minute => Duration::minutes(200),
+                Interval::Hour => Duration::hours(200),
+                Interval::Day => Duration::days(200),
+                Interval::Week => Duration::weeks(200),
+                Interval::Month => Duration::days(200 * 30),
+            };
+            for (from, to) in [
+                (t("2026-01-15T10:07:31Z"), t("2026-01-15T10:07:31Z") + long),
+                (t("2025-12-29T00:00:00Z"), t("2025-12-29T00:00:00Z") + long),
+                (t("2026-02-03T04:05:06Z"), t("2026-02-03T04:05:06Z")),
+            ] {
+                let Ok(filler) = Filler::new(interval, from, to) else {
+                    continue;
+                };
+                let (lo, hi) = source_range(interval, from, to);
+                // Stored buckets on both sides of the range too (a window reads none of them), a third
+                // of indexes non-zero.
+                let stored: Vec<(i64, UsageCounts)> = (lo - 40..hi + 40)
+                    .filter(|_| random(3) == 0)
+                    .map(|i| (i, requests(1 + i.rem_euclid(9) as u64)))
+                    .collect();
+                // The whole range's answer from what a read of its source range gives.
+                let read: Vec<_> = stored
+                    .iter()
+                    .copied()
+                    .filter(|(i, _)| (lo..hi).contains(i))
+                    .collect();
+                let want = reference(interval, from, to, &read);
+                assert_eq!(fill(interval, from, to, &read).unwrap(), want);
+                for size in [1, 2, 5, 7, 1_000] {
+                    let mut filler = filler.clone();
+                    let mut got = Vec::new();
+                    let mut reads = Vec::new();
+                    while let Some(w) = filler.next_window(size) {
+                        reads.push((w.lo, w.hi));
+                        let part: Vec<_> = stored
+                            .iter()
+                            .copied()
+                            .filter(|(i, _)| (w.lo..w.hi).contains(i))
+                            .collect();
+                        filler.fill(&w, &part, |start, c| got.push((start, c)));
+                    }
+                    assert_eq!(got, want, "{interval:?} size {size}");
+                    // The reads partition the whole range's.
+                    if let (Some(first), Some(last)) = (reads.first(), reads.last()) {
+                        assert_eq!((first.0, last.1), (lo, hi), "{interval:?} size {size}");
+                    }
+                    assert!(reads.windows(2).all(|p| p[0].1 == p[1].0), "{reads:?}");
+                    assert_eq!(filler.remaining(), 0);
+                }
+            }
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@
 //! | `keys`           | key id (`str`)                    | key JSON                  | the keys                                                   |
 //! | `key_hashes`     | key hash (`[u8; 32]`)             | key id                    | [`Store::lookup_key`]; uniqueness of hashes                |
 //! | `account_keys`   | (account id, key id)              | `()`                      | listing an account's keys; deleting them with the account  |
-//! | `key_names`      | (account id, key name)            | key id                    | uniqueness of key names within an account                  |
+//! | `key_names`      | (account id, [`key_name_index`] of the key name) | key id     | uniqueness of key names within an account, ignoring ASCII case |
 //! | `sites`          | (account id, site id)             | site JSON                 | an account's sites, listed by key prefix                   |
 //! | `audit`          | sequence (`u64`, ascending)       | entry JSON + `account_id` | the audit log in append order (read backwards: newest first) |
 //! | `audit_accounts` | (account id, sequence)            | `()`                      | one account's audit entries without scanning the others    |
@@ -27,7 +27,7 @@
 //! | `usage_journal`  | sequence (`u64`)                  | one `add_usage` batch, packed | flushes not yet folded into the buckets ([`journal`]) |
 //! | `key_last_used`  | key id                            | ms (`i64`)                | last use of a key whose minute buckets were pruned         |
 //! | `usage_writers`  | batch writer (`u64`)              | (last seq applied, ms)    | [`Store::add_usage`] applies each [`BatchId`] once; rows older than [`BATCH_MEMORY`] are dropped |
-//! | `meta`           | name (`str`)                      | bytes                     | singletons: `master_key_hash` (32 bytes)                   |
+//! | `meta`           | name (`str`)                      | bytes                     | singletons: `master_key_hash` (32 bytes), `key_names_folded` |
 //!
 //! Lists are sorted oldest first by `(created_at, id)`; the audit log is newest first by append
 //! order. The audit entry's `account_id` is not part of its serialized JSON (it is
@@ -57,8 +57,9 @@ use journal::{Applied, Unfolded};
 use crate::credential::KeyHash;
 use crate::store::audit_chain::{self, ChainHead};
 use crate::store::{
-    AccountRecord, AuditChainPage, AuditEntry, AuditPage, AuditQuery, BatchId, Granularity,
-    KeyLookup, KeyRecord, SiteRecord, Store, StoreError, UsageCounts, UsageDelta, BATCH_MEMORY,
+    key_name_index, AccountRecord, AuditChainPage, AuditEntry, AuditPage, AuditQuery, BatchId,
+    Granularity, KeyLookup, KeyRecord, SiteRecord, Store, StoreError, UsageCounts, UsageDelta,
+    BATCH_MEMORY,
 };
 
 const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("accounts");
@@ -74,6 +75,8 @@ const USAGE_WRITERS: TableDefinition<u64, (u64, i64)> = TableDefinition::new("us
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 const MASTER_KEY_HASH: &str = "master_key_hash";
+/// Set once `key_names` is keyed by [`key_name_index`] (see `fold_key_names`).
+const KEY_NAMES_FOLDED: &str = "key_names_folded";
 /// redb's page cache.
 const CACHE_BYTES: usize = 64 * 1024 * 1024;
 
@@ -129,6 +132,7 @@ impl EmbeddedStore {
                 txn.open_table(USAGE_WRITERS).map_err(db_err)?;
                 usage::create_tables(txn)?;
                 txn.open_table(META).map_err(db_err)?;
+                fold_key_names(txn)?;
                 Unfolded::recover(txn)
             })
             .map_err(|e| match e {
@@ -398,7 +402,8 @@ impl Store for EmbeddedStore {
         let key = key.clone();
         self.write_records(move |txn| {
             let mut names = txn.open_table(KEY_NAMES).map_err(db_err)?;
-            let name_key = (key.account_id.as_str(), key.name.as_str());
+            let folded = key_name_index(&key.name);
+            let name_key = (key.account_id.as_str(), folded.as_str());
             if names.get(name_key).map_err(db_err)?.is_some() {
                 return Err(StoreError::NameTaken);
             }
@@ -466,15 +471,14 @@ impl Store for EmbeddedStore {
             key.hash = old.hash;
             if old.name != key.name {
                 let mut names = txn.open_table(KEY_NAMES).map_err(db_err)?;
-                let new_name = (key.account_id.as_str(), key.name.as_str());
+                let folded = key_name_index(&key.name);
+                let new_name = (key.account_id.as_str(), folded.as_str());
                 if let Some(owner) = names.get(new_name).map_err(db_err)? {
                     if owner.value() != key.id {
                         return Err(StoreError::NameTaken);
                     }
                 }
-                names
-                    .remove((old.account_id.as_str(), old.name.as_str()))
-                    .map_err(db_err)?;
+                remove_name_index(&mut names, &old)?;
                 names.insert(new_name, key.id.as_str()).map_err(db_err)?;
             }
             let bytes = encode(&key)?;
@@ -889,7 +893,16 @@ fn remove_key_indexes(
     if hash_owned {
         hashes.remove(key.hash.0).map_err(db_err)?;
     }
-    let name_key = (key.account_id.as_str(), key.name.as_str());
+    remove_name_index(names, key)
+}
+
+/// Removes a key's name index entry if it still points at this key.
+fn remove_name_index(
+    names: &mut redb::Table<'_, (&'static str, &'static str), &'static str>,
+    key: &KeyRecord,
+) -> Result<(), StoreError> {
+    let folded = key_name_index(&key.name);
+    let name_key = (key.account_id.as_str(), folded.as_str());
     let name_owned = names
         .get(name_key)
         .map_err(db_err)?
@@ -897,6 +910,44 @@ fn remove_key_indexes(
     if name_owned {
         names.remove(name_key).map_err(db_err)?;
     }
+    Ok(())
+}
+
+/// Re-keys the name index of a file written before names were unique ignoring ASCII case
+/// (entries under the name as given) by [`key_name_index`], once: `meta` then records that it
+/// is done. Where two keys of an account had names differing only in case, the first in byte
+/// order (`SKB` before `skb`) keeps the entry; the other key keeps its name and works as before,
+/// but holds no entry until it is renamed.
+fn fold_key_names(txn: &WriteTransaction) -> Result<(), StoreError> {
+    let mut meta = txn.open_table(META).map_err(db_err)?;
+    if meta.get(KEY_NAMES_FOLDED).map_err(db_err)?.is_some() {
+        return Ok(());
+    }
+    let mut names = txn.open_table(KEY_NAMES).map_err(db_err)?;
+    let mut entries = Vec::new();
+    for entry in names.iter().map_err(db_err)? {
+        let (name_key, id) = entry.map_err(db_err)?;
+        let (account, name) = name_key.value();
+        entries.push((account.to_owned(), name.to_owned(), id.value().to_owned()));
+    }
+    for (account, name, _) in &entries {
+        names
+            .remove((account.as_str(), name.as_str()))
+            .map_err(db_err)?;
+    }
+    for (account, name, id) in &entries {
+        let folded = key_name_index(name);
+        if names
+            .get((account.as_str(), folded.as_str()))
+            .map_err(db_err)?
+            .is_none()
+        {
+            names
+                .insert((account.as_str(), folded.as_str()), id.as_str())
+                .map_err(db_err)?;
+        }
+    }
+    meta.insert(KEY_NAMES_FOLDED, &[1u8][..]).map_err(db_err)?;
     Ok(())
 }
 

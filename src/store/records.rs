@@ -240,6 +240,14 @@ pub struct AuditPage {
     pub total: usize,
 }
 
+/// What makes a key name unique within its account: the name with ASCII letters lowercased, so
+/// that `SKB` and `skb` are one name. The record keeps the name as given. ASCII only, because the
+/// Redis scripts fold names themselves with Lua's `string.lower`, which folds ASCII only; both
+/// backends must agree on what is taken.
+pub fn key_name_index(name: &str) -> String {
+    name.to_ascii_lowercase()
+}
+
 /// The six counters of a usage bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct UsageCounts {

@@ -30,7 +30,7 @@
 //! | `tg:{acc}:account`                   | string | account JSON                                    | —          | the account |
 //! | `tg:{acc}:keys`                      | set    | the account's key ids                           | —          | listing its keys; deleting them with it |
 //! | `tg:{acc}:key:{key}`                 | hash   | `json` (key JSON), `name`, `hash` (hex)         | —          | the key; name and hash beside the JSON so scripts read them without parsing |
-//! | `tg:{acc}:names`                     | hash   | key name → key id                               | —          | uniqueness of key names within the account |
+//! | `tg:{acc}:names`                     | hash   | key name, ASCII-lowercased → key id; `""` → `folded` | —     | uniqueness of key names within the account, ignoring ASCII case |
 //! | `tg:{acc}:sites`                     | hash   | site id → site JSON                             | —          | the account's sites (read with the key on lookup) |
 //! | `tg:{acc}:site_names`                | hash   | origin → site id                                | —          | uniqueness of site names within the account |
 //! | `tg:{acc}:audit`                     | list   | audit JSON + `account_id`, newest first         | —          | one account's audit log (kept when the account goes) |
@@ -117,9 +117,9 @@ use self::scripts::eval;
 use crate::credential::KeyHash;
 use crate::store::audit_chain::ChainHead;
 use crate::store::{
-    AccountRecord, AuditChainPage, AuditEntry, AuditPage, AuditQuery, BatchId, Granularity,
-    Invalidation, InvalidationEvent, KeyLookup, KeyRecord, SiteRecord, Store, StoreError,
-    TokenGrant, TokenTake, UsageCounts, UsageDelta, BATCH_MEMORY,
+    key_name_index, AccountRecord, AuditChainPage, AuditEntry, AuditPage, AuditQuery, BatchId,
+    Granularity, Invalidation, InvalidationEvent, KeyLookup, KeyRecord, SiteRecord, Store,
+    StoreError, TokenGrant, TokenTake, UsageCounts, UsageDelta, BATCH_MEMORY,
 };
 
 /// Builds a [`redis::Cmd`](::redis::Cmd) from a name and arguments.
@@ -544,7 +544,11 @@ impl Store for RedisStore {
                 Some(_) => {
                     let taken: bool = self
                         .conn
-                        .query(&cmd!("HEXISTS", keys::names(&key.account_id), &key.name))
+                        .query(&cmd!(
+                            "HEXISTS",
+                            keys::names(&key.account_id),
+                            key_name_index(&key.name)
+                        ))
                         .await?;
                     return Err(if taken {
                         StoreError::NameTaken
@@ -559,7 +563,7 @@ impl Store for RedisStore {
 
         let status: String = self
             .conn
-            .query(&eval(scripts::CREATE_KEY, &script_keys, &args))
+            .query(&eval(&scripts::create_key(), &script_keys, &args))
             .await?;
         let refusal = match status.as_str() {
             "ok" => return Ok(()),
@@ -621,7 +625,7 @@ impl Store for RedisStore {
             let args = [key.id.as_str(), &key.name, &json, &key.hash.to_hex()];
             let reply: Vec<Option<String>> = self
                 .conn
-                .query(&eval(scripts::UPDATE_KEY, &script_keys, &args))
+                .query(&eval(&scripts::update_key(), &script_keys, &args))
                 .await?;
             match reply.as_slice() {
                 [Some(status)] if status == "ok" => return Ok(()),

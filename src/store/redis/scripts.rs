@@ -6,37 +6,71 @@
 
 use ::redis::{Cmd, ToRedisArgs};
 
-/// Creates a key if its name is free in the account and its id (and, when `KEYS[4]` is given,
-/// its hash) is not taken.
+/// Lua, run first by the scripts that check a key name: re-keys an account's names written
+/// before names were unique ignoring ASCII case (under the name as given) by `string.lower`, once
+/// per account; the field `""` (never a key name) records that it is done. Where two names
+/// differed only in case, the first that `HGETALL` lists keeps the entry.
+const FOLD_NAMES: &str = r#"
+local function fold_names(names)
+  if redis.call('HEXISTS', names, '') == 1 then return end
+  local all = redis.call('HGETALL', names)
+  for i = 1, #all, 2 do
+    local folded = string.lower(all[i])
+    if folded ~= all[i] then
+      redis.call('HDEL', names, all[i])
+      redis.call('HSETNX', names, folded, all[i + 1])
+    end
+  end
+  redis.call('HSET', names, '', 'folded')
+end
+"#;
+
+/// Creates a key if its name is free in the account (ignoring ASCII case: the account's names
+/// are keyed by `string.lower`, as `store::key_name_index` does) and its id (and, when `KEYS[4]`
+/// is given, its hash) is not taken.
 ///
 /// `KEYS`: key record, the account's key ids, the account's names, [hash index].
 /// `ARGV`: key id, name, key JSON, hash (hex), hash index value.
 /// Returns `ok`, `name_taken` or `exists`.
-pub(super) const CREATE_KEY: &str = r#"
-if redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then return 'name_taken' end
+pub(super) fn create_key() -> String {
+    format!("{FOLD_NAMES}{CREATE_KEY}")
+}
+
+const CREATE_KEY: &str = r#"
+fold_names(KEYS[3])
+local folded = string.lower(ARGV[2])
+if redis.call('HEXISTS', KEYS[3], folded) == 1 then return 'name_taken' end
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'exists' end
 if KEYS[4] and redis.call('EXISTS', KEYS[4]) == 1 then return 'exists' end
 redis.call('HSET', KEYS[1], 'json', ARGV[3], 'name', ARGV[2], 'hash', ARGV[4])
 redis.call('SADD', KEYS[2], ARGV[1])
-redis.call('HSET', KEYS[3], ARGV[2], ARGV[1])
+redis.call('HSET', KEYS[3], folded, ARGV[1])
 if KEYS[4] then redis.call('SET', KEYS[4], ARGV[5]) end
 return 'ok'
 "#;
 
-/// Replaces a key record, moving its name in the account's names.
+/// Replaces a key record, moving its name in the account's names (keyed ignoring ASCII case; a
+/// key may change the case of its own name).
 ///
 /// `KEYS`: key record, the account's names. `ARGV`: key id, name, key JSON, hash (hex).
 /// Returns `{ok}`, `{not_found}`, `{name_taken}`, or `{hash, stored hash}` when the record's
 /// hash is not the one given (the caller keeps the stored one, which the hash index points at).
-pub(super) const UPDATE_KEY: &str = r#"
+pub(super) fn update_key() -> String {
+    format!("{FOLD_NAMES}{UPDATE_KEY}")
+}
+
+const UPDATE_KEY: &str = r#"
 local cur = redis.call('HMGET', KEYS[1], 'name', 'hash')
 if not cur[1] then return {'not_found'} end
 if cur[2] ~= ARGV[4] then return {'hash', cur[2]} end
 if cur[1] ~= ARGV[2] then
-  local owner = redis.call('HGET', KEYS[2], ARGV[2])
+  fold_names(KEYS[2])
+  local folded = string.lower(ARGV[2])
+  local owner = redis.call('HGET', KEYS[2], folded)
   if owner and owner ~= ARGV[1] then return {'name_taken'} end
-  if redis.call('HGET', KEYS[2], cur[1]) == ARGV[1] then redis.call('HDEL', KEYS[2], cur[1]) end
-  redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
+  local old = string.lower(cur[1])
+  if redis.call('HGET', KEYS[2], old) == ARGV[1] then redis.call('HDEL', KEYS[2], old) end
+  redis.call('HSET', KEYS[2], folded, ARGV[1])
 end
 redis.call('HSET', KEYS[1], 'json', ARGV[3], 'name', ARGV[2])
 return {'ok'}
@@ -50,8 +84,11 @@ pub(super) const DELETE_KEY: &str = r#"
 local cur = redis.call('HMGET', KEYS[1], 'json', 'name')
 if not cur[1] then return false end
 redis.call('DEL', KEYS[1])
-if cur[2] and redis.call('HGET', KEYS[2], cur[2]) == ARGV[1] then
-  redis.call('HDEL', KEYS[2], cur[2])
+if cur[2] then
+  -- The entry under the folded name, or an older one under the name as given.
+  for _, name in ipairs({string.lower(cur[2]), cur[2]}) do
+    if redis.call('HGET', KEYS[2], name) == ARGV[1] then redis.call('HDEL', KEYS[2], name) end
+  end
 end
 redis.call('SREM', KEYS[3], ARGV[1])
 return cur[1]
