@@ -298,6 +298,7 @@ mode = "{mode}"
 on_store_error = "fail_open"
 [metering]
 flush_interval = "1s"
+{durability}
 [[routes]]
 name = "public"
 path_prefix = "/public"
@@ -327,9 +328,16 @@ class Gateway:
             db = os.path.join(self.dir, "tollgate.db")
             store, mode = f'backend = "embedded"\npath = "{db}"', "local"
         self.config = os.path.join(self.dir, "tollgate.toml")
+        # DURABILITY=wal: every gateway meters through its own usage log (docs/ARCHITECTURE.md,
+        # "Durable metering"); with CRASH=1 the crash then loses at most the last few ms.
+        durability = ""
+        if os.environ.get("DURABILITY", "interval") == "wal":
+            wal = os.path.join(self.dir, "usage-wal")
+            durability = f'durability = "wal"\nwal_path = "{wal}"'
         with open(self.config, "w") as f:
             f.write(GATEWAY_TOML.format(proxy=self.proxy_port, admin=self.admin_port,
-                                        store=store, mode=mode, upstream=upstream_port))
+                                        store=store, mode=mode, upstream=upstream_port,
+                                        durability=durability))
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
@@ -1013,6 +1021,7 @@ def soak(binary: str, workdir: str, procs: Processes) -> int:
         tempfile.gettempdir(), f"tollgate-soak-{time.strftime('%Y%m%d-%H%M%S')}.json")
     log(f"DURATION={duration}s WORKERS={workers} SEED={seed} REDIS_PERSIST={int(persist)} "
         f"CRASH={os.environ.get('CRASH', '0')} "
+        f"DURABILITY={os.environ.get('DURABILITY', 'interval')} "
         f"workdir {workdir}")
 
     master = subprocess.run([binary, "keygen", "--kind", "master"], check=True,
