@@ -6,12 +6,13 @@
 //!
 //! Layer 0, pure (no I/O, no tokio): [`credential`] (the token format), [`policy`] (CIDR,
 //! origin, method and scope decisions), [`refusal`] (every error code and its status),
-//! `proxy::route` (the route table).
+//! `proxy::route` (the route table), `proxy::target` (the request target checked first: method,
+//! host, the path in normal form), `store::audit_chain` (the audit hash chain).
 //!
 //! Layer 1, state: [`limits`] (per-key GCRA buckets), [`auth`] (the key cache and the one
-//! decision, [`auth::authorize`]), [`metering`] (per-key minute counters, their flusher, and the durable mode's write-ahead
-//! log),
-//! [`store`] (the only module that touches disk or network), [`metrics`].
+//! decision, [`auth::authorize`]), [`metering`] (per-key minute counters, their flusher, and
+//! the durable mode's write-ahead log), [`store`] (the only module that touches disk or
+//! network), [`metrics`].
 //!
 //! Layer 2, edges: [`proxy`] (the request path) and [`admin`] (the admin API); they never
 //! import each other. [`listener`] serves HTTP on a bound socket for both.
@@ -20,13 +21,15 @@
 //!
 //! # A request's path
 //!
-//! `listener` accepts → `proxy::Proxy::handle` matches a route → `auth::extract` finds the
+//! `listener` accepts → `proxy::Proxy::handle` checks the target (`proxy::target`: method, one
+//! host, the normalised path) and matches a route on it → `auth::extract` finds the
 //! credential → `credential::parse` checks its checksum → `auth::cache::KeyCache` finds the key
 //! (memory — a stale entry too, re-read in the background — else one store read with a 50 ms
 //! deadline behind a circuit breaker) → `auth::authorize` checks state, network, scope and limits →
-//! `proxy::forward` streams it upstream with identity headers → the response streams back with
-//! limit headers → the key's `metering::UsageCell` counts it; `metering::flusher` writes the
-//! counts in batches.
+//! `proxy::forward` streams it upstream with identity headers, bodies bounded in size and in
+//! silence → the response streams back with limit headers → `proxy::record` counts it once,
+//! whatever the client does, into the key's `metering::UsageCell`; `metering::flusher` writes
+//! the counts in batches.
 
 pub mod admin;
 pub mod app;
