@@ -56,6 +56,19 @@ pub struct ConfigError {
     pub problems: Vec<Problem>,
 }
 
+impl ConfigError {
+    /// An error of one problem.
+    fn one(file: &Path, field: &str, message: String) -> Self {
+        ConfigError {
+            file: file.to_owned(),
+            problems: vec![Problem {
+                field: field.to_owned(),
+                message,
+            }],
+        }
+    }
+}
+
 impl std::error::Error for ConfigError {}
 
 impl fmt::Display for ConfigError {
@@ -85,22 +98,29 @@ pub fn load_with_env(
     path: &Path,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Settings, ConfigError> {
-    let fail = |field: &str, message: String| ConfigError {
-        file: path.to_owned(),
-        problems: vec![Problem {
-            field: field.to_owned(),
-            message,
-        }],
-    };
+    let fail = |field: &str, message: String| ConfigError::one(path, field, message);
     if !path.is_file() {
         return Err(fail(
             "(file)",
             "cannot read the file: it does not exist".to_owned(),
         ));
     }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| fail("(file)", format!("cannot read the file: {e}")))?;
+    load_from_str(&text, path, env)
+}
+
+/// Like [`load_with_env`], with the file's TOML text given; `file` only names it in problems.
+/// Public for the fuzz targets (`tests/fuzz`), which feed it text without touching the disk.
+pub fn load_from_str(
+    toml: &str,
+    file: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Settings, ConfigError> {
+    let fail = |field: &str, message: String| ConfigError::one(file, field, message);
     let overrides = EnvOverrides::read(env);
     let built = overrides
-        .over(path)
+        .over(toml)
         .map_err(|(field, e)| fail(field, e.to_string()))?;
     let mut v = Validator::default();
     for name in &overrides.routes {
@@ -128,7 +148,7 @@ pub fn load_with_env(
     match settings {
         Some(s) if v.problems.is_empty() => Ok(s),
         _ => Err(ConfigError {
-            file: path.to_owned(),
+            file: file.to_owned(),
             problems: v.problems,
         }),
     }
@@ -177,8 +197,8 @@ impl EnvOverrides {
         out
     }
 
-    /// The file at `path` under these overrides; on failure, the field to blame.
-    fn over(&self, path: &Path) -> Result<config::Config, (&'static str, config::ConfigError)> {
+    /// The file's TOML text under these overrides; on failure, the field to blame.
+    fn over(&self, toml: &str) -> Result<config::Config, (&'static str, config::ConfigError)> {
         let environment = LIST_FIELDS.iter().fold(
             config::Environment::with_prefix(ENV_PREFIX)
                 .prefix_separator("__")
@@ -189,7 +209,7 @@ impl EnvOverrides {
             |environment, field| environment.with_list_parse_key(field),
         );
         let mut builder = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(config::File::from_str(toml, config::FileFormat::Toml))
             .add_source(environment);
         for field in self.empty_lists.iter().copied() {
             builder = builder
