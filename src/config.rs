@@ -139,7 +139,7 @@ pub fn load_from_str(
     for key in top.keys() {
         if !SECTIONS.contains(&key.as_str()) {
             v.problem(
-                key,
+                &toml_key(key),
                 format!("unknown section; expected one of {}", SECTIONS.join(", ")),
             );
         }
@@ -271,7 +271,7 @@ impl Validator {
     /// Reports every field of `unknown` as `path.field`.
     fn unknown(&mut self, path: &str, unknown: &Unknown) {
         for field in unknown.keys() {
-            self.problem(&format!("{path}.{field}"), "unknown field");
+            self.problem(&format!("{path}.{}", toml_key(field)), "unknown field");
         }
     }
 
@@ -639,6 +639,20 @@ impl Validator {
     }
 }
 
+/// A key as TOML writes it in a dotted path: bare when it can be, else quoted, so that an
+/// empty key or one with a dot in it still names one field (`""`, `"a.b"`).
+fn toml_key(key: &str) -> std::borrow::Cow<'_, str> {
+    let bare = !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if bare {
+        std::borrow::Cow::Borrowed(key)
+    } else {
+        std::borrow::Cow::Owned(format!("{key:?}"))
+    }
+}
+
 /// Removes the field a deserialization error points at; `false` when the path leads nowhere.
 fn remove_at(value: &mut config::Value, path: &serde_path_to_error::Path) -> bool {
     use serde_path_to_error::Segment;
@@ -712,4 +726,31 @@ fn parse_upstream(raw: &str) -> Result<Upstream, String> {
         authority,
         base_path,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(toml: &str) -> Vec<Problem> {
+        match load_from_str(toml, Path::new("t.toml"), Vec::new()) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.problems,
+        }
+    }
+
+    /// Found by the `config` fuzz target: a section or field with an empty name (`[""]`) was
+    /// reported with an empty field path, which names nothing.
+    #[test]
+    fn an_empty_or_dotted_key_is_named_quoted() {
+        let got = problems("[[res]]\n[\"\"]\n");
+        let fields: Vec<&str> = got.iter().map(|p| p.field.as_str()).collect();
+        assert!(fields.contains(&"\"\""), "{got:?}");
+        assert!(fields.contains(&"res"), "{got:?}");
+        let got = problems("[proxy]\n\"\" = 1\n\"a.b\" = 2\n");
+        let fields: Vec<&str> = got.iter().map(|p| p.field.as_str()).collect();
+        assert!(fields.contains(&"proxy.\"\""), "{got:?}");
+        assert!(fields.contains(&"proxy.\"a.b\""), "{got:?}");
+        assert!(got.iter().all(|p| !p.field.is_empty()));
+    }
 }
