@@ -38,6 +38,11 @@ const SECTIONS: &[&str] = &[
 /// name, so [`EnvOverrides`] refuses `TOLLGATE__ROUTES…` outright.
 const LIST_FIELDS: &[&str] = &["proxy.trusted_proxies"];
 
+/// The longest duration a field takes: 100 years. Durations are added to clock readings
+/// (`Instant::now() + cache.ttl`), which panics when the sum overflows; humantime accepts
+/// up to 2^64 seconds.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
+
 /// One thing wrong with a config, named by its field path (`proxy.listen`, `routes[0].upstreams`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -329,6 +334,10 @@ impl Validator {
     fn duration(&mut self, field: &str, raw: Option<String>, default: &str) -> Duration {
         let raw = raw.unwrap_or_else(|| default.to_owned());
         match humantime::parse_duration(&raw) {
+            Ok(d) if d > MAX_DURATION => {
+                self.problem(field, "must be at most 100 years");
+                Duration::from_secs(1)
+            }
             Ok(d) if !d.is_zero() => d,
             Ok(_) => {
                 self.problem(field, "must be longer than zero");
@@ -752,5 +761,26 @@ mod tests {
         assert!(fields.contains(&"proxy.\"\""), "{got:?}");
         assert!(fields.contains(&"proxy.\"a.b\""), "{got:?}");
         assert!(got.iter().all(|p| !p.field.is_empty()));
+    }
+
+    /// Found by the `config` fuzz target's property (every accepted duration can be added to a
+    /// clock reading): `cache.ttl = "500000000000years"` was accepted, and the key cache's
+    /// `Instant::now() + ttl` would have panicked on the first lookup.
+    #[test]
+    fn a_duration_past_100_years_is_a_problem() {
+        let got = problems("[cache]\nttl = \"500000000000years\"\n");
+        assert!(
+            got.iter()
+                .any(|p| p.field == "cache.ttl" && p.message.contains("100 years")),
+            "{got:?}"
+        );
+        assert!(problems("[cache]\nttl = \"100years\"\n").is_empty());
+        let got = problems(
+            "[[routes]]\nname = \"a\"\nupstreams = [\"http://u\"]\nidle_timeout = \"101y\"\n",
+        );
+        assert!(
+            got.iter().any(|p| p.field == "routes[0].idle_timeout"),
+            "{got:?}"
+        );
     }
 }

@@ -307,10 +307,18 @@ mod tests {
             assert_eq!(interval.next(max), max, "{interval:?}");
             let near_max = max - Duration::hours(1);
             let buckets = fill(interval, near_max, max, &[(i64::MAX, requests(1))]).unwrap();
-            assert_eq!(buckets.len() as u64, interval.count(near_max, max), "{interval:?}");
+            assert_eq!(
+                buckets.len() as u64,
+                interval.count(near_max, max),
+                "{interval:?}"
+            );
             let near_min = min + Duration::hours(1);
             let buckets = fill(interval, min, near_min, &[(i64::MIN, requests(1))]).unwrap();
-            assert_eq!(buckets.len() as u64, interval.count(min, near_min), "{interval:?}");
+            assert_eq!(
+                buckets.len() as u64,
+                interval.count(min, near_min),
+                "{interval:?}"
+            );
         }
     }
 
