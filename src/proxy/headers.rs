@@ -417,8 +417,9 @@ mod tests {
         assert_eq!(h["accept"], "*/*");
     }
 
-    /// Found by the `headers` fuzz target: a `Connection` value with one byte that is not text
-    /// (obs-text) named nothing at all, so the header it listed beside went upstream.
+    /// Found while reducing a `headers` fuzz crash (whose input had obs-text in a `Connection`
+    /// value), then checked by the target: a `Connection` value with one byte that is not text
+    /// named nothing at all, so the header it listed beside went upstream.
     #[test]
     fn a_connection_with_obs_text_still_names_its_other_headers() {
         let names = IdentityNames::new("X-Tollgate-").unwrap();
