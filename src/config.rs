@@ -40,6 +40,11 @@ const LIST_FIELDS: &[&str] = &["proxy.trusted_proxies"];
 /// The longest `metering.wal_sync_interval`: the durable mode promises to lose at most this.
 const MAX_WAL_SYNC_INTERVAL: Duration = Duration::from_millis(50);
 
+/// The longest duration a field takes: 100 years. Durations are added to clock readings
+/// (`Instant::now() + cache.ttl`), which panics when the sum overflows; humantime accepts
+/// up to 2^64 seconds.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
+
 /// One thing wrong with a config, named by its field path (`proxy.listen`, `routes[0].upstreams`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -56,6 +61,19 @@ pub struct ConfigError {
     pub file: PathBuf,
     /// All problems, in field order.
     pub problems: Vec<Problem>,
+}
+
+impl ConfigError {
+    /// An error of one problem.
+    fn one(file: &Path, field: &str, message: String) -> Self {
+        ConfigError {
+            file: file.to_owned(),
+            problems: vec![Problem {
+                field: field.to_owned(),
+                message,
+            }],
+        }
+    }
 }
 
 impl std::error::Error for ConfigError {}
@@ -87,22 +105,29 @@ pub fn load_with_env(
     path: &Path,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Settings, ConfigError> {
-    let fail = |field: &str, message: String| ConfigError {
-        file: path.to_owned(),
-        problems: vec![Problem {
-            field: field.to_owned(),
-            message,
-        }],
-    };
+    let fail = |field: &str, message: String| ConfigError::one(path, field, message);
     if !path.is_file() {
         return Err(fail(
             "(file)",
             "cannot read the file: it does not exist".to_owned(),
         ));
     }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| fail("(file)", format!("cannot read the file: {e}")))?;
+    load_from_str(&text, path, env)
+}
+
+/// Like [`load_with_env`], with the file's TOML text given; `file` only names it in problems.
+/// Public for the fuzz targets (`tests/fuzz`), which feed it text without touching the disk.
+pub fn load_from_str(
+    toml: &str,
+    file: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Settings, ConfigError> {
+    let fail = |field: &str, message: String| ConfigError::one(file, field, message);
     let overrides = EnvOverrides::read(env);
     let built = overrides
-        .over(path)
+        .over(toml)
         .map_err(|(field, e)| fail(field, e.to_string()))?;
     let mut v = Validator::default();
     for name in &overrides.routes {
@@ -121,7 +146,7 @@ pub fn load_with_env(
     for key in top.keys() {
         if !SECTIONS.contains(&key.as_str()) {
             v.problem(
-                key,
+                &toml_key(key),
                 format!("unknown section; expected one of {}", SECTIONS.join(", ")),
             );
         }
@@ -130,7 +155,7 @@ pub fn load_with_env(
     match settings {
         Some(s) if v.problems.is_empty() => Ok(s),
         _ => Err(ConfigError {
-            file: path.to_owned(),
+            file: file.to_owned(),
             problems: v.problems,
         }),
     }
@@ -179,8 +204,8 @@ impl EnvOverrides {
         out
     }
 
-    /// The file at `path` under these overrides; on failure, the field to blame.
-    fn over(&self, path: &Path) -> Result<config::Config, (&'static str, config::ConfigError)> {
+    /// The file's TOML text under these overrides; on failure, the field to blame.
+    fn over(&self, toml: &str) -> Result<config::Config, (&'static str, config::ConfigError)> {
         let environment = LIST_FIELDS.iter().fold(
             config::Environment::with_prefix(ENV_PREFIX)
                 .prefix_separator("__")
@@ -191,7 +216,7 @@ impl EnvOverrides {
             |environment, field| environment.with_list_parse_key(field),
         );
         let mut builder = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(config::File::from_str(toml, config::FileFormat::Toml))
             .add_source(environment);
         for field in self.empty_lists.iter().copied() {
             builder = builder
@@ -253,7 +278,7 @@ impl Validator {
     /// Reports every field of `unknown` as `path.field`.
     fn unknown(&mut self, path: &str, unknown: &Unknown) {
         for field in unknown.keys() {
-            self.problem(&format!("{path}.{field}"), "unknown field");
+            self.problem(&format!("{path}.{}", toml_key(field)), "unknown field");
         }
     }
 
@@ -311,6 +336,10 @@ impl Validator {
     fn duration(&mut self, field: &str, raw: Option<String>, default: &str) -> Duration {
         let raw = raw.unwrap_or_else(|| default.to_owned());
         match humantime::parse_duration(&raw) {
+            Ok(d) if d > MAX_DURATION => {
+                self.problem(field, "must be at most 100 years");
+                Duration::from_secs(1)
+            }
             Ok(d) if !d.is_zero() => d,
             Ok(_) => {
                 self.problem(field, "must be longer than zero");
@@ -683,6 +712,20 @@ impl Validator {
     }
 }
 
+/// A key as TOML writes it in a dotted path: bare when it can be, else quoted, so that an
+/// empty key or one with a dot in it still names one field (`""`, `"a.b"`).
+fn toml_key(key: &str) -> std::borrow::Cow<'_, str> {
+    let bare = !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if bare {
+        std::borrow::Cow::Borrowed(key)
+    } else {
+        std::borrow::Cow::Owned(format!("{key:?}"))
+    }
+}
+
 /// Removes the field a deserialization error points at; `false` when the path leads nowhere.
 fn remove_at(value: &mut config::Value, path: &serde_path_to_error::Path) -> bool {
     use serde_path_to_error::Segment;
@@ -756,4 +799,52 @@ fn parse_upstream(raw: &str) -> Result<Upstream, String> {
         authority,
         base_path,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(toml: &str) -> Vec<Problem> {
+        match load_from_str(toml, Path::new("t.toml"), Vec::new()) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.problems,
+        }
+    }
+
+    /// Found by the `config` fuzz target: a section or field with an empty name (`[""]`) was
+    /// reported with an empty field path, which names nothing.
+    #[test]
+    fn an_empty_or_dotted_key_is_named_quoted() {
+        let got = problems("[[res]]\n[\"\"]\n");
+        let fields: Vec<&str> = got.iter().map(|p| p.field.as_str()).collect();
+        assert!(fields.contains(&"\"\""), "{got:?}");
+        assert!(fields.contains(&"res"), "{got:?}");
+        let got = problems("[proxy]\n\"\" = 1\n\"a.b\" = 2\n");
+        let fields: Vec<&str> = got.iter().map(|p| p.field.as_str()).collect();
+        assert!(fields.contains(&"proxy.\"\""), "{got:?}");
+        assert!(fields.contains(&"proxy.\"a.b\""), "{got:?}");
+        assert!(got.iter().all(|p| !p.field.is_empty()));
+    }
+
+    /// Found by the `config` fuzz target's property (every accepted duration can be added to a
+    /// clock reading): `cache.ttl = "500000000000years"` was accepted, and the key cache's
+    /// `Instant::now() + ttl` would have panicked on the first lookup.
+    #[test]
+    fn a_duration_past_100_years_is_a_problem() {
+        let got = problems("[cache]\nttl = \"500000000000years\"\n");
+        assert!(
+            got.iter()
+                .any(|p| p.field == "cache.ttl" && p.message.contains("100 years")),
+            "{got:?}"
+        );
+        assert!(problems("[cache]\nttl = \"100years\"\n").is_empty());
+        let got = problems(
+            "[[routes]]\nname = \"a\"\nupstreams = [\"http://u\"]\nidle_timeout = \"101y\"\n",
+        );
+        assert!(
+            got.iter().any(|p| p.field == "routes[0].idle_timeout"),
+            "{got:?}"
+        );
+    }
 }

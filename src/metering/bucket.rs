@@ -70,7 +70,8 @@ impl Interval {
         }
     }
 
-    /// The start of the bucket holding `t`.
+    /// The start of the bucket holding `t`; at the earliest instant chrono holds, that instant
+    /// when the bucket would start before it.
     pub fn floor(self, t: DateTime<Utc>) -> DateTime<Utc> {
         let secs = t.timestamp();
         let aligned = |len: i64| {
@@ -84,7 +85,10 @@ impl Interval {
             Interval::Day => aligned(86_400),
             Interval::Week => {
                 let day = aligned(86_400);
-                day - Duration::days(i64::from(day.weekday().num_days_from_monday()))
+                day.checked_sub_signed(Duration::days(i64::from(
+                    day.weekday().num_days_from_monday(),
+                )))
+                .unwrap_or(DateTime::<Utc>::MIN_UTC)
             }
             Interval::Month => {
                 let first =
@@ -94,20 +98,26 @@ impl Interval {
         }
     }
 
-    /// The start of the bucket after the one starting at `start`.
+    /// The start of the bucket after the one starting at `start`; the last instant chrono holds
+    /// when that is past it (nothing starts after it, so a range ends there).
     pub fn next(self, start: DateTime<Utc>) -> DateTime<Utc> {
+        let after = |d: Duration| {
+            start
+                .checked_add_signed(d)
+                .unwrap_or(DateTime::<Utc>::MAX_UTC)
+        };
         match self {
-            Interval::Minute => start + Duration::minutes(1),
-            Interval::Hour => start + Duration::hours(1),
-            Interval::Day => start + Duration::days(1),
-            Interval::Week => start + Duration::weeks(1),
+            Interval::Minute => after(Duration::minutes(1)),
+            Interval::Hour => after(Duration::hours(1)),
+            Interval::Day => after(Duration::days(1)),
+            Interval::Week => after(Duration::weeks(1)),
             Interval::Month => {
                 let (y, m) = if start.month() == 12 {
                     (start.year() + 1, 1)
                 } else {
                     (start.year(), start.month() + 1)
                 };
-                NaiveDate::from_ymd_opt(y, m, 1).map_or(start + Duration::days(31), |d| {
+                NaiveDate::from_ymd_opt(y, m, 1).map_or(after(Duration::days(31)), |d| {
                     Utc.from_utc_datetime(&d.and_time(chrono::NaiveTime::MIN))
                 })
             }
@@ -469,6 +479,39 @@ mod tests {
                     assert_eq!(filler.remaining(), 0);
                 }
             }
+        }
+    }
+
+    /// Found by the `usage_query` fuzz target: at the ends of chrono's range, the week's floor
+    /// and the next bucket overflowed (`DateTime - TimeDelta` panicked), and so did a stored
+    /// index times its length.
+    #[test]
+    fn the_ends_of_time_are_buckets_not_panics() {
+        let (min, max) = (DateTime::<Utc>::MIN_UTC, DateTime::<Utc>::MAX_UTC);
+        for interval in [
+            Interval::Minute,
+            Interval::Hour,
+            Interval::Day,
+            Interval::Week,
+            Interval::Month,
+        ] {
+            assert!(interval.floor(min) <= min, "{interval:?}");
+            assert!(interval.floor(max) <= max, "{interval:?}");
+            assert_eq!(interval.next(max), max, "{interval:?}");
+            let near_max = max - Duration::hours(1);
+            let buckets = fill(interval, near_max, max, &[(i64::MAX, requests(1))]).unwrap();
+            assert_eq!(
+                buckets.len() as u64,
+                interval.count(near_max, max),
+                "{interval:?}"
+            );
+            let near_min = min + Duration::hours(1);
+            let buckets = fill(interval, min, near_min, &[(i64::MIN, requests(1))]).unwrap();
+            assert_eq!(
+                buckets.len() as u64,
+                interval.count(min, near_min),
+                "{interval:?}"
+            );
         }
     }
 

@@ -206,7 +206,7 @@ pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
         .get_all(header::CONNECTION)
         .iter()
         .flat_map(tokens)
-        .any(|t| t.eq_ignore_ascii_case(token))
+        .any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// Puts an upgrade request back on the upstream request: its hop-by-hop headers were removed
@@ -239,17 +239,19 @@ fn hop_by_hop_bit(name: &HeaderName) -> u16 {
 /// With `found` the bits of the [`HOP_BY_HOP`] headers present: first removes the headers that
 /// `Connection` names (hop-by-hop for this message; `keep_upgrade` keeps a named `Upgrade`, which
 /// a 101 needs), then those whose bits are in `dropped`. Nothing is allocated unless `Connection`
-/// names a header.
+/// names a header. `Connection` naming itself is skipped: removing it here would drop its values
+/// not read yet, and the headers they name would go through (it goes with `dropped`).
 fn remove_hop_by_hop(headers: &mut HeaderMap, found: u16, dropped: u16, keep_upgrade: bool) {
     if found & CONNECTION_BIT != 0 {
         let mut i = 0;
         while let Some(value) = headers.get_all(header::CONNECTION).iter().nth(i).cloned() {
             for token in tokens(&value) {
                 // `close` and `keep-alive` name no header worth a lookup.
-                let skip = token.eq_ignore_ascii_case("close")
-                    || token.eq_ignore_ascii_case("keep-alive")
-                    || (keep_upgrade && token.eq_ignore_ascii_case("upgrade"));
-                if let (false, Ok(name)) = (skip, HeaderName::from_bytes(token.as_bytes())) {
+                let skip = token.eq_ignore_ascii_case(b"close")
+                    || token.eq_ignore_ascii_case(b"keep-alive")
+                    || token.eq_ignore_ascii_case(b"connection")
+                    || (keep_upgrade && token.eq_ignore_ascii_case(b"upgrade"));
+                if let (false, Ok(name)) = (skip, HeaderName::from_bytes(token)) {
                     headers.remove(name);
                 }
             }
@@ -263,13 +265,13 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, found: u16, dropped: u16, keep_upg
     }
 }
 
-/// The comma-separated tokens of a list-valued header such as `Connection`, trimmed.
-fn tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
+/// The comma-separated tokens of a list-valued header such as `Connection`, trimmed. Read as
+/// bytes: one token that is not text (obs-text) must not hide the names beside it.
+fn tokens(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
     value
-        .to_str()
-        .unwrap_or("")
-        .split(',')
-        .map(str::trim)
+        .as_bytes()
+        .split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
         .filter(|t| !t.is_empty())
 }
 
@@ -395,6 +397,47 @@ mod tests {
         );
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+    }
+
+    /// Found by the `headers` fuzz target: a first `Connection` that named `connection` removed
+    /// every `Connection` value before the second was read, so the header that one named went
+    /// upstream.
+    #[test]
+    fn a_connection_that_names_itself_does_not_hide_the_next_one() {
+        let names = IdentityNames::new("X-Tollgate-").unwrap();
+        let mut h = request_headers(&[
+            ("connection", "connection"),
+            ("connection", "x-secret-hop"),
+            ("x-secret-hop", "1"),
+            ("accept", "*/*"),
+        ]);
+        prepare_upstream_headers(&mut h, &names, &fwd(false, None), None);
+        assert!(h.get("x-secret-hop").is_none());
+        assert!(h.get("connection").is_none());
+        assert_eq!(h["accept"], "*/*");
+    }
+
+    /// Found while reducing a `headers` fuzz crash (whose input had obs-text in a `Connection`
+    /// value), then checked by the target: a `Connection` value with one byte that is not text
+    /// named nothing at all, so the header it listed beside went upstream.
+    #[test]
+    fn a_connection_with_obs_text_still_names_its_other_headers() {
+        let names = IdentityNames::new("X-Tollgate-").unwrap();
+        let mut h = request_headers(&[("x-secret-hop", "1")]);
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"x-secret-hop, \xff").unwrap(),
+        );
+        prepare_upstream_headers(&mut h, &names, &fwd(false, None), None);
+        assert!(h.get("x-secret-hop").is_none());
+        let mut switching = request_headers(&[("upgrade", "websocket")]);
+        switching.append(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"upgrade, connection, \xff").unwrap(),
+        );
+        clean_response_headers(&mut switching, true);
+        assert_eq!(switching["upgrade"], "websocket");
+        assert!(switching.get("connection").is_some());
     }
 
     #[test]

@@ -1,0 +1,28 @@
+//! The admin API's JSON bodies, through the real router in-process: arbitrary bytes as the body
+//! of `POST /v1/accounts`, `PATCH /v1/accounts/{id}`, `POST …/keys`, `PATCH …/keys/{id}` and
+//! `POST …/sites`. Never a panic, never a 5xx; every answer a 2xx or a 4xx with a JSON body
+//! (`{"error":{"code",…}}` for a 4xx).
+
+#![no_main]
+
+use http::Method;
+use libfuzzer_sys::fuzz_target;
+use tollgate_fuzz::app;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((which, body)) = data.split_first() else {
+        return;
+    };
+    let app = app();
+    let account = format!("/v1/accounts/{}", app.account);
+    let (method, path) = match which % 5 {
+        0 => (Method::POST, "/v1/accounts".to_owned()),
+        1 => (Method::PATCH, account),
+        2 => (Method::POST, format!("{account}/keys")),
+        3 => (Method::PATCH, format!("{account}/keys/{}", app.key)),
+        _ => (Method::POST, format!("{account}/sites")),
+    };
+    let what = format!("{method} {path}");
+    app.call(method, &path, body.to_vec())
+        .assert_well_formed(&what);
+});
