@@ -18,7 +18,7 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::audit::{self, Change, Origin};
+use super::audit::{self, Action, Change, Origin};
 use super::auth::{AccountAccess, Actor, Operator};
 use super::body::JsonBody;
 use super::error::ApiError;
@@ -98,8 +98,7 @@ pub(crate) async fn create(
             account_id: Some(&account.id),
         },
         Change {
-            action: "account.create",
-            target_type: "account",
+            action: Action::CreateAccount,
             target_id: &account.id,
             detail: json!({ "name": account.name, "auth_method": account.auth_method }),
         },
@@ -166,8 +165,7 @@ pub(crate) async fn update(
         &*state.store,
         access.audit_origin(),
         Change {
-            action: "account.update",
-            target_type: "account",
+            action: Action::UpdateAccount,
             target_id: &account.id,
             detail: json!({ "changed": changed, "active": account.active }),
         },
@@ -193,8 +191,7 @@ pub(crate) async fn delete(
         &*state.store,
         access.audit_origin(),
         Change {
-            action: "account.delete",
-            target_type: "account",
+            action: Action::DeleteAccount,
             target_id: &access.account.id,
             detail: json!({ "name": access.account.name, "keys_removed": removed.len() }),
         },

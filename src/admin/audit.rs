@@ -29,12 +29,40 @@ const MAX_LIMIT: usize = 100;
 /// the log's length.
 const VERIFY_PAGE: usize = 256;
 
+/// Every kind of change the audit log records. One enum, so that a handler cannot write an
+/// action the log's readers do not know, and the action and its target type cannot disagree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// `account.create`.
+    CreateAccount,
+    /// `account.update`.
+    UpdateAccount,
+    /// `account.delete`.
+    DeleteAccount,
+    /// `key.create`.
+    CreateKey,
+    /// `key.update`.
+    UpdateKey,
+    /// `key.activate`.
+    ActivateKey,
+    /// `key.deactivate`.
+    DeactivateKey,
+    /// `key.delete`.
+    DeleteKey,
+    /// `key.renew`.
+    RenewKey,
+    /// `key.roll`.
+    RollKey,
+    /// `site.create`.
+    CreateSite,
+    /// `site.delete`.
+    DeleteSite,
+}
+
 /// One change, as the audit log describes it.
 pub(crate) struct Change<'a> {
-    /// e.g. `key.create`.
-    pub(crate) action: &'static str,
-    /// e.g. `key`.
-    pub(crate) target_type: &'static str,
+    /// What kind of change.
+    pub(crate) action: Action,
     /// The changed record's id.
     pub(crate) target_id: &'a str,
     /// What changed, for people reading the log.
@@ -49,6 +77,43 @@ pub(crate) struct Origin<'a> {
     pub(crate) ip: Option<&'a str>,
     /// The account concerned.
     pub(crate) account_id: Option<&'a str>,
+}
+
+// === impl Action ===
+
+impl Action {
+    /// The action as stored and listed (`key.create`, …). No `_` arm: a new action must be named.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Action::CreateAccount => "account.create",
+            Action::UpdateAccount => "account.update",
+            Action::DeleteAccount => "account.delete",
+            Action::CreateKey => "key.create",
+            Action::UpdateKey => "key.update",
+            Action::ActivateKey => "key.activate",
+            Action::DeactivateKey => "key.deactivate",
+            Action::DeleteKey => "key.delete",
+            Action::RenewKey => "key.renew",
+            Action::RollKey => "key.roll",
+            Action::CreateSite => "site.create",
+            Action::DeleteSite => "site.delete",
+        }
+    }
+
+    /// The kind of record it changes: `account`, `key` or `site`.
+    pub(crate) fn target_type(self) -> &'static str {
+        match self {
+            Action::CreateAccount | Action::UpdateAccount | Action::DeleteAccount => "account",
+            Action::CreateKey
+            | Action::UpdateKey
+            | Action::ActivateKey
+            | Action::DeactivateKey
+            | Action::DeleteKey
+            | Action::RenewKey
+            | Action::RollKey => "key",
+            Action::CreateSite | Action::DeleteSite => "site",
+        }
+    }
 }
 
 /// The query of `GET …/audit`, as text so that a bad value is refused naming its parameter.
@@ -123,8 +188,8 @@ pub(crate) async fn record(store: &dyn Store, origin: Origin<'_>, change: Change
         id: credential::new_id("aud"),
         account_id: origin.account_id.map(str::to_owned),
         actor_id: origin.actor.id().to_owned(),
-        action: change.action.to_owned(),
-        target_type: change.target_type.to_owned(),
+        action: change.action.as_str().to_owned(),
+        target_type: change.action.target_type().to_owned(),
         target_id: change.target_id.to_owned(),
         detail: change.detail,
         ip: origin.ip.map(str::to_owned),
@@ -184,5 +249,37 @@ impl super::auth::AccountAccess {
             ip: self.ip.as_deref(),
             account_id: Some(&self.account.id),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Action;
+
+    #[test]
+    fn every_action_is_named_after_its_target_type() {
+        let all = [
+            Action::CreateAccount,
+            Action::UpdateAccount,
+            Action::DeleteAccount,
+            Action::CreateKey,
+            Action::UpdateKey,
+            Action::ActivateKey,
+            Action::DeactivateKey,
+            Action::DeleteKey,
+            Action::RenewKey,
+            Action::RollKey,
+            Action::CreateSite,
+            Action::DeleteSite,
+        ];
+        let mut names: Vec<&str> = all.iter().map(|a| a.as_str()).collect();
+        for a in all {
+            let (target, verb) = a.as_str().split_once('.').expect("target.verb");
+            assert_eq!(target, a.target_type(), "{a:?}");
+            assert!(!verb.is_empty(), "{a:?}");
+        }
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), all.len(), "every action has its own name");
     }
 }

@@ -27,7 +27,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::audit::{self, Change};
+use super::audit::{self, Action, Change};
 use super::auth::{path_param, AccountAccess};
 use super::body::JsonBody;
 use super::error::ApiError;
@@ -163,7 +163,7 @@ pub(crate) async fn create(
     audit::record(
         &*state.store,
         access.audit_origin(),
-        change("key.create", &record.id, detail),
+        change(Action::CreateKey, &record.id, detail),
     )
     .await;
     let created = CreatedKey {
@@ -230,7 +230,7 @@ pub(crate) async fn update(
     audit::record(
         &*state.store,
         access.audit_origin(),
-        change("key.update", &key.id, detail),
+        change(Action::UpdateKey, &key.id, detail),
     )
     .await;
     Ok(Json(KeyView::from(key)))
@@ -284,9 +284,9 @@ async fn set_active(
     };
     state.cache.invalidate(&key.hash);
     let action = if active {
-        "key.activate"
+        Action::ActivateKey
     } else {
-        "key.deactivate"
+        Action::DeactivateKey
     };
     let detail = json!({ "name": key.name });
     audit::record(
@@ -319,7 +319,7 @@ pub(crate) async fn delete(
     audit::record(
         &*state.store,
         access.audit_origin(),
-        change("key.delete", &key.id, detail),
+        change(Action::DeleteKey, &key.id, detail),
     )
     .await;
     Ok(Json(Deleted::yes()))
@@ -502,10 +502,9 @@ fn empty_object() -> Value {
     Value::Object(serde_json::Map::new())
 }
 
-pub(crate) fn change<'a>(action: &'static str, key_id: &'a str, detail: Value) -> Change<'a> {
+pub(crate) fn change<'a>(action: Action, key_id: &'a str, detail: Value) -> Change<'a> {
     Change {
         action,
-        target_type: "key",
         target_id: key_id,
         detail,
     }

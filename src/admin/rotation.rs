@@ -27,7 +27,7 @@ use chrono::{DateTime, Duration, Utc};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::audit;
+use super::audit::{self, Action};
 use super::auth::AccountAccess;
 use super::body::JsonBody;
 use super::error::ApiError;
@@ -95,7 +95,7 @@ pub(crate) async fn renew(
     audit::record(
         &*state.store,
         access.audit_origin(),
-        keys::change("key.renew", &key.id, detail),
+        keys::change(Action::RenewKey, &key.id, detail),
     )
     .await;
     Ok(Json(KeyView::from(key)))
@@ -154,7 +154,7 @@ pub(crate) async fn roll(
     audit::record(
         &*state.store,
         access.audit_origin(),
-        keys::change("key.roll", &old.id, detail),
+        keys::change(Action::RollKey, &old.id, detail),
     )
     .await;
     let created = CreatedKey {

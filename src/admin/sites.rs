@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::audit::{self, Change};
+use super::audit::{self, Action, Change};
 use super::auth::{path_param, AccountAccess};
 use super::body::JsonBody;
 use super::error::ApiError;
@@ -98,7 +98,7 @@ pub(crate) async fn create(
     audit::record(
         &*state.store,
         access.audit_origin(),
-        change("site.create", &site.id, &site.name),
+        change(Action::CreateSite, &site.id, &site.name),
     )
     .await;
     Ok((StatusCode::CREATED, Json(SiteView::from(site))))
@@ -132,7 +132,7 @@ pub(crate) async fn delete(
     audit::record(
         &*state.store,
         access.audit_origin(),
-        change("site.delete", &site.id, &site.name),
+        change(Action::DeleteSite, &site.id, &site.name),
     )
     .await;
     Ok(StatusCode::NO_CONTENT)
@@ -165,10 +165,9 @@ impl<S: Send + Sync> FromRequestParts<S> for SiteId {
 
 // === functions ===
 
-fn change<'a>(action: &'static str, site_id: &'a str, origin: &str) -> Change<'a> {
+fn change<'a>(action: Action, site_id: &'a str, origin: &str) -> Change<'a> {
     Change {
         action,
-        target_type: "site",
         target_id: site_id,
         detail: json!({ "name": origin }),
     }
