@@ -247,21 +247,25 @@ impl AccountFields {
         })
     }
 
-    /// Names of the fields that differ from `other`, in [`PATCHABLE`] order.
+    /// Names of the fields that differ from `other`, in [`PATCHABLE`] order. Each name stands
+    /// beside its own comparison, so no reordering can label one field with another's name.
     fn changed_from(&self, other: &AccountFields) -> Vec<&'static str> {
-        let differs = [
-            self.name != other.name,
-            self.auth_method != other.auth_method,
-            self.rate_limit != other.rate_limit,
-            self.network_policy != other.network_policy,
-            self.permissions != other.permissions,
-            self.plan != other.plan,
-            self.active != other.active,
+        let fields = [
+            ("name", self.name != other.name),
+            ("auth_method", self.auth_method != other.auth_method),
+            ("rate_limit", self.rate_limit != other.rate_limit),
+            (
+                "network_policy",
+                self.network_policy != other.network_policy,
+            ),
+            ("permissions", self.permissions != other.permissions),
+            ("plan", self.plan != other.plan),
+            ("active", self.active != other.active),
         ];
-        PATCHABLE
-            .iter()
-            .zip(differs)
-            .filter_map(|(name, differs)| differs.then_some(*name))
+        debug_assert!(fields.iter().map(|(n, _)| *n).eq(PATCHABLE));
+        fields
+            .into_iter()
+            .filter_map(|(name, differs)| differs.then_some(name))
             .collect()
     }
 

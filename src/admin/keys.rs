@@ -418,20 +418,24 @@ impl KeyFields {
         })
     }
 
-    /// Names of the fields that differ from `other`, in [`PATCHABLE`] order.
+    /// Names of the fields that differ from `other`, in [`PATCHABLE`] order. Each name stands
+    /// beside its own comparison, so no reordering can label one field with another's name.
     fn changed_from(&self, other: &KeyFields) -> Vec<&'static str> {
-        let differs = [
-            self.name != other.name,
-            self.scopes != other.scopes,
-            self.allowed_origins != other.allowed_origins,
-            self.allowed_ips != other.allowed_ips,
-            self.rate_limit != other.rate_limit,
-            self.metadata != other.metadata,
+        let fields = [
+            ("name", self.name != other.name),
+            ("scopes", self.scopes != other.scopes),
+            (
+                "allowed_origins",
+                self.allowed_origins != other.allowed_origins,
+            ),
+            ("allowed_ips", self.allowed_ips != other.allowed_ips),
+            ("rate_limit", self.rate_limit != other.rate_limit),
+            ("metadata", self.metadata != other.metadata),
         ];
-        PATCHABLE
-            .iter()
-            .zip(differs)
-            .filter_map(|(name, differs)| differs.then_some(*name))
+        debug_assert!(fields.iter().map(|(n, _)| *n).eq(PATCHABLE));
+        fields
+            .into_iter()
+            .filter_map(|(name, differs)| differs.then_some(name))
             .collect()
     }
 
