@@ -642,7 +642,7 @@ impl Validator {
             } else {
                 // Requests are matched on their normalised path, so a prefix in any other form
                 // would never match.
-                match crate::proxy::target::normalise(&path_prefix) {
+                match crate::target::normalise(&path_prefix) {
                     Ok(std::borrow::Cow::Borrowed(_)) => {}
                     Ok(std::borrow::Cow::Owned(normal)) => self.problem(
                         &at("path_prefix"),

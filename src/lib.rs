@@ -4,24 +4,29 @@
 //!
 //! # Layout
 //!
+//! Five layers; a module imports only its own layer or a lower one, and the two edges never
+//! import each other. `tests/layers.rs` checks this on every `cargo test`, from this table:
+//!
 //! Layer 0, pure (no I/O, no tokio): [`credential`] (the token format), [`policy`] (CIDR,
-//! origin, method and scope decisions), [`refusal`] (every error code and its status),
-//! `proxy::route` (the route table), `proxy::target` (the request target checked first: method,
-//! host, the path in normal form), `store::audit_chain` (the audit hash chain).
+//! origin, method and scope decisions), [`target`] (the request target checked first: method,
+//! host, the path in normal form).
 //!
-//! Layer 1, state: [`limits`] (per-key GCRA buckets), [`auth`] (the key cache and the one
+//! Layer 1, foundations: [`config`] (settings, parsed and validated once), [`store`] (the only
+//! module that touches disk or network; its `audit_chain` is pure), [`metrics`].
+//!
+//! Layer 2, state: [`limits`] (per-key GCRA buckets), [`auth`] (the key cache and the one
 //! decision, [`auth::authorize`]), [`metering`] (per-key minute counters, their flusher, and
-//! the durable mode's write-ahead log), [`store`] (the only module that touches disk or
-//! network), [`metrics`].
+//! the durable mode's write-ahead log; its `bucket` maths is pure), [`refusal`] (every error
+//! code and its status; pure, but it names a limit window).
 //!
-//! Layer 2, edges: [`proxy`] (the request path) and [`admin`] (the admin API); they never
+//! Layer 3, edges: [`proxy`] (the request path) and [`admin`] (the admin API); they never
 //! import each other. [`listener`] serves HTTP on a bound socket for both.
 //!
-//! Layer 3, wiring: [`app`] (settings → running gateway), [`cli`], [`shutdown`], [`config`].
+//! Layer 4, wiring: [`app`] (settings → running gateway), [`cli`], [`shutdown`].
 //!
 //! # A request's path
 //!
-//! `listener` accepts → `proxy::Proxy::handle` checks the target (`proxy::target`: method, one
+//! `listener` accepts → `proxy::Proxy::handle` checks the target ([`target`]: method, one
 //! host, the normalised path) and matches a route on it → `auth::extract` finds the
 //! credential → `credential::parse` checks its checksum → `auth::cache::KeyCache` finds the key
 //! (memory — a stale entry too, re-read in the background — else one store read with a 50 ms
@@ -46,3 +51,4 @@ pub mod proxy;
 pub mod refusal;
 pub mod shutdown;
 pub mod store;
+pub mod target;

@@ -16,7 +16,6 @@ pub mod headers;
 pub mod pool;
 pub mod record;
 pub mod route;
-pub mod target;
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -42,12 +41,12 @@ use crate::metering::{Meter, Outcome};
 use crate::metrics::Metrics;
 use crate::policy;
 use crate::refusal::Refusal;
+use crate::target::{self, TargetError};
 use body::{RequestBody, ResponseBody, UsageSink};
 use headers::{Forwarding, IdentityNames};
 use pool::Pool;
 use record::Record;
 use route::{Route, RouteTable};
-use target::TargetError;
 
 /// What the proxy answers with: the upstream's streamed body, or one of ours.
 pub type ProxyBody = Either<ResponseBody, Full<Bytes>>;

@@ -1,4 +1,4 @@
-//! `proxy::target::normalise` on arbitrary paths: never a panic; the normal form is a fixed
+//! `target::normalise` on arbitrary paths: never a panic; the normal form is a fixed
 //! point, holds no dot-segment, empty segment, encoded separator or trailing `/..`, starts with
 //! `/` when the input did; and a path with unreserved characters percent-encoded normalises to
 //! the same thing as the path itself.
@@ -6,7 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tollgate::proxy::target::normalise;
+use tollgate::target::normalise;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(path) = std::str::from_utf8(data) else {
