@@ -131,26 +131,20 @@ pub fn normalise(path: &str) -> Result<Cow<'_, str>, TargetError> {
         return Ok(Cow::Borrowed(path));
     }
     let mut segments: Vec<String> = Vec::new();
-    let raw: Vec<&str> = path[1..].split('/').collect();
-    let last = raw.len() - 1;
-    let mut trailing_slash = false;
-    for (i, raw_segment) in raw.iter().enumerate() {
+    // The normal form ends in `/` when the path's last segment is empty or a dot-segment.
+    let mut ends_in_slash = false;
+    for raw_segment in path[1..].split('/') {
         let segment = decode(raw_segment)?;
+        ends_in_slash = matches!(segment.as_str(), "" | "." | "..");
         match segment.as_str() {
-            "" | "." => trailing_slash = i == last,
+            "" | "." => {}
             ".." => {
                 if segments.pop().is_none() {
                     return Err(TargetError::AboveRoot);
                 }
-                trailing_slash = i == last;
             }
-            s if s.starts_with(".;") || s.starts_with("..;") => {
-                return Err(TargetError::DotSegmentParameters)
-            }
-            _ => {
-                segments.push(segment);
-                trailing_slash = false;
-            }
+            s if is_dot_with_parameters(s) => return Err(TargetError::DotSegmentParameters),
+            _ => segments.push(segment),
         }
     }
     let mut out = String::with_capacity(path.len());
@@ -158,7 +152,7 @@ pub fn normalise(path: &str) -> Result<Cow<'_, str>, TargetError> {
         out.push('/');
         out.push_str(s);
     }
-    if trailing_slash || out.is_empty() {
+    if ends_in_slash || out.is_empty() {
         out.push('/');
     }
     Ok(Cow::Owned(out))
@@ -173,14 +167,16 @@ fn is_normal(path: &str) -> bool {
     let mut segments = path[1..].split('/').peekable();
     while let Some(s) = segments.next() {
         let last = segments.peek().is_none();
-        if (s.is_empty() && !last) || s == "." || s == ".." || s.starts_with(".;") {
-            return false;
-        }
-        if s.starts_with("..;") {
+        if (s.is_empty() && !last) || s == "." || s == ".." || is_dot_with_parameters(s) {
             return false;
         }
     }
     true
+}
+
+/// `.;x` or `..;x`: a dot-segment to servers that strip `;` parameters first, a name to others.
+fn is_dot_with_parameters(segment: &str) -> bool {
+    segment.starts_with(".;") || segment.starts_with("..;")
 }
 
 /// One segment with its unreserved escapes decoded and the others' hex upper-cased.

@@ -884,14 +884,20 @@ async fn audit_chain_links_each_account(store: &SharedStore) {
 }
 
 async fn audit_chain_stays_linear_under_concurrent_appends(store: &SharedStore) {
+    let acc = format!("acc_{}", unique());
+    append_at_once(&[store], &acc, 24).await;
+    assert_chain_intact(store, &acc, 24).await;
+}
+
+/// `n` audit entries of `acc` appended at once, spread over `stores` in turn.
+async fn append_at_once(stores: &[&SharedStore], acc: &str, n: usize) {
     let p = unique();
-    let acc = format!("acc_{p}");
-    let tasks: Vec<_> = (0..24)
+    let tasks: Vec<_> = (0..n)
         .map(|i| {
-            let store = Arc::clone(store);
+            let store = Arc::clone(stores[i % stores.len()]);
             let e = audit(
                 &format!("aud_{p}_{i}"),
-                Some(&acc),
+                Some(acc),
                 "key.update",
                 "k",
                 serde_json::json!({ "i": i }),
@@ -902,11 +908,14 @@ async fn audit_chain_stays_linear_under_concurrent_appends(store: &SharedStore) 
     for t in tasks {
         t.await.unwrap().unwrap();
     }
+}
+
+async fn assert_chain_intact(store: &SharedStore, acc: &str, entries: u64) {
     assert_eq!(
-        verdict(store, &acc).await,
+        verdict(store, acc).await,
         ChainVerdict {
             intact: true,
-            entries: 24,
+            entries,
             first_bad_id: None
         }
     );
@@ -1529,30 +1538,8 @@ async fn redis_audit_chain_stays_linear_across_instances() {
     let a: SharedStore = Arc::new(RedisStore::connect(&server.url()).await.unwrap());
     let b: SharedStore = Arc::new(RedisStore::connect(&server.url()).await.unwrap());
     let acc = format!("acc_{}", unique());
-    let tasks: Vec<_> = (0..40)
-        .map(|i| {
-            let store = Arc::clone(if i % 2 == 0 { &a } else { &b });
-            let e = audit(
-                &format!("aud_{i}"),
-                Some(&acc),
-                "key.update",
-                "k",
-                serde_json::json!({ "i": i }),
-            );
-            tokio::spawn(async move { store.append_audit(&e).await })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap().unwrap();
-    }
-    assert_eq!(
-        verdict(&a, &acc).await,
-        ChainVerdict {
-            intact: true,
-            entries: 40,
-            first_bad_id: None
-        }
-    );
+    append_at_once(&[&a, &b], &acc, 40).await;
+    assert_chain_intact(&a, &acc, 40).await;
     assert_eq!(whole_chain(&b, &acc, 100).await.len(), 40);
 }
 

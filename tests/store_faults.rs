@@ -143,22 +143,16 @@ async fn with_redis_hung_a_cached_key_never_waits_and_the_rest_fails_fast_fail_o
     );
 
     // (b) A key memory does not hold cannot be verified: 503 at once.
-    let (response, took) = timed(&client, &gw, &unused).await;
-    expect_refusal(
-        response,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "store_unavailable",
-    )
-    .await;
-    assert!(took < QUICK, "unknown key took {took:?}");
-    let (response, took) = timed(&client, &gw, &credential::generate(Kind::Secret)).await;
-    expect_refusal(
-        response,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "store_unavailable",
-    )
-    .await;
-    assert!(took < QUICK, "unknown key took {took:?}");
+    for key in [unused.clone(), credential::generate(Kind::Secret)] {
+        let (response, took) = timed(&client, &gw, &key).await;
+        expect_refusal(
+            response,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+        )
+        .await;
+        assert!(took < QUICK, "unknown key took {took:?}");
+    }
     // (c) Not ready, said at once.
     let (status, took) = readyz(&client, &gw).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);

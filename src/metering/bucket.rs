@@ -298,6 +298,14 @@ pub fn source_range(interval: Interval, from: DateTime<Utc>, to: DateTime<Utc>) 
 mod tests {
     use super::*;
 
+    const ALL_INTERVALS: [Interval; 5] = [
+        Interval::Minute,
+        Interval::Hour,
+        Interval::Day,
+        Interval::Week,
+        Interval::Month,
+    ];
+
     fn t(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
     }
@@ -419,13 +427,7 @@ mod tests {
             seed ^= seed << 17;
             seed % n
         };
-        for interval in [
-            Interval::Minute,
-            Interval::Hour,
-            Interval::Day,
-            Interval::Week,
-            Interval::Month,
-        ] {
+        for interval in ALL_INTERVALS {
             // About 200 buckets each, unaligned, aligned, and empty.
             let long = match interval {
                 Interval::Minute => Duration::minutes(200),
@@ -488,13 +490,7 @@ mod tests {
     #[test]
     fn the_ends_of_time_are_buckets_not_panics() {
         let (min, max) = (DateTime::<Utc>::MIN_UTC, DateTime::<Utc>::MAX_UTC);
-        for interval in [
-            Interval::Minute,
-            Interval::Hour,
-            Interval::Day,
-            Interval::Week,
-            Interval::Month,
-        ] {
+        for interval in ALL_INTERVALS {
             assert!(interval.floor(min) <= min, "{interval:?}");
             assert!(interval.floor(max) <= max, "{interval:?}");
             assert_eq!(interval.next(max), max, "{interval:?}");
