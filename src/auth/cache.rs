@@ -34,6 +34,11 @@ use crate::store::{Invalidation, InvalidationEvent, KeyLookup, RateLimitSpec, Sh
 /// the fallback for `fail_open` while the store is down); after that a use waits for the read.
 const STALE_KEEP: Duration = Duration::from_secs(15 * 60);
 
+/// While key lookups fail, stale keys start a background re-read at most this often, across all
+/// keys: each would fail at once (the breaker is open), so a task per request would be work for
+/// nothing; one now and then finds the store back (and ends `fail_closed`'s refusals).
+const RETRY_WHILE_FAILING: Duration = Duration::from_millis(100);
+
 /// What the cache knows about a hash.
 pub enum Lookup {
     /// A key (fresh, or stale while the store is down under `fail_open`).
@@ -102,6 +107,9 @@ pub struct KeyCache {
     generation: AtomicU64,
     /// Store reads by hash: failures counted, failure and recovery logged once each.
     lookups: StoreCalls,
+    /// While `lookups` fail: when the next background re-read may start, in ms since `born`.
+    retry_at_ms: AtomicU64,
+    born: Instant,
     /// Invalidations published to the other instances, likewise.
     publishes: Arc<StoreCalls>,
     store: SharedStore,
@@ -137,6 +145,8 @@ impl KeyCache {
             account_ids: DashMap::new(),
             generation: AtomicU64::new(0),
             lookups: metrics.store_calls("lookup_key"),
+            retry_at_ms: AtomicU64::new(0),
+            born: Instant::now(),
             publishes: Arc::new(metrics.store_calls("publish_invalidation")),
             store,
             limiters,
@@ -203,6 +213,10 @@ impl KeyCache {
     }
 
     fn refresh_in_background(self: &Arc<Self>, hash: &KeyHash) {
+        // A read under way answers for this key; looked up shared first, as most are.
+        if self.inflight.contains_key(hash) || !self.may_retry_while_failing() {
+            return;
+        }
         let cell = match self.inflight.entry(*hash) {
             MapEntry::Occupied(_) => return,
             MapEntry::Vacant(vacant) => Arc::clone(vacant.insert(Arc::default()).value()),
@@ -215,6 +229,22 @@ impl KeyCache {
         runtime.spawn(async move {
             let _ = this.load_in(&hash, cell).await;
         });
+    }
+
+    /// Whether a background re-read may start: always while lookups work, else once per
+    /// [`RETRY_WHILE_FAILING`].
+    fn may_retry_while_failing(&self) -> bool {
+        if !self.lookups.is_failing() {
+            return true;
+        }
+        let now = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let at = self.retry_at_ms.load(Ordering::Relaxed);
+        let next = now.saturating_add(u64::try_from(RETRY_WHILE_FAILING.as_millis()).unwrap_or(0));
+        now >= at
+            && self
+                .retry_at_ms
+                .compare_exchange(at, next, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     /// The synchronous half of [`KeyCache::get`]: what memory says, without any I/O.
