@@ -162,7 +162,7 @@ fn main() {
     let used = report("  + used once", &cached, keys);
 
     let mut backlog = Backlog::new(usize::MAX, &metrics);
-    rt.block_on(flusher::flush_once(&meter, &store, &metrics, &mut backlog));
+    rt.block_on(flusher::flush_once(&meter, &*store, &metrics, &mut backlog));
     report("  + flushed (journal, not folded)", &used, keys);
     report("total", &start, keys);
 }

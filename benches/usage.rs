@@ -15,7 +15,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use tollgate::metering::wal::Wal;
 use tollgate::metering::{Meter, Outcome, Pending, WallClock};
 use tollgate::store::embedded::EmbeddedStore;
-use tollgate::store::{BatchId, Granularity, Store, UsageCounts, UsageDelta};
+use tollgate::store::{BatchId, Granularity, Usage, UsageCounts, UsageDelta};
 
 const NOW_MINUTE: i64 = 29_500_000;
 

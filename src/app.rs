@@ -15,7 +15,7 @@ use tower::ServiceExt;
 
 use crate::admin::{self, AdminState};
 use crate::auth::cache::KeyCache;
-use crate::config::{Durability, LimitMode, MeteringSettings, Settings, StoreSettings};
+use crate::config::{Durability, LimitMode, MeteringSettings, Settings};
 use crate::limits::global::SharedLimiters;
 use crate::limits::Limiters;
 use crate::listener::{self, ConnLimits};
@@ -23,9 +23,7 @@ use crate::metering::wal::{self, Wal};
 use crate::metering::{flusher, retention, Meter, WallClock};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
-use crate::store::embedded::EmbeddedStore;
-use crate::store::redis::RedisStore;
-use crate::store::{Granularity, SharedStore};
+use crate::store::{self, Granularity, OpenOptions, SharedStore};
 
 /// How long in-flight requests get to finish after a shutdown signal.
 const DRAIN: Duration = Duration::from_secs(10);
@@ -40,6 +38,9 @@ pub enum StartError {
     /// The store could not be opened.
     #[error("cannot open the store: {0}")]
     Store(#[from] crate::store::StoreError),
+    /// `limits.mode = "global"` on a store that instances cannot share.
+    #[error("limits.mode = \"global\" needs a store shared by every instance (store.backend = \"redis\")")]
+    NotShared,
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -91,21 +92,19 @@ pub struct Running {
 /// Opens the store, binds both listeners and starts serving.
 pub async fn start(settings: Settings, options: StartOptions) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new()?);
-    let store: SharedStore = match &settings.store {
-        StoreSettings::Embedded { path } => Arc::new(open_embedded(path).await?),
-        StoreSettings::Redis { url } => {
-            // Bucket TTLs are a backstop behind pruning: twice the retention.
-            let m = &settings.metering;
-            Arc::new(
-                RedisStore::connect(url)
-                    .await?
-                    .with_bucket_ttl(Granularity::Minute, Some(m.retention_minute * 2))
-                    .with_bucket_ttl(Granularity::Hour, Some(m.retention_hour * 2))
-                    .with_bucket_ttl(Granularity::Day, Some(m.retention_day * 2))
-                    .with_breaker_gauge(metrics.store_breaker_open.clone()),
-            )
-        }
-    };
+    let m = &settings.metering;
+    let store = store::open(
+        &settings.store,
+        OpenOptions {
+            retention: vec![
+                (Granularity::Minute, m.retention_minute),
+                (Granularity::Hour, m.retention_hour),
+                (Granularity::Day, m.retention_day),
+            ],
+            breaker_gauge: Some(metrics.store_breaker_open.clone()),
+        },
+    )
+    .await?;
     let mut meter = Meter::new(options.clock);
     if let Durability::Wal {
         path,
@@ -126,8 +125,11 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
         settings.limits.on_store_error,
     );
     if settings.limits.mode == LimitMode::Global {
-        let shared =
-            SharedLimiters::new(Arc::clone(&store), settings.limits.on_store_error, &metrics);
+        // Config allows global limits only on a shared store (`check-config` says so).
+        let buckets = Arc::clone(&store)
+            .limit_buckets()
+            .ok_or(StartError::NotShared)?;
+        let shared = SharedLimiters::new(buckets, settings.limits.on_store_error, &metrics);
         cache = cache.with_shared_limits(Arc::new(shared));
     }
     let cache = Arc::new(cache);
@@ -200,7 +202,7 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
     let signal = background_signal;
     background.spawn(flusher::run(
         Arc::clone(&meter),
-        Arc::clone(&store),
+        store.clone(),
         Arc::clone(&metrics),
         settings.metering.flush_interval,
         signal.clone(),
@@ -275,13 +277,6 @@ async fn call_admin(
     }
 }
 
-async fn open_embedded(path: &std::path::Path) -> Result<EmbeddedStore, crate::store::StoreError> {
-    let path = path.to_owned();
-    tokio::task::spawn_blocking(move || EmbeddedStore::open(&path))
-        .await
-        .map_err(|e| crate::store::StoreError::Unavailable(e.to_string()))?
-}
-
 /// Opens the usage log, replays what a crash left in it into the store (before anything is
 /// served, so that no count waits on traffic) and starts its writer.
 async fn open_usage_log(
@@ -290,7 +285,7 @@ async fn open_usage_log(
     store: &SharedStore,
 ) -> Result<Arc<Wal>, StartError> {
     let log = Wal::open(dir, sync_interval)?;
-    let replayed = wal::replay(dir, store).await?;
+    let replayed = wal::replay(dir, &**store).await?;
     if replayed.segments > 0 {
         tracing::info!(
             segments = replayed.segments,
@@ -359,7 +354,7 @@ async fn sweep(s: Sweep, mut shutdown: watch::Receiver<bool>) {
         }
         // Hourly, starting with the first tick: expired usage buckets.
         if rounds.is_multiple_of(60) {
-            retention::prune(&store, &metering, &metrics, meter.clock().now_ms()).await;
+            retention::prune(&*store, &metering, &metrics, meter.clock().now_ms()).await;
         }
         rounds += 1;
         cache.sweep();

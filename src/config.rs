@@ -299,9 +299,8 @@ impl Validator {
         let metering = self.metering(metering, store.as_ref());
         let identity = self.identity(identity);
         let routes = self.routes(routes);
-        if let (Some(LimitMode::Global), Some(StoreSettings::Embedded { .. })) =
-            (limits.as_ref().map(|l| l.mode), store.as_ref())
-        {
+        let global = limits.as_ref().is_some_and(|l| l.mode == LimitMode::Global);
+        if global && store.as_ref().is_some_and(|s| !s.capabilities().shared) {
             self.problem(
                 "limits.mode",
                 "\"global\" shares limits through Redis: it needs store.backend = \"redis\"",

@@ -12,7 +12,8 @@
 //! host, the path in normal form).
 //!
 //! Layer 1, foundations: [`config`] (settings, parsed and validated once), [`store`] (the only
-//! module that touches disk or network; its `audit_chain` is pure), [`metrics`].
+//! module that touches disk or network: five role traits — records, audit log, usage, limit
+//! buckets, fleet — each backend one file per role; its `audit_chain` is pure), [`metrics`].
 //!
 //! Layer 2, state: [`limits`] (per-key GCRA buckets), [`auth`] (the key cache and the one
 //! decision, [`auth::authorize`]), [`metering`] (per-key minute counters, their flusher, and

@@ -1,22 +1,40 @@
 //! The store: every durable record (accounts, keys by hash, sites, audit entries, usage buckets,
-//! the master key's hash) behind one async trait, so that the embedded and Redis backends are
-//! interchangeable and one conformance suite (`tests/store_conformance.rs`) runs on each.
+//! the master key's hash) behind async traits, one per role, so that the embedded and Redis
+//! backends are interchangeable and one conformance suite per role
+//! (`tests/store_conformance.rs`) runs on each.
 //!
-//! Only this module and its children touch disk or the network. Nothing here runs on the request
-//! path of a cached key: the proxy reads a key once per cache miss ([`Store::lookup_key`]) and the
-//! metering flusher writes usage in batches ([`Store::add_usage`]).
+//! | role | trait | who uses it |
+//! |---|---|---|
+//! | accounts, keys, sites, the master key; keys by hash | [`Records`] | the key cache (lookups), the admin API |
+//! | the audit log and its hash chains | [`AuditLog`] | the admin API |
+//! | usage buckets and last use | [`Usage`] | the metering flusher, its write-ahead log and pruning; usage reads |
+//! | window counters shared by a fleet | [`LimitBuckets`] | `limits::global` — only a shared store has them |
+//! | what instances of a fleet tell each other | [`Fleet`] | the key cache (invalidations), the admin API (locks) |
+//!
+//! [`Store`] is all of them, plus readiness ([`Store::ping`]) and what the backend can do
+//! ([`Capabilities`]): callers ask the store, never which backend the config named. A caller
+//! that needs one role takes that role (`Arc<dyn Usage>`), cut from the [`SharedStore`].
+//! [`open`] is the one place that turns [`StoreSettings`] into a store.
+//!
+//! Each backend keeps one file per role (`embedded/records.rs`, `redis/usage.rs`, …) beside
+//! the file that opens it. Only this module and its children touch disk or the network.
+//! Nothing here runs on the request path of a cached key: the proxy reads a key once per cache
+//! miss ([`Records::lookup_key`]) and the metering flusher writes usage in batches
+//! ([`Usage::add_usage`]).
 
 pub mod audit_chain;
 pub mod embedded;
-mod records;
+mod model;
 pub mod redis;
 pub mod usage_wal;
 
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
-pub use records::{
+pub use model::{
     key_name_index, AccountRecord, AuditChainPage, AuditEntry, AuditPage, AuditQuery, AuthMethod,
     BatchId, Granularity, KeyRecord, KeyType, NetworkPolicy, Plan, RateLimitSpec, SiteRecord,
     UsageCounts, UsageDelta, UsageEvent,
@@ -110,19 +128,107 @@ pub struct KeyLookup {
     pub site_origins: Vec<String>,
 }
 
-/// The store interface. Every method is one atomic operation on the backend.
+/// Where the store is: `[store]` of the config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSettings {
+    /// The on-disk embedded database at this path.
+    Embedded {
+        /// Database file.
+        path: PathBuf,
+    },
+    /// Redis: `redis://…` (one server) or `redis+cluster://h1:p1,…`.
+    Redis {
+        /// The URL as configured.
+        url: String,
+    },
+}
+
+/// What a backend can do, asked of the store (or, before it is opened, of its settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Several gateway instances can use the store at once: it has [`LimitBuckets`], and its
+    /// [`Fleet`] reaches the other instances. A store that only this process can open (the
+    /// embedded one) has nobody to share with.
+    pub shared: bool,
+}
+
+/// How to open a store, beside where: what the rest of the gateway decided that a backend may
+/// use.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// How long usage buckets of each granularity are kept (pruning removes them then). A
+    /// backend that can expire records sets twice this as a backstop behind pruning.
+    pub retention: Vec<(Granularity, Duration)>,
+    /// Set to 1 while the backend's circuit breaker is open, 0 while it is closed.
+    pub breaker_gauge: Option<prometheus::IntGauge>,
+}
+
+// === impl StoreSettings ===
+
+impl StoreSettings {
+    /// What the backend these settings name can do.
+    pub const fn capabilities(&self) -> Capabilities {
+        match self {
+            StoreSettings::Embedded { .. } => embedded::EmbeddedStore::CAPABILITIES,
+            StoreSettings::Redis { .. } => redis::RedisStore::CAPABILITIES,
+        }
+    }
+}
+
+/// Opens the store that `settings` name: the embedded file on the blocking pool (redb opens
+/// synchronously and may recover a journal), Redis by connecting.
+pub async fn open(
+    settings: &StoreSettings,
+    options: OpenOptions,
+) -> Result<SharedStore, StoreError> {
+    match settings {
+        StoreSettings::Embedded { path } => {
+            let path = path.clone();
+            let store = tokio::task::spawn_blocking(move || embedded::EmbeddedStore::open(&path))
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))??;
+            Ok(Arc::new(store))
+        }
+        StoreSettings::Redis { url } => {
+            let mut store = redis::RedisStore::connect(url).await?;
+            for (granularity, retention) in options.retention {
+                store = store.with_bucket_ttl(granularity, Some(retention * 2));
+            }
+            if let Some(gauge) = options.breaker_gauge {
+                store = store.with_breaker_gauge(gauge);
+            }
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// The whole store: every role, readiness and capabilities. Every method of every role is one
+/// atomic operation on the backend.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
-    /// A number that moves on whenever a write may change what [`Store::lookup_key`] answers,
+pub trait Store: Records + AuditLog + Usage + Fleet + 'static {
+    /// What this backend can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Succeeds when the backend is reachable and answering (readiness).
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// The shared window counters, for a store whose [`Capabilities::shared`] is set; `None`
+    /// otherwise.
+    fn limit_buckets(self: Arc<Self>) -> Option<Arc<dyn LimitBuckets>> {
+        None
+    }
+}
+
+/// Accounts, keys and sites, the master key's hash, and keys found by their hash.
+#[async_trait]
+pub trait Records: Send + Sync {
+    /// A number that moves on whenever a write may change what [`Records::lookup_key`] answers,
     /// read without I/O; `None` when the backend cannot tell (other processes write to it, as
     /// with Redis). The key cache keeps an entry past its ttl without a re-read while this has
     /// not moved since the entry was read.
     fn revision(&self) -> Option<u64> {
         None
     }
-
-    /// Succeeds when the backend is reachable and answering (readiness).
-    async fn ping(&self) -> Result<(), StoreError>;
 
     /// The key with this hash, its account and the account's site origins, in one read; `None`
     /// when the key or the account does not exist.
@@ -169,6 +275,15 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes a site; `false` if it did not exist.
     async fn delete_site(&self, account_id: &str, site_id: &str) -> Result<bool, StoreError>;
 
+    /// The stored hash of the operator's master key.
+    async fn master_key_hash(&self) -> Result<Option<KeyHash>, StoreError>;
+    /// Stores the master key's hash, replacing any earlier one.
+    async fn set_master_key_hash(&self, hash: &KeyHash) -> Result<(), StoreError>;
+}
+
+/// The audit log: every account's chain of entries, and the all-accounts log.
+#[async_trait]
+pub trait AuditLog: Send + Sync {
     /// Appends an audit entry. An entry with an account becomes the next link of that account's
     /// chain ([`audit_chain`]): the store sets its `prev_hash` and `hash` (whatever the caller
     /// set) from the account's head, and moves the head, atomically with the append, so that
@@ -196,7 +311,11 @@ pub trait Store: Send + Sync + 'static {
         account_id: Option<&str>,
         query: &AuditQuery,
     ) -> Result<AuditPage, StoreError>;
+}
 
+/// Usage buckets (per key: minute, hour, day; per account: day) and each key's last use.
+#[async_trait]
+pub trait Usage: Send + Sync {
     /// Adds a batch of per-key, per-minute counts: the key's minute, hour and day buckets, its
     /// account's day bucket, and its last-used time. Exactly once per [`BatchId`]: a batch whose
     /// `seq` is not above the last one applied from its writer (within [`BATCH_MEMORY`]) changes
@@ -224,23 +343,26 @@ pub trait Store: Send + Sync + 'static {
     /// Removes the buckets of one granularity (keys' and, for days, accounts') with index
     /// `< before`; returns how many were removed.
     async fn prune_usage(&self, granularity: Granularity, before: i64) -> Result<u64, StoreError>;
+}
 
+/// Window counters that every instance of a fleet takes tokens from ([`Store::limit_buckets`]).
+#[async_trait]
+pub trait LimitBuckets: Send + Sync {
     /// Takes up to `want` tokens from each of a key's shared window counters (one per entry of
     /// `takes`), never letting a counter pass its `limit`; answers what was granted and each
-    /// counter's total after the take. Used by `limits.mode = "global"`; backends that cannot be
-    /// shared answer `Unavailable`.
+    /// counter's total after the take. Used by `limits.mode = "global"`.
     async fn take_tokens(
         &self,
         account_id: &str,
         key_id: &str,
         takes: &[TokenTake],
-    ) -> Result<Vec<TokenGrant>, StoreError> {
-        let _ = (account_id, key_id, takes);
-        Err(StoreError::Unavailable(
-            "this store cannot share rate limits between instances".to_owned(),
-        ))
-    }
+    ) -> Result<Vec<TokenGrant>, StoreError>;
+}
 
+/// What the instances sharing a store tell each other: cache invalidations, and locks for rules
+/// that check and then write. The defaults are right for a store that only one process uses.
+#[async_trait]
+pub trait Fleet: Send + Sync {
     /// Tells every instance sharing this store to drop what it caches for `what`. A store that
     /// is not shared has nobody to tell.
     async fn publish_invalidation(&self, what: &Invalidation) -> Result<(), StoreError> {
@@ -275,9 +397,4 @@ pub trait Store: Send + Sync + 'static {
         let _ = (name, token);
         Ok(())
     }
-
-    /// The stored hash of the operator's master key.
-    async fn master_key_hash(&self) -> Result<Option<KeyHash>, StoreError>;
-    /// Stores the master key's hash, replacing any earlier one.
-    async fn set_master_key_hash(&self, hash: &KeyHash) -> Result<(), StoreError>;
 }

@@ -17,7 +17,7 @@ use tollgate::limits::Limiters;
 use tollgate::metering::{Meter, WallClock};
 use tollgate::metrics::Metrics;
 use tollgate::store::embedded::EmbeddedStore;
-use tollgate::store::{AuditQuery, RateLimitSpec, SharedStore, Store};
+use tollgate::store::{AuditQuery, RateLimitSpec, Records, SharedStore};
 
 // === harness ===
 

@@ -25,7 +25,7 @@ use tollgate::limits::global::SharedLimiters;
 use tollgate::limits::{KeyLimits, Limiters, Quotas};
 use tollgate::metering::{Meter, WallClock};
 use tollgate::store::redis::RedisStore;
-use tollgate::store::{AuthMethod, KeyType, RateLimitSpec, SharedStore};
+use tollgate::store::{AuthMethod, KeyType, LimitBuckets, RateLimitSpec};
 
 use common::gateway::Gateway;
 use common::upstream::Upstream;
@@ -658,7 +658,8 @@ async fn concurrent_decisions_under_the_global_limit_are_never_refused() {
     let metrics = tollgate::metrics::Metrics::new().expect("metrics");
     let mut instances = Vec::new();
     for _ in 0..3 {
-        let store: SharedStore = Arc::new(RedisStore::connect(&redis.url()).await.expect("redis"));
+        let store: Arc<dyn LimitBuckets> =
+            Arc::new(RedisStore::connect(&redis.url()).await.expect("redis"));
         instances.push(SharedLimiters::new(store, OnStoreError::FailOpen, &metrics));
     }
     let scopes = RouteScopes::default();

@@ -33,10 +33,10 @@ async fn counts_reach_the_store_once_per_flush_and_merge_per_minute() {
     a.record_bytes(minute_ms, 1_000, 2_000);
 
     let mut backlog = Backlog::new(MAX_PENDING_BUCKETS, &metrics);
-    assert!(flusher::flush_once(&meter, &store, &metrics, &mut backlog).await);
+    assert!(flusher::flush_once(&meter, &*store, &metrics, &mut backlog).await);
     assert!(backlog.is_empty());
     // A second flush with no new traffic writes nothing more.
-    assert!(flusher::flush_once(&meter, &store, &metrics, &mut backlog).await);
+    assert!(flusher::flush_once(&meter, &*store, &metrics, &mut backlog).await);
 
     let m = minute_ms / 60_000;
     let a_usage = store
@@ -104,11 +104,11 @@ async fn concurrent_requests_on_one_key_are_all_counted() {
     }
     let mut backlog = Backlog::new(MAX_PENDING_BUCKETS, &metrics);
     // Flush while the writers run, then once more after they finish.
-    flusher::flush_once(&meter, &store, &metrics, &mut backlog).await;
+    flusher::flush_once(&meter, &*store, &metrics, &mut backlog).await;
     for t in tasks {
         t.await.expect("writer");
     }
-    assert!(flusher::flush_once(&meter, &store, &metrics, &mut backlog).await);
+    assert!(flusher::flush_once(&meter, &*store, &metrics, &mut backlog).await);
     let m = now / 60_000;
     let usage = store
         .key_usage("key_hot", tollgate::store::Granularity::Minute, m, m + 1)

@@ -1114,7 +1114,7 @@ async fn shutdown_lets_an_in_flight_request_finish() {
 
 /// Sums of every key's minute buckets around now: (requests, success).
 async fn minute_totals(store: &EmbeddedStore) -> (u64, u64) {
-    use tollgate::store::Store;
+    use tollgate::store::{Records, Usage};
     let now_minute = chrono::Utc::now().timestamp() / 60;
     let mut totals = (0, 0);
     for account in store.list_accounts().await.expect("accounts") {
@@ -1289,7 +1289,7 @@ async fn an_http2_preface_split_in_two_is_still_http2() {
 
 #[tokio::test]
 async fn usage_of_every_identified_request_is_in_the_store_after_shutdown() {
-    use tollgate::store::Store;
+    use tollgate::store::Usage;
     let upstream = Upstream::start().await;
     let gw = Gateway::start(&upstream).await;
     let (account_id, key) = gw.account_with_key().await;

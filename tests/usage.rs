@@ -197,19 +197,19 @@ async fn counts_survive_a_store_outage_and_are_written_once_it_is_back() {
         for _ in 0..100 {
             cell.record(minute_ms + round * 60_000, Outcome { status: 200 });
         }
-        assert!(!flusher::flush_once(&meter, &store, &metrics, &mut backlog).await);
+        assert!(!flusher::flush_once(&meter, &*store, &metrics, &mut backlog).await);
     }
     // Five minutes of traffic wait as five merged buckets, not 500 events.
     assert_eq!(backlog.len(), 5);
     assert_eq!(metrics.usage_pending_events.get(), 5);
     switchable.down.store(false, Ordering::SeqCst);
-    assert!(flusher::flush_once(&meter, &store, &metrics, &mut backlog).await);
+    assert!(flusher::flush_once(&meter, &*store, &metrics, &mut backlog).await);
     assert!(backlog.is_empty());
     assert_eq!(metrics.usage_pending_events.get(), 0);
     let total = key_total(&switchable.inner, "key_out").await;
     assert_eq!(total.requests, 500);
     // Nothing is written twice.
-    assert!(flusher::flush_once(&meter, &store, &metrics, &mut backlog).await);
+    assert!(flusher::flush_once(&meter, &*store, &metrics, &mut backlog).await);
     assert_eq!(key_total(&switchable.inner, "key_out").await.requests, 500);
 }
 
@@ -226,7 +226,7 @@ async fn usage_waiting_for_a_failed_store_is_capped_oldest_minutes_first() {
     // the later ones pending; together they never pass the cap.
     for m in 0..10 {
         cell.record((first_minute + m) * 60_000, Outcome { status: 200 });
-        assert!(!flusher::flush_once(&meter, &store, &metrics, &mut backlog).await);
+        assert!(!flusher::flush_once(&meter, &*store, &metrics, &mut backlog).await);
         assert!(
             backlog.len() <= CAP,
             "minute {m}: {} buckets",
@@ -238,7 +238,7 @@ async fn usage_waiting_for_a_failed_store_is_capped_oldest_minutes_first() {
     assert_eq!(metrics.usage_pending_events.get(), CAP as i64);
 
     switchable.down.store(false, Ordering::SeqCst);
-    assert!(flusher::flush_once(&meter, &store, &metrics, &mut backlog).await);
+    assert!(flusher::flush_once(&meter, &*store, &metrics, &mut backlog).await);
     assert!(backlog.is_empty());
     assert_eq!(
         backlog.dropped(),
@@ -283,7 +283,7 @@ async fn a_usage_write_redis_applied_but_answered_too_late_is_counted_once() {
     };
     let mut backlog = Backlog::new(MAX_PENDING_BUCKETS, &metrics);
     requests(100);
-    assert!(flusher::flush_once(&meter, &store, &metrics, &mut backlog).await);
+    assert!(flusher::flush_once(&meter, &*store, &metrics, &mut backlog).await);
     assert_eq!(total().await, 100);
 
     // Redis freezes with the next batch on its socket: the client gives up after its deadline,
@@ -291,7 +291,7 @@ async fn a_usage_write_redis_applied_but_answered_too_late_is_counted_once() {
     // never arrived.
     requests(50);
     tokio::task::block_in_place(|| redis.pause());
-    let failed = flusher::flush_once(&meter, &store, &metrics, &mut backlog).await;
+    let failed = flusher::flush_once(&meter, &*store, &metrics, &mut backlog).await;
     tokio::task::block_in_place(|| redis.resume());
     assert!(!failed, "the write timed out for the client");
     assert!(
@@ -304,7 +304,7 @@ async fn a_usage_write_redis_applied_but_answered_too_late_is_counted_once() {
     // counts in a batch of their own.
     requests(25);
     assert_eq!(backlog.len(), 1);
-    assert!(flusher::flush_once(&meter, &store, &metrics, &mut backlog).await);
+    assert!(flusher::flush_once(&meter, &*store, &metrics, &mut backlog).await);
     assert!(backlog.is_empty());
     assert_eq!(total().await, 175, "every request counted exactly once");
     let minute = redis_store

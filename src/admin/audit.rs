@@ -19,7 +19,7 @@ use super::error::ApiError;
 use super::AdminState;
 use crate::credential;
 use crate::store::audit_chain::{ChainVerdict, ChainWalk, Step};
-use crate::store::{AuditEntry, AuditQuery, Store};
+use crate::store::{self, AuditEntry, AuditQuery};
 
 /// Page size when `limit` is not given.
 const DEFAULT_LIMIT: usize = 50;
@@ -183,7 +183,7 @@ pub(crate) async fn verify(
 }
 
 /// Appends the entry for `change`.
-pub(crate) async fn record(store: &dyn Store, origin: Origin<'_>, change: Change<'_>) {
+pub(crate) async fn record(store: &dyn store::AuditLog, origin: Origin<'_>, change: Change<'_>) {
     let entry = AuditEntry {
         id: credential::new_id("aud"),
         account_id: origin.account_id.map(str::to_owned),

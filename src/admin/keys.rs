@@ -34,7 +34,7 @@ use super::error::ApiError;
 use super::patch::Patch;
 use super::{validate, AdminState};
 use crate::credential::{self, KeyHash, Kind};
-use crate::store::{AccountRecord, AuthMethod, KeyRecord, KeyType, RateLimitSpec, Store};
+use crate::store::{AccountRecord, AuthMethod, KeyRecord, KeyType, RateLimitSpec, Records};
 
 /// Longest key name.
 pub(crate) const MAX_NAME_CHARS: usize = 100;
@@ -516,7 +516,7 @@ pub(crate) fn change<'a>(action: Action, key_id: &'a str, detail: Value) -> Chan
 
 /// One key of the account; another account's key is as absent as an unknown one.
 pub(crate) async fn fetch(
-    store: &dyn Store,
+    store: &dyn Records,
     account_id: &str,
     key_id: &str,
 ) -> Result<KeyRecord, ApiError> {
@@ -625,7 +625,7 @@ pub(crate) fn can_authenticate(key: &KeyRecord, now: DateTime<Utc>) -> bool {
 /// Refuses one more key that can authenticate when the account already has `plan.max_keys` of
 /// them, not counting `replacing` (the key a roll replaces, or the one being made usable).
 pub(crate) async fn ensure_room(
-    store: &dyn Store,
+    store: &dyn Records,
     account: &AccountRecord,
     replacing: Option<&str>,
     now: DateTime<Utc>,
@@ -647,7 +647,7 @@ pub(crate) async fn ensure_room(
 
 /// Refuses to remove the last usable secret key of an account that authenticates by API key.
 async fn ensure_not_last(
-    store: &dyn Store,
+    store: &dyn Records,
     account: &AccountRecord,
     key: &KeyRecord,
 ) -> Result<(), ApiError> {

@@ -5,7 +5,7 @@
 use std::fmt;
 
 use crate::credential::{self, FormatError, KeyHash, Kind};
-use crate::store::{Store, StoreError};
+use crate::store::{Records, StoreError};
 
 /// The master key in force.
 pub struct MasterKey {
@@ -42,7 +42,7 @@ pub fn check_master_key(raw: &str) -> Result<(), MasterKeyError> {
 
 /// Settles the master key; see the module documentation.
 pub async fn ensure_master_key(
-    store: &dyn Store,
+    store: &dyn Records,
     from_env: Option<&str>,
 ) -> Result<MasterKey, MasterKeyError> {
     if let Some(raw) = from_env {

@@ -13,7 +13,6 @@
 mod stream;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
@@ -109,7 +108,7 @@ pub(crate) async fn key(
     } else {
         None
     };
-    let answer = BucketStream::new(Arc::clone(&state.store), key.id, interval, filler, permit);
+    let answer = BucketStream::new(state.store.clone(), key.id, interval, filler, permit);
     Ok(answer.respond(from, to).await?)
 }
 

@@ -6,7 +6,7 @@
 //! (stale-while-revalidate); if that read fails, `fail_open` goes on serving it, and
 //! `fail_closed` refuses it while the store's reads are failing. Past its ttl an entry is still
 //! fresh, without a re-read, while the
-//! store's [`revision`](crate::store::Store::revision) has not moved since it was read (the
+//! store's [`revision`](crate::store::Records::revision) has not moved since it was read (the
 //! embedded store sees every write; Redis, written by other instances, cannot tell, so there the
 //! ttl always means a re-read).
 
@@ -72,7 +72,7 @@ enum Slot {
 struct Entry {
     key: CachedKey,
     fresh_until: Instant,
-    /// The store's revision when the read began ([`crate::store::Store::revision`]).
+    /// The store's revision when the read began ([`crate::store::Records::revision`]).
     revision: Option<u64>,
     /// Set by a resync: re-read on next use whatever the revision says.
     expired: AtomicBool,

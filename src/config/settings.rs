@@ -9,6 +9,7 @@ use http::uri::{Authority, Scheme};
 use ipnet::IpNet;
 
 use crate::store::RateLimitSpec;
+pub use crate::store::StoreSettings;
 
 /// Everything the config file says, checked.
 #[derive(Debug, Clone)]
@@ -53,21 +54,6 @@ pub struct AdminSettings {
     pub listen: SocketAddr,
     /// The environment variable that may hold the raw master key.
     pub master_key_env: String,
-}
-
-/// `[store]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreSettings {
-    /// The on-disk embedded database at this path.
-    Embedded {
-        /// Database file.
-        path: PathBuf,
-    },
-    /// Redis: `redis://…` (one server) or `redis+cluster://h1:p1,…`.
-    Redis {
-        /// The URL as configured.
-        url: String,
-    },
 }
 
 /// `[cache]`.

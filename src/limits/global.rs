@@ -3,7 +3,7 @@
 //! for Redis.
 //!
 //! Each key holds, per window (fixed UTC minute, hour, day), a local lease of tokens taken from
-//! the shared counter with [`Store::take_tokens`], which never lets the counter pass the limit.
+//! the shared counter with [`LimitBuckets::take_tokens`](crate::store::LimitBuckets::take_tokens), which never lets the counter pass the limit.
 //! A request spends one local token per window, synchronously and without I/O. When a lease runs
 //! below half, a background refill takes more; only a request that finds a lease empty waits,
 //! for refills ([`GlobalLimiter::refill`]) until it gets a token or the shared counter says the
@@ -25,7 +25,7 @@ use parking_lot::Mutex;
 use super::{Exhausted, KeyLimiter, LimitSnapshot, Quotas, Window, WindowState};
 use crate::config::OnStoreError;
 use crate::metrics::{Metrics, StoreCalls};
-use crate::store::{SharedStore, TokenTake};
+use crate::store::{LimitBuckets, TokenTake};
 
 /// How long to keep using the local fallback after a failed refill before trying the store again.
 const RETRY_AFTER_FAILURE_MS: i64 = 1_000;
@@ -47,7 +47,7 @@ pub struct GlobalLimiter {
     key_id: Arc<str>,
     quotas: Quotas,
     leases: Mutex<[Lease; 3]>,
-    store: SharedStore,
+    store: Arc<dyn LimitBuckets>,
     on_store_error: OnStoreError,
     /// Used instead of the shared counters while the store is failing (fail_open).
     fallback: Arc<KeyLimiter>,
@@ -79,7 +79,7 @@ struct Lease {
 /// Every key's [`GlobalLimiter`], by key id.
 pub struct SharedLimiters {
     by_key: DashMap<Arc<str>, Arc<GlobalLimiter>>,
-    store: SharedStore,
+    store: Arc<dyn LimitBuckets>,
     on_store_error: OnStoreError,
     calls: Arc<StoreCalls>,
 }
@@ -282,7 +282,11 @@ impl Drop for LeaseWait<'_> {
 
 impl SharedLimiters {
     /// A registry over `store`; failed takes are counted in `metrics`.
-    pub fn new(store: SharedStore, on_store_error: OnStoreError, metrics: &Metrics) -> Self {
+    pub fn new(
+        store: Arc<dyn LimitBuckets>,
+        on_store_error: OnStoreError,
+        metrics: &Metrics,
+    ) -> Self {
         SharedLimiters {
             by_key: DashMap::new(),
             store,

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use super::wal::Wal;
 use super::{cap_oldest, Meter, Pending};
 use crate::metrics::{Metrics, StoreCalls};
-use crate::store::{BatchId, SharedStore, StoreError, UsageDelta};
+use crate::store::{BatchId, StoreError, Usage, UsageDelta};
 
 /// The most (key, minute) buckets kept while the store is failing, about 100 MB: a store that is
 /// away longer than that loses the oldest counts first, and says so.
@@ -140,7 +140,7 @@ impl Backlog {
 /// `final_deadline`).
 pub async fn run(
     meter: Arc<Meter>,
-    store: SharedStore,
+    store: Arc<dyn Usage>,
     metrics: Arc<Metrics>,
     interval: Duration,
     mut shutdown: watch::Receiver<bool>,
@@ -154,9 +154,9 @@ pub async fn run(
             _ = ticker.tick() => {}
             _ = shutdown.changed() => break,
         }
-        flush_once(&meter, &store, &metrics, &mut backlog).await;
+        flush_once(&meter, &*store, &metrics, &mut backlog).await;
     }
-    let last = flush_once(&meter, &store, &metrics, &mut backlog);
+    let last = flush_once(&meter, &*store, &metrics, &mut backlog);
     if tokio::time::timeout(final_deadline, last).await.is_err() || !backlog.is_empty() {
         tracing::error!(
             buckets = backlog.len(),
@@ -179,7 +179,7 @@ pub async fn run(
 /// the counts since. Returns whether the store took it all.
 pub async fn flush_once(
     meter: &Meter,
-    store: &SharedStore,
+    store: &dyn Usage,
     metrics: &Metrics,
     backlog: &mut Backlog,
 ) -> bool {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::config::MeteringSettings;
 use crate::metrics::Metrics;
-use crate::store::{Granularity, SharedStore};
+use crate::store::{Granularity, Usage};
 
 /// The first bucket index of `granularity` still kept at `now_ms`: buckets that ended more than
 /// `retention` ago go.
@@ -25,12 +25,7 @@ pub fn retention_of(settings: &MeteringSettings, granularity: Granularity) -> Du
 }
 
 /// Removes expired buckets of every size. Failures are counted and logged; the next pass retries.
-pub async fn prune(
-    store: &SharedStore,
-    settings: &MeteringSettings,
-    metrics: &Metrics,
-    now_ms: i64,
-) {
+pub async fn prune(store: &dyn Usage, settings: &MeteringSettings, metrics: &Metrics, now_ms: i64) {
     for g in Granularity::ALL {
         let before = first_kept(g, retention_of(settings, g), now_ms);
         match store.prune_usage(g, before).await {

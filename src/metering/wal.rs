@@ -33,7 +33,7 @@ use parking_lot::Mutex;
 
 use super::{Pending, UsageCell};
 use crate::store::usage_wal::{self, GroupEncoder, SegmentError, SegmentFile, SegmentId};
-use crate::store::{BatchId, SharedStore, StoreError, UsageEvent};
+use crate::store::{BatchId, StoreError, Usage, UsageEvent};
 
 /// Event buffers: threads pick one each, round-robin, so that request threads rarely share one.
 pub const SHARDS: usize = 16;
@@ -378,7 +378,7 @@ impl Wal {
 /// Sends every segment left in `dir` to the store, one batch per segment with the segment's
 /// id as its batch id, in order, deleting each once the store took it. A torn last group is
 /// skipped; a damaged segment has its intact groups sent and is moved aside (`.corrupt`).
-pub async fn replay(dir: &Path, store: &SharedStore) -> Result<Replayed, WalError> {
+pub async fn replay(dir: &Path, store: &dyn Usage) -> Result<Replayed, WalError> {
     let mut replayed = Replayed::default();
     let dir_error = |source| WalError::Dir {
         dir: dir.to_owned(),

@@ -24,7 +24,7 @@
 
 use sha2::{Digest, Sha256};
 
-use super::records::AuditEntry;
+use super::model::AuditEntry;
 
 /// The `prev_hash` of an account's first chained entry.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";

@@ -42,12 +42,19 @@ impl ObservedStore {
 
 #[async_trait]
 impl Store for ObservedStore {
-    fn revision(&self) -> Option<u64> {
-        self.inner.revision()
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
     }
     async fn ping(&self) -> Result<(), StoreError> {
         self.check()?;
         self.inner.ping().await
+    }
+}
+
+#[async_trait]
+impl Records for ObservedStore {
+    fn revision(&self) -> Option<u64> {
+        self.inner.revision()
     }
     async fn lookup_key(&self, h: &KeyHash) -> Result<Option<KeyLookup>, StoreError> {
         self.lookups.fetch_add(1, Ordering::SeqCst);
@@ -93,6 +100,16 @@ impl Store for ObservedStore {
     async fn delete_site(&self, a: &str, s: &str) -> Result<bool, StoreError> {
         self.inner.delete_site(a, s).await
     }
+    async fn master_key_hash(&self) -> Result<Option<KeyHash>, StoreError> {
+        self.inner.master_key_hash().await
+    }
+    async fn set_master_key_hash(&self, h: &KeyHash) -> Result<(), StoreError> {
+        self.inner.set_master_key_hash(h).await
+    }
+}
+
+#[async_trait]
+impl AuditLog for ObservedStore {
     async fn append_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
         self.inner.append_audit(e).await
     }
@@ -110,13 +127,13 @@ impl Store for ObservedStore {
     async fn list_audit(&self, a: Option<&str>, q: &AuditQuery) -> Result<AuditPage, StoreError> {
         self.inner.list_audit(a, q).await
     }
+}
+
+#[async_trait]
+impl Usage for ObservedStore {
     async fn add_usage(&self, id: BatchId, b: &[UsageDelta]) -> Result<(), StoreError> {
         self.check()?;
         self.inner.add_usage(id, b).await
-    }
-    async fn publish_invalidation(&self, what: &Invalidation) -> Result<(), StoreError> {
-        self.check()?;
-        self.inner.publish_invalidation(what).await
     }
     async fn key_usage(
         &self,
@@ -141,10 +158,12 @@ impl Store for ObservedStore {
     async fn prune_usage(&self, g: Granularity, b: i64) -> Result<u64, StoreError> {
         self.inner.prune_usage(g, b).await
     }
-    async fn master_key_hash(&self) -> Result<Option<KeyHash>, StoreError> {
-        self.inner.master_key_hash().await
-    }
-    async fn set_master_key_hash(&self, h: &KeyHash) -> Result<(), StoreError> {
-        self.inner.set_master_key_hash(h).await
+}
+
+#[async_trait]
+impl Fleet for ObservedStore {
+    async fn publish_invalidation(&self, what: &Invalidation) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.publish_invalidation(what).await
     }
 }

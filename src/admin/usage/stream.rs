@@ -13,6 +13,7 @@
 //! status is gone), and is logged. A client that takes no chunk for [`STALL_LIMIT`] has its
 //! answer cut, which frees what the read holds (its heavy-read permit among it).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -23,7 +24,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use crate::metering::bucket::{Filler, Interval, Window};
-use crate::store::{SharedStore, StoreError, UsageCounts};
+use crate::store::{StoreError, Usage, UsageCounts};
 
 /// Buckets per store read and per chunk: a minute chunk is about 140 KB of JSON, and a read
 /// holds at most 1,024 stored buckets (31 times that for months, which only a day retention of
@@ -56,7 +57,7 @@ pub(crate) struct Bucket {
 
 /// What a streamed read needs: where to read, what is left to make, and the permit it holds.
 pub(crate) struct BucketStream {
-    store: SharedStore,
+    store: Arc<dyn Usage>,
     key_id: String,
     interval: Interval,
     filler: Filler,
@@ -87,7 +88,7 @@ impl Bucket {
 impl BucketStream {
     /// A read of `key_id`'s buckets over `filler`'s range, holding `permit` until it ends.
     pub(crate) fn new(
-        store: SharedStore,
+        store: Arc<dyn Usage>,
         key_id: String,
         interval: Interval,
         filler: Filler,
@@ -219,7 +220,7 @@ mod tests {
     use super::*;
     use crate::metering::bucket;
     use crate::store::embedded::EmbeddedStore;
-    use crate::store::{BatchId, UsageDelta};
+    use crate::store::{BatchId, SharedStore, UsageDelta};
 
     /// The answer as it was made before streaming: one struct serialized whole.
     #[derive(Serialize)]
@@ -316,16 +317,11 @@ mod tests {
                     .collect(),
             };
             let filler = Filler::new(interval, from, to).unwrap();
-            let answer = BucketStream::new(
-                Arc::clone(&store),
-                "key_a".to_owned(),
-                interval,
-                filler,
-                None,
-            )
-            .respond(from, to)
-            .await
-            .unwrap();
+            let answer =
+                BucketStream::new(store.clone(), "key_a".to_owned(), interval, filler, None)
+                    .respond(from, to)
+                    .await
+                    .unwrap();
             assert_eq!(answer.headers()[header::CONTENT_TYPE], "application/json");
             let body = answer.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(

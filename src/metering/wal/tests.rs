@@ -1,7 +1,7 @@
 use super::*;
 use crate::metering::{Meter, Outcome, WallClock};
 use crate::store::embedded::EmbeddedStore;
-use crate::store::{Granularity, UsageCounts};
+use crate::store::{Granularity, SharedStore, UsageCounts};
 
 const MINUTE: i64 = 29_000_000;
 
@@ -102,13 +102,13 @@ async fn a_segment_the_store_took_before_the_crash_is_not_counted_again_on_repla
     }
     .path_in(&s.log_dir);
     let copy = std::fs::read(&segment).unwrap();
-    let replayed = replay(&s.log_dir, &s.store).await.unwrap();
+    let replayed = replay(&s.log_dir, &*s.store).await.unwrap();
     assert_eq!(replayed.segments, 1);
     assert_eq!(stored(&s.store).await, counts(5));
     assert!(!segment.exists(), "a replayed segment is deleted");
     // Replayed twice (a crash during the first replay, after the store took it): still once.
     std::fs::write(&segment, copy).unwrap();
-    replay(&s.log_dir, &s.store).await.unwrap();
+    replay(&s.log_dir, &*s.store).await.unwrap();
     assert_eq!(stored(&s.store).await, counts(5));
 }
 
@@ -119,10 +119,10 @@ async fn a_segment_the_store_never_got_is_counted_on_replay_once() {
     let _ = s.wal.rotate_blocking().unwrap();
     record(&s.meter, 2);
     let _ = s.wal.rotate_blocking().unwrap();
-    let replayed = replay(&s.log_dir, &s.store).await.unwrap();
+    let replayed = replay(&s.log_dir, &*s.store).await.unwrap();
     assert_eq!(replayed.segments, 2);
     assert_eq!(stored(&s.store).await, counts(6));
-    assert_eq!(replay(&s.log_dir, &s.store).await.unwrap().segments, 0);
+    assert_eq!(replay(&s.log_dir, &*s.store).await.unwrap().segments, 0);
     assert_eq!(stored(&s.store).await, counts(6));
 }
 
@@ -141,7 +141,7 @@ async fn a_torn_last_record_is_skipped_and_replay_goes_on() {
     let bytes = std::fs::read(&path).unwrap();
     // Cut the second group in the middle of its last record.
     std::fs::write(&path, &bytes[..bytes.len() - 5]).unwrap();
-    let replayed = replay(&s.log_dir, &s.store).await.unwrap();
+    let replayed = replay(&s.log_dir, &*s.store).await.unwrap();
     assert!(replayed.torn_bytes > 0);
     assert_eq!(replayed.corrupt, 0);
     assert_eq!(stored(&s.store).await, counts(3));
@@ -175,7 +175,7 @@ async fn a_damaged_segment_is_moved_aside_after_its_intact_groups_are_replayed()
     // A flipped bit inside the second of three groups.
     bytes[first_end as usize + 12] ^= 1;
     std::fs::write(&path, &bytes).unwrap();
-    let replayed = replay(&s.log_dir, &s.store).await.unwrap();
+    let replayed = replay(&s.log_dir, &*s.store).await.unwrap();
     assert_eq!(replayed.corrupt, 1);
     assert_eq!(stored(&s.store).await, counts(3));
     assert!(!path.exists());

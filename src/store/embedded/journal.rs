@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
 
-use super::{db_err, usage};
+use super::{buckets, db_err};
 use crate::store::{Granularity, StoreError, UsageCounts, UsageDelta};
 
 /// Fold at least this often.
@@ -233,7 +233,7 @@ fn fold_into(txn: &WriteTransaction, all: &mut [UsageDelta]) -> Result<(), Store
     if all.is_empty() {
         return Ok(());
     }
-    usage::add(txn, all)?;
+    buckets::add(txn, all)?;
     let mut journal = txn.open_table(JOURNAL).map_err(db_err)?;
     journal.retain(|_, _| false).map_err(db_err)?;
     Ok(())

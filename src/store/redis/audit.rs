@@ -9,11 +9,94 @@
 
 use std::time::Duration;
 
-use super::keys;
+use ::redis::Value;
+
+use super::conn::{decode, Batch};
+use super::keys::{self, GLOBAL};
 use super::scripts::{self, eval};
-use super::{encode_audit, from_json, to_json, unexpected, Conn};
+use super::{decode_all, from_json, take, to_json, unexpected, Conn, RedisStore};
 use crate::store::audit_chain::{self, ChainHead};
-use crate::store::{AuditChainPage, AuditEntry, StoreError};
+use crate::store::{AuditChainPage, AuditEntry, AuditLog, AuditPage, AuditQuery, StoreError};
+
+#[async_trait::async_trait]
+impl AuditLog for RedisStore {
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
+        let mut entry = entry.clone();
+        (entry.prev_hash, entry.hash) = (None, None);
+        match entry.account_id.clone() {
+            Some(account_id) => append(&self.conn, &self.audit_turns, &account_id, entry).await,
+            None => {
+                let json = encode_audit(&entry)?;
+                self.conn
+                    .query::<Value>(&cmd!("LPUSH", keys::audit(), &json))
+                    .await?;
+                Ok(())
+            }
+        }
+    }
+
+    async fn audit_head(&self, account_id: &str) -> Result<Option<ChainHead>, StoreError> {
+        head(&self.conn, account_id).await
+    }
+
+    async fn audit_chain_page(
+        &self,
+        account_id: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<AuditChainPage, StoreError> {
+        chain_page(&self.conn, account_id, after, limit).await
+    }
+
+    async fn list_audit(
+        &self,
+        account_id: Option<&str>,
+        query: &AuditQuery,
+    ) -> Result<AuditPage, StoreError> {
+        let (tag, list) = match account_id {
+            Some(id) => (id, keys::account_audit(id)),
+            None => (GLOBAL, keys::audit()),
+        };
+        if query.action.is_none() && query.search.is_none() {
+            // Unfiltered: the page and the length, without reading the rest.
+            let mut batch = Batch::atomic();
+            let total = batch.add(tag, cmd!("LLEN", &list));
+            let page = (query.limit > 0).then(|| {
+                let start = i64::try_from(query.offset).unwrap_or(i64::MAX);
+                let stop = start.saturating_add(i64::try_from(query.limit).unwrap_or(i64::MAX) - 1);
+                batch.add(tag, cmd!("LRANGE", &list, start, stop))
+            });
+            let mut values = self.conn.run(batch).await?;
+            let total: usize = decode(take(&mut values, total))?;
+            let entries = match page {
+                Some(page) => decode_all::<AuditEntry>(take(&mut values, page), "audit entry")?,
+                None => Vec::new(),
+            };
+            return Ok(AuditPage { entries, total });
+        }
+
+        let all: Vec<String> = self.conn.query(&cmd!("LRANGE", &list, 0, -1)).await?;
+        let search = query.search.as_deref().map(str::to_lowercase);
+        let mut page = AuditPage::default();
+        for json in &all {
+            let entry: AuditEntry = from_json(json, "audit entry")?;
+            if query.action.as_ref().is_some_and(|a| *a != entry.action) {
+                continue;
+            }
+            if search
+                .as_deref()
+                .is_some_and(|needle| !entry.matches(needle))
+            {
+                continue;
+            }
+            if page.total >= query.offset && page.entries.len() < query.limit {
+                page.entries.push(entry);
+            }
+            page.total += 1;
+        }
+        Ok(page)
+    }
+}
 
 /// Attempts of an append whose head another instance moved meanwhile. Each round one
 /// contender wins, so this many instances can append to one account at once without a refusal.
@@ -139,4 +222,12 @@ pub(super) async fn chain_page(
         // A short page reached the newest entry.
         next: (read == limit).then(|| skipped + read as u64),
     })
+}
+
+/// The entry's JSON with its `account_id`, which the record's own serialization skips.
+fn encode_audit(entry: &AuditEntry) -> Result<String, StoreError> {
+    let value = entry
+        .stored_json()
+        .map_err(|e| StoreError::Corrupt(format!("cannot encode: {e}")))?;
+    to_json(&value)
 }

@@ -209,7 +209,7 @@ pub struct AuditEntry {
 }
 
 /// A page of one account's audit entries, oldest first, for walking its chain
-/// ([`crate::store::Store::audit_chain_page`]).
+/// ([`crate::store::AuditLog::audit_chain_page`]).
 #[derive(Debug, Default)]
 pub struct AuditChainPage {
     /// Oldest first; an entry that does not decode is `Err` with its `id` if one could be read.
@@ -218,7 +218,7 @@ pub struct AuditChainPage {
     pub next: Option<u64>,
 }
 
-/// Filters for [`crate::store::Store::list_audit`].
+/// Filters for [`crate::store::AuditLog::list_audit`].
 #[derive(Debug, Clone, Default)]
 pub struct AuditQuery {
     /// Page size.

@@ -1,5 +1,6 @@
-//! Following the invalidation channel: one subscription, re-established after every loss, with a
-//! `Resync` first each time (messages published while it was down are lost).
+//! [`Fleet`] on Redis: invalidations published on one channel and followed by one subscription
+//! per instance, re-established after every loss, with a `Resync` first each time (messages
+//! published while it was down are lost); locks are `SET NX PX` released by compare-and-delete.
 
 use std::time::Duration;
 
@@ -7,11 +8,56 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use super::keys;
+use super::scripts::{self, eval};
+use super::RedisStore;
 use crate::credential::KeyHash;
-use crate::store::{Invalidation, InvalidationEvent};
+use crate::store::{Fleet, Invalidation, InvalidationEvent, StoreError};
 
 /// Wait between subscription attempts while Redis is away.
 const RETRY_EVERY: Duration = Duration::from_millis(250);
+
+#[async_trait::async_trait]
+impl Fleet for RedisStore {
+    async fn publish_invalidation(&self, what: &Invalidation) -> Result<(), StoreError> {
+        let payload = match what {
+            Invalidation::Key(hash) => format!("k:{}", hash.to_hex()),
+            Invalidation::Account(id) => format!("a:{id}"),
+            Invalidation::All => "*".to_owned(),
+        };
+        let _receivers: i64 = self
+            .conn
+            .query(&cmd!("PUBLISH", keys::INVALIDATIONS, payload))
+            .await?;
+        Ok(())
+    }
+
+    async fn subscribe_invalidations(&self) -> Option<mpsc::Receiver<InvalidationEvent>> {
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(follow(self.subscribe_url.clone(), tx));
+        Some(rx)
+    }
+
+    async fn try_lock(&self, name: &str, token: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let reply: Option<String> = self
+            .conn
+            .query(&cmd!("SET", keys::lock(name), token, "NX", "PX", millis))
+            .await?;
+        Ok(reply.is_some())
+    }
+
+    async fn unlock(&self, name: &str, token: &str) -> Result<(), StoreError> {
+        let _deleted: i64 = self
+            .conn
+            .query(&eval(
+                scripts::DELETE_IF_EQUAL,
+                &[keys::lock(name)],
+                &[token],
+            ))
+            .await?;
+        Ok(())
+    }
+}
 
 /// Forwards invalidations from `url`'s channel into `tx` until the receiver is dropped. Logs a
 /// lost subscription once, and its return once.

@@ -1,0 +1,455 @@
+//! Usage buckets in the embedded store, laid out for the writes that fill them.
+//!
+//! The writes come from the journal's folds ([`super::journal`]): one delta per key and minute.
+//! With many keys, a key-major table (`(key id, minute)`) puts those updates on leaf pages
+//! scattered over the whole file, and every commit copies each of them (redb is copy-on-write).
+//! So each family of buckets is stored time-major, `(index, owner)`, where a fold's updates fall
+//! on the few pages of the current minute, hour and day. A key-major index answers "this key's
+//! buckets from … to"; its rows are the scattered writes, so they are few: one per new bucket
+//! for hours and days, and one per key and hour for minutes (a row `(owner, hour)` says "may
+//! have minute buckets in this hour", and reads probe its 60 minutes). A key's last-used time
+//! rides in its buckets, so no per-key row is written either: it is the newest minute bucket's,
+//! or, once that is pruned, the `key_last_used` row that pruning leaves behind.
+
+use std::collections::{HashMap, HashSet};
+
+use redb::{ReadTransaction, ReadableTable, Table, TableDefinition, WriteTransaction};
+
+use super::db_err;
+use crate::store::{Granularity, StoreError, UsageCounts, UsageDelta};
+
+/// Six LE `u64` counts, then the LE `i64` last-used time in milliseconds.
+const BUCKET_BYTES: usize = 56;
+
+type ByTime = TableDefinition<'static, (i64, &'static [u8]), &'static [u8]>;
+type ByOwner = TableDefinition<'static, (&'static [u8], i64), ()>;
+
+/// The last-used time kept for a key whose minute buckets were all pruned.
+const KEY_LAST_USED: TableDefinition<&str, i64> = TableDefinition::new("key_last_used");
+
+/// One family of buckets: a time-major table of counts and its owner-major index. An index row
+/// `(owner, group)` says that the owner may have buckets `group × span … group × span + span − 1`;
+/// for minutes a group is an hour, so that a busy key adds one index row an hour, not one a
+/// minute (index rows are scattered over the file by key, so each insert costs a page copy).
+pub(super) struct Family {
+    by_time: ByTime,
+    by_owner: ByOwner,
+    span: i64,
+}
+
+const KEY_MINUTES: Family = Family::new("key_minutes", "key_minutes_by_key_hour", 60);
+const KEY_HOURS: Family = Family::new("key_hours", "key_hours_by_key", 1);
+const KEY_DAYS: Family = Family::new("key_days", "key_days_by_key", 1);
+const ACCOUNT_DAYS: Family = Family::new("account_days", "account_days_by_account", 1);
+
+/// A bucket's contents.
+#[derive(Debug, Default, Clone, Copy)]
+struct Bucket {
+    counts: UsageCounts,
+    last_used_ms: i64,
+}
+
+// === impl Family ===
+
+impl Family {
+    const fn new(by_time: &'static str, by_owner: &'static str, span: i64) -> Family {
+        Family {
+            by_time: TableDefinition::new(by_time),
+            by_owner: TableDefinition::new(by_owner),
+            span,
+        }
+    }
+
+    /// The indexes of a group's buckets.
+    fn members(&self, group: i64) -> std::ops::Range<i64> {
+        let start = group.saturating_mul(self.span);
+        start..start.saturating_add(self.span)
+    }
+
+    fn of_keys(g: Granularity) -> &'static Family {
+        match g {
+            Granularity::Minute => &KEY_MINUTES,
+            Granularity::Hour => &KEY_HOURS,
+            Granularity::Day => &KEY_DAYS,
+        }
+    }
+
+    fn open<'txn>(&self, txn: &'txn WriteTransaction) -> Result<Open<'txn>, StoreError> {
+        Ok(Open {
+            by_time: txn.open_table(self.by_time).map_err(db_err)?,
+            by_owner: txn.open_table(self.by_owner).map_err(db_err)?,
+            span: self.span,
+        })
+    }
+
+    /// `owner`'s buckets with `from <= index < to`, ascending.
+    fn read(
+        &self,
+        txn: &ReadTransaction,
+        owner: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(i64, UsageCounts)>, StoreError> {
+        let by_time = txn.open_table(self.by_time).map_err(db_err)?;
+        let by_owner = txn.open_table(self.by_owner).map_err(db_err)?;
+        let mut out = Vec::new();
+        let id = owner.as_bytes();
+        let groups = (id, from.div_euclid(self.span))..=(id, (to - 1).div_euclid(self.span));
+        for item in by_owner.range(groups).map_err(db_err)? {
+            let (key, _) = item.map_err(db_err)?;
+            let members = self.members(key.value().1);
+            for index in members.start.max(from)..members.end.min(to) {
+                match read_bucket(&by_time, (index, id))? {
+                    Some(bucket) => out.push((index, bucket.counts)),
+                    // A group's row says "may have": only a row of one bucket must find it.
+                    None if self.span == 1 => {
+                        return Err(StoreError::Corrupt(format!(
+                            "usage index names a missing bucket {owner}@{index}"
+                        )))
+                    }
+                    None => {}
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `owner`'s newest bucket.
+    fn newest(&self, txn: &ReadTransaction, owner: &str) -> Result<Option<Bucket>, StoreError> {
+        let by_owner = txn.open_table(self.by_owner).map_err(db_err)?;
+        let by_time = txn.open_table(self.by_time).map_err(db_err)?;
+        let owner = owner.as_bytes();
+        let groups = by_owner
+            .range((owner, i64::MIN)..=(owner, i64::MAX))
+            .map_err(db_err)?;
+        for item in groups.rev() {
+            let group = item.map_err(db_err)?.0.value().1;
+            for index in self.members(group).rev() {
+                if let Some(bucket) = read_bucket(&by_time, (index, owner))? {
+                    return Ok(Some(bucket));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Removes every bucket with index `< before`, handing each to `removed` first.
+    fn prune(
+        &self,
+        txn: &WriteTransaction,
+        before: i64,
+        mut removed: impl FnMut(&str, &Bucket) -> Result<(), StoreError>,
+    ) -> Result<u64, StoreError> {
+        let mut open = self.open(txn)?;
+        let mut expired: Vec<(i64, Vec<u8>)> = Vec::new();
+        let none: &[u8] = &[];
+        for item in open
+            .by_time
+            .range((i64::MIN, none)..(before, none))
+            .map_err(db_err)?
+        {
+            let (key, value) = item.map_err(db_err)?;
+            let (index, owner) = key.value();
+            let id = std::str::from_utf8(owner)
+                .map_err(|_| StoreError::Corrupt("usage bucket owner is not UTF-8".into()))?;
+            removed(id, &decode(value.value())?)?;
+            expired.push((index, owner.to_vec()));
+        }
+        let mut groups: HashSet<(&[u8], i64)> = HashSet::new();
+        for (index, owner) in &expired {
+            open.by_time
+                .remove((*index, owner.as_slice()))
+                .map_err(db_err)?;
+            groups.insert((owner.as_slice(), index.div_euclid(self.span)));
+        }
+        // A group's index row goes once none of its buckets is left.
+        for (owner, group) in groups {
+            let members = self.members(group);
+            let mut left = false;
+            for index in members.start.max(before)..members.end {
+                if read_bucket(&open.by_time, (index, owner))?.is_some() {
+                    left = true;
+                    break;
+                }
+            }
+            if !left {
+                open.by_owner.remove((owner, group)).map_err(db_err)?;
+            }
+        }
+        Ok(expired.len() as u64)
+    }
+}
+
+/// A family's tables, open in a write transaction.
+struct Open<'txn> {
+    by_time: Table<'txn, (i64, &'static [u8]), &'static [u8]>,
+    by_owner: Table<'txn, (&'static [u8], i64), ()>,
+    span: i64,
+}
+
+impl Open<'_> {
+    /// Adds `counts` into `owner`'s bucket `index`, creating it (and its index row) if new.
+    fn add(
+        &mut self,
+        index: i64,
+        owner: &str,
+        counts: &UsageCounts,
+        last_used_ms: i64,
+    ) -> Result<(), StoreError> {
+        let owner = owner.as_bytes();
+        let mut bucket = match read_bucket(&self.by_time, (index, owner))? {
+            Some(bucket) => bucket,
+            None => self.create(index, owner)?,
+        };
+        bucket.counts.merge(counts);
+        bucket.last_used_ms = bucket.last_used_ms.max(last_used_ms);
+        self.put(index, owner, &bucket)
+    }
+
+    /// A new bucket: its group's index row is written unless the bucket before it, in the same
+    /// group, shows that it is there already (a read on the current pages, not the index's).
+    fn create(&mut self, index: i64, owner: &[u8]) -> Result<Bucket, StoreError> {
+        let first_of_group = index.rem_euclid(self.span) == 0;
+        if first_of_group || read_bucket(&self.by_time, (index - 1, owner))?.is_none() {
+            let group = index.div_euclid(self.span);
+            self.by_owner.insert((owner, group), ()).map_err(db_err)?;
+        }
+        Ok(Bucket::default())
+    }
+
+    fn put(&mut self, index: i64, owner: &[u8], bucket: &Bucket) -> Result<(), StoreError> {
+        self.by_time
+            .insert((index, owner), encode(bucket).as_slice())
+            .map_err(db_err)?;
+        Ok(())
+    }
+}
+
+/// Creates the usage tables.
+pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
+    for family in [&KEY_MINUTES, &KEY_HOURS, &KEY_DAYS, &ACCOUNT_DAYS] {
+        family.open(txn)?;
+    }
+    txn.open_table(KEY_LAST_USED).map_err(db_err)?;
+    Ok(())
+}
+
+/// Adds a batch into the keys' minute, hour and day buckets and the accounts' day buckets.
+pub(super) fn add(txn: &WriteTransaction, batch: &mut [UsageDelta]) -> Result<(), StoreError> {
+    // In index order the updates walk each table's current pages once, front to back.
+    batch.sort_unstable_by(|a, b| (a.minute, &a.key_id).cmp(&(b.minute, &b.key_id)));
+    for g in Granularity::ALL {
+        let mut buckets = Family::of_keys(g).open(txn)?;
+        for d in batch.iter() {
+            let index = g.of_minute(d.minute);
+            buckets.add(index, &d.key_id, &d.counts, d.last_used_ms)?;
+        }
+    }
+    // An account has many keys in a batch: one update per account and day. (Only minute
+    // buckets' last use is ever read.)
+    let mut by_account: HashMap<(&str, i64), UsageCounts> = HashMap::new();
+    for d in batch.iter() {
+        let day = Granularity::Day.of_minute(d.minute);
+        by_account
+            .entry((&d.account_id, day))
+            .or_default()
+            .merge(&d.counts);
+    }
+    let mut accounts = ACCOUNT_DAYS.open(txn)?;
+    for ((account_id, day), counts) in by_account {
+        accounts.add(day, account_id, &counts, 0)?;
+    }
+    Ok(())
+}
+
+/// Clamps a delta's last use into its minute, as the flusher sends it anyway: then a newer
+/// minute bucket's last use is always the later one, and the newest bucket holds the key's last
+/// use (see [`last_used`]). Applied once, where a batch enters the store.
+pub(super) fn keep_last_use_in_minute(d: &mut UsageDelta) {
+    let start = d.minute.saturating_mul(60_000);
+    d.last_used_ms = d.last_used_ms.clamp(start, start.saturating_add(59_999));
+}
+
+/// A key's buckets of one granularity with `from <= index < to`, ascending.
+pub(super) fn key_buckets(
+    txn: &ReadTransaction,
+    key_id: &str,
+    g: Granularity,
+    from: i64,
+    to: i64,
+) -> Result<Vec<(i64, UsageCounts)>, StoreError> {
+    Family::of_keys(g).read(txn, key_id, from, to)
+}
+
+/// An account's day buckets with `from <= day < to`, ascending.
+pub(super) fn account_days(
+    txn: &ReadTransaction,
+    account_id: &str,
+    from: i64,
+    to: i64,
+) -> Result<Vec<(i64, UsageCounts)>, StoreError> {
+    ACCOUNT_DAYS.read(txn, account_id, from, to)
+}
+
+/// When the key was last used: its newest minute bucket's time, or what pruning kept.
+pub(super) fn last_used(txn: &ReadTransaction, key_id: &str) -> Result<Option<i64>, StoreError> {
+    let kept = txn
+        .open_table(KEY_LAST_USED)
+        .map_err(db_err)?
+        .get(key_id)
+        .map_err(db_err)?
+        .map(|v| v.value());
+    let newest = KEY_MINUTES
+        .newest(txn, key_id)?
+        .map(|bucket| bucket.last_used_ms);
+    Ok(kept.max(newest))
+}
+
+/// Removes the buckets of one granularity with index `< before` (for days, the accounts' too).
+/// Pruned minute buckets leave their key's last-used time in `key_last_used`.
+pub(super) fn prune(
+    txn: &WriteTransaction,
+    g: Granularity,
+    before: i64,
+) -> Result<u64, StoreError> {
+    let mut removed = if g == Granularity::Minute {
+        // One write per key, with the latest of its pruned buckets.
+        let mut latest: HashMap<String, i64> = HashMap::new();
+        let removed = KEY_MINUTES.prune(txn, before, |key_id, bucket| {
+            let ms = latest.entry(key_id.to_owned()).or_insert(i64::MIN);
+            *ms = (*ms).max(bucket.last_used_ms);
+            Ok(())
+        })?;
+        let mut kept = txn.open_table(KEY_LAST_USED).map_err(db_err)?;
+        for (key_id, ms) in latest {
+            let seen = kept
+                .get(key_id.as_str())
+                .map_err(db_err)?
+                .map(|v| v.value());
+            if seen.is_none_or(|s| s < ms) {
+                kept.insert(key_id.as_str(), ms).map_err(db_err)?;
+            }
+        }
+        removed
+    } else {
+        Family::of_keys(g).prune(txn, before, |_, _| Ok(()))?
+    };
+    if g == Granularity::Day {
+        removed += ACCOUNT_DAYS.prune(txn, before, |_, _| Ok(()))?;
+    }
+    Ok(removed)
+}
+
+fn read_bucket(
+    table: &impl ReadableTable<(i64, &'static [u8]), &'static [u8]>,
+    key: (i64, &[u8]),
+) -> Result<Option<Bucket>, StoreError> {
+    match table.get(key).map_err(db_err)? {
+        Some(bytes) => decode(bytes.value()).map(Some),
+        None => Ok(None),
+    }
+}
+
+fn encode(bucket: &Bucket) -> [u8; BUCKET_BYTES] {
+    let fields = bucket.counts.to_array();
+    let mut out = [0u8; BUCKET_BYTES];
+    let (counts, last_used) = out.split_at_mut(48);
+    for (chunk, field) in counts.chunks_exact_mut(8).zip(fields) {
+        chunk.copy_from_slice(&field.to_le_bytes());
+    }
+    last_used.copy_from_slice(&bucket.last_used_ms.to_le_bytes());
+    out
+}
+
+fn decode(bytes: &[u8]) -> Result<Bucket, StoreError> {
+    let bytes: &[u8; BUCKET_BYTES] = bytes.try_into().map_err(|_| {
+        StoreError::Corrupt(format!(
+            "usage bucket: expected {BUCKET_BYTES} bytes, found {}",
+            bytes.len()
+        ))
+    })?;
+    let word = |i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
+        w
+    };
+    let mut n = [0u64; 6];
+    for (i, v) in n.iter_mut().enumerate() {
+        *v = u64::from_le_bytes(word(i));
+    }
+    Ok(Bucket {
+        counts: UsageCounts::from_array(n),
+        last_used_ms: i64::from_le_bytes(word(6)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::EmbeddedStore;
+    use super::*;
+    use crate::store::{BatchId, Usage};
+
+    fn at(minute: i64) -> UsageDelta {
+        UsageDelta {
+            key_id: "key_a".into(),
+            account_id: "acc_a".into(),
+            minute,
+            counts: UsageCounts {
+                requests: 1,
+                ..UsageCounts::default()
+            },
+            last_used_ms: minute * 60_000 + 7,
+        }
+    }
+
+    async fn minutes(store: &EmbeddedStore, from: i64, to: i64) -> Vec<i64> {
+        let buckets = store
+            .key_usage("key_a", Granularity::Minute, from, to)
+            .await
+            .unwrap();
+        buckets.into_iter().map(|(m, _)| m).collect()
+    }
+
+    fn index_rows(store: &EmbeddedStore) -> Vec<i64> {
+        let txn = store.db.begin_read().unwrap();
+        let index = txn.open_table(KEY_MINUTES.by_owner).unwrap();
+        index
+            .iter()
+            .unwrap()
+            .map(|row| row.unwrap().0.value().1)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn minute_buckets_are_indexed_by_hour_and_pruned_with_their_rows() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("u.redb")).unwrap();
+        store.unfolded.lock().fold_at = 0;
+        let batch: Vec<UsageDelta> = [5, 7, 59, 61, 119, 120, 200].map(at).into();
+        store.add_usage(BatchId::first(), &batch).await.unwrap();
+        // One row per hour with traffic, however many minutes it holds.
+        assert_eq!(index_rows(&store), vec![0, 1, 2, 3]);
+        assert_eq!(
+            minutes(&store, 0, i64::MAX).await,
+            vec![5, 7, 59, 61, 119, 120, 200]
+        );
+        assert_eq!(minutes(&store, 6, 120).await, vec![7, 59, 61, 119]);
+        assert_eq!(minutes(&store, 62, 119).await, Vec::<i64>::new());
+        let prune = |before| store.prune_usage(Granularity::Minute, before);
+        assert_eq!(prune(60).await.unwrap(), 3);
+        assert_eq!(index_rows(&store), vec![1, 2, 3]);
+        // Part of an hour pruned: its row stays for the minutes left.
+        assert_eq!(prune(100).await.unwrap(), 1);
+        assert_eq!(index_rows(&store), vec![1, 2, 3]);
+        assert_eq!(minutes(&store, 0, i64::MAX).await, vec![119, 120, 200]);
+        // The rest of it, and the hour after, whose later minutes have no traffic.
+        assert_eq!(prune(121).await.unwrap(), 2);
+        assert_eq!(index_rows(&store), vec![3]);
+        let key = ["key_a".to_owned()];
+        let newest = || store.last_used(&key);
+        assert_eq!(newest().await.unwrap(), vec![Some(200 * 60_000 + 7)]);
+        assert_eq!(prune(201).await.unwrap(), 1);
+        assert!(index_rows(&store).is_empty());
+        assert_eq!(newest().await.unwrap(), vec![Some(200 * 60_000 + 7)]);
+    }
+}
