@@ -34,8 +34,8 @@
 //! deadline behind a circuit breaker) → `auth::authorize` checks state, network, scope and limits →
 //! `proxy::forward` streams it upstream with identity headers, bodies bounded in size and in
 //! silence → the response streams back with limit headers → `proxy::record` counts it once,
-//! whatever the client does, into the key's `metering::UsageCell`; `metering::flusher` writes
-//! the counts in batches.
+//! refused at any step or forwarded, whatever the client does, into the key's
+//! `metering::UsageCell`; `metering::flusher` writes the counts in batches.
 
 pub mod admin;
 pub mod app;

@@ -1,12 +1,19 @@
-//! The proxy listener's request path, as plain functions called in order from [`Proxy::handle`]:
+//! The proxy listener's request path, as named stages called in order from [`Proxy::serve`]
+//! (`identify` and `authorize` on keyed routes only):
 //!
 //! ```text
-//! route ─► credential ─► cache lookup ─► authorize (state, network, scope, limits)
-//!       ─► forward (headers, streamed bodies, deadline) ─► limit headers ─► record
+//! check_target ─► route ─► identify ─► authorize ─► limit_body ─► upstream_request ─► send
+//!              ─► respond ─► record
 //! ```
 //!
-//! Every refusal is a [`Refusal`] turned into a response in one place ([`Proxy::refuse`]).
-//! Requests identified to a key are metered whatever their outcome. Must not touch the store
+//! In pingora's terms, `check_target` to `limit_body` are the `request_filter`, `route` picks
+//! the `upstream_peer`, `upstream_request` is the `upstream_request_filter`, `respond` the
+//! `response_filter`, and `record` the `logging` phase that every request passes.
+//!
+//! A stage returns what the next needs or a [`Refusal`], which skips the rest but `record`.
+//! There a refusal becomes its response and is counted from the request's [`Ticket`] (route and
+//! key as far as they were known); a request that went upstream is counted by its
+//! [`Record`](record::Record), which travels with the response body. Must not touch the store
 //! except through the key cache, and never imports `admin`.
 
 pub mod arena;
@@ -16,6 +23,7 @@ pub mod headers;
 pub mod pool;
 pub mod record;
 pub mod route;
+pub mod tunnel;
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -23,12 +31,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Request, Response};
+use http::{HeaderMap, Request, Response};
 use http_body::Body as _;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
 use quanta::Instant;
 
@@ -36,17 +43,16 @@ use crate::auth::cache::{Cached, KeyCache, KeyRef, Lookup};
 use crate::auth::{self, extract, RequestFacts};
 use crate::config::{RouteAuth, Settings};
 use crate::credential::{self, KeyHash, Kind};
-use crate::limits::LimitSnapshot;
-use crate::metering::{Meter, Outcome};
+use crate::metering::Meter;
 use crate::metrics::Metrics;
 use crate::policy;
 use crate::refusal::Refusal;
 use crate::target::{self, TargetError};
-use body::{RequestBody, ResponseBody, UsageSink};
+use body::{RequestBody, ResponseBody};
 use headers::{Forwarding, IdentityNames};
 use pool::Pool;
-use record::Record;
-use route::{Route, RouteTable};
+use record::{Identified, Record, Ticket};
+use route::{Route, RouteTable, Target};
 
 /// What the proxy answers with: the upstream's streamed body, or one of ours.
 pub type ProxyBody = Either<ResponseBody, Full<Bytes>>;
@@ -63,19 +69,28 @@ pub struct Proxy {
     max_body_bytes: u64,
 }
 
-/// What the target check decided, for the steps after it.
-#[derive(Clone, Copy)]
-struct Checked<'a> {
+/// What the target check found, for the stages after it.
+struct Checked {
     /// The host the request is for (authority, else `Host`), for `X-Forwarded-Host`.
-    host: Option<&'a HeaderValue>,
+    host: Option<HeaderValue>,
     /// The normalised path when it differs from the request's (what is matched is forwarded).
-    path: Option<&'a str>,
+    path: Option<String>,
 }
 
-/// A request identified to a key, for metering whatever happens next.
-struct Identified {
-    key: KeyRef,
-    now_ms: i64,
+/// The request as it goes upstream.
+struct Outgoing<'r> {
+    request: Request<RequestBody>,
+    /// The route's upstream it goes to, picked once.
+    target: &'r Target,
+}
+
+/// What the answer needs from the client's request.
+struct Client {
+    /// The HTTP version the answer goes out in.
+    version: http::Version,
+    /// The WebSocket protocol asked for, with the client's side of the tunnel when hyper can
+    /// upgrade the connection.
+    upgrade: Option<(HeaderValue, Option<OnUpgrade>)>,
 }
 
 // === impl Proxy ===
@@ -117,81 +132,48 @@ impl Proxy {
         response
     }
 
+    /// The stages, in order; the first refusal skips to `record`.
     async fn serve(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         let started = Instant::now();
-        let (host_value, normalised) = match checked_target(&req) {
-            Ok(checked) => checked,
-            Err(e) => {
-                tracing::debug!(%peer, error = %e, "request target refused");
-                let refusal = match e {
-                    TargetError::MethodNotAllowed => Refusal::MethodNotAllowed,
-                    _ => Refusal::BadRequest,
-                };
-                return self.refuse("-", refusal, None, None);
+        let mut ticket = Ticket::default();
+        let outcome = async {
+            let checked = check_target(&req, peer)?;
+            let route = self.route(&req, &checked)?;
+            ticket.routed(route);
+            match route.auth {
+                RouteAuth::Public => {}
+                RouteAuth::Required => {
+                    let identified = self.identify(&req, &mut ticket).await?;
+                    self.authorize(&req, peer, route, identified).await?;
+                }
             }
-        };
-        let path = normalised.as_deref().unwrap_or(req.uri().path());
-        let host = route::request_host(host_value.as_ref().and_then(|v| v.to_str().ok()));
-        let Some(route) = self.routes.find(host, path) else {
-            return self.refuse("-", Refusal::NoRoute, None, None);
-        };
-        let target = Checked {
-            host: host_value.as_ref(),
-            path: normalised.as_deref(),
-        };
-        let response = match route.auth {
-            RouteAuth::Public => self.forward(route, req, peer, target, None).await,
-            RouteAuth::Required => self.keyed(route, req, peer, target).await,
-        };
-        self.metrics
-            .request_duration
-            .observe(started.elapsed().as_secs_f64());
-        response
+            self.limit_body(&req)?;
+            let (outgoing, client) = self.upstream_request(route, req, peer, &checked, &ticket)?;
+            let (answer, record) = self.send(route, outgoing, &ticket).await?;
+            respond(route, answer, record, client)
+        }
+        .await;
+        self.record(&ticket, outcome, started)
     }
 
-    async fn keyed(
+    /// The route for the request's host and (normalised) path.
+    fn route(&self, req: &Request<Incoming>, checked: &Checked) -> Result<&Route, Refusal> {
+        let path = checked.path.as_deref().unwrap_or(req.uri().path());
+        let host = route::request_host(checked.host.as_ref().and_then(|v| v.to_str().ok()));
+        self.routes.find(host, path).ok_or(Refusal::NoRoute)
+    }
+
+    /// The key the request's credential names; the request is metered under it from here on,
+    /// refused or not.
+    async fn identify<'t>(
         &self,
-        route: &Route,
-        req: Request<Incoming>,
-        peer: SocketAddr,
-        target: Checked<'_>,
-    ) -> Response<ProxyBody> {
-        let Some(presented) = extract::credential(req.headers()) else {
-            return self.refuse(&route.name, Refusal::MissingCredential, None, None);
-        };
-        let key = match self.authenticate(&presented.raw).await {
-            Ok(key) => key,
-            Err(refusal) => return self.refuse(&route.name, refusal, None, None),
-        };
+        req: &Request<Incoming>,
+        ticket: &'t mut Ticket<'_>,
+    ) -> Result<&'t mut Identified, Refusal> {
+        let presented = extract::credential(req.headers()).ok_or(Refusal::MissingCredential)?;
+        let key = self.authenticate(&presented.raw).await?;
         let now_ms = self.meter.clock().now_ms_near(key.expires_at_ms);
-        let identified = Identified { key, now_ms };
-        let client_ip = self.client_ip(peer, req.headers());
-        let headers = req.headers();
-        let facts = RequestFacts {
-            method: req.method(),
-            client_ip,
-            origin: headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()),
-            referer: headers.get(header::REFERER).and_then(|v| v.to_str().ok()),
-            scopes: &route.scopes,
-            now_ms,
-        };
-        let permit = match auth::decide(&identified.key, &facts).await {
-            Ok(permit) => permit,
-            Err((refusal, limits)) => {
-                return self.refuse(&route.name, refusal, Some(&identified), limits.as_ref());
-            }
-        };
-        let mut response = self
-            .forward(
-                route,
-                req,
-                peer,
-                target,
-                Some((&identified, presented.source)),
-            )
-            .await;
-        headers::add_limit_headers(response.headers_mut(), &permit.key.identity, &permit.limits);
-        response
+        Ok(ticket.identified(key, now_ms, presented.source))
     }
 
     /// Memory first, then format and checksum, then the store: a malformed credential is
@@ -217,7 +199,33 @@ impl Proxy {
         }
     }
 
-    fn client_ip(&self, peer: SocketAddr, headers: &http::HeaderMap) -> std::net::IpAddr {
+    /// The one decision ([`auth::decide`]): state, network, scope, limits. The windows it spent
+    /// from, or that refused the request, go on the answer.
+    async fn authorize(
+        &self,
+        req: &Request<Incoming>,
+        peer: SocketAddr,
+        route: &Route,
+        identified: &mut Identified,
+    ) -> Result<(), Refusal> {
+        let headers = req.headers();
+        let facts = RequestFacts {
+            method: req.method(),
+            client_ip: self.client_ip(peer, headers),
+            origin: headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()),
+            referer: headers.get(header::REFERER).and_then(|v| v.to_str().ok()),
+            scopes: &route.scopes,
+            now_ms: identified.now_ms,
+        };
+        let (limits, decided) = match auth::decide(&identified.key, &facts).await {
+            Ok(permit) => (Some(permit.limits), Ok(())),
+            Err((refusal, limits)) => (limits, Err(refusal)),
+        };
+        identified.limits = limits;
+        decided
+    }
+
+    fn client_ip(&self, peer: SocketAddr, headers: &HeaderMap) -> std::net::IpAddr {
         if self.trusted_proxies.is_empty() {
             return policy::canonical(peer.ip());
         }
@@ -229,184 +237,177 @@ impl Proxy {
         policy::client_ip(peer.ip(), xff, &self.trusted_proxies)
     }
 
-    async fn forward(
-        &self,
-        route: &Route,
-        req: Request<Incoming>,
-        peer: SocketAddr,
-        checked: Checked<'_>,
-        key: Option<(&Identified, extract::Source)>,
-    ) -> Response<ProxyBody> {
-        let identified = key.map(|(i, _)| i);
+    /// A declared body over `max_body_bytes` is refused before anything goes upstream (a
+    /// chunked one is cut by [`RequestBody`] as it streams).
+    fn limit_body(&self, req: &Request<Incoming>) -> Result<(), Refusal> {
         let declared = req
             .headers()
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > self.max_body_bytes) {
-            return self.refuse(&route.name, Refusal::BodyTooLarge, identified, None);
+        match declared {
+            Some(n) if n > self.max_body_bytes => Err(Refusal::BodyTooLarge),
+            _ => Ok(()),
         }
+    }
+
+    /// The request to send upstream: one of the route's upstreams, the rewritten URI, the
+    /// prepared headers, and the client's body, bounded and counted as it streams.
+    fn upstream_request<'r>(
+        &self,
+        route: &'r Route,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        checked: &Checked,
+        ticket: &Ticket<'_>,
+    ) -> Result<(Outgoing<'r>, Client), Refusal> {
         let (mut parts, body) = req.into_parts();
-        let client_version = parts.version;
         let target = route.target();
-        let Ok(uri) =
-            forward::upstream_uri(route, target, checked.path, parts.uri.path_and_query())
-        else {
-            return self.refuse(&route.name, Refusal::NoRoute, identified, None);
-        };
+        let path = checked.path.as_deref();
+        let uri = forward::upstream_uri(route, target, path, parts.uri.path_and_query())
+            .map_err(|_| Refusal::NoRoute)?;
         // WebSocket upgrades: the client's side of the tunnel, once upstream agrees. Any other
         // upgrade (h2c above all: a tunnel past the gateway) is not passed on.
         let upgrade = headers::requested_upgrade(&parts.headers)
             .map(|protocol| (protocol, parts.extensions.remove::<OnUpgrade>()));
-        let peer_trusted = policy::ip_in(&self.trusted_proxies, peer.ip());
-        let fwd = Forwarding {
-            peer: policy::canonical(peer.ip()),
-            peer_trusted,
-            host: checked.host,
-            credential: key.map(|(_, source)| source),
+        let protocol = upgrade.as_ref().map(|(protocol, _)| protocol);
+        let headers = self.upstream_headers(parts.headers, peer, checked, ticket, target, protocol);
+        let sink = ticket.usage_sink(self.meter.clock());
+        let body = RequestBody::new(body, self.max_body_bytes, route.idle_timeout, sink);
+        let mut request = Request::new(body);
+        *request.method_mut() = parts.method;
+        *request.uri_mut() = uri;
+        *request.headers_mut() = headers;
+        let client = Client {
+            version: parts.version,
+            upgrade,
         };
-        let mut upstream_headers = parts.headers;
-        headers::prepare_upstream_headers(
-            &mut upstream_headers,
-            &self.names,
-            &fwd,
-            identified.map(|i| &i.key.identity),
-        );
-        upstream_headers.insert(header::HOST, target.host.clone());
-        if let Some((protocol, _)) = &upgrade {
-            headers::ask_upgrade(&mut upstream_headers, protocol.clone());
-        }
-        let sink = |i: &Identified| UsageSink {
-            cell: Arc::clone(&i.key.usage),
-            clock: self.meter.clock().clone(),
-        };
-        let mut upstream_req = Request::new(RequestBody::new(
-            body,
-            self.max_body_bytes,
-            route.idle_timeout,
-            identified.map(sink),
-        ));
-        *upstream_req.method_mut() = parts.method;
-        *upstream_req.uri_mut() = uri;
-        *upstream_req.headers_mut() = upstream_headers;
-        // From here the request counts whatever its client does: if the client leaves while the
-        // upstream works, this future is dropped and the record counts it then.
-        let mut record = Record::new(
-            Arc::clone(&route.counters),
-            identified.map(|i| (sink(i), i.now_ms)),
-        );
-        let sent = Instant::now();
-        let forward::Answer { mut response, conn } =
-            match self.upstreams.send(route, target, upstream_req).await {
-                Ok(answer) => answer,
-                Err(refusal) => {
-                    record.refused();
-                    return self.refuse(&route.name, refusal, identified, None);
-                }
-            };
-        self.metrics
-            .upstream_duration
-            .observe(sent.elapsed().as_secs_f64());
-        let status = response.status();
-        let switching = status == http::StatusCode::SWITCHING_PROTOCOLS;
-        record.answered(status.as_u16());
-        let record = if switching {
-            match upgrade {
-                Some((_, Some(client))) => {
-                    let upstream = hyper::upgrade::on(&mut response);
-                    tokio::spawn(tunnel(client, upstream, identified.map(sink)));
-                    record.finish();
-                    None
-                }
-                // 101 to a request that asked for no upgrade (or one that cannot be upgraded).
-                _ => {
-                    record.refused();
-                    return self.refuse(
-                        &route.name,
-                        Refusal::UpstreamUnavailable,
-                        identified,
-                        None,
-                    );
-                }
-            }
-        } else {
-            Some(record)
-        };
-        let (mut parts, body) = response.into_parts();
-        // The answer goes out in the client's version, not the upstream's (an HTTP/1.0 upstream
-        // must not turn a keep-alive HTTP/1.1 client connection into a closing 1.0 one).
-        parts.version = client_version;
-        headers::clean_response_headers(&mut parts.headers, switching);
-        Response::from_parts(
-            parts,
-            Either::Left(ResponseBody::new(body, route.idle_timeout, record, conn)),
-        )
+        Ok((Outgoing { request, target }, client))
     }
 
-    /// The one place a refusal becomes a response: counted, metered when a key was identified,
-    /// and given limit headers when it is a 429.
-    fn refuse(
+    /// The client's headers made the upstream's: hop-by-hop and credential headers out,
+    /// forwarding and identity headers in, the target's `Host`, and the upgrade asked for.
+    fn upstream_headers(
         &self,
-        route: &str,
-        refusal: Refusal,
-        identified: Option<&Identified>,
-        limits: Option<&LimitSnapshot>,
+        mut headers: HeaderMap,
+        peer: SocketAddr,
+        checked: &Checked,
+        ticket: &Ticket<'_>,
+        target: &Target,
+        upgrade: Option<&HeaderValue>,
+    ) -> HeaderMap {
+        let fwd = Forwarding {
+            peer: policy::canonical(peer.ip()),
+            peer_trusted: policy::ip_in(&self.trusted_proxies, peer.ip()),
+            host: checked.host.as_ref(),
+            credential: ticket.key().map(|i| i.source),
+        };
+        let identity = ticket.key().map(|i| &i.key.identity);
+        headers::prepare_upstream_headers(&mut headers, &self.names, &fwd, identity);
+        headers.insert(header::HOST, target.host.clone());
+        if let Some(protocol) = upgrade {
+            headers::ask_upgrade(&mut headers, protocol.clone());
+        }
+        headers
+    }
+
+    /// Sends the request and waits for the upstream's head. The request's record is made first:
+    /// from here it is counted whatever its client does (a client that leaves while the upstream
+    /// works has this future dropped, and the record counts it then).
+    async fn send(
+        &self,
+        route: &Route,
+        outgoing: Outgoing<'_>,
+        ticket: &Ticket<'_>,
+    ) -> Result<(forward::Answer, Record), Refusal> {
+        let mut record = ticket.forwarding(route, self.meter.clock());
+        let sent = Instant::now();
+        let Outgoing { request, target } = outgoing;
+        match self.upstreams.send(route, target, request).await {
+            Ok(answer) => {
+                self.metrics
+                    .upstream_duration
+                    .observe(sent.elapsed().as_secs_f64());
+                record.answered(answer.response.status().as_u16());
+                Ok((answer, record))
+            }
+            Err(refusal) => {
+                record.refused();
+                Err(refusal)
+            }
+        }
+    }
+
+    /// Every answer passes here, like pingora's `logging` phase. A refusal becomes its response
+    /// and is counted from the ticket; a forwarded answer carries its record, which counts it.
+    /// Once the key's windows were checked, their limit headers go on the answer either way.
+    fn record(
+        &self,
+        ticket: &Ticket<'_>,
+        outcome: Result<Response<ProxyBody>, Refusal>,
+        started: Instant,
     ) -> Response<ProxyBody> {
-        let (status, code) = refusal.status_and_code();
-        self.metrics.refused(route, code, status.as_u16());
-        if let Refusal::RateLimited { window, .. } = refusal {
+        let mut response = outcome.unwrap_or_else(|refusal| {
+            ticket.refused(&self.metrics, refusal);
+            refusal.to_response().map(Either::Right)
+        });
+        if let Some(Identified {
+            key,
+            limits: Some(limits),
+            ..
+        }) = ticket.key()
+        {
+            headers::add_limit_headers(response.headers_mut(), &key.identity, limits);
+        }
+        // A request that matched no route is not timed: it never reached a route's work.
+        if ticket.route().is_some() {
             self.metrics
-                .rate_limited_total
-                .with_label_values(&[window.name()])
-                .inc();
-        }
-        if let Some(i) = identified {
-            i.key.usage.record(
-                i.now_ms,
-                Outcome {
-                    status: status.as_u16(),
-                },
-            );
-        }
-        let mut response = refusal.to_response().map(Either::Right);
-        if let (Some(limits), Some(i)) = (limits, identified) {
-            headers::add_limit_headers(response.headers_mut(), &i.key.identity, limits);
+                .request_duration
+                .observe(started.elapsed().as_secs_f64());
         }
         response
     }
 }
 
-/// Method, host and path of a request, checked (`target`): the host it is for and its path
-/// when normalising changed it.
-fn checked_target(
-    req: &Request<Incoming>,
-) -> Result<(Option<HeaderValue>, Option<String>), TargetError> {
-    target::check_method(req.method())?;
-    let host = target::request_host(req.uri(), req.version(), req.headers())?;
-    let path = match target::normalise(req.uri().path())? {
+/// The request target, checked before anything else reads it ([`target`]): the method, the one
+/// host it is for, and its path when normalising changed it.
+fn check_target(req: &Request<Incoming>, peer: SocketAddr) -> Result<Checked, Refusal> {
+    let refuse = |e: TargetError| {
+        tracing::debug!(%peer, error = %e, "request target refused");
+        match e {
+            TargetError::MethodNotAllowed => Refusal::MethodNotAllowed,
+            _ => Refusal::BadRequest,
+        }
+    };
+    target::check_method(req.method()).map_err(refuse)?;
+    let host = target::request_host(req.uri(), req.version(), req.headers()).map_err(refuse)?;
+    let path = match target::normalise(req.uri().path()).map_err(refuse)? {
         Cow::Borrowed(_) => None,
         Cow::Owned(p) => Some(p),
     };
-    Ok((host, path))
+    Ok(Checked { host, path })
 }
 
-/// Joins an upgraded client connection to the upgraded upstream one until either side closes;
-/// the bytes that pass count as the key's bytes in and out.
-async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, sink: Option<UsageSink>) {
-    let (client, upstream) = match tokio::join!(client, upstream) {
-        (Ok(c), Ok(u)) => (c, u),
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::debug!(error = %e, "upgrade failed");
-            return;
-        }
+/// The upstream's answer made the client's: a 101 becomes a tunnel, anything else streams back
+/// with the record; hop-by-hop headers go, and the client's HTTP version is kept (an HTTP/1.0
+/// upstream must not turn a keep-alive HTTP/1.1 client connection into a closing 1.0 one).
+fn respond(
+    route: &Route,
+    answer: forward::Answer,
+    record: Record,
+    client: Client,
+) -> Result<Response<ProxyBody>, Refusal> {
+    let forward::Answer { mut response, conn } = answer;
+    let switching = response.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+    let record = if switching {
+        tunnel::open(&mut response, record, client.upgrade)?;
+        None
+    } else {
+        Some(record)
     };
-    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok((sent, received)) => {
-            if let Some(sink) = sink {
-                sink.cell.record_bytes(sink.clock.now_ms(), sent, received);
-            }
-        }
-        Err(e) => tracing::debug!(error = %e, "upgraded connection ended with an error"),
-    }
+    let (mut parts, body) = response.into_parts();
+    parts.version = client.version;
+    headers::clean_response_headers(&mut parts.headers, switching);
+    let body = ResponseBody::new(body, route.idle_timeout, record, conn);
+    Ok(Response::from_parts(parts, Either::Left(body)))
 }

@@ -1073,6 +1073,52 @@ async fn forwarded_requests_are_counted_in_metrics() {
     assert_eq!(gw.metric("tollgate_requests_total", &refused).await, 1.0);
 }
 
+/// Every refusal is counted once: in `requests_total` under its route (`-` before one matched)
+/// and, once a key was identified, in that key's usage; the answer to a request whose windows
+/// were checked carries their limit headers, refused or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_counted_once_and_metered_once_a_key_is_identified() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let account = gw.create_account(json!({ "name": "acme" })).await;
+    let limits = json!({ "name": "tight", "rate_limit": { "per_minute": 2 } });
+    let (_, key) = gw.create_key(&account, limits).await;
+    let client = client();
+
+    expect_echo(gw.get_with_key(&client, "/things", &key).await).await;
+    // Refused after the permit (nothing listens upstream): the windows went down by one.
+    let unavailable = gw.get_with_key(&client, "/dead/x", &key).await;
+    assert_eq!(header(&unavailable, "ratelimit-remaining"), Some("0"));
+    expect_refusal(unavailable, StatusCode::BAD_GATEWAY, "upstream_unavailable").await;
+    let limited = gw.get_with_key(&client, "/things", &key).await;
+    expect_refusal(limited, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
+    // Refused before a route matched, so before any key was identified.
+    let ambiguous = gw.get_with_key(&client, "/things/a%2Fb", &key).await;
+    expect_refusal(ambiguous, StatusCode::BAD_REQUEST, "bad_request").await;
+
+    for (route, outcome, class) in [
+        ("api", "forwarded", "2xx"),
+        ("dead", "upstream_unavailable", "5xx"),
+        ("api", "rate_limited", "4xx"),
+        ("-", "bad_request", "4xx"),
+    ] {
+        let labels = [
+            ("route", route),
+            ("outcome", outcome),
+            ("status_class", class),
+        ];
+        let n = gw.metric("tollgate_requests_total", &labels).await;
+        assert_eq!(n, 1.0, "{route} {outcome}");
+    }
+    let minute = [("window", "minute")];
+    assert_eq!(gw.metric("tollgate_rate_limited_total", &minute).await, 1.0);
+    let store_path = gw.store_path();
+    let _dir = gw.stop().await;
+    let store = EmbeddedStore::open(&store_path).expect("reopen the store");
+    // (requests, success): the three identified to the key, the first of them passed.
+    assert_eq!(minute_totals(&store).await, (3, 1));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_an_in_flight_request_finish() {
     let upstream = Upstream::start().await;

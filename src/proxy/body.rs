@@ -1,6 +1,6 @@
 //! Body wrappers that stream without buffering: [`RequestBody`] enforces `max_body_bytes` (also
 //! on chunked bodies) and [`ResponseBody`] counts; both add their byte counts to the key's usage
-//! when they finish or are dropped. [`ResponseBody`] also holds the upstream connection, and
+//! (through the record step's [`UsageSink`]) when they finish or are dropped. [`ResponseBody`] also holds the upstream connection, and
 //! gives it back to the pool when the body has been read to its end, and the request's
 //! [`Record`], which counts the request when the body is done.
 //!
@@ -12,7 +12,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -22,19 +21,10 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use super::pool::Checkin;
-use super::record::Record;
-use crate::metering::{UsageCell, WallClock};
+use super::record::{Record, UsageSink};
 
 /// A boxed error, as hyper's client takes from a request body.
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Where a body's byte count goes when it ends.
-pub struct UsageSink {
-    /// The key's cell.
-    pub cell: Arc<UsageCell>,
-    /// The meter's clock.
-    pub clock: WallClock,
-}
 
 /// The request body is over the limit; found in the client error's source chain.
 #[derive(Debug, thiserror::Error)]
@@ -173,7 +163,7 @@ impl Body for RequestBody {
 impl Drop for RequestBody {
     fn drop(&mut self) {
         if let Some(sink) = &self.sink {
-            sink.cell.record_bytes(sink.clock.now_ms(), self.seen, 0);
+            sink.add(self.seen, 0);
         }
     }
 }

@@ -1,30 +1,72 @@
-//! The one record step, like pingora's `logging` phase: a request that the proxy forwards — or
-//! starts to — is counted exactly once, in `requests_total` and, when a key was identified, in
-//! the key's usage, whatever happens to its client afterwards.
+//! The one record step, like pingora's `logging` phase: every request the proxy answers or
+//! sends upstream is counted exactly once, in `requests_total` and, when a key was identified,
+//! in the key's usage (requests that name no valid key are not metered). Nothing else in the
+//! proxy touches those counters.
 //!
-//! A [`Record`] is made before the request goes upstream and travels with it: held by the
-//! forward step while the upstream's head is awaited, then by the response body. Whoever holds
-//! it last counts it when it is dropped, so a client that hangs up (and so has hyper drop the
+//! A request's [`Ticket`] is filled in as the stages learn what it is metered under: its route
+//! (`-` until one matched) and its key (once identified). A refusal, wherever it came from, is
+//! counted from the ticket. A request that goes upstream is counted by its [`Record`] instead,
+//! made from the ticket just before it is sent; the record travels with the request: held by the
+//! send step while the upstream's head is awaited, then by the response body. Whoever holds it
+//! last counts it when it is dropped, so a client that hangs up (and so has hyper drop the
 //! handler's future or the body) cannot get upstream work done uncounted:
 //!
-//! | how it ended | status counted | `outcome` |
-//! |---|---|---|
-//! | the body was sent, or the client left during it | the upstream's | `forwarded` |
-//! | the upstream's body stalled past `idle_timeout` and was cut | 504 | `upstream_timeout` |
-//! | the client left before the upstream's head arrived | 499 | `client_closed` |
-//! | the gateway refused it after all (502, 504, 400, 413) | — | [`Record::refused`]: the refusal step counts it |
+//! | how it ended | counted by | status counted | `outcome` |
+//! |---|---|---|---|
+//! | refused by the gateway (before going upstream, or after: 502, 504, 400, 413, a 101 nobody asked for) | [`Ticket::refused`] | the refusal's | its code; a 429 also in `rate_limited_total` |
+//! | the body was sent, or the client left during it | the [`Record`], dropped | the upstream's | `forwarded` |
+//! | upgraded: the upstream's 101 became a tunnel | [`Record::upgraded`], at once | 101 | `forwarded` |
+//! | the upstream's body stalled past `idle_timeout` and was cut | the [`Record`], dropped | 504 | `upstream_timeout` |
+//! | the client left before the upstream's head arrived | the [`Record`], dropped | 499 | `client_closed` |
+//!
+//! Byte counts are added where the bytes are seen (the two bodies, the tunnel), through a
+//! [`UsageSink`].
 
 use std::sync::Arc;
 
-use super::body::UsageSink;
-use crate::metering::Outcome;
-use crate::metrics::RouteCounters;
+use super::route::Route;
+use crate::auth::cache::KeyRef;
+use crate::auth::extract::Source;
+use crate::limits::LimitSnapshot;
+use crate::metering::{Outcome, UsageCell, WallClock};
+use crate::metrics::{Metrics, RouteCounters};
+use crate::refusal::Refusal;
 
 /// The status a request is metered with when its client went away before the upstream's head
 /// arrived (nginx's "client closed request").
 pub const CLIENT_CLOSED: u16 = 499;
 
-/// One forwarded request, counted once when dropped.
+/// What a request is metered under, filled in by the stages as they learn it. Borrows its route
+/// and moves its key in, so keeping one costs no allocation and no reference count.
+#[derive(Default)]
+pub struct Ticket<'a> {
+    /// The matched route; `None` (metered as route `-`) until one matched.
+    route: Option<&'a Route>,
+    /// The key, once the credential named one.
+    key: Option<Identified>,
+}
+
+/// A request identified to a key.
+pub struct Identified {
+    /// The key.
+    pub key: KeyRef,
+    /// The request's time (ms since the epoch) as the key's checks read it; the minute its usage
+    /// counts in.
+    pub now_ms: i64,
+    /// The header the credential came in, removed before forwarding.
+    pub source: Source,
+    /// The key's windows once they were checked (after spending this request, or the 429's),
+    /// for the answer's limit headers; `None` before.
+    pub limits: Option<LimitSnapshot>,
+}
+
+/// Where byte counts go: the key's usage cell, read against the meter's clock.
+pub struct UsageSink {
+    cell: Arc<UsageCell>,
+    clock: WallClock,
+}
+
+/// One request sent upstream, counted once: when dropped, or at [`Record::upgraded`].
 pub struct Record {
     counters: Arc<RouteCounters>,
     /// The key's usage cell and the request's minute (ms), when a key was identified.
@@ -44,19 +86,93 @@ enum State {
     Done,
 }
 
-// === impl Record ===
+// === impl Ticket ===
 
-impl Record {
-    /// A request about to be sent upstream, for `usage` (the key's cell and the request's time)
-    /// when a key was identified.
-    pub fn new(counters: Arc<RouteCounters>, usage: Option<(UsageSink, i64)>) -> Self {
+impl<'a> Ticket<'a> {
+    /// The request matched `route`.
+    pub fn routed(&mut self, route: &'a Route) {
+        self.route = Some(route);
+    }
+
+    /// The matched route, if any.
+    pub fn route(&self) -> Option<&'a Route> {
+        self.route
+    }
+
+    /// The request is `key`'s from here on, whatever its outcome; read at `now_ms`, presented in
+    /// `source`.
+    pub fn identified(&mut self, key: KeyRef, now_ms: i64, source: Source) -> &mut Identified {
+        self.key.insert(Identified {
+            key,
+            now_ms,
+            source,
+            limits: None,
+        })
+    }
+
+    /// The key, once identified.
+    pub fn key(&self) -> Option<&Identified> {
+        self.key.as_ref()
+    }
+
+    /// Where the bytes of the request's body go, when a key was identified.
+    pub fn usage_sink(&self, clock: &WallClock) -> Option<UsageSink> {
+        self.key.as_ref().map(|i| i.usage_sink(clock))
+    }
+
+    /// The record of the request about to be sent upstream on `route`: from here on it counts the
+    /// request, unless [`Record::refused`] hands it back to [`Ticket::refused`].
+    pub fn forwarding(&self, route: &Route, clock: &WallClock) -> Record {
         Record {
-            counters,
-            usage,
+            counters: Arc::clone(&route.counters),
+            usage: self.key.as_ref().map(|i| (i.usage_sink(clock), i.now_ms)),
             state: State::Waiting,
         }
     }
 
+    /// Counts a request the gateway answered with `refusal`: by its code under the route (`-`
+    /// before one matched), by window when rate-limited, and in the key's usage once identified.
+    pub fn refused(&self, metrics: &Metrics, refusal: Refusal) {
+        let (status, code) = refusal.status_and_code();
+        let route = self.route.map_or("-", |r| r.name.as_str());
+        metrics.refused(route, code, status.as_u16());
+        if let Refusal::RateLimited { window, .. } = refusal {
+            metrics
+                .rate_limited_total
+                .with_label_values(&[window.name()])
+                .inc();
+        }
+        if let Some(i) = &self.key {
+            let status = status.as_u16();
+            i.key.usage.record(i.now_ms, Outcome { status });
+        }
+    }
+}
+
+// === impl Identified ===
+
+impl Identified {
+    fn usage_sink(&self, clock: &WallClock) -> UsageSink {
+        UsageSink {
+            cell: Arc::clone(&self.key.usage),
+            clock: clock.clone(),
+        }
+    }
+}
+
+// === impl UsageSink ===
+
+impl UsageSink {
+    /// Adds bytes received from the client (`bytes_in`) and sent to it (`bytes_out`).
+    pub fn add(&self, bytes_in: u64, bytes_out: u64) {
+        self.cell
+            .record_bytes(self.clock.now_ms(), bytes_in, bytes_out);
+    }
+}
+
+// === impl Record ===
+
+impl Record {
     /// The upstream's head arrived.
     pub fn answered(&mut self, status: u16) {
         self.state = State::Answered(status);
@@ -67,7 +183,7 @@ impl Record {
         self.state = State::Cut;
     }
 
-    /// The gateway answers with a refusal instead, which the refusal step counts.
+    /// The gateway answers with a refusal instead, which [`Ticket::refused`] counts.
     pub fn refused(mut self) {
         self.state = State::Done;
     }
@@ -75,13 +191,15 @@ impl Record {
     /// Adds the response body's bytes to the key's usage.
     pub fn bytes_out(&self, n: u64) {
         if let Some((sink, _)) = &self.usage {
-            sink.cell.record_bytes(sink.clock.now_ms(), 0, n);
+            sink.add(0, n);
         }
     }
 
-    /// Counts the request now, instead of when dropped (an upgrade: its tunnel outlives it).
-    pub fn finish(mut self) {
+    /// The answer became a tunnel, which outlives it: counts the request now, and gives the
+    /// tunnel the key's sink for the bytes that pass.
+    pub fn upgraded(mut self) -> Option<UsageSink> {
         self.count();
+        self.usage.take().map(|(sink, _)| sink)
     }
 
     fn count(&mut self) {
@@ -112,3 +230,6 @@ impl Drop for Record {
         self.count();
     }
 }
+
+#[cfg(test)]
+mod tests;
