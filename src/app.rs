@@ -24,6 +24,7 @@ use crate::metering::{flusher, retention, Meter, WallClock};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::store::{self, Granularity, OpenOptions, SharedStore};
+use crate::tls::Certificates;
 
 /// How long in-flight requests get to finish after a shutdown signal.
 const DRAIN: Duration = Duration::from_secs(10);
@@ -55,6 +56,9 @@ pub enum StartError {
     /// Metrics could not be registered (a bug).
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// A listener's TLS certificate or key cannot be served.
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// The usage write-ahead log could not be opened or replayed.
     #[error("{0}")]
     UsageLog(#[from] crate::metering::wal::WalError),
@@ -87,6 +91,8 @@ pub struct Running {
     /// Stops the flusher and the other background tasks (phase two, after the drain).
     stop_background: watch::Sender<bool>,
     background: JoinSet<()>,
+    /// The listeners' TLS certificates, re-read by [`Running::reload`].
+    certificates: Vec<Arc<Certificates>>,
 }
 
 /// Opens the store, binds both listeners and starts serving.
@@ -150,6 +156,18 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
         .with_default_limits(settings.limits.default),
     );
 
+    let proxy_tls = settings
+        .proxy
+        .tls
+        .clone()
+        .map(Certificates::open)
+        .transpose()?;
+    let admin_tls = settings
+        .admin
+        .tls
+        .clone()
+        .map(Certificates::open)
+        .transpose()?;
     let proxy_listener = bind(settings.proxy.listen).await?;
     let admin_listener = bind(settings.admin.listen).await?;
     let proxy_addr = local_addr(&proxy_listener, settings.proxy.listen)?;
@@ -174,6 +192,7 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
         .then(|| admin_router.clone());
     serving.spawn(listener::serve(
         proxy_listener,
+        proxy_tls.as_ref().map(Certificates::server_config),
         move |req: http::Request<hyper::body::Incoming>, peer| {
             let proxy = Arc::clone(&proxy);
             let account_api = account_api
@@ -192,6 +211,7 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
     ));
     serving.spawn(listener::serve(
         admin_listener,
+        admin_tls.as_ref().map(Certificates::server_config),
         move |req: http::Request<hyper::body::Incoming>, peer| {
             call_admin(admin_router.clone(), req, peer)
         },
@@ -234,12 +254,31 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
         serving,
         stop_background,
         background,
+        certificates: proxy_tls.into_iter().chain(admin_tls).collect(),
     })
 }
 
 // === impl Running ===
 
 impl Running {
+    /// What `SIGHUP` does: every listener's TLS certificate and key are read again; new
+    /// handshakes get them, open connections keep theirs. A pair that fails its checks is
+    /// logged and the old one keeps serving. Answers whether everything reloaded.
+    pub fn reload(&self) -> bool {
+        let mut all = true;
+        for certificates in &self.certificates {
+            let cert = certificates.files().cert.display();
+            match certificates.reload() {
+                Ok(()) => tracing::info!(%cert, "reloaded the TLS certificate"),
+                Err(e) => {
+                    all = false;
+                    tracing::error!(error = %e, "TLS certificate not reloaded; the old one keeps serving");
+                }
+            }
+        }
+        all
+    }
+
     /// Stops accepting, lets in-flight requests finish (bounded), flushes usage, and returns when
     /// every task has ended and the store is closed.
     pub async fn shutdown(mut self) {

@@ -446,6 +446,7 @@ fn serve(path: &std::path::Path) -> ExitCode {
     };
     runtime.block_on(async move {
         let stop = crate::shutdown::signal();
+        let mut reloads = crate::shutdown::reloads();
         let running = match app::start(settings, StartOptions { master_key, ..Default::default() }).await {
             Ok(r) => r,
             Err(e) => {
@@ -457,7 +458,15 @@ fn serve(path: &std::path::Path) -> ExitCode {
             // Printed once, on stdout, so it can be captured; only its hash is stored.
             println!("Generated the operator's master key (shown only this once; store it safely):\n  {raw}");
         }
-        stop.await;
+        let mut stop = std::pin::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                Some(()) = reloads.recv() => {
+                    running.reload();
+                }
+            }
+        }
         tracing::info!("shutting down: draining requests and flushing usage");
         running.shutdown().await;
         ExitCode::SUCCESS

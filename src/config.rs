@@ -24,6 +24,7 @@ pub use settings::{
 };
 
 use crate::store::RateLimitSpec;
+use crate::tls::{self, TlsFiles};
 use raw::*;
 
 /// The environment prefix of overrides: `TOLLGATE__PROXY__LISTEN=…`.
@@ -370,16 +371,7 @@ impl Validator {
 
     fn proxy(&mut self, raw: RawProxy) -> Option<ProxySettings> {
         self.unknown("proxy", &raw.unknown);
-        if let Some(tls) = raw.tls {
-            self.unknown("proxy.tls", &tls.unknown);
-            self.problem(
-                "proxy.tls",
-                format!(
-                    "TLS (cert `{}`, key `{}`) is not available in this version; terminate TLS in front of tollgate for now",
-                    tls.cert, tls.key
-                ),
-            );
-        }
+        let tls = raw.tls.and_then(|t| self.tls("proxy.tls", t));
         let listen = self.addr("proxy.listen", raw.listen, "0.0.0.0:8080");
         let trusted_proxies = self.cidrs(
             "proxy.trusted_proxies",
@@ -397,7 +389,25 @@ impl Validator {
             max_body_bytes,
             request_header_timeout,
             expose_account_api: raw.expose_account_api.unwrap_or(false),
+            tls,
         })
+    }
+
+    /// `tls = { cert, key }`: both files read and checked now (`tls::load`), so that a
+    /// certificate that cannot be served fails `check-config` and the start, not handshakes.
+    fn tls(&mut self, field: &str, raw: RawTls) -> Option<TlsFiles> {
+        self.unknown(field, &raw.unknown);
+        let files = TlsFiles {
+            cert: PathBuf::from(raw.cert),
+            key: PathBuf::from(raw.key),
+        };
+        match tls::load(&files, std::time::SystemTime::now()) {
+            Ok(_) => Some(files),
+            Err(e) => {
+                self.problem(field, e.to_string());
+                None
+            }
+        }
     }
 
     fn admin(&mut self, raw: RawAdmin) -> Option<AdminSettings> {
@@ -409,9 +419,11 @@ impl Validator {
         if master_key_env.is_empty() {
             self.problem("admin.master_key_env", "must name an environment variable");
         }
+        let tls = raw.tls.and_then(|t| self.tls("admin.tls", t));
         Some(AdminSettings {
             listen: listen?,
             master_key_env,
+            tls,
         })
     }
 

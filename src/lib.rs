@@ -13,7 +13,8 @@
 //!
 //! Layer 1, foundations: [`config`] (settings, parsed and validated once), [`store`] (the only
 //! module that touches disk or network: five role traits — records, audit log, usage, limit
-//! buckets, fleet — each backend one file per role; its `audit_chain` is pure), [`metrics`].
+//! buckets, fleet — each backend one file per role; its `audit_chain` is pure), [`tls`] (a
+//! listener's certificate and key, checked and reloadable), [`metrics`].
 //!
 //! Layer 2, state: [`limits`] (per-key GCRA buckets), [`auth`] (the key cache and the one
 //! decision, [`auth::authorize`]), [`metering`] (per-key minute counters, their flusher, and
@@ -53,3 +54,4 @@ pub mod refusal;
 pub mod shutdown;
 pub mod store;
 pub mod target;
+pub mod tls;

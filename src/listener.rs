@@ -2,8 +2,10 @@
 //! request heads (size, and time against slow clients), the open-connections gauge, and a
 //! graceful drain on shutdown. Takes a *bound* listener, so tests bind port 0.
 //!
-//! The accept step is the seam where TLS (rustls) will wrap the stream before HTTP starts; there
-//! ALPN will pick the `Protocol` that `sniff` picks from the first bytes on cleartext.
+//! A listener serves cleartext or TLS. On cleartext the first bytes tell HTTP/1 from HTTP/2
+//! with prior knowledge (`sniff`); on TLS the handshake (rustls, [`crate::tls`]) must finish
+//! within the header timeout, and ALPN picks the protocol (`h2`, else HTTP/1.1). The TLS path
+//! is boxed so that a cleartext connection's task is not sized for rustls's state.
 //!
 //! Each connection is served by hyper's own `http1` or `http2` connection rather than
 //! hyper-util's `auto` one, because of what an idle keep-alive connection keeps: `auto` reads
@@ -24,8 +26,10 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus::IntGauge;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 
 /// Per-connection protocol limits.
 #[derive(Debug, Clone, Copy)]
@@ -87,9 +91,11 @@ fn system_backlog() -> u32 {
 }
 
 /// Serves `handler` on every connection until `shutdown` turns true, then stops accepting and
-/// lets open requests finish within `limits.drain`.
+/// lets open requests finish within `limits.drain`. With `tls`, every connection is a TLS one.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve<H, Fut, B>(
     listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     handler: H,
     limits: ConnLimits,
     connections: Option<IntGauge>,
@@ -122,6 +128,7 @@ pub async fn serve<H, Fut, B>(
     // learns when the last one has closed. (hyper-util's `GracefulShutdown` does the same, but
     // cannot watch hyper's upgradeable HTTP/1 connection.)
     let (drain_tx, drain_rx) = watch::channel(());
+    let tls = tls.map(TlsAcceptor::from);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -140,14 +147,22 @@ pub async fn serve<H, Fut, B>(
         if let Some(g) = &gauge {
             g.inc();
         }
-        tokio::spawn(serve_connection(
-            stream,
-            peer,
-            handler.clone(),
-            Arc::clone(&protocols),
-            drain_rx.clone(),
-            gauge,
-        ));
+        let (handler, protocols, drain) =
+            (handler.clone(), Arc::clone(&protocols), drain_rx.clone());
+        match &tls {
+            None => tokio::spawn(serve_connection(
+                stream, peer, handler, protocols, drain, gauge,
+            )),
+            Some(acceptor) => tokio::spawn(Box::pin(serve_tls_connection(
+                acceptor.clone(),
+                stream,
+                peer,
+                handler,
+                protocols,
+                drain,
+                gauge,
+            ))),
+        };
     }
     drop(listener);
     drop(drain_rx);
@@ -160,7 +175,7 @@ pub async fn serve<H, Fut, B>(
     }
 }
 
-/// One connection, from its first bytes to its close.
+/// One cleartext connection, from its first bytes to its close.
 async fn serve_connection<H, Fut, B>(
     stream: TcpStream,
     peer: SocketAddr,
@@ -175,6 +190,71 @@ async fn serve_connection<H, Fut, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let protocol = tokio::select! {
+        protocol = first_bytes(&stream, peer, protocols.header_timeout) => protocol,
+        _ = drain.changed() => None,
+    };
+    if let Some(protocol) = protocol {
+        speak(stream, protocol, peer, handler, &protocols, drain).await;
+    }
+    if let Some(g) = gauge {
+        g.dec();
+    }
+}
+
+/// One TLS connection: the handshake within the header timeout, then the protocol ALPN chose.
+async fn serve_tls_connection<H, Fut, B>(
+    acceptor: TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+    handler: H,
+    protocols: Arc<Protocols>,
+    mut drain: watch::Receiver<()>,
+    gauge: Option<IntGauge>,
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> Fut + Send + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let handshake = tokio::time::timeout(protocols.header_timeout, acceptor.accept(stream));
+    let accepted = tokio::select! {
+        accepted = handshake => accepted,
+        _ = drain.changed() => Ok(Err(std::io::Error::other("shutting down"))),
+    };
+    match accepted {
+        Ok(Ok(stream)) => {
+            let protocol = match stream.get_ref().1.alpn_protocol() {
+                Some(b"h2") => Protocol::Http2,
+                _ => Protocol::Http1,
+            };
+            speak(stream, protocol, peer, handler, &protocols, drain).await;
+        }
+        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+        Err(_) => tracing::debug!(%peer, "no TLS handshake in time"),
+    }
+    if let Some(g) = gauge {
+        g.dec();
+    }
+}
+
+/// Serves HTTP in `protocol` on `io` until the connection closes or is drained.
+async fn speak<I, H, Fut, B>(
+    io: I,
+    protocol: Protocol,
+    peer: SocketAddr,
+    handler: H,
+    protocols: &Protocols,
+    drain: watch::Receiver<()>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>, SocketAddr) -> Fut + Send + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     // Boxed: hyper keeps the slot of the request in flight for the connection's life, sized for
     // the handler's future (the proxy's is ~4.7 KB, the whole path down to the upstream
     // exchange), so an idle connection keeps a pointer instead of ~9 KB; and a move of a box is
@@ -183,35 +263,22 @@ async fn serve_connection<H, Fut, B>(
         let fut = Box::pin(handler(req, peer));
         async move { Ok::<_, Infallible>(fut.await) }
     });
-    let protocol = tokio::select! {
-        protocol = first_bytes(&stream, peer, protocols.header_timeout) => protocol,
-        _ = drain.changed() => None,
-    };
     let ended = match protocol {
-        Some(Protocol::Http1) => {
+        Protocol::Http1 => {
             let conn = pin!(protocols
                 .http1
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection(TokioIo::new(io), service)
                 .with_upgrades());
             until_drained(conn, http1::UpgradeableConnection::graceful_shutdown, drain).await
         }
-        Some(Protocol::Http2) => {
+        Protocol::Http2 => {
             // Boxed so that the task of every HTTP/1 connection is not sized for HTTP/2's state.
-            let mut conn = Box::pin(
-                protocols
-                    .http2
-                    .serve_connection(TokioIo::new(stream), service),
-            );
+            let mut conn = Box::pin(protocols.http2.serve_connection(TokioIo::new(io), service));
             until_drained(conn.as_mut(), http2::Connection::graceful_shutdown, drain).await
         }
-        // Closed, failed, silent too long, or shutting down before a request began.
-        None => Ok(()),
     };
     if let Err(e) = ended {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
-    }
-    if let Some(g) = gauge {
-        g.dec();
     }
 }
 

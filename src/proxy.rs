@@ -67,6 +67,8 @@ pub struct Proxy {
     names: IdentityNames,
     trusted_proxies: Vec<IpNet>,
     max_body_bytes: u64,
+    /// The listener serves TLS (`X-Forwarded-Proto: https`).
+    tls: bool,
 }
 
 /// What the target check found, for the stages after it.
@@ -114,6 +116,7 @@ impl Proxy {
             names: IdentityNames::new(&settings.identity.header_prefix)?,
             trusted_proxies: settings.proxy.trusted_proxies.clone(),
             max_body_bytes: settings.proxy.max_body_bytes,
+            tls: settings.proxy.tls.is_some(),
         })
     }
 
@@ -301,6 +304,7 @@ impl Proxy {
             peer_trusted: policy::ip_in(&self.trusted_proxies, peer.ip()),
             host: checked.host.as_ref(),
             credential: ticket.key().map(|i| i.source),
+            tls: self.tls,
         };
         let identity = ticket.key().map(|i| &i.key.identity);
         headers::prepare_upstream_headers(&mut headers, &self.names, &fwd, identity);

@@ -1,4 +1,4 @@
-//! The shutdown signal: SIGTERM or SIGINT (Ctrl-C).
+//! The process signals: SIGTERM or SIGINT (Ctrl-C) to shut down, SIGHUP to reload.
 
 use std::future::Future;
 
@@ -32,4 +32,29 @@ pub fn signal() -> impl Future<Output = ()> {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// Installs the handler for SIGHUP now (its default action would kill the process) and gives
+/// back a channel that yields once per signal. Must be called within the runtime; where there
+/// is no SIGHUP the channel never yields.
+pub fn reloads() -> tokio::sync::mpsc::Receiver<()> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hangups) => {
+                tokio::spawn(async move {
+                    while hangups.recv().await.is_some() {
+                        // Signals that arrive while a reload waits are one reload.
+                        let _ = tx.try_send(());
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP; reload by restarting"),
+        }
+    }
+    #[cfg(not(unix))]
+    drop(tx);
+    rx
 }

@@ -594,17 +594,12 @@ fn serve_logs_json_and_prints_a_generated_master_key_only_once() {
     );
     std::fs::write(&config, toml).expect("write config");
     let start = || {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        let mut command = common::tollgate_command();
         command
             .args(["--log-format", "json", "serve", "--config"])
             .arg(&config)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        for (name, _) in std::env::vars() {
-            if name.starts_with("TOLLGATE") {
-                command.env_remove(name);
-            }
-        }
         let mut child = command.spawn().expect("start tollgate");
         let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
         let mut logged = Vec::new();

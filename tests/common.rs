@@ -170,3 +170,15 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
             (got == wanted).then(|| value.parse().ok()).flatten()
         })
 }
+
+/// The `tollgate` binary as a command, without any `TOLLGATE*` variable of the test's own
+/// environment (a developer's `TOLLGATE__PROXY__LISTEN` must not change what a test starts).
+pub fn tollgate_command() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("TOLLGATE") {
+            command.env_remove(name);
+        }
+    }
+    command
+}

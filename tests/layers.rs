@@ -17,6 +17,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("config", 1),
     ("metrics", 1),
     ("store", 1),
+    ("tls", 1),
     ("auth", 2),
     ("limits", 2),
     ("metering", 2),

@@ -38,6 +38,7 @@ pub(crate) struct RawAdmin {
     pub(crate) unknown: Unknown,
     pub(crate) listen: Option<String>,
     pub(crate) master_key_env: Option<String>,
+    pub(crate) tls: Option<RawTls>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -10,6 +10,7 @@ use ipnet::IpNet;
 
 use crate::store::RateLimitSpec;
 pub use crate::store::StoreSettings;
+use crate::tls::TlsFiles;
 
 /// Everything the config file says, checked.
 #[derive(Debug, Clone)]
@@ -45,6 +46,8 @@ pub struct ProxySettings {
     pub request_header_timeout: Duration,
     /// Also serve `/v1/account/*` on the proxy listener.
     pub expose_account_api: bool,
+    /// Serve TLS with this certificate and key instead of cleartext.
+    pub tls: Option<TlsFiles>,
 }
 
 /// `[admin]`.
@@ -54,6 +57,8 @@ pub struct AdminSettings {
     pub listen: SocketAddr,
     /// The environment variable that may hold the raw master key.
     pub master_key_env: String,
+    /// Serve TLS with this certificate and key instead of cleartext.
+    pub tls: Option<TlsFiles>,
 }
 
 /// `[cache]`.

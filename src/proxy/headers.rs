@@ -84,6 +84,8 @@ pub struct Forwarding<'a> {
     pub host: Option<&'a HeaderValue>,
     /// Which header held the credential, to remove exactly that one.
     pub credential: Option<Source>,
+    /// The client's connection is TLS: `X-Forwarded-Proto: https`.
+    pub tls: bool,
 }
 
 // === impl IdentityNames ===
@@ -171,7 +173,8 @@ pub fn prepare_upstream_headers(
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     if !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        let proto = if fwd.tls { "https" } else { "http" };
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     }
     if let (false, Some(host)) = (headers.contains_key(&X_FORWARDED_HOST), fwd.host) {
         headers.insert(X_FORWARDED_HOST.clone(), host.clone());
@@ -343,6 +346,7 @@ mod tests {
             peer_trusted: trusted,
             host: None,
             credential,
+            tls: false,
         }
     }
 

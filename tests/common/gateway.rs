@@ -154,6 +154,11 @@ impl Gateway {
         }
     }
 
+    /// What `SIGHUP` does to the running gateway ([`tollgate::app::Running::reload`]).
+    pub fn reload(&self) -> bool {
+        self.running.as_ref().is_some_and(|r| r.reload())
+    }
+
     /// `http://PROXY/path`.
     pub fn proxy_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.proxy_addr)

@@ -113,6 +113,7 @@ fn check(case: Case) {
         peer_trusted: trusted,
         host: host.as_ref(),
         credential,
+        tls: trusted,
     };
     prepare_upstream_headers(
         &mut headers,
