@@ -24,7 +24,7 @@ pub use settings::{
 };
 
 use crate::store::RateLimitSpec;
-use crate::tls::{self, TlsFiles};
+use crate::tls::{self, TlsFiles, UpstreamTlsFiles};
 use raw::*;
 
 /// The environment prefix of overrides: `TOLLGATE__PROXY__LISTEN=…`.
@@ -393,6 +393,36 @@ impl Validator {
         })
     }
 
+    /// A route's `tls_ca`, `tls_client_cert` and `tls_client_key`; `None` when a client
+    /// certificate lacks its key or the other way round.
+    fn upstream_tls_files(
+        &mut self,
+        at: &dyn Fn(&str) -> String,
+        ca: Option<String>,
+        cert: Option<String>,
+        key: Option<String>,
+    ) -> Option<UpstreamTlsFiles> {
+        let client = match (cert, key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: PathBuf::from(cert),
+                key: PathBuf::from(key),
+            }),
+            (None, None) => None,
+            (Some(_), None) => {
+                self.problem(&at("tls_client_key"), "is required with tls_client_cert");
+                return None;
+            }
+            (None, Some(_)) => {
+                self.problem(&at("tls_client_cert"), "is required with tls_client_key");
+                return None;
+            }
+        };
+        Some(UpstreamTlsFiles {
+            ca: ca.map(PathBuf::from),
+            client,
+        })
+    }
+
     /// `tls = { cert, key }`: both files read and checked now (`tls::load`), so that a
     /// certificate that cannot be served fails `check-config` and the start, not handshakes.
     fn tls(&mut self, field: &str, raw: RawTls) -> Option<TlsFiles> {
@@ -707,6 +737,30 @@ impl Validator {
             }
             let timeout = self.duration(&at("timeout"), r.timeout, "30s");
             let idle_timeout = self.duration(&at("idle_timeout"), r.idle_timeout, "30s");
+            let any_https = upstreams
+                .iter()
+                .any(|u| u.scheme == http::uri::Scheme::HTTPS);
+            let tls_files =
+                self.upstream_tls_files(&at, r.tls_ca, r.tls_client_cert, r.tls_client_key);
+            let upstream_tls = match (any_https, tls_files) {
+                (true, Some(files)) => {
+                    match tls::upstream_client_config(&files, std::time::SystemTime::now()) {
+                        Ok(config) => Some(config),
+                        Err(e) => {
+                            self.problem(&at("upstreams"), format!("https: {e}"));
+                            None
+                        }
+                    }
+                }
+                (false, Some(files)) if files != UpstreamTlsFiles::default() => {
+                    self.problem(
+                        &at("tls_ca"),
+                        "tls_* fields are only used with https:// upstreams",
+                    );
+                    None
+                }
+                _ => None,
+            };
             out.push(RouteSettings {
                 name,
                 path_prefix,
@@ -717,6 +771,7 @@ impl Validator {
                 strip_prefix: r.strip_prefix.unwrap_or(false),
                 timeout,
                 idle_timeout,
+                upstream_tls,
             });
         }
         out
@@ -788,15 +843,11 @@ fn parse_upstream(raw: &str) -> Result<Upstream, String> {
     let uri: http::Uri = raw
         .parse()
         .map_err(|e| format!("`{raw}` is not a URL: {e}"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(format!(
-                "`{raw}`: https upstreams are not available in this version"
-            ))
-        }
-        _ => return Err(format!("`{raw}` must start with http://")),
-    }
+    let scheme = match uri.scheme_str() {
+        Some("http") => http::uri::Scheme::HTTP,
+        Some("https") => http::uri::Scheme::HTTPS,
+        _ => return Err(format!("`{raw}` must start with http:// or https://")),
+    };
     let authority = uri
         .authority()
         .cloned()
@@ -806,7 +857,7 @@ fn parse_upstream(raw: &str) -> Result<Upstream, String> {
     }
     let base_path = uri.path().trim_end_matches('/').to_owned();
     Ok(Upstream {
-        scheme: http::uri::Scheme::HTTP,
+        scheme,
         authority,
         base_path,
     })

@@ -239,3 +239,84 @@ impl ResolvesServerCert for Certificates {
         Some(Arc::clone(&self.current.read()))
     }
 }
+
+/// How a route talks TLS to its `https://` upstreams.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpstreamTlsFiles {
+    /// PEM bundle of the CAs to trust instead of the system's roots.
+    pub ca: Option<PathBuf>,
+    /// A client certificate and key to present (mutual TLS).
+    pub client: Option<TlsFiles>,
+}
+
+/// Why an upstream TLS client cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamTlsError {
+    /// A file is unreadable, empty or out of date (see [`TlsError`]).
+    #[error(transparent)]
+    Files(#[from] TlsError),
+    /// The system has no trust anchors and no CA file was given.
+    #[error("no system root certificates were found ({0}); install ca-certificates or set tls_ca")]
+    NoSystemRoots(String),
+    /// A CA certificate was refused as a trust anchor.
+    #[error("the CA in {path} cannot be used: {why}")]
+    BadCa {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// The client certificate and key cannot be used together.
+    #[error("the client certificate cannot be used: {0}")]
+    BadClientCert(String),
+}
+
+/// A rustls client for a route's `https://` upstreams, as of `now`: the CA file's certificates
+/// (else the system's roots) as trust anchors, the client certificate when set, TLS 1.3/1.2,
+/// ALPN `http/1.1` (upstream connections are HTTP/1.1). The server name sent (SNI) and checked
+/// is the upstream's host, given per connection.
+pub fn upstream_client_config(
+    files: &UpstreamTlsFiles,
+    now: SystemTime,
+) -> Result<Arc<rustls::ClientConfig>, UpstreamTlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match &files.ca {
+        Some(path) => {
+            for cert in read_chain(path)? {
+                roots.add(cert).map_err(|e| UpstreamTlsError::BadCa {
+                    path: path.clone(),
+                    why: e.to_string(),
+                })?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                let why = found
+                    .errors
+                    .first()
+                    .map_or_else(|| "none installed".to_owned(), ToString::to_string);
+                return Err(UpstreamTlsError::NoSystemRoots(why));
+            }
+        }
+    }
+    let provider = Arc::new(ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .unwrap_or_else(|_| unreachable!("ring supports TLS 1.2 and 1.3"))
+        .with_root_certificates(roots);
+    let mut config = match &files.client {
+        None => builder.with_no_client_auth(),
+        Some(client) => {
+            let chain = read_chain(&client.cert)?;
+            check_dates(&client.cert, &chain[0], now)?;
+            let key = read_key(&client.key)?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| UpstreamTlsError::BadClientCert(e.to_string()))?
+        }
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}

@@ -423,3 +423,188 @@ fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.local_addr().expect("addr").port()
 }
+
+// === https upstreams ===
+
+/// A TLS server config for an upstream with `issued`, asking for client certificates signed by
+/// `clients` when given.
+fn upstream_config(issued: &Issued, clients: Option<&Ca>) -> Arc<rustls::ServerConfig> {
+    use rustls_pki_types::pem::PemObject as _;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .expect("versions");
+    let builder = match clients {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(ca.cert.der().clone()).expect("client CA");
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .expect("client verifier");
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let chain = vec![rustls_pki_types::CertificateDer::from(issued.der.clone())];
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes())
+        .expect("upstream key");
+    Arc::new(
+        builder
+            .with_single_cert(chain, key)
+            .expect("upstream config"),
+    )
+}
+
+/// One public route to `url` with extra route fields.
+fn route_to(url: &str, extra: &str) -> String {
+    format!(
+        "[[routes]]\nname = \"secure\"\npath_prefix = \"/\"\nauth = \"public\"\n\
+         upstreams = [\"{url}\"]\n{extra}\n"
+    )
+}
+
+#[tokio::test]
+async fn https_upstreams_are_verified_against_the_routes_ca_and_get_a_client_certificate() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().expect("dir");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).expect("write CA");
+    let upstream = Upstream::start_tls(upstream_config(&ca.issue("upstream"), None)).await;
+    assert!(upstream.url().starts_with("https://"));
+
+    // Trusted through the route's CA file: forwarded, with SNI and Host its own authority.
+    let gw = Gateway::builder(&upstream)
+        .routes(route_to(
+            &upstream.url(),
+            &format!("tls_ca = '{}'", ca_file.display()),
+        ))
+        .start()
+        .await;
+    let r = common::client()
+        .get(gw.proxy_url("/things"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::OK);
+    let echo: serde_json::Value = r.json().await.expect("echo");
+    assert_eq!(echo["headers"]["x-upstream-client-cert"], "no");
+
+    // A CA that did not sign the upstream's certificate: the upstream is not trusted.
+    let stranger = Ca::new();
+    let stranger_file = dir.path().join("stranger.pem");
+    std::fs::write(&stranger_file, stranger.pem()).expect("write CA");
+    let gw = Gateway::builder(&upstream)
+        .routes(route_to(
+            &upstream.url(),
+            &format!("tls_ca = '{}'", stranger_file.display()),
+        ))
+        .start()
+        .await;
+    let r = common::client()
+        .get(gw.proxy_url("/things"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+
+    // An upstream that asks for a client certificate gets the route's (mutual TLS) …
+    let mtls = Upstream::start_tls(upstream_config(&ca.issue("upstream"), Some(&ca))).await;
+    let client = ca.issue("gateway-client");
+    let client_files = write(dir.path(), &client);
+    let gw = Gateway::builder(&mtls)
+        .routes(route_to(
+            &mtls.url(),
+            &format!(
+                "tls_ca = '{}'\ntls_client_cert = '{}'\ntls_client_key = '{}'",
+                ca_file.display(),
+                client_files.cert.display(),
+                client_files.key.display()
+            ),
+        ))
+        .start()
+        .await;
+    let r = common::client()
+        .get(gw.proxy_url("/things"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::OK);
+    let echo: serde_json::Value = r.json().await.expect("echo");
+    assert_eq!(echo["headers"]["x-upstream-client-cert"], "yes");
+    // … and refuses a route without one.
+    let gw = Gateway::builder(&mtls)
+        .routes(route_to(
+            &mtls.url(),
+            &format!("tls_ca = '{}'", ca_file.display()),
+        ))
+        .start()
+        .await;
+    let r = common::client()
+        .get(gw.proxy_url("/things"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+}
+
+#[test]
+fn upstream_tls_fields_are_checked_by_check_config() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().expect("dir");
+    let files = write(dir.path(), &ca.issue("client"));
+    let cases = [
+        (
+            route_to(
+                "https://127.0.0.1:9",
+                &format!("tls_client_cert = '{}'", files.cert.display()),
+            ),
+            "routes[0].tls_client_key: is required with tls_client_cert",
+        ),
+        (
+            route_to(
+                "http://127.0.0.1:9",
+                &format!("tls_ca = '{}'", files.cert.display()),
+            ),
+            "routes[0].tls_ca: tls_* fields are only used with https:// upstreams",
+        ),
+        (
+            route_to("https://127.0.0.1:9", "tls_ca = '/nonexistent/ca.pem'"),
+            "cannot read /nonexistent/ca.pem",
+        ),
+        (
+            route_to("ftp://127.0.0.1:9", ""),
+            "must start with http:// or https://",
+        ),
+    ];
+    // Without a CA file the system's roots are used (.ci/run installs ca-certificates).
+    let system = tollgate::tls::upstream_client_config(
+        &tollgate::tls::UpstreamTlsFiles::default(),
+        std::time::SystemTime::now(),
+    );
+    assert!(system.is_ok(), "{:?}", system.err());
+    for (routes, expected) in cases {
+        let config = dir.path().join("t.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[store]\npath = '{}'\n{routes}",
+                dir.path().join("t.db").display()
+            ),
+        )
+        .expect("write config");
+        let out = common::tollgate_command()
+            .args(["check-config", "--config"])
+            .arg(&config)
+            .output()
+            .expect("run check-config");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains(expected),
+            "expected {expected:?} in {stderr}"
+        );
+    }
+}

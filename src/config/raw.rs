@@ -127,4 +127,7 @@ pub(crate) struct RawRoute {
     pub(crate) timeout: Option<String>,
     pub(crate) idle_timeout: Option<String>,
     pub(crate) cost: Option<u32>,
+    pub(crate) tls_ca: Option<String>,
+    pub(crate) tls_client_cert: Option<String>,
+    pub(crate) tls_client_key: Option<String>,
 }

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
@@ -160,12 +161,15 @@ pub struct RouteSettings {
     /// The longest silence inside a streamed body, either way: a stalled upstream body is cut
     /// (counted as `upstream_timeout`), a stalled client body refused (`bad_request`).
     pub idle_timeout: Duration,
+    /// The TLS client for its `https://` upstreams (`tls_ca`, `tls_client_cert`/`_key`), built
+    /// and checked once; `None` when every upstream is `http://`.
+    pub upstream_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// One upstream base URL, split once.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    /// `http`.
+    /// `http` or `https`.
     pub scheme: Scheme,
     /// `host:port`.
     pub authority: Authority,

@@ -1,4 +1,6 @@
-//! Upstream connections: HTTP/1.1 keep-alive connections kept idle per thread.
+//! Upstream connections: HTTP/1.1 keep-alive connections kept idle per thread, over TCP or, for
+//! `https://` upstreams, TLS (rustls; SNI and the certificate checked against the upstream's
+//! host, within the same connect deadline).
 //!
 //! Taking a connection and giving it back touches only the current thread's idle list: no lock
 //! shared between threads, no task spawned per request (hyper-util's pooled client takes a
@@ -14,11 +16,16 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use http::uri::Authority;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use quanta::Instant;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 use super::body::RequestBody;
 
@@ -58,7 +65,13 @@ struct PoolKey {
 /// A gateway's upstream connections. Upstreams are numbered by [`Pool::slot`] at start-up.
 pub struct Pool {
     id: u64,
-    authorities: Vec<Authority>,
+    peers: Vec<Peer>,
+}
+
+/// One upstream to connect to: where, and with which TLS client (none: cleartext).
+struct Peer {
+    authority: Authority,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// A connection ready to carry one request.
@@ -84,17 +97,35 @@ impl Pool {
     pub fn new() -> Self {
         Pool {
             id: NEXT_POOL.fetch_add(1, Ordering::Relaxed),
-            authorities: Vec::new(),
+            peers: Vec::new(),
         }
     }
 
-    /// The slot of `authority`, added when new. Called while building the route table.
-    pub fn slot(&mut self, authority: &Authority) -> usize {
-        if let Some(i) = self.authorities.iter().position(|a| a == authority) {
+    /// The slot of `authority` reached with `tls` (`None`: cleartext), added when new. Called
+    /// while building the route table; routes with the same upstream and TLS client share
+    /// connections.
+    pub fn slot(
+        &mut self,
+        authority: &Authority,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+    ) -> usize {
+        let same_tls = |p: &Peer| match (&p.tls, tls) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        if let Some(i) = self
+            .peers
+            .iter()
+            .position(|p| p.authority == *authority && same_tls(p))
+        {
             return i;
         }
-        self.authorities.push(authority.clone());
-        self.authorities.len() - 1
+        self.peers.push(Peer {
+            authority: authority.clone(),
+            tls: tls.cloned(),
+        });
+        self.peers.len() - 1
     }
 
     /// An idle connection to the upstream in `slot`, else a new one.
@@ -118,28 +149,35 @@ impl Pool {
     }
 
     async fn connect(&self, key: PoolKey) -> io::Result<Conn> {
-        let authority = self
-            .authorities
+        let peer = self
+            .peers
             .get(key.slot)
             .ok_or_else(|| io::Error::other("unknown upstream slot"))?;
-        let port = authority.port_u16().unwrap_or(80);
-        let host = authority
+        let host = peer
+            .authority
             .host()
             .trim_start_matches('[')
             .trim_end_matches(']');
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port)))
+        let connecting = async {
+            let port =
+                peer.authority
+                    .port_u16()
+                    .unwrap_or(if peer.tls.is_some() { 443 } else { 80 });
+            let stream = TcpStream::connect((host, port)).await?;
+            stream.set_nodelay(true)?;
+            let Some(tls) = &peer.tls else {
+                return handshake(stream).await;
+            };
+            let name = ServerName::try_from(host.to_owned())
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            let stream = TlsConnector::from(Arc::clone(tls))
+                .connect(name, stream)
+                .await?;
+            handshake(stream).await
+        };
+        let sender = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "upstream connect timed out"))??;
-        stream.set_nodelay(true)?;
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(io::Error::other)?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
-            }
-        });
         Ok(Conn {
             key,
             sender,
@@ -197,6 +235,23 @@ impl Checkin {
             }
         });
     }
+}
+
+/// HTTP/1.1 over `io`, its connection driven by a task of its own.
+async fn handshake<I>(io: I) -> io::Result<SendRequest<RequestBody>>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(io::Error::other)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
 }
 
 /// The most recently idled live connection of `key` on this thread (it is the warmest, and the

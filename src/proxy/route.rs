@@ -15,7 +15,7 @@ use crate::metrics::{Metrics, RouteCounters};
 pub struct Target {
     /// Where it is.
     pub upstream: Upstream,
-    /// Its slot in the connection pool (one per distinct authority).
+    /// Its slot in the connection pool (one per distinct authority and TLS client).
     pub slot: usize,
     /// The `Host` header it gets: its own authority.
     pub host: HeaderValue,
@@ -65,7 +65,12 @@ impl RouteTable {
                     .iter()
                     .map(|u| Target {
                         upstream: u.clone(),
-                        slot: pool.slot(&u.authority),
+                        slot: pool.slot(
+                            &u.authority,
+                            r.upstream_tls
+                                .as_ref()
+                                .filter(|_| u.scheme == http::uri::Scheme::HTTPS),
+                        ),
                         host: HeaderValue::from_str(u.authority.as_str())
                             .unwrap_or_else(|_| HeaderValue::from_static("")),
                     })
@@ -169,6 +174,7 @@ mod tests {
             strip_prefix: true,
             timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),
+            upstream_tls: None,
         }
     }
 

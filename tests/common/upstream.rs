@@ -13,6 +13,9 @@
 //! | `GET …/ws` with `Connection: upgrade` | 101 (`Upgrade` as asked), then every byte echoed back |
 //! | anything else | 200 JSON echo: `{"method","path","headers":{name: value},"body_bytes"}` |
 //!
+//! [`Upstream::start_tls`] serves the same over TLS, and adds `x-upstream-client-cert: yes|no`
+//! to what it echoes: whether the gateway presented a client certificate.
+//!
 //! The JSON echo reads (and counts, without keeping) the whole request body before answering, so
 //! that a body the gateway cuts off shows as a failed upstream request, not as a 200.
 
@@ -42,6 +45,7 @@ const BIG_FRAME: usize = 64 * 1024;
 /// A running echo upstream; stops when dropped.
 pub struct Upstream {
     addr: SocketAddr,
+    scheme: &'static str,
     /// Requests whose head has arrived, counted for tests that must know one is in flight.
     seen: Arc<AtomicUsize>,
     /// Connections accepted.
@@ -54,6 +58,15 @@ pub struct Upstream {
 impl Upstream {
     /// Binds `127.0.0.1:0` and serves until dropped.
     pub async fn start() -> Upstream {
+        Upstream::start_with(None).await
+    }
+
+    /// Binds `127.0.0.1:0` and serves TLS with `config` until dropped.
+    pub async fn start_tls(config: Arc<rustls::ServerConfig>) -> Upstream {
+        Upstream::start_with(Some(tokio_rustls::TlsAcceptor::from(config))).await
+    }
+
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind upstream");
@@ -62,6 +75,7 @@ impl Upstream {
         let connections = Arc::new(AtomicUsize::new(0));
         let counter = Arc::clone(&seen);
         let accepted = Arc::clone(&connections);
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -69,29 +83,31 @@ impl Upstream {
                 };
                 accepted.fetch_add(1, Ordering::SeqCst);
                 let counter = Arc::clone(&counter);
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let service = service_fn(move |req| {
-                        counter.fetch_add(1, Ordering::SeqCst);
-                        async move { Ok::<_, Infallible>(answer(req).await) }
-                    });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .with_upgrades()
-                        .await;
+                    let Some(acceptor) = tls else {
+                        return serve_echo(stream, counter, None).await;
+                    };
+                    let Ok(stream) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let client_cert = stream.get_ref().1.peer_certificates().is_some();
+                    serve_echo(stream, counter, Some(client_cert)).await;
                 });
             }
         });
         Upstream {
             addr,
+            scheme,
             seen,
             connections,
             task,
         }
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (`https://` from [`Upstream::start_tls`]).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// How many request heads have arrived so far.
@@ -112,6 +128,29 @@ impl Drop for Upstream {
 }
 
 // === functions ===
+
+/// Serves the echo on one connection; `client_cert` (TLS only) is added to every request's
+/// headers as `x-upstream-client-cert`.
+async fn serve_echo<I>(io: I, counter: Arc<AtomicUsize>, client_cert: Option<bool>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |mut req: Request<Incoming>| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        if let Some(seen) = client_cert {
+            let value = if seen { "yes" } else { "no" };
+            req.headers_mut().insert(
+                "x-upstream-client-cert",
+                http::HeaderValue::from_static(value),
+            );
+        }
+        async move { Ok::<_, Infallible>(answer(req).await) }
+    });
+    let _ = http1::Builder::new()
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades()
+        .await;
+}
 
 /// Byte `i` of the `/big` body.
 pub fn pattern_byte(i: u64) -> u8 {
