@@ -472,74 +472,43 @@ async fn https_upstreams_are_verified_against_the_routes_ca_and_get_a_client_cer
     let dir = tempfile::tempdir().expect("dir");
     let ca_file = dir.path().join("ca.pem");
     std::fs::write(&ca_file, ca.pem()).expect("write CA");
+    let trust = |file: &Path| format!("tls_ca = '{}'", file.display());
     let upstream = Upstream::start_tls(upstream_config(&ca.issue("upstream"), None)).await;
     assert!(upstream.url().starts_with("https://"));
 
-    // Trusted through the route's CA file: forwarded, with SNI and Host its own authority.
-    let gw = Gateway::builder(&upstream)
-        .routes(route_to(
-            &upstream.url(),
-            &format!("tls_ca = '{}'", ca_file.display()),
-        ))
-        .start()
-        .await;
-    let r = common::client()
-        .get(gw.proxy_url("/things"))
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(r.status(), StatusCode::OK);
-    let echo: serde_json::Value = r.json().await.expect("echo");
+    // Trusted through the route's CA file: forwarded (SNI and Host: its own authority).
+    let (status, echo) = through(&upstream, &trust(&ca_file)).await;
+    assert_eq!(status, StatusCode::OK);
     assert_eq!(echo["headers"]["x-upstream-client-cert"], "no");
 
     // A CA that did not sign the upstream's certificate: the upstream is not trusted.
-    let stranger = Ca::new();
     let stranger_file = dir.path().join("stranger.pem");
-    std::fs::write(&stranger_file, stranger.pem()).expect("write CA");
-    let gw = Gateway::builder(&upstream)
-        .routes(route_to(
-            &upstream.url(),
-            &format!("tls_ca = '{}'", stranger_file.display()),
-        ))
-        .start()
-        .await;
-    let r = common::client()
-        .get(gw.proxy_url("/things"))
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    std::fs::write(&stranger_file, Ca::new().pem()).expect("write CA");
+    let (status, _) = through(&upstream, &trust(&stranger_file)).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
 
     // An upstream that asks for a client certificate gets the route's (mutual TLS) …
     let mtls = Upstream::start_tls(upstream_config(&ca.issue("upstream"), Some(&ca))).await;
-    let client = ca.issue("gateway-client");
-    let client_files = write(dir.path(), &client);
-    let gw = Gateway::builder(&mtls)
-        .routes(route_to(
-            &mtls.url(),
-            &format!(
-                "tls_ca = '{}'\ntls_client_cert = '{}'\ntls_client_key = '{}'",
-                ca_file.display(),
-                client_files.cert.display(),
-                client_files.key.display()
-            ),
-        ))
-        .start()
-        .await;
-    let r = common::client()
-        .get(gw.proxy_url("/things"))
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(r.status(), StatusCode::OK);
-    let echo: serde_json::Value = r.json().await.expect("echo");
+    let client = write(dir.path(), &ca.issue("gateway-client"));
+    let with_client = format!(
+        "{}\ntls_client_cert = '{}'\ntls_client_key = '{}'",
+        trust(&ca_file),
+        client.cert.display(),
+        client.key.display()
+    );
+    let (status, echo) = through(&mtls, &with_client).await;
+    assert_eq!(status, StatusCode::OK);
     assert_eq!(echo["headers"]["x-upstream-client-cert"], "yes");
     // … and refuses a route without one.
-    let gw = Gateway::builder(&mtls)
-        .routes(route_to(
-            &mtls.url(),
-            &format!("tls_ca = '{}'", ca_file.display()),
-        ))
+    let (status, _) = through(&mtls, &trust(&ca_file)).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+}
+
+/// A request through a fresh gateway whose one public route to `upstream` has `extra` fields:
+/// its status and JSON body (`null` when not JSON).
+async fn through(upstream: &Upstream, extra: &str) -> (StatusCode, serde_json::Value) {
+    let gw = Gateway::builder(upstream)
+        .routes(route_to(&upstream.url(), extra))
         .start()
         .await;
     let r = common::client()
@@ -547,7 +516,8 @@ async fn https_upstreams_are_verified_against_the_routes_ca_and_get_a_client_cer
         .send()
         .await
         .expect("request");
-    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    let status = r.status();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
 }
 
 #[test]
