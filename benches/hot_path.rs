@@ -1,5 +1,6 @@
 //! The per-request policy step on a cached key: SHA-256, cache lookup, the decision (state,
-//! network, scope, three GCRA windows) and the usage count. No store I/O.
+//! network, scope, three GCRA windows) and the usage count. No store I/O. And the signed
+//! identity header, which the proxy adds per request when it is configured.
 //!
 //! `cargo bench --bench hot_path`
 
@@ -18,6 +19,7 @@ use tollgate::config::RouteScopes;
 use tollgate::credential::{self, KeyHash, Kind};
 use tollgate::metering::{Meter, Outcome, WallClock};
 use tollgate::metrics::Metrics;
+use tollgate::proxy::signed::Signer;
 use tollgate::store::embedded::EmbeddedStore;
 use tollgate::store::SharedStore;
 
@@ -84,6 +86,18 @@ fn bench(c: &mut Criterion) {
     let hot = fixture(1);
     c.bench_function("verify_limit_meter/hot_key", |b| {
         b.iter(|| step(&hot, &hot.raws[0], &scopes, ip))
+    });
+    // The signed identity header (`identity.signing_secret_env`), added per forwarded request.
+    let signer = Signer::new(
+        b"an-identity-secret-of-at-least-32-bytes!",
+        Duration::from_secs(60),
+        http::HeaderName::from_static("x-tollgate-identity"),
+    );
+    let Cached::Fresh(Lookup::Found(key)) = hot.cache.cached(&KeyHash::of(&hot.raws[0])) else {
+        panic!("not cached");
+    };
+    c.bench_function("sign_identity", |b| {
+        b.iter(|| signer.sign(&key.identity, 1_765_015_200))
     });
     let many = fixture(10_000);
     let mut i = 0usize;

@@ -13,14 +13,15 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
 
 pub use settings::{
-    AdminSettings, CacheSettings, Durability, IdentitySettings, LimitMode, LimitSettings,
-    MeteringSettings, OnStoreError, ProxySettings, RouteAuth, RouteScopes, RouteSettings, Settings,
-    StoreSettings, Upstream,
+    AdminSettings, CacheSettings, Durability, IdentitySettings, IdentitySigning, LimitMode,
+    LimitSettings, MeteringSettings, OnStoreError, ProxySettings, RouteAuth, RouteScopes,
+    RouteSettings, Settings, StoreSettings, Upstream,
 };
 
 use crate::store::RateLimitSpec;
@@ -126,11 +127,15 @@ pub fn load_from_str(
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Settings, ConfigError> {
     let fail = |field: &str, message: String| ConfigError::one(file, field, message);
-    let overrides = EnvOverrides::read(env);
+    let env: BTreeMap<String, String> = env.into_iter().collect();
+    let overrides = EnvOverrides::read(env.clone());
     let built = overrides
         .over(toml)
         .map_err(|(field, e)| fail(field, e.to_string()))?;
-    let mut v = Validator::default();
+    let mut v = Validator {
+        env,
+        ..Validator::default()
+    };
     for name in &overrides.routes {
         v.problem(
             "routes",
@@ -166,7 +171,12 @@ pub fn load_from_str(
 #[derive(Default)]
 struct Validator {
     problems: Vec<Problem>,
+    /// The process environment, for the variables the config names (the identity secret).
+    env: BTreeMap<String, String>,
 }
+
+/// The shortest identity signing secret accepted, in bytes.
+const MIN_SIGNING_SECRET: usize = 32;
 
 /// The `TOLLGATE__…` variables, less what the config crate cannot express: an empty list (it
 /// would read `""` as a list of one empty entry) and anything under `routes`.
@@ -641,12 +651,17 @@ impl Validator {
 
     fn identity(&mut self, raw: RawIdentity) -> Option<IdentitySettings> {
         self.unknown("identity", &raw.unknown);
-        if raw.signing_secret_env.is_some() {
+        let ttl = self.duration("identity.signed_ttl", raw.signed_ttl, "60s");
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&ttl) {
             self.problem(
-                "identity.signing_secret_env",
-                "signed identity headers are not available in this version",
+                "identity.signed_ttl",
+                "must be between 1s and 1h: it is how long a captured header can be replayed",
             );
         }
+        let signing = raw
+            .signing_secret_env
+            .and_then(|name| self.signing_secret(&name))
+            .map(|secret| IdentitySigning { secret, ttl });
         let header_prefix = raw
             .header_prefix
             .unwrap_or_else(|| "X-Tollgate-".to_owned());
@@ -659,7 +674,33 @@ impl Validator {
             );
             return None;
         }
-        Some(IdentitySettings { header_prefix })
+        Some(IdentitySettings {
+            header_prefix,
+            signing,
+        })
+    }
+
+    /// The value of `name` in the environment, as an HMAC-SHA256 key: at least 32 bytes (RFC 7518
+    /// §3.2 asks for a key as long as the hash).
+    fn signing_secret(&mut self, name: &str) -> Option<Arc<[u8]>> {
+        const FIELD: &str = "identity.signing_secret_env";
+        match self.env.get(name).filter(|v| !v.is_empty()) {
+            None => {
+                self.problem(FIELD, format!("the variable `{name}` is not set"));
+                None
+            }
+            Some(v) if v.len() < MIN_SIGNING_SECRET => {
+                self.problem(
+                    FIELD,
+                    format!(
+                        "the secret in `{name}` has {} bytes; at least {MIN_SIGNING_SECRET} are needed",
+                        v.len()
+                    ),
+                );
+                None
+            }
+            Some(v) => Some(Arc::from(v.as_bytes())),
+        }
     }
 
     fn routes(&mut self, raw: Vec<RawRoute>) -> Vec<RouteSettings> {

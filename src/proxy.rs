@@ -23,6 +23,7 @@ pub mod headers;
 pub mod pool;
 pub mod record;
 pub mod route;
+pub mod signed;
 pub mod tunnel;
 
 use std::borrow::Cow;
@@ -69,6 +70,8 @@ pub struct Proxy {
     max_body_bytes: u64,
     /// The listener serves TLS (`X-Forwarded-Proto: https`).
     tls: bool,
+    /// Signs `X-Tollgate-Identity` when `identity.signing_secret_env` is set.
+    signer: Option<signed::Signer>,
 }
 
 /// What the target check found, for the stages after it.
@@ -117,6 +120,18 @@ impl Proxy {
             trusted_proxies: settings.proxy.trusted_proxies.clone(),
             max_body_bytes: settings.proxy.max_body_bytes,
             tls: settings.proxy.tls.is_some(),
+            signer: match &settings.identity.signing {
+                Some(signing) => Some(signed::Signer::new(
+                    &signing.secret,
+                    signing.ttl,
+                    http::HeaderName::from_bytes(
+                        format!("{}identity", settings.identity.header_prefix)
+                            .to_ascii_lowercase()
+                            .as_bytes(),
+                    )?,
+                )),
+                None => None,
+            },
         })
     }
 
@@ -308,6 +323,13 @@ impl Proxy {
         };
         let identity = ticket.key().map(|i| &i.key.identity);
         headers::prepare_upstream_headers(&mut headers, &self.names, &fwd, identity);
+        if let (Some(signer), Some(key)) = (&self.signer, ticket.key()) {
+            let now_secs = u64::try_from(key.now_ms / 1000).unwrap_or(0);
+            headers.insert(
+                signer.name.clone(),
+                signer.sign(&key.key.identity, now_secs),
+            );
+        }
         headers.insert(header::HOST, target.host.clone());
         if let Some(protocol) = upgrade {
             headers::ask_upgrade(&mut headers, protocol.clone());

@@ -110,6 +110,7 @@ pub(crate) struct RawIdentity {
     pub(crate) unknown: Unknown,
     pub(crate) header_prefix: Option<String>,
     pub(crate) signing_secret_env: Option<String>,
+    pub(crate) signed_ttl: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -137,6 +137,27 @@ pub enum Durability {
 pub struct IdentitySettings {
     /// Prefix of the identity headers, `X-Tollgate-` by default.
     pub header_prefix: String,
+    /// With `signing_secret_env`: every forwarded request of a key carries a signed identity.
+    pub signing: Option<IdentitySigning>,
+}
+
+/// How the `X-Tollgate-Identity` header is signed (JWS HS256).
+#[derive(Clone)]
+pub struct IdentitySigning {
+    /// The HMAC key: the value of the variable `signing_secret_env` names, at least 32 bytes.
+    pub secret: Arc<[u8]>,
+    /// `exp - iat` of every signed identity (`signed_ttl`, 60 s by default).
+    pub ttl: Duration,
+}
+
+impl std::fmt::Debug for IdentitySigning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret.
+        f.debug_struct("IdentitySigning")
+            .field("secret", &format_args!("<{} bytes>", self.secret.len()))
+            .field("ttl", &self.ttl)
+            .finish()
+    }
 }
 
 /// `[[routes]]`.
