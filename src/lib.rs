@@ -12,8 +12,8 @@
 //! host, the path in normal form).
 //!
 //! Layer 1, foundations: [`config`] (settings, parsed and validated once), [`store`] (the only
-//! module that touches disk or network: five role traits — records, audit log, usage, limit
-//! buckets, fleet — each backend one file per role; its `audit_chain` is pure), [`tls`] (a
+//! module that touches disk or network: six role traits — records, OAuth clients, audit log,
+//! usage, limit buckets, fleet — each backend one file per role; its `audit_chain` is pure), [`tls`] (a
 //! listener's certificate and key, checked and reloadable), [`metrics`].
 //!
 //! Layer 2, state: [`limits`] (per-key GCRA buckets), [`auth`] (the key cache and the one

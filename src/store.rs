@@ -6,6 +6,7 @@
 //! | role | trait | who uses it |
 //! |---|---|---|
 //! | accounts, keys, sites, the master key; keys by hash | [`Records`] | the key cache (lookups), the admin API |
+//! | OAuth client secrets and the access tokens issued with them | [`Clients`] | the admin API, the token endpoint |
 //! | the audit log and its hash chains | [`AuditLog`] | the admin API |
 //! | usage buckets and last use | [`Usage`] | the metering flusher, its write-ahead log and pruning; usage reads |
 //! | window counters shared by a fleet | [`LimitBuckets`] | `limits::global` — only a shared store has them |
@@ -36,8 +37,8 @@ use async_trait::async_trait;
 
 pub use model::{
     key_name_index, AccountRecord, AuditChainPage, AuditEntry, AuditPage, AuditQuery, AuthMethod,
-    BatchId, Granularity, KeyRecord, KeyType, NetworkPolicy, Plan, RateLimitSpec, SiteRecord,
-    UsageCounts, UsageDelta, UsageEvent,
+    BatchId, Granularity, KeyRecord, KeyType, NetworkPolicy, Plan, RateLimitSpec, SecretRecord,
+    SiteRecord, TokenRecord, UsageCounts, UsageDelta, UsageEvent,
 };
 
 use crate::credential::KeyHash;
@@ -205,7 +206,7 @@ pub async fn open(
 /// The whole store: every role, readiness and capabilities. Every method of every role is one
 /// atomic operation on the backend.
 #[async_trait]
-pub trait Store: Records + AuditLog + Usage + Fleet + 'static {
+pub trait Store: Records + Clients + AuditLog + Usage + Fleet + 'static {
     /// What this backend can do.
     fn capabilities(&self) -> Capabilities;
 
@@ -279,6 +280,28 @@ pub trait Records: Send + Sync {
     async fn master_key_hash(&self) -> Result<Option<KeyHash>, StoreError>;
     /// Stores the master key's hash, replacing any earlier one.
     async fn set_master_key_hash(&self, hash: &KeyHash) -> Result<(), StoreError>;
+}
+
+/// OAuth clients: each account's client secrets, and the access tokens issued with them.
+#[async_trait]
+pub trait Clients: Send + Sync {
+    /// Adds a client secret; `AlreadyExists` if its id or hash exists.
+    async fn create_secret(&self, secret: &SecretRecord) -> Result<(), StoreError>;
+    /// An account's client secrets, oldest first.
+    async fn list_secrets(&self, account_id: &str) -> Result<Vec<SecretRecord>, StoreError>;
+    /// The client secret with this hash.
+    async fn find_secret(&self, hash: &KeyHash) -> Result<Option<SecretRecord>, StoreError>;
+    /// Deletes a client secret and every token issued with it, answering the secret and the
+    /// tokens' hashes (for the caches to drop); `None` if there was no such secret.
+    async fn delete_secret(
+        &self,
+        account_id: &str,
+        secret_id: &str,
+    ) -> Result<Option<(SecretRecord, Vec<KeyHash>)>, StoreError>;
+    /// Stores an access token until it expires (a backend may forget it after that).
+    async fn create_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
+    /// The token with this hash (expired or not, while it is still stored).
+    async fn find_token(&self, hash: &KeyHash) -> Result<Option<TokenRecord>, StoreError>;
 }
 
 /// The audit log: every account's chain of entries, and the all-accounts log.

@@ -1,5 +1,6 @@
 //! The store conformance suite: every backend must pass [`run_all`], one section per role of
-//! the store (records, audit log, usage, fleet, and limit buckets where the store is shared).
+//! the store (records, clients, audit log, usage, fleet, and limit buckets where the store is
+//! shared).
 //!
 //! Each check is an async fn over the role it tests, with its own random id prefix, so the suite
 //! also runs against a backend shared with other runs (a reused Redis): nothing assumes the store
@@ -16,9 +17,10 @@ use tollgate::store::audit_chain::{ChainVerdict, ChainWalk, Step, GENESIS};
 use tollgate::store::embedded::EmbeddedStore;
 use tollgate::store::redis::RedisStore;
 use tollgate::store::{
-    AccountRecord, AuditEntry, AuditLog, AuditQuery, AuthMethod, BatchId, Fleet, Granularity,
-    Invalidation, InvalidationEvent, KeyRecord, KeyType, LimitBuckets, NetworkPolicy, Plan,
-    Records, SharedStore, SiteRecord, Store, StoreError, TokenTake, Usage, UsageCounts, UsageDelta,
+    AccountRecord, AuditEntry, AuditLog, AuditQuery, AuthMethod, BatchId, Clients, Fleet,
+    Granularity, Invalidation, InvalidationEvent, KeyRecord, KeyType, LimitBuckets, NetworkPolicy,
+    Plan, Records, SecretRecord, SharedStore, SiteRecord, Store, StoreError, TokenRecord,
+    TokenTake, Usage, UsageCounts, UsageDelta,
 };
 
 use redis_harness::{RedisCluster, RedisServer};
@@ -184,6 +186,7 @@ fn ids<T>(records: &[T], id: impl Fn(&T) -> &str) -> Vec<String> {
 pub async fn run_all(store: SharedStore) {
     assert!(store.ping().await.is_ok());
     records(&*store).await;
+    clients(&*store).await;
     audit_log_role(Arc::clone(&store) as Arc<dyn AuditLog>).await;
     usage_role(&*store).await;
     fleet(Arc::clone(&store)).await;
@@ -656,6 +659,106 @@ async fn master_key(store: &dyn Records) {
     let second = fresh_hash();
     store.set_master_key_hash(&second).await.unwrap();
     assert!(store.master_key_hash().await.unwrap() == Some(second));
+}
+
+// === role: clients ===
+
+fn secret(id: &str, account_id: &str, created_at: DateTime<Utc>) -> (String, SecretRecord) {
+    let raw = credential::generate(Kind::ClientSecret);
+    let record = SecretRecord {
+        id: id.to_owned(),
+        account_id: account_id.to_owned(),
+        hash: KeyHash::of(&raw),
+        prefix: raw[..12].to_owned(),
+        preview: format!("{}…{}", &raw[..9], &raw[raw.len() - 4..]),
+        created_at,
+    };
+    (raw, record)
+}
+
+fn token(secret: &SecretRecord, expires_in: Duration) -> TokenRecord {
+    TokenRecord {
+        hash: KeyHash::of(&credential::generate(Kind::AccessToken)),
+        account_id: secret.account_id.clone(),
+        secret_id: secret.id.clone(),
+        scopes: Some(vec!["orders:read".to_owned()]),
+        expires_at: Utc::now() + expires_in,
+        created_at: Utc::now(),
+    }
+}
+
+/// Client secrets by account and by hash; tokens by hash; a deleted secret takes its tokens.
+async fn clients(store: &dyn Clients) {
+    let p = unique();
+    let acc = format!("acc_{p}");
+    let other = format!("acc_{p}_other");
+    let (_, second) = secret(&format!("sec_{p}_2"), &acc, at(2));
+    let (raw, first) = secret(&format!("sec_{p}_1"), &acc, at(1));
+    let (_, elsewhere) = secret(&format!("sec_{p}_3"), &other, at(1));
+    for s in [&second, &first, &elsewhere] {
+        store.create_secret(s).await.unwrap();
+    }
+    assert_eq!(
+        store.list_secrets(&acc).await.unwrap(),
+        vec![first.clone(), second.clone()]
+    );
+    assert_eq!(
+        store.find_secret(&KeyHash::of(&raw)).await.unwrap(),
+        Some(first.clone())
+    );
+    assert_eq!(store.find_secret(&fresh_hash()).await.unwrap(), None);
+    // Neither the id nor the hash can be taken twice.
+    let (_, same_id) = secret(&first.id, &acc, at(3));
+    assert!(matches!(
+        store.create_secret(&same_id).await,
+        Err(StoreError::AlreadyExists)
+    ));
+    let same_hash = SecretRecord {
+        id: format!("sec_{p}_4"),
+        ..first.clone()
+    };
+    assert!(matches!(
+        store.create_secret(&same_hash).await,
+        Err(StoreError::AlreadyExists)
+    ));
+    assert_eq!(store.list_secrets(&acc).await.unwrap().len(), 2);
+
+    let t1 = token(&first, Duration::hours(1));
+    let t2 = token(&first, Duration::hours(1));
+    let kept = token(&second, Duration::hours(1));
+    for t in [&t1, &t2, &kept] {
+        store.create_token(t).await.unwrap();
+    }
+    assert_eq!(store.find_token(&t1.hash).await.unwrap(), Some(t1.clone()));
+    assert!(matches!(
+        store.create_token(&t1).await,
+        Err(StoreError::AlreadyExists)
+    ));
+
+    // Deleting a secret revokes its tokens, and only its.
+    let (deleted, mut revoked) = store
+        .delete_secret(&acc, &first.id)
+        .await
+        .unwrap()
+        .expect("deleted");
+    assert_eq!(deleted, first);
+    revoked.sort_by_key(|h| h.0);
+    let mut expected = vec![t1.hash, t2.hash];
+    expected.sort_by_key(|h| h.0);
+    assert_eq!(revoked, expected);
+    assert_eq!(store.find_token(&t1.hash).await.unwrap(), None);
+    assert_eq!(store.find_token(&t2.hash).await.unwrap(), None);
+    assert_eq!(store.find_secret(&first.hash).await.unwrap(), None);
+    assert_eq!(store.find_token(&kept.hash).await.unwrap(), Some(kept));
+    assert_eq!(store.list_secrets(&acc).await.unwrap(), vec![second]);
+    assert_eq!(store.delete_secret(&acc, &first.id).await.unwrap(), None);
+    // Another account's secret is not this account's to delete.
+    assert_eq!(
+        store.delete_secret(&acc, &elsewhere.id).await.unwrap(),
+        None
+    );
+    // The hash of a deleted secret is free again.
+    store.create_secret(&first).await.unwrap();
 }
 
 // === role: audit log ===

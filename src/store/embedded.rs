@@ -49,6 +49,7 @@ use serde::Serialize;
 
 mod audit;
 mod buckets;
+mod clients;
 mod commit;
 mod journal;
 mod records;
@@ -131,6 +132,7 @@ impl EmbeddedStore {
                 txn.open_table(AUDIT_HEADS).map_err(db_err)?;
                 txn.open_table(USAGE_WRITERS).map_err(db_err)?;
                 buckets::create_tables(txn)?;
+                clients::create_tables(txn)?;
                 txn.open_table(META).map_err(db_err)?;
                 records::fold_key_names(txn)?;
                 Unfolded::recover(txn)

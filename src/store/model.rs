@@ -176,6 +176,40 @@ pub struct SiteRecord {
     pub created_at: DateTime<Utc>,
 }
 
+/// An OAuth client secret (`tgcs_`) of an account: its `client_id` is the account id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretRecord {
+    /// `sec_…`.
+    pub id: String,
+    /// Owning account (the OAuth `client_id`).
+    pub account_id: String,
+    /// SHA-256 of the raw secret.
+    pub hash: KeyHash,
+    /// The first 12 characters.
+    pub prefix: String,
+    /// `tgcs_Ab3x…9fQ2`.
+    pub preview: String,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+}
+
+/// An access token (`tgat_`) issued with a client secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// SHA-256 of the raw token.
+    pub hash: KeyHash,
+    /// The account it acts for.
+    pub account_id: String,
+    /// The client secret it was issued with; deleting that secret revokes it.
+    pub secret_id: String,
+    /// Granted scopes; `None` for full access.
+    pub scopes: Option<Vec<String>>,
+    /// When it stops working.
+    pub expires_at: DateTime<Utc>,
+    /// Issue time.
+    pub created_at: DateTime<Utc>,
+}
+
 /// One change, for the audit log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditEntry {

@@ -123,6 +123,7 @@ macro_rules! cmd {
 }
 
 mod audit;
+mod clients;
 mod fleet;
 mod limits;
 mod records;

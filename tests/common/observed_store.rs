@@ -167,3 +167,29 @@ impl Fleet for ObservedStore {
         self.inner.publish_invalidation(what).await
     }
 }
+
+#[async_trait]
+impl Clients for ObservedStore {
+    async fn create_secret(&self, s: &SecretRecord) -> Result<(), StoreError> {
+        self.inner.create_secret(s).await
+    }
+    async fn list_secrets(&self, a: &str) -> Result<Vec<SecretRecord>, StoreError> {
+        self.inner.list_secrets(a).await
+    }
+    async fn find_secret(&self, h: &KeyHash) -> Result<Option<SecretRecord>, StoreError> {
+        self.inner.find_secret(h).await
+    }
+    async fn delete_secret(
+        &self,
+        a: &str,
+        s: &str,
+    ) -> Result<Option<(SecretRecord, Vec<KeyHash>)>, StoreError> {
+        self.inner.delete_secret(a, s).await
+    }
+    async fn create_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+        self.inner.create_token(t).await
+    }
+    async fn find_token(&self, h: &KeyHash) -> Result<Option<TokenRecord>, StoreError> {
+        self.inner.find_token(h).await
+    }
+}

@@ -92,6 +92,26 @@ pub(super) fn hash_index(hash_hex: &str) -> String {
     format!("tg:keyhash:{{{hash_hex}}}")
 }
 
+/// An account's client secrets: a hash of secret id → secret JSON.
+pub(super) fn secrets(account_id: &str) -> String {
+    format!("tg:{{{account_id}}}:secrets")
+}
+
+/// The tokens one client secret issued: a set of token hashes (hex).
+pub(super) fn secret_tokens(account_id: &str, secret_id: &str) -> String {
+    format!("tg:{{{account_id}}}:secret_tokens:{secret_id}")
+}
+
+/// The hash index entry of a client secret (hex): `acc_id` `\n` `sec_id`; tagged by itself.
+pub(super) fn secret_hash(hash_hex: &str) -> String {
+    format!("tg:secrethash:{{{hash_hex}}}")
+}
+
+/// An access token by its hash (hex): the token JSON, expiring with the token.
+pub(super) fn token(hash_hex: &str) -> String {
+    format!("tg:tokenhash:{{{hash_hex}}}")
+}
+
 pub(super) fn accounts() -> String {
     format!("tg:{{{GLOBAL}}}:accounts")
 }
