@@ -23,6 +23,9 @@
 //! | `GET …/sites` | both | `{"sites":[{"id","name","created_at"}]}` |
 //! | `POST …/sites` | both | 201 site |
 //! | `DELETE …/sites/{site_id}` | both | 204, no body |
+//! | `GET …/secrets` | both | `{"secrets":[{"id","client_id","prefix","preview","created_at"}]}` |
+//! | `POST …/secrets` | both | 201 the secret's metadata and the raw `client_secret`, once |
+//! | `DELETE …/secrets/{secret_id}` | both | 204; the tokens it issued are revoked |
 //! | `GET …/audit` | both | `{"logs":[…],"total","limit","offset"}`, newest first |
 //! | `GET …/audit/verify` | both | `{"intact","entries","first_bad_id"}`: the account's hash chain checked |
 //! | `GET …/keys/{key_id}/usage` | both | every bucket of `from`..`to` by `interval`, zeros included |
@@ -41,7 +44,7 @@
 //! Layout: `auth` (who is calling), `body` (JSON bodies that name the failing field), `patch`
 //! (PATCH bodies as JSON merge patches), `error`, `validate` (field checks), `usage` (reading usage back), `audit` (writing and
 //! listing entries), `health`, `accounts`, `account_config`, `keys`, `rotation` (renew and roll),
-//! `sites`, `master` (the operator's key at start-up). This module uses the store, the key cache
+//! `sites`, `secrets` (OAuth client secrets), `master` (the operator's key at start-up). This module uses the store, the key cache
 //! and metrics; never the proxy.
 
 mod account_config;
@@ -55,6 +58,7 @@ mod keys;
 pub mod master;
 mod patch;
 mod rotation;
+mod secrets;
 mod sites;
 mod usage;
 mod validate;
@@ -306,6 +310,14 @@ fn account_routes(base: &str) -> Router<AdminState> {
             get(sites::list).post(sites::create),
         )
         .route(&format!("{base}/sites/{{site_id}}"), delete(sites::delete))
+        .route(
+            &format!("{base}/secrets"),
+            get(secrets::list).post(secrets::create),
+        )
+        .route(
+            &format!("{base}/secrets/{{secret_id}}"),
+            delete(secrets::delete),
+        )
         .route(&format!("{base}/audit"), get(audit::list))
         .route(&format!("{base}/audit/verify"), get(audit::verify))
         .route(&format!("{base}/keys/{{key_id}}/usage"), get(usage::key))

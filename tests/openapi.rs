@@ -429,6 +429,29 @@ async fn every_documented_operation_answers_as_documented() {
             .await;
         assert_eq!(status, 404);
 
+        api.call("get", &p("/secrets"), &ids, cred.next(0), None)
+            .await;
+        let (status, secret) = api
+            .call("post", &p("/secrets"), &ids, cred.next(1), None)
+            .await;
+        assert_eq!(status, 201);
+        assert!(text(&secret, "client_secret").starts_with("tgcs_"));
+        let secret_id = text(&secret, "id");
+        let mut with_secret = ids.clone();
+        with_secret.push(("secret_id", secret_id.as_str()));
+        for expected in [204, 404] {
+            let (status, _) = api
+                .call(
+                    "delete",
+                    &p("/secrets/{secret_id}"),
+                    &with_secret,
+                    cred.next(2),
+                    None,
+                )
+                .await;
+            assert_eq!(status, expected);
+        }
+
         let (status, page) = api
             .call(
                 "get",
@@ -704,6 +727,7 @@ async fn methods_a_path_does_not_document_are_405() {
         ("account_id", account.as_str()),
         ("key_id", "key_x"),
         ("site_id", "site_x"),
+        ("secret_id", "sec_x"),
     ];
     let schema = api.doc["components"]["responses"]["MethodNotAllowed"]["content"]
         ["application/json"]["schema"]

@@ -179,12 +179,26 @@ pub(crate) async fn delete(
     State(state): State<AdminState>,
     access: AccountAccess,
 ) -> Result<Json<Deleted>, ApiError> {
-    let removed = {
+    let (removed, revoked) = {
         let _lock = state.lock_account(&access.account.id).await?;
-        state.store.delete_account(&access.account.id).await?
+        // Client secrets first, each taking its tokens: a failure here leaves the account.
+        let mut revoked = Vec::new();
+        for secret in state.store.list_secrets(&access.account.id).await? {
+            if let Some((_, tokens)) = state
+                .store
+                .delete_secret(&access.account.id, &secret.id)
+                .await?
+            {
+                revoked.extend(tokens);
+            }
+        }
+        (
+            state.store.delete_account(&access.account.id).await?,
+            revoked,
+        )
     };
-    for key in &removed {
-        state.cache.invalidate(&key.hash);
+    for hash in removed.iter().map(|k| &k.hash).chain(&revoked) {
+        state.cache.invalidate(hash);
     }
     state.cache.invalidate_account(&access.account.id);
     audit::record(

@@ -57,6 +57,10 @@ pub(crate) enum Action {
     CreateSite,
     /// `site.delete`.
     DeleteSite,
+    /// `secret.create`.
+    CreateSecret,
+    /// `secret.delete`.
+    DeleteSecret,
 }
 
 /// One change, as the audit log describes it.
@@ -97,10 +101,12 @@ impl Action {
             Action::RollKey => "key.roll",
             Action::CreateSite => "site.create",
             Action::DeleteSite => "site.delete",
+            Action::CreateSecret => "secret.create",
+            Action::DeleteSecret => "secret.delete",
         }
     }
 
-    /// The kind of record it changes: `account`, `key` or `site`.
+    /// The kind of record it changes: `account`, `key`, `site` or `secret`.
     pub(crate) fn target_type(self) -> &'static str {
         match self {
             Action::CreateAccount | Action::UpdateAccount | Action::DeleteAccount => "account",
@@ -112,6 +118,7 @@ impl Action {
             | Action::RenewKey
             | Action::RollKey => "key",
             Action::CreateSite | Action::DeleteSite => "site",
+            Action::CreateSecret | Action::DeleteSecret => "secret",
         }
     }
 }
