@@ -56,6 +56,7 @@ pub mod error;
 mod health;
 mod keys;
 pub mod master;
+pub mod oauth;
 mod patch;
 mod rotation;
 mod secrets;
@@ -105,6 +106,8 @@ pub struct AdminState {
     store_calls: Arc<StoreCalls>,
     /// Places for heavy usage reads ([`MAX_HEAVY_USAGE_READS`]), shared by every account.
     heavy_usage_reads: Arc<tokio::sync::Semaphore>,
+    /// Token requests per client id (`POST /oauth/token`), against guessing secrets.
+    token_issues: Arc<oauth::IssueLimiter>,
 }
 
 // === impl AdminState ===
@@ -133,6 +136,7 @@ impl AdminState {
                 per_day: Some(10_000),
             },
             heavy_usage_reads: Arc::new(tokio::sync::Semaphore::new(MAX_HEAVY_USAGE_READS)),
+            token_issues: Arc::new(oauth::issue_limiter()),
         }
     }
 
@@ -239,6 +243,17 @@ const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 const LOCK_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 // === functions ===
+
+/// `POST /oauth/token`, the client-credentials grant, for the proxy listener ([`oauth`]).
+pub fn token_router(state: AdminState) -> Router {
+    Router::new()
+        .route("/oauth/token", post(oauth::token))
+        .layer(DefaultBodyLimit::max(MAX_TOKEN_REQUEST_BYTES))
+        .with_state(state)
+}
+
+/// The largest token request body: a form or JSON of three short fields.
+const MAX_TOKEN_REQUEST_BYTES: usize = 4 * 1024;
 
 /// The admin listener's routes. Serve with
 /// `into_make_service_with_connect_info::<SocketAddr>()` so audit entries carry the caller's IP.

@@ -146,15 +146,14 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
         Arc::clone(&meter),
         Arc::clone(&metrics),
     )?);
-    let admin_router = admin::router(
-        AdminState::new(
-            Arc::clone(&store),
-            Arc::clone(&cache),
-            Arc::clone(&metrics),
-            Some(master.hash),
-        )
-        .with_default_limits(settings.limits.default),
-    );
+    let admin_state = AdminState::new(
+        Arc::clone(&store),
+        Arc::clone(&cache),
+        Arc::clone(&metrics),
+        Some(master.hash),
+    )
+    .with_default_limits(settings.limits.default);
+    let admin_router = admin::router(admin_state.clone());
 
     let proxy_tls = settings
         .proxy
@@ -190,16 +189,21 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
         .proxy
         .expose_account_api
         .then(|| admin_router.clone());
+    // `POST /oauth/token` (the client-credentials grant) is on the proxy listener too.
+    let token_api = admin::token_router(admin_state.clone());
     serving.spawn(listener::serve(
         proxy_listener,
         proxy_tls.as_ref().map(Certificates::server_config),
         move |req: http::Request<hyper::body::Incoming>, peer| {
             let proxy = Arc::clone(&proxy);
-            let account_api = account_api
-                .clone()
-                .filter(|_| is_account_path(req.uri().path()));
+            let path = req.uri().path();
+            let admin = if path == "/oauth/token" {
+                Some(token_api.clone())
+            } else {
+                account_api.clone().filter(|_| is_account_path(path))
+            };
             async move {
-                match account_api {
+                match admin {
                     Some(router) => call_admin(router, req, peer).await.map(Either::Right),
                     None => proxy.handle(req, peer).await.map(Either::Left),
                 }

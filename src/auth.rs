@@ -39,6 +39,8 @@ pub struct CachedKey {
     pub account_active: bool,
     /// The account's accepted credentials.
     pub auth_method: AuthMethod,
+    /// The credential is an OAuth access token (else an API key).
+    pub access_token: bool,
     /// Expiry, milliseconds since the epoch.
     pub expires_at_ms: Option<i64>,
     /// Where and for what the key may be used; `None` for a key without IP, origin or scope
@@ -187,7 +189,12 @@ fn check_state(key: &CachedKey, now_ms: i64) -> Result<(), Refusal> {
     if !key.account_active {
         return Err(Refusal::InactiveCredential);
     }
-    if key.auth_method == AuthMethod::Oauth {
+    let accepted = match key.auth_method {
+        AuthMethod::ApiKey => !key.access_token,
+        AuthMethod::Oauth => key.access_token,
+        AuthMethod::Any => true,
+    };
+    if !accepted {
         return Err(Refusal::AuthMethodNotAllowed);
     }
     Ok(())

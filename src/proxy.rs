@@ -205,8 +205,8 @@ impl Proxy {
             cached => cached,
         };
         match credential::parse(raw) {
-            Ok(Kind::Secret | Kind::Publishable) => {}
-            Ok(Kind::ClientSecret | Kind::AccessToken | Kind::Master) | Err(_) => {
+            Ok(Kind::Secret | Kind::Publishable | Kind::AccessToken) => {}
+            Ok(Kind::ClientSecret | Kind::Master) | Err(_) => {
                 return Err(Refusal::InvalidCredential)
             }
         }

@@ -127,6 +127,56 @@ pub struct KeyLookup {
     pub account: AccountRecord,
     /// The account's sites (origins), which are allowed origins for its publishable keys.
     pub site_origins: Vec<String>,
+    /// The credential was an access token, seen as a key ([`lookup_credential`]).
+    pub access_token: bool,
+}
+
+/// The key with this hash, or else the access token with it, seen as a key of the account: its
+/// id the client secret's (limits and usage are the client's, whatever token it holds), a secret
+/// key with the token's scopes, expiring with it. A miss on both is two reads; a credential
+/// whose checksum fails never gets here.
+pub async fn lookup_credential(
+    store: &dyn Store,
+    hash: &KeyHash,
+) -> Result<Option<KeyLookup>, StoreError> {
+    if let Some(found) = store.lookup_key(hash).await? {
+        return Ok(Some(found));
+    }
+    let Some(token) = store.find_token(hash).await? else {
+        return Ok(None);
+    };
+    let Some(account) = store.get_account(&token.account_id).await? else {
+        return Ok(None);
+    };
+    let key = KeyRecord {
+        id: token.secret_id.clone(),
+        account_id: token.account_id.clone(),
+        name: "oauth".to_owned(),
+        key_type: KeyType::Secret,
+        hash: token.hash,
+        prefix: String::new(),
+        preview: String::new(),
+        scopes: token.scopes,
+        allowed_origins: Vec::new(),
+        allowed_ips: Vec::new(),
+        rate_limit: None,
+        expires_at: Some(token.expires_at),
+        lifetime_secs: None,
+        active: true,
+        protected: false,
+        metadata: serde_json::Value::Null,
+        remaining: None,
+        external_id: None,
+        imported: false,
+        created_at: token.created_at,
+        updated_at: token.created_at,
+    };
+    Ok(Some(KeyLookup {
+        key,
+        account,
+        site_origins: Vec::new(),
+        access_token: true,
+    }))
 }
 
 /// Where the store is: `[store]` of the config.

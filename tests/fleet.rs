@@ -66,6 +66,14 @@ async fn fleet(
     gateways
 }
 
+/// Three instances whose cache keeps a key ten minutes: only an invalidation makes them re-read.
+async fn long_ttl_fleet(redis: &RedisServer, upstream: &Upstream) -> Vec<Gateway> {
+    fleet(&redis.url(), upstream, 3, system, |s| {
+        s.cache.ttl = Duration::from_secs(600);
+    })
+    .await
+}
+
 /// The system clock for every instance.
 fn system(_: usize) -> WallClock {
     WallClock::System
@@ -424,11 +432,7 @@ async fn a_change_on_one_instance_is_enforced_on_all_within_a_second() {
     const ROUNDS: usize = 20;
     let redis = RedisServer::start();
     let upstream = Upstream::start().await;
-    // A long ttl: only the invalidation can make the instances re-read the key.
-    let gws = fleet(&redis.url(), &upstream, 3, system, |s| {
-        s.cache.ttl = Duration::from_secs(600);
-    })
-    .await;
+    let gws = long_ttl_fleet(&redis, &upstream).await;
     let client = client();
     let mut report = Vec::new();
     for change in Change::ALL {
@@ -625,6 +629,7 @@ fn cached_key(shared: &SharedLimiters, key_id: &str, per_minute: u32) -> CachedK
     let fallback = Limiters::new().for_key(&key_id, quotas);
     let value = HeaderValue::from_static("x");
     CachedKey {
+        access_token: false,
         key_id: Arc::clone(&key_id),
         account_id: Arc::clone(&account_id),
         key_type: KeyType::Secret,
@@ -1237,4 +1242,52 @@ async fn a_plan_limit_holds_across_instances() {
          (round, keys): {broken:?}",
         broken.len()
     );
+}
+
+/// Deleting a client secret on one instance revokes the tokens it issued on every instance
+/// within the second, though each holds the token in its cache for ten minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_client_secret_revokes_its_tokens_on_every_instance_within_a_second() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let gws = long_ttl_fleet(&redis, &upstream).await;
+    let client = client();
+    let account = gws[0]
+        .create_account(json!({ "name": "oauth fleet", "auth_method": "any" }))
+        .await;
+    let path = format!("/v1/accounts/{account}/secrets");
+    let (_, secret) = gws[0].admin(reqwest::Method::POST, &path, None).await;
+    let raw = secret["client_secret"].as_str().expect("secret").to_owned();
+    let r = client
+        .post(gws[1].proxy_url("/oauth/token"))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", account.as_str()),
+            ("client_secret", raw.as_str()),
+        ])
+        .send()
+        .await
+        .expect("token request");
+    assert_eq!(r.status(), StatusCode::OK);
+    let answer: Value = r.json().await.expect("json");
+    let token = answer["access_token"].as_str().expect("token").to_owned();
+    for gw in &gws {
+        expect_echo(call(&client, gw, &token).await).await;
+    }
+    let secret_id = secret["id"].as_str().expect("id");
+    let (status, _) = gws[2]
+        .admin(
+            reqwest::Method::DELETE,
+            &format!("{path}/{secret_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let deleted = Instant::now();
+    let polls = gws
+        .iter()
+        .map(|gw| refused_after(&client, gw, &token, "invalid_credential", deleted));
+    for delay in futures_util::future::join_all(polls).await {
+        assert!(delay < PROPAGATION, "revoked only after {delay:?}");
+    }
 }

@@ -182,21 +182,18 @@ async fn authenticate(parts: &Parts, state: &AdminState) -> Result<Caller, ApiEr
             Some(master) if master.ct_eq(&hash) => Ok(Caller::Master),
             _ => Err(ApiError::InvalidCredential),
         },
-        Kind::Secret => account_key(state, &hash).await,
+        // An access token acts for its account like a secret key with the token's scopes.
+        Kind::Secret | Kind::AccessToken => account_key(state, &hash).await,
         Kind::Publishable => Err(ApiError::WrongCredentialKind("publishable")),
         Kind::ClientSecret => Err(ApiError::WrongCredentialKind("client secret")),
-        // No token store exists yet; when it does, an access token acts for its account here.
-        Kind::AccessToken => Err(ApiError::WrongCredentialKind("access token")),
     }
 }
 
 async fn account_key(state: &AdminState, hash: &KeyHash) -> Result<Caller, ApiError> {
-    let found = state
-        .store
-        .lookup_key(hash)
+    let found = crate::store::lookup_credential(&*state.store, hash)
         .await?
         .ok_or(ApiError::InvalidCredential)?;
-    let (key, account) = (found.key, found.account);
+    let (key, account, token) = (found.key, found.account, found.access_token);
     if key.key_type != KeyType::Secret {
         return Err(ApiError::WrongCredentialKind("publishable"));
     }
@@ -206,10 +203,16 @@ async fn account_key(state: &AdminState, hash: &KeyHash) -> Result<Caller, ApiEr
     if key.expires_at.is_some_and(|at| at <= Utc::now()) {
         return Err(ApiError::ExpiredCredential);
     }
-    if account.auth_method == AuthMethod::Oauth {
-        return Err(ApiError::Forbidden(
-            "the account accepts only OAuth access tokens",
-        ));
+    match (account.auth_method, token) {
+        (AuthMethod::Oauth, false) => {
+            return Err(ApiError::Forbidden(
+                "the account accepts only OAuth access tokens",
+            ))
+        }
+        (AuthMethod::ApiKey, true) => {
+            return Err(ApiError::Forbidden("the account accepts only API keys"))
+        }
+        _ => {}
     }
     Ok(Caller::Account {
         key_id: key.id,

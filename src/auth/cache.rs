@@ -405,7 +405,7 @@ impl KeyCache {
         }
         // Read before the lookup: a write that lands during it moves the revision past this.
         let revision = self.store.revision();
-        let found = match self.store.lookup_key(hash).await {
+        let found = match crate::store::lookup_credential(&*self.store, hash).await {
             Ok(found) => found,
             Err(e) => {
                 self.lookups.failed(
@@ -538,6 +538,7 @@ impl KeyCache {
             key_active: key.active,
             account_active: account.active,
             auth_method: account.auth_method,
+            access_token: lookup.access_token,
             expires_at_ms: key.expires_at.map(|t| t.timestamp_millis()),
             rules: (!unrestricted).then(|| Box::new(rules)),
         }

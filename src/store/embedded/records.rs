@@ -47,6 +47,7 @@ impl Records for EmbeddedStore {
                 key,
                 account,
                 site_origins,
+                access_token: false,
             }))
         })
         .await

@@ -53,6 +53,7 @@ impl Records for RedisStore {
             key,
             account,
             site_origins: sites.into_iter().map(|s| s.name).collect(),
+            access_token: false,
         }))
     }
 
