@@ -5,6 +5,7 @@
 --               An empty or missing file sends no key header.
 --   KEY_OFFSET  where in the file to start (run.sh passes the number of requests already sent to
 --               this contender, so warm-up and rounds form one continuous rotation).
+--   CONNECTION_CLOSE  1: every request asks to close its connection (new-connection runs)
 --   STAT_FILE   where to append the cpu0/cpu1 lines of /proc/stat at the start and the end of
 --               the measured window (after init, which may take a second for 1M keys) and the
 --               run's summary.
@@ -43,7 +44,10 @@ init = function(args)
     for key in f:lines() do
       if key ~= "" then
         n = n + 1
-        reqs[n] = wrk.format("GET", "/", { ["X-API-Key"] = key })
+        local headers = { ["X-API-Key"] = key }
+        -- CONNECTION_CLOSE=1: every request on a new connection (the TLS handshake runs).
+        if os.getenv("CONNECTION_CLOSE") == "1" then headers["Connection"] = "close" end
+        reqs[n] = wrk.format("GET", "/", headers)
       end
     end
     f:close()

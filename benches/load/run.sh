@@ -10,6 +10,10 @@
 #       tg-keyed   tollgate, a keyed route: one key, per-minute/hour/day buckets, metering
 #       tg-1m      tollgate, the keyed route with 1,000,000 distinct keys rotated by rotate.lua
 #       tg-redis   tollgate, the keyed route on the Redis store (config/redis.toml: global limits)
+#       nginx-tls  nginx terminating TLS (TLS 1.2/1.3, one certificate) and proxying like nginx
+#       tg-tls     tollgate's keyed route with proxy.tls (rustls), otherwise as tg-keyed
+#     (the two TLS contenders are measured over keep-alive connections like the others, and
+#     apart: new TLS connections per second, each carrying one request, with Connection: close)
 #   * the same wrk command (wrk -t1 -c64 -s rotate.lua) for every contender, a warm-up before
 #     every measured run, ROUNDS interleaved rounds (round 1: every contender, round 2: ...);
 #   * per run: requests/s, p50, p99, CPU-0 µs per request (busy ticks of cpu0 in /proc/stat over
@@ -24,7 +28,7 @@
 # (seconds allowed to create the rotated keys; fewer keys when 1M would take longer)
 # KEY_ACCOUNTS=16 (the accounts the rotated keys are spread over)
 # OHA_DURATION=6 FIXED_RATE=1 (0: skip the oha part) SKIP_BUILD=0 KEEP_TMP=0 RESULTS=path.md
-# CONTENDERS="nginx tg-keyed" (a subset, for a quick comparison; default: all six)
+# CONTENDERS="nginx tg-keyed" (a subset, for a quick comparison; default: all eight)
 # Needs root for apt-get only when nginx, haproxy, wrk or redis-server is missing.
 
 set -euo pipefail
@@ -49,7 +53,7 @@ STAMP=$(date +%Y%m%d-%H%M%S)
 RESULTS=${RESULTS:-${TMPDIR:-/tmp}/tollgate-load-results-$STAMP.md}
 # A rate limit that never triggers (u32 fields), on each of the three windows.
 HUGE_LIMIT='{"per_minute":4000000000,"per_hour":4000000000,"per_day":4000000000}'
-read -r -a CONTENDERS <<<"${CONTENDERS:-nginx haproxy tg-public tg-keyed tg-1m tg-redis}"
+read -r -a CONTENDERS <<<"${CONTENDERS:-nginx haproxy tg-public tg-keyed tg-1m tg-redis nginx-tls tg-tls}"
 wants() { [[ " ${CONTENDERS[*]} " == *" $1 "* ]]; }
 
 log() { printf '[load %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -151,6 +155,8 @@ render() { # template output VAR=value...
 }
 
 declare -A PID PORT ADMIN KEYFILE REQS_SENT
+# The URL of a contender: https for the TLS ones.
+url() { local scheme=http; [[ $1 == *-tls ]] && scheme=https; echo "$scheme://127.0.0.1:${PORT[$1]}/"; }
 
 start_bg() { # name cpu logfile cmd... ; records the pid
     local name=$1 cpu=$2 logf=$3
@@ -168,6 +174,9 @@ start_tollgate() { # name config-template extra-render-args...
     ADMIN[$name]=$admin
     render "$template" "$WORK/$name.toml" TMP="$WORK" PORT="$port" ADMIN_PORT="$admin" \
         UPSTREAM_PORT="$UPSTREAM_PORT" CACHE_ENTRIES="$CACHE_ENTRIES" "$@"
+    if [[ $name == *-tls ]]; then
+        sed -i "/^\[proxy\]/a tls = { cert = \"$WORK/tls.pem\", key = \"$WORK/tls.key\" }" "$WORK/$name.toml"
+    fi
     echo "--- $(date -u +%FT%TZ) start" >>"$WORK/$name.log"
     TOLLGATE_MASTER_KEY=$MASTER start_bg "$name" "$PROXY_CPU" "$WORK/$name.log" \
         "$BIN" serve --config "$WORK/$name.toml"
@@ -282,7 +291,7 @@ wrk_once() { # name seconds statfile [--latency]
     : >"$stat"
     KEYS_FILE=${KEYFILE[$name]} KEY_OFFSET=${REQS_SENT[$name]:-0} STAT_FILE=$stat \
         taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${secs}s" "$@" -s "$HERE/rotate.lua" \
-        "http://127.0.0.1:${PORT[$name]}/" >"$stat.out" 2>&1 || die "wrk failed on $name: $(tail -3 "$stat.out")"
+        "$(url "$name")" >"$stat.out" 2>&1 || die "wrk failed on $name: $(tail -3 "$stat.out")"
     local n
     n=$(sed -n 's/^result requests=\([0-9]*\).*/\1/p' "$stat")
     REQS_SENT[$name]=$(( ${REQS_SENT[$name]:-0} + ${n:-0} ))
@@ -324,6 +333,29 @@ measure() { # round name
     last=$(tail -1 "$WORK/runs.tsv")
     log "round $round $(printf '%-9s' "$name") $(awk -F'\t' '{printf "%8s rps  p50 %s ms  p99 %s ms  cpu0 %s us/req  proc %s us/req  cpu1 %s%%  rss %s MB  errors %s  redis/req %s", $3, $4, $5, $6, $8, $7, $9, $10, $11}' <<<"$last")"
     [[ $(cut -f10 <<<"$last") == 0 ]] || log "WARNING: $name answered errors (non-2xx or socket errors) in round $round"
+}
+
+# New TLS connections: every request on a connection of its own (Connection: close), so each is
+# a full handshake. Appends to $WORK/handshakes.tsv: name conns/s cpu0_us/conn proc_us/conn.
+handshakes() { # name
+    local name=$1 pid=${PID[$1]} stat="$WORK/handshakes-$1"
+    CONNECTION_CLOSE=1 wrk_once "$name" "$WARMUP" "$WORK/warm-hs-$name"
+    local p0 p1
+    p0=$(proc_ticks "$pid")
+    CONNECTION_CLOSE=1 wrk_once "$name" "$DURATION" "$stat"
+    [[ $name == tg-* ]] && drain_usage "$name"
+    p1=$(proc_ticks "$pid")
+    local line busy0 total0 busy1 total1
+    line=$(grep '^result ' "$stat") || die "no result from wrk on $name: $(tail -3 "$stat.out")"
+    read -r busy0 total0 busy1 total1 < <(cpu_delta "$stat")
+    awk -v line="$line" -v name="$name" -v b0="$busy0" -v hz="$CLK_TCK" -v pt="$((p1 - p0))" 'BEGIN {
+        n = split(line, kv, /[ =]/)
+        for (i = 2; i < n; i += 2) v[kv[i]] = kv[i + 1]
+        req = v["requests"]; if (req < 1) req = 1
+        printf "%s\t%.0f\t%.1f\t%.1f\t%d\n", name, req / (v["duration_us"] / 1e6),
+            b0 * 1e6 / hz / req, pt * 1e6 / hz / req, v["status_errors"] + v["socket_errors"]
+    }' >>"$WORK/handshakes.tsv"
+    log "handshakes $(printf '%-9s' "$name") $(tail -1 "$WORK/handshakes.tsv" | awk -F'\t' '{printf "%s conns/s  cpu0 %s us/conn  proc %s us/conn  errors %s", $2, $3, $4, $5}')"
 }
 
 # Waits (at most 120 s) until a tollgate's usage counts are all written, so that its flushes do
@@ -372,7 +404,7 @@ fixed_rate() {
         local fmt=(--json)
         oha --help 2>/dev/null | grep -q -- '--output-format' && fmt=(--output-format json)
         taskset -c "$LOAD_CPU" oha -z "${OHA_DURATION}s" -c "$CONNS" -q "$rate" --latency-correction \
-            --no-tui "${fmt[@]}" -H "X-API-Key: $key" "http://127.0.0.1:${PORT[$name]}/" >"$out.json" 2>"$out.err" ||
+            --no-tui "${fmt[@]}" -H "X-API-Key: $key" "$(url "$name")" >"$out.json" 2>"$out.err" ||
             die "oha failed on $name: $(tail -3 "$out.err")"
         # errors: non-2xx answers and transport errors, not the requests cut off at the deadline
         jq -r '[.summary.requestsPerSec, (.latencyPercentiles.p50 * 1000), (.latencyPercentiles.p99 * 1000),
@@ -383,7 +415,7 @@ fixed_rate() {
     wrk2)
         KEYS_FILE=${KEYFILE[tg-keyed]} STAT_FILE="$out.stat" taskset -c "$LOAD_CPU" wrk2 -t1 -c"$CONNS" \
             -d"${OHA_DURATION}s" -R"$rate" --latency -s "$HERE/rotate.lua" \
-            "http://127.0.0.1:${PORT[$name]}/" >"$out.txt" 2>&1 || die "wrk2 failed on $name"
+            "$(url "$name")" >"$out.txt" 2>&1 || die "wrk2 failed on $name"
         awk '
             function ms(s) { if (s ~ /us$/) return s / 1000; if (s ~ /ms$/) return s + 0; if (s ~ /s$/) return s * 1000; return s }
             $1 == "50.000%" { p50 = ms($2) } $1 == "99.000%" { p99 = ms($2) }
@@ -556,6 +588,20 @@ main() {
         wait_port "${PORT[nginx]}" 30 "${PID[nginx]}" || die "nginx proxy did not start"
     fi
 
+    if wants nginx-tls || wants tg-tls; then
+        # One self-signed certificate (P-256) for both TLS contenders.
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+            -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
+            -keyout "$WORK/tls.key" -out "$WORK/tls.pem" 2>/dev/null || die "openssl could not make a certificate"
+    fi
+    if wants nginx-tls; then
+        PORT[nginx-tls]=$(free_port)
+        render "$HERE/nginx-proxy-tls.conf" "$WORK/nginx-proxy-tls.conf" TMP="$WORK" PORT="${PORT[nginx-tls]}" \
+            UPSTREAM_PORT="$UPSTREAM_PORT" CERT="$WORK/tls.pem" KEY="$WORK/tls.key"
+        start_bg nginx-tls "$PROXY_CPU" "$WORK/nginx-tls.log" nginx -c "$WORK/nginx-proxy-tls.conf" -p "$WORK"
+        wait_port "${PORT[nginx-tls]}" 30 "${PID[nginx-tls]}" || die "nginx TLS proxy did not start"
+    fi
+
     if wants haproxy; then
         PORT[haproxy]=$(free_port)
         render "$HERE/haproxy.cfg" "$WORK/haproxy.cfg" TMP="$WORK" PORT="${PORT[haproxy]}" UPSTREAM_PORT="$UPSTREAM_PORT"
@@ -584,6 +630,9 @@ main() {
     if wants tg-redis; then
         start_tollgate tg-redis "$HERE/tollgate-redis.toml" REDIS_PORT="$REDIS_PORT"
     fi
+    if wants tg-tls; then
+        start_tollgate tg-tls "$HERE/tollgate-embedded.toml" AUTH=required DB="$WORK/tg-tls.db"
+    fi
 
     # One key (tg-keyed; nginx, haproxy and tg-public get the same header and ignore it).
     local acct
@@ -594,7 +643,12 @@ main() {
         new_key tg-redis "$acct" >"$WORK/keys-redis.txt" || die "cannot create a key on tg-redis"
         KEYFILE[tg-redis]=$WORK/keys-redis.txt
     fi
-    for name in nginx haproxy tg-public tg-keyed; do KEYFILE[$name]=$WORK/keys-1.txt; done
+    if wants tg-tls; then
+        acct=$(new_account tg-tls) || die "cannot create an account on tg-tls"
+        new_key tg-tls "$acct" >"$WORK/keys-tls.txt" || die "cannot create a key on tg-tls"
+        KEYFILE[tg-tls]=$WORK/keys-tls.txt
+    fi
+    for name in nginx haproxy tg-public tg-keyed nginx-tls; do KEYFILE[$name]=$WORK/keys-1.txt; done
     NKEYS=0 KEY_SECONDS=0 KEY_RATE=0
     if wants tg-1m; then
         many_keys
@@ -609,7 +663,7 @@ main() {
     # Every contender answers 200 through to the upstream.
     for name in "${CONTENDERS[@]}"; do
         local code
-        code=$(curl -s -o /dev/null -w '%{http_code}' -H "X-API-Key: $(head -1 "${KEYFILE[$name]}")" "http://127.0.0.1:${PORT[$name]}/")
+        code=$(curl -sk -o /dev/null -w '%{http_code}' -H "X-API-Key: $(head -1 "${KEYFILE[$name]}")" "$(url "$name")")
         [[ $code == 200 ]] || die "$name answers $code instead of 200"
     done
 
@@ -622,6 +676,10 @@ main() {
         for name in "${CONTENDERS[@]}"; do measure "$round" "$name"; done
     done
     median_table >"$WORK/median.md"
+    : >"$WORK/handshakes.tsv"
+    for name in nginx-tls tg-tls; do
+        if wants "$name"; then handshakes "$name"; fi
+    done
 
     # The fixed-rate runs at 25/50/75 % of nginx's median rate, interleaved per rate.
     NGINX_RPS=$(get "$WORK/median.tsv" median nginx 3 | awk '{printf "%.0f", $1}')
@@ -676,6 +734,22 @@ report() {
     echo
     cat "$WORK/median.md"
     echo
+    if [[ -s $WORK/handshakes.tsv ]]; then
+        echo "## New TLS connections (one request each, \`Connection: close\`; ${DURATION}s, -c$CONNS)"
+        echo
+        echo "| contender | new connections/s | CPU-0 µs/connection | proxy proc µs/connection | errors |"
+        echo "|---|---|---|---|---|"
+        awk -F'\t' '{ printf "| %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5 }' "$WORK/handshakes.tsv"
+        echo
+        echo "| ratio | median table | target | verdict |"
+        echo "|---|---|---|---|"
+        local v
+        v=$(ratio "$(get "$WORK/median.tsv" median tg-tls 6)" "$(get "$WORK/median.tsv" median nginx-tls 6)")
+        echo "| tg-tls CPU-0 µs/req ÷ nginx-tls's (keep-alive) | **$v** | — | measured |"
+        v=$(ratio "$(get "$WORK/median.tsv" median tg-tls 6)" "$(get "$WORK/median.tsv" median tg-keyed 6)")
+        echo "| tg-tls CPU-0 µs/req ÷ tg-keyed's (the cost of TLS) | **$v** | — | measured |"
+        echo
+    fi
     echo "## Fixed rate ($FIXED_RATE_TOOL, ${OHA_DURATION}s, -c$CONNS, latency correction; nginx's median rate $NGINX_RPS/s)"
     echo
     if [[ ! -s $WORK/fixed.tsv ]]; then
