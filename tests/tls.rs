@@ -352,7 +352,8 @@ fn certificates_that_cannot_be_served_are_config_errors() {
     assert!(tollgate::tls::load(&files, std::time::SystemTime::now()).is_ok());
 }
 
-/// `SIGHUP` on the real process re-reads the certificate (and no longer kills it).
+/// `SIGHUP` on the real process re-reads the certificate (and no longer kills it): a new
+/// connection gets the new one, a connection made before keeps working.
 #[test]
 fn sighup_swaps_the_certificate_of_the_running_process() {
     use std::io::{BufRead, BufReader};
@@ -390,8 +391,11 @@ fn sighup_swaps_the_certificate_of_the_running_process() {
     assert!(serving, "tollgate did not start");
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let presented = runtime.block_on(async { handshake(&ca, addr).await.1 });
+    let (mut open, presented) = runtime.block_on(handshake(&ca, addr));
     assert_eq!(presented, first.der);
+    // The route wants a key: 401, an answer all the same.
+    let status = runtime.block_on(get(&mut open, "/x"));
+    assert!(status.contains("401"), "{status}");
 
     let second = ca.issue("second");
     write(dir.path(), &second);
@@ -407,6 +411,11 @@ fn sighup_swaps_the_certificate_of_the_running_process() {
     assert!(reloaded, "no reload logged");
     let presented = runtime.block_on(async { handshake(&ca, addr).await.1 });
     assert_eq!(presented, second.der);
+    let status = runtime.block_on(get(&mut open, "/x"));
+    assert!(
+        status.contains("401"),
+        "the connection made before the reload still answers: {status}"
+    );
     assert!(
         child.try_wait().expect("status").is_none(),
         "SIGHUP killed it"
