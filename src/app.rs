@@ -398,6 +398,9 @@ async fn sweep(s: Sweep, mut shutdown: watch::Receiver<bool>) {
         // Hourly, starting with the first tick: expired usage buckets.
         if rounds.is_multiple_of(60) {
             retention::prune(&*store, &metering, &metrics, meter.clock().now_ms()).await;
+            if let Err(e) = store.prune_tokens(chrono::Utc::now()).await {
+                tracing::warn!(error = %e, "expired access tokens not pruned; next hour again");
+            }
         }
         rounds += 1;
         cache.sweep();

@@ -352,6 +352,9 @@ pub trait Clients: Send + Sync {
     async fn create_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
     /// The token with this hash (expired or not, while it is still stored).
     async fn find_token(&self, hash: &KeyHash) -> Result<Option<TokenRecord>, StoreError>;
+    /// Forgets the tokens that expired before `now`; answers how many this call removed (a
+    /// backend that expires them by itself removes none here).
+    async fn prune_tokens(&self, now: chrono::DateTime<chrono::Utc>) -> Result<u64, StoreError>;
 }
 
 /// The audit log: every account's chain of entries, and the all-accounts log.

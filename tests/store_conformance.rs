@@ -759,6 +759,26 @@ async fn clients(store: &dyn Clients) {
     );
     // The hash of a deleted secret is free again.
     store.create_secret(&first).await.unwrap();
+
+    // Expired tokens are forgotten by the next prune (a backend with TTLs forgets them itself).
+    let expired = token(&first, Duration::milliseconds(-1));
+    let live = token(&first, Duration::hours(1));
+    store.create_token(&expired).await.unwrap();
+    store.create_token(&live).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    store.prune_tokens(Utc::now()).await.unwrap();
+    assert_eq!(store.find_token(&expired.hash).await.unwrap(), None);
+    assert_eq!(
+        store.find_token(&live.hash).await.unwrap(),
+        Some(live.clone())
+    );
+    // A pruned token is not revoked again with its secret; the live one is.
+    let (_, revoked) = store
+        .delete_secret(&acc, &first.id)
+        .await
+        .unwrap()
+        .expect("deleted");
+    assert_eq!(revoked, vec![live.hash]);
 }
 
 // === role: audit log ===

@@ -192,4 +192,7 @@ impl Clients for ObservedStore {
     async fn find_token(&self, h: &KeyHash) -> Result<Option<TokenRecord>, StoreError> {
         self.inner.find_token(h).await
     }
+    async fn prune_tokens(&self, now: chrono::DateTime<chrono::Utc>) -> Result<u64, StoreError> {
+        self.inner.prune_tokens(now).await
+    }
 }

@@ -1,8 +1,9 @@
 //! [`Clients`] on the embedded store: client secrets by account and by hash, access tokens by
 //! hash, and each secret's tokens, so that deleting a secret revokes them in the same
-//! transaction. Expired tokens stay until their secret or account goes (one row a token: an
-//! hourly client keeps 24 a day).
+//! transaction. Expired tokens are removed by [`Clients::prune_tokens`] (hourly, with usage
+//! pruning), or with their secret.
 
+use chrono::{DateTime, Utc};
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
 
 use super::{db_err, decode, encode, get_json, EmbeddedStore};
@@ -129,6 +130,29 @@ impl Clients for EmbeddedStore {
         self.read(move |txn| {
             let tokens = txn.open_table(TOKENS).map_err(db_err)?;
             get_json(&tokens, hash, "access token")
+        })
+        .await
+    }
+
+    async fn prune_tokens(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        self.write(move |txn| {
+            let mut tokens = txn.open_table(TOKENS).map_err(db_err)?;
+            let mut expired = Vec::new();
+            for item in tokens.iter().map_err(db_err)? {
+                let (hash, value) = item.map_err(db_err)?;
+                let token = decode::<TokenRecord>(value.value(), "access token")?;
+                if token.expires_at < now {
+                    expired.push((hash.value(), token.secret_id));
+                }
+            }
+            let mut by_secret = txn.open_table(SECRET_TOKENS).map_err(db_err)?;
+            for (hash, secret_id) in &expired {
+                tokens.remove(*hash).map_err(db_err)?;
+                by_secret
+                    .remove((secret_id.as_str(), *hash))
+                    .map_err(db_err)?;
+            }
+            Ok(expired.len() as u64)
         })
         .await
     }
