@@ -74,6 +74,7 @@ use axum::Router;
 
 use crate::auth::cache::KeyCache;
 use crate::credential::KeyHash;
+use crate::metering::WallClock;
 use crate::metrics::{Metrics, StoreCalls};
 use crate::store::{RateLimitSpec, SharedStore};
 
@@ -108,6 +109,8 @@ pub struct AdminState {
     heavy_usage_reads: Arc<tokio::sync::Semaphore>,
     /// Token requests per client id (`POST /oauth/token`), against guessing secrets.
     token_issues: Arc<oauth::IssueLimiter>,
+    /// The gateway's clock (the proxy's): credential expiry is judged on it, as on the proxy.
+    clock: WallClock,
 }
 
 // === impl AdminState ===
@@ -137,7 +140,14 @@ impl AdminState {
             },
             heavy_usage_reads: Arc::new(tokio::sync::Semaphore::new(MAX_HEAVY_USAGE_READS)),
             token_issues: Arc::new(oauth::issue_limiter()),
+            clock: WallClock::System,
         }
+    }
+
+    /// Judges credential expiry on `clock` (the proxy's) instead of the system's.
+    pub fn with_clock(mut self, clock: WallClock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// `limits.default`, for reporting keys and accounts that set no limits.

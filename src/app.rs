@@ -152,7 +152,8 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
         Arc::clone(&metrics),
         Some(master.hash),
     )
-    .with_default_limits(settings.limits.default);
+    .with_default_limits(settings.limits.default)
+    .with_clock(meter.clock().clone());
     let admin_router = admin::router(admin_state.clone());
 
     let proxy_tls = settings

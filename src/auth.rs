@@ -180,24 +180,56 @@ pub async fn decide<'a>(
 }
 
 fn check_state(key: &CachedKey, now_ms: i64) -> Result<(), Refusal> {
-    if !key.key_active {
-        return Err(Refusal::InactiveCredential);
+    CredentialState {
+        key_active: key.key_active,
+        account_active: key.account_active,
+        expires_at_ms: key.expires_at_ms,
+        auth_method: key.auth_method,
+        access_token: key.access_token,
     }
-    if key.expires_at_ms.is_some_and(|at| now_ms >= at) {
-        return Err(Refusal::ExpiredCredential);
+    .check(now_ms)
+}
+
+/// What decides whether a credential may be used at all, before where and for what: the one
+/// check that the proxy ([`authorize`]) and the admin API's credential check both make, in the
+/// same order, so that one credential gets one answer from both.
+#[derive(Debug, Clone, Copy)]
+pub struct CredentialState {
+    /// The key is active (a token is).
+    pub key_active: bool,
+    /// Its account is active.
+    pub account_active: bool,
+    /// Expiry, milliseconds since the epoch.
+    pub expires_at_ms: Option<i64>,
+    /// The account's accepted credentials.
+    pub auth_method: AuthMethod,
+    /// The credential is an OAuth access token (else an API key).
+    pub access_token: bool,
+}
+
+impl CredentialState {
+    /// The state's refusal at `now_ms` (the gateway's clock), if any: a deactivated key, then
+    /// expiry, then an inactive account, then a credential the account does not accept.
+    pub fn check(&self, now_ms: i64) -> Result<(), Refusal> {
+        if !self.key_active {
+            return Err(Refusal::InactiveCredential);
+        }
+        if self.expires_at_ms.is_some_and(|at| now_ms >= at) {
+            return Err(Refusal::ExpiredCredential);
+        }
+        if !self.account_active {
+            return Err(Refusal::InactiveCredential);
+        }
+        let accepted = match self.auth_method {
+            AuthMethod::ApiKey => !self.access_token,
+            AuthMethod::Oauth => self.access_token,
+            AuthMethod::Any => true,
+        };
+        if !accepted {
+            return Err(Refusal::AuthMethodNotAllowed);
+        }
+        Ok(())
     }
-    if !key.account_active {
-        return Err(Refusal::InactiveCredential);
-    }
-    let accepted = match key.auth_method {
-        AuthMethod::ApiKey => !key.access_token,
-        AuthMethod::Oauth => key.access_token,
-        AuthMethod::Any => true,
-    };
-    if !accepted {
-        return Err(Refusal::AuthMethodNotAllowed);
-    }
-    Ok(())
 }
 
 fn check_network(key: &CachedKey, facts: &RequestFacts<'_>) -> Result<(), Refusal> {

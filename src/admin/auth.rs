@@ -20,14 +20,14 @@ use std::net::SocketAddr;
 use axum::extract::rejection::RawPathParamsRejection;
 use axum::extract::{ConnectInfo, FromRequestParts, RawPathParams};
 use axum::http::request::Parts;
-use chrono::Utc;
 
 use super::error::ApiError;
 use super::AdminState;
-use crate::auth::extract;
+use crate::auth::{extract, CredentialState};
 use crate::credential::{self, KeyHash, Kind};
 use crate::policy;
-use crate::store::{AccountRecord, AuthMethod, KeyType};
+use crate::refusal::Refusal;
+use crate::store::{AccountRecord, KeyType};
 
 /// Scope an account key needs for GET and HEAD on its own account.
 pub(crate) const SCOPE_READ: &str = "account:read";
@@ -197,23 +197,21 @@ async fn account_key(state: &AdminState, hash: &KeyHash) -> Result<Caller, ApiEr
     if key.key_type != KeyType::Secret {
         return Err(ApiError::WrongCredentialKind("publishable"));
     }
-    if !key.active || !account.active {
-        return Err(ApiError::InactiveCredential);
-    }
-    if key.expires_at.is_some_and(|at| at <= Utc::now()) {
-        return Err(ApiError::ExpiredCredential);
-    }
-    match (account.auth_method, token) {
-        (AuthMethod::Oauth, false) => {
-            return Err(ApiError::Forbidden(
-                "the account accepts only OAuth access tokens",
-            ))
-        }
-        (AuthMethod::ApiKey, true) => {
-            return Err(ApiError::Forbidden("the account accepts only API keys"))
-        }
-        _ => {}
-    }
+    // The proxy's own check, on the proxy's clock: one credential, one answer.
+    let credential = CredentialState {
+        key_active: key.active,
+        account_active: account.active,
+        expires_at_ms: key.expires_at.map(|t| t.timestamp_millis()),
+        auth_method: account.auth_method,
+        access_token: token,
+    };
+    credential
+        .check(state.clock.now_ms())
+        .map_err(|refusal| match refusal {
+            Refusal::ExpiredCredential => ApiError::ExpiredCredential,
+            Refusal::AuthMethodNotAllowed => ApiError::AuthMethodNotAllowed,
+            _ => ApiError::InactiveCredential,
+        })?;
     Ok(Caller::Account {
         key_id: key.id,
         scopes: key.scopes,

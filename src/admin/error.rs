@@ -43,6 +43,10 @@ pub enum ApiError {
     /// 401 `inactive_credential`: the key or its account is deactivated.
     #[error("the credential is inactive")]
     InactiveCredential,
+    /// 401 `auth_method_not_allowed`: the account does not accept this kind of credential (an
+    /// API key of an `oauth` account, a token of an `api_key` one).
+    #[error("the account does not accept this kind of credential")]
+    AuthMethodNotAllowed,
     /// 403 `forbidden`: a valid credential on the wrong path form (the master key on
     /// `/v1/account/…`, an account key on `/v1/accounts` or its own `/v1/accounts/{id}/…`), or
     /// an account that accepts only OAuth. Another account's id is [`ApiError::NotFound`].
@@ -137,6 +141,7 @@ impl ApiError {
             }
             ApiError::ExpiredCredential => (StatusCode::UNAUTHORIZED, "expired_credential"),
             ApiError::InactiveCredential => (StatusCode::UNAUTHORIZED, "inactive_credential"),
+            ApiError::AuthMethodNotAllowed => (StatusCode::UNAUTHORIZED, "auth_method_not_allowed"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::ScopeDenied(_) => (StatusCode::FORBIDDEN, "scope_denied"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
