@@ -412,3 +412,47 @@ async fn heavy_usage_reads_are_bounded_and_the_one_too_many_is_503_usage_busy() 
     .await;
     assert!(served, "the places of the stalled reads were never freed");
 }
+
+/// Query times in every form the contract accepts (§5): RFC 3339, an ISO-8601 time without an
+/// offset (UTC) and a plain date, for the key's `from`/`to` and the account's `start_date` and
+/// `end_date` alike; each form gives the same answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_times_may_be_rfc_3339_naive_iso_or_plain_dates() {
+    let f = fixture().await;
+    f.traffic(ts("2026-03-10T10:15:30Z"), 3, 0).await;
+    f.flushed(3).await;
+    let base = format!("/v1/accounts/{}/keys/{}/usage", f.account_id, f.key_id);
+    let mut answers = Vec::new();
+    for (from, to) in [
+        ("2026-03-10T00:00:00Z", "2026-03-11T00:00:00Z"),
+        ("2026-03-10T00:00:00", "2026-03-11T00:00:00"),
+        ("2026-03-10", "2026-03-11"),
+    ] {
+        let (status, body) = f
+            .get(&format!("{base}?interval=hour&from={from}&to={to}"))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{from}..{to}: {body}");
+        assert_eq!(total(&body), 3, "{from}..{to}");
+        answers.push(body["buckets"].clone());
+    }
+    assert!(answers.windows(2).all(|w| w[0] == w[1]), "{answers:?}");
+
+    let totals = format!("/v1/accounts/{}/usage", f.account_id);
+    for (start, end) in [
+        ("2026-03-10", "2026-03-10"),
+        ("2026-03-10T00:00:00Z", "2026-03-10T23:59:59Z"),
+        ("2026-03-10T08:00:00", "2026-03-10T20:00:00"),
+    ] {
+        let (status, body) = f
+            .get(&format!("{totals}?start_date={start}&end_date={end}"))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{start}..{end}: {body}");
+        assert_eq!(body["custom"]["request_count"], 3, "{start}..{end}");
+    }
+    let (status, _) = f
+        .get(&format!(
+            "{totals}?start_date=10/03/2026&end_date=2026-03-10"
+        ))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}

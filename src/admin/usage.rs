@@ -220,6 +220,20 @@ fn only(params: &BTreeMap<String, String>, allowed: &[&str]) -> Result<(), ApiEr
     }
 }
 
+/// A query time as the contract accepts it (§5): an RFC 3339 time, an ISO-8601 time without an
+/// offset (read as UTC) or a plain date (its midnight, UTC).
+fn parse_instant(s: &str) -> Option<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Some(t.with_timezone(&Utc));
+    }
+    if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f") {
+        return Some(t.and_utc());
+    }
+    NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        .ok()
+        .map(|d| d.and_time(chrono::NaiveTime::MIN).and_utc())
+}
+
 fn time_param(
     params: &BTreeMap<String, String>,
     name: &str,
@@ -227,15 +241,18 @@ fn time_param(
     params
         .get(name)
         .map(|s| {
-            DateTime::parse_from_rfc3339(s)
-                .map(|t| t.with_timezone(&Utc))
-                .map_err(|_| {
-                    ApiError::field(name, "must be an RFC 3339 time like 2026-01-31T00:00:00Z")
-                })
+            parse_instant(s).ok_or_else(|| {
+                ApiError::field(
+                    name,
+                    "must be a time like 2026-01-31T00:00:00Z, 2026-01-31T00:00:00 (UTC) or 2026-01-31",
+                )
+            })
         })
         .transpose()
 }
 
+/// A query date: a plain date, or the UTC date of a time given in any form [`parse_instant`]
+/// reads.
 fn date_param(
     params: &BTreeMap<String, String>,
     name: &str,
@@ -243,8 +260,9 @@ fn date_param(
     params
         .get(name)
         .map(|s| {
-            NaiveDate::parse_from_str(s, "%Y-%m-%d")
-                .map_err(|_| ApiError::field(name, "must be a date like 2026-01-31"))
+            parse_instant(s)
+                .map(|t| t.date_naive())
+                .ok_or_else(|| ApiError::field(name, "must be a date like 2026-01-31 or a time"))
         })
         .transpose()
 }
