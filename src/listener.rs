@@ -143,10 +143,7 @@ pub async fn serve<H, Fut, B>(
             _ = shutdown.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let gauge = connections.clone();
-        if let Some(g) = &gauge {
-            g.inc();
-        }
+        let gauge = Open::counted(connections.clone());
         let (handler, protocols, drain) =
             (handler.clone(), Arc::clone(&protocols), drain_rx.clone());
         match &tls {
@@ -182,7 +179,7 @@ async fn serve_connection<H, Fut, B>(
     handler: H,
     protocols: Arc<Protocols>,
     mut drain: watch::Receiver<()>,
-    gauge: Option<IntGauge>,
+    _open: Open,
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> Fut + Send + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
@@ -197,9 +194,6 @@ async fn serve_connection<H, Fut, B>(
     if let Some(protocol) = protocol {
         speak(stream, protocol, peer, handler, &protocols, drain).await;
     }
-    if let Some(g) = gauge {
-        g.dec();
-    }
 }
 
 /// One TLS connection: the handshake within the header timeout, then the protocol ALPN chose.
@@ -210,7 +204,7 @@ async fn serve_tls_connection<H, Fut, B>(
     handler: H,
     protocols: Arc<Protocols>,
     mut drain: watch::Receiver<()>,
-    gauge: Option<IntGauge>,
+    _open: Open,
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> Fut + Send + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
@@ -234,8 +228,26 @@ async fn serve_tls_connection<H, Fut, B>(
         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
         Err(_) => tracing::debug!(%peer, "no TLS handshake in time"),
     }
-    if let Some(g) = gauge {
-        g.dec();
+}
+
+/// A connection in the open-connections gauge from its accept until its task ends (or is
+/// dropped), whichever way it ends.
+struct Open(Option<IntGauge>);
+
+impl Open {
+    fn counted(gauge: Option<IntGauge>) -> Open {
+        if let Some(g) = &gauge {
+            g.inc();
+        }
+        Open(gauge)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if let Some(g) = &self.0 {
+            g.dec();
+        }
     }
 }
 

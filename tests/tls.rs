@@ -276,6 +276,18 @@ async fn a_reload_serves_the_new_certificate_to_new_connections_and_keeps_open_o
     assert_eq!(presented, second.der);
 }
 
+/// `tollgate check-config` on `config`, which must exit 2; its stderr.
+fn refused_by_check_config(config: &Path) -> String {
+    let out = common::tollgate_command()
+        .args(["check-config", "--config"])
+        .arg(config)
+        .output()
+        .expect("run check-config");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    stderr
+}
+
 /// Start-up and `check-config` refuse what cannot be served, naming the file and the reason.
 #[test]
 fn certificates_that_cannot_be_served_are_config_errors() {
@@ -337,13 +349,7 @@ fn certificates_that_cannot_be_served_are_config_errors() {
             ),
         )
         .expect("write config");
-        let out = common::tollgate_command()
-            .args(["check-config", "--config"])
-            .arg(&config)
-            .output()
-            .expect("run check-config");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{reason}: {stderr}");
+        let stderr = refused_by_check_config(&config);
         assert!(stderr.contains("proxy.tls"), "{reason}: {stderr}");
         assert!(stderr.contains(reason), "expected {reason:?} in {stderr}");
     }
@@ -574,13 +580,7 @@ fn upstream_tls_fields_are_checked_by_check_config() {
             ),
         )
         .expect("write config");
-        let out = common::tollgate_command()
-            .args(["check-config", "--config"])
-            .arg(&config)
-            .output()
-            .expect("run check-config");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        let stderr = refused_by_check_config(&config);
         assert!(
             stderr.contains(expected),
             "expected {expected:?} in {stderr}"

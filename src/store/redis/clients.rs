@@ -17,6 +17,7 @@
 
 use chrono::Utc;
 
+use super::conn::{decode, Batch};
 use super::keys;
 use super::scripts::{self, eval};
 use super::{from_json, to_json, RedisStore};
@@ -117,11 +118,20 @@ impl Clients for RedisStore {
         }
         let tokens_key = keys::secret_tokens(account_id, secret_id);
         let listed: Vec<String> = self.conn.query(&cmd!("SMEMBERS", &tokens_key)).await?;
+        // One round trip for all of them (per slot on a cluster: each token has its own tag).
+        let mut batch = Batch::atomic();
+        for hex in &listed {
+            batch.add(hex, cmd!("DEL", keys::token(hex)));
+        }
+        let replies = if batch.is_empty() {
+            Vec::new()
+        } else {
+            self.conn.run(batch).await?
+        };
         // Those that had expired are gone already: only the ones removed now are revoked.
         let mut hexes = Vec::with_capacity(listed.len());
-        for hex in listed {
-            let removed: i64 = self.conn.query(&cmd!("DEL", keys::token(&hex))).await?;
-            if removed > 0 {
+        for (hex, reply) in listed.into_iter().zip(replies) {
+            if decode::<i64>(reply)? > 0 {
                 hexes.push(hex);
             }
         }
