@@ -133,11 +133,7 @@ impl AdminState {
             writes: (0..WRITE_STRIPES)
                 .map(|_| Arc::new(tokio::sync::Mutex::new(())))
                 .collect(),
-            default_limits: RateLimitSpec {
-                per_minute: Some(60),
-                per_hour: Some(1_000),
-                per_day: Some(10_000),
-            },
+            default_limits: crate::config::DEFAULT_RATE_LIMIT,
             heavy_usage_reads: Arc::new(tokio::sync::Semaphore::new(MAX_HEAVY_USAGE_READS)),
             token_issues: Arc::new(oauth::issue_limiter()),
             clock: WallClock::System,

@@ -21,7 +21,7 @@ use ipnet::IpNet;
 pub use settings::{
     AdminSettings, CacheSettings, Durability, IdentitySettings, IdentitySigning, LimitMode,
     LimitSettings, MeteringSettings, OnStoreError, ProxySettings, RouteAuth, RouteScopes,
-    RouteSettings, Settings, StoreSettings, Upstream,
+    RouteSettings, Settings, StoreSettings, Upstream, DEFAULT_RATE_LIMIT,
 };
 
 use crate::store::RateLimitSpec;
@@ -554,9 +554,9 @@ impl Validator {
         let d = raw.default.unwrap_or_default();
         self.unknown("limits.default", &d.unknown);
         let default = RateLimitSpec {
-            per_minute: Some(d.per_minute.unwrap_or(60)),
-            per_hour: Some(d.per_hour.unwrap_or(1000)),
-            per_day: Some(d.per_day.unwrap_or(10_000)),
+            per_minute: d.per_minute.or(DEFAULT_RATE_LIMIT.per_minute),
+            per_hour: d.per_hour.or(DEFAULT_RATE_LIMIT.per_hour),
+            per_day: d.per_day.or(DEFAULT_RATE_LIMIT.per_day),
         };
         for (name, v) in [
             ("per_minute", default.per_minute),

@@ -346,7 +346,10 @@ async fn config_shows_the_account_and_the_calling_key() {
         own,
         json!({
             "auth_method": "any",
-            "rate_limit": { "per_minute": 30 },
+            "rate_limit": {
+                "per_minute": 30, "per_hour": 1000, "per_day": 10000,
+                "source": { "per_minute": "account", "per_hour": "default", "per_day": "default" }
+            },
             "network_policy": {
                 "allowed_ips": { "tenant": ["10.0.0.0/8", "127.0.0.1"], "client": ["127.0.0.1"] },
                 "allowed_domains": { "tenant": ["https://acme.example"], "client": [] }
@@ -363,7 +366,10 @@ async fn config_shows_the_account_and_the_calling_key() {
         operator,
         json!({
             "auth_method": "any",
-            "rate_limit": { "per_minute": 30 },
+            "rate_limit": {
+                "per_minute": 30, "per_hour": 1000, "per_day": 10000,
+                "source": { "per_minute": "account", "per_hour": "default", "per_day": "default" }
+            },
             "network_policy": {
                 "allowed_ips": { "tenant": ["10.0.0.0/8", "127.0.0.1"], "client": null },
                 "allowed_domains": { "tenant": ["https://acme.example"], "client": null }
@@ -376,7 +382,14 @@ async fn config_shows_the_account_and_the_calling_key() {
     let (_, view) = api
         .master(Method::GET, &format!("/v1/accounts/{plain}/config"), None)
         .await;
-    assert_eq!(view["rate_limit"], Value::Null);
+    // Never null: the configured defaults, named as such.
+    assert_eq!(
+        view["rate_limit"],
+        json!({
+            "per_minute": 60, "per_hour": 1000, "per_day": 10000,
+            "source": { "per_minute": "default", "per_hour": "default", "per_day": "default" }
+        })
+    );
     assert_eq!(view["auth_method"], "api_key");
     assert_eq!(
         view["permissions"],

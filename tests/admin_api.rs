@@ -1237,12 +1237,12 @@ async fn audit_entries_are_written() {
     assert_eq!(
         actions,
         [
-            "key.delete",
-            "key.activate",
-            "key.deactivate",
-            "key.create",
-            "key.create",
-            "account.create"
+            "delete_key",
+            "activate_key",
+            "deactivate_key",
+            "create_key",
+            "create_key",
+            "create_account"
         ]
     );
     let delete = &page.entries[0];
@@ -1303,10 +1303,10 @@ async fn account_patch_and_delete_reach_the_cache_and_the_audit_log() {
     assert_eq!(
         actions,
         [
-            "account.delete",
-            "account.update",
-            "key.create",
-            "account.create"
+            "delete_account",
+            "update_account",
+            "create_key",
+            "create_account"
         ]
     );
     assert_eq!(page.entries[0].actor_id, "master");

@@ -72,7 +72,7 @@ async fn client_secrets_are_shown_once_listed_by_preview_and_audited() {
         .iter()
         .filter_map(|e| e["action"].as_str())
         .collect();
-    assert_eq!(actions[..2], ["secret.delete", "secret.create"]);
+    assert_eq!(actions[..2], ["delete_secret", "create_secret"]);
     assert!(
         !audit.to_string().contains(raw),
         "nor written to the audit log"

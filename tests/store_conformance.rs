@@ -848,7 +848,7 @@ async fn audit_log(store: &dyn AuditLog) {
     let query = |limit, offset, action: Option<&str>, search: Option<&str>| AuditQuery {
         limit,
         offset,
-        action: action.map(str::to_owned),
+        actions: action.into_iter().map(str::to_owned).collect(),
         search: search.map(str::to_owned),
     };
 
@@ -900,6 +900,14 @@ async fn audit_log(store: &dyn AuditLog) {
         .unwrap();
     assert_eq!(page.total, 5);
     assert_eq!(ids(&page.entries, |e| &e.id), audit_ids(&[4, 3]));
+    // Any of several names (an action's current and legacy names).
+    let either = AuditQuery {
+        actions: vec![delete.clone(), create.clone()],
+        ..query(100, 0, None, None)
+    };
+    let page = store.list_audit(Some(&acc_a), &either).await.unwrap();
+    assert_eq!(page.total, 4);
+    assert_eq!(ids(&page.entries, |e| &e.id), audit_ids(&[5, 4, 2, 0]));
 
     // Search is a case-insensitive substring of target id, detail, action.
     let page = store
@@ -1015,7 +1023,7 @@ async fn audit_chain_links_each_account(store: &dyn AuditLog) {
             &AuditQuery {
                 limit: 100,
                 offset: 0,
-                action: None,
+                actions: Vec::new(),
                 search: Some(p.clone()),
             },
         )

@@ -33,33 +33,33 @@ const VERIFY_PAGE: usize = 256;
 /// action the log's readers do not know, and the action and its target type cannot disagree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Action {
-    /// `account.create`.
+    /// `create_account` (before: `account.create`).
     CreateAccount,
-    /// `account.update`.
+    /// `update_account` (before: `account.update`).
     UpdateAccount,
-    /// `account.delete`.
+    /// `delete_account` (before: `account.delete`).
     DeleteAccount,
-    /// `key.create`.
+    /// `create_key` (before: `key.create`).
     CreateKey,
-    /// `key.update`.
+    /// `update_key` (before: `key.update`).
     UpdateKey,
-    /// `key.activate`.
+    /// `activate_key` (before: `key.activate`).
     ActivateKey,
-    /// `key.deactivate`.
+    /// `deactivate_key` (before: `key.deactivate`).
     DeactivateKey,
-    /// `key.delete`.
+    /// `delete_key` (before: `key.delete`).
     DeleteKey,
-    /// `key.renew`.
+    /// `renew_key` (before: `key.renew`).
     RenewKey,
-    /// `key.roll`.
+    /// `roll_key` (before: `key.roll`).
     RollKey,
-    /// `site.create`.
+    /// `create_site` (before: `site.create`).
     CreateSite,
-    /// `site.delete`.
+    /// `delete_site` (before: `site.delete`).
     DeleteSite,
-    /// `secret.create`.
+    /// `create_secret` (before: `secret.create`).
     CreateSecret,
-    /// `secret.delete`.
+    /// `delete_secret` (before: `secret.delete`).
     DeleteSecret,
 }
 
@@ -86,24 +86,57 @@ pub(crate) struct Origin<'a> {
 // === impl Action ===
 
 impl Action {
-    /// The action as stored and listed (`key.create`, …). No `_` arm: a new action must be named.
+    /// Every action, for lookups by name.
+    pub(crate) const ALL: [Action; 14] = [
+        Action::CreateAccount,
+        Action::UpdateAccount,
+        Action::DeleteAccount,
+        Action::CreateKey,
+        Action::UpdateKey,
+        Action::ActivateKey,
+        Action::DeactivateKey,
+        Action::DeleteKey,
+        Action::RenewKey,
+        Action::RollKey,
+        Action::CreateSite,
+        Action::DeleteSite,
+        Action::CreateSecret,
+        Action::DeleteSecret,
+    ];
+
+    /// The action as stored and listed (`create_key`, …), the names the systems tollgate
+    /// replaces use. No `_` arm: a new action must be named.
     pub(crate) fn as_str(self) -> &'static str {
         match self {
-            Action::CreateAccount => "account.create",
-            Action::UpdateAccount => "account.update",
-            Action::DeleteAccount => "account.delete",
-            Action::CreateKey => "key.create",
-            Action::UpdateKey => "key.update",
-            Action::ActivateKey => "key.activate",
-            Action::DeactivateKey => "key.deactivate",
-            Action::DeleteKey => "key.delete",
-            Action::RenewKey => "key.renew",
-            Action::RollKey => "key.roll",
-            Action::CreateSite => "site.create",
-            Action::DeleteSite => "site.delete",
-            Action::CreateSecret => "secret.create",
-            Action::DeleteSecret => "secret.delete",
+            Action::CreateAccount => "create_account",
+            Action::UpdateAccount => "update_account",
+            Action::DeleteAccount => "delete_account",
+            Action::CreateKey => "create_key",
+            Action::UpdateKey => "update_key",
+            Action::ActivateKey => "activate_key",
+            Action::DeactivateKey => "deactivate_key",
+            Action::DeleteKey => "delete_key",
+            Action::RenewKey => "renew_key",
+            Action::RollKey => "roll_key",
+            Action::CreateSite => "create_site",
+            Action::DeleteSite => "delete_site",
+            Action::CreateSecret => "create_secret",
+            Action::DeleteSecret => "delete_secret",
         }
+    }
+
+    /// The name entries written before the rename carry (`key.create`, …): they keep it, since
+    /// each entry's chain hash covers its action, and the filter finds them by either name.
+    pub(crate) fn legacy_name(self) -> String {
+        let (verb, target) = self.as_str().split_once('_').unwrap_or((self.as_str(), ""));
+        format!("{target}.{verb}")
+    }
+
+    /// The action called `name`, by its name or its legacy name.
+    pub(crate) fn parse(name: &str) -> Option<Action> {
+        Action::ALL
+            .into_iter()
+            .find(|a| a.as_str() == name || a.legacy_name() == name)
     }
 
     /// The kind of record it changes: `account`, `key`, `site` or `secret`.
@@ -237,10 +270,25 @@ impl AuditParams {
             })?,
         };
         let non_empty = |s: Option<String>| s.filter(|s| !s.is_empty());
+        let actions = match non_empty(self.action) {
+            None => Vec::new(),
+            Some(name) => {
+                let action = Action::parse(&name).ok_or_else(|| {
+                    ApiError::field(
+                        "action",
+                        format!(
+                            "{name:?} is not an audit action; one of: {}",
+                            Action::ALL.map(Action::as_str).join(", ")
+                        ),
+                    )
+                })?;
+                vec![action.as_str().to_owned(), action.legacy_name()]
+            }
+        };
         Ok(AuditQuery {
             limit,
             offset,
-            action: non_empty(self.action),
+            actions,
             search: non_empty(self.search),
         })
     }
@@ -264,29 +312,24 @@ mod tests {
     use super::Action;
 
     #[test]
-    fn every_action_is_named_after_its_target_type() {
-        let all = [
-            Action::CreateAccount,
-            Action::UpdateAccount,
-            Action::DeleteAccount,
-            Action::CreateKey,
-            Action::UpdateKey,
-            Action::ActivateKey,
-            Action::DeactivateKey,
-            Action::DeleteKey,
-            Action::RenewKey,
-            Action::RollKey,
-            Action::CreateSite,
-            Action::DeleteSite,
-        ];
-        let mut names: Vec<&str> = all.iter().map(|a| a.as_str()).collect();
-        for a in all {
-            let (target, verb) = a.as_str().split_once('.').expect("target.verb");
+    fn every_action_has_its_own_name_and_is_found_by_both() {
+        let mut names: Vec<&str> = Action::ALL.iter().map(|a| a.as_str()).collect();
+        for a in Action::ALL {
+            let (verb, target) = a.as_str().split_once('_').expect("verb_target");
             assert_eq!(target, a.target_type(), "{a:?}");
             assert!(!verb.is_empty(), "{a:?}");
+            assert_eq!(a.legacy_name(), format!("{target}.{verb}"));
+            assert_eq!(Action::parse(a.as_str()), Some(a));
+            assert_eq!(Action::parse(&a.legacy_name()), Some(a));
         }
+        assert_eq!(Action::parse("key.creat"), None);
+        assert_eq!(Action::parse("create_keys"), None);
         names.sort_unstable();
         names.dedup();
-        assert_eq!(names.len(), all.len(), "every action has its own name");
+        assert_eq!(
+            names.len(),
+            Action::ALL.len(),
+            "every action has its own name"
+        );
     }
 }

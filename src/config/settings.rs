@@ -73,6 +73,13 @@ pub struct CacheSettings {
     pub max_entries: usize,
 }
 
+/// `limits.default` when the config file does not set it: the one place these numbers live.
+pub const DEFAULT_RATE_LIMIT: RateLimitSpec = RateLimitSpec {
+    per_minute: Some(60),
+    per_hour: Some(1_000),
+    per_day: Some(10_000),
+};
+
 /// `[limits]`.
 #[derive(Debug, Clone, Copy)]
 pub struct LimitSettings {

@@ -220,7 +220,7 @@ pub struct AuditEntry {
     pub account_id: Option<String>,
     /// Who did it: `master` or a key id.
     pub actor_id: String,
-    /// e.g. `key.create`.
+    /// e.g. `create_key` (`key.create` on entries written before the rename).
     pub action: String,
     /// e.g. `key`.
     pub target_type: String,
@@ -259,10 +259,18 @@ pub struct AuditQuery {
     pub limit: usize,
     /// Entries to skip.
     pub offset: usize,
-    /// Exact action match.
-    pub action: Option<String>,
+    /// Entries whose action is one of these (an action's current and legacy names); empty =
+    /// any action.
+    pub actions: Vec<String>,
     /// Case-insensitive substring of action, target, actor or detail.
     pub search: Option<String>,
+}
+
+impl AuditQuery {
+    /// Whether an entry with `action` passes the action filter.
+    pub fn matches_action(&self, action: &str) -> bool {
+        self.actions.is_empty() || self.actions.iter().any(|a| a == action)
+    }
 }
 
 /// One page of audit entries.

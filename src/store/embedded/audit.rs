@@ -96,7 +96,7 @@ impl AuditLog for EmbeddedStore {
             let mut page = AuditPage::default();
             let mut consider = |bytes: &[u8]| -> Result<(), StoreError> {
                 let entry = decode::<AuditEntry>(bytes, "audit entry")?;
-                if query.action.as_ref().is_some_and(|a| *a != entry.action) {
+                if !query.matches_action(&entry.action) {
                     return Ok(());
                 }
                 if let Some(needle) = &search {

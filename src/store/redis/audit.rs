@@ -57,7 +57,7 @@ impl AuditLog for RedisStore {
             Some(id) => (id, keys::account_audit(id)),
             None => (GLOBAL, keys::audit()),
         };
-        if query.action.is_none() && query.search.is_none() {
+        if query.actions.is_empty() && query.search.is_none() {
             // Unfiltered: the page and the length, without reading the rest.
             let mut batch = Batch::atomic();
             let total = batch.add(tag, cmd!("LLEN", &list));
@@ -80,7 +80,7 @@ impl AuditLog for RedisStore {
         let mut page = AuditPage::default();
         for json in &all {
             let entry: AuditEntry = from_json(json, "audit entry")?;
-            if query.action.as_ref().is_some_and(|a| *a != entry.action) {
+            if !query.matches_action(&entry.action) {
                 continue;
             }
             if search
