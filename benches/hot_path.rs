@@ -74,6 +74,7 @@ fn step(f: &Fixture, raw: &str, scopes: &RouteScopes, ip: IpAddr) {
         origin: None,
         referer: None,
         scopes,
+        shadow: false,
         now_ms,
     };
     let permit = authorize(&key, &facts).unwrap_or_else(|_| panic!("refused"));

@@ -154,6 +154,7 @@ fn main() {
             origin: None,
             referer: None,
             scopes: &scopes,
+            shadow: false,
             now_ms,
         };
         let permit = authorize(&key, &facts).unwrap_or_else(|_| panic!("refused"));

@@ -18,7 +18,7 @@ use ipnet::IpNet;
 
 use crate::config::RouteScopes;
 use crate::limits::global::Shortfall;
-use crate::limits::{KeyLimits, LimitSnapshot};
+use crate::limits::{KeyLimits, LimitSnapshot, Window};
 use crate::metering::UsageCell;
 use crate::policy;
 use crate::refusal::Refusal;
@@ -43,6 +43,8 @@ pub struct CachedKey {
     pub access_token: bool,
     /// Expiry, milliseconds since the epoch.
     pub expires_at_ms: Option<i64>,
+    /// Limits are counted and shown but refuse nothing (the key's `shadow`).
+    pub shadow: bool,
     /// Where and for what the key may be used; `None` for a key without IP, origin or scope
     /// rules (most keys), so that those cost one pointer.
     pub rules: Option<Box<KeyRules>>,
@@ -117,6 +119,8 @@ pub struct RequestFacts<'a> {
     pub referer: Option<&'a str>,
     /// The route's scopes.
     pub scopes: &'a RouteScopes,
+    /// The route counts limits without refusing for them (`shadow = true`).
+    pub shadow: bool,
     /// Now, milliseconds since the epoch, as `WallClock::now_ms_near(key.expires_at_ms)` reads
     /// it: the coarse clock, or the exact one when the key's expiry is that close.
     pub now_ms: i64,
@@ -128,6 +132,9 @@ pub struct Permit<'a> {
     pub key: &'a CachedKey,
     /// The windows after spending this request.
     pub limits: LimitSnapshot,
+    /// In shadow mode (the route's or the key's), the window that would have refused the
+    /// request: counted in `rate_limited_total{shadow="true"}`, not refused.
+    pub shadowed: Option<Window>,
 }
 
 /// Why [`authorize`] did not give a permit.
@@ -144,7 +151,16 @@ pub fn authorize<'a>(key: &'a CachedKey, facts: &RequestFacts<'_>) -> Result<Per
     check_state(key, facts.now_ms).map_err(|r| Denial::Refused(r, None))?;
     check_network(key, facts).map_err(|r| Denial::Refused(r, None))?;
     match key.limiter.check(facts.now_ms) {
-        Ok(limits) => Ok(Permit { key, limits }),
+        Ok(limits) => Ok(Permit {
+            key,
+            limits,
+            shadowed: None,
+        }),
+        Err(Shortfall::Exhausted(exhausted)) if key.shadow || facts.shadow => Ok(Permit {
+            key,
+            limits: exhausted.snapshot,
+            shadowed: Some(exhausted.window),
+        }),
         Err(Shortfall::Exhausted(exhausted)) => Err(Denial::Refused(
             Refusal::RateLimited {
                 window: exhausted.window,

@@ -40,6 +40,9 @@ const SECTIONS: &[&str] = &[
 /// name, so [`EnvOverrides`] refuses `TOLLGATE__ROUTES…` outright.
 const LIST_FIELDS: &[&str] = &["proxy.trusted_proxies"];
 /// The longest `metering.wal_sync_interval`: the durable mode promises to lose at most this.
+/// Largest route `cost`: more than any sensible price, and small enough that a day of requests
+/// at it cannot overflow a credit count.
+pub const MAX_COST: u32 = 1_000_000;
 const MAX_WAL_SYNC_INTERVAL: Duration = Duration::from_millis(50);
 
 /// The longest duration a field takes: 100 years. Durations are added to clock readings
@@ -770,12 +773,19 @@ impl Validator {
                     ),
                 }
             }
-            if r.cost.is_some() {
-                self.problem(
-                    &at("cost"),
-                    "request costs are not available in this version",
-                );
-            }
+            let cost = match r.cost {
+                None => 1,
+                Some(n) => u32::try_from(n)
+                    .ok()
+                    .filter(|n| *n <= MAX_COST)
+                    .unwrap_or_else(|| {
+                        self.problem(
+                            &at("cost"),
+                            format!("{n} is not a whole number from 0 to {MAX_COST}"),
+                        );
+                        1
+                    }),
+            };
             let timeout = self.duration(&at("timeout"), r.timeout, "30s");
             let idle_timeout = self.duration(&at("idle_timeout"), r.idle_timeout, "30s");
             let any_https = upstreams
@@ -812,6 +822,8 @@ impl Validator {
                 strip_prefix: r.strip_prefix.unwrap_or(false),
                 timeout,
                 idle_timeout,
+                cost,
+                shadow: r.shadow.unwrap_or(false),
                 upstream_tls,
             });
         }

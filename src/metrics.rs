@@ -36,7 +36,8 @@ pub struct Metrics {
     pub request_duration: Histogram,
     /// `tollgate_upstream_duration_seconds`.
     pub upstream_duration: Histogram,
-    /// `tollgate_rate_limited_total{window}`.
+    /// `tollgate_rate_limited_total{window,shadow}`: `shadow="true"` counts what shadow mode
+    /// let through.
     pub rate_limited_total: IntCounterVec,
     /// `tollgate_key_cache_hits_total`.
     pub key_cache_hits: IntCounter,
@@ -107,9 +108,9 @@ impl Metrics {
         let rate_limited_total = IntCounterVec::new(
             Opts::new(
                 "tollgate_rate_limited_total",
-                "Requests refused by a rate-limit window",
+                "Requests refused by a rate-limit window (shadow=\"true\": would have been)",
             ),
-            &["window"],
+            &["window", "shadow"],
         )?;
         let key_cache_hits = IntCounter::new(
             "tollgate_key_cache_hits_total",
@@ -160,7 +161,9 @@ impl Metrics {
             store_errors_total.with_label_values(&[op]);
         }
         for window in ["minute", "hour", "day"] {
-            rate_limited_total.with_label_values(&[window]);
+            for shadow in ["false", "true"] {
+                rate_limited_total.with_label_values(&[window, shadow]);
+            }
         }
         Ok(Metrics {
             registry,
@@ -195,6 +198,15 @@ impl Metrics {
                 "5xx",
             ]),
         }
+    }
+
+    /// Counts a request a rate-limit `window` (`minute`, `hour`, `day`) refused, or in shadow
+    /// mode would have refused.
+    pub fn rate_limited(&self, window: &str, shadow: bool) {
+        let shadow = if shadow { "true" } else { "false" };
+        self.rate_limited_total
+            .with_label_values(&[window, shadow])
+            .inc();
     }
 
     /// Counts a request the gateway answered itself (`outcome` = the error code).

@@ -233,10 +233,16 @@ impl Proxy {
             origin: headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()),
             referer: headers.get(header::REFERER).and_then(|v| v.to_str().ok()),
             scopes: &route.scopes,
+            shadow: route.shadow,
             now_ms: identified.now_ms,
         };
         let (limits, decided) = match auth::decide(&identified.key, &facts).await {
-            Ok(permit) => (Some(permit.limits), Ok(())),
+            Ok(permit) => {
+                if let Some(window) = permit.shadowed {
+                    self.metrics.rate_limited(window.name(), true);
+                }
+                (Some(permit.limits), Ok(()))
+            }
             Err((refusal, limits)) => (limits, Err(refusal)),
         };
         identified.limits = limits;

@@ -168,6 +168,7 @@ pub async fn lookup_credential(
         remaining: None,
         external_id: None,
         imported: false,
+        shadow: false,
         created_at: token.created_at,
         updated_at: token.created_at,
     };

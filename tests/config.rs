@@ -387,6 +387,28 @@ fn durations_route_defaults_and_unknown_route_fields() {
     assert_eq!(route.auth, tollgate::config::RouteAuth::Required);
     assert!(!route.strip_prefix);
     assert_eq!(route.timeout, Duration::from_secs(30));
+    assert_eq!((route.cost, route.shadow), (1, false));
+
+    let priced = "[[routes]]\nname = \"a\"\npath_prefix = \"/\"\nupstreams = [\"http://127.0.0.1:8000\"]\n\
+                  cost = 0\nshadow = true\n\
+                  [[routes]]\nname = \"b\"\npath_prefix = \"/b\"\nupstreams = [\"http://127.0.0.1:8000\"]\ncost = 25\n";
+    let s = config::load_with_env(&write(dir.path(), "priced.toml", priced), Vec::new())
+        .expect("loads");
+    assert_eq!((s.routes[0].cost, s.routes[0].shadow), (0, true));
+    assert_eq!(s.routes[1].cost, 25);
+    for cost in ["-1", "1000001", "\"many\""] {
+        let bad = format!(
+            "[[routes]]\nname = \"a\"\npath_prefix = \"/\"\nupstreams = [\"http://127.0.0.1:8000\"]\ncost = {cost}\n"
+        );
+        let err = config::load_with_env(&write(dir.path(), "cost.toml", &bad), Vec::new())
+            .expect_err("a bad cost");
+        assert!(
+            err.problems
+                .iter()
+                .any(|p| p.field.starts_with("routes[0]")),
+            "{cost}: {err}"
+        );
+    }
 
     let bad = "[[routes]]\nname = \"a\"\npath_prefix = \"/\"\nupstreams = [\"http://127.0.0.1:8000\"]\n\
                [[routes]]\nname = \"b\"\npath_prefix = \"/b\"\nupstreams = [\"http://127.0.0.1:8000\"]\nretries = 3\n";

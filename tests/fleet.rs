@@ -637,6 +637,7 @@ fn cached_key(shared: &SharedLimiters, key_id: &str, per_minute: u32) -> CachedK
         account_active: true,
         auth_method: AuthMethod::ApiKey,
         expires_at_ms: None,
+        shadow: false,
         rules: None,
         limiter: KeyLimits::Global(shared.for_key(&account_id, &key_id, quotas, fallback)),
         usage: Meter::new(WallClock::System).cell(&key_id, &account_id),
@@ -687,6 +688,7 @@ async fn concurrent_decisions_under_the_global_limit_are_never_refused() {
                     origin: None,
                     referer: None,
                     scopes: &scopes,
+                    shadow: false,
                     now_ms,
                 };
                 auth::decide(&key, &facts).await.err().map(|(r, _)| r)

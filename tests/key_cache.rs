@@ -108,6 +108,7 @@ fn key_record(account_id: &str, raw: &str) -> KeyRecord {
         remaining: None,
         external_id: None,
         imported: false,
+        shadow: false,
         created_at: now,
         updated_at: now,
     }

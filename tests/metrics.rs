@@ -84,7 +84,7 @@ async fn metrics_parse_and_count_the_traffic_sent() {
         value(
             &samples,
             "tollgate_rate_limited_total",
-            &[("window", "minute")]
+            &[("window", "minute"), ("shadow", "false")]
         ),
         2.0
     );

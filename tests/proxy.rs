@@ -603,7 +603,7 @@ async fn the_hour_and_the_day_windows_refuse_when_they_are_used_up() {
         let error = expect_refusal(refused, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
         assert_eq!(error["window"], window);
     }
-    let limited = |w: &'static str| [("window", w)];
+    let limited = |w: &'static str| [("window", w), ("shadow", "false")];
     assert_eq!(
         gw.metric("tollgate_rate_limited_total", &limited("hour"))
             .await,
@@ -1110,7 +1110,7 @@ async fn refusals_are_counted_once_and_metered_once_a_key_is_identified() {
         let n = gw.metric("tollgate_requests_total", &labels).await;
         assert_eq!(n, 1.0, "{route} {outcome}");
     }
-    let minute = [("window", "minute")];
+    let minute = [("window", "minute"), ("shadow", "false")];
     assert_eq!(gw.metric("tollgate_rate_limited_total", &minute).await, 1.0);
     let store_path = gw.store_path();
     let _dir = gw.stop().await;

@@ -80,6 +80,7 @@ fn key(id: &str, account_id: &str, name: &str, created_at: DateTime<Utc>) -> Key
         remaining: None,
         external_id: None,
         imported: false,
+        shadow: false,
         created_at,
         updated_at: created_at,
     }

@@ -83,6 +83,7 @@ pub(crate) fn secret_key(i: usize, account_id: &str, raw: &str) -> KeyRecord {
         remaining: None,
         external_id: None,
         imported: false,
+        shadow: false,
         created_at: now,
         updated_at: now,
     }

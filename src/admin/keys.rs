@@ -40,13 +40,14 @@ use crate::store::{AccountRecord, AuthMethod, KeyRecord, KeyType, RateLimitSpec,
 pub(crate) const MAX_NAME_CHARS: usize = 100;
 
 /// The fields PATCH may name.
-const PATCHABLE: [&str; 6] = [
+const PATCHABLE: [&str; 7] = [
     "name",
     "scopes",
     "allowed_origins",
     "allowed_ips",
     "rate_limit",
     "metadata",
+    "shadow",
 ];
 
 /// `POST …/keys`.
@@ -72,6 +73,8 @@ pub(crate) struct CreateKey {
     metadata: Option<Value>,
     #[serde(default)]
     protected: bool,
+    #[serde(default)]
+    shadow: bool,
 }
 
 /// A key as the API shows it: everything but the hash.
@@ -92,6 +95,7 @@ pub(crate) struct KeyView {
     active: bool,
     protected: bool,
     metadata: Value,
+    shadow: bool,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
@@ -119,6 +123,8 @@ struct KeyFields {
     rate_limit: Option<RateLimitSpec>,
     #[serde(default = "empty_object")]
     metadata: Value,
+    #[serde(default)]
+    shadow: bool,
 }
 
 /// `GET …/keys`.
@@ -374,6 +380,7 @@ impl CreateKey {
             remaining: None,
             external_id: None,
             imported: false,
+            shadow: self.shadow,
             created_at: now,
             updated_at: now,
         })
@@ -391,6 +398,7 @@ impl KeyFields {
             allowed_ips: key.allowed_ips.clone(),
             rate_limit: key.rate_limit,
             metadata: key.metadata.clone(),
+            shadow: key.shadow,
         }
     }
 
@@ -431,6 +439,7 @@ impl KeyFields {
             ("allowed_ips", self.allowed_ips != other.allowed_ips),
             ("rate_limit", self.rate_limit != other.rate_limit),
             ("metadata", self.metadata != other.metadata),
+            ("shadow", self.shadow != other.shadow),
         ];
         debug_assert!(fields.iter().map(|(n, _)| *n).eq(PATCHABLE));
         fields
@@ -446,6 +455,7 @@ impl KeyFields {
         key.allowed_ips = self.allowed_ips;
         key.rate_limit = self.rate_limit;
         key.metadata = self.metadata;
+        key.shadow = self.shadow;
     }
 }
 
@@ -477,6 +487,7 @@ impl From<KeyRecord> for KeyView {
             active: k.active,
             protected: k.protected,
             metadata: k.metadata,
+            shadow: k.shadow,
             created_at: k.created_at,
             updated_at: k.updated_at,
         }

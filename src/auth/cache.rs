@@ -540,6 +540,7 @@ impl KeyCache {
             auth_method: account.auth_method,
             access_token: lookup.access_token,
             expires_at_ms: key.expires_at.map(|t| t.timestamp_millis()),
+            shadow: key.shadow,
             rules: (!unrestricted).then(|| Box::new(rules)),
         }
     }

@@ -189,6 +189,10 @@ pub struct RouteSettings {
     /// The longest silence inside a streamed body, either way: a stalled upstream body is cut
     /// (counted as `upstream_timeout`), a stalled client body refused (`bad_request`).
     pub idle_timeout: Duration,
+    /// Credits a passed request spends (contract 5a), unless the upstream says otherwise.
+    pub cost: u32,
+    /// Limits are counted and their headers sent, but nothing is refused for them.
+    pub shadow: bool,
     /// The TLS client for its `https://` upstreams (`tls_ca`, `tls_client_cert`/`_key`), built
     /// and checked once; `None` when every upstream is `http://`.
     pub upstream_tls: Option<Arc<rustls::ClientConfig>>,

@@ -137,10 +137,7 @@ impl<'a> Ticket<'a> {
         let route = self.route.map_or("-", |r| r.name.as_str());
         metrics.refused(route, code, status.as_u16());
         if let Refusal::RateLimited { window, .. } = refusal {
-            metrics
-                .rate_limited_total
-                .with_label_values(&[window.name()])
-                .inc();
+            metrics.rate_limited(window.name(), false);
         }
         if let Some(i) = &self.key {
             let status = status.as_u16();

@@ -39,6 +39,10 @@ pub struct Route {
     pub timeout: Duration,
     /// Upstream body idle deadline, either way.
     pub idle_timeout: Duration,
+    /// Credits a passed request spends, unless the upstream answers `X-Tollgate-Cost`.
+    pub cost: u32,
+    /// Limits counted and shown, nothing refused for them.
+    pub shadow: bool,
     /// `requests_total` handles of forwarded requests; shared with each request's record.
     pub counters: Arc<RouteCounters>,
 }
@@ -81,6 +85,8 @@ impl RouteTable {
                 strip_prefix: r.strip_prefix,
                 timeout: r.timeout,
                 idle_timeout: r.idle_timeout,
+                cost: r.cost,
+                shadow: r.shadow,
                 counters: Arc::new(metrics.route_counters(&r.name)),
             })
             .collect();
@@ -174,6 +180,8 @@ mod tests {
             strip_prefix: true,
             timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),
+            cost: 1,
+            shadow: false,
             upstream_tls: None,
         }
     }

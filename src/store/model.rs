@@ -157,6 +157,9 @@ pub struct KeyRecord {
     /// Brought in by hash from another system (contract 5a).
     #[serde(default)]
     pub imported: bool,
+    /// Its limits are counted and their headers sent, but nothing is refused for them.
+    #[serde(default)]
+    pub shadow: bool,
     /// Creation time.
     pub created_at: DateTime<Utc>,
     /// Last change.
