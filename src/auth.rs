@@ -50,6 +50,9 @@ pub struct CachedKey {
     pub rules: Option<Box<KeyRules>>,
     /// The key's rate-limit buckets (this instance's, or leases of the fleet's).
     pub limiter: KeyLimits,
+    /// Its account's `shared_rate_limit` buckets, drawn on by all the account's keys after
+    /// their own; `None` when the account has none.
+    pub shared_limits: Option<KeyLimits>,
     /// The key's usage counters.
     pub usage: Arc<UsageCell>,
     /// Identity header values, ready to send upstream.
@@ -148,25 +151,69 @@ pub enum Denial {
 
 /// The decision: every check in the contract's order, synchronously and without I/O.
 pub fn authorize<'a>(key: &'a CachedKey, facts: &RequestFacts<'_>) -> Result<Permit<'a>, Denial> {
+    authorize_from(key, facts, &mut Spent::default())
+}
+
+/// How far one decision's limit checks got: a decision that waits for a lease of the account's
+/// shared buckets has already spent from the key's own, and must not spend from them again.
+#[derive(Default)]
+struct Spent {
+    own: Option<(LimitSnapshot, Option<Window>)>,
+}
+
+/// [`authorize`], resuming after the limits already spent.
+fn authorize_from<'a>(
+    key: &'a CachedKey,
+    facts: &RequestFacts<'_>,
+    spent: &mut Spent,
+) -> Result<Permit<'a>, Denial> {
     check_state(key, facts.now_ms).map_err(|r| Denial::Refused(r, None))?;
     check_network(key, facts).map_err(|r| Denial::Refused(r, None))?;
-    match key.limiter.check(facts.now_ms) {
-        Ok(limits) => Ok(Permit {
+    let shadow = key.shadow || facts.shadow;
+    let (own, shadowed) = match spent.own {
+        Some(done) => done,
+        None => *spent
+            .own
+            .insert(spend(&key.limiter, facts.now_ms, shadow, None)?),
+    };
+    let Some(shared) = &key.shared_limits else {
+        return Ok(Permit {
             key,
-            limits,
-            shadowed: None,
-        }),
-        Err(Shortfall::Exhausted(exhausted)) if key.shadow || facts.shadow => Ok(Permit {
-            key,
-            limits: exhausted.snapshot,
-            shadowed: Some(exhausted.window),
-        }),
+            limits: own,
+            shadowed,
+        });
+    };
+    let (theirs, shared_shadowed) = spend(shared, facts.now_ms, shadow, Some(&own))?;
+    Ok(Permit {
+        key,
+        limits: own.with_shared(&theirs),
+        shadowed: shadowed.or(shared_shadowed),
+    })
+}
+
+/// Spends one request from one set of buckets. In shadow mode a used-up window passes, named;
+/// otherwise it refuses, with the headers' view of the windows (the key's `own`, when these
+/// are the account's shared buckets).
+fn spend(
+    limits: &KeyLimits,
+    now_ms: i64,
+    shadow: bool,
+    own: Option<&LimitSnapshot>,
+) -> Result<(LimitSnapshot, Option<Window>), Denial> {
+    match limits.check(now_ms) {
+        Ok(snapshot) => Ok((snapshot, None)),
+        Err(Shortfall::Exhausted(exhausted)) if shadow => {
+            Ok((exhausted.snapshot, Some(exhausted.window)))
+        }
         Err(Shortfall::Exhausted(exhausted)) => Err(Denial::Refused(
             Refusal::RateLimited {
                 window: exhausted.window,
                 retry_after: exhausted.retry_after,
             },
-            Some(exhausted.snapshot),
+            Some(match own {
+                Some(own) => own.with_shared(&exhausted.snapshot),
+                None => exhausted.snapshot,
+            }),
         )),
         Err(Shortfall::StoreDown) => Err(Denial::Refused(Refusal::StoreUnavailable, None)),
         Err(Shortfall::NeedsLease) => Err(Denial::NeedsLease),
@@ -177,19 +224,32 @@ pub fn authorize<'a>(key: &'a CachedKey, facts: &RequestFacts<'_>) -> Result<Per
 /// lease empty waits for refills and decides again, until it gets a token or is refused for a
 /// real reason (the window used up fleet-wide, or the store down). Each refill either adds
 /// tokens (the shared counter moves towards the limit), marks the window used up, or marks the
-/// store down, and leases never move back to an earlier window; so the loop ends.
+/// store down, and leases never move back to an earlier window; so the loop ends. The key's own
+/// buckets are spent from once: a wait on the account's shared buckets resumes after them.
 pub async fn decide<'a>(
     key: &'a CachedKey,
     facts: &RequestFacts<'_>,
 ) -> Result<Permit<'a>, (Refusal, Option<LimitSnapshot>)> {
+    let mut spent = Spent::default();
     let mut waiting = None;
     loop {
-        match authorize(key, facts) {
+        match authorize_from(key, facts, &mut spent) {
             Ok(permit) => return Ok(permit),
             Err(Denial::Refused(refusal, limits)) => return Err((refusal, limits)),
             Err(Denial::NeedsLease) => {
-                waiting.get_or_insert_with(|| key.limiter.wait());
-                key.limiter.refill(facts.now_ms).await;
+                let (limits, on_shared) = match (&spent.own, &key.shared_limits) {
+                    (Some(_), Some(shared)) => (shared, true),
+                    _ => (&key.limiter, false),
+                };
+                // Counted among the waiters of the buckets it waits on, from the first wait
+                // on each.
+                if waiting
+                    .as_ref()
+                    .is_none_or(|(shared, _)| *shared != on_shared)
+                {
+                    waiting = Some((on_shared, limits.wait()));
+                }
+                limits.refill(facts.now_ms).await;
             }
         }
     }

@@ -72,6 +72,8 @@ pub struct WindowState {
     pub remaining: u32,
     /// Whole seconds until it is full again (or, when empty, until it has room).
     pub reset: u64,
+    /// The account's shared buckets (`shared_rate_limit`), not the key's own.
+    pub shared: bool,
 }
 
 /// What the windows said for one request.
@@ -243,6 +245,7 @@ impl<C: Clock + Clone> KeyLimiter<C> {
                         limit,
                         remaining,
                         reset: window.refill_secs(limit, remaining),
+                        shared: false,
                     });
                 }
                 Err(not_until) => {
@@ -255,6 +258,7 @@ impl<C: Clock + Clone> KeyLimiter<C> {
                         limit,
                         remaining: 0,
                         reset: retry_after,
+                        shared: false,
                     });
                     self.fill_unchecked(&mut snapshot, i + 1);
                     return Err(Exhausted {
@@ -287,6 +291,7 @@ impl<C: Clock + Clone> KeyLimiter<C> {
                     limit,
                     remaining,
                     reset: window.refill_secs(limit, remaining),
+                    shared: false,
                 });
             }
         }
@@ -307,10 +312,28 @@ impl LimitSnapshot {
                     limit,
                     remaining: limit,
                     reset: 0,
+                    shared: false,
                 });
             }
         }
         snapshot
+    }
+
+    /// The key's windows and its account's shared ones as the headers show them: per window,
+    /// whichever has fewer remaining (the key's on a tie), marked `shared` when it is the
+    /// account's.
+    pub fn with_shared(mut self, shared: &LimitSnapshot) -> LimitSnapshot {
+        for (own, theirs) in self.windows.iter_mut().zip(&shared.windows) {
+            if let Some(theirs) = theirs {
+                if own.is_none_or(|o| theirs.remaining < o.remaining) {
+                    *own = Some(WindowState {
+                        shared: true,
+                        ..*theirs
+                    });
+                }
+            }
+        }
+        self
     }
 
     /// The window with the fewest remaining (the shorter on a tie): the one the single-window

@@ -127,3 +127,77 @@ async fn a_shadow_key_is_never_refused_for_its_limits_and_can_be_switched_off() 
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accounts_keys_draw_together_on_its_shared_limit() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let account = gw
+        .create_account(json!({ "name": "acme", "shared_rate_limit": { "per_minute": 3 } }))
+        .await;
+    let (_, a) = gw
+        .create_key(
+            &account,
+            json!({ "name": "a", "rate_limit": { "per_minute": 2 } }),
+        )
+        .await;
+    let (_, b) = gw.create_key(&account, json!({ "name": "b" })).await;
+    let client = client();
+
+    // a: its own 2 per minute are tighter than the shared 3 (2 left): its own window shows.
+    let first = gw.get_with_key(&client, "/x", &a).await;
+    assert_eq!(
+        header(&first, "ratelimit-policy"),
+        Some("\"minute\";q=2;w=60, \"hour\";q=1000;w=3600, \"day\";q=10000;w=86400, \"shared-minute\";q=3;w=60")
+    );
+    assert_eq!(header(&first, "x-ratelimit-remaining-minute"), Some("1"));
+    assert_eq!(header(&first, "x-ratelimit-limit-minute"), Some("2"));
+    expect_echo(first).await;
+    // b: 60 of its own, 1 left of the shared 3: the shared window shows.
+    let second = gw.get_with_key(&client, "/x", &b).await;
+    assert_eq!(header(&second, "x-ratelimit-limit-minute"), Some("3"));
+    assert_eq!(header(&second, "x-ratelimit-remaining-minute"), Some("1"));
+    assert_eq!(header(&second, "ratelimit-limit"), Some("3"));
+    assert!(header(&second, "ratelimit").is_some_and(|v| v.starts_with("\"shared-minute\";r=1;t=")));
+    expect_echo(second).await;
+    let third = gw.get_with_key(&client, "/x", &b).await;
+    expect_echo(third).await;
+    // The shared buckets are used up: a key with room of its own is refused.
+    for key in [&a, &b] {
+        let refused = gw.get_with_key(&client, "/x", key).await;
+        assert_eq!(header(&refused, "x-ratelimit-remaining-minute"), Some("0"));
+        assert!(header(&refused, "retry-after").is_some());
+        let error = expect_refusal(refused, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
+        assert_eq!(error["window"], "minute");
+    }
+    // Another account is not touched.
+    let (_, other) = gw.account_with_key().await;
+    expect_echo(gw.get_with_key(&client, "/x", &other).await).await;
+
+    // Taken off by PATCH: the keys have their own limits again. b spent 3 of its own 60 (the
+    // refused request too: the key's buckets are checked first), and this is the fourth.
+    let (status, patched) = gw
+        .admin(
+            reqwest::Method::PATCH,
+            &format!("/v1/accounts/{account}"),
+            Some(json!({ "shared_rate_limit": null })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{patched}");
+    assert_eq!(patched["shared_rate_limit"], serde_json::Value::Null);
+    let again = gw.get_with_key(&client, "/x", &b).await;
+    assert_eq!(header(&again, "x-ratelimit-remaining-minute"), Some("56"));
+    expect_echo(again).await;
+
+    let (status, err) = gw
+        .admin(
+            reqwest::Method::PATCH,
+            &format!("/v1/accounts/{account}"),
+            Some(json!({ "shared_rate_limit": { "per_minute": 0 } })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
+    assert!(err["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("shared_rate_limit")));
+}

@@ -32,10 +32,11 @@ use crate::store::{AccountRecord, AuthMethod, NetworkPolicy, Plan, RateLimitSpec
 const MAX_NAME_CHARS: usize = 100;
 
 /// The fields PATCH may name.
-const PATCHABLE: [&str; 7] = [
+const PATCHABLE: [&str; 8] = [
     "name",
     "auth_method",
     "rate_limit",
+    "shared_rate_limit",
     "network_policy",
     "permissions",
     "plan",
@@ -55,6 +56,8 @@ pub(crate) struct AccountFields {
     auth_method: AuthMethod,
     #[serde(default)]
     rate_limit: Option<RateLimitSpec>,
+    #[serde(default)]
+    shared_rate_limit: Option<RateLimitSpec>,
     #[serde(default)]
     network_policy: NetworkPolicy,
     #[serde(default)]
@@ -153,10 +156,7 @@ pub(crate) async fn update(
         if changed.is_empty() {
             return Ok(Json(current));
         }
-        let account = AccountRecord {
-            shared_rate_limit: current.shared_rate_limit,
-            ..after.into_record(current.id, current.created_at, Utc::now())
-        };
+        let account = after.into_record(current.id, current.created_at, Utc::now());
         state.store.update_account(&account).await?;
         (account, changed)
     };
@@ -223,6 +223,7 @@ impl AccountFields {
             name: account.name.clone(),
             auth_method: account.auth_method,
             rate_limit: account.rate_limit,
+            shared_rate_limit: account.shared_rate_limit,
             network_policy: account.network_policy.clone(),
             permissions: account.permissions.clone(),
             plan: account.plan,
@@ -240,6 +241,7 @@ impl AccountFields {
             _ => validate::name("name", &self.name, MAX_NAME_CHARS)?,
         };
         validate::rate_limit("rate_limit", self.rate_limit.as_ref())?;
+        validate::rate_limit("shared_rate_limit", self.shared_rate_limit.as_ref())?;
         let network_policy = NetworkPolicy {
             allowed_ips: validate::cidrs(
                 "network_policy.allowed_ips",
@@ -256,6 +258,9 @@ impl AccountFields {
         Ok(AccountFields {
             name,
             rate_limit: self.rate_limit.filter(|r| *r != RateLimitSpec::default()),
+            shared_rate_limit: self
+                .shared_rate_limit
+                .filter(|r| *r != RateLimitSpec::default()),
             network_policy,
             ..self
         })
@@ -268,6 +273,10 @@ impl AccountFields {
             ("name", self.name != other.name),
             ("auth_method", self.auth_method != other.auth_method),
             ("rate_limit", self.rate_limit != other.rate_limit),
+            (
+                "shared_rate_limit",
+                self.shared_rate_limit != other.shared_rate_limit,
+            ),
             (
                 "network_policy",
                 self.network_policy != other.network_policy,
@@ -298,7 +307,7 @@ impl AccountFields {
             permissions: self.permissions,
             plan: self.plan,
             active: self.active,
-            shared_rate_limit: None,
+            shared_rate_limit: self.shared_rate_limit,
             created_at,
             updated_at,
         }

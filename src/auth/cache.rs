@@ -100,7 +100,7 @@ pub struct KeyCache {
     inflight: DashMap<KeyHash, Arc<OnceCell<Loaded>>, KeyHashBuilder>,
     /// Header values shared between cached keys: per set of quotas, and per account (its id as
     /// `Arc<str>` and as a header value). Pruned by [`KeyCache::sweep`] once no key holds them.
-    limit_values: DashMap<Quotas, Arc<LimitValues>>,
+    limit_values: DashMap<(Quotas, Quotas), Arc<LimitValues>>,
     account_ids: DashMap<Arc<str>, HeaderValue>,
     /// Bumped by every invalidation; a load that started before one does not insert its result,
     /// which may predate the change.
@@ -457,14 +457,28 @@ impl KeyCache {
         });
     }
 
-    /// The shared header values of `quotas`, made on first use.
-    fn limit_values(&self, quotas: Quotas) -> Arc<LimitValues> {
-        let entry = self.limit_values.entry(quotas).or_insert_with(|| {
-            Arc::new(LimitValues {
-                policy: policy_header(&quotas),
-                per_window: quotas.per.map(|q| q.map(|n| HeaderValue::from(n.get()))),
-            })
-        });
+    /// The buckets of `quotas` registered under `id` (a key's, or an account's shared ones):
+    /// this instance's, or leases of the fleet's.
+    fn limits(&self, account_id: &Arc<str>, id: &Arc<str>, quotas: Quotas) -> KeyLimits {
+        let local = self.limiters.for_key(id, quotas);
+        match &self.shared {
+            Some(shared) => KeyLimits::Global(shared.for_key(account_id, id, quotas, local)),
+            None => KeyLimits::Local(local),
+        }
+    }
+
+    /// The shared header values of a key's `quotas` and its account's `shared` ones (empty
+    /// when it has none), made on first use.
+    fn limit_values(&self, quotas: Quotas, shared: Quotas) -> Arc<LimitValues> {
+        let entry = self
+            .limit_values
+            .entry((quotas, shared))
+            .or_insert_with(|| {
+                Arc::new(LimitValues {
+                    policy: policy_header(&quotas, &shared),
+                    per_window: quotas.per.map(|q| q.map(|n| HeaderValue::from(n.get()))),
+                })
+            });
         Arc::clone(entry.value())
     }
 
@@ -489,6 +503,12 @@ impl KeyCache {
             account.rate_limit.as_ref(),
             &self.default_limits,
         );
+        // Only the windows the account sets: no defaults for shared buckets.
+        let shared = account
+            .shared_rate_limit
+            .as_ref()
+            .map(|s| Quotas::resolve(Some(s), None, &RateLimitSpec::default()))
+            .unwrap_or_default();
         let cidrs = |list: &[String]| {
             list.iter()
                 .filter_map(|s| policy::parse_cidr(s))
@@ -520,17 +540,12 @@ impl KeyCache {
                     .scopes
                     .as_ref()
                     .map(|s| Box::new(header_value(&s.join(" ")))),
-                limits: self.limit_values(quotas),
+                limits: self.limit_values(quotas, shared),
             },
-            limiter: {
-                let local = self.limiters.for_key(&key_id, quotas);
-                match &self.shared {
-                    Some(shared) => {
-                        KeyLimits::Global(shared.for_key(&account_id, &key_id, quotas, local))
-                    }
-                    None => KeyLimits::Local(local),
-                }
-            },
+            limiter: self.limits(&account_id, &key_id, quotas),
+            // An account's buckets are registered under its id, beside its keys' (`key_…`).
+            shared_limits: (shared != Quotas::default())
+                .then(|| self.limits(&account_id, &account_id, shared)),
             usage: self.meter.cell(&key_id, &account_id),
             key_id,
             account_id,
@@ -552,14 +567,17 @@ fn header_value(s: &str) -> HeaderValue {
     HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
-/// `"minute";q=60;w=60, "hour";q=1000;w=3600, "day";q=10000;w=86400` for the windows in force.
-fn policy_header(quotas: &Quotas) -> Option<HeaderValue> {
-    let parts: Vec<String> = Window::ALL
+/// `"minute";q=60;w=60, "hour";q=1000;w=3600, "day";q=10000;w=86400` for the windows in force,
+/// then the account's shared ones as `"shared-minute";q=…`.
+fn policy_header(quotas: &Quotas, shared: &Quotas) -> Option<HeaderValue> {
+    let parts: Vec<String> = [("", quotas), ("shared-", shared)]
         .iter()
-        .filter_map(|w| {
-            quotas
-                .get(*w)
-                .map(|q| format!("\"{}\";q={};w={}", w.name(), q, w.seconds()))
+        .flat_map(|(prefix, quotas)| {
+            Window::ALL.iter().filter_map(move |w| {
+                quotas
+                    .get(*w)
+                    .map(|q| format!("\"{prefix}{}\";q={};w={}", w.name(), q, w.seconds()))
+            })
         })
         .collect();
     if parts.is_empty() {

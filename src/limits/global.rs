@@ -366,6 +366,7 @@ fn state(window: Window, limit: NonZeroU32, lease: &Lease, now_ms: i64) -> Windo
         limit,
         remaining,
         reset: seconds_left(window, now_ms),
+        shared: false,
     }
 }
 

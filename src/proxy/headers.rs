@@ -291,7 +291,7 @@ pub fn add_limit_headers(headers: &mut HeaderMap, key: &IdentityValues, limits: 
     }
     let mut n = itoa::Buffer::new();
     let structured = arena::value(|buf| {
-        buf.extend_from_slice(b"\"");
+        buf.extend_from_slice(if tightest.shared { b"\"shared-" } else { b"\"" });
         buf.extend_from_slice(tightest.window.name().as_bytes());
         buf.extend_from_slice(b"\";r=");
         buf.extend_from_slice(n.format(tightest.remaining).as_bytes());
@@ -301,10 +301,10 @@ pub fn add_limit_headers(headers: &mut HeaderMap, key: &IdentityValues, limits: 
     if let Some(v) = structured {
         headers.insert(RATELIMIT.clone(), v);
     }
-    let limit_of = |w: &WindowState| {
-        key.limits.per_window[w.window.index()]
-            .clone()
-            .unwrap_or_else(|| HeaderValue::from(w.limit))
+    // The key's own limits are ready-made values; an account's shared window is written out.
+    let limit_of = |w: &WindowState| match &key.limits.per_window[w.window.index()] {
+        Some(v) if !w.shared => v.clone(),
+        _ => HeaderValue::from(w.limit),
     };
     let mut number = |v: u64| arena::value(|buf| buf.extend_from_slice(n.format(v).as_bytes()));
     headers.insert(RATELIMIT_LIMIT.clone(), limit_of(&tightest));

@@ -94,8 +94,8 @@ pub struct AccountRecord {
     /// An inactive account's keys are all refused.
     #[serde(default = "yes")]
     pub active: bool,
-    /// Buckets shared by all its keys (contract 5a; not enforced before its issue).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// One set of buckets all its keys draw from together, on top of each key's own (5a).
+    #[serde(default)]
     pub shared_rate_limit: Option<RateLimitSpec>,
     /// Creation time.
     pub created_at: DateTime<Utc>,
