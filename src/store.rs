@@ -24,6 +24,7 @@
 //! ([`Usage::add_usage`]).
 
 pub mod audit_chain;
+pub mod credits;
 pub mod embedded;
 mod model;
 pub mod redis;
@@ -165,7 +166,7 @@ pub async fn lookup_credential(
         active: true,
         protected: false,
         metadata: serde_json::Value::Null,
-        remaining: None,
+        credits: false,
         external_id: None,
         imported: false,
         shadow: false,
@@ -257,7 +258,7 @@ pub async fn open(
 /// The whole store: every role, readiness and capabilities. Every method of every role is one
 /// atomic operation on the backend.
 #[async_trait]
-pub trait Store: Records + Clients + AuditLog + Usage + Fleet + 'static {
+pub trait Store: Records + Clients + AuditLog + Usage + Credits + Fleet + 'static {
     /// What this backend can do.
     fn capabilities(&self) -> Capabilities;
 
@@ -269,6 +270,49 @@ pub trait Store: Records + Clients + AuditLog + Usage + Fleet + 'static {
     fn limit_buckets(self: Arc<Self>) -> Option<Arc<dyn LimitBuckets>> {
         None
     }
+}
+
+/// Keys' credits (contract 5a): the balance, the refill and the leases instances hold, one
+/// [`credits::CreditCounter`] per key whose record has `credits` set, changed atomically.
+#[async_trait]
+pub trait Credits: Send + Sync {
+    /// `instance` reports `spent` credits of its lease from `epoch` and asks for `want` more
+    /// ([`credits::CreditCounter::take`]); a key without a counter grants nothing.
+    async fn take_credits(
+        &self,
+        key_id: &str,
+        instance: &str,
+        epoch: u64,
+        spent: i64,
+        want: i64,
+        now_ms: i64,
+    ) -> Result<credits::CreditGrant, StoreError>;
+    /// `instance` reports `spent` and hands back `unspent` of its lease from `epoch`
+    /// ([`credits::CreditCounter::give_back`]).
+    async fn give_back_credits(
+        &self,
+        key_id: &str,
+        instance: &str,
+        epoch: u64,
+        spent: i64,
+        unspent: i64,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+    /// Applies an admin change, making the counter (empty) if the key has none yet.
+    async fn change_credits(
+        &self,
+        key_id: &str,
+        change: credits::CreditChange,
+        now_ms: i64,
+    ) -> Result<credits::CreditState, StoreError>;
+    /// The key's credits as of `now_ms` (a refill due is counted); `None` without a counter.
+    async fn credit_state(
+        &self,
+        key_id: &str,
+        now_ms: i64,
+    ) -> Result<Option<credits::CreditState>, StoreError>;
+    /// Forgets the key's counter (the key is deleted, or its credits are now unlimited).
+    async fn delete_credits(&self, key_id: &str) -> Result<(), StoreError>;
 }
 
 /// Accounts, keys and sites, the master key's hash, and keys found by their hash.

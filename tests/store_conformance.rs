@@ -17,7 +17,7 @@ use tollgate::store::audit_chain::{ChainVerdict, ChainWalk, Step, GENESIS};
 use tollgate::store::embedded::EmbeddedStore;
 use tollgate::store::redis::RedisStore;
 use tollgate::store::{
-    AccountRecord, AuditEntry, AuditLog, AuditQuery, AuthMethod, BatchId, Clients, Fleet,
+    AccountRecord, AuditEntry, AuditLog, AuditQuery, AuthMethod, BatchId, Clients, Credits, Fleet,
     Granularity, Invalidation, InvalidationEvent, KeyRecord, KeyType, LimitBuckets, NetworkPolicy,
     Plan, Records, SecretRecord, SharedStore, SiteRecord, Store, StoreError, TokenRecord,
     TokenTake, Usage, UsageCounts, UsageDelta,
@@ -77,7 +77,7 @@ fn key(id: &str, account_id: &str, name: &str, created_at: DateTime<Utc>) -> Key
         active: true,
         protected: false,
         metadata: serde_json::json!({ "owner": name }),
-        remaining: None,
+        credits: false,
         external_id: None,
         imported: false,
         shadow: false,
@@ -190,6 +190,7 @@ pub async fn run_all(store: SharedStore) {
     clients(&*store).await;
     audit_log_role(Arc::clone(&store) as Arc<dyn AuditLog>).await;
     usage_role(&*store).await;
+    credits_role(Arc::clone(&store) as Arc<dyn Credits>).await;
     fleet(Arc::clone(&store)).await;
     let shared = store.capabilities().shared;
     match Arc::clone(&store).limit_buckets() {
@@ -199,6 +200,93 @@ pub async fn run_all(store: SharedStore) {
         }
         None => assert!(!shared, "a shared store has limit buckets"),
     }
+}
+
+// === role: credits ===
+
+async fn credits_role(store: Arc<dyn Credits>) {
+    use tollgate::store::credits::{CreditChange, Refill, RefillInterval};
+    let key = format!("key_{}", unique());
+    let now = Utc::now().timestamp_millis();
+    assert_eq!(store.credit_state(&key, now).await.unwrap(), None);
+    let none = store.take_credits(&key, "a", 0, 0, 5, now).await.unwrap();
+    assert_eq!(none.granted, 0, "no counter, no credits");
+
+    let refill = Refill {
+        interval: RefillInterval::Daily,
+        amount: 100,
+    };
+    let set = CreditChange {
+        set: Some(10),
+        refill: Some(Some(refill)),
+        ..CreditChange::default()
+    };
+    let state = store.change_credits(&key, set, now).await.unwrap();
+    assert_eq!((state.remaining, state.refill), (10, Some(refill)));
+    let a = store.take_credits(&key, "a", 0, 0, 4, now).await.unwrap();
+    let b = store.take_credits(&key, "b", 0, 0, 8, now).await.unwrap();
+    assert_eq!((a.granted, b.granted), (4, 6));
+    assert!(a
+        .refill_at_ms
+        .is_some_and(|at| at > now && at <= now + 86_400_000));
+    assert_eq!(
+        store
+            .take_credits(&key, "c", 0, 0, 1, now)
+            .await
+            .unwrap()
+            .granted,
+        0
+    );
+    store
+        .give_back_credits(&key, "a", a.epoch, 3, 1, now)
+        .await
+        .unwrap();
+    let state = store.credit_state(&key, now).await.unwrap().unwrap();
+    assert_eq!(state.remaining, 7, "a spent 3 and gave 1 back; b holds 6");
+    let add = CreditChange {
+        add: Some(5),
+        ..CreditChange::default()
+    };
+    assert_eq!(
+        store
+            .change_credits(&key, add, now)
+            .await
+            .unwrap()
+            .remaining,
+        12
+    );
+
+    // Takes racing from many tasks: every credit granted once, none twice.
+    let set = CreditChange {
+        set: Some(200),
+        ..CreditChange::default()
+    };
+    store.change_credits(&key, set, now).await.unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let (store, key) = (Arc::clone(&store), key.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut got = 0;
+            loop {
+                let grant = store
+                    .take_credits(&key, &format!("i{t}"), 0, 0, 3, now)
+                    .await
+                    .unwrap();
+                if grant.granted == 0 {
+                    return got;
+                }
+                got += grant.granted;
+            }
+        }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.unwrap();
+    }
+    assert_eq!(total, 200);
+
+    store.delete_credits(&key).await.unwrap();
+    assert_eq!(store.credit_state(&key, now).await.unwrap(), None);
 }
 
 // === role: records ===

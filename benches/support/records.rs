@@ -80,7 +80,7 @@ pub(crate) fn secret_key(i: usize, account_id: &str, raw: &str) -> KeyRecord {
         active: true,
         protected: false,
         metadata: serde_json::json!({}),
-        remaining: None,
+        credits: false,
         external_id: None,
         imported: false,
         shadow: false,

@@ -377,7 +377,7 @@ impl CreateKey {
             active: true,
             protected: self.protected,
             metadata,
-            remaining: None,
+            credits: false,
             external_id: None,
             imported: false,
             shadow: self.shadow,

@@ -51,6 +51,7 @@ mod audit;
 mod buckets;
 mod clients;
 mod commit;
+mod credits;
 mod journal;
 mod records;
 mod usage;
@@ -133,6 +134,7 @@ impl EmbeddedStore {
                 txn.open_table(USAGE_WRITERS).map_err(db_err)?;
                 buckets::create_tables(txn)?;
                 clients::create_tables(txn)?;
+                credits::create_tables(txn)?;
                 txn.open_table(META).map_err(db_err)?;
                 records::fold_key_names(txn)?;
                 Unfolded::recover(txn)

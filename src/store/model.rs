@@ -148,9 +148,10 @@ pub struct KeyRecord {
     /// Free-form object, echoed back.
     #[serde(default = "empty_object")]
     pub metadata: serde_json::Value,
-    /// Credits left (contract 5a); `None` = unlimited. Not enforced before its issue.
+    /// Its requests spend credits (contract 5a), kept in the store's
+    /// [`Credits`](crate::store::Credits) counter; `false` = unlimited.
     #[serde(default)]
-    pub remaining: Option<i64>,
+    pub credits: bool,
     /// The owner's id in the customer's own system (contract 5a).
     #[serde(default)]
     pub external_id: Option<String>,

@@ -124,6 +124,7 @@ macro_rules! cmd {
 
 mod audit;
 mod clients;
+mod credits;
 mod fleet;
 mod limits;
 mod records;

@@ -196,3 +196,53 @@ impl Clients for ObservedStore {
         self.inner.prune_tokens(now).await
     }
 }
+
+#[async_trait]
+impl Credits for ObservedStore {
+    async fn take_credits(
+        &self,
+        key_id: &str,
+        instance: &str,
+        epoch: u64,
+        spent: i64,
+        want: i64,
+        now_ms: i64,
+    ) -> Result<credits::CreditGrant, StoreError> {
+        self.check()?;
+        self.inner
+            .take_credits(key_id, instance, epoch, spent, want, now_ms)
+            .await
+    }
+    async fn give_back_credits(
+        &self,
+        key_id: &str,
+        instance: &str,
+        epoch: u64,
+        spent: i64,
+        unspent: i64,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner
+            .give_back_credits(key_id, instance, epoch, spent, unspent, now_ms)
+            .await
+    }
+    async fn change_credits(
+        &self,
+        key_id: &str,
+        change: credits::CreditChange,
+        now_ms: i64,
+    ) -> Result<credits::CreditState, StoreError> {
+        self.inner.change_credits(key_id, change, now_ms).await
+    }
+    async fn credit_state(
+        &self,
+        key_id: &str,
+        now_ms: i64,
+    ) -> Result<Option<credits::CreditState>, StoreError> {
+        self.inner.credit_state(key_id, now_ms).await
+    }
+    async fn delete_credits(&self, key_id: &str) -> Result<(), StoreError> {
+        self.inner.delete_credits(key_id).await
+    }
+}

@@ -73,6 +73,11 @@ pub(super) fn rate_counter(key_id: &str, window_secs: u64, index: i64) -> String
     format!("tg:{{{key_id}}}:rl:{window_secs}:{index}")
 }
 
+/// A key's credits: [`crate::store::credits::CreditCounter`] JSON.
+pub(super) fn credits(key_id: &str) -> String {
+    format!("tg:{{{key_id}}}:credits")
+}
+
 /// A lock named after an account (its tag) or anything else.
 pub(super) fn lock(name: &str) -> String {
     format!("tg:{{{name}}}:lock")

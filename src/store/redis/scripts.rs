@@ -147,6 +147,17 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 "#;
 
+/// Replaces a value only if it is still the one read (compare-and-set): `''` stands for no value,
+/// as old value (it must still be absent) and as new one (the key is deleted).
+///
+/// `KEYS`: the key. `ARGV`: the value read, the new value. Returns 1 if replaced, else 0.
+pub(super) const SET_IF_EQUAL: &str = r#"
+local now = redis.call('GET', KEYS[1]) or ''
+if now ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], ARGV[2]) end
+return 1
+"#;
+
 /// Appends an audit entry as the next link of its account's chain, if the chain's head is still
 /// the one the entry was linked to; on a single server also to the all-accounts list.
 ///
