@@ -75,6 +75,7 @@ fn step(f: &Fixture, raw: &str, scopes: &RouteScopes, ip: IpAddr) {
         referer: None,
         scopes,
         shadow: false,
+        cost: 1,
         now_ms,
     };
     let permit = authorize(&key, &facts).unwrap_or_else(|_| panic!("refused"));

@@ -155,6 +155,7 @@ fn main() {
             referer: None,
             scopes: &scopes,
             shadow: false,
+            cost: 1,
             now_ms,
         };
         let permit = authorize(&key, &facts).unwrap_or_else(|_| panic!("refused"));

@@ -52,6 +52,7 @@ mod accounts;
 mod audit;
 mod auth;
 mod body;
+mod credits;
 pub mod error;
 mod health;
 mod keys;
@@ -313,6 +314,10 @@ fn account_routes(base: &str) -> Router<AdminState> {
         .route(
             &format!("{base}/keys/{{key_id}}/deactivate"),
             post(keys::deactivate),
+        )
+        .route(
+            &format!("{base}/keys/{{key_id}}/credits"),
+            post(credits::post),
         )
         .route(
             &format!("{base}/keys/{{key_id}}/activate"),

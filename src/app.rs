@@ -16,6 +16,7 @@ use tower::ServiceExt;
 use crate::admin::{self, AdminState};
 use crate::auth::cache::KeyCache;
 use crate::config::{Durability, LimitMode, MeteringSettings, Settings};
+use crate::credits::{self, CreditLeases};
 use crate::limits::global::SharedLimiters;
 use crate::limits::Limiters;
 use crate::listener::{self, ConnLimits};
@@ -241,6 +242,11 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
             signal.clone(),
         ));
     }
+    background.spawn(give_back_credits(
+        Arc::clone(cache.credits()),
+        meter.clock().clone(),
+        signal.clone(),
+    ));
     let cleanup = Sweep {
         cache,
         meter,
@@ -378,6 +384,25 @@ struct Sweep {
     store: SharedStore,
     metrics: Arc<Metrics>,
     metering: MeteringSettings,
+}
+
+/// Every second, hands back the credit leases of keys idle for a second; at shutdown (after the
+/// drain) all of them, so that the store's figures are exact once this instance stops.
+async fn give_back_credits(
+    leases: Arc<CreditLeases>,
+    clock: WallClock,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(Duration::from_millis(credits::IDLE_MS as u64));
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => leases.give_back_idle(clock.now_ms(), false).await,
+            _ = shutdown.changed() => {
+                leases.give_back_idle(clock.now_ms(), true).await;
+                return;
+            }
+        }
+    }
 }
 
 async fn sweep(s: Sweep, mut shutdown: watch::Receiver<bool>) {

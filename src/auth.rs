@@ -17,6 +17,7 @@ use http::{HeaderValue, Method};
 use ipnet::IpNet;
 
 use crate::config::RouteScopes;
+use crate::credits::{self, CreditLease};
 use crate::limits::global::Shortfall;
 use crate::limits::{KeyLimits, LimitSnapshot, Window};
 use crate::metering::UsageCell;
@@ -53,6 +54,8 @@ pub struct CachedKey {
     /// Its account's `shared_rate_limit` buckets, drawn on by all the account's keys after
     /// their own; `None` when the account has none.
     pub shared_limits: Option<KeyLimits>,
+    /// The key's credits on this instance; `None` for a key without credits (unlimited).
+    pub credits: Option<Arc<CreditLease>>,
     /// The key's usage counters.
     pub usage: Arc<UsageCell>,
     /// Identity header values, ready to send upstream.
@@ -124,6 +127,8 @@ pub struct RequestFacts<'a> {
     pub scopes: &'a RouteScopes,
     /// The route counts limits without refusing for them (`shadow = true`).
     pub shadow: bool,
+    /// Credits this request spends from a key with credits (the route's `cost`).
+    pub cost: u32,
     /// Now, milliseconds since the epoch, as `WallClock::now_ms_near(key.expires_at_ms)` reads
     /// it: the coarse clock, or the exact one when the key's expiry is that close.
     pub now_ms: i64,
@@ -147,6 +152,8 @@ pub enum Denial {
     Refused(Refusal, Option<LimitSnapshot>),
     /// Global limits only: a lease is empty. Await `key.limiter.refill(now)` and decide again.
     NeedsLease,
+    /// The key's credit lease does not cover the cost: await its `take` ([`decide`] does).
+    NeedsCredits,
 }
 
 /// The decision: every check in the contract's order, synchronously and without I/O.
@@ -159,6 +166,10 @@ pub fn authorize<'a>(key: &'a CachedKey, facts: &RequestFacts<'_>) -> Result<Per
 #[derive(Default)]
 struct Spent {
     own: Option<(LimitSnapshot, Option<Window>)>,
+    /// Every window, the key's and the account's, once both are spent.
+    all: Option<(LimitSnapshot, Option<Window>)>,
+    /// The credits were spent by a `take` that [`decide`] awaited.
+    credits: bool,
 }
 
 /// [`authorize`], resuming after the limits already spent.
@@ -170,25 +181,46 @@ fn authorize_from<'a>(
     check_state(key, facts.now_ms).map_err(|r| Denial::Refused(r, None))?;
     check_network(key, facts).map_err(|r| Denial::Refused(r, None))?;
     let shadow = key.shadow || facts.shadow;
-    let (own, shadowed) = match spent.own {
+    let (limits, shadowed) = match spent.all {
         Some(done) => done,
-        None => *spent
-            .own
-            .insert(spend(&key.limiter, facts.now_ms, shadow, None)?),
+        None => {
+            let (own, shadowed) = match spent.own {
+                Some(done) => done,
+                None => *spent
+                    .own
+                    .insert(spend(&key.limiter, facts.now_ms, shadow, None)?),
+            };
+            let all = match &key.shared_limits {
+                None => (own, shadowed),
+                Some(shared) => {
+                    let (theirs, shared_shadowed) =
+                        spend(shared, facts.now_ms, shadow, Some(&own))?;
+                    (own.with_shared(&theirs), shadowed.or(shared_shadowed))
+                }
+            };
+            *spent.all.insert(all)
+        }
     };
-    let Some(shared) = &key.shared_limits else {
-        return Ok(Permit {
-            key,
-            limits: own,
-            shadowed,
-        });
-    };
-    let (theirs, shared_shadowed) = spend(shared, facts.now_ms, shadow, Some(&own))?;
+    if let (Some(lease), false) = (&key.credits, spent.credits) {
+        match lease.try_spend(facts.cost, facts.now_ms) {
+            Ok(()) => {}
+            Err(credits::Shortfall::NeedsTake) => return Err(Denial::NeedsCredits),
+            Err(shortfall) => return Err(Denial::Refused(credit_refusal(shortfall), Some(limits))),
+        }
+    }
     Ok(Permit {
         key,
-        limits: own.with_shared(&theirs),
-        shadowed: shadowed.or(shared_shadowed),
+        limits,
+        shadowed,
     })
+}
+
+/// The refusal of credits that could not be spent.
+fn credit_refusal(shortfall: credits::Shortfall) -> Refusal {
+    match shortfall {
+        credits::Shortfall::Exhausted { retry_after } => Refusal::UsageExceeded { retry_after },
+        credits::Shortfall::StoreDown | credits::Shortfall::NeedsTake => Refusal::StoreUnavailable,
+    }
 }
 
 /// Spends one request from one set of buckets. In shadow mode a used-up window passes, named;
@@ -236,6 +268,19 @@ pub async fn decide<'a>(
         match authorize_from(key, facts, &mut spent) {
             Ok(permit) => return Ok(permit),
             Err(Denial::Refused(refusal, limits)) => return Err((refusal, limits)),
+            Err(Denial::NeedsCredits) => {
+                let lease = key
+                    .credits
+                    .as_ref()
+                    .ok_or((Refusal::StoreUnavailable, None))?;
+                match lease.take(facts.cost, facts.now_ms).await {
+                    Ok(()) => spent.credits = true,
+                    Err(shortfall) => {
+                        let limits = spent.all.map(|(limits, _)| limits);
+                        return Err((credit_refusal(shortfall), limits));
+                    }
+                }
+            }
             Err(Denial::NeedsLease) => {
                 let (limits, on_shared) = match (&spent.own, &key.shared_limits) {
                     (Some(_), Some(shared)) => (shared, true),

@@ -44,6 +44,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod credential;
+pub mod credits;
 pub mod limits;
 pub mod listener;
 pub mod metering;

@@ -17,7 +17,8 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 /// The `op` labels of `tollgate_store_errors_total`: store methods, and `admin` for the admin
 /// API's store calls.
-const STORE_OPS: [&str; 7] = [
+const STORE_OPS: [&str; 8] = [
+    "credits",
     "lookup_key",
     "add_usage",
     "prune_usage",

@@ -42,7 +42,7 @@ use quanta::Instant;
 
 use crate::auth::cache::{Cached, KeyCache, KeyRef, Lookup};
 use crate::auth::{self, extract, RequestFacts};
-use crate::config::{RouteAuth, Settings};
+use crate::config::{RouteAuth, Settings, MAX_COST};
 use crate::credential::{self, KeyHash, Kind};
 use crate::metering::Meter;
 use crate::metrics::Metrics;
@@ -167,7 +167,8 @@ impl Proxy {
             }
             self.limit_body(&req)?;
             let (outgoing, client) = self.upstream_request(route, req, peer, &checked, &ticket)?;
-            let (answer, record) = self.send(route, outgoing, &ticket).await?;
+            let (mut answer, record) = self.send(route, outgoing, &ticket).await?;
+            self.charge(route, &mut answer.response, &ticket);
             respond(route, answer, record, client)
         }
         .await;
@@ -234,6 +235,7 @@ impl Proxy {
             referer: headers.get(header::REFERER).and_then(|v| v.to_str().ok()),
             scopes: &route.scopes,
             shadow: route.shadow,
+            cost: route.cost,
             now_ms: identified.now_ms,
         };
         let (limits, decided) = match auth::decide(&identified.key, &facts).await {
@@ -366,6 +368,29 @@ impl Proxy {
             Err(refusal) => {
                 record.refused();
                 Err(refusal)
+            }
+        }
+    }
+
+    /// The upstream's `X-Tollgate-Cost: N` (never passed on) makes the request cost N credits
+    /// instead of the route's `cost`: the difference is settled on the key's lease. A value that
+    /// is not a whole number from 0 to [`MAX_COST`] is ignored.
+    fn charge<B>(&self, route: &Route, response: &mut Response<B>, ticket: &Ticket<'_>) {
+        let Some(declared) = response.headers_mut().remove(self.names.cost()) else {
+            return;
+        };
+        let Some(lease) = ticket.key().and_then(|i| i.key.credits.as_ref()) else {
+            return;
+        };
+        match declared
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .filter(|n| *n <= MAX_COST)
+        {
+            Some(n) => lease.adjust(route.cost, n),
+            None => {
+                tracing::debug!(route = %route.name, value = ?declared, "upstream cost ignored")
             }
         }
     }

@@ -49,6 +49,12 @@ pub enum Refusal {
         /// Seconds until one more request fits.
         retry_after: u64,
     },
+    /// The key's credits are used up (contract 5a); `retry_after` whole seconds until its
+    /// next refill (a day when it has none).
+    UsageExceeded {
+        /// Seconds until the next refill.
+        retry_after: u64,
+    },
     /// Upstream refused the connection or broke it.
     UpstreamUnavailable,
     /// The key could not be verified because the store is down (fail_closed).
@@ -77,6 +83,7 @@ impl Refusal {
             Refusal::NoRoute => (StatusCode::NOT_FOUND, "no_route"),
             Refusal::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             Refusal::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            Refusal::UsageExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "usage_exceeded"),
             Refusal::UpstreamUnavailable => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
             Refusal::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             Refusal::UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
@@ -102,6 +109,7 @@ impl Refusal {
             Refusal::NoRoute => "no route matches this host and path",
             Refusal::BodyTooLarge => "the request body is larger than allowed",
             Refusal::RateLimited { .. } => "rate limit exceeded",
+            Refusal::UsageExceeded { .. } => "the key has no credits left",
             Refusal::UpstreamUnavailable => "the upstream service could not be reached",
             Refusal::StoreUnavailable => "the credential store is unavailable",
             Refusal::UpstreamTimeout => "the upstream service did not answer in time",
@@ -124,7 +132,9 @@ impl Refusal {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let Refusal::RateLimited { retry_after, .. } = self {
+        if let Refusal::RateLimited { retry_after, .. } | Refusal::UsageExceeded { retry_after } =
+            self
+        {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
         }
         if let Refusal::MethodNotAllowed = self {

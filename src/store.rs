@@ -166,7 +166,7 @@ pub async fn lookup_credential(
         active: true,
         protected: false,
         metadata: serde_json::Value::Null,
-        credits: false,
+        credit_pool: None,
         external_id: None,
         imported: false,
         shadow: false,

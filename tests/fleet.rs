@@ -706,6 +706,7 @@ fn cached_key(shared: &SharedLimiters, key_id: &str, per_minute: u32) -> CachedK
         expires_at_ms: None,
         shadow: false,
         rules: None,
+        credits: None,
         limiter: KeyLimits::Global(shared.for_key(&account_id, &key_id, quotas, fallback)),
         shared_limits: None,
         usage: Meter::new(WallClock::System).cell(&key_id, &account_id),
@@ -757,6 +758,7 @@ async fn concurrent_decisions_under_the_global_limit_are_never_refused() {
                     referer: None,
                     scopes: &scopes,
                     shadow: false,
+                    cost: 1,
                     now_ms,
                 };
                 auth::decide(&key, &facts).await.err().map(|(r, _)| r)

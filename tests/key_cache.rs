@@ -105,7 +105,7 @@ fn key_record(account_id: &str, raw: &str) -> KeyRecord {
         active: true,
         protected: false,
         metadata: serde_json::json!({}),
-        credits: false,
+        credit_pool: None,
         external_id: None,
         imported: false,
         shadow: false,

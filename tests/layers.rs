@@ -19,6 +19,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("store", 1),
     ("tls", 1),
     ("auth", 2),
+    ("credits", 2),
     ("limits", 2),
     ("metering", 2),
     ("refusal", 2),

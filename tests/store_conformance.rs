@@ -77,7 +77,7 @@ fn key(id: &str, account_id: &str, name: &str, created_at: DateTime<Utc>) -> Key
         active: true,
         protected: false,
         metadata: serde_json::json!({ "owner": name }),
-        credits: false,
+        credit_pool: None,
         external_id: None,
         imported: false,
         shadow: false,

@@ -80,7 +80,7 @@ pub(crate) fn secret_key(i: usize, account_id: &str, raw: &str) -> KeyRecord {
         active: true,
         protected: false,
         metadata: serde_json::json!({}),
-        credits: false,
+        credit_pool: None,
         external_id: None,
         imported: false,
         shadow: false,

@@ -30,10 +30,12 @@ use serde_json::{json, Value};
 use super::audit::{self, Action, Change};
 use super::auth::{path_param, AccountAccess};
 use super::body::JsonBody;
+use super::credits::{self, CreditsInput, CreditsPatch, CreditsView};
 use super::error::ApiError;
 use super::patch::Patch;
 use super::{validate, AdminState};
 use crate::credential::{self, KeyHash, Kind};
+use crate::store::credits::Refill;
 use crate::store::{AccountRecord, AuthMethod, KeyRecord, KeyType, RateLimitSpec, Records};
 
 /// Longest key name.
@@ -75,6 +77,10 @@ pub(crate) struct CreateKey {
     protected: bool,
     #[serde(default)]
     shadow: bool,
+    #[serde(default)]
+    remaining: Option<i64>,
+    #[serde(default)]
+    refill: Option<Refill>,
 }
 
 /// A key as the API shows it: everything but the hash.
@@ -96,6 +102,8 @@ pub(crate) struct KeyView {
     protected: bool,
     metadata: Value,
     shadow: bool,
+    #[serde(flatten)]
+    credits: CreditsView,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
@@ -157,10 +165,18 @@ pub(crate) async fn create(
         access.caller_scopes.as_deref(),
     );
     let now = Utc::now();
-    let record = req.into_record(&access.account, grantable.as_deref(), &raw, now)?;
+    let credits = credits::checked(&CreditsInput {
+        remaining: req.remaining,
+        refill: req.refill,
+    })?;
+    let mut record = req.into_record(&access.account, grantable.as_deref(), &raw, now)?;
+    if credits.is_some() {
+        record.credit_pool = Some(record.id.clone());
+    }
     {
         let _lock = state.lock_account(&access.account.id).await?;
         ensure_room(&*state.store, &access.account, None, now).await?;
+        credits::start(&state, &record, credits).await?;
         state.store.create_key(&record).await?;
     }
     // A request with this credential may have been refused a moment ago and cached as unknown.
@@ -173,7 +189,7 @@ pub(crate) async fn create(
     )
     .await;
     let created = CreatedKey {
-        view: KeyView::from(record),
+        view: credits::view(&state, record).await?,
         key: raw,
     };
     Ok((StatusCode::CREATED, Json(created)))
@@ -185,9 +201,11 @@ pub(crate) async fn list(
     access: AccountAccess,
 ) -> Result<Json<KeyList>, ApiError> {
     let keys = state.store.list_keys(&access.account.id).await?;
-    Ok(Json(KeyList {
-        keys: keys.into_iter().map(KeyView::from).collect(),
-    }))
+    let mut views = Vec::with_capacity(keys.len());
+    for key in keys {
+        views.push(credits::view(&state, key).await?);
+    }
+    Ok(Json(KeyList { keys: views }))
 }
 
 /// `GET …/keys/{key_id}`.
@@ -197,7 +215,7 @@ pub(crate) async fn get(
     KeyId(key_id): KeyId,
 ) -> Result<Json<KeyView>, ApiError> {
     let key = fetch(&*state.store, &access.account.id, &key_id).await?;
-    Ok(Json(KeyView::from(key)))
+    Ok(Json(credits::view(&state, key).await?))
 }
 
 /// `PATCH …/keys/{key_id}` → the key as changed.
@@ -205,8 +223,9 @@ pub(crate) async fn update(
     State(state): State<AdminState>,
     access: AccountAccess,
     KeyId(key_id): KeyId,
-    JsonBody(body): JsonBody<serde_json::Map<String, Value>>,
+    JsonBody(mut body): JsonBody<serde_json::Map<String, Value>>,
 ) -> Result<Json<KeyView>, ApiError> {
+    let credit_fields = CreditsPatch::take(&mut body);
     let patch = Patch::new(body, &PATCHABLE, &["name"])?;
     let grantable = grantable(
         access.account.permissions.as_deref(),
@@ -222,9 +241,17 @@ pub(crate) async fn update(
         } else {
             before.scopes.clone()
         };
-        let changed = after.changed_from(&before);
+        let mut changed = after.changed_from(&before);
+        let pool = key.credit_pool.clone();
+        changed.extend(credits::patch(&state, &mut key, credit_fields).await?);
         if changed.is_empty() {
-            return Ok(Json(KeyView::from(key)));
+            return Ok(Json(credits::view(&state, key).await?));
+        }
+        if changed.iter().all(|c| ["remaining", "refill"].contains(c)) && pool == key.credit_pool {
+            // Only the counter changed: the record stays as it is.
+            drop(_lock);
+            state.cache.invalidate(&key.hash);
+            return Ok(Json(credits::view(&state, key).await?));
         }
         after.write_to(&mut key);
         key.updated_at = Utc::now();
@@ -239,7 +266,7 @@ pub(crate) async fn update(
         change(Action::UpdateKey, &key.id, detail),
     )
     .await;
-    Ok(Json(KeyView::from(key)))
+    Ok(Json(credits::view(&state, key).await?))
 }
 
 /// `POST …/keys/{key_id}/deactivate`.
@@ -301,7 +328,7 @@ async fn set_active(
         change(action, &key.id, detail),
     )
     .await;
-    Ok(KeyView::from(key))
+    credits::view(state, key).await
 }
 
 /// `DELETE …/keys/{key_id}` → `{"deleted":true}`.
@@ -320,6 +347,7 @@ pub(crate) async fn delete(
             .await?
             .ok_or(ApiError::NotFound("key"))?
     };
+    forget_credits(&state, &key).await?;
     state.cache.invalidate(&key.hash);
     let detail = json!({ "name": key.name });
     audit::record(
@@ -329,6 +357,24 @@ pub(crate) async fn delete(
     )
     .await;
     Ok(Json(Deleted::yes()))
+}
+
+/// Deletes a deleted key's credit counter unless another key of its account (its rolled
+/// successor) spends from it.
+async fn forget_credits(state: &AdminState, key: &KeyRecord) -> Result<(), ApiError> {
+    let Some(pool) = &key.credit_pool else {
+        return Ok(());
+    };
+    let shared = state
+        .store
+        .list_keys(&key.account_id)
+        .await?
+        .iter()
+        .any(|k| k.credit_pool.as_ref() == Some(pool));
+    if !shared {
+        state.store.delete_credits(pool).await?;
+    }
+    Ok(())
 }
 
 // === impl CreateKey ===
@@ -377,7 +423,7 @@ impl CreateKey {
             active: true,
             protected: self.protected,
             metadata,
-            credits: false,
+            credit_pool: None,
             external_id: None,
             imported: false,
             shadow: self.shadow,
@@ -488,8 +534,19 @@ impl From<KeyRecord> for KeyView {
             protected: k.protected,
             metadata: k.metadata,
             shadow: k.shadow,
+            credits: CreditsView::default(),
             created_at: k.created_at,
             updated_at: k.updated_at,
+        }
+    }
+}
+
+impl KeyView {
+    /// The view of `key` with its credits.
+    pub(crate) fn with_credits(key: KeyRecord, credits: CreditsView) -> Self {
+        KeyView {
+            credits,
+            ..KeyView::from(key)
         }
     }
 }

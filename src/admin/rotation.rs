@@ -98,7 +98,7 @@ pub(crate) async fn renew(
         keys::change(Action::RenewKey, &key.id, detail),
     )
     .await;
-    Ok(Json(KeyView::from(key)))
+    Ok(Json(super::credits::view(&state, key).await?))
 }
 
 /// `POST …/keys/{key_id}/roll` → 201 with the new key's metadata and raw value.
@@ -158,7 +158,7 @@ pub(crate) async fn roll(
     )
     .await;
     let created = CreatedKey {
-        view: KeyView::from(new),
+        view: super::credits::view(&state, new).await?,
         key: raw,
     };
     Ok((StatusCode::CREATED, Json(created)))

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use super::{CachedKey, IdentityValues, KeyRules, LimitValues};
 use crate::config::{CacheSettings, OnStoreError};
 use crate::credential::{KeyHash, KeyHashBuilder};
+use crate::credits::CreditLeases;
 use crate::limits::global::SharedLimiters;
 use crate::limits::{KeyLimits, Limiters, Quotas, Window};
 use crate::metering::Meter;
@@ -118,6 +119,8 @@ pub struct KeyCache {
     /// the fallback while the store is down.
     shared: Option<Arc<SharedLimiters>>,
     meter: Arc<Meter>,
+    /// Keys' credit leases on this instance.
+    credits: Arc<CreditLeases>,
     metrics: Arc<Metrics>,
     settings: CacheSettings,
     default_limits: RateLimitSpec,
@@ -138,6 +141,11 @@ impl KeyCache {
         default_limits: RateLimitSpec,
         on_store_error: OnStoreError,
     ) -> Self {
+        let credits = Arc::new(CreditLeases::new(
+            Arc::clone(&store) as Arc<dyn crate::store::Credits>,
+            on_store_error,
+            &metrics,
+        ));
         KeyCache {
             map: DashMap::with_hasher(KeyHashBuilder::default()),
             inflight: DashMap::with_hasher(KeyHashBuilder::default()),
@@ -152,6 +160,7 @@ impl KeyCache {
             limiters,
             shared: None,
             meter,
+            credits,
             metrics,
             settings,
             default_limits,
@@ -163,6 +172,11 @@ impl KeyCache {
     pub fn with_shared_limits(mut self, shared: Arc<SharedLimiters>) -> Self {
         self.shared = Some(shared);
         self
+    }
+
+    /// The credit leases of this instance (handed back when idle, and at shutdown).
+    pub fn credits(&self) -> &Arc<CreditLeases> {
+        &self.credits
     }
 
     /// The buckets of a key used since start-up (this instance's view).
@@ -547,6 +561,10 @@ impl KeyCache {
             shared_limits: (shared != Quotas::default())
                 .then(|| self.limits(&account_id, &account_id, shared)),
             usage: self.meter.cell(&key_id, &account_id),
+            credits: key
+                .credit_pool
+                .as_deref()
+                .map(|pool| self.credits.for_key(&Arc::from(pool))),
             key_id,
             account_id,
             key_type: key.key_type,

@@ -72,6 +72,8 @@ pub struct IdentityNames {
     key_id: HeaderName,
     key_type: HeaderName,
     scopes: HeaderName,
+    /// `X-Tollgate-Cost` on an upstream's answer: the credits the request cost (contract 5a).
+    cost: HeaderName,
 }
 
 /// What the forwarded request needs to say about its client.
@@ -102,7 +104,13 @@ impl IdentityNames {
             key_id: name("Key-Id")?,
             key_type: name("Key-Type")?,
             scopes: name("Scopes")?,
+            cost: name("Cost")?,
         })
+    }
+
+    /// `X-Tollgate-Cost` (with the configured prefix).
+    pub fn cost(&self) -> &HeaderName {
+        &self.cost
     }
 
     fn is_identity(&self, name: &HeaderName) -> bool {

@@ -148,10 +148,11 @@ pub struct KeyRecord {
     /// Free-form object, echoed back.
     #[serde(default = "empty_object")]
     pub metadata: serde_json::Value,
-    /// Its requests spend credits (contract 5a), kept in the store's
-    /// [`Credits`](crate::store::Credits) counter; `false` = unlimited.
+    /// The store's [`Credits`](crate::store::Credits) counter its requests spend from (contract
+    /// 5a): its own id, or on a rolled key its predecessor's, so that both spend one balance
+    /// during the grace; `None` = unlimited.
     #[serde(default)]
-    pub credits: bool,
+    pub credit_pool: Option<String>,
     /// The owner's id in the customer's own system (contract 5a).
     #[serde(default)]
     pub external_id: Option<String>,

@@ -9,6 +9,7 @@
 //! | `GET …/big?bytes=N` | 200, N bytes of [`pattern_byte`], streamed in 64 KiB frames |
 //! | `GET …/slow?ms=N` | 200 JSON echo, after N ms |
 //! | `GET …/status/N` | status N, JSON echo |
+//! | `GET …/cost?n=N` | 200 JSON echo with `X-Tollgate-Cost: N` (the credits it says it cost) |
 //! | `GET …/close` | 200 JSON echo with `Connection: close`; the connection ends after it |
 //! | `GET …/ws` with `Connection: upgrade` | 101 (`Upgrade` as asked), then every byte echoed back |
 //! | anything else | 200 JSON echo: `{"method","path","headers":{name: value},"body_bytes"}` |
@@ -196,6 +197,14 @@ async fn answer(mut req: Request<Incoming>) -> Response<Body> {
         let ms = query("ms").unwrap_or(0);
         tokio::time::sleep(Duration::from_millis(ms)).await;
         return json_echo(req, StatusCode::OK).await;
+    }
+    if path.ends_with("/cost") {
+        let n = query("n").unwrap_or(0);
+        let mut response = json_echo(req, StatusCode::OK).await;
+        response
+            .headers_mut()
+            .insert("x-tollgate-cost", http::HeaderValue::from(n));
+        return response;
     }
     let mut segments = path.rsplit('/');
     let last = segments.next().unwrap_or("");
