@@ -638,6 +638,116 @@ async fn an_accounts_shared_limit_holds_across_instances_and_keys() {
     assert!(admitted + store_down >= 27, "{admitted} admitted");
 }
 
+/// `GET …/keys/{key_id}` `remaining` on `gw`.
+async fn remaining(gw: &Gateway, account: &str, key_id: &str) -> i64 {
+    let (status, key) = gw
+        .admin(
+            reqwest::Method::GET,
+            &format!("/v1/accounts/{account}/keys/{key_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{key}");
+    key["remaining"].as_i64().expect("remaining")
+}
+
+/// `remaining` once `done` says so (within 5 s), else the test fails with the last value.
+async fn remaining_until(
+    gw: &Gateway,
+    account: &str,
+    key_id: &str,
+    done: impl Fn(i64) -> bool,
+) -> i64 {
+    let mut last = 0;
+    for _ in 0..50 {
+        last = remaining(gw, account, key_id).await;
+        if done(last) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("remaining stayed at {last}");
+}
+
+/// Credits spent by three instances at once come out exact: every admitted request spent one,
+/// none twice, and once the leases are handed back the balance is exactly what was not spent. An
+/// instance killed while holding a lease loses none of it: after its silence the store takes it
+/// back, and at most what it spent since its last report is spent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credits_spent_by_three_instances_are_exact_and_a_dead_ones_lease_returns() {
+    const CREDITS: i64 = 100;
+    const SENT: usize = 150;
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    // fail_closed: a take that misses its deadline on a loaded machine refuses (503) instead of
+    // spending on trust, so that every admitted request is one the store granted.
+    let (now, mut gws) = global_fleet(&redis.url(), &upstream, 3, |s| {
+        s.limits.on_store_error = OnStoreError::FailClosed;
+    })
+    .await;
+    let (account, key_id, key) = account_and_key(&gws[0], Some(per_minute(100_000))).await;
+    let (status, set) = gws[0]
+        .admin(
+            reqwest::Method::POST,
+            &format!("/v1/accounts/{account}/keys/{key_id}/credits"),
+            Some(json!({ "set": CREDITS })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{set}");
+    let client = client();
+    let gws_at_once = Arc::new(std::mem::take(&mut gws));
+    let mut tasks = Vec::new();
+    for n in 0..SENT {
+        let (client, gws, key) = (client.clone(), Arc::clone(&gws_at_once), key.clone());
+        tasks.push(tokio::spawn(async move {
+            outcome(call(&client, &gws[n % 3], &key).await).await
+        }));
+    }
+    let (mut admitted, mut store_down) = (0i64, 0);
+    for task in tasks {
+        match task.await.expect("request") {
+            (StatusCode::OK, _) => admitted += 1,
+            (StatusCode::TOO_MANY_REQUESTS, code) => {
+                assert_eq!(code.as_deref(), Some("usage_exceeded"))
+            }
+            (StatusCode::SERVICE_UNAVAILABLE, _) => store_down += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    eprintln!("{CREDITS} credits, {SENT} requests on 3 instances: {admitted} admitted, {store_down} store_unavailable");
+    assert!(admitted <= CREDITS, "{admitted} admitted");
+    // Fewer only while the last credits sat in another instance's lease (a few each), or while
+    // the store missed a deadline.
+    assert!(admitted + store_down >= CREDITS - 9, "{admitted} admitted");
+    // Idle leases go back (the instances' clocks move a second on; the task runs each second).
+    now.fetch_add(2_000, Ordering::SeqCst);
+    let mut gws = Arc::try_unwrap(gws_at_once).unwrap_or_else(|_| panic!("gateways shared"));
+    let left = CREDITS - admitted;
+    remaining_until(&gws[1], &account, &key_id, |n| n == left).await;
+
+    // Instance 2 spends 10 and is killed holding what is left of its lease.
+    let (_, set) = gws[0]
+        .admin(
+            reqwest::Method::POST,
+            &format!("/v1/accounts/{account}/keys/{key_id}/credits"),
+            Some(json!({ "set": 50 })),
+        )
+        .await;
+    assert_eq!(set["remaining"], 50);
+    for _ in 0..10 {
+        assert_eq!(call(&client, &gws[2], &key).await.status(), StatusCode::OK);
+    }
+    gws.pop().expect("instance 2").kill();
+    // Its silence outlasts the lease ttl: the store takes its lease back on the next call.
+    now.fetch_add(31_000, Ordering::SeqCst);
+    assert_eq!(call(&client, &gws[0], &key).await.status(), StatusCode::OK);
+    now.fetch_add(2_000, Ordering::SeqCst);
+    // 11 spent: 39 left, plus at most what instance 2 spent since its last report (one
+    // lease: 50 / 20 + 1 = 3 credits).
+    let last = remaining_until(&gws[1], &account, &key_id, |n| (39..=42).contains(&n)).await;
+    eprintln!("after instance 2 died: {last} of 50 left, 11 spent");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_concurrent_burst_under_the_global_limit_is_never_refused() {
     // 15 requests at once on each of 3 instances, under a fleet-wide 60/minute whose leases are

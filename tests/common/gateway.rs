@@ -282,6 +282,12 @@ impl Gateway {
         self._dir
     }
 
+    /// Stops at once, as a killed process would: every task is aborted, nothing is flushed or
+    /// handed back.
+    pub fn kill(mut self) {
+        drop(self.running.take());
+    }
+
     /// The store file (embedded gateways only).
     pub fn store_path(&self) -> PathBuf {
         match &self.settings.store {
