@@ -17,6 +17,7 @@
 //! | `GET …/keys/{key_id}` | both | key metadata |
 //! | `PATCH …/keys/{key_id}` | both | key metadata as changed (merge patch) |
 //! | `POST …/keys/{key_id}/deactivate`, `…/activate` | both | key metadata |
+//! | `POST …/keys/{key_id}/credits` | both | key metadata with its credits after `set` or `add` |
 //! | `POST …/keys/{key_id}/renew` | both | key metadata with the new `expires_at` |
 //! | `POST …/keys/{key_id}/roll` | both | 201 the new key's metadata and raw `key`, once |
 //! | `DELETE …/keys/{key_id}` | both | `{"deleted":true}` |

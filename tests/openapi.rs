@@ -264,6 +264,16 @@ async fn every_documented_operation_answers_as_documented() {
         api.call("get", &p("/keys"), &ids, cred.next(0), None).await;
         api.call("get", &p("/keys/{key_id}"), &with_key, cred.next(1), None)
             .await;
+        let (status, credited) = api
+            .call(
+                "post",
+                &p("/keys/{key_id}/credits"),
+                &with_key,
+                cred.next(2),
+                Some(json!({ "set": 1000 })),
+            )
+            .await;
+        assert_eq!((status, &credited["remaining"]), (200, &json!(1000)));
         let (status, changed) = api
             .call(
                 "patch",
