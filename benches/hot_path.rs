@@ -76,6 +76,7 @@ fn step(f: &Fixture, raw: &str, scopes: &RouteScopes, ip: IpAddr) {
         scopes,
         shadow: false,
         cost: 1,
+        required_scope: None,
         now_ms,
     };
     let permit = authorize(&key, &facts).unwrap_or_else(|_| panic!("refused"));

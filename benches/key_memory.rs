@@ -156,6 +156,7 @@ fn main() {
             scopes: &scopes,
             shadow: false,
             cost: 1,
+            required_scope: None,
             now_ms,
         };
         let permit = authorize(&key, &facts).unwrap_or_else(|_| panic!("refused"));

@@ -11,6 +11,7 @@
 //! | `PATCH /v1/accounts/{account_id}` | operator | account (JSON merge patch, `active` too) |
 //! | `DELETE /v1/accounts/{account_id}` | operator | `{"deleted":true}`, with its keys, sites |
 //! | `GET /v1/account` | account key | `id`, `name`, `auth_method`, `created_at` |
+//! | `POST /v1/verify` | operator, or an account key with `keys:verify` | `{"valid","code",…}`: the proxy's decision on a key, `checks` with `explain` |
 //! | `GET …/config` | both | the account's and the calling key's rules, `{tenant, client}` |
 //! | `POST …/keys` | both | 201 key metadata and the raw `key`, once |
 //! | `GET …/keys` | both | `{"keys":[…]}`, metadata only |
@@ -65,6 +66,7 @@ mod secrets;
 mod sites;
 mod usage;
 mod validate;
+mod verify;
 
 use std::sync::Arc;
 
@@ -113,6 +115,8 @@ pub struct AdminState {
     token_issues: Arc<oauth::IssueLimiter>,
     /// The gateway's clock (the proxy's): credential expiry is judged on it, as on the proxy.
     clock: WallClock,
+    /// The proxy's routes by name, for `/v1/verify`'s `route`.
+    routes: verify::Routes,
 }
 
 // === impl AdminState ===
@@ -139,12 +143,19 @@ impl AdminState {
             heavy_usage_reads: Arc::new(tokio::sync::Semaphore::new(MAX_HEAVY_USAGE_READS)),
             token_issues: Arc::new(oauth::issue_limiter()),
             clock: WallClock::System,
+            routes: verify::routes(&[]),
         }
     }
 
     /// Judges credential expiry on `clock` (the proxy's) instead of the system's.
     pub fn with_clock(mut self, clock: WallClock) -> Self {
         self.clock = clock;
+        self
+    }
+
+    /// The proxy's routes, whose scopes and cost `/v1/verify` applies by name.
+    pub fn with_routes(mut self, routes: &[crate::config::RouteSettings]) -> Self {
+        self.routes = verify::routes(routes);
         self
     }
 
@@ -278,6 +289,7 @@ pub fn router(state: AdminState) -> Router {
                 .delete(accounts::delete),
         )
         .route("/v1/account", get(accounts::get_own))
+        .route("/v1/verify", post(verify::verify))
         .merge(account_routes("/v1/accounts/{account_id}"))
         .merge(account_routes("/v1/account"))
         .fallback(not_found)

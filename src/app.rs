@@ -154,6 +154,7 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
         Some(master.hash),
     )
     .with_default_limits(settings.limits.default)
+    .with_routes(&settings.routes)
     .with_clock(meter.clock().clone());
     let admin_router = admin::router(admin_state.clone());
 

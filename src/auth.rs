@@ -56,6 +56,8 @@ pub struct CachedKey {
     pub shared_limits: Option<KeyLimits>,
     /// The key's credits on this instance; `None` for a key without credits (unlimited).
     pub credits: Option<Arc<CreditLease>>,
+    /// The key's `metadata` for `/v1/verify`; `None` when it is the empty object (most keys).
+    pub metadata: Option<Box<serde_json::Value>>,
     /// The key's usage counters.
     pub usage: Arc<UsageCell>,
     /// Identity header values, ready to send upstream.
@@ -129,6 +131,9 @@ pub struct RequestFacts<'a> {
     pub shadow: bool,
     /// Credits this request spends from a key with credits (the route's `cost`).
     pub cost: u32,
+    /// A scope the caller requires beside the route's (`/v1/verify`'s `scope`); `None` on the
+    /// proxy.
+    pub required_scope: Option<&'a str>,
     /// Now, milliseconds since the epoch, as `WallClock::now_ms_near(key.expires_at_ms)` reads
     /// it: the coarse clock, or the exact one when the key's expiry is that close.
     pub now_ms: i64,
@@ -300,20 +305,33 @@ pub async fn decide<'a>(
     }
 }
 
+/// One named check of a credential before its limits ([`CHECKS`]).
+pub type Check = fn(&CachedKey, &RequestFacts<'_>) -> Result<(), Refusal>;
+
+/// The checks before the limits, in the contract's order, each with its name: what
+/// [`authorize`] runs, and what an explanation lists (`/v1/verify` with `explain`).
+pub const CHECKS: [(&str, Check); 8] = [
+    ("active", |k, _| CredentialState::of(k).check_active()),
+    ("expiry", |k, f| {
+        CredentialState::of(k).check_expiry(f.now_ms)
+    }),
+    ("account", |k, _| CredentialState::of(k).check_account()),
+    ("auth_method", |k, _| {
+        CredentialState::of(k).check_auth_method()
+    }),
+    ("ip", check_ip),
+    ("origin", check_origin),
+    ("method", check_method),
+    ("scope", check_scope),
+];
+
 fn check_state(key: &CachedKey, now_ms: i64) -> Result<(), Refusal> {
-    CredentialState {
-        key_active: key.key_active,
-        account_active: key.account_active,
-        expires_at_ms: key.expires_at_ms,
-        auth_method: key.auth_method,
-        access_token: key.access_token,
-    }
-    .check(now_ms)
+    CredentialState::of(key).check(now_ms)
 }
 
 /// What decides whether a credential may be used at all, before where and for what: the one
-/// check that the proxy ([`authorize`]) and the admin API's credential check both make, in the
-/// same order, so that one credential gets one answer from both.
+/// check that the proxy ([`authorize`]), the verify endpoint and the admin API's credential
+/// check all make, in the same order, so that one credential gets one answer from each.
 #[derive(Debug, Clone, Copy)]
 pub struct CredentialState {
     /// The key is active (a token is).
@@ -329,61 +347,133 @@ pub struct CredentialState {
 }
 
 impl CredentialState {
+    /// A cached key's state.
+    pub fn of(key: &CachedKey) -> Self {
+        CredentialState {
+            key_active: key.key_active,
+            account_active: key.account_active,
+            expires_at_ms: key.expires_at_ms,
+            auth_method: key.auth_method,
+            access_token: key.access_token,
+        }
+    }
+
     /// The state's refusal at `now_ms` (the gateway's clock), if any: a deactivated key, then
     /// expiry, then an inactive account, then a credential the account does not accept.
     pub fn check(&self, now_ms: i64) -> Result<(), Refusal> {
-        if !self.key_active {
-            return Err(Refusal::InactiveCredential);
+        self.check_active()?;
+        self.check_expiry(now_ms)?;
+        self.check_account()?;
+        self.check_auth_method()
+    }
+
+    fn check_active(&self) -> Result<(), Refusal> {
+        if self.key_active {
+            Ok(())
+        } else {
+            Err(Refusal::InactiveCredential)
         }
+    }
+
+    fn check_expiry(&self, now_ms: i64) -> Result<(), Refusal> {
         if self.expires_at_ms.is_some_and(|at| now_ms >= at) {
-            return Err(Refusal::ExpiredCredential);
+            Err(Refusal::ExpiredCredential)
+        } else {
+            Ok(())
         }
-        if !self.account_active {
-            return Err(Refusal::InactiveCredential);
+    }
+
+    fn check_account(&self) -> Result<(), Refusal> {
+        if self.account_active {
+            Ok(())
+        } else {
+            Err(Refusal::InactiveCredential)
         }
+    }
+
+    fn check_auth_method(&self) -> Result<(), Refusal> {
         let accepted = match self.auth_method {
             AuthMethod::ApiKey => !self.access_token,
             AuthMethod::Oauth => self.access_token,
             AuthMethod::Any => true,
         };
-        if !accepted {
-            return Err(Refusal::AuthMethodNotAllowed);
+        if accepted {
+            Ok(())
+        } else {
+            Err(Refusal::AuthMethodNotAllowed)
         }
-        Ok(())
+    }
+}
+
+/// `f` of the key's rules; a key without rules has the empty ones (empty boxed slices: no
+/// allocation).
+fn with_rules<T>(key: &CachedKey, f: impl FnOnce(&KeyRules) -> T) -> T {
+    match key.rules.as_deref() {
+        Some(rules) => f(rules),
+        None => f(&KeyRules::default()),
     }
 }
 
 fn check_network(key: &CachedKey, facts: &RequestFacts<'_>) -> Result<(), Refusal> {
-    // A key without rules has the empty ones (empty boxed slices: no allocation).
-    let unrestricted = KeyRules::default();
-    let rules = key.rules.as_deref().unwrap_or(&unrestricted);
-    if !rules.account_ips.is_empty() && !policy::ip_in(&rules.account_ips, facts.client_ip) {
-        return Err(Refusal::IpNotAllowed);
-    }
-    if !rules.key_ips.is_empty() && !policy::ip_in(&rules.key_ips, facts.client_ip) {
-        return Err(Refusal::IpNotAllowed);
-    }
-    if key.key_type == KeyType::Publishable {
-        let origin = match facts.origin {
-            Some(o) => policy::Origin::parse(o),
-            None => facts.referer.and_then(policy::Origin::of_referer),
-        };
-        if !origin.is_some_and(|o| policy::origin_allowed(&rules.origins, &o)) {
-            return Err(Refusal::OriginNotAllowed);
+    check_ip(key, facts)?;
+    check_origin(key, facts)?;
+    check_method(key, facts)?;
+    check_scope(key, facts)
+}
+
+fn check_ip(key: &CachedKey, facts: &RequestFacts<'_>) -> Result<(), Refusal> {
+    with_rules(key, |rules| {
+        let within = |cidrs: &[IpNet]| cidrs.is_empty() || policy::ip_in(cidrs, facts.client_ip);
+        if within(&rules.account_ips) && within(&rules.key_ips) {
+            Ok(())
+        } else {
+            Err(Refusal::IpNotAllowed)
         }
-        if !policy::is_read_method(facts.method) {
-            return Err(Refusal::PublishableKeyWrite);
-        }
+    })
+}
+
+/// A publishable key's `Origin` (else `Referer`) must be allowed.
+fn check_origin(key: &CachedKey, facts: &RequestFacts<'_>) -> Result<(), Refusal> {
+    if key.key_type != KeyType::Publishable {
+        return Ok(());
     }
+    let origin = match facts.origin {
+        Some(o) => policy::Origin::parse(o),
+        None => facts.referer.and_then(policy::Origin::of_referer),
+    };
+    if origin.is_some_and(|o| with_rules(key, |r| policy::origin_allowed(&r.origins, &o))) {
+        Ok(())
+    } else {
+        Err(Refusal::OriginNotAllowed)
+    }
+}
+
+/// A publishable key reads only.
+fn check_method(key: &CachedKey, facts: &RequestFacts<'_>) -> Result<(), Refusal> {
+    if key.key_type == KeyType::Publishable && !policy::is_read_method(facts.method) {
+        Err(Refusal::PublishableKeyWrite)
+    } else {
+        Ok(())
+    }
+}
+
+/// The route's scope for the method, and the one the caller requires (verify's `scope`).
+fn check_scope(key: &CachedKey, facts: &RequestFacts<'_>) -> Result<(), Refusal> {
     let needed = if policy::is_read_method(facts.method) {
         &facts.scopes.read
     } else {
         &facts.scopes.write
     };
-    if let Some(scope) = needed {
-        if !policy::has_scope(rules.scopes.as_deref(), scope) {
-            return Err(Refusal::ScopeDenied);
+    with_rules(key, |rules| {
+        let granted = rules.scopes.as_deref();
+        let mut wanted = needed
+            .iter()
+            .map(String::as_str)
+            .chain(facts.required_scope);
+        if wanted.all(|scope| policy::has_scope(granted, scope)) {
+            Ok(())
+        } else {
+            Err(Refusal::ScopeDenied)
         }
-    }
-    Ok(())
+    })
 }

@@ -236,6 +236,7 @@ impl Proxy {
             scopes: &route.scopes,
             shadow: route.shadow,
             cost: route.cost,
+            required_scope: None,
             now_ms: identified.now_ms,
         };
         let (limits, decided) = match auth::decide(&identified.key, &facts).await {

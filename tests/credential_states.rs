@@ -1,7 +1,8 @@
 //! One credential, one answer: every combination of a key's state (active or deactivated,
 //! expired or not), its account's (active or not) and the account's `auth_method` (`api_key`,
-//! or `oauth`, which refuses API keys) is presented to the proxy and to the admin API, and both
-//! give the same code — the one `auth::CredentialState::check` gives, on the gateway's clock.
+//! or `oauth`, which refuses API keys) is presented to the proxy, to the admin API and to
+//! `/v1/verify`, and all three give the same code — the one `auth::CredentialState::check`
+//! gives, on the gateway's clock.
 
 mod common;
 
@@ -51,7 +52,7 @@ async fn code(response: reqwest::Response) -> Option<String> {
 }
 
 #[tokio::test]
-async fn the_proxy_and_the_admin_api_give_one_answer_for_every_credential_state() {
+async fn the_proxy_the_admin_api_and_verify_give_one_answer_for_every_credential_state() {
     let clock = Arc::new(AtomicI64::new(chrono::Utc::now().timestamp_millis()));
     let upstream = Upstream::start().await;
     let gw = Gateway::builder(&upstream)
@@ -114,8 +115,15 @@ async fn the_proxy_and_the_admin_api_give_one_answer_for_every_credential_state(
                 .expect("admin"),
         )
         .await;
+        let (status, verdict) = gw
+            .admin(Method::POST, "/v1/verify", Some(json!({ "key": key })))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{verdict}");
+        let verified =
+            (verdict["valid"] != true).then(|| verdict["code"].as_str().unwrap_or("?").to_owned());
         let expected = state.expected().map(str::to_owned);
         assert_eq!(proxy, expected, "proxy, {state:?}");
         assert_eq!(admin, expected, "admin API, {state:?}");
+        assert_eq!(verified, expected, "verify, {state:?}");
     }
 }

@@ -817,6 +817,7 @@ fn cached_key(shared: &SharedLimiters, key_id: &str, per_minute: u32) -> CachedK
         shadow: false,
         rules: None,
         credits: None,
+        metadata: None,
         limiter: KeyLimits::Global(shared.for_key(&account_id, &key_id, quotas, fallback)),
         shared_limits: None,
         usage: Meter::new(WallClock::System).cell(&key_id, &account_id),
@@ -869,6 +870,7 @@ async fn concurrent_decisions_under_the_global_limit_are_never_refused() {
                     scopes: &scopes,
                     shadow: false,
                     cost: 1,
+                    required_scope: None,
                     now_ms,
                 };
                 auth::decide(&key, &facts).await.err().map(|(r, _)| r)

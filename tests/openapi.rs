@@ -209,6 +209,20 @@ async fn every_documented_operation_answers_as_documented() {
         .await;
     gw.create_key(&account, json!({ "name": "spare", "type": "secret" }))
         .await;
+    let (status, verdict) = api
+        .call(
+            "post",
+            "/v1/verify",
+            &[],
+            op(1),
+            Some(json!({ "key": own, "route": "api", "method": "POST", "ip": "::1", "explain": true })),
+        )
+        .await;
+    assert_eq!(
+        (status, &verdict["valid"]),
+        (200, &json!(true)),
+        "{verdict}"
+    );
     let own = Cred::Account(own, 0);
     api.call("get", "/v1/account", &[], own.next(1), None).await;
 

@@ -205,17 +205,20 @@ async fn account_key(state: &AdminState, hash: &KeyHash) -> Result<Caller, ApiEr
         auth_method: account.auth_method,
         access_token: token,
     };
-    credential
-        .check(state.clock.now_ms())
-        .map_err(|refusal| match refusal {
-            Refusal::ExpiredCredential => ApiError::ExpiredCredential,
-            Refusal::AuthMethodNotAllowed => ApiError::AuthMethodNotAllowed,
-            _ => ApiError::InactiveCredential,
-        })?;
+    credential_error(credential.check(state.clock.now_ms()))?;
     Ok(Caller::Account {
         key_id: key.id,
         scopes: key.scopes,
         account: Box::new(account),
+    })
+}
+
+/// The admin API's error for the proxy's state refusal of a calling credential.
+pub(crate) fn credential_error(checked: Result<(), Refusal>) -> Result<(), ApiError> {
+    checked.map_err(|refusal| match refusal {
+        Refusal::ExpiredCredential => ApiError::ExpiredCredential,
+        Refusal::AuthMethodNotAllowed => ApiError::AuthMethodNotAllowed,
+        _ => ApiError::InactiveCredential,
     })
 }
 

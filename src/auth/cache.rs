@@ -574,6 +574,11 @@ impl KeyCache {
             access_token: lookup.access_token,
             expires_at_ms: key.expires_at.map(|t| t.timestamp_millis()),
             shadow: key.shadow,
+            metadata: key
+                .metadata
+                .as_object()
+                .is_some_and(|m| !m.is_empty())
+                .then(|| Box::new(key.metadata.clone())),
             rules: (!unrestricted).then(|| Box::new(rules)),
         }
     }
