@@ -183,8 +183,9 @@ fn authorize_from<'a>(
     facts: &RequestFacts<'_>,
     spent: &mut Spent,
 ) -> Result<Permit<'a>, Denial> {
-    check_state(key, facts.now_ms).map_err(|r| Denial::Refused(r, None))?;
-    check_network(key, facts).map_err(|r| Denial::Refused(r, None))?;
+    for (_, check) in CHECKS {
+        check(key, facts).map_err(|r| Denial::Refused(r, None))?;
+    }
     let shadow = key.shadow || facts.shadow;
     let (limits, shadowed) = match spent.all {
         Some(done) => done,
@@ -325,10 +326,6 @@ pub const CHECKS: [(&str, Check); 8] = [
     ("scope", check_scope),
 ];
 
-fn check_state(key: &CachedKey, now_ms: i64) -> Result<(), Refusal> {
-    CredentialState::of(key).check(now_ms)
-}
-
 /// What decides whether a credential may be used at all, before where and for what: the one
 /// check that the proxy ([`authorize`]), the verify endpoint and the admin API's credential
 /// check all make, in the same order, so that one credential gets one answer from each.
@@ -412,13 +409,6 @@ fn with_rules<T>(key: &CachedKey, f: impl FnOnce(&KeyRules) -> T) -> T {
         Some(rules) => f(rules),
         None => f(&KeyRules::default()),
     }
-}
-
-fn check_network(key: &CachedKey, facts: &RequestFacts<'_>) -> Result<(), Refusal> {
-    check_ip(key, facts)?;
-    check_origin(key, facts)?;
-    check_method(key, facts)?;
-    check_scope(key, facts)
 }
 
 fn check_ip(key: &CachedKey, facts: &RequestFacts<'_>) -> Result<(), Refusal> {
