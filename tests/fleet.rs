@@ -645,6 +645,7 @@ fn cached_key(shared: &SharedLimiters, key_id: &str, per_minute: u32) -> CachedK
             key_id: value,
             key_type: KeyType::Secret,
             scopes: None,
+            external_id: None,
             limits: Default::default(),
         },
     }

@@ -16,10 +16,16 @@
 //! key, and roll ([`ensure_room`]); otherwise deactivate, create, activate would pass the limit.
 //!
 //! A PATCH is a JSON merge patch ([`Patch`]) over `name`, `scopes`, `allowed_origins`,
-//! `allowed_ips`, `rate_limit` and `metadata`, checked as create checks them. New `scopes` must be
-//! within what the caller may grant; scopes the PATCH does not name are left as they are.
+//! `allowed_ips`, `rate_limit`, `metadata` and `external_id` (`null` clears it), checked as
+//! create checks them. New `scopes` must be within what the caller may grant; scopes the PATCH
+//! does not name are left as they are.
+//!
+//! `external_id` is the key owner's id in the customer's own system (contract 5a): shown with the
+//! key, forwarded upstream as `X-Tollgate-External-Id`, and `GET …/keys?external_id=X` lists only
+//! the keys that carry exactly `X`.
 
-use axum::extract::{FromRequestParts, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{FromRequestParts, Query, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::Json;
@@ -40,13 +46,14 @@ use crate::store::{AccountRecord, AuthMethod, KeyRecord, KeyType, RateLimitSpec,
 pub(crate) const MAX_NAME_CHARS: usize = 100;
 
 /// The fields PATCH may name.
-const PATCHABLE: [&str; 6] = [
+const PATCHABLE: [&str; 7] = [
     "name",
     "scopes",
     "allowed_origins",
     "allowed_ips",
     "rate_limit",
     "metadata",
+    "external_id",
 ];
 
 /// `POST …/keys`.
@@ -72,6 +79,8 @@ pub(crate) struct CreateKey {
     metadata: Option<Value>,
     #[serde(default)]
     protected: bool,
+    #[serde(default)]
+    external_id: Option<String>,
 }
 
 /// A key as the API shows it: everything but the hash.
@@ -92,6 +101,10 @@ pub(crate) struct KeyView {
     active: bool,
     protected: bool,
     metadata: Value,
+    /// `null` when unset.
+    external_id: Option<String>,
+    /// Brought in by hash (`…/keys/import`); its `prefix` and `preview` are empty.
+    imported: bool,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
@@ -119,6 +132,15 @@ struct KeyFields {
     rate_limit: Option<RateLimitSpec>,
     #[serde(default = "empty_object")]
     metadata: Value,
+    #[serde(default)]
+    external_id: Option<String>,
+}
+
+/// The query of `GET …/keys`; other parameters are ignored.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ListParams {
+    /// Only the keys whose `external_id` is exactly this.
+    external_id: Option<String>,
 }
 
 /// `GET …/keys`.
@@ -173,14 +195,25 @@ pub(crate) async fn create(
     Ok((StatusCode::CREATED, Json(created)))
 }
 
-/// `GET …/keys`.
+/// `GET …/keys[?external_id=X]`.
 pub(crate) async fn list(
     State(state): State<AdminState>,
     access: AccountAccess,
+    params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<KeyList>, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::InvalidBody(format!("query: {e}")))?;
     let keys = state.store.list_keys(&access.account.id).await?;
     Ok(Json(KeyList {
-        keys: keys.into_iter().map(KeyView::from).collect(),
+        keys: keys
+            .into_iter()
+            .filter(|k| {
+                params
+                    .external_id
+                    .as_ref()
+                    .is_none_or(|wanted| k.external_id.as_ref() == Some(wanted))
+            })
+            .map(KeyView::from)
+            .collect(),
     }))
 }
 
@@ -354,6 +387,10 @@ impl CreateKey {
             Some(v @ Value::Object(_)) => v,
             Some(_) => return Err(ApiError::field("metadata", "must be a JSON object")),
         };
+        let external_id = self
+            .external_id
+            .map(|id| validate::external_id("external_id", &id))
+            .transpose()?;
         Ok(KeyRecord {
             id: credential::new_id("key"),
             account_id: account.id.clone(),
@@ -372,7 +409,7 @@ impl CreateKey {
             protected: self.protected,
             metadata,
             remaining: None,
-            external_id: None,
+            external_id,
             imported: false,
             created_at: now,
             updated_at: now,
@@ -391,6 +428,7 @@ impl KeyFields {
             allowed_ips: key.allowed_ips.clone(),
             rate_limit: key.rate_limit,
             metadata: key.metadata.clone(),
+            external_id: key.external_id.clone(),
         }
     }
 
@@ -409,11 +447,16 @@ impl KeyFields {
         if !self.metadata.is_object() {
             return Err(ApiError::field("metadata", "must be a JSON object"));
         }
+        let external_id = self
+            .external_id
+            .map(|id| validate::external_id("external_id", &id))
+            .transpose()?;
         Ok(KeyFields {
             name,
             allowed_origins,
             allowed_ips,
             rate_limit: self.rate_limit.filter(|r| *r != RateLimitSpec::default()),
+            external_id,
             ..self
         })
     }
@@ -431,6 +474,7 @@ impl KeyFields {
             ("allowed_ips", self.allowed_ips != other.allowed_ips),
             ("rate_limit", self.rate_limit != other.rate_limit),
             ("metadata", self.metadata != other.metadata),
+            ("external_id", self.external_id != other.external_id),
         ];
         debug_assert!(fields.iter().map(|(n, _)| *n).eq(PATCHABLE));
         fields
@@ -446,6 +490,7 @@ impl KeyFields {
         key.allowed_ips = self.allowed_ips;
         key.rate_limit = self.rate_limit;
         key.metadata = self.metadata;
+        key.external_id = self.external_id;
     }
 }
 
@@ -477,6 +522,8 @@ impl From<KeyRecord> for KeyView {
             active: k.active,
             protected: k.protected,
             metadata: k.metadata,
+            external_id: k.external_id,
+            imported: k.imported,
             created_at: k.created_at,
             updated_at: k.updated_at,
         }

@@ -8,6 +8,9 @@ use crate::store::RateLimitSpec;
 
 use super::error::ApiError;
 
+/// Longest `external_id`.
+pub(crate) const MAX_EXTERNAL_ID_CHARS: usize = 255;
+
 /// A required display name: trimmed, non-empty, at most `max` characters.
 pub(crate) fn name(field: &str, value: &str, max: usize) -> Result<String, ApiError> {
     let trimmed = value.trim();
@@ -109,4 +112,52 @@ pub(crate) fn scope_names(field: &str, list: &[String]) -> Result<(), ApiError> 
         }
     }
     Ok(())
+}
+
+/// An `external_id` (the key owner's id in the customer's own system): 1–255 visible ASCII
+/// characters or spaces, neither first nor last a space. It is forwarded to upstreams as an
+/// HTTP header value, which these characters always make and which would lose outer spaces.
+pub(crate) fn external_id(field: &str, value: &str) -> Result<String, ApiError> {
+    let visible_or_space = |b: &u8| *b == b' ' || b.is_ascii_graphic();
+    let ok = (1..=MAX_EXTERNAL_ID_CHARS).contains(&value.len())
+        && value.bytes().all(|b| visible_or_space(&b))
+        && !value.starts_with(' ')
+        && !value.ends_with(' ');
+    if !ok {
+        return Err(ApiError::field(
+            field,
+            format!(
+                "must be 1–{MAX_EXTERNAL_ID_CHARS} visible ASCII characters or spaces, not \
+                 beginning or ending with a space (it is sent to upstreams as an HTTP header)"
+            ),
+        ));
+    }
+    Ok(value.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::external_id;
+
+    #[test]
+    fn an_external_id_is_what_a_header_value_carries_whole() {
+        let longest = "x".repeat(255);
+        for good in ["u", "user 42", "cus_9f8A-x.y/z@example", &longest] {
+            assert_eq!(external_id("external_id", good).ok().as_deref(), Some(good));
+            assert!(http::HeaderValue::from_str(good).is_ok(), "{good:?}");
+        }
+        let too_long = "x".repeat(256);
+        for bad in [
+            "",
+            " lead",
+            "trail ",
+            "tab\there",
+            "new\nline",
+            "caf\u{e9}",
+            &too_long,
+        ] {
+            let err = external_id("external_id", bad).unwrap_err().to_string();
+            assert!(err.starts_with("external_id: "), "{bad:?}: {err}");
+        }
+    }
 }

@@ -520,6 +520,13 @@ impl KeyCache {
                     .scopes
                     .as_ref()
                     .map(|s| Box::new(header_value(&s.join(" ")))),
+                // Checked as header-safe when stored; one edited behind the API's back that is
+                // not is left out rather than sent empty.
+                external_id: key
+                    .external_id
+                    .as_deref()
+                    .and_then(|id| HeaderValue::from_str(id).ok())
+                    .map(Box::new),
                 limits: self.limit_values(quotas),
             },
             limiter: {
