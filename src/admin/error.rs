@@ -186,6 +186,8 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NameTaken => ApiError::NameTaken,
             StoreError::AlreadyExists => ApiError::AlreadyExists,
+            // A caller that cares which entry names it (import); for the rest, the conflict.
+            StoreError::InBatch { error, .. } => ApiError::from(*error),
             // A record that vanished between our read and write: it is gone either way.
             StoreError::NotFound => ApiError::NotFound("record"),
             StoreError::Unavailable(detail) => ApiError::StoreUnavailable(detail),
