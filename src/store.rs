@@ -91,6 +91,9 @@ pub enum Invalidation {
     Account(String),
     /// Everything.
     All,
+    /// Keys were imported (contract 5a): look up credentials that fail the checksum from now on,
+    /// and forget unknown hashes (one may be an imported key's).
+    Imported,
 }
 
 /// What an invalidation subscription yields.
