@@ -13,6 +13,7 @@
 //! | `GET /v1/account` | account key | `id`, `name`, `auth_method`, `created_at` |
 //! | `GET …/config` | both | the account's and the calling key's rules, `{tenant, client}` |
 //! | `POST …/keys` | both | 201 key metadata and the raw `key`, once |
+//! | `POST …/keys/import` | both | 201 the imported key (by hash), or `{"keys":[…]}` for a batch of up to 1,000 |
 //! | `GET …/keys` | both | `{"keys":[…]}`, metadata only |
 //! | `GET …/keys/{key_id}` | both | key metadata |
 //! | `PATCH …/keys/{key_id}` | both | key metadata as changed (merge patch) |
@@ -39,11 +40,12 @@
 //! operator's form (its own id there is 403 `forbidden`). Only the operator changes or deletes
 //! an account. Errors are
 //! `{"error":{"code","message"}}` ([`error::ApiError`]); unknown paths are 404 `not_found`, and
-//! bodies over 64 KiB are 413 `body_too_large`. Every change writes an audit entry.
+//! bodies over 64 KiB (1 MiB for `…/keys/import`) are 413 `body_too_large`. Every change writes
+//! an audit entry.
 //!
 //! Layout: `auth` (who is calling), `body` (JSON bodies that name the failing field), `patch`
 //! (PATCH bodies as JSON merge patches), `error`, `validate` (field checks), `usage` (reading usage back), `audit` (writing and
-//! listing entries), `health`, `accounts`, `account_config`, `keys`, `rotation` (renew and roll),
+//! listing entries), `health`, `accounts`, `account_config`, `keys`, `import` (keys by hash), `rotation` (renew and roll),
 //! `sites`, `secrets` (OAuth client secrets), `master` (the operator's key at start-up). This module uses the store, the key cache
 //! and metrics; never the proxy.
 
@@ -54,6 +56,7 @@ mod auth;
 mod body;
 pub mod error;
 mod health;
+mod import;
 mod keys;
 pub mod master;
 pub mod oauth;
@@ -306,6 +309,7 @@ fn account_routes(base: &str) -> Router<AdminState> {
     Router::new()
         .route(&format!("{base}/config"), get(account_config::get))
         .route(&format!("{base}/keys"), post(keys::create).get(keys::list))
+        .route(&format!("{base}/keys/import"), post(import::import))
         .route(
             &format!("{base}/keys/{{key_id}}"),
             get(keys::get).patch(keys::update).delete(keys::delete),

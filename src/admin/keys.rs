@@ -1,7 +1,7 @@
 //! An account's API keys, under `/v1/accounts/{account_id}/keys` (operator) and
 //! `/v1/account/keys` (the account's own key); both forms reach these handlers through
 //! [`AccountAccess`], which has already resolved and read the account. Renewing and rolling a
-//! key are in [`super::rotation`].
+//! key are in [`super::rotation`], importing keys by hash in [`super::import`].
 //!
 //! Only `KeyHash::of(raw)` is stored; the raw key is in the create answer and nowhere else.
 //! After every change the key's cache entry is dropped, so the proxy enforces the change on the
@@ -56,31 +56,40 @@ const PATCHABLE: [&str; 7] = [
     "external_id",
 ];
 
-/// `POST …/keys`.
+/// `POST …/keys` (and, with a `hash`, each key of `POST …/keys/import`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateKey {
-    name: String,
+    pub(super) name: String,
     #[serde(rename = "type", default = "secret")]
-    key_type: KeyType,
+    pub(super) key_type: KeyType,
     #[serde(default)]
-    scopes: Option<Vec<String>>,
+    pub(super) scopes: Option<Vec<String>>,
     #[serde(default)]
-    allowed_origins: Vec<String>,
+    pub(super) allowed_origins: Vec<String>,
     #[serde(default)]
-    allowed_ips: Vec<String>,
+    pub(super) allowed_ips: Vec<String>,
     #[serde(default)]
-    rate_limit: Option<RateLimitSpec>,
+    pub(super) rate_limit: Option<RateLimitSpec>,
     #[serde(default)]
-    expires_at: Option<DateTime<Utc>>,
+    pub(super) expires_at: Option<DateTime<Utc>>,
     #[serde(default)]
-    ttl: Option<String>,
+    pub(super) ttl: Option<String>,
     #[serde(default)]
-    metadata: Option<Value>,
+    pub(super) metadata: Option<Value>,
     #[serde(default)]
-    protected: bool,
+    pub(super) protected: bool,
     #[serde(default)]
-    external_id: Option<String>,
+    pub(super) external_id: Option<String>,
+}
+
+/// What a new key's record holds of its credential: the hash, what lists show of the raw value,
+/// and whether the key was imported.
+pub(crate) struct KeyMaterial {
+    hash: KeyHash,
+    prefix: String,
+    preview: String,
+    imported: bool,
 }
 
 /// A key as the API shows it: everything but the hash.
@@ -143,10 +152,10 @@ pub(crate) struct ListParams {
     external_id: Option<String>,
 }
 
-/// `GET …/keys`.
+/// `GET …/keys`, and a batch import's answer.
 #[derive(Serialize)]
 pub(crate) struct KeyList {
-    keys: Vec<KeyView>,
+    pub(super) keys: Vec<KeyView>,
 }
 
 /// `DELETE …/keys/{key_id}`.
@@ -173,7 +182,8 @@ pub(crate) async fn create(
         access.caller_scopes.as_deref(),
     );
     let now = Utc::now();
-    let record = req.into_record(&access.account, grantable.as_deref(), &raw, now)?;
+    let material = KeyMaterial::issued(&raw);
+    let record = req.into_record(&access.account, grantable.as_deref(), material, now)?;
     {
         let _lock = state.lock_account(&access.account.id).await?;
         ensure_room(&*state.store, &access.account, None, now).await?;
@@ -362,12 +372,12 @@ pub(crate) async fn delete(
 
 impl CreateKey {
     /// Checks every field against the account and what the caller may grant, and builds the
-    /// record for `raw`.
-    fn into_record(
+    /// record of the credential `material`.
+    pub(super) fn into_record(
         self,
         account: &AccountRecord,
         grantable: Option<&[String]>,
-        raw: &str,
+        material: KeyMaterial,
         now: DateTime<Utc>,
     ) -> Result<KeyRecord, ApiError> {
         let name = validate::name("name", &self.name, MAX_NAME_CHARS)?;
@@ -396,9 +406,9 @@ impl CreateKey {
             account_id: account.id.clone(),
             name,
             key_type: self.key_type,
-            hash: KeyHash::of(raw),
-            prefix: credential::display_prefix(raw),
-            preview: credential::preview(raw),
+            hash: material.hash,
+            prefix: material.prefix,
+            preview: material.preview,
             scopes,
             allowed_origins,
             allowed_ips,
@@ -410,10 +420,35 @@ impl CreateKey {
             metadata,
             remaining: None,
             external_id,
-            imported: false,
+            imported: material.imported,
             created_at: now,
             updated_at: now,
         })
+    }
+}
+
+// === impl KeyMaterial ===
+
+impl KeyMaterial {
+    /// A credential made here: its hash, and its first 12 characters and preview for lists.
+    pub(crate) fn issued(raw: &str) -> Self {
+        KeyMaterial {
+            hash: KeyHash::of(raw),
+            prefix: credential::display_prefix(raw),
+            preview: credential::preview(raw),
+            imported: false,
+        }
+    }
+
+    /// A key brought in by the hash of a raw value never seen here: its `prefix` and `preview`
+    /// are empty strings (nothing of the raw value is known, and the hash is never shown).
+    pub(crate) fn imported(hash: KeyHash) -> Self {
+        KeyMaterial {
+            hash,
+            prefix: String::new(),
+            preview: String::new(),
+            imported: true,
+        }
     }
 }
 
@@ -677,6 +712,18 @@ pub(crate) async fn ensure_room(
     replacing: Option<&str>,
     now: DateTime<Utc>,
 ) -> Result<(), ApiError> {
+    ensure_room_for(store, account, replacing, 1, now).await
+}
+
+/// Refuses `adding` more keys that can authenticate unless all of them fit within
+/// `plan.max_keys`, not counting `replacing`.
+pub(crate) async fn ensure_room_for(
+    store: &dyn Records,
+    account: &AccountRecord,
+    replacing: Option<&str>,
+    adding: usize,
+    now: DateTime<Utc>,
+) -> Result<(), ApiError> {
     let Some(max) = account.plan.max_keys else {
         return Ok(());
     };
@@ -686,7 +733,7 @@ pub(crate) async fn ensure_room(
         .iter()
         .filter(|k| Some(k.id.as_str()) != replacing && can_authenticate(k, now))
         .count();
-    if usable >= usize::try_from(max).unwrap_or(usize::MAX) {
+    if usable.saturating_add(adding) > usize::try_from(max).unwrap_or(usize::MAX) {
         return Err(ApiError::PlanLimit { max, what: "keys" });
     }
     Ok(())
