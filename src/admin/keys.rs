@@ -391,7 +391,8 @@ impl CreateKey {
         }
         let allowed_ips = validate::cidrs("allowed_ips", &self.allowed_ips)?;
         validate::rate_limit("rate_limit", self.rate_limit.as_ref())?;
-        let (expires_at, lifetime_secs) = expiry(self.expires_at, self.ttl.as_deref(), now)?;
+        let (expires_at, lifetime_secs) =
+            validate::expiry(self.expires_at, self.ttl.as_deref(), now)?;
         let metadata = match self.metadata {
             None => Value::Object(serde_json::Map::new()),
             Some(v @ Value::Object(_)) => v,
@@ -644,58 +645,6 @@ fn scopes_within(
         }
     }
     Ok(Some(requested))
-}
-
-/// `expires_at` or `ttl` (not both) → the expiry and the lifetime that `renew` reuses.
-pub(crate) fn expiry(
-    expires_at: Option<DateTime<Utc>>,
-    ttl: Option<&str>,
-    now: DateTime<Utc>,
-) -> Result<(Option<DateTime<Utc>>, Option<u64>), ApiError> {
-    match (expires_at, ttl) {
-        (None, None) => Ok((None, None)),
-        (Some(_), Some(_)) => Err(ApiError::field("ttl", "give expires_at or ttl, not both")),
-        (Some(at), None) => {
-            let secs = (at - now).num_seconds();
-            if secs <= 0 {
-                return Err(ApiError::field("expires_at", "must be in the future"));
-            }
-            if at > latest_expiry() {
-                return Err(ApiError::field(
-                    "expires_at",
-                    "must be before the year 10000",
-                ));
-            }
-            Ok((Some(at), u64::try_from(secs).ok()))
-        }
-        (None, Some(text)) => {
-            let ttl = humantime::parse_duration(text).map_err(|e| {
-                ApiError::field(
-                    "ttl",
-                    format!("{text:?} is not a duration like \"30d\" ({e})"),
-                )
-            })?;
-            if ttl.as_secs() == 0 {
-                return Err(ApiError::field("ttl", "must be at least one second"));
-            }
-            let at = chrono::Duration::from_std(ttl)
-                .ok()
-                .and_then(|d| now.checked_add_signed(d))
-                .filter(|at| *at <= latest_expiry())
-                .ok_or_else(|| {
-                    ApiError::field(
-                        "ttl",
-                        "is too long: the key must expire before the year 10000",
-                    )
-                })?;
-            Ok((Some(at), Some(ttl.as_secs())))
-        }
-    }
-}
-
-/// The latest expiry an RFC 3339 time can state: 9999-12-31T23:59:59Z.
-pub(crate) fn latest_expiry() -> DateTime<Utc> {
-    DateTime::from_timestamp(253_402_300_799, 0).unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 /// Whether the key can still authenticate at `now`: active and not expired. A rolled key's grace

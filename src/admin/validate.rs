@@ -3,6 +3,8 @@
 //! Values are checked here, once, so that what the store holds always parses where it is used
 //! (the key cache silently skips a CIDR or origin that does not).
 
+use chrono::{DateTime, Utc};
+
 use crate::policy;
 use crate::store::RateLimitSpec;
 
@@ -133,6 +135,58 @@ pub(crate) fn external_id(field: &str, value: &str) -> Result<String, ApiError> 
         ));
     }
     Ok(value.to_owned())
+}
+
+/// `expires_at` or `ttl` (not both) → the expiry and the lifetime that `renew` reuses.
+pub(crate) fn expiry(
+    expires_at: Option<DateTime<Utc>>,
+    ttl: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<(Option<DateTime<Utc>>, Option<u64>), ApiError> {
+    match (expires_at, ttl) {
+        (None, None) => Ok((None, None)),
+        (Some(_), Some(_)) => Err(ApiError::field("ttl", "give expires_at or ttl, not both")),
+        (Some(at), None) => {
+            let secs = (at - now).num_seconds();
+            if secs <= 0 {
+                return Err(ApiError::field("expires_at", "must be in the future"));
+            }
+            if at > latest_expiry() {
+                return Err(ApiError::field(
+                    "expires_at",
+                    "must be before the year 10000",
+                ));
+            }
+            Ok((Some(at), u64::try_from(secs).ok()))
+        }
+        (None, Some(text)) => {
+            let ttl = humantime::parse_duration(text).map_err(|e| {
+                ApiError::field(
+                    "ttl",
+                    format!("{text:?} is not a duration like \"30d\" ({e})"),
+                )
+            })?;
+            if ttl.as_secs() == 0 {
+                return Err(ApiError::field("ttl", "must be at least one second"));
+            }
+            let at = chrono::Duration::from_std(ttl)
+                .ok()
+                .and_then(|d| now.checked_add_signed(d))
+                .filter(|at| *at <= latest_expiry())
+                .ok_or_else(|| {
+                    ApiError::field(
+                        "ttl",
+                        "is too long: the key must expire before the year 10000",
+                    )
+                })?;
+            Ok((Some(at), Some(ttl.as_secs())))
+        }
+    }
+}
+
+/// The latest expiry an RFC 3339 time can state: 9999-12-31T23:59:59Z.
+pub(crate) fn latest_expiry() -> DateTime<Utc> {
+    DateTime::from_timestamp(253_402_300_799, 0).unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 #[cfg(test)]
