@@ -74,7 +74,7 @@ struct ImportKey {
 }
 
 /// What the body asked for: one key, or a batch (whose failures name their entry).
-struct Request {
+struct ImportBody {
     keys: Vec<ImportKey>,
     batch: bool,
 }
@@ -93,14 +93,14 @@ pub(crate) async fn import(
     access: AccountAccess,
     JsonBody(body): JsonBody<Map<String, Value>, MAX_IMPORT_BODY_BYTES>,
 ) -> Result<(StatusCode, Json<Imported>), ApiError> {
-    let request = Request::read(body)?;
-    let batch = request.batch;
+    let wanted = ImportBody::read(body)?;
+    let batch = wanted.batch;
     let grantable = keys::grantable(
         access.account.permissions.as_deref(),
         access.caller_scopes.as_deref(),
     );
     let now = Utc::now();
-    let records = request.into_records(&access.account, grantable.as_deref(), now)?;
+    let records = wanted.into_records(&access.account, grantable.as_deref(), now)?;
     {
         let _lock = state.lock_account(&access.account.id).await?;
         keys::ensure_room_for(&*state.store, &access.account, None, records.len(), now).await?;
@@ -130,14 +130,14 @@ pub(crate) async fn import(
     Ok((StatusCode::CREATED, Json(answer)))
 }
 
-// === impl Request ===
+// === impl ImportBody ===
 
-impl Request {
+impl ImportBody {
     /// One key, or `keys` (and nothing else) with 1 to [`MAX_BATCH`] of them.
-    fn read(mut body: Map<String, Value>) -> Result<Request, ApiError> {
+    fn read(mut body: Map<String, Value>) -> Result<ImportBody, ApiError> {
         let Some(list) = body.remove("keys") else {
             let key = body::from_value(Value::Object(body), "")?;
-            return Ok(Request {
+            return Ok(ImportBody {
                 keys: vec![key],
                 batch: false,
             });
@@ -165,7 +165,7 @@ impl Request {
             .enumerate()
             .map(|(i, entry)| body::from_value(entry, &format!("keys[{i}]")))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Request { keys, batch: true })
+        Ok(ImportBody { keys, batch: true })
     }
 
     /// Every key checked as create checks it, and no hash or name twice.
@@ -227,8 +227,8 @@ fn secret() -> KeyType {
     KeyType::Secret
 }
 
-/// The hex SHA-256 of the raw key: 64 hex digits in either case, stored as bytes (shown, where
-/// ever it is, in lowercase).
+/// The hex SHA-256 of the raw key: 64 hex digits in either case, kept as the digest itself (the
+/// store's own hex, where it writes one, is lowercase).
 fn parse_hash(text: &str) -> Result<KeyHash, ApiError> {
     let hash = (text.len() == 64)
         .then(|| KeyHash::from_hex(text))
