@@ -14,6 +14,7 @@
 //! | `POST /v1/verify` | operator, or an account key with `keys:verify` | `{"valid","code",…}`: the proxy's decision on a key, `checks` with `explain` |
 //! | `GET …/config` | both | the account's and the calling key's rules, `{tenant, client}` |
 //! | `POST …/keys` | both | 201 key metadata and the raw `key`, once |
+//! | `POST …/keys/import` | both | 201 the imported key (by hash), or `{"keys":[…]}` for a batch of up to 1,000 |
 //! | `GET …/keys` | both | `{"keys":[…]}`, metadata only |
 //! | `GET …/keys/{key_id}` | both | key metadata |
 //! | `PATCH …/keys/{key_id}` | both | key metadata as changed (merge patch) |
@@ -41,11 +42,12 @@
 //! operator's form (its own id there is 403 `forbidden`). Only the operator changes or deletes
 //! an account. Errors are
 //! `{"error":{"code","message"}}` ([`error::ApiError`]); unknown paths are 404 `not_found`, and
-//! bodies over 64 KiB are 413 `body_too_large`. Every change writes an audit entry.
+//! bodies over 64 KiB (1 MiB for `…/keys/import`) are 413 `body_too_large`. Every change writes
+//! an audit entry.
 //!
 //! Layout: `auth` (who is calling), `body` (JSON bodies that name the failing field), `patch`
 //! (PATCH bodies as JSON merge patches), `error`, `validate` (field checks), `usage` (reading usage back), `audit` (writing and
-//! listing entries), `health`, `accounts`, `account_config`, `keys`, `rotation` (renew and roll),
+//! listing entries), `health`, `accounts`, `account_config`, `keys`, `import` (keys by hash), `rotation` (renew and roll),
 //! `sites`, `secrets` (OAuth client secrets), `master` (the operator's key at start-up). This module uses the store, the key cache
 //! and metrics; never the proxy.
 
@@ -57,6 +59,7 @@ mod body;
 mod credits;
 pub mod error;
 mod health;
+mod import;
 mod keys;
 pub mod master;
 pub mod oauth;
@@ -320,6 +323,7 @@ fn account_routes(base: &str) -> Router<AdminState> {
     Router::new()
         .route(&format!("{base}/config"), get(account_config::get))
         .route(&format!("{base}/keys"), post(keys::create).get(keys::list))
+        .route(&format!("{base}/keys/import"), post(import::import))
         .route(
             &format!("{base}/keys/{{key_id}}"),
             get(keys::get).patch(keys::update).delete(keys::delete),

@@ -140,6 +140,8 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
         cache = cache.with_shared_limits(Arc::new(shared));
     }
     let cache = Arc::new(cache);
+    // Before any request: whether a malformed credential may be an imported key.
+    cache.read_imported().await;
     let master = admin::master::ensure_master_key(&*store, options.master_key.as_deref()).await?;
     let proxy = Arc::new(Proxy::new(
         &settings,

@@ -91,6 +91,9 @@ pub struct IdentityValues {
     pub key_type: KeyType,
     /// Space-separated scopes; `None` for full access (sent as `*`).
     pub scopes: Option<Box<HeaderValue>>,
+    /// The key's `external_id`; `None` (no header) when it has none. Boxed: most keys have none,
+    /// and then it costs one pointer.
+    pub external_id: Option<Box<HeaderValue>>,
     /// The limit header values of the key's quotas.
     pub limits: Arc<LimitValues>,
 }

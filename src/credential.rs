@@ -17,6 +17,10 @@ const CHECKSUM_LEN: usize = 6;
 const PREFIX_LEN: usize = 5;
 /// Total length of every generated credential.
 pub const CREDENTIAL_LEN: usize = PREFIX_LEN + RANDOM_LEN + CHECKSUM_LEN;
+/// The longest presented credential that is looked at, in bytes: tollgate's own are
+/// [`CREDENTIAL_LEN`]; an imported key (contract 5a) may be anything another system issued,
+/// up to this. Anything longer is refused before it is hashed or looked up.
+pub const MAX_PRESENTED_LEN: usize = 512;
 
 /// What a credential is for; decided by its prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

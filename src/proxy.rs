@@ -198,8 +198,14 @@ impl Proxy {
     /// Memory first, then format and checksum, then the store: a malformed credential is
     /// refused without a store read. A key that memory holds was well-formed when it was issued
     /// (its hash matches), so the format check is skipped for it, as is the clock for a fresh
-    /// entry.
+    /// entry. While the store holds imported keys (contract 5a), whose raw form has no checksum,
+    /// a credential that fails it is looked up like any other; whether it does is a flag in
+    /// memory ([`KeyCache::admits_unchecked`]), so without imported keys a malformed credential
+    /// still costs no store read. An overlong one never gets as far as the hash.
     async fn authenticate(&self, raw: &str) -> Result<KeyRef, Refusal> {
+        if raw.len() > credential::MAX_PRESENTED_LEN {
+            return Err(Refusal::InvalidCredential);
+        }
         let hash = KeyHash::of(raw);
         let cached = match self.cache.cached(&hash) {
             Cached::Fresh(Lookup::Found(key)) => return Ok(key),
@@ -207,9 +213,9 @@ impl Proxy {
         };
         match credential::parse(raw) {
             Ok(Kind::Secret | Kind::Publishable | Kind::AccessToken) => {}
-            Ok(Kind::ClientSecret | Kind::Master) | Err(_) => {
-                return Err(Refusal::InvalidCredential)
-            }
+            Ok(Kind::ClientSecret | Kind::Master) => return Err(Refusal::InvalidCredential),
+            Err(_) if self.cache.admits_unchecked() => {}
+            Err(_) => return Err(Refusal::InvalidCredential),
         }
         match self.cache.get_after(&hash, cached).await {
             Lookup::Found(key) => Ok(key),

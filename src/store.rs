@@ -72,6 +72,15 @@ pub enum StoreError {
     /// A stored record could not be decoded (written by an incompatible version, or corrupted).
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
+    /// Entry `index` (from 0) of a batch write was refused with `error` (a conflict: `NameTaken`
+    /// or `AlreadyExists`); nothing of the batch was written.
+    #[error("batch entry {index}: {error}")]
+    InBatch {
+        /// The entry's position in the batch.
+        index: usize,
+        /// Why it was refused.
+        error: Box<StoreError>,
+    },
 }
 
 /// What cached state to drop on every instance.
@@ -83,6 +92,9 @@ pub enum Invalidation {
     Account(String),
     /// Everything.
     All,
+    /// Keys were imported (contract 5a): look up credentials that fail the checksum from now on,
+    /// and forget unknown hashes (one may be an imported key's).
+    Imported,
 }
 
 /// What an invalidation subscription yields.
@@ -135,7 +147,8 @@ pub struct KeyLookup {
 /// The key with this hash, or else the access token with it, seen as a key of the account: its
 /// id the client secret's (limits and usage are the client's, whatever token it holds), a secret
 /// key with the token's scopes, expiring with it. A miss on both is two reads; a credential
-/// whose checksum fails never gets here.
+/// whose checksum fails gets here only while the store holds imported keys
+/// ([`Records::has_imported_keys`]).
 pub async fn lookup_credential(
     store: &dyn Store,
     hash: &KeyHash,
@@ -214,6 +227,18 @@ pub struct OpenOptions {
     pub retention: Vec<(Granularity, Duration)>,
     /// Set to 1 while the backend's circuit breaker is open, 0 while it is closed.
     pub breaker_gauge: Option<prometheus::IntGauge>,
+}
+
+// === impl StoreError ===
+
+impl StoreError {
+    /// For a batch of one: the entry's own error in place of [`StoreError::InBatch`].
+    pub fn unbatched(self) -> StoreError {
+        match self {
+            StoreError::InBatch { error, .. } => *error,
+            other => other,
+        }
+    }
 }
 
 // === impl StoreSettings ===
@@ -345,6 +370,19 @@ pub trait Records: Send + Sync {
     /// Creates a key; `NameTaken` if its account has a key of that name ignoring ASCII case
     /// ([`key_name_index`]), `AlreadyExists` if the id or hash exists.
     async fn create_key(&self, key: &KeyRecord) -> Result<(), StoreError>;
+    /// Creates all of `keys` (of one account) or none, as one operation: a conflict refuses the
+    /// whole batch with [`StoreError::InBatch`] naming the entry, whose error is `NameTaken` (its
+    /// name, ignoring ASCII case, is taken in the account or by an earlier entry) or
+    /// `AlreadyExists` (its id or hash is taken by any key, or by an earlier entry). When several
+    /// entries conflict, which one is named may differ between backends. Keys marked `imported`
+    /// count towards [`Records::has_imported_keys`] (so does one made by `create_key`).
+    async fn create_keys(&self, keys: &[KeyRecord]) -> Result<(), StoreError>;
+    /// Whether the store holds a key marked `imported` (contract 5a): the proxy then looks up a
+    /// credential that fails tollgate's own checksum, since an imported key's raw form has none.
+    /// Kept as a count beside the keys (fleet-wide on a shared store); it may stay `true` for a
+    /// while after the last imported key is gone if a deletion failed halfway, never `false`
+    /// while one is there. A key's `imported` flag never changes after it is created.
+    async fn has_imported_keys(&self) -> Result<bool, StoreError>;
     /// One key of one account.
     async fn get_key(
         &self,
@@ -411,6 +449,15 @@ pub trait AuditLog: Send + Sync {
     /// concurrent appends (from several instances, too) keep the chain linear. An entry without
     /// an account joins only the all-accounts log, unchained.
     async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError>;
+    /// Appends `entries` in order, each as [`AuditLog::append_audit`] would; stops at the first
+    /// that fails. A backend whose writes wait for the disk writes them together (an import of
+    /// 1,000 keys is 1,000 entries).
+    async fn append_audits(&self, entries: &[AuditEntry]) -> Result<(), StoreError> {
+        for entry in entries {
+            self.append_audit(entry).await?;
+        }
+        Ok(())
+    }
     /// The head of an account's audit chain (its newest chained entry's id and hash); `None`
     /// before its first chained entry.
     async fn audit_head(

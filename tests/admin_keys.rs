@@ -74,6 +74,147 @@ async fn create_key_refuses_bad_fields_naming_them() {
     assert_eq!(keys["keys"].as_array().map(Vec::len), Some(0), "{keys}");
 }
 
+// === external_id ===
+
+/// Every key shows `external_id` (null when unset) and `imported` (false for a key made here);
+/// it is set at create, changed and cleared (`null`) by PATCH, and a value that could not travel
+/// as a header is 400 naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_id_is_set_patched_cleared_and_shown_on_every_key() {
+    let (_up, _gw, api) = start().await;
+    let account = api.account(json!({ "name": "acme" })).await;
+    let plain = api.key(&account, json!({ "name": "plain" })).await;
+    assert_eq!(plain["external_id"], Value::Null, "{plain}");
+    assert_eq!(plain["imported"], false, "{plain}");
+    let owned = api
+        .key(
+            &account,
+            json!({ "name": "owned", "external_id": "cus_42" }),
+        )
+        .await;
+    assert_eq!(owned["external_id"], "cus_42");
+    let path = format!("/v1/accounts/{account}/keys/{}", text(&owned, "id"));
+
+    let (status, key) = api
+        .master(
+            Method::PATCH,
+            &path,
+            Some(json!({ "external_id": "cus 43" })),
+        )
+        .await;
+    assert_eq!(
+        (status, &key["external_id"]),
+        (StatusCode::OK, &json!("cus 43"))
+    );
+    let (_, audit) = api
+        .master(
+            Method::GET,
+            &format!("/v1/accounts/{account}/audit?action=update_key"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        audit["logs"][0]["detail"]["changed"],
+        json!(["external_id"])
+    );
+    let (status, key) = api
+        .master(Method::PATCH, &path, Some(json!({ "external_id": null })))
+        .await;
+    assert_eq!(
+        (status, &key["external_id"]),
+        (StatusCode::OK, &Value::Null)
+    );
+    let (_, shown) = api.master(Method::GET, &path, None).await;
+    assert_eq!(shown["external_id"], Value::Null, "{shown}");
+
+    let keys = format!("/v1/accounts/{account}/keys");
+    for bad in [
+        json!(""),
+        json!(" padded"),
+        json!("tab\there"),
+        json!("caf\u{e9}"),
+        json!("x".repeat(256)),
+        json!(42),
+    ] {
+        let (status, err) = api
+            .master(Method::PATCH, &path, Some(json!({ "external_id": bad })))
+            .await;
+        assert_names_field(status, &err, "external_id");
+        let (status, err) = api
+            .master(
+                Method::POST,
+                &keys,
+                Some(json!({ "name": "bad", "external_id": bad })),
+            )
+            .await;
+        assert_names_field(status, &err, "external_id");
+    }
+    let longest = api
+        .key(
+            &account,
+            json!({ "name": "long", "external_id": "x".repeat(255) }),
+        )
+        .await;
+    assert_eq!(longest["external_id"], json!("x".repeat(255)));
+}
+
+/// `GET …/keys?external_id=X` lists exactly the keys with `X`, on both path forms; other query
+/// parameters are ignored as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_listed_by_external_id_on_both_path_forms() {
+    let (_up, _gw, api) = start().await;
+    let (account, _, raw) = api.account_with_key("acme").await;
+    let a1 = api
+        .key(&account, json!({ "name": "a1", "external_id": "user a" }))
+        .await;
+    let a2 = api
+        .key(&account, json!({ "name": "a2", "external_id": "user a" }))
+        .await;
+    api.key(&account, json!({ "name": "b", "external_id": "user b" }))
+        .await;
+    api.key(&account, json!({ "name": "user a" })).await;
+    let other = api.account(json!({ "name": "other" })).await;
+    api.key(
+        &other,
+        json!({ "name": "elsewhere", "external_id": "user a" }),
+    )
+    .await;
+
+    let names = |list: &Value| -> Vec<String> {
+        list["keys"]
+            .as_array()
+            .map(|keys| keys.iter().map(|k| text(k, "name")).collect())
+            .unwrap_or_default()
+    };
+    let owned = |want: &[&str]| -> Vec<String> { want.iter().map(|s| (*s).to_owned()).collect() };
+    let operator = format!("/v1/accounts/{account}/keys");
+    for (query, want) in [
+        ("?external_id=user%20a", vec!["a1", "a2"]),
+        ("?external_id=user+b&colour=red", vec!["b"]),
+        ("?external_id=USER%20A", vec![]),
+        ("?external_id=", vec![]),
+        ("?colour=red", vec!["main", "a1", "a2", "b", "user a"]),
+    ] {
+        let (status, list) = api
+            .master(Method::GET, &format!("{operator}{query}"), None)
+            .await;
+        assert_eq!(
+            (status, names(&list)),
+            (StatusCode::OK, owned(&want)),
+            "{query}"
+        );
+        let (status, list) = api
+            .call(Method::GET, &format!("/v1/account/keys{query}"), &raw, None)
+            .await;
+        assert_eq!(
+            (status, names(&list)),
+            (StatusCode::OK, owned(&want)),
+            "own {query}"
+        );
+    }
+    assert_eq!(text(&a1, "external_id"), text(&a2, "external_id"));
+}
+
 // === PATCH ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

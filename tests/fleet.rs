@@ -18,6 +18,7 @@ use chrono::{DateTime, Utc};
 use http::HeaderValue;
 use reqwest::{Method, Response, StatusCode};
 use serde_json::{json, Value};
+use sha2::Digest;
 use tollgate::auth::{self, CachedKey, IdentityValues, RequestFacts};
 use tollgate::config::{LimitMode, OnStoreError, RouteScopes, Settings};
 use tollgate::credential::{self, Kind};
@@ -427,6 +428,69 @@ async fn a_key_made_on_one_instance_passes_on_the_others() {
     expect_echo(call(&client, &gws[0], &key_2).await).await;
 }
 
+/// Keys imported by hash on one instance (contract 5a) work in raw form on another at once, with
+/// a ten-minute cache ttl, so only the invalidation channel can tell it: before any import it
+/// refuses a credential without tollgate's checksum unread, after the first import it looks such
+/// credentials up, and a raw key it had refused (and remembered as unknown) a moment before its
+/// import passes within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_imported_on_one_instance_works_on_the_other() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let gws = fleet(&redis.url(), &upstream, 2, system, |s| {
+        s.cache.ttl = Duration::from_secs(600);
+        s.cache.negative_ttl = Duration::from_secs(600);
+    })
+    .await;
+    let client = client();
+    let account = gws[0].create_account(json!({ "name": "fleet" })).await;
+    let importer = &gws[0];
+    let import = |raw: &str, name: &str| {
+        let body =
+            json!({ "hash": hex::encode(sha2::Sha256::digest(raw.as_bytes())), "name": name });
+        let path = format!("/v1/accounts/{account}/keys/import");
+        async move {
+            let (status, key) = importer.admin(Method::POST, &path, Some(body)).await;
+            assert_eq!(status, StatusCode::CREATED, "{key}");
+            key
+        }
+    };
+
+    let first = "sk_live_51Habc_first_0123456789";
+    assert_eq!(
+        outcome(call(&client, &gws[1], first).await).await,
+        (
+            StatusCode::UNAUTHORIZED,
+            Some("invalid_credential".to_owned())
+        )
+    );
+    let key = import(first, "first").await;
+    let passes = |raw: &'static str| {
+        let client = &client;
+        let gw = &gws[1];
+        move || async move { call(client, gw, raw).await.status() == StatusCode::OK }
+    };
+    assert!(
+        eventually(PROPAGATION, passes(first)).await,
+        "the imported key does not pass on the other instance within {PROPAGATION:?}"
+    );
+    let echo = expect_echo(call(&client, &gws[1], first).await).await;
+    assert_eq!(echo["headers"]["x-tollgate-key-id"], key["id"]);
+
+    // Refused and remembered as unknown on the other instance, then imported: it passes there
+    // within a second, not after the ten-minute negative ttl.
+    let second = "sk_live_51Habc_second_0123456789";
+    assert_eq!(
+        call(&client, &gws[1], second).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    import(second, "second").await;
+    assert!(
+        eventually(PROPAGATION, passes(second)).await,
+        "a key refused before its import still does not pass after {PROPAGATION:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_on_one_instance_is_enforced_on_all_within_a_second() {
     const ROUNDS: usize = 20;
@@ -826,6 +890,7 @@ fn cached_key(shared: &SharedLimiters, key_id: &str, per_minute: u32) -> CachedK
             key_id: value,
             key_type: KeyType::Secret,
             scopes: None,
+            external_id: None,
             limits: Default::default(),
         },
     }

@@ -1,7 +1,8 @@
 //! The signed identity header (`identity.signing_secret_env`): every request forwarded for a key
 //! carries `X-Tollgate-Identity`, an HS256 JWS that two independent libraries verify —
 //! `jsonwebtoken` here and PyJWT (installed by `.ci/run`) in a Python process — with the claims
-//! the key's identity headers state, `iat` from the gateway's clock and `exp` `signed_ttl` later.
+//! the key's identity headers state (`external_id` only for a key that has one), `iat` from the
+//! gateway's clock and `exp` `signed_ttl` later.
 
 mod common;
 
@@ -67,7 +68,7 @@ async fn forwarded_requests_carry_an_identity_that_jsonwebtoken_and_pyjwt_verify
     let (key_id, reader) = gw
         .create_key(
             &account_id,
-            json!({ "name": "reader", "scopes": ["orders:read"] }),
+            json!({ "name": "reader", "scopes": ["orders:read"], "external_id": "cus 42" }),
         )
         .await;
 
@@ -91,6 +92,7 @@ async fn forwarded_requests_carry_an_identity_that_jsonwebtoken_and_pyjwt_verify
             "key_id": key_id,
             "key_type": "secret",
             "scopes": ["orders:read"],
+            "external_id": "cus 42",
             "iat": iat,
             "exp": iat + 90,
         })
@@ -116,6 +118,8 @@ async fn forwarded_requests_carry_an_identity_that_jsonwebtoken_and_pyjwt_verify
     .expect("verifies")
     .claims;
     assert_eq!(claims["scopes"], json!(["*"]));
+    // A key without an external_id has no such claim.
+    assert_eq!(claims.get("external_id"), None, "{claims}");
 
     // PyJWT, in its own process, agrees.
     let script = "import json, sys, jwt\n\

@@ -14,6 +14,7 @@ use std::collections::BTreeSet;
 
 use reqwest::Method;
 use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
 
 use common::gateway::Gateway;
 use common::upstream::Upstream;
@@ -272,6 +273,67 @@ async fn every_documented_operation_answers_as_documented() {
             )
             .await;
         assert_eq!(publishable.0, 201);
+        // Import by hash: one key, then a batch; the same hash again is a documented 409.
+        let n = api.covered.len();
+        let hash = |i: usize| hex::encode(Sha256::digest(format!("sk_live_{n}_{i}").as_bytes()));
+        let (status, imported) = api
+            .call(
+                "post",
+                &p("/keys/import"),
+                &ids,
+                cred.next(2),
+                Some(json!({
+                    "hash": hash(0).to_uppercase(),
+                    "name": format!("legacy {n}"),
+                    "scopes": ["orders:read"],
+                    "external_id": "cus_42",
+                    "ttl": "30d",
+                })),
+            )
+            .await;
+        assert_eq!(
+            (status, &imported["imported"]),
+            (201, &json!(true)),
+            "{imported}"
+        );
+        let (status, batch) = api
+            .call(
+                "post",
+                &p("/keys/import"),
+                &ids,
+                cred.next(0),
+                Some(json!({ "keys": [
+                    { "hash": hash(1), "name": format!("legacy {n} a") },
+                    { "hash": hash(2), "name": format!("legacy {n} b"), "type": "publishable",
+                      "allowed_origins": ["https://app.example.com"] },
+                ] })),
+            )
+            .await;
+        assert_eq!(status, 201);
+        assert_eq!(batch["keys"].as_array().map(Vec::len), Some(2), "{batch}");
+        let (status, refusal) = api
+            .call(
+                "post",
+                &p("/keys/import"),
+                &ids,
+                cred.next(1),
+                Some(json!({ "hash": hash(0), "name": format!("legacy {n} again") })),
+            )
+            .await;
+        assert_eq!(
+            (status, refusal["error"]["code"].clone()),
+            (409, json!("key_exists"))
+        );
+        let (status, _) = api
+            .call(
+                "post",
+                &p("/keys/import"),
+                &ids,
+                cred.next(2),
+                Some(json!({ "keys": [] })),
+            )
+            .await;
+        assert_eq!(status, 400);
         let key_id = text(&key, "id");
         let mut with_key = ids.clone();
         with_key.push(("key_id", key_id.as_str()));

@@ -773,6 +773,7 @@ async fn spoofed_identity_headers_are_replaced_by_the_real_identity() {
         .bearer_auth(&key)
         .header("X-Tollgate-Account-Id", "evil")
         .header("X-Tollgate-Key-Id", "evil")
+        .header("X-Tollgate-External-Id", "evil")
         .header("x-tollgate-anything", "x")
         .send()
         .await
@@ -784,7 +785,54 @@ async fn spoofed_identity_headers_are_replaced_by_the_real_identity() {
     assert_eq!(headers["x-tollgate-key-id"], key_id.as_str());
     assert_eq!(headers["x-tollgate-key-type"], "secret");
     assert_eq!(headers["x-tollgate-scopes"], "a:read b:write");
+    // The key has no external_id: no header at all, and not the client's.
+    assert!(
+        !headers.contains_key("x-tollgate-external-id"),
+        "{headers:?}"
+    );
     assert!(!headers.contains_key("x-tollgate-anything"), "{headers:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_id_is_forwarded_in_place_of_a_client_sent_one() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let account = gw.create_account(json!({ "name": "acme" })).await;
+    let (key_id, key) = gw
+        .create_key(
+            &account,
+            json!({ "name": "main", "external_id": "user 42/eu" }),
+        )
+        .await;
+    let send = || {
+        client()
+            .get(gw.proxy_url("/things"))
+            .bearer_auth(&key)
+            .header("X-Tollgate-External-Id", "someone-else")
+            .send()
+    };
+
+    let echo = expect_echo(send().await.unwrap()).await;
+    assert_eq!(seen_headers(&echo)["x-tollgate-external-id"], "user 42/eu");
+
+    // Changed, then cleared: the proxy sends the new value on the next request, then none.
+    let path = format!("/v1/accounts/{account}/keys/{key_id}");
+    for (patch, seen) in [
+        (json!({ "external_id": "user 43" }), Some("user 43")),
+        (json!({ "external_id": null }), None),
+    ] {
+        let (status, body) = gw.admin(Method::PATCH, &path, Some(patch)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let echo = expect_echo(send().await.unwrap()).await;
+        let headers = seen_headers(&echo);
+        assert_eq!(
+            headers
+                .get("x-tollgate-external-id")
+                .and_then(Value::as_str),
+            seen,
+            "{headers:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

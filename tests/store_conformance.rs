@@ -300,6 +300,8 @@ async fn records(store: &dyn Records) {
     key_rename(store).await;
     key_names_ignore_case(store).await;
     key_duplicates(store).await;
+    key_batches_are_all_or_nothing(store).await;
+    imported_keys_are_counted(store).await;
     key_missing(store).await;
     delete_account_cascades(store).await;
     sites(store).await;
@@ -637,6 +639,162 @@ async fn key_duplicates(store: &dyn Records) {
     store.create_key(&free_again).await.unwrap();
 }
 
+/// Asserts that `result` refused entry `index` with `want` (`NameTaken` or `AlreadyExists`).
+fn refused_at(result: Result<(), StoreError>, index: usize, want: &str) {
+    match result {
+        Err(StoreError::InBatch { index: got, error }) => {
+            let kind = match *error {
+                StoreError::NameTaken => "NameTaken",
+                StoreError::AlreadyExists => "AlreadyExists",
+                ref other => panic!("entry {got}: {other:?}"),
+            };
+            assert_eq!((got, kind), (index, want));
+        }
+        other => panic!("expected entry {index} refused with {want}, got {other:?}"),
+    }
+}
+
+/// `create_keys` writes a batch whole or not at all: a name or hash taken in the store, or
+/// twice in the batch, refuses it naming the entry, and nothing of it is readable; a good batch
+/// is read back whole by hash and in the account's list.
+async fn key_batches_are_all_or_nothing(store: &dyn Records) {
+    let p = unique();
+    let acc = account(&format!("acc_{p}"), at(0));
+    let other = account(&format!("acc_{p}_other"), at(0));
+    store.create_account(&acc).await.unwrap();
+    store.create_account(&other).await.unwrap();
+    let held = key(&format!("key_{p}_held"), &acc.id, "Taken", at(1));
+    let elsewhere = key(&format!("key_{p}_else"), &other.id, "x", at(1));
+    store.create_key(&held).await.unwrap();
+    store.create_key(&elsewhere).await.unwrap();
+    let batch = |tag: &str| -> Vec<KeyRecord> {
+        (0..4)
+            .map(|i| {
+                let mut k = key(
+                    &format!("key_{p}_{tag}{i}"),
+                    &acc.id,
+                    &format!("{tag} {i}"),
+                    at(2 + i),
+                );
+                k.imported = i % 2 == 0;
+                k
+            })
+            .collect()
+    };
+
+    let mut hash_of_another_account = batch("a");
+    hash_of_another_account[2].hash = elsewhere.hash;
+    refused_at(
+        store.create_keys(&hash_of_another_account).await,
+        2,
+        "AlreadyExists",
+    );
+    let mut name_taken = batch("b");
+    name_taken[3].name = "taKEN".to_owned();
+    refused_at(store.create_keys(&name_taken).await, 3, "NameTaken");
+    let mut twice_named = batch("c");
+    twice_named[2].name = "C 1".to_owned();
+    refused_at(store.create_keys(&twice_named).await, 2, "NameTaken");
+    let mut twice_hashed = batch("d");
+    twice_hashed[1].hash = twice_hashed[0].hash;
+    refused_at(store.create_keys(&twice_hashed).await, 1, "AlreadyExists");
+    let mut id_taken = batch("e");
+    id_taken[1].id = held.id.clone();
+    refused_at(store.create_keys(&id_taken).await, 1, "AlreadyExists");
+    for refused in [
+        &hash_of_another_account,
+        &name_taken,
+        &twice_named,
+        &twice_hashed,
+        &id_taken,
+    ] {
+        for k in refused.iter().filter(|k| k.hash != elsewhere.hash) {
+            assert!(
+                store.lookup_key(&k.hash).await.unwrap().is_none(),
+                "{}",
+                k.id
+            );
+        }
+    }
+    assert_eq!(store.list_keys(&acc.id).await.unwrap(), vec![held.clone()]);
+    // The refused batches' names are free: their entries were never written.
+    let good = batch("b");
+    store.create_keys(&good).await.unwrap();
+    for k in &good {
+        let found = store.lookup_key(&k.hash).await.unwrap().expect("written");
+        assert_eq!((&found.key, &found.account), (k, &acc));
+    }
+    let mut listed = vec![held.clone()];
+    listed.extend(good.iter().cloned());
+    assert_eq!(store.list_keys(&acc.id).await.unwrap(), listed);
+    store.create_keys(&[]).await.unwrap();
+
+    // A batch of a thousand, as an import may be.
+    let many: Vec<KeyRecord> = (0..1000)
+        .map(|i| {
+            key(
+                &format!("key_{p}_m{i}"),
+                &other.id,
+                &format!("m{i}"),
+                at(10),
+            )
+        })
+        .collect();
+    store.create_keys(&many).await.unwrap();
+    for k in many.iter().step_by(97) {
+        assert_eq!(
+            store.lookup_key(&k.hash).await.unwrap().map(|l| l.key),
+            Some(k.clone())
+        );
+    }
+    assert_eq!(store.list_keys(&other.id).await.unwrap().len(), 1001);
+}
+
+/// The store knows whether it holds imported keys, by creation (either way) and deletion (of
+/// the key or its account); a refused batch counts nothing.
+async fn imported_keys_are_counted(store: &dyn Records) {
+    let p = unique();
+    // The store may be shared with other runs: compare with what it said before.
+    let before = store.has_imported_keys().await.unwrap();
+    let acc = account(&format!("acc_{p}"), at(0));
+    store.create_account(&acc).await.unwrap();
+    let plain = key(&format!("key_{p}_plain"), &acc.id, "plain", at(1));
+    store
+        .create_keys(std::slice::from_ref(&plain))
+        .await
+        .unwrap();
+    assert_eq!(store.has_imported_keys().await.unwrap(), before);
+
+    let mut refused = key(&format!("key_{p}_refused"), &acc.id, "PLAIN", at(2));
+    refused.imported = true;
+    refused_at(
+        store.create_keys(std::slice::from_ref(&refused)).await,
+        0,
+        "NameTaken",
+    );
+    assert_eq!(store.has_imported_keys().await.unwrap(), before);
+
+    let mut one = key(&format!("key_{p}_1"), &acc.id, "one", at(3));
+    one.imported = true;
+    store.create_key(&one).await.unwrap();
+    assert!(store.has_imported_keys().await.unwrap());
+    let mut two = key(&format!("key_{p}_2"), &acc.id, "two", at(4));
+    two.imported = true;
+    store.create_keys(std::slice::from_ref(&two)).await.unwrap();
+    // An update keeps the key imported.
+    let mut renamed = one.clone();
+    renamed.name = "uno".to_owned();
+    store.update_key(&renamed).await.unwrap();
+
+    store.delete_key(&acc.id, &one.id).await.unwrap();
+    assert!(
+        store.has_imported_keys().await.unwrap(),
+        "two is still there"
+    );
+    store.delete_account(&acc.id).await.unwrap();
+    assert_eq!(store.has_imported_keys().await.unwrap(), before);
+}
+
 async fn key_missing(store: &dyn Records) {
     let p = unique();
     let acc = account(&format!("acc_{p}"), at(0));
@@ -875,7 +1033,49 @@ async fn clients(store: &dyn Clients) {
 async fn audit_log_role(store: Arc<dyn AuditLog>) {
     audit_log(&*store).await;
     audit_chain_links_each_account(&*store).await;
+    audit_batches_append_in_order(&*store).await;
     audit_chain_stays_linear_under_concurrent_appends(&store).await;
+}
+
+/// `append_audits` is `append_audit` for each entry, in order: one chain, linked in that order.
+async fn audit_batches_append_in_order(store: &dyn AuditLog) {
+    let p = unique();
+    let acc = format!("acc_{p}");
+    store
+        .append_audit(&audit(
+            &format!("aud_{p}_0"),
+            Some(&acc),
+            "create_key",
+            "k0",
+            serde_json::json!({}),
+        ))
+        .await
+        .unwrap();
+    let batch: Vec<AuditEntry> = (1..=5)
+        .map(|i| {
+            audit(
+                &format!("aud_{p}_{i}"),
+                Some(&acc),
+                "create_key",
+                &format!("k{i}"),
+                serde_json::json!({ "imported": true }),
+            )
+        })
+        .collect();
+    store.append_audits(&batch).await.unwrap();
+    let chain = whole_chain(store, &acc, 100).await;
+    assert_eq!(
+        ids(&chain, |e| &e.id),
+        (0..=5).map(|i| format!("aud_{p}_{i}")).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        verdict(store, &acc).await,
+        ChainVerdict {
+            intact: true,
+            entries: 6,
+            first_bad_id: None
+        }
+    );
 }
 
 async fn audit_log(store: &dyn AuditLog) {

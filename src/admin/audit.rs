@@ -224,7 +224,35 @@ pub(crate) async fn verify(
 
 /// Appends the entry for `change`.
 pub(crate) async fn record(store: &dyn store::AuditLog, origin: Origin<'_>, change: Change<'_>) {
-    let entry = AuditEntry {
+    let entry = entry(&origin, change);
+    if let Err(e) = store.append_audit(&entry).await {
+        tracing::error!(error = %e, entry = ?entry, "admin: audit entry not written");
+    }
+}
+
+/// Appends the entries for `changes`, in order, made by one request (an import of many keys):
+/// the store may write them together ([`store::AuditLog::append_audits`]).
+pub(crate) async fn record_all(
+    store: &dyn store::AuditLog,
+    origin: Origin<'_>,
+    changes: Vec<Change<'_>>,
+) {
+    let entries: Vec<AuditEntry> = changes
+        .into_iter()
+        .map(|change| entry(&origin, change))
+        .collect();
+    if let Err(e) = store.append_audits(&entries).await {
+        tracing::error!(
+            error = %e,
+            entries = entries.len(),
+            first = ?entries.first(),
+            "admin: audit entries not written (some may have been)"
+        );
+    }
+}
+
+fn entry(origin: &Origin<'_>, change: Change<'_>) -> AuditEntry {
+    AuditEntry {
         id: credential::new_id("aud"),
         account_id: origin.account_id.map(str::to_owned),
         actor_id: origin.actor.id().to_owned(),
@@ -236,9 +264,6 @@ pub(crate) async fn record(store: &dyn store::AuditLog, origin: Origin<'_>, chan
         created_at: Utc::now(),
         prev_hash: None,
         hash: None,
-    };
-    if let Err(e) = store.append_audit(&entry).await {
-        tracing::error!(error = %e, entry = ?entry, "admin: audit entry not written");
     }
 }
 

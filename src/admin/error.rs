@@ -71,6 +71,19 @@ pub enum ApiError {
     /// 409 `already_exists`: the generated id collided with an existing record.
     #[error("a record with this id already exists; retry")]
     AlreadyExists,
+    /// 409 `key_exists`: a key being imported has the hash of a key that exists (in any
+    /// account): that raw key is already a credential here.
+    #[error("a key with this hash already exists")]
+    KeyExists,
+    /// One entry of a batch (`keys[index]`) was refused with `error`, whose status and code
+    /// the answer takes; nothing of the batch was done.
+    #[error("keys[{index}]: {error}")]
+    InEntry {
+        /// The entry's position in `keys`, from 0.
+        index: usize,
+        /// Why it was refused.
+        error: Box<ApiError>,
+    },
     /// 400 `too_many_buckets`: a usage query over 200 000 buckets.
     #[error("the range holds {0} buckets; at most 200000 may be asked for at once")]
     TooManyBuckets(u64),
@@ -148,6 +161,8 @@ impl ApiError {
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::NameTaken | ApiError::SiteTaken => (StatusCode::CONFLICT, "name_taken"),
             ApiError::AlreadyExists => (StatusCode::CONFLICT, "already_exists"),
+            ApiError::KeyExists => (StatusCode::CONFLICT, "key_exists"),
+            ApiError::InEntry { error, .. } => error.status_and_code(),
             ApiError::PlanLimit { .. } => (StatusCode::CONFLICT, "plan_limit"),
             ApiError::LastCredential => (StatusCode::CONFLICT, "last_credential"),
             ApiError::ProtectedKey => (StatusCode::CONFLICT, "protected_key"),
@@ -186,6 +201,8 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NameTaken => ApiError::NameTaken,
             StoreError::AlreadyExists => ApiError::AlreadyExists,
+            // A caller that cares which entry names it (import); for the rest, the conflict.
+            StoreError::InBatch { error, .. } => ApiError::from(*error),
             // A record that vanished between our read and write: it is gone either way.
             StoreError::NotFound => ApiError::NotFound("record"),
             StoreError::Unavailable(detail) => ApiError::StoreUnavailable(detail),

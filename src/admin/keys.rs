@@ -1,7 +1,7 @@
 //! An account's API keys, under `/v1/accounts/{account_id}/keys` (operator) and
 //! `/v1/account/keys` (the account's own key); both forms reach these handlers through
 //! [`AccountAccess`], which has already resolved and read the account. Renewing and rolling a
-//! key are in [`super::rotation`].
+//! key are in [`super::rotation`], importing keys by hash in [`super::import`].
 //!
 //! Only `KeyHash::of(raw)` is stored; the raw key is in the create answer and nowhere else.
 //! After every change the key's cache entry is dropped, so the proxy enforces the change on the
@@ -16,10 +16,16 @@
 //! key, and roll ([`ensure_room`]); otherwise deactivate, create, activate would pass the limit.
 //!
 //! A PATCH is a JSON merge patch ([`Patch`]) over `name`, `scopes`, `allowed_origins`,
-//! `allowed_ips`, `rate_limit` and `metadata`, checked as create checks them. New `scopes` must be
-//! within what the caller may grant; scopes the PATCH does not name are left as they are.
+//! `allowed_ips`, `rate_limit`, `metadata` and `external_id` (`null` clears it), checked as
+//! create checks them. New `scopes` must be within what the caller may grant; scopes the PATCH
+//! does not name are left as they are.
+//!
+//! `external_id` is the key owner's id in the customer's own system (contract 5a): shown with the
+//! key, forwarded upstream as `X-Tollgate-External-Id`, and `GET …/keys?external_id=X` lists only
+//! the keys that carry exactly `X`.
 
-use axum::extract::{FromRequestParts, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{FromRequestParts, Query, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::Json;
@@ -42,7 +48,7 @@ use crate::store::{AccountRecord, AuthMethod, KeyRecord, KeyType, RateLimitSpec,
 pub(crate) const MAX_NAME_CHARS: usize = 100;
 
 /// The fields PATCH may name.
-const PATCHABLE: [&str; 7] = [
+const PATCHABLE: [&str; 8] = [
     "name",
     "scopes",
     "allowed_origins",
@@ -50,37 +56,49 @@ const PATCHABLE: [&str; 7] = [
     "rate_limit",
     "metadata",
     "shadow",
+    "external_id",
 ];
 
-/// `POST …/keys`.
+/// `POST …/keys` (and, with a `hash`, each key of `POST …/keys/import`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateKey {
-    name: String,
+    pub(super) name: String,
     #[serde(rename = "type", default = "secret")]
-    key_type: KeyType,
+    pub(super) key_type: KeyType,
     #[serde(default)]
-    scopes: Option<Vec<String>>,
+    pub(super) scopes: Option<Vec<String>>,
     #[serde(default)]
-    allowed_origins: Vec<String>,
+    pub(super) allowed_origins: Vec<String>,
     #[serde(default)]
-    allowed_ips: Vec<String>,
+    pub(super) allowed_ips: Vec<String>,
     #[serde(default)]
-    rate_limit: Option<RateLimitSpec>,
+    pub(super) rate_limit: Option<RateLimitSpec>,
     #[serde(default)]
-    expires_at: Option<DateTime<Utc>>,
+    pub(super) expires_at: Option<DateTime<Utc>>,
     #[serde(default)]
-    ttl: Option<String>,
+    pub(super) ttl: Option<String>,
     #[serde(default)]
-    metadata: Option<Value>,
+    pub(super) metadata: Option<Value>,
     #[serde(default)]
-    protected: bool,
+    pub(super) protected: bool,
     #[serde(default)]
-    shadow: bool,
+    pub(super) shadow: bool,
     #[serde(default)]
-    remaining: Option<i64>,
+    pub(super) remaining: Option<i64>,
     #[serde(default)]
-    refill: Option<Refill>,
+    pub(super) refill: Option<Refill>,
+    #[serde(default)]
+    pub(super) external_id: Option<String>,
+}
+
+/// What a new key's record holds of its credential: the hash, what lists show of the raw value,
+/// and whether the key was imported.
+pub(crate) struct KeyMaterial {
+    hash: KeyHash,
+    prefix: String,
+    preview: String,
+    imported: bool,
 }
 
 /// A key as the API shows it: everything but the hash.
@@ -104,6 +122,10 @@ pub(crate) struct KeyView {
     shadow: bool,
     #[serde(flatten)]
     credits: CreditsView,
+    /// `null` when unset.
+    external_id: Option<String>,
+    /// Brought in by hash (`…/keys/import`); its `prefix` and `preview` are empty.
+    imported: bool,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
@@ -133,12 +155,20 @@ struct KeyFields {
     metadata: Value,
     #[serde(default)]
     shadow: bool,
+    external_id: Option<String>,
 }
 
-/// `GET …/keys`.
+/// The query of `GET …/keys`; other parameters are ignored.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ListParams {
+    /// Only the keys whose `external_id` is exactly this.
+    external_id: Option<String>,
+}
+
+/// `GET …/keys`, and a batch import's answer.
 #[derive(Serialize)]
 pub(crate) struct KeyList {
-    keys: Vec<KeyView>,
+    pub(super) keys: Vec<KeyView>,
 }
 
 /// `DELETE …/keys/{key_id}`.
@@ -169,7 +199,8 @@ pub(crate) async fn create(
         remaining: req.remaining,
         refill: req.refill,
     })?;
-    let mut record = req.into_record(&access.account, grantable.as_deref(), &raw, now)?;
+    let material = KeyMaterial::issued(&raw);
+    let mut record = req.into_record(&access.account, grantable.as_deref(), material, now)?;
     if credits.is_some() {
         record.credit_pool = Some(record.id.clone());
     }
@@ -195,14 +226,21 @@ pub(crate) async fn create(
     Ok((StatusCode::CREATED, Json(created)))
 }
 
-/// `GET …/keys`.
+/// `GET …/keys[?external_id=X]`.
 pub(crate) async fn list(
     State(state): State<AdminState>,
     access: AccountAccess,
+    params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<KeyList>, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::InvalidBody(format!("query: {e}")))?;
     let keys = state.store.list_keys(&access.account.id).await?;
     let mut views = Vec::with_capacity(keys.len());
-    for key in keys {
+    for key in keys.into_iter().filter(|k| {
+        params
+            .external_id
+            .as_ref()
+            .is_none_or(|wanted| k.external_id.as_ref() == Some(wanted))
+    }) {
         views.push(credits::view(&state, key).await?);
     }
     Ok(Json(KeyList { keys: views }))
@@ -381,12 +419,12 @@ async fn forget_credits(state: &AdminState, key: &KeyRecord) -> Result<(), ApiEr
 
 impl CreateKey {
     /// Checks every field against the account and what the caller may grant, and builds the
-    /// record for `raw`.
-    fn into_record(
+    /// record of the credential `material`.
+    pub(super) fn into_record(
         self,
         account: &AccountRecord,
         grantable: Option<&[String]>,
-        raw: &str,
+        material: KeyMaterial,
         now: DateTime<Utc>,
     ) -> Result<KeyRecord, ApiError> {
         let name = validate::name("name", &self.name, MAX_NAME_CHARS)?;
@@ -400,20 +438,25 @@ impl CreateKey {
         }
         let allowed_ips = validate::cidrs("allowed_ips", &self.allowed_ips)?;
         validate::rate_limit("rate_limit", self.rate_limit.as_ref())?;
-        let (expires_at, lifetime_secs) = expiry(self.expires_at, self.ttl.as_deref(), now)?;
+        let (expires_at, lifetime_secs) =
+            validate::expiry(self.expires_at, self.ttl.as_deref(), now)?;
         let metadata = match self.metadata {
             None => Value::Object(serde_json::Map::new()),
             Some(v @ Value::Object(_)) => v,
             Some(_) => return Err(ApiError::field("metadata", "must be a JSON object")),
         };
+        let external_id = self
+            .external_id
+            .map(|id| validate::external_id("external_id", &id))
+            .transpose()?;
         Ok(KeyRecord {
             id: credential::new_id("key"),
             account_id: account.id.clone(),
             name,
             key_type: self.key_type,
-            hash: KeyHash::of(raw),
-            prefix: credential::display_prefix(raw),
-            preview: credential::preview(raw),
+            hash: material.hash,
+            prefix: material.prefix,
+            preview: material.preview,
             scopes,
             allowed_origins,
             allowed_ips,
@@ -424,12 +467,37 @@ impl CreateKey {
             protected: self.protected,
             metadata,
             credit_pool: None,
-            external_id: None,
-            imported: false,
+            external_id,
+            imported: material.imported,
             shadow: self.shadow,
             created_at: now,
             updated_at: now,
         })
+    }
+}
+
+// === impl KeyMaterial ===
+
+impl KeyMaterial {
+    /// A credential made here: its hash, and its first 12 characters and preview for lists.
+    pub(crate) fn issued(raw: &str) -> Self {
+        KeyMaterial {
+            hash: KeyHash::of(raw),
+            prefix: credential::display_prefix(raw),
+            preview: credential::preview(raw),
+            imported: false,
+        }
+    }
+
+    /// A key brought in by the hash of a raw value never seen here: its `prefix` and `preview`
+    /// are empty strings (nothing of the raw value is known, and the hash is never shown).
+    pub(crate) fn imported(hash: KeyHash) -> Self {
+        KeyMaterial {
+            hash,
+            prefix: String::new(),
+            preview: String::new(),
+            imported: true,
+        }
     }
 }
 
@@ -445,6 +513,7 @@ impl KeyFields {
             rate_limit: key.rate_limit,
             metadata: key.metadata.clone(),
             shadow: key.shadow,
+            external_id: key.external_id.clone(),
         }
     }
 
@@ -463,11 +532,16 @@ impl KeyFields {
         if !self.metadata.is_object() {
             return Err(ApiError::field("metadata", "must be a JSON object"));
         }
+        let external_id = self
+            .external_id
+            .map(|id| validate::external_id("external_id", &id))
+            .transpose()?;
         Ok(KeyFields {
             name,
             allowed_origins,
             allowed_ips,
             rate_limit: self.rate_limit.filter(|r| *r != RateLimitSpec::default()),
+            external_id,
             ..self
         })
     }
@@ -486,6 +560,7 @@ impl KeyFields {
             ("rate_limit", self.rate_limit != other.rate_limit),
             ("metadata", self.metadata != other.metadata),
             ("shadow", self.shadow != other.shadow),
+            ("external_id", self.external_id != other.external_id),
         ];
         debug_assert!(fields.iter().map(|(n, _)| *n).eq(PATCHABLE));
         fields
@@ -502,6 +577,7 @@ impl KeyFields {
         key.rate_limit = self.rate_limit;
         key.metadata = self.metadata;
         key.shadow = self.shadow;
+        key.external_id = self.external_id;
     }
 }
 
@@ -535,6 +611,8 @@ impl From<KeyRecord> for KeyView {
             metadata: k.metadata,
             shadow: k.shadow,
             credits: CreditsView::default(),
+            external_id: k.external_id,
+            imported: k.imported,
             created_at: k.created_at,
             updated_at: k.updated_at,
         }
@@ -632,58 +710,6 @@ fn scopes_within(
     Ok(Some(requested))
 }
 
-/// `expires_at` or `ttl` (not both) → the expiry and the lifetime that `renew` reuses.
-pub(crate) fn expiry(
-    expires_at: Option<DateTime<Utc>>,
-    ttl: Option<&str>,
-    now: DateTime<Utc>,
-) -> Result<(Option<DateTime<Utc>>, Option<u64>), ApiError> {
-    match (expires_at, ttl) {
-        (None, None) => Ok((None, None)),
-        (Some(_), Some(_)) => Err(ApiError::field("ttl", "give expires_at or ttl, not both")),
-        (Some(at), None) => {
-            let secs = (at - now).num_seconds();
-            if secs <= 0 {
-                return Err(ApiError::field("expires_at", "must be in the future"));
-            }
-            if at > latest_expiry() {
-                return Err(ApiError::field(
-                    "expires_at",
-                    "must be before the year 10000",
-                ));
-            }
-            Ok((Some(at), u64::try_from(secs).ok()))
-        }
-        (None, Some(text)) => {
-            let ttl = humantime::parse_duration(text).map_err(|e| {
-                ApiError::field(
-                    "ttl",
-                    format!("{text:?} is not a duration like \"30d\" ({e})"),
-                )
-            })?;
-            if ttl.as_secs() == 0 {
-                return Err(ApiError::field("ttl", "must be at least one second"));
-            }
-            let at = chrono::Duration::from_std(ttl)
-                .ok()
-                .and_then(|d| now.checked_add_signed(d))
-                .filter(|at| *at <= latest_expiry())
-                .ok_or_else(|| {
-                    ApiError::field(
-                        "ttl",
-                        "is too long: the key must expire before the year 10000",
-                    )
-                })?;
-            Ok((Some(at), Some(ttl.as_secs())))
-        }
-    }
-}
-
-/// The latest expiry an RFC 3339 time can state: 9999-12-31T23:59:59Z.
-pub(crate) fn latest_expiry() -> DateTime<Utc> {
-    DateTime::from_timestamp(253_402_300_799, 0).unwrap_or(DateTime::<Utc>::MAX_UTC)
-}
-
 /// Whether the key can still authenticate at `now`: active and not expired. A rolled key's grace
 /// ends at its expiry, so this covers it too. Only these keys count towards `max_keys`.
 pub(crate) fn can_authenticate(key: &KeyRecord, now: DateTime<Utc>) -> bool {
@@ -698,6 +724,18 @@ pub(crate) async fn ensure_room(
     replacing: Option<&str>,
     now: DateTime<Utc>,
 ) -> Result<(), ApiError> {
+    ensure_room_for(store, account, replacing, 1, now).await
+}
+
+/// Refuses `adding` more keys that can authenticate unless all of them fit within
+/// `plan.max_keys`, not counting `replacing`.
+pub(crate) async fn ensure_room_for(
+    store: &dyn Records,
+    account: &AccountRecord,
+    replacing: Option<&str>,
+    adding: usize,
+    now: DateTime<Utc>,
+) -> Result<(), ApiError> {
     let Some(max) = account.plan.max_keys else {
         return Ok(());
     };
@@ -707,7 +745,7 @@ pub(crate) async fn ensure_room(
         .iter()
         .filter(|k| Some(k.id.as_str()) != replacing && can_authenticate(k, now))
         .count();
-    if usable >= usize::try_from(max).unwrap_or(usize::MAX) {
+    if usable.saturating_add(adding) > usize::try_from(max).unwrap_or(usize::MAX) {
         return Err(ApiError::PlanLimit { max, what: "keys" });
     }
     Ok(())

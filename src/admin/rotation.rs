@@ -32,7 +32,7 @@ use super::auth::AccountAccess;
 use super::body::JsonBody;
 use super::error::ApiError;
 use super::keys::{self, CreatedKey, KeyId, KeyView, MAX_NAME_CHARS};
-use super::AdminState;
+use super::{validate, AdminState};
 use crate::credential::{self, KeyHash, Kind};
 use crate::store::{KeyRecord, KeyType};
 
@@ -68,7 +68,7 @@ pub(crate) async fn renew(
         let mut key = keys::fetch(&*state.store, &access.account.id, &key_id).await?;
         let was_usable = keys::can_authenticate(&key, now);
         let lifetime = match req.ttl.as_deref() {
-            Some(ttl) => keys::expiry(None, Some(ttl), now)?.1,
+            Some(ttl) => validate::expiry(None, Some(ttl), now)?.1,
             None => key.lifetime_secs,
         }
         .ok_or_else(|| {
@@ -220,7 +220,7 @@ fn after(now: DateTime<Utc>, secs: u64, field: &str) -> Result<DateTime<Utc>, Ap
         .ok()
         .and_then(Duration::try_seconds)
         .and_then(|d| now.checked_add_signed(d))
-        .filter(|at| *at <= super::keys::latest_expiry())
+        .filter(|at| *at <= validate::latest_expiry())
         .ok_or_else(|| {
             ApiError::field(
                 field,

@@ -9,6 +9,10 @@
 //! store's [`revision`](crate::store::Records::revision) has not moved since it was read (the
 //! embedded store sees every write; Redis, written by other instances, cannot tell, so there the
 //! ttl always means a re-read).
+//!
+//! It also holds whether the store holds imported keys ([`KeyCache::admits_unchecked`]), read at
+//! start-up and again once per ttl when asked, and set at once by an import (here, or on another
+//! instance through the invalidation channel), so the proxy never asks the store per request.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -111,6 +115,14 @@ pub struct KeyCache {
     /// While `lookups` fail: when the next background re-read may start, in ms since `born`.
     retry_at_ms: AtomicU64,
     born: Instant,
+    /// Whether the store holds imported keys, as last read or learned: see
+    /// [`KeyCache::admits_unchecked`]. `true` until first read, so that nothing that might be
+    /// an imported key is refused unread.
+    imported: AtomicBool,
+    /// When `imported` is next read, in ms since `born` (0: at the next ask).
+    imported_due_ms: AtomicU64,
+    /// A read of `imported` is under way.
+    imported_reading: AtomicBool,
     /// Invalidations published to the other instances, likewise.
     publishes: Arc<StoreCalls>,
     store: SharedStore,
@@ -155,6 +167,9 @@ impl KeyCache {
             lookups: metrics.store_calls("lookup_key"),
             retry_at_ms: AtomicU64::new(0),
             born: Instant::now(),
+            imported: AtomicBool::new(true),
+            imported_due_ms: AtomicU64::new(0),
+            imported_reading: AtomicBool::new(false),
             publishes: Arc::new(metrics.store_calls("publish_invalidation")),
             store,
             limiters,
@@ -251,7 +266,7 @@ impl KeyCache {
         if !self.lookups.is_failing() {
             return true;
         }
-        let now = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let now = self.since_born_ms();
         let at = self.retry_at_ms.load(Ordering::Relaxed);
         let next = now.saturating_add(u64::try_from(RETRY_WHILE_FAILING.as_millis()).unwrap_or(0));
         now >= at
@@ -295,6 +310,63 @@ impl KeyCache {
         revision.is_some() && revision == self.store.revision()
     }
 
+    /// Whether a credential that fails tollgate's format or checksum may still name a key: only
+    /// while the store holds imported keys (contract 5a), whose raw form is whatever the other
+    /// system issued. Answered from memory, without I/O; an answer older than the cache's ttl
+    /// is refreshed by one background read (meanwhile the old answer stands).
+    pub fn admits_unchecked(self: &Arc<Self>) -> bool {
+        let due = self.imported_due_ms.load(Ordering::Relaxed);
+        if self.since_born_ms() >= due && !self.imported_reading.swap(true, Ordering::AcqRel) {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let this = Arc::clone(self);
+                runtime.spawn(async move {
+                    this.read_imported().await;
+                    this.imported_reading.store(false, Ordering::Release);
+                });
+            } else {
+                self.imported_reading.store(false, Ordering::Release);
+            }
+        }
+        self.imported.load(Ordering::Relaxed)
+    }
+
+    /// Asks the store whether it holds imported keys (at start-up, and by
+    /// [`KeyCache::admits_unchecked`] once per ttl). A failed read keeps the answer there was,
+    /// `true` before the first: an unknown answer must not refuse an imported key (a malformed
+    /// credential then costs a lookup, whose miss is cached).
+    pub async fn read_imported(&self) {
+        match self.store.has_imported_keys().await {
+            Ok(held) => self.imported.store(held, Ordering::Relaxed),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "could not read whether the store holds imported keys; keeping the last answer"
+            ),
+        }
+        let due = self
+            .since_born_ms()
+            .saturating_add(u64::try_from(self.settings.ttl.as_millis()).unwrap_or(u64::MAX));
+        self.imported_due_ms.store(due, Ordering::Relaxed);
+    }
+
+    /// Keys were imported through this instance: here and (through the store) on every other
+    /// instance, credentials that fail the checksum are looked up from now on, and unknown
+    /// hashes are forgotten, since one may be an imported key's.
+    pub fn imported_keys_added(&self) {
+        self.note_imported();
+        self.publish(Invalidation::Imported);
+    }
+
+    fn note_imported(&self) {
+        self.imported.store(true, Ordering::Relaxed);
+        // A read that began before must not put back a miss for an imported key's hash.
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.map.retain(|_, slot| matches!(slot, Slot::Found(_)));
+    }
+
+    fn since_born_ms(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// Drops what is cached for one credential hash, here and (through the store) on every
     /// other instance.
     pub fn invalidate(&self, hash: &KeyHash) {
@@ -315,7 +387,12 @@ impl KeyCache {
             InvalidationEvent::Invalidate(Invalidation::Key(hash)) => self.drop_key(hash),
             InvalidationEvent::Invalidate(Invalidation::Account(id)) => self.drop_account(id),
             InvalidationEvent::Invalidate(Invalidation::All) => self.drop_all(),
-            InvalidationEvent::Resync => self.expire_all(),
+            InvalidationEvent::Invalidate(Invalidation::Imported) => self.note_imported(),
+            InvalidationEvent::Resync => {
+                self.expire_all();
+                // An import announced while the channel was down was missed: read it again.
+                self.imported_due_ms.store(0, Ordering::Relaxed);
+            }
         }
     }
 
@@ -554,6 +631,13 @@ impl KeyCache {
                     .scopes
                     .as_ref()
                     .map(|s| Box::new(header_value(&s.join(" ")))),
+                // Checked as header-safe when stored; one edited behind the API's back that is
+                // not is left out rather than sent empty.
+                external_id: key
+                    .external_id
+                    .as_deref()
+                    .and_then(|id| HeaderValue::from_str(id).ok())
+                    .map(Box::new),
                 limits: self.limit_values(quotas, shared),
             },
             limiter: self.limits(&account_id, &key_id, quotas),

@@ -74,6 +74,7 @@ pub struct IdentityNames {
     scopes: HeaderName,
     /// `X-Tollgate-Cost` on an upstream's answer: the credits the request cost (contract 5a).
     cost: HeaderName,
+    external_id: HeaderName,
 }
 
 /// What the forwarded request needs to say about its client.
@@ -105,6 +106,7 @@ impl IdentityNames {
             key_type: name("Key-Type")?,
             scopes: name("Scopes")?,
             cost: name("Cost")?,
+            external_id: name("External-Id")?,
         })
     }
 
@@ -122,7 +124,7 @@ impl IdentityNames {
 /// Turns the client's request headers into the upstream's, in place: drops hop-by-hop headers
 /// (and those that `Connection` names), the credential, `Host` (the caller sets the
 /// upstream's) and any client-sent identity header; then adds X-Forwarded-* and, for a key, the
-/// identity headers. One pass over the names finds what to drop, so a request without such
+/// identity headers (`X-Tollgate-External-Id` only for a key that has one). One pass over the names finds what to drop, so a request without such
 /// headers costs no removal, and nothing is allocated but the `X-Forwarded-For` value.
 pub fn prepare_upstream_headers(
     headers: &mut HeaderMap,
@@ -196,6 +198,9 @@ pub fn prepare_upstream_headers(
         };
         headers.insert(names.key_type.clone(), key_type.clone());
         headers.insert(names.scopes.clone(), id.scopes_header().clone());
+        if let Some(external_id) = &id.external_id {
+            headers.insert(names.external_id.clone(), (**external_id).clone());
+        }
     }
 }
 

@@ -8,7 +8,9 @@
 //!  "scopes":["orders:read"],"iat":1765000000,"exp":1765000060}
 //! ```
 //!
-//! `scopes` is `["*"]` for a key with full access, as `X-Tollgate-Scopes` says `*`. `exp` is
+//! `scopes` is `["*"]` for a key with full access, as `X-Tollgate-Scopes` says `*`. A key with an
+//! `external_id` adds the claim `external_id` (after `scopes`); a key without one has no such
+//! claim. `exp` is
 //! `iat` plus `identity.signed_ttl` (60 s by default): a captured header is good for that long.
 //! The plain identity headers are still sent; the signed one is what to trust.
 //!
@@ -69,6 +71,7 @@ impl Signer {
                 .split(' ')
                 .filter(|s| !s.is_empty())
                 .collect(),
+            external_id: id.external_id.as_deref().and_then(|v| v.to_str().ok()),
             iat: now_secs,
             exp: now_secs + self.ttl_secs,
         };
@@ -107,6 +110,8 @@ struct Claims<'a> {
     key_id: &'a str,
     key_type: &'static str,
     scopes: Vec<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    external_id: Option<&'a str>,
     iat: u64,
     exp: u64,
 }

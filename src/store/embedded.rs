@@ -27,7 +27,7 @@
 //! | `usage_journal`  | sequence (`u64`)                  | one `add_usage` batch, packed | flushes not yet folded into the buckets ([`journal`]) |
 //! | `key_last_used`  | key id                            | ms (`i64`)                | last use of a key whose minute buckets were pruned         |
 //! | `usage_writers`  | batch writer (`u64`)              | (last seq applied, ms)    | [`Usage::add_usage`](crate::store::Usage::add_usage) applies each [`BatchId`] once; rows older than [`BATCH_MEMORY`] are dropped |
-//! | `meta`           | name (`str`)                      | bytes                     | singletons: `master_key_hash` (32 bytes), `key_names_folded` |
+//! | `meta`           | name (`str`)                      | bytes                     | singletons: `master_key_hash` (32 bytes), `key_names_folded`, `imported_keys` (LE `u64`: how many keys are imported) |
 //!
 //! Lists are sorted oldest first by `(created_at, id)`; the audit log is newest first by append
 //! order. The audit entry's `account_id` is not part of its serialized JSON (it is
@@ -74,6 +74,8 @@ const USAGE_WRITERS: TableDefinition<u64, (u64, i64)> = TableDefinition::new("us
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 const MASTER_KEY_HASH: &str = "master_key_hash";
+/// How many keys marked `imported` the store holds (LE `u64`; absent: none).
+const IMPORTED_KEYS: &str = "imported_keys";
 /// Set once `key_names` is keyed by [`key_name_index`] (see `fold_key_names`).
 const KEY_NAMES_FOLDED: &str = "key_names_folded";
 /// redb's page cache.

@@ -44,6 +44,7 @@
 //! | `tg:{_global}:accounts`              | set    | account ids                                     | —          | [`Records::list_accounts`](crate::store::Records::list_accounts) |
 //! | `tg:{_global}:audit`                 | list   | every audit JSON + `account_id`, newest first   | —          | [`AuditLog::list_audit`](crate::store::AuditLog::list_audit) over all accounts |
 //! | `tg:{_global}:master_key_hash`       | string | hex                                             | —          | the operator's master key hash |
+//! | `tg:{_global}:imported_keys`         | string | how many keys are marked `imported` (`INCRBY`)  | —          | [`Records::has_imported_keys`](crate::store::Records::has_imported_keys), fleet-wide; never below the truth |
 //! | `tg:{_usage}:owners:{m,h,d}`         | zset   | bucket index key → (at most) its lowest index   | —          | [`Usage::prune_usage`](crate::store::Usage::prune_usage) finds the owners of old buckets without a scan |
 //! | `tg:{_usage}:last_used`              | zset   | key id → last use (ms)                          | —          | `ZADD GT` keeps the maximum; `ZMSCORE` reads many in one call |
 //!
@@ -67,8 +68,10 @@
 //! | `list_accounts`, `list_keys` | 2 RT (ids, then records) | same (records of many slots concurrently) |
 //! | `lookup_key` | 2 RT: hash index, then key + account + sites in one `MULTI` | same |
 //! | `create_key` | 1 RT: one script checks name, id and hash and writes record, key ids, name and hash index | 2 RT: claim the hash index (`SET NX`), then the account-slot script; the claim is undone if the script refuses |
+//! | `create_keys` (a batch of one account's keys, all or none) | 2 RT: count imported keys up (`INCRBY`, when any), then one script checks every name, id and hash and writes them all; refused: the count back down | 3–4 RT: count up, claim every hash index (`SET NX`, all slots at once; `GET` the ones already set, which may be this batch's own retry), then the account-slot script; claims undone and count back down if either refuses |
+//! | `has_imported_keys` | 1 RT (`GET`) | same |
 //! | `update_key` | 1 RT, one script (name move + record) | same |
-//! | `delete_key` | 2 RT: script (record, name, key ids), then compare-and-delete of the hash index | same |
+//! | `delete_key` | 2 RT: script (record, name, key ids), then compare-and-delete of the hash index (and the imported count down, for an imported key) | same |
 //! | `delete_account` | 3 RT: read key ids; one script deletes account, keys, names, sites if the key ids are unchanged (else re-read); then hash indexes and list entry | same, the last step concurrently per slot |
 //! | `append_audit` | 2 RT: `GET` the chain head, then one script (account list, head, global list) if the head has not moved, else again from the head it answers | 3 RT: the same script without the global list, then the global list |
 //! | `audit_head`, `audit_chain_page` | 1 RT (`GET`; `LRANGE` counted from the tail) | same |

@@ -79,6 +79,13 @@ impl Records for ObservedStore {
     async fn create_key(&self, k: &KeyRecord) -> Result<(), StoreError> {
         self.inner.create_key(k).await
     }
+    async fn create_keys(&self, k: &[KeyRecord]) -> Result<(), StoreError> {
+        self.inner.create_keys(k).await
+    }
+    async fn has_imported_keys(&self) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.has_imported_keys().await
+    }
     async fn get_key(&self, a: &str, k: &str) -> Result<Option<KeyRecord>, StoreError> {
         self.inner.get_key(a, k).await
     }

@@ -2,7 +2,7 @@
 //! entry to it and moves the head in the same write transaction, so the chain is linear: redb
 //! runs one write transaction at a time.
 
-use redb::ReadableTable;
+use redb::{ReadableTable, WriteTransaction};
 
 use super::{db_err, decode, encode, get_json, EmbeddedStore, AUDIT, AUDIT_ACCOUNTS, AUDIT_HEADS};
 use crate::store::audit_chain::{self, ChainHead};
@@ -11,29 +11,16 @@ use crate::store::{AuditChainPage, AuditEntry, AuditLog, AuditPage, AuditQuery, 
 #[async_trait::async_trait]
 impl AuditLog for EmbeddedStore {
     async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
-        let mut entry = entry.clone();
-        (entry.prev_hash, entry.hash) = (None, None);
+        self.append_audits(std::slice::from_ref(entry)).await
+    }
+
+    /// One write transaction for all of them: one commit to wait for, not one per entry.
+    async fn append_audits(&self, entries: &[AuditEntry]) -> Result<(), StoreError> {
+        let entries = entries.to_vec();
         self.write(move |txn| {
-            let mut audit = txn.open_table(AUDIT).map_err(db_err)?;
-            let seq = match audit.last().map_err(db_err)? {
-                Some((key, _)) => key.value().saturating_add(1),
-                None => 0,
-            };
-            if let Some(account_id) = entry.account_id.clone() {
-                let mut heads = txn.open_table(AUDIT_HEADS).map_err(db_err)?;
-                let head: Option<ChainHead> =
-                    get_json(&heads, account_id.as_str(), "audit chain head")?;
-                let head = audit_chain::link(head.as_ref(), &mut entry);
-                heads
-                    .insert(account_id.as_str(), encode(&head)?.as_slice())
-                    .map_err(db_err)?;
-                let mut by_account = txn.open_table(AUDIT_ACCOUNTS).map_err(db_err)?;
-                by_account
-                    .insert((account_id.as_str(), seq), ())
-                    .map_err(db_err)?;
+            for entry in entries {
+                append(txn, entry)?;
             }
-            let bytes = encode_audit(&entry)?;
-            audit.insert(seq, bytes.as_slice()).map_err(db_err)?;
             Ok(())
         })
         .await
@@ -134,6 +121,32 @@ impl AuditLog for EmbeddedStore {
         })
         .await
     }
+}
+
+/// Appends `entry` as the log's next sequence number and, with an account, the next link of that
+/// account's chain (whatever links the caller set).
+fn append(txn: &WriteTransaction, mut entry: AuditEntry) -> Result<(), StoreError> {
+    (entry.prev_hash, entry.hash) = (None, None);
+    let mut audit = txn.open_table(AUDIT).map_err(db_err)?;
+    let seq = match audit.last().map_err(db_err)? {
+        Some((key, _)) => key.value().saturating_add(1),
+        None => 0,
+    };
+    if let Some(account_id) = entry.account_id.clone() {
+        let mut heads = txn.open_table(AUDIT_HEADS).map_err(db_err)?;
+        let head: Option<ChainHead> = get_json(&heads, account_id.as_str(), "audit chain head")?;
+        let head = audit_chain::link(head.as_ref(), &mut entry);
+        heads
+            .insert(account_id.as_str(), encode(&head)?.as_slice())
+            .map_err(db_err)?;
+        let mut by_account = txn.open_table(AUDIT_ACCOUNTS).map_err(db_err)?;
+        by_account
+            .insert((account_id.as_str(), seq), ())
+            .map_err(db_err)?;
+    }
+    let bytes = encode_audit(&entry)?;
+    audit.insert(seq, bytes.as_slice()).map_err(db_err)?;
+    Ok(())
 }
 
 /// The entry's JSON with its `account_id`, which the record's own serialization skips.

@@ -1,14 +1,15 @@
 //! [`Records`] on the embedded store: accounts, keys, sites and the master key's hash, each
 //! call one redb transaction. A write that may change what a lookup answers goes through
-//! `write_records`, which moves the store's revision on.
+//! `write_records`, which moves the store's revision on. The number of imported keys is kept in
+//! `meta` (`imported_keys`), moved in the transaction that creates or deletes them.
 
 use std::sync::atomic::Ordering;
 
 use redb::{ReadableTable, WriteTransaction};
 
 use super::{
-    db_err, decode, encode, get_json, EmbeddedStore, ACCOUNTS, ACCOUNT_KEYS, KEYS, KEY_HASHES,
-    KEY_NAMES, KEY_NAMES_FOLDED, MASTER_KEY_HASH, META, SITES,
+    db_err, decode, encode, get_json, EmbeddedStore, ACCOUNTS, ACCOUNT_KEYS, IMPORTED_KEYS, KEYS,
+    KEY_HASHES, KEY_NAMES, KEY_NAMES_FOLDED, MASTER_KEY_HASH, META, SITES,
 };
 use crate::credential::KeyHash;
 use crate::store::{
@@ -97,7 +98,7 @@ impl Records for EmbeddedStore {
             let mut keys = txn.open_table(KEYS).map_err(db_err)?;
             let mut hashes = txn.open_table(KEY_HASHES).map_err(db_err)?;
             let mut names = txn.open_table(KEY_NAMES).map_err(db_err)?;
-            let mut removed = Vec::with_capacity(key_ids.len());
+            let mut removed: Vec<KeyRecord> = Vec::with_capacity(key_ids.len());
             for key_id in &key_ids {
                 account_keys
                     .remove((id.as_str(), key_id.as_str()))
@@ -111,6 +112,8 @@ impl Records for EmbeddedStore {
                 removed.push(key);
             }
             removed.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+            let imported = removed.iter().filter(|k| k.imported).count();
+            count_imported(txn, -i64::try_from(imported).unwrap_or(i64::MAX))?;
 
             let mut sites = txn.open_table(SITES).map_err(db_err)?;
             let mut site_ids = Vec::new();
@@ -134,30 +137,20 @@ impl Records for EmbeddedStore {
 
     async fn create_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
         let key = key.clone();
-        self.write_records(move |txn| {
-            let mut names = txn.open_table(KEY_NAMES).map_err(db_err)?;
-            let folded = key_name_index(&key.name);
-            let name_key = (key.account_id.as_str(), folded.as_str());
-            if names.get(name_key).map_err(db_err)?.is_some() {
-                return Err(StoreError::NameTaken);
-            }
-            let mut keys = txn.open_table(KEYS).map_err(db_err)?;
-            let mut hashes = txn.open_table(KEY_HASHES).map_err(db_err)?;
-            if keys.get(key.id.as_str()).map_err(db_err)?.is_some()
-                || hashes.get(key.hash.0).map_err(db_err)?.is_some()
-            {
-                return Err(StoreError::AlreadyExists);
-            }
-            let bytes = encode(&key)?;
-            keys.insert(key.id.as_str(), bytes.as_slice())
-                .map_err(db_err)?;
-            hashes.insert(key.hash.0, key.id.as_str()).map_err(db_err)?;
-            names.insert(name_key, key.id.as_str()).map_err(db_err)?;
-            let mut account_keys = txn.open_table(ACCOUNT_KEYS).map_err(db_err)?;
-            account_keys
-                .insert((key.account_id.as_str(), key.id.as_str()), ())
-                .map_err(db_err)?;
-            Ok(())
+        self.write_records(move |txn| insert_keys(txn, std::slice::from_ref(&key)))
+            .await
+            .map_err(StoreError::unbatched)
+    }
+
+    async fn create_keys(&self, keys: &[KeyRecord]) -> Result<(), StoreError> {
+        let keys = keys.to_vec();
+        self.write_records(move |txn| insert_keys(txn, &keys)).await
+    }
+
+    async fn has_imported_keys(&self) -> Result<bool, StoreError> {
+        self.read(|txn| {
+            let meta = txn.open_table(META).map_err(db_err)?;
+            Ok(imported_count(&meta)? > 0)
         })
         .await
     }
@@ -201,8 +194,10 @@ impl Records for EmbeddedStore {
                 Some(old) if old.account_id == key.account_id => old,
                 _ => return Err(StoreError::NotFound),
             };
-            // The hash is immutable: keep the indexed one so that the hash index stays true.
+            // The hash is immutable: keep the indexed one so that the hash index stays true; so
+            // is `imported`, which the count of imported keys follows.
             key.hash = old.hash;
+            key.imported = old.imported;
             if old.name != key.name {
                 let mut names = txn.open_table(KEY_NAMES).map_err(db_err)?;
                 let folded = key_name_index(&key.name);
@@ -243,6 +238,9 @@ impl Records for EmbeddedStore {
             account_keys
                 .remove((account_id.as_str(), key_id.as_str()))
                 .map_err(db_err)?;
+            if key.imported {
+                count_imported(txn, -1)?;
+            }
             Ok(Some(key))
         })
         .await
@@ -382,6 +380,73 @@ fn account_key_ids(
         ids.push(key_id.to_owned());
     }
     Ok(ids)
+}
+
+/// Writes `keys` with their indexes in one transaction, each checked against what is stored
+/// and the entries before it; a conflict is [`StoreError::InBatch`] (`NameTaken` if its account
+/// has its name ignoring ASCII case, `AlreadyExists` if its id or hash is taken), and the
+/// caller's transaction is then aborted, so nothing is written. Counts the imported ones.
+fn insert_keys(txn: &WriteTransaction, keys: &[KeyRecord]) -> Result<(), StoreError> {
+    let mut names = txn.open_table(KEY_NAMES).map_err(db_err)?;
+    let mut records = txn.open_table(KEYS).map_err(db_err)?;
+    let mut hashes = txn.open_table(KEY_HASHES).map_err(db_err)?;
+    let mut account_keys = txn.open_table(ACCOUNT_KEYS).map_err(db_err)?;
+    for (index, key) in keys.iter().enumerate() {
+        let refused = |error| StoreError::InBatch {
+            index,
+            error: Box::new(error),
+        };
+        let folded = key_name_index(&key.name);
+        let name_key = (key.account_id.as_str(), folded.as_str());
+        if names.get(name_key).map_err(db_err)?.is_some() {
+            return Err(refused(StoreError::NameTaken));
+        }
+        if records.get(key.id.as_str()).map_err(db_err)?.is_some()
+            || hashes.get(key.hash.0).map_err(db_err)?.is_some()
+        {
+            return Err(refused(StoreError::AlreadyExists));
+        }
+        let bytes = encode(key)?;
+        records
+            .insert(key.id.as_str(), bytes.as_slice())
+            .map_err(db_err)?;
+        hashes.insert(key.hash.0, key.id.as_str()).map_err(db_err)?;
+        names.insert(name_key, key.id.as_str()).map_err(db_err)?;
+        account_keys
+            .insert((key.account_id.as_str(), key.id.as_str()), ())
+            .map_err(db_err)?;
+    }
+    let imported = keys.iter().filter(|k| k.imported).count();
+    count_imported(txn, i64::try_from(imported).unwrap_or(i64::MAX))
+}
+
+/// The number of imported keys, as `meta` holds it (none written yet: 0).
+fn imported_count(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<u64, StoreError> {
+    let Some(value) = meta.get(IMPORTED_KEYS).map_err(db_err)? else {
+        return Ok(0);
+    };
+    let bytes: [u8; 8] = value.value().try_into().map_err(|_| {
+        StoreError::Corrupt(format!(
+            "imported key count: expected 8 bytes, found {}",
+            value.value().len()
+        ))
+    })?;
+    Ok(u64::from_le_bytes(bytes))
+}
+
+/// Moves the number of imported keys by `delta`, within the transaction that creates or deletes
+/// them (never below 0).
+fn count_imported(txn: &WriteTransaction, delta: i64) -> Result<(), StoreError> {
+    if delta == 0 {
+        return Ok(());
+    }
+    let mut meta = txn.open_table(META).map_err(db_err)?;
+    let now = imported_count(&meta)?.saturating_add_signed(delta);
+    meta.insert(IMPORTED_KEYS, now.to_le_bytes().as_slice())
+        .map_err(db_err)?;
+    Ok(())
 }
 
 /// Removes a key's hash and name index entries, each only if it still points at this key.

@@ -23,6 +23,7 @@ impl Fleet for RedisStore {
             Invalidation::Key(hash) => format!("k:{}", hash.to_hex()),
             Invalidation::Account(id) => format!("a:{id}"),
             Invalidation::All => "*".to_owned(),
+            Invalidation::Imported => "i".to_owned(),
         };
         let _receivers: i64 = self
             .conn
@@ -109,10 +110,13 @@ async fn subscribe(url: &str) -> Result<::redis::aio::PubSub, ::redis::RedisErro
     Ok(pubsub)
 }
 
-/// `k:<hex hash>`, `a:<account id>` or `*`.
+/// `k:<hex hash>`, `a:<account id>`, `*` or `i` (keys imported). An instance of an older version
+/// ignores a payload it does not know, such as `i`: it learns of imported keys by its cache ttl.
 fn parse(payload: &str) -> Option<Invalidation> {
-    if payload == "*" {
-        return Some(Invalidation::All);
+    match payload {
+        "*" => return Some(Invalidation::All),
+        "i" => return Some(Invalidation::Imported),
+        _ => {}
     }
     if let Some(hex) = payload.strip_prefix("k:") {
         return KeyHash::from_hex(hex).map(Invalidation::Key);
@@ -138,6 +142,7 @@ mod tests {
             Some(Invalidation::Account("acc_1".into()))
         );
         assert_eq!(parse("*"), Some(Invalidation::All));
+        assert_eq!(parse("i"), Some(Invalidation::Imported));
         assert_eq!(parse("k:zz"), None);
         assert_eq!(parse("nonsense"), None);
     }

@@ -129,6 +129,11 @@ pub(super) fn master_key_hash() -> String {
     format!("tg:{{{GLOBAL}}}:master_key_hash")
 }
 
+/// How many keys marked `imported` the store holds (a counter: `INCRBY`/`DECRBY`).
+pub(super) fn imported_keys() -> String {
+    format!("tg:{{{GLOBAL}}}:imported_keys")
+}
+
 /// Bucket indexes holding buckets of one granularity (members), each scored with (at most) its
 /// lowest bucket index, so that pruning finds the owners of old buckets without a scan.
 pub(super) fn owners(granularity: Granularity) -> String {

@@ -1,5 +1,10 @@
 //! [`Records`] on Redis: accounts, keys, sites and the master key's hash. How each method maps
 //! to round trips and what a cluster cannot make atomic is in the tables of [`super`].
+//!
+//! The number of imported keys (`tg:{_global}:imported_keys`) lives in another slot than the
+//! keys, so it moves in a step of its own, ordered so that it is never below the truth: up
+//! before imported keys are written (and down again if the write is refused), down only after
+//! they are deleted.
 
 use ::redis::Value;
 
@@ -132,11 +137,8 @@ impl Records for RedisStore {
                         .map(|j| from_json::<KeyRecord>(j, "key"))
                         .collect::<Result<Vec<_>, _>>()?;
                     removed.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-                    self.drop_hash_indexes(
-                        &removed,
-                        Some((GLOBAL, cmd!("SREM", keys::accounts(), id))),
-                    )
-                    .await;
+                    self.drop_hash_indexes(&removed, Some(cmd!("SREM", keys::accounts(), id)))
+                        .await;
                     return Ok(removed);
                 }
                 Some((status, _)) if status == "not_found" => return Err(StoreError::NotFound),
@@ -150,6 +152,13 @@ impl Records for RedisStore {
     }
 
     async fn create_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
+        if key.imported {
+            // Counted with the batch's bookkeeping.
+            return self
+                .create_keys(std::slice::from_ref(key))
+                .await
+                .map_err(StoreError::unbatched);
+        }
         let json = to_json(key)?;
         let hex = key.hash.to_hex();
         let index = keys::hash_index(&hex);
@@ -211,6 +220,30 @@ impl Records for RedisStore {
                 .await?;
         }
         Err(refusal)
+    }
+
+    async fn create_keys(&self, keys: &[KeyRecord]) -> Result<(), StoreError> {
+        let Some(first) = keys.first() else {
+            return Ok(());
+        };
+        let account_id = first.account_id.as_str();
+        debug_assert!(keys.iter().all(|k| k.account_id == account_id));
+        let imported = i64::try_from(keys.iter().filter(|k| k.imported).count()).unwrap_or(0);
+        self.count_imported(imported).await?;
+        let result = self.write_batch(account_id, keys).await;
+        if matches!(result, Err(StoreError::InBatch { .. })) {
+            // Refused, so nothing was written: take the count back down. A failure to is only
+            // an over-count, which costs malformed credentials a cached lookup.
+            if let Err(e) = self.count_imported(-imported).await {
+                tracing::warn!(error = %e, "redis store: imported key count left too high");
+            }
+        }
+        result
+    }
+
+    async fn has_imported_keys(&self) -> Result<bool, StoreError> {
+        let count: Option<i64> = self.conn.query(&cmd!("GET", keys::imported_keys())).await?;
+        Ok(count.is_some_and(|n| n > 0))
     }
 
     async fn get_key(
@@ -381,10 +414,127 @@ impl RedisStore {
         Ok((exists, ids))
     }
 
-    /// Removes hash index entries that still point at these keys; after the records are gone,
-    /// so a failure here leaves only entries that lookups ignore (and it is logged, not
-    /// returned: the deletion did happen).
-    async fn drop_hash_indexes(&self, removed: &[KeyRecord], also: Option<(&str, ::redis::Cmd)>) {
+    /// Writes one account's keys, all or none: on a single server one script checks and writes
+    /// them with their hash indexes; on a cluster, where each hash index has its own slot, the
+    /// hashes are claimed first (`SET NX`, all slots at once), then the account's script runs,
+    /// and the claims are undone if either step refuses.
+    async fn write_batch(&self, account_id: &str, keys: &[KeyRecord]) -> Result<(), StoreError> {
+        let mut script_keys = vec![keys::key_ids(account_id), keys::names(account_id)];
+        let stride = if self.conn.is_cluster() { 1 } else { 2 };
+        let mut args = vec![stride.to_string()];
+        let mut indexes = Vec::with_capacity(keys.len());
+        for key in keys {
+            let hex = key.hash.to_hex();
+            let owner = hash_owner(&key.account_id, &key.id);
+            script_keys.push(keys::key(account_id, &key.id));
+            if stride == 2 {
+                script_keys.push(keys::hash_index(&hex));
+            }
+            indexes.push((hex.clone(), owner.clone()));
+            args.extend([key.id.clone(), key.name.clone(), to_json(key)?, hex, owner]);
+        }
+        let claimed = if self.conn.is_cluster() {
+            self.claim_hashes(&indexes).await?
+        } else {
+            Vec::new()
+        };
+        let reply: Vec<String> = self
+            .conn
+            .query(&eval(&scripts::create_keys(), &script_keys, &args))
+            .await?;
+        let refusal = match reply.as_slice() {
+            [status] if status == "ok" => return Ok(()),
+            [status, i] => {
+                let error = match status.as_str() {
+                    "name_taken" => StoreError::NameTaken,
+                    "exists" => StoreError::AlreadyExists,
+                    _ => return Err(unexpected("create_keys", &reply)),
+                };
+                let index = i.parse::<usize>().ok().and_then(|i| i.checked_sub(1));
+                let index = index.ok_or_else(|| unexpected("create_keys", &reply))?;
+                StoreError::InBatch {
+                    index,
+                    error: Box::new(error),
+                }
+            }
+            _ => return Err(unexpected("create_keys", &reply)),
+        };
+        self.release_claims(&indexes, &claimed).await?;
+        Err(refusal)
+    }
+
+    /// Claims each hash index for its key (`SET NX`), all slots at once: the positions this call
+    /// claimed, or, when another key holds one, `InBatch` `AlreadyExists` for the first such
+    /// entry after the claims made are undone. An entry already holding this very key (a retry
+    /// whose answer was lost) counts as held, not claimed.
+    async fn claim_hashes(&self, indexes: &[(String, String)]) -> Result<Vec<usize>, StoreError> {
+        let mut batch = Batch::read();
+        for (hex, owner) in indexes {
+            batch.add(hex, cmd!("SET", keys::hash_index(hex), owner, "NX"));
+        }
+        let answers = self.conn.run(batch).await?;
+        let mut claimed = Vec::new();
+        let mut held = Vec::new();
+        for (position, answer) in answers.into_iter().enumerate() {
+            match answer {
+                Value::Nil => held.push(position),
+                _ => claimed.push(position),
+            }
+        }
+        let mut batch = Batch::read();
+        for &position in &held {
+            let hex = &indexes[position].0;
+            batch.add(hex, cmd!("GET", keys::hash_index(hex)));
+        }
+        let owners = self.conn.run(batch).await?;
+        let foreign = held.iter().zip(owners).find_map(|(&position, value)| {
+            let owner = decode::<Option<String>>(value).ok().flatten();
+            (owner.as_deref() != Some(indexes[position].1.as_str())).then_some(position)
+        });
+        let Some(index) = foreign else {
+            return Ok(claimed);
+        };
+        self.release_claims(indexes, &claimed).await?;
+        Err(StoreError::InBatch {
+            index,
+            error: Box::new(StoreError::AlreadyExists),
+        })
+    }
+
+    /// Undoes the claims at `positions` that still hold their key.
+    async fn release_claims(
+        &self,
+        indexes: &[(String, String)],
+        positions: &[usize],
+    ) -> Result<(), StoreError> {
+        let mut batch = Batch::read();
+        for &position in positions {
+            let (hex, owner) = &indexes[position];
+            batch.add(
+                hex,
+                eval(scripts::DELETE_IF_EQUAL, &[keys::hash_index(hex)], &[owner]),
+            );
+        }
+        self.conn.run(batch).await?;
+        Ok(())
+    }
+
+    /// Moves the count of imported keys by `delta` (none for 0).
+    async fn count_imported(&self, delta: i64) -> Result<(), StoreError> {
+        if delta != 0 {
+            let _: i64 = self
+                .conn
+                .query(&cmd!("INCRBY", keys::imported_keys(), delta))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Removes hash index entries that still point at these keys, and counts the imported ones
+    /// out; after the records are gone, so a failure here leaves only entries that lookups
+    /// ignore and a count too high (and it is logged, not returned: the deletion did happen).
+    /// `also` is one more command of the `_global` slot.
+    async fn drop_hash_indexes(&self, removed: &[KeyRecord], also: Option<::redis::Cmd>) {
         let mut batch = Batch::atomic();
         for key in removed {
             let hex = key.hash.to_hex();
@@ -397,8 +547,13 @@ impl RedisStore {
                 ),
             );
         }
-        if let Some((tag, cmd)) = also {
-            batch.add(tag, cmd);
+        let imported = removed.iter().filter(|k| k.imported).count();
+        if imported > 0 {
+            let delta = -i64::try_from(imported).unwrap_or(i64::MAX);
+            batch.add(GLOBAL, cmd!("INCRBY", keys::imported_keys(), delta));
+        }
+        if let Some(cmd) = also {
+            batch.add(GLOBAL, cmd);
         }
         if batch.is_empty() {
             return;

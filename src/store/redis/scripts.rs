@@ -49,6 +49,45 @@ if KEYS[4] then redis.call('SET', KEYS[4], ARGV[5]) end
 return 'ok'
 "#;
 
+/// Creates all of a batch of one account's keys or none: every entry's name (ignoring ASCII
+/// case), id and (with stride 2) hash is checked, against the store and the entries before it,
+/// before anything is written.
+///
+/// `KEYS`: the account's key ids, the account's names, then per key its record and, with stride
+/// 2 (a single server), its hash index. `ARGV`: the stride, then per key: key id, name, key JSON,
+/// hash (hex), hash index value. Returns `{ok}`, or `{name_taken, i}` / `{exists, i}` for the
+/// first entry refused (`i` from 1).
+pub(super) fn create_keys() -> String {
+    format!("{FOLD_NAMES}{CREATE_KEYS}")
+}
+
+const CREATE_KEYS: &str = r#"
+fold_names(KEYS[2])
+local stride = tonumber(ARGV[1])
+local n = (#ARGV - 1) / 5
+local names, ids, hashes = {}, {}, {}
+for i = 1, n do
+  local a, k = 1 + (i - 1) * 5, 2 + (i - 1) * stride
+  local folded = string.lower(ARGV[a + 2])
+  if names[folded] or redis.call('HEXISTS', KEYS[2], folded) == 1 then
+    return {'name_taken', tostring(i)}
+  end
+  if ids[ARGV[a + 1]] or hashes[ARGV[a + 4]] or redis.call('EXISTS', KEYS[k + 1]) == 1 then
+    return {'exists', tostring(i)}
+  end
+  if stride == 2 and redis.call('EXISTS', KEYS[k + 2]) == 1 then return {'exists', tostring(i)} end
+  names[folded], ids[ARGV[a + 1]], hashes[ARGV[a + 4]] = true, true, true
+end
+for i = 1, n do
+  local a, k = 1 + (i - 1) * 5, 2 + (i - 1) * stride
+  redis.call('HSET', KEYS[k + 1], 'json', ARGV[a + 3], 'name', ARGV[a + 2], 'hash', ARGV[a + 4])
+  redis.call('SADD', KEYS[1], ARGV[a + 1])
+  redis.call('HSET', KEYS[2], string.lower(ARGV[a + 2]), ARGV[a + 1])
+  if stride == 2 then redis.call('SET', KEYS[k + 2], ARGV[a + 5]) end
+end
+return {'ok'}
+"#;
+
 /// Replaces a key record, moving its name in the account's names (keyed ignoring ASCII case; a
 /// key may change the case of its own name).
 ///

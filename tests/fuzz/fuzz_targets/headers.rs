@@ -105,6 +105,7 @@ fn check(case: Case) {
         key_id: HeaderValue::from_static("key_1"),
         key_type: KeyType::Secret,
         scopes: None,
+        external_id: Some(Box::new(HeaderValue::from_static("user 42"))),
         limits: Arc::new(LimitValues::default()),
     };
     let before = headers.clone();
@@ -122,7 +123,7 @@ fn check(case: Case) {
         identity.then_some(&identity_values),
     );
 
-    let ours: Vec<String> = ["Account-Id", "Key-Id", "Key-Type", "Scopes"]
+    let ours: Vec<String> = ["Account-Id", "Key-Id", "Key-Type", "Scopes", "External-Id"]
         .iter()
         .map(|s| format!("{prefix}{s}").to_ascii_lowercase())
         .collect();
