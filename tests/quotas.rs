@@ -5,6 +5,8 @@
 //! on port 0; the fleet-wide credit tests are in `fleet.rs`.
 
 mod common;
+#[path = "common/redis.rs"]
+mod redis_harness;
 
 use std::time::Duration;
 
@@ -100,6 +102,22 @@ async fn a_shadow_key_is_never_refused_for_its_limits_and_can_be_switched_off() 
         .routes(routes(&upstream))
         .start()
         .await;
+    shadow_key(&gw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_redis_a_shadow_key_is_never_refused_for_its_limits() {
+    let redis = redis_harness::RedisServer::start();
+    let upstream = Upstream::start().await;
+    let gw = Gateway::builder(&upstream)
+        .routes(routes(&upstream))
+        .redis(&redis.url())
+        .start()
+        .await;
+    shadow_key(&gw).await;
+}
+
+async fn shadow_key(gw: &Gateway) {
     let account = gw.create_account(json!({ "name": "acme" })).await;
     let (status, created) = gw
         .admin(
@@ -120,7 +138,7 @@ async fn a_shadow_key_is_never_refused_for_its_limits_and_can_be_switched_off() 
         assert_eq!(passed.status(), StatusCode::OK);
         expect_echo(passed).await;
     }
-    assert_eq!(rate_limited(&gw, "minute", "true").await, 2.0);
+    assert_eq!(rate_limited(gw, "minute", "true").await, 2.0);
 
     let (status, patched) = gw
         .admin(
@@ -252,6 +270,22 @@ async fn credits_are_spent_by_route_cost_and_refused_when_used_up() {
         .routes(routes(&upstream))
         .start()
         .await;
+    credits_spent_and_refused(&gw, &upstream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_redis_credits_are_spent_by_route_cost_and_refused_when_used_up() {
+    let redis = redis_harness::RedisServer::start();
+    let upstream = Upstream::start().await;
+    let gw = Gateway::builder(&upstream)
+        .routes(routes(&upstream))
+        .redis(&redis.url())
+        .start()
+        .await;
+    credits_spent_and_refused(&gw, &upstream).await;
+}
+
+async fn credits_spent_and_refused(gw: &Gateway, upstream: &Upstream) {
     let account = gw.create_account(json!({ "name": "acme" })).await;
     let (status, created) = gw
         .admin(
@@ -294,7 +328,7 @@ async fn credits_are_spent_by_route_cost_and_refused_when_used_up() {
     expect_echo(gw.get_with_key(&client, "/x", &key).await).await;
     let used_up = gw.get_with_key(&client, "/x", &key).await;
     expect_refusal(used_up, StatusCode::TOO_MANY_REQUESTS, "usage_exceeded").await;
-    remaining_becomes(&gw, &account, &key_id, 0).await;
+    remaining_becomes(gw, &account, &key_id, 0).await;
     let usage_exceeded = gw
         .metric(
             "tollgate_requests_total",

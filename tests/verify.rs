@@ -4,6 +4,8 @@
 //! `credential_states.rs`. Every test starts its own upstream and gateway on port 0.
 
 mod common;
+#[path = "common/redis.rs"]
+mod redis_harness;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -51,6 +53,21 @@ fn checks(verdict: &Value) -> Vec<(String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_valid_key_is_verified_on_the_proxys_buckets_and_explained() {
     let (_up, gw) = start().await;
+    verified_on_the_proxys_buckets(&gw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_redis_a_valid_key_is_verified_on_the_proxys_buckets_and_explained() {
+    let redis = redis_harness::RedisServer::start();
+    let upstream = Upstream::start().await;
+    let gw = Gateway::builder(&upstream)
+        .redis(&redis.url())
+        .start()
+        .await;
+    verified_on_the_proxys_buckets(&gw).await;
+}
+
+async fn verified_on_the_proxys_buckets(gw: &Gateway) {
     let account = gw.create_account(json!({ "name": "acme" })).await;
     let (key_id, key) = gw
         .create_key(
@@ -64,7 +81,7 @@ async fn a_valid_key_is_verified_on_the_proxys_buckets_and_explained() {
             }),
         )
         .await;
-    let verdict = verify_as(&gw, &gw.master, json!({ "key": key, "explain": true })).await;
+    let verdict = verify_as(gw, &gw.master, json!({ "key": key, "explain": true })).await;
     assert_eq!(verdict["valid"], true, "{verdict}");
     assert_eq!(verdict["code"], "valid");
     assert_eq!(verdict["account_id"], account.as_str());
@@ -106,7 +123,7 @@ async fn a_valid_key_is_verified_on_the_proxys_buckets_and_explained() {
         "{verdict}"
     );
     // Cached now: the lookup was answered from memory, and the format check skipped.
-    let again = verify_as(&gw, &gw.master, json!({ "key": key, "explain": true })).await;
+    let again = verify_as(gw, &gw.master, json!({ "key": key, "explain": true })).await;
     assert_eq!(again["checks"][0]["check"], "lookup");
     assert_eq!(again["checks"][0]["detail"]["answered_by"], "memory");
     // The proxy and verify draw from one set of buckets: the minute's 2 are spent.
@@ -117,7 +134,7 @@ async fn a_valid_key_is_verified_on_the_proxys_buckets_and_explained() {
         .await
         .expect("proxy");
     expect_refusal(refused, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
-    let limited = verify_as(&gw, &gw.master, json!({ "key": key, "explain": true })).await;
+    let limited = verify_as(gw, &gw.master, json!({ "key": key, "explain": true })).await;
     assert_eq!(
         (limited["valid"].clone(), limited["code"].clone()),
         (json!(false), json!("rate_limited"))
