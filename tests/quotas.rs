@@ -379,6 +379,24 @@ async fn credits_spent_and_refused(gw: &Gateway, upstream: &Upstream) {
         .admin(Method::PATCH, &path, Some(json!({ "remaining": 0 })))
         .await;
     assert_eq!(limited["remaining"], 0);
+    // Every change is audited, the credit changes too.
+    let (_, audit) = gw
+        .admin(
+            Method::GET,
+            &format!("/v1/accounts/{account}/audit?action=update_key"),
+            None,
+        )
+        .await;
+    let changes: Vec<Value> = audit["logs"]
+        .as_array()
+        .expect("logs")
+        .iter()
+        .map(|e| e["detail"].clone())
+        .collect();
+    assert_eq!(changes.len(), 4, "{audit}");
+    assert_eq!(changes[0]["changed"], json!(["remaining"]));
+    assert_eq!(changes[1]["changed"], json!(["remaining"]));
+    assert_eq!(changes[2]["credits"], json!({ "set": 1, "add": null }));
     let used_up = gw.get_with_key(&client, "/x", &key).await;
     expect_refusal(used_up, StatusCode::TOO_MANY_REQUESTS, "usage_exceeded").await;
 

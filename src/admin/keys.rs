@@ -285,15 +285,14 @@ pub(crate) async fn update(
         if changed.is_empty() {
             return Ok(Json(credits::view(&state, key).await?));
         }
-        if changed.iter().all(|c| ["remaining", "refill"].contains(c)) && pool == key.credit_pool {
-            // Only the counter changed: the record stays as it is.
-            drop(_lock);
-            state.cache.invalidate(&key.hash);
-            return Ok(Json(credits::view(&state, key).await?));
+        // Only the credit counter changed: the record stays as it is (and is still audited).
+        let counter_only =
+            changed.iter().all(|c| ["remaining", "refill"].contains(c)) && pool == key.credit_pool;
+        if !counter_only {
+            after.write_to(&mut key);
+            key.updated_at = Utc::now();
+            state.store.update_key(&key).await?;
         }
-        after.write_to(&mut key);
-        key.updated_at = Utc::now();
-        state.store.update_key(&key).await?;
         (key, changed)
     };
     state.cache.invalidate(&key.hash);
