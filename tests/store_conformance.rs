@@ -2015,6 +2015,20 @@ async fn take_tokens_never_pass_the_limit(store: Arc<dyn LimitBuckets>) {
         .unwrap();
     assert_eq!((next[0].granted, next[0].total), (3, 3));
     assert_eq!((next[1].granted, next[1].total), (2, 2));
+
+    // An account's shared buckets are counters under its id (`shared_rate_limit`), apart from
+    // its keys' own.
+    let account = format!("acc_{}", unique());
+    let shared = store
+        .take_tokens(&account, &account, &[take(8, 5)])
+        .await
+        .unwrap();
+    assert_eq!((shared[0].granted, shared[0].total), (5, 5));
+    let own = store
+        .take_tokens(&account, &key, &[take(8, 1)])
+        .await
+        .unwrap();
+    assert_eq!((own[0].granted, own[0].total), (1, 4));
 }
 
 /// Two instances (two connections, each with its own in-process turns) appending to one account
