@@ -84,6 +84,16 @@ pub struct CreditGrant {
     pub refill_at_ms: Option<i64>,
 }
 
+impl CreditGrant {
+    /// What a key without a counter is granted: nothing.
+    pub const NOTHING: CreditGrant = CreditGrant {
+        granted: 0,
+        epoch: 0,
+        remaining: 0,
+        refill_at_ms: None,
+    };
+}
+
 /// A change made through the admin API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CreditChange {

@@ -60,12 +60,7 @@ impl Credits for EmbeddedStore {
         let instance = instance.to_owned();
         self.with_counter(key_id, move |counter| match counter {
             Some(c) => c.take(&instance, epoch, spent, want, now_ms),
-            None => CreditGrant {
-                granted: 0,
-                epoch: 0,
-                remaining: 0,
-                refill_at_ms: None,
-            },
+            None => CreditGrant::NOTHING,
         })
         .await
     }

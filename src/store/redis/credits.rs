@@ -73,12 +73,7 @@ impl Credits for RedisStore {
     ) -> Result<CreditGrant, StoreError> {
         with_counter(&self.hot, key_id, |counter| match counter {
             Some(c) => c.take(instance, epoch, spent, want, now_ms),
-            None => CreditGrant {
-                granted: 0,
-                epoch: 0,
-                remaining: 0,
-                refill_at_ms: None,
-            },
+            None => CreditGrant::NOTHING,
         })
         .await
     }
