@@ -3,14 +3,17 @@
 //! ([`crate::store::credits`]) keeps the fleet exact.
 //!
 //! A key's [`CreditLease`] holds the credits this instance was granted and has not spent
-//! (`tokens`), and what it spent since it last told the store (`spent`). A request whose cost
-//! fits in `tokens` spends synchronously; one that does not waits for [`CreditLease::take`],
-//! which reports `spent` and asks for enough for this request and a lease beyond it (a
-//! twentieth of what was left, 1 to 1 000). A lease idle for [`IDLE_MS`] is handed back
-//! ([`CreditLeases::give_back_idle`], every second), as are all of them at shutdown, so the
-//! store's figure is exact once traffic stops. An upstream that declares a cost
-//! (`X-Tollgate-Cost`) has the difference settled on the lease ([`CreditLease::adjust`]): what
-//! it costs beyond the lease is reported as spent and comes off the balance, never below 0.
+//! (`tokens`), and its running totals for the store's epoch: received, spent, handed back. A
+//! request whose cost fits in `tokens` spends synchronously; one that does not waits for
+//! [`CreditLease::take`], which reports the totals and asks for enough for this request and a
+//! lease beyond it (a twentieth of what was left, 1 to 1 000). Totals make every call
+//! idempotent (`store::credits`): a call that failed, or whose answer was lost, changes
+//! nothing here, and the next call carries what it carried. A lease idle for [`IDLE_MS`] is
+//! handed back ([`CreditLeases::give_back_idle`], every second), as are all of them at
+//! shutdown, so the store's figure is exact once traffic stops. An upstream that declares a
+//! cost (`X-Tollgate-Cost`) has the difference settled on the lease ([`CreditLease::adjust`]):
+//! what it costs beyond the lease is spent all the same and comes off the balance (never below
+//! 0), what it costs less is handed back.
 //!
 //! Overspend, across a fleet: a credit is granted once (the store's counter is changed
 //! atomically); an instance that dies has its outstanding lease returned after
@@ -27,10 +30,15 @@ use parking_lot::Mutex;
 
 use crate::config::OnStoreError;
 use crate::metrics::{Metrics, StoreCalls};
+use crate::store::credits::Totals;
 use crate::store::Credits;
 
 /// A lease unused this long is handed back.
 pub const IDLE_MS: i64 = 1_000;
+
+/// The longest a request waits for a take, whatever the store does (each store call has its own
+/// deadline too; this bounds a compare-and-set that keeps losing to other instances).
+const TAKE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// After the store had nothing to grant, this instance asks again at most this often (a client
 /// hammering a key without credits costs the store one call a second).
@@ -61,12 +69,12 @@ pub struct CreditLease {
 
 #[derive(Debug, Default)]
 struct LeaseState {
-    /// The store's epoch the tokens belong to.
-    epoch: u64,
+    /// The running totals of the store's epoch that the tokens belong to.
+    totals: Totals,
+    /// `spent`, `returned` and `refunded` of the totals as the store last acknowledged them.
+    reported: (i64, i64, i64),
     /// Granted, not spent.
     tokens: i64,
-    /// Spent since the last report (may pass what was granted: an upstream's declared cost).
-    spent: i64,
     /// The key's credits as the store last said.
     remaining: i64,
     /// The next refill (ms); the tokens are void from then on.
@@ -135,10 +143,8 @@ impl CreditLeases {
                 lease.give_back(now_ms).await;
             }
         }
-        self.by_key.retain(|_, lease| {
-            let state = lease.state.lock();
-            Arc::strong_count(lease) > 1 || state.tokens != 0 || state.spent != 0
-        });
+        self.by_key
+            .retain(|_, lease| Arc::strong_count(lease) > 1 || !lease.settled());
     }
 }
 
@@ -156,7 +162,7 @@ impl CreditLease {
         state.expire(now_ms);
         if state.tokens >= cost {
             state.tokens -= cost;
-            state.spent += cost;
+            state.totals.spent += cost;
             return Ok(());
         }
         if state.empty_until_ms > now_ms {
@@ -176,31 +182,44 @@ impl CreditLease {
             done => return done,
         }
         let cost = i64::from(cost);
-        let (epoch, spent, want) = {
-            let mut state = self.state.lock();
+        let (totals, want) = {
+            let state = self.state.lock();
             let lease = (state.remaining / 20).clamp(1, 1_000);
-            let want = (cost - state.tokens).max(0) + lease;
-            (state.epoch, std::mem::take(&mut state.spent), want)
+            (state.totals, (cost - state.tokens).max(0) + lease)
         };
         let shared = &self.shared;
-        let grant = shared
+        let take = shared
             .store
-            .take_credits(&self.key_id, &shared.instance, epoch, spent, want, now_ms)
-            .await;
+            .take_credits(&self.key_id, &shared.instance, totals, want, now_ms);
+        let grant = match tokio::time::timeout(TAKE_DEADLINE, take).await {
+            Ok(grant) => grant,
+            Err(_) => Err(crate::store::StoreError::Unavailable(format!(
+                "no credits granted within {TAKE_DEADLINE:?}"
+            ))),
+        };
         let mut state = self.state.lock();
         match grant {
             Ok(grant) => {
                 shared.calls.succeeded();
-                if grant.epoch != state.epoch {
-                    state.tokens = 0;
+                if grant.epoch == state.totals.epoch {
+                    state.reported = (totals.spent, totals.returned, totals.refunded);
+                } else {
+                    // A refill or a `set`: what this instance held and spent is void.
+                    *state = LeaseState {
+                        totals: Totals {
+                            epoch: grant.epoch,
+                            ..Totals::default()
+                        },
+                        ..LeaseState::default()
+                    };
                 }
-                state.epoch = grant.epoch;
                 state.tokens += grant.granted;
+                state.totals.received = grant.received;
                 state.remaining = grant.remaining;
                 state.refill_at_ms = grant.refill_at_ms;
                 if state.tokens >= cost {
                     state.tokens -= cost;
-                    state.spent += cost;
+                    state.totals.spent += cost;
                     Ok(())
                 } else {
                     state.empty_until_ms = now_ms + EMPTY_RECHECK_MS;
@@ -210,7 +229,6 @@ impl CreditLease {
                 }
             }
             Err(e) => {
-                state.spent += spent;
                 shared.calls.failed(
                     &e,
                     match shared.on_store_error {
@@ -219,10 +237,10 @@ impl CreditLease {
                     },
                 );
                 match shared.on_store_error {
-                    // Spent on trust: reported as spent with the next take, and taken off the
-                    // balance then (never below 0).
+                    // Spent on trust: the next report carries it, and what passes the grants
+                    // comes off the balance then (never below 0).
                     OnStoreError::FailOpen => {
-                        state.spent += cost;
+                        state.totals.spent += cost;
                         Ok(())
                     }
                     OnStoreError::FailClosed => Err(Shortfall::StoreDown),
@@ -239,57 +257,60 @@ impl CreditLease {
         if declared > charged {
             let extra = declared - charged;
             state.tokens -= extra.min(state.tokens);
-            state.spent += extra;
+            state.totals.spent += extra;
         } else {
-            let refund = (charged - declared).min(state.spent);
+            // Totals only grow: what it cost less is counted as refunded, back in the lease.
+            let refund = charged - declared;
             state.tokens += refund;
-            state.spent -= refund;
+            state.totals.refunded += refund;
         }
     }
 
     /// The key's credits as this instance last heard, less what it spent since.
     pub fn remaining(&self) -> i64 {
         let state = self.state.lock();
-        (state.remaining - state.spent).max(0)
+        let net = |spent: i64, refunded: i64| spent - refunded;
+        let since = net(state.totals.spent, state.totals.refunded)
+            - net(state.reported.0, state.reported.2);
+        (state.remaining - since).max(0)
     }
 
-    /// Hands back the unspent tokens and reports what was spent; on failure they stay here.
+    /// Hands back the unspent tokens and reports the totals. A failure changes nothing: the
+    /// totals already say the tokens were handed back, and the next call carries them.
     async fn give_back(&self, now_ms: i64) {
-        let (epoch, spent, unspent) = {
+        let totals = {
             let mut state = self.state.lock();
-            if state.tokens == 0 && state.spent == 0 {
+            if state.tokens == 0 && !state.unreported() {
                 return;
             }
-            let out = (state.epoch, state.spent, state.tokens);
-            state.spent = 0;
-            state.tokens = 0;
-            out
+            let tokens = std::mem::take(&mut state.tokens);
+            state.totals.returned += tokens;
+            state.totals
         };
         let shared = &self.shared;
         match shared
             .store
-            .give_back_credits(
-                &self.key_id,
-                &shared.instance,
-                epoch,
-                spent,
-                unspent,
-                now_ms,
-            )
+            .give_back_credits(&self.key_id, &shared.instance, totals, now_ms)
             .await
         {
-            Ok(()) => shared.calls.succeeded(),
-            Err(e) => {
-                shared
-                    .calls
-                    .failed(&e, "unspent credits stay leased until the store answers");
+            Ok(()) => {
+                shared.calls.succeeded();
                 let mut state = self.state.lock();
-                if state.epoch == epoch {
-                    state.spent += spent;
-                    state.tokens += unspent;
+                if state.totals.epoch == totals.epoch {
+                    state.reported = (totals.spent, totals.returned, totals.refunded);
                 }
             }
+            Err(e) => shared.calls.failed(
+                &e,
+                "credits are handed back with the next call that succeeds",
+            ),
         }
+    }
+
+    /// Whether nothing is held or unreported (the lease can be forgotten).
+    fn settled(&self) -> bool {
+        let state = self.state.lock();
+        state.tokens == 0 && !state.unreported()
     }
 }
 
@@ -299,11 +320,23 @@ impl LeaseState {
     /// Past the refill the tokens belong to the old period: void.
     fn expire(&mut self, now_ms: i64) {
         if self.refill_at_ms.is_some_and(|at| now_ms >= at) {
-            self.tokens = 0;
-            self.spent = 0;
-            self.refill_at_ms = None;
-            self.empty_until_ms = 0;
+            *self = LeaseState {
+                totals: Totals {
+                    epoch: self.totals.epoch,
+                    ..Totals::default()
+                },
+                ..LeaseState::default()
+            };
         }
+    }
+
+    /// Spent or handed back since the store last acknowledged it.
+    fn unreported(&self) -> bool {
+        (
+            self.totals.spent,
+            self.totals.returned,
+            self.totals.refunded,
+        ) != self.reported
     }
 
     fn retry_after(&self, now_ms: i64) -> u64 {

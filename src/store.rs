@@ -301,26 +301,24 @@ pub trait Store: Records + Clients + AuditLog + Usage + Credits + Fleet + 'stati
 /// [`credits::CreditCounter`] per key whose record has `credits` set, changed atomically.
 #[async_trait]
 pub trait Credits: Send + Sync {
-    /// `instance` reports `spent` credits of its lease from `epoch` and asks for `want` more
-    /// ([`credits::CreditCounter::take`]); a key without a counter grants nothing.
+    /// `instance` reports its running totals and asks for `want` more
+    /// ([`credits::CreditCounter::take`]; idempotent: totals only grow); a key without a
+    /// counter grants nothing.
     async fn take_credits(
         &self,
         key_id: &str,
         instance: &str,
-        epoch: u64,
-        spent: i64,
+        totals: credits::Totals,
         want: i64,
         now_ms: i64,
     ) -> Result<credits::CreditGrant, StoreError>;
-    /// `instance` reports `spent` and hands back `unspent` of its lease from `epoch`
+    /// `instance` reports its running totals, having handed back what it held
     /// ([`credits::CreditCounter::give_back`]).
     async fn give_back_credits(
         &self,
         key_id: &str,
         instance: &str,
-        epoch: u64,
-        spent: i64,
-        unspent: i64,
+        totals: credits::Totals,
         now_ms: i64,
     ) -> Result<(), StoreError>;
     /// Applies an admin change, making the counter (empty) if the key has none yet.

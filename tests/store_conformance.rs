@@ -205,11 +205,14 @@ pub async fn run_all(store: SharedStore) {
 // === role: credits ===
 
 async fn credits_role(store: Arc<dyn Credits>) {
-    use tollgate::store::credits::{CreditChange, Refill, RefillInterval};
+    use tollgate::store::credits::{CreditChange, Refill, RefillInterval, Totals};
     let key = format!("key_{}", unique());
     let now = Utc::now().timestamp_millis();
     assert_eq!(store.credit_state(&key, now).await.unwrap(), None);
-    let none = store.take_credits(&key, "a", 0, 0, 5, now).await.unwrap();
+    let none = store
+        .take_credits(&key, "a", Totals::default(), 5, now)
+        .await
+        .unwrap();
     assert_eq!(none.granted, 0, "no counter, no credits");
 
     let refill = Refill {
@@ -223,22 +226,40 @@ async fn credits_role(store: Arc<dyn Credits>) {
     };
     let state = store.change_credits(&key, set, now).await.unwrap();
     assert_eq!((state.remaining, state.refill), (10, Some(refill)));
-    let a = store.take_credits(&key, "a", 0, 0, 4, now).await.unwrap();
-    let b = store.take_credits(&key, "b", 0, 0, 8, now).await.unwrap();
+    let a = store
+        .take_credits(&key, "a", Totals::default(), 4, now)
+        .await
+        .unwrap();
+    let b = store
+        .take_credits(&key, "b", Totals::default(), 8, now)
+        .await
+        .unwrap();
     assert_eq!((a.granted, b.granted), (4, 6));
     assert!(a
         .refill_at_ms
         .is_some_and(|at| at > now && at <= now + 86_400_000));
     assert_eq!(
         store
-            .take_credits(&key, "c", 0, 0, 1, now)
+            .take_credits(&key, "c", Totals::default(), 1, now)
             .await
             .unwrap()
             .granted,
         0
     );
+    let reported = Totals {
+        epoch: a.epoch,
+        received: a.received,
+        spent: 3,
+        returned: 1,
+        refunded: 0,
+    };
     store
-        .give_back_credits(&key, "a", a.epoch, 3, 1, now)
+        .give_back_credits(&key, "a", reported, now)
+        .await
+        .unwrap();
+    // The same totals again (an answer lost, the call repeated) change nothing.
+    store
+        .give_back_credits(&key, "a", reported, now)
         .await
         .unwrap();
     let state = store.credit_state(&key, now).await.unwrap().unwrap();
@@ -266,16 +287,18 @@ async fn credits_role(store: Arc<dyn Credits>) {
     for t in 0..8 {
         let (store, key) = (Arc::clone(&store), key.clone());
         tasks.push(tokio::spawn(async move {
-            let mut got = 0;
+            let (mut got, mut totals) = (0, Totals::default());
             loop {
                 let grant = store
-                    .take_credits(&key, &format!("i{t}"), 0, 0, 3, now)
+                    .take_credits(&key, &format!("i{t}"), totals, 3, now)
                     .await
                     .unwrap();
                 if grant.granted == 0 {
                     return got;
                 }
                 got += grant.granted;
+                totals.epoch = grant.epoch;
+                totals.received = grant.received;
             }
         }));
     }

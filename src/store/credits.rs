@@ -3,13 +3,18 @@
 //! a write transaction, and the Redis backend's `CREDITS` script is the same state machine in Lua
 //! (the conformance suite holds both to one behaviour).
 //!
-//! An instance spends credits from a local lease and reports what it spent when it next takes
-//! or gives back. The store counts, per instance, what it leased and has not been told was spent
-//! (`outstanding`), so an instance that dies is found by its silence ([`LEASE_TTL_MS`]) and its
-//! outstanding credits go back to the balance: none is lost. A credit is never granted twice:
-//! every grant comes off the balance in one atomic step. What a dead instance spent since its
-//! last report is returned with the rest, so it is spent again: the overspend is at most what
-//! each dying instance spent since its last report, which is at most one lease.
+//! An instance spends credits from a local lease and tells the store, with each take or give-back,
+//! its running totals for the epoch: what it was granted as far as it knows, what it spent, what
+//! it handed back. Totals, not differences, so every call is idempotent: a call whose answer was
+//! lost (a timeout after Redis applied it) is simply followed by the next one, which carries the
+//! same or larger totals, and nothing is counted twice; a grant whose answer was lost is handed
+//! over by the next take ([`CreditCounter::take`] compares what the instance says it received
+//! with what it was granted). The store therefore knows, per instance, what it holds
+//! (`granted - spent - returned`), so an instance that dies is found by its silence
+//! ([`LEASE_TTL_MS`]) and what it held goes back to the balance: none is lost. A credit is never
+//! granted twice: every grant comes off the balance in one atomic step. What a dead instance
+//! spent since its last report goes back with the rest, so it is spent again: the overspend is
+//! at most what each dying instance spent since its last report, which is at most one lease.
 //!
 //! A refill (`daily` at 00:00 UTC, `monthly` on the 1st) and a `set` start a new `epoch`: the
 //! balance is replaced and every lease of the old epoch is void, so reports about it change
@@ -20,8 +25,13 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Datelike, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
-/// An instance silent for this long is taken for dead and its leases return to the balance.
+/// An instance silent for this long is taken for dead and what it holds returns to the balance
+/// (its lease is kept, marked handed back, so that a late report is not counted again).
 pub const LEASE_TTL_MS: i64 = 30_000;
+
+/// A lease silent for this long is forgotten. An instance that reports after that has its
+/// totals taken as already counted (it handed everything back long before).
+pub const LEASE_FORGET_MS: i64 = 7 * 86_400_000;
 
 /// How often a key's credits are refilled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,15 +53,40 @@ pub struct Refill {
     pub amount: i64,
 }
 
-/// One instance's lease.
+/// One instance's lease: its running totals for the epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
     /// The epoch it was granted in.
     pub epoch: u64,
-    /// Granted and not yet reported spent.
-    pub outstanding: i64,
+    /// Granted to the instance, in all.
+    pub granted: i64,
+    /// Spent, as the instance last reported (may pass what it was granted: an upstream's
+    /// declared cost).
+    pub spent: i64,
+    /// Handed back, as the instance last reported.
+    pub returned: i64,
+    /// Of `spent`, what upstreams said cost less afterwards (back in the instance's lease).
+    #[serde(default)]
+    pub refunded: i64,
+    /// What its spending beyond its grants has taken off the balance.
+    pub debited: i64,
     /// The instance's last call, ms since the epoch.
     pub seen_ms: i64,
+}
+
+/// An instance's running totals for one epoch, as it reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Totals {
+    /// The epoch they belong to.
+    pub epoch: u64,
+    /// Granted, as far as the instance received it.
+    pub received: i64,
+    /// Spent.
+    pub spent: i64,
+    /// Handed back.
+    pub returned: i64,
+    /// Of `spent`, what upstreams said cost less afterwards.
+    pub refunded: i64,
 }
 
 /// A key's credits in the store.
@@ -74,8 +109,11 @@ pub struct CreditCounter {
 /// What a take granted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CreditGrant {
-    /// Credits granted (0 when none are left).
+    /// Credits handed over by this call (0 when none are left): new ones, and any granted
+    /// before whose answer the instance did not receive.
     pub granted: i64,
+    /// Everything granted to the instance in this epoch ([`Totals::received`] from now on).
+    pub received: i64,
     /// The epoch the grant belongs to.
     pub epoch: u64,
     /// The key's credits after the take ([`CreditCounter::remaining`]).
@@ -88,6 +126,7 @@ impl CreditGrant {
     /// What a key without a counter is granted: nothing.
     pub const NOTHING: CreditGrant = CreditGrant {
         granted: 0,
+        received: 0,
         epoch: 0,
         remaining: 0,
         refill_at_ms: None,
@@ -132,13 +171,14 @@ impl CreditCounter {
     }
 
     /// The key's credits: the balance and what instances hold of this epoch (granted, not yet
-    /// reported spent). Errs high by what instances spent since their last report.
+    /// reported spent or handed back). Errs high by what instances spent since their last
+    /// report.
     pub fn remaining(&self) -> i64 {
         let held: i64 = self
             .leases
             .values()
             .filter(|l| l.epoch == self.epoch)
-            .map(|l| l.outstanding)
+            .map(Lease::held)
             .sum();
         self.balance.saturating_add(held)
     }
@@ -157,93 +197,113 @@ impl CreditCounter {
         let epoch = self.epoch;
         let mut returned = 0i64;
         self.leases.retain(|_, lease| {
-            let alive = now_ms - lease.seen_ms < LEASE_TTL_MS;
-            if !alive && lease.epoch == epoch {
-                returned = returned.saturating_add(lease.outstanding);
+            let silent = now_ms - lease.seen_ms;
+            if silent >= LEASE_TTL_MS && lease.epoch == epoch {
+                let held = lease.held();
+                lease.returned = lease.returned.saturating_add(held);
+                returned = returned.saturating_add(held);
             }
-            alive
+            lease.epoch == epoch && silent < LEASE_FORGET_MS
         });
         self.balance = self.balance.saturating_add(returned);
     }
 
-    /// `instance` reports `spent` credits of its lease from `epoch` since its last call and asks
-    /// for `want` more: the report is settled first (what it spent beyond its lease comes off the
-    /// balance, never below 0; a report about a void lease changes nothing), then up to `want`
-    /// is granted from the balance.
-    pub fn take(
-        &mut self,
-        instance: &str,
-        epoch: u64,
-        spent: i64,
-        want: i64,
-        now_ms: i64,
-    ) -> CreditGrant {
+    /// `instance` reports its totals and asks for `want` more: the report is settled first
+    /// (what it handed back returns to the balance; what it spent beyond its grants comes off
+    /// it, never below 0; a report about a void epoch changes nothing), then what it was
+    /// granted and did not receive is handed over again, and up to `want` more granted.
+    pub fn take(&mut self, instance: &str, totals: Totals, want: i64, now_ms: i64) -> CreditGrant {
         self.advance(now_ms);
-        self.settle(instance, spent * i64::from(epoch == self.epoch), 0, now_ms);
-        let granted = want.clamp(0, self.balance.max(0));
-        self.balance -= granted;
+        let lease = self.settle(instance, totals, now_ms);
+        let missing = (lease.granted - self.received(totals)).max(0);
+        let fresh = (want - missing).clamp(0, self.balance.max(0));
+        self.balance -= fresh;
         let epoch = self.epoch;
-        let lease = self.leases.entry(instance.to_owned()).or_insert(Lease {
-            epoch,
-            outstanding: 0,
-            seen_ms: now_ms,
-        });
-        lease.outstanding = lease.outstanding.saturating_add(granted);
+        let lease = self.lease(instance, totals, now_ms);
+        lease.granted = lease.granted.saturating_add(fresh);
+        let received = lease.granted;
         CreditGrant {
-            granted,
+            granted: missing + fresh,
+            received,
             epoch,
             remaining: self.remaining(),
             refill_at_ms: self.refill_at_ms(),
         }
     }
 
-    /// `instance` reports `spent` and hands back `unspent` of the lease it holds from `epoch`;
-    /// a lease of an earlier epoch is void, and its report changes nothing.
-    pub fn give_back(&mut self, instance: &str, epoch: u64, spent: i64, unspent: i64, now_ms: i64) {
+    /// `instance` reports its totals (having handed back what it held unspent): settled as by
+    /// [`CreditCounter::take`].
+    pub fn give_back(&mut self, instance: &str, totals: Totals, now_ms: i64) {
         self.advance(now_ms);
-        if epoch == self.epoch {
-            self.settle(instance, spent, unspent, now_ms);
-        }
-        if self
-            .leases
-            .get(instance)
-            .is_some_and(|l| l.outstanding == 0)
-        {
-            self.leases.remove(instance);
+        self.settle(instance, totals, now_ms);
+    }
+
+    /// What the instance received of this epoch's grants (nothing, by totals of another epoch).
+    fn received(&self, totals: Totals) -> i64 {
+        if totals.epoch == self.epoch {
+            totals.received.max(0)
+        } else {
+            0
         }
     }
 
-    /// Applies a report to the instance's lease of this epoch (a lease of an earlier one is
-    /// replaced): `spent` and `unspent` leave it, `unspent` back to the balance, and what was
-    /// spent beyond it comes off the balance.
-    fn settle(&mut self, instance: &str, spent: i64, unspent: i64, now_ms: i64) {
+    /// The instance's lease of this epoch. Without one (its first call, or its lease was
+    /// forgotten after [`LEASE_FORGET_MS`]), `totals` of this epoch are taken as counted
+    /// already, and totals of another epoch as nothing.
+    fn lease(&mut self, instance: &str, totals: Totals, now_ms: i64) -> &mut Lease {
         let epoch = self.epoch;
-        let lease = self.leases.entry(instance.to_owned()).or_insert(Lease {
-            epoch,
-            outstanding: 0,
-            seen_ms: now_ms,
-        });
-        if lease.epoch != epoch {
-            *lease = Lease {
+        let counted = totals.epoch == epoch;
+        let lease = self.leases.entry(instance.to_owned()).or_insert_with(|| {
+            let (granted, spent, returned, refunded) = if counted {
+                (
+                    totals.received.max(0),
+                    totals.spent.max(0),
+                    totals.returned.max(0),
+                    totals.refunded.max(0),
+                )
+            } else {
+                (0, 0, 0, 0)
+            };
+            let mut lease = Lease {
                 epoch,
-                outstanding: 0,
+                granted,
+                spent,
+                returned,
+                refunded,
+                debited: 0,
                 seen_ms: now_ms,
             };
-            // Spent from a void lease: that balance was replaced.
-            return;
-        }
+            lease.debited = lease.beyond();
+            lease
+        });
         lease.seen_ms = now_ms;
-        let unspent = unspent.clamp(0, lease.outstanding);
-        let after = lease
-            .outstanding
-            .saturating_sub(unspent)
-            .saturating_sub(spent.max(0));
-        lease.outstanding = after.max(0);
+        lease
+    }
+
+    /// Applies an instance's totals to its lease of this epoch, each at most once (totals only
+    /// grow): what it handed back returns to the balance, and what it spent beyond what it was
+    /// granted comes off the balance. Totals of another epoch change nothing. Answers the lease.
+    fn settle(&mut self, instance: &str, totals: Totals, now_ms: i64) -> Lease {
+        let current = totals.epoch == self.epoch;
+        let lease = self.lease(instance, totals, now_ms);
+        let (mut refund, mut debit) = (0, 0);
+        if current {
+            let returned = totals.returned.max(lease.returned);
+            refund = returned - lease.returned;
+            lease.returned = returned;
+            lease.spent = totals.spent.max(lease.spent);
+            lease.refunded = totals.refunded.max(lease.refunded);
+            let beyond = lease.beyond();
+            debit = (beyond - lease.debited).max(0);
+            lease.debited = lease.debited.max(beyond);
+        }
+        let lease = *lease;
         self.balance = self
             .balance
-            .saturating_add(unspent)
-            .saturating_add(after.min(0))
+            .saturating_add(refund)
+            .saturating_sub(debit)
             .max(0);
+        lease
     }
 
     /// An admin change: a new refill, then `set` (a new epoch) or `add`.
@@ -285,6 +345,25 @@ impl CreditCounter {
     }
 }
 
+// === impl Lease ===
+
+impl Lease {
+    /// Granted and neither reported spent nor handed back.
+    pub fn held(&self) -> i64 {
+        (self.granted - self.net_spent() - self.returned).max(0)
+    }
+
+    /// Spent, less what was refunded.
+    fn net_spent(&self) -> i64 {
+        self.spent - self.refunded
+    }
+
+    /// Spent and handed back beyond what was granted: what must come off the balance.
+    fn beyond(&self) -> i64 {
+        (self.net_spent() + self.returned - self.granted).max(0)
+    }
+}
+
 // === functions ===
 
 /// The refill period `now_ms` falls in: days, or months, since 1970-01.
@@ -321,27 +400,49 @@ mod tests {
 
     const T: i64 = 1_796_256_000_000; // 2026-12-03T00:00Z
 
+    fn totals(epoch: u64, received: i64, spent: i64, returned: i64) -> Totals {
+        Totals {
+            epoch,
+            received,
+            spent,
+            returned,
+            refunded: 0,
+        }
+    }
+
     #[test]
-    fn grants_never_pass_the_balance_and_reports_settle_leases() {
+    fn grants_never_pass_the_balance_and_reports_settle_once() {
         let mut c = CreditCounter::new(10, None, T);
-        let a = c.take("a", 0, 0, 4, T);
-        assert_eq!((a.granted, a.remaining), (4, 10));
-        let b = c.take("b", 0, 0, 8, T);
+        let a = c.take("a", Totals::default(), 4, T);
+        assert_eq!((a.granted, a.received, a.remaining), (4, 4, 10));
+        let b = c.take("b", Totals::default(), 8, T);
         assert_eq!((b.granted, c.balance), (6, 0));
-        assert_eq!(c.take("c", 0, 0, 1, T).granted, 0);
-        // a spent 3 and gives back 1: 1 returns, b still holds 6.
-        c.give_back("a", a.epoch, 3, 1, T);
+        assert_eq!(c.take("c", Totals::default(), 1, T).granted, 0);
+        // a spent 3 and hands back 1; the same report twice counts once.
+        c.give_back("a", totals(a.epoch, 4, 3, 1), T);
+        c.give_back("a", totals(a.epoch, 4, 3, 1), T);
         assert_eq!((c.balance, c.remaining()), (1, 7));
-        // b spent 6 and 2 more the upstream declared: 2 come off the balance, not below 0.
-        c.take("b", 0, 8, 0, T);
+        // b spent 6 and 2 more that the upstream declared: 2 come off the balance, not below 0.
+        c.take("b", totals(b.epoch, 6, 8, 0), 0, T);
+        c.take("b", totals(b.epoch, 6, 8, 0), 0, T);
         assert_eq!((c.balance, c.remaining()), (0, 0));
+    }
+
+    #[test]
+    fn a_grant_whose_answer_was_lost_is_handed_over_by_the_next_take() {
+        let mut c = CreditCounter::new(10, None, T);
+        let lost = c.take("a", Totals::default(), 4, T);
+        // The instance never saw `lost`: it asks again with nothing received.
+        let again = c.take("a", Totals::default(), 4, T);
+        assert_eq!((lost.granted, again.granted, again.received), (4, 4, 4));
+        assert_eq!(c.balance, 6, "granted once");
     }
 
     #[test]
     fn a_silent_instances_lease_returns_and_void_leases_change_nothing() {
         let mut c = CreditCounter::new(10, None, T);
-        let a = c.take("a", 0, 0, 5, T);
-        c.take("b", 0, 0, 1, T + LEASE_TTL_MS);
+        let a = c.take("a", Totals::default(), 5, T);
+        c.take("b", Totals::default(), 1, T + LEASE_TTL_MS);
         assert_eq!(c.balance, 9, "a's 5 returned once it fell silent");
         c.change(
             CreditChange {
@@ -350,12 +451,34 @@ mod tests {
             },
             T + LEASE_TTL_MS,
         );
-        c.give_back("a", a.epoch, 5, 0, T + LEASE_TTL_MS);
+        c.give_back("a", totals(a.epoch, 5, 5, 0), T + LEASE_TTL_MS);
         assert_eq!(
             (c.balance, c.remaining()),
             (3, 3),
             "a report of a void lease"
         );
+    }
+
+    #[test]
+    fn a_late_report_after_a_reclaim_is_not_counted_twice() {
+        let mut c = CreditCounter::new(10, None, T);
+        let a = c.take("a", Totals::default(), 5, T);
+        // a is silent past the ttl: its 5 return.
+        c.advance(T + LEASE_TTL_MS);
+        assert_eq!(c.balance, 10);
+        // It was only slow: it spent 2 meanwhile and now hands back the other 3.
+        c.give_back("a", totals(a.epoch, 5, 2, 3), T + LEASE_TTL_MS + 1);
+        assert_eq!(
+            (c.balance, c.remaining()),
+            (8, 8),
+            "2 spent, nothing returned twice"
+        );
+        // Forgotten after a week: its totals are taken as counted.
+        let later = T + LEASE_TTL_MS + 1 + LEASE_FORGET_MS;
+        c.advance(later);
+        assert!(c.leases.is_empty());
+        c.give_back("a", totals(a.epoch, 5, 2, 3), later);
+        assert_eq!(c.balance, 8);
     }
 
     #[test]
@@ -367,19 +490,19 @@ mod tests {
         let mut c = CreditCounter::new(5, Some(refill), T);
         let day = period_of(RefillInterval::Daily, T);
         assert_eq!(c.refill_at_ms(), Some((day + 1) * 86_400_000));
-        c.take("a", 0, 0, 5, T);
+        let first = c.take("a", Totals::default(), 5, T);
         let next = (day + 1) * 86_400_000;
-        let g = c.take("a", 0, 5, 1, next);
+        let g = c.take("a", totals(first.epoch, 5, 5, 0), 1, next);
         assert_eq!(
             (g.granted, g.remaining, c.last_refill_ms),
             (1, 100, Some(next))
         );
-        assert_eq!(period_start(RefillInterval::Monthly, 683), {
-            // 1970 + 56 years + 11 months: 2026-12-01.
+        assert_eq!(
+            period_start(RefillInterval::Monthly, 683),
             Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0)
                 .unwrap()
                 .timestamp_millis()
-        });
+        );
         assert_eq!(period_of(RefillInterval::Monthly, T), 683);
     }
 }

@@ -210,28 +210,25 @@ impl Credits for ObservedStore {
         &self,
         key_id: &str,
         instance: &str,
-        epoch: u64,
-        spent: i64,
+        totals: credits::Totals,
         want: i64,
         now_ms: i64,
     ) -> Result<credits::CreditGrant, StoreError> {
         self.check()?;
         self.inner
-            .take_credits(key_id, instance, epoch, spent, want, now_ms)
+            .take_credits(key_id, instance, totals, want, now_ms)
             .await
     }
     async fn give_back_credits(
         &self,
         key_id: &str,
         instance: &str,
-        epoch: u64,
-        spent: i64,
-        unspent: i64,
+        totals: credits::Totals,
         now_ms: i64,
     ) -> Result<(), StoreError> {
         self.check()?;
         self.inner
-            .give_back_credits(key_id, instance, epoch, spent, unspent, now_ms)
+            .give_back_credits(key_id, instance, totals, now_ms)
             .await
     }
     async fn change_credits(

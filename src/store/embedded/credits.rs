@@ -5,7 +5,7 @@
 use redb::{TableDefinition, WriteTransaction};
 
 use super::{db_err, encode, get_json, EmbeddedStore};
-use crate::store::credits::{CreditChange, CreditCounter, CreditGrant, CreditState};
+use crate::store::credits::{CreditChange, CreditCounter, CreditGrant, CreditState, Totals};
 use crate::store::{Credits, StoreError};
 
 /// Key id → counter JSON.
@@ -52,14 +52,13 @@ impl Credits for EmbeddedStore {
         &self,
         key_id: &str,
         instance: &str,
-        epoch: u64,
-        spent: i64,
+        totals: Totals,
         want: i64,
         now_ms: i64,
     ) -> Result<CreditGrant, StoreError> {
         let instance = instance.to_owned();
         self.with_counter(key_id, move |counter| match counter {
-            Some(c) => c.take(&instance, epoch, spent, want, now_ms),
+            Some(c) => c.take(&instance, totals, want, now_ms),
             None => CreditGrant::NOTHING,
         })
         .await
@@ -69,15 +68,13 @@ impl Credits for EmbeddedStore {
         &self,
         key_id: &str,
         instance: &str,
-        epoch: u64,
-        spent: i64,
-        unspent: i64,
+        totals: Totals,
         now_ms: i64,
     ) -> Result<(), StoreError> {
         let instance = instance.to_owned();
         self.with_counter(key_id, move |counter| {
             if let Some(c) = counter {
-                c.give_back(&instance, epoch, spent, unspent, now_ms);
+                c.give_back(&instance, totals, now_ms);
             }
         })
         .await

@@ -152,16 +152,21 @@ impl Clients for RedisStore {
         let hex = token.hash.to_hex();
         let ttl_ms = (token.expires_at - Utc::now()).num_milliseconds().max(1);
         let tokens_key = keys::secret_tokens(&token.account_id, &token.secret_id);
-        // Listed first: a token that exists is always found by its secret's deletion.
-        let _: i64 = self.conn.query(&cmd!("SADD", &tokens_key, &hex)).await?;
-        let _: i64 = self
-            .conn
-            .query(&cmd!("PEXPIRE", &tokens_key, ttl_ms, "GT"))
-            .await?;
-        let _: i64 = self
-            .conn
-            .query(&cmd!("PEXPIRE", &tokens_key, ttl_ms, "NX"))
-            .await?;
+        // Listed first: a token that exists is always found by its secret's deletion. In one
+        // transaction, so that the list cannot expire between the add and the new expiry (it
+        // lives as long as its longest token; a token added to a list in its last millisecond
+        // was lost with it).
+        let mut listed = Batch::atomic();
+        listed.add(&token.account_id, cmd!("SADD", &tokens_key, &hex));
+        listed.add(
+            &token.account_id,
+            cmd!("PEXPIRE", &tokens_key, ttl_ms, "GT"),
+        );
+        listed.add(
+            &token.account_id,
+            cmd!("PEXPIRE", &tokens_key, ttl_ms, "NX"),
+        );
+        self.conn.run(listed).await?;
         let set: Option<String> = self
             .conn
             .query(&cmd!(

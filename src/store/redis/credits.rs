@@ -8,7 +8,7 @@ use super::conn::Conn;
 use super::keys;
 use super::scripts::{self, eval};
 use super::RedisStore;
-use crate::store::credits::{CreditChange, CreditCounter, CreditGrant, CreditState};
+use crate::store::credits::{CreditChange, CreditCounter, CreditGrant, CreditState, Totals};
 use crate::store::{Credits, StoreError};
 
 /// Compare-and-set rounds before giving up: each lost round means another instance's change
@@ -66,13 +66,12 @@ impl Credits for RedisStore {
         &self,
         key_id: &str,
         instance: &str,
-        epoch: u64,
-        spent: i64,
+        totals: Totals,
         want: i64,
         now_ms: i64,
     ) -> Result<CreditGrant, StoreError> {
         with_counter(&self.hot, key_id, |counter| match counter {
-            Some(c) => c.take(instance, epoch, spent, want, now_ms),
+            Some(c) => c.take(instance, totals, want, now_ms),
             None => CreditGrant::NOTHING,
         })
         .await
@@ -82,14 +81,12 @@ impl Credits for RedisStore {
         &self,
         key_id: &str,
         instance: &str,
-        epoch: u64,
-        spent: i64,
-        unspent: i64,
+        totals: Totals,
         now_ms: i64,
     ) -> Result<(), StoreError> {
         with_counter(&self.conn, key_id, |counter| {
             if let Some(c) = counter {
-                c.give_back(instance, epoch, spent, unspent, now_ms);
+                c.give_back(instance, totals, now_ms);
             }
         })
         .await
