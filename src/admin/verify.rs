@@ -304,7 +304,10 @@ impl Explain {
             self.pass(&name, detail);
         }
         if matches!(refusal, Some(Refusal::StoreUnavailable)) {
-            self.fail("limits", json!("the shared counters could not be reached"));
+            self.fail(
+                "store",
+                json!("the store could not be reached for the fleet's counters or the credits"),
+            );
             return;
         }
         match (&key.credits, refusal) {
