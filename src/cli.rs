@@ -8,6 +8,7 @@
 
 mod accounts;
 mod admin_client;
+mod demo;
 mod keys;
 mod table;
 mod usage;
@@ -53,6 +54,9 @@ enum Command {
         #[arg(long, default_value = "config/tollgate.toml")]
         config: PathBuf,
     },
+    /// Try it out: an embedded store in a temporary directory, an echo upstream, a demo key,
+    /// and curl lines to paste; Ctrl-C stops it.
+    Demo,
     /// Print a fresh, valid credential.
     Keygen {
         /// What kind of credential.
@@ -314,6 +318,13 @@ pub fn main() -> ExitCode {
             }
         },
         Command::Serve { config } => serve(&config),
+        Command::Demo => match runtime_for_the_cores().build() {
+            Ok(runtime) => runtime.block_on(demo::run()),
+            Err(e) => {
+                eprintln!("tollgate demo: cannot start the runtime: {e}");
+                ExitCode::from(1)
+            }
+        },
         Command::Accounts { admin, command } => {
             admin_command(&admin, AdminCommand::Accounts(command))
         }
