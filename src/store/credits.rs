@@ -345,6 +345,48 @@ impl CreditCounter {
     }
 }
 
+// === a key's counter, present or not ===
+
+/// [`CreditCounter::take`] on a key's counter; a key without one is granted nothing.
+pub fn take(
+    counter: &mut Option<CreditCounter>,
+    instance: &str,
+    totals: Totals,
+    want: i64,
+    now_ms: i64,
+) -> CreditGrant {
+    match counter {
+        Some(c) => c.take(instance, totals, want, now_ms),
+        None => CreditGrant::NOTHING,
+    }
+}
+
+/// [`CreditCounter::give_back`] on a key's counter, if it has one.
+pub fn give_back(counter: &mut Option<CreditCounter>, instance: &str, totals: Totals, now_ms: i64) {
+    if let Some(c) = counter {
+        c.give_back(instance, totals, now_ms);
+    }
+}
+
+/// [`CreditCounter::change`] on a key's counter, made (empty) when it has none.
+pub fn change(
+    counter: &mut Option<CreditCounter>,
+    change: CreditChange,
+    now_ms: i64,
+) -> CreditState {
+    let c = counter.get_or_insert_with(|| CreditCounter::new(0, None, now_ms));
+    c.change(change, now_ms);
+    c.state()
+}
+
+/// A key's credits as of `now_ms` (a refill due is counted), read without writing.
+pub fn state_at(counter: Option<CreditCounter>, now_ms: i64) -> Option<CreditState> {
+    counter.map(|mut c| {
+        c.advance(now_ms);
+        c.state()
+    })
+}
+
 // === impl Lease ===
 
 impl Lease {

@@ -5,7 +5,7 @@
 use redb::{TableDefinition, WriteTransaction};
 
 use super::{db_err, encode, get_json, EmbeddedStore};
-use crate::store::credits::{CreditChange, CreditCounter, CreditGrant, CreditState, Totals};
+use crate::store::credits::{self, CreditChange, CreditCounter, CreditGrant, CreditState, Totals};
 use crate::store::{Credits, StoreError};
 
 /// Key id → counter JSON.
@@ -57,9 +57,8 @@ impl Credits for EmbeddedStore {
         now_ms: i64,
     ) -> Result<CreditGrant, StoreError> {
         let instance = instance.to_owned();
-        self.with_counter(key_id, move |counter| match counter {
-            Some(c) => c.take(&instance, totals, want, now_ms),
-            None => CreditGrant::NOTHING,
+        self.with_counter(key_id, move |counter| {
+            credits::take(counter, &instance, totals, want, now_ms)
         })
         .await
     }
@@ -73,9 +72,7 @@ impl Credits for EmbeddedStore {
     ) -> Result<(), StoreError> {
         let instance = instance.to_owned();
         self.with_counter(key_id, move |counter| {
-            if let Some(c) = counter {
-                c.give_back(&instance, totals, now_ms);
-            }
+            credits::give_back(counter, &instance, totals, now_ms)
         })
         .await
     }
@@ -87,9 +84,7 @@ impl Credits for EmbeddedStore {
         now_ms: i64,
     ) -> Result<CreditState, StoreError> {
         self.with_counter(key_id, move |counter| {
-            let c = counter.get_or_insert_with(|| CreditCounter::new(0, None, now_ms));
-            c.change(change, now_ms);
-            c.state()
+            credits::change(counter, change, now_ms)
         })
         .await
     }
@@ -103,10 +98,7 @@ impl Credits for EmbeddedStore {
         self.read(move |txn| {
             let table = txn.open_table(CREDITS).map_err(db_err)?;
             let counter: Option<CreditCounter> = get_json(&table, key_id.as_str(), "credits")?;
-            Ok(counter.map(|mut c| {
-                c.advance(now_ms);
-                c.state()
-            }))
+            Ok(credits::state_at(counter, now_ms))
         })
         .await
     }

@@ -8,7 +8,7 @@ use super::conn::Conn;
 use super::keys;
 use super::scripts::{self, eval};
 use super::RedisStore;
-use crate::store::credits::{CreditChange, CreditCounter, CreditGrant, CreditState, Totals};
+use crate::store::credits::{self, CreditChange, CreditCounter, CreditGrant, CreditState, Totals};
 use crate::store::{Credits, StoreError};
 
 /// Compare-and-set rounds before giving up: each lost round means another instance's change
@@ -70,9 +70,8 @@ impl Credits for RedisStore {
         want: i64,
         now_ms: i64,
     ) -> Result<CreditGrant, StoreError> {
-        with_counter(&self.hot, key_id, |counter| match counter {
-            Some(c) => c.take(instance, totals, want, now_ms),
-            None => CreditGrant::NOTHING,
+        with_counter(&self.hot, key_id, |counter| {
+            credits::take(counter, instance, totals, want, now_ms)
         })
         .await
     }
@@ -85,9 +84,7 @@ impl Credits for RedisStore {
         now_ms: i64,
     ) -> Result<(), StoreError> {
         with_counter(&self.conn, key_id, |counter| {
-            if let Some(c) = counter {
-                c.give_back(instance, totals, now_ms);
-            }
+            credits::give_back(counter, instance, totals, now_ms)
         })
         .await
     }
@@ -99,9 +96,7 @@ impl Credits for RedisStore {
         now_ms: i64,
     ) -> Result<CreditState, StoreError> {
         with_counter(&self.conn, key_id, |counter| {
-            let c = counter.get_or_insert_with(|| CreditCounter::new(0, None, now_ms));
-            c.change(change, now_ms);
-            c.state()
+            credits::change(counter, change, now_ms)
         })
         .await
     }
@@ -115,13 +110,13 @@ impl Credits for RedisStore {
             .conn
             .query(&::redis::cmd("GET").arg(keys::credits(key_id)).clone())
             .await?;
-        read.map(|json| {
-            let mut c = serde_json::from_str::<CreditCounter>(&json)
-                .map_err(|e| StoreError::Corrupt(format!("credits of {key_id}: {e}")))?;
-            c.advance(now_ms);
-            Ok(c.state())
-        })
-        .transpose()
+        let counter = read
+            .map(|json| {
+                serde_json::from_str::<CreditCounter>(&json)
+                    .map_err(|e| StoreError::Corrupt(format!("credits of {key_id}: {e}")))
+            })
+            .transpose()?;
+        Ok(credits::state_at(counter, now_ms))
     }
 
     async fn delete_credits(&self, key_id: &str) -> Result<(), StoreError> {
