@@ -73,6 +73,7 @@ mod verify;
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
@@ -106,8 +107,8 @@ pub struct AdminState {
     /// side; with a shared store, [`AdminState::lock_account`] also takes the account's lock in
     /// the store, so that the rules hold across a fleet.
     writes: Arc<[Arc<tokio::sync::Mutex<()>>]>,
-    /// `limits.default`, for keys whose buckets this instance has not used yet.
-    default_limits: RateLimitSpec,
+    /// What a config reload changes here: see [`AdminState::reconfigure`].
+    live: Arc<ArcSwap<Live>>,
     /// `/readyz` pings: each failure counted (`op="ping"`), the outage logged once.
     pings: Arc<StoreCalls>,
     /// The API's own store calls (`op="admin"`), likewise: see [`watch_store`].
@@ -118,8 +119,15 @@ pub struct AdminState {
     token_issues: Arc<oauth::IssueLimiter>,
     /// The gateway's clock (the proxy's): credential expiry is judged on it, as on the proxy.
     clock: WallClock,
+}
+
+/// The admin API's view of settings that a reload may change.
+#[derive(Clone)]
+pub(crate) struct Live {
+    /// `limits.default`, for keys whose buckets this instance has not used yet.
+    pub(crate) default_limits: RateLimitSpec,
     /// The proxy's routes by name, for `/v1/verify`'s `route`.
-    routes: verify::Routes,
+    pub(crate) routes: verify::Routes,
 }
 
 // === impl AdminState ===
@@ -142,11 +150,13 @@ impl AdminState {
             writes: (0..WRITE_STRIPES)
                 .map(|_| Arc::new(tokio::sync::Mutex::new(())))
                 .collect(),
-            default_limits: crate::config::DEFAULT_RATE_LIMIT,
+            live: Arc::new(ArcSwap::from_pointee(Live {
+                default_limits: crate::config::DEFAULT_RATE_LIMIT,
+                routes: verify::routes(&[]),
+            })),
             heavy_usage_reads: Arc::new(tokio::sync::Semaphore::new(MAX_HEAVY_USAGE_READS)),
             token_issues: Arc::new(oauth::issue_limiter()),
             clock: WallClock::System,
-            routes: verify::routes(&[]),
         }
     }
 
@@ -157,15 +167,38 @@ impl AdminState {
     }
 
     /// The proxy's routes, whose scopes and cost `/v1/verify` applies by name.
-    pub fn with_routes(mut self, routes: &[crate::config::RouteSettings]) -> Self {
-        self.routes = verify::routes(routes);
+    pub fn with_routes(self, routes: &[crate::config::RouteSettings]) -> Self {
+        let default_limits = self.live.load().default_limits;
+        self.reconfigure(default_limits, routes);
         self
     }
 
     /// `limits.default`, for reporting keys and accounts that set no limits.
-    pub fn with_default_limits(mut self, default: RateLimitSpec) -> Self {
-        self.default_limits = default;
+    pub fn with_default_limits(self, default: RateLimitSpec) -> Self {
+        let live = Live {
+            default_limits: default,
+            ..Live::clone(&self.live.load())
+        };
+        self.live.store(Arc::new(live));
         self
+    }
+
+    /// A config reload: the default limits and the proxy's routes, for every clone of this
+    /// state (calls under way finish on what they read).
+    pub fn reconfigure(
+        &self,
+        default_limits: RateLimitSpec,
+        routes: &[crate::config::RouteSettings],
+    ) {
+        self.live.store(Arc::new(Live {
+            default_limits,
+            routes: verify::routes(routes),
+        }));
+    }
+
+    /// The settings in force now.
+    pub(crate) fn live(&self) -> arc_swap::Guard<Arc<Live>> {
+        self.live.load()
     }
 }
 

@@ -1,11 +1,14 @@
 //! Wiring: settings → store, shared state, bound listeners and background tasks → a
 //! [`Running`] gateway that stops gracefully. Tests start a whole gateway with [`start`] on
-//! port 0.
+//! port 0. A [`Running`] gateway reloads its config ([`Running::reload`], on `SIGHUP`).
+
+mod reload;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use axum::extract::ConnectInfo;
 use http_body_util::Either;
 use tokio::net::TcpListener;
@@ -15,7 +18,7 @@ use tower::ServiceExt;
 
 use crate::admin::{self, AdminState};
 use crate::auth::cache::KeyCache;
-use crate::config::{Durability, LimitMode, MeteringSettings, Settings};
+use crate::config::{ConfigError, Durability, LimitMode, MeteringSettings, Settings};
 use crate::credits::{self, CreditLeases};
 use crate::limits::global::SharedLimiters;
 use crate::limits::Limiters;
@@ -24,8 +27,10 @@ use crate::metering::wal::{self, Wal};
 use crate::metering::{flusher, retention, Meter, WallClock};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
-use crate::store::{self, Granularity, OpenOptions, SharedStore};
+use crate::store::{self, OpenOptions, SharedStore};
 use crate::tls::Certificates;
+use reload::Reloader;
+pub use reload::{ReloadError, Reloaded};
 
 /// How long in-flight requests get to finish after a shutdown signal.
 const DRAIN: Duration = Duration::from_secs(10);
@@ -92,22 +97,17 @@ pub struct Running {
     /// Stops the flusher and the other background tasks (phase two, after the drain).
     stop_background: watch::Sender<bool>,
     background: JoinSet<()>,
-    /// The listeners' TLS certificates, re-read by [`Running::reload`].
-    certificates: Vec<Arc<Certificates>>,
+    /// What [`Running::reload`] changes.
+    reloader: Reloader,
 }
 
 /// Opens the store, binds both listeners and starts serving.
 pub async fn start(settings: Settings, options: StartOptions) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new()?);
-    let m = &settings.metering;
     let store = store::open(
         &settings.store,
         OpenOptions {
-            retention: vec![
-                (Granularity::Minute, m.retention_minute),
-                (Granularity::Hour, m.retention_hour),
-                (Granularity::Day, m.retention_day),
-            ],
+            retention: reload::retention(&settings.metering),
             breaker_gauge: Some(metrics.store_breaker_open.clone()),
         },
     )
@@ -143,12 +143,13 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
     // Before any request: whether a malformed credential may be an imported key.
     cache.read_imported().await;
     let master = admin::master::ensure_master_key(&*store, options.master_key.as_deref()).await?;
-    let proxy = Arc::new(Proxy::new(
+    // Swapped whole by a reload; each request holds the one it started with.
+    let proxy = Arc::new(ArcSwap::from_pointee(Proxy::new(
         &settings,
         Arc::clone(&cache),
         Arc::clone(&meter),
         Arc::clone(&metrics),
-    )?);
+    )?));
     let admin_state = AdminState::new(
         Arc::clone(&store),
         Arc::clone(&cache),
@@ -190,22 +191,22 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
     // With `expose_account_api`, `/v1/account` and `/v1/account/…` on the proxy listener go to
     // the admin router (the operator's `/v1/accounts` never does); everything else is proxied.
     // The choice is made here so that `proxy` and `admin` stay independent of each other.
-    let account_api = settings
-        .proxy
-        .expose_account_api
-        .then(|| admin_router.clone());
+    let account_api = admin_router.clone();
     // `POST /oauth/token` (the client-credentials grant) is on the proxy listener too.
     let token_api = admin::token_router(admin_state.clone());
+    let serving_proxy = Arc::clone(&proxy);
     serving.spawn(listener::serve(
         proxy_listener,
         proxy_tls.as_ref().map(Certificates::server_config),
         move |req: http::Request<hyper::body::Incoming>, peer| {
-            let proxy = Arc::clone(&proxy);
+            let proxy = serving_proxy.load_full();
             let path = req.uri().path();
             let admin = if path == "/oauth/token" {
                 Some(token_api.clone())
+            } else if proxy.exposes_account_api() && is_account_path(path) {
+                Some(account_api.clone())
             } else {
-                account_api.clone().filter(|_| is_account_path(path))
+                None
             };
             async move {
                 match admin {
@@ -229,11 +230,12 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
         signal,
     ));
     let signal = background_signal;
+    let (flush_interval, flush_every) = watch::channel(settings.metering.flush_interval);
     background.spawn(flusher::run(
         Arc::clone(&meter),
         store.clone(),
         Arc::clone(&metrics),
-        settings.metering.flush_interval,
+        flush_every,
         signal.clone(),
         DRAIN,
     ));
@@ -250,16 +252,18 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
         meter.clock().clone(),
         signal.clone(),
     ));
+    let (metering, metering_now) = watch::channel(settings.metering.clone());
     let cleanup = Sweep {
-        cache,
-        meter,
+        cache: Arc::clone(&cache),
+        meter: Arc::clone(&meter),
         limiters,
-        store,
-        metrics,
-        metering: settings.metering,
+        store: Arc::clone(&store),
+        metrics: Arc::clone(&metrics),
+        metering: metering_now,
     };
     background.spawn(sweep(cleanup, signal));
     tracing::info!(%proxy_addr, %admin_addr, routes = settings.routes.len(), "tollgate is serving");
+    metrics.config_loaded(false, true);
     Ok(Running {
         proxy_addr,
         admin_addr,
@@ -268,29 +272,35 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
         serving,
         stop_background,
         background,
-        certificates: proxy_tls.into_iter().chain(admin_tls).collect(),
+        reloader: Reloader {
+            settings: parking_lot::Mutex::new(settings),
+            proxy,
+            cache,
+            meter,
+            metrics,
+            admin: admin_state,
+            store,
+            flush_interval,
+            metering,
+            proxy_tls,
+            admin_tls,
+        },
     })
 }
 
 // === impl Running ===
 
 impl Running {
-    /// What `SIGHUP` does: every listener's TLS certificate and key are read again; new
-    /// handshakes get them, open connections keep theirs. A pair that fails its checks is
-    /// logged and the old one keeps serving. Answers whether everything reloaded.
-    pub fn reload(&self) -> bool {
-        let mut all = true;
-        for certificates in &self.certificates {
-            let cert = certificates.files().cert.display();
-            match certificates.reload() {
-                Ok(()) => tracing::info!(%cert, "reloaded the TLS certificate"),
-                Err(e) => {
-                    all = false;
-                    tracing::error!(error = %e, "TLS certificate not reloaded; the old one keeps serving");
-                }
-            }
-        }
-        all
+    /// What `SIGHUP` does, given the config file as read again: a config that passed its
+    /// checks is applied to new requests (routes and upstreams, default limits, trusted proxies,
+    /// cache ttls, metering, identity, the listeners' TLS certificates, read again even from
+    /// unchanged files); requests in flight finish on the old one and no connection is dropped.
+    /// Settings bound at start are kept and named in [`Reloaded::needs_restart`]. A config
+    /// that failed its checks, or one whose certificates cannot be served, changes nothing:
+    /// every problem is logged and the running config keeps serving. Counted in
+    /// `tollgate_config_reloads_total{result}`.
+    pub fn reload(&self, fresh: Result<Settings, ConfigError>) -> Result<Reloaded, ReloadError> {
+        self.reloader.reload(fresh)
     }
 
     /// Stops accepting, lets in-flight requests finish (bounded), flushes usage, and returns when
@@ -386,7 +396,8 @@ struct Sweep {
     limiters: Arc<Limiters>,
     store: SharedStore,
     metrics: Arc<Metrics>,
-    metering: MeteringSettings,
+    /// `[metering]` in force (retention), changed by a reload.
+    metering: watch::Receiver<MeteringSettings>,
 }
 
 /// Every second, hands back the credit leases of keys idle for a second; at shutdown (after the
@@ -426,7 +437,8 @@ async fn sweep(s: Sweep, mut shutdown: watch::Receiver<bool>) {
         }
         // Hourly, starting with the first tick: expired usage buckets.
         if rounds.is_multiple_of(60) {
-            retention::prune(&*store, &metering, &metrics, meter.clock().now_ms()).await;
+            let settings = metering.borrow().clone();
+            retention::prune(&*store, &settings, &metrics, meter.clock().now_ms()).await;
             if let Err(e) = store.prune_tokens(chrono::Utc::now()).await {
                 tracing::warn!(error = %e, "expired access tokens not pruned; next hour again");
             }

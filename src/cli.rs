@@ -474,7 +474,8 @@ fn serve(path: &std::path::Path) -> ExitCode {
             tokio::select! {
                 _ = &mut stop => break,
                 Some(()) = reloads.recv() => {
-                    running.reload();
+                    // Read and checked exactly as at start; the outcome is logged and counted.
+                    let _ = running.reload(config::load(path));
                 }
             }
         }

@@ -5,7 +5,7 @@ use std::fmt::Display;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
 };
 
@@ -56,6 +56,15 @@ pub struct Metrics {
     /// (or lets one probe through), else 0. Not in the contract's list; always 0 on the embedded
     /// store, which has no breaker.
     pub store_breaker_open: IntGauge,
+    /// `tollgate_config_reloads_total{result}`: `SIGHUP` reloads, `result="success"` or
+    /// `"failure"` (the file failed its checks and the running config kept serving).
+    pub config_reloads_total: IntCounterVec,
+    /// `tollgate_config_last_reload_successful`: 1 when the last reload (or the start) applied,
+    /// 0 while the file on disk is one the gateway refused.
+    pub config_last_reload_successful: IntGauge,
+    /// `tollgate_config_last_reload_success_timestamp_seconds`: when the config in force was
+    /// applied (the start, or the last good reload), in Unix seconds.
+    pub config_last_reload_success: Gauge,
 }
 
 /// One kind of store call as this instance sees it: every failure is counted in
@@ -156,6 +165,27 @@ impl Metrics {
         )?;
         registry.register(Box::new(connections_open.clone()))?;
         registry.register(Box::new(store_breaker_open.clone()))?;
+        let config_reloads_total = IntCounterVec::new(
+            Opts::new(
+                "tollgate_config_reloads_total",
+                "Config reloads (SIGHUP) by result: success or failure",
+            ),
+            &["result"],
+        )?;
+        let config_last_reload_successful = IntGauge::new(
+            "tollgate_config_last_reload_successful",
+            "1 when the last config reload applied, 0 when the file was refused",
+        )?;
+        let config_last_reload_success = Gauge::new(
+            "tollgate_config_last_reload_success_timestamp_seconds",
+            "When the config in force was applied (start or last good reload), Unix seconds",
+        )?;
+        registry.register(Box::new(config_reloads_total.clone()))?;
+        registry.register(Box::new(config_last_reload_successful.clone()))?;
+        registry.register(Box::new(config_last_reload_success.clone()))?;
+        for result in ["success", "failure"] {
+            config_reloads_total.with_label_values(&[result]);
+        }
         // Exported at zero from the start, so that alerts and rate() see the series before the
         // first event.
         for op in STORE_OPS {
@@ -179,7 +209,26 @@ impl Metrics {
             usage_pending_events,
             connections_open,
             store_breaker_open,
+            config_reloads_total,
+            config_last_reload_successful,
+            config_last_reload_success,
         })
+    }
+
+    /// Records a config applied at start (`reload: false`) or by a reload, or a reload refused
+    /// (`applied: false`).
+    pub fn config_loaded(&self, reload: bool, applied: bool) {
+        if reload {
+            let result = if applied { "success" } else { "failure" };
+            self.config_reloads_total.with_label_values(&[result]).inc();
+        }
+        self.config_last_reload_successful.set(i64::from(applied));
+        if applied {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            self.config_last_reload_success.set(now);
+        }
     }
 
     /// The `forwarded` counters of a route.

@@ -72,6 +72,9 @@ pub struct Proxy {
     tls: bool,
     /// Signs `X-Tollgate-Identity` when `identity.signing_secret_env` is set.
     signer: Option<signed::Signer>,
+    /// `proxy.expose_account_api`: `/v1/account…` on this listener goes to the account API
+    /// (routed by `app`, which alone knows both edges).
+    expose_account_api: bool,
 }
 
 /// What the target check found, for the stages after it.
@@ -120,6 +123,7 @@ impl Proxy {
             trusted_proxies: settings.proxy.trusted_proxies.clone(),
             max_body_bytes: settings.proxy.max_body_bytes,
             tls: settings.proxy.tls.is_some(),
+            expose_account_api: settings.proxy.expose_account_api,
             signer: match &settings.identity.signing {
                 Some(signing) => Some(signed::Signer::new(
                     &signing.secret,
@@ -133,6 +137,11 @@ impl Proxy {
                 None => None,
             },
         })
+    }
+
+    /// Whether `/v1/account…` on the proxy listener is the account API's.
+    pub fn exposes_account_api(&self) -> bool {
+        self.expose_account_api
     }
 
     /// Serves one request from a client at `peer`.

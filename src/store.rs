@@ -269,9 +269,7 @@ pub async fn open(
         }
         StoreSettings::Redis { url } => {
             let mut store = redis::RedisStore::connect(url).await?;
-            for (granularity, retention) in options.retention {
-                store = store.with_bucket_ttl(granularity, Some(retention * 2));
-            }
+            store.set_retention(&options.retention);
             if let Some(gauge) = options.breaker_gauge {
                 store = store.with_breaker_gauge(gauge);
             }
@@ -509,6 +507,12 @@ pub trait Usage: Send + Sync {
     /// Removes the buckets of one granularity (keys' and, for days, accounts') with index
     /// `< before`; returns how many were removed.
     async fn prune_usage(&self, granularity: Granularity, before: i64) -> Result<u64, StoreError>;
+    /// How long buckets of each granularity are kept (`metering.retention`), at start and after a
+    /// config reload. Pruning enforces it; a backend may also expire buckets by itself, well
+    /// after it (Redis: twice the retention after the last write). Nothing by default.
+    fn set_retention(&self, retention: &[(Granularity, Duration)]) {
+        let _ = retention;
+    }
 }
 
 /// Window counters that every instance of a fleet takes tokens from ([`Store::limit_buckets`]).

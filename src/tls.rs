@@ -185,12 +185,12 @@ fn check_dates(path: &Path, cert: &CertificateDer<'_>, now: SystemTime) -> Resul
     })
 }
 
-/// A listener's certificate and key: served to every new handshake, swapped by
-/// [`Certificates::reload`].
+/// A listener's certificate and key: served to every new handshake, swapped by a reload
+/// ([`Certificates::reload`], or [`Certificates::install`] of a pair from other files).
 #[derive(Debug)]
 pub struct Certificates {
-    files: TlsFiles,
-    current: RwLock<Arc<CertifiedKey>>,
+    /// The files the pair in force came from, and the pair.
+    current: RwLock<(TlsFiles, Arc<CertifiedKey>)>,
 }
 
 // === impl Certificates ===
@@ -200,22 +200,27 @@ impl Certificates {
     pub fn open(files: TlsFiles) -> Result<Arc<Self>, TlsError> {
         let current = load(&files, SystemTime::now())?;
         Ok(Arc::new(Certificates {
-            files,
-            current: RwLock::new(current),
+            current: RwLock::new((files, current)),
         }))
     }
 
     /// Reads the files again; on success new handshakes get the new pair, on failure the old
     /// one stays (and the error says why).
     pub fn reload(&self) -> Result<(), TlsError> {
-        let fresh = load(&self.files, SystemTime::now())?;
-        *self.current.write() = fresh;
+        let files = self.files();
+        let fresh = load(&files, SystemTime::now())?;
+        self.install(files, fresh);
         Ok(())
     }
 
-    /// The files this pair comes from.
-    pub fn files(&self) -> &TlsFiles {
-        &self.files
+    /// Serves `pair`, loaded (and so checked) from `files`, to new handshakes from now on.
+    pub fn install(&self, files: TlsFiles, pair: Arc<CertifiedKey>) {
+        *self.current.write() = (files, pair);
+    }
+
+    /// The files the pair in force comes from.
+    pub fn files(&self) -> TlsFiles {
+        self.current.read().0.clone()
     }
 
     /// A rustls server config over these certificates: TLS 1.3 and 1.2, ALPN `h2` then
@@ -236,7 +241,7 @@ impl Certificates {
 
 impl ResolvesServerCert for Certificates {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(Arc::clone(&self.current.read()))
+        Some(Arc::clone(&self.current.read().1))
     }
 }
 

@@ -182,3 +182,17 @@ pub fn tollgate_command() -> std::process::Command {
     }
     command
 }
+
+/// Asserts that the `tollgate` process `child` is still running, then stops it with SIGTERM and
+/// asserts that it drained and exited 0.
+pub fn expect_running_then_stop(child: &mut std::process::Child) {
+    assert!(
+        child.try_wait().expect("status").is_none(),
+        "the process is gone (a signal killed it?)"
+    );
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(0));
+}

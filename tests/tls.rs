@@ -276,6 +276,45 @@ async fn a_reload_serves_the_new_certificate_to_new_connections_and_keeps_open_o
     assert_eq!(presented, second.der);
 }
 
+/// A reload whose file names other certificate files serves them; one that names files that
+/// fail their checks changes nothing, not even the rest of the config.
+#[tokio::test]
+async fn a_reload_to_other_certificate_files_serves_them_or_changes_nothing() {
+    let ca = Ca::new();
+    let (one, two) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let first = ca.issue("first");
+    let files = write(one.path(), &first);
+    let upstream = Upstream::start().await;
+    let mut gw = tls_gateway(&upstream, &files, false).await;
+
+    let second = ca.issue("second");
+    let moved = write(two.path(), &second);
+    gw.reload_with(|s| s.proxy.tls = Some(moved.clone()))
+        .expect("applies");
+    assert_eq!(handshake(&ca, gw.proxy_addr).await.1, second.der);
+
+    let missing = TlsFiles {
+        cert: two.path().join("nowhere.pem"),
+        key: moved.key.clone(),
+    };
+    let refused = gw.reload_with(|s| {
+        s.proxy.tls = Some(missing);
+        s.routes.retain(|r| r.name != "public");
+    });
+    assert!(refused.is_err());
+    assert_eq!(handshake(&ca, gw.proxy_addr).await.1, second.der);
+    let (mut open, _) = handshake(&ca, gw.proxy_addr).await;
+    // Without `public`, `/public/a` would be the keyed `api` route's (401).
+    let answer = get(&mut open, "/public/a").await;
+    assert!(
+        answer.contains("200"),
+        "the old routes still serve: {answer}"
+    );
+}
+
 /// `tollgate check-config` on `config`, which must exit 2; its stderr.
 fn refused_by_check_config(config: &Path) -> String {
     let out = common::tollgate_command()
@@ -422,16 +461,7 @@ fn sighup_swaps_the_certificate_of_the_running_process() {
         status.contains("401"),
         "the connection made before the reload still answers: {status}"
     );
-    assert!(
-        child.try_wait().expect("status").is_none(),
-        "SIGHUP killed it"
-    );
-
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let status = child.wait().expect("wait");
-    assert_eq!(status.code(), Some(0));
+    common::expect_running_then_stop(&mut child);
 }
 
 fn free_port() -> u16 {

@@ -75,7 +75,7 @@ pub(crate) async fn get(
     let policy = account.network_policy;
     Ok(Json(ConfigView {
         auth_method: account.auth_method,
-        rate_limit: LimitsInForce::of(account.rate_limit.as_ref(), &state.default_limits),
+        rate_limit: LimitsInForce::of(account.rate_limit.as_ref(), &state.live().default_limits),
         network_policy: NetworkView {
             allowed_ips: Layers {
                 tenant: policy.allowed_ips,

@@ -178,7 +178,7 @@ pub(crate) async fn keys(
                 None => LimitSnapshot::full(&Quotas::resolve(
                     k.rate_limit.as_ref(),
                     access.account.rate_limit.as_ref(),
-                    &state.default_limits,
+                    &state.live().default_limits,
                 )),
             };
             let tightest = snapshot.tightest();

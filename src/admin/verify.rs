@@ -112,7 +112,7 @@ pub(crate) async fn verify(
     verifier: Verifier,
     JsonBody(req): JsonBody<VerifyRequest>,
 ) -> Result<Json<Verdict>, ApiError> {
-    let facts = Inputs::read(&req, &state.routes)?;
+    let facts = Inputs::read(&req, &state.live().routes)?;
     let mut explain = Explain::new(req.explain);
     let hash = KeyHash::of(&req.key);
     let cached = state.cache.cached(&hash);

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use dashmap::mapref::entry::Entry as MapEntry;
 use dashmap::DashMap;
 use http::HeaderValue;
@@ -134,9 +135,17 @@ pub struct KeyCache {
     /// Keys' credit leases on this instance.
     credits: Arc<CreditLeases>,
     metrics: Arc<Metrics>,
+    /// `[cache]` and `limits.default`, swapped by a reload ([`KeyCache::retune`]); read on
+    /// loads, never on a fresh hit.
+    tuning: ArcSwap<Tuning>,
+    on_store_error: OnStoreError,
+}
+
+/// What a config reload may change in the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Tuning {
     settings: CacheSettings,
     default_limits: RateLimitSpec,
-    on_store_error: OnStoreError,
 }
 
 // === impl KeyCache ===
@@ -177,10 +186,29 @@ impl KeyCache {
             meter,
             credits,
             metrics,
-            settings,
-            default_limits,
+            tuning: ArcSwap::from_pointee(Tuning {
+                settings,
+                default_limits,
+            }),
             on_store_error,
         }
+    }
+
+    /// A reload's `[cache]` and `limits.default`. When either changed, every entry is made
+    /// stale: each key's next request is still answered from memory (on what the entry holds)
+    /// and re-reads it, so that the request after that is decided on the new settings, and no
+    /// key waits on the store or loses its fail-open cover. Answers whether anything changed.
+    pub fn retune(&self, settings: CacheSettings, default_limits: RateLimitSpec) -> bool {
+        let fresh = Tuning {
+            settings,
+            default_limits,
+        };
+        if **self.tuning.load() == fresh {
+            return false;
+        }
+        self.tuning.store(Arc::new(fresh));
+        self.expire_all();
+        true
     }
 
     /// Makes keys draw on fleet-wide counters (`limits.mode = "global"`).
@@ -296,13 +324,13 @@ impl KeyCache {
         found
     }
 
-    /// Whether an entry is still good: while the store says nothing has changed since it was
-    /// read (as good as a re-read, and none is made), or else before its `fresh_until` unless a
-    /// resync expired it. The revision comes first, so a hit under an unmoved revision reads no
-    /// clock.
+    /// Whether an entry is still good: unless a resync or a reload expired it (what it was
+    /// built on may have changed), while the store says nothing has changed since it was read
+    /// (as good as a re-read, and none is made), or else before its `fresh_until`. The
+    /// revision comes before the clock, so a hit under an unmoved revision reads no clock.
     fn fresh(&self, entry: &Entry, now: impl FnOnce() -> Instant) -> bool {
-        self.unchanged_since(entry.revision)
-            || (!entry.expired.load(Ordering::Relaxed) && now() < entry.fresh_until)
+        !entry.expired.load(Ordering::Relaxed)
+            && (self.unchanged_since(entry.revision) || now() < entry.fresh_until)
     }
 
     /// Whether the store's revision is known and still `revision`.
@@ -342,9 +370,9 @@ impl KeyCache {
                 "could not read whether the store holds imported keys; keeping the last answer"
             ),
         }
-        let due = self
-            .since_born_ms()
-            .saturating_add(u64::try_from(self.settings.ttl.as_millis()).unwrap_or(u64::MAX));
+        let due = self.since_born_ms().saturating_add(
+            u64::try_from(self.tuning.load().settings.ttl.as_millis()).unwrap_or(u64::MAX),
+        );
         self.imported_due_ms.store(due, Ordering::Relaxed);
     }
 
@@ -508,37 +536,38 @@ impl KeyCache {
         };
         self.lookups.succeeded();
         let now = Instant::now();
+        let tuning = **self.tuning.load();
         let (slot, result) = match found {
             Some(lookup) => {
                 let key = KeyRef(Arc::new(Entry {
-                    key: self.build(&lookup),
-                    fresh_until: now + self.settings.ttl,
+                    key: self.build(&lookup, &tuning.default_limits),
+                    fresh_until: now + tuning.settings.ttl,
                     revision,
                     expired: AtomicBool::new(false),
                 }));
                 (Slot::Found(key.clone()), Some(key))
             }
-            None => (Slot::Missing(now + self.settings.negative_ttl), None),
+            None => (Slot::Missing(now + tuning.settings.negative_ttl), None),
         };
         if self.generation.load(Ordering::SeqCst) == generation {
-            self.make_room();
+            self.make_room(tuning.settings.max_entries);
             self.map.insert(*hash, slot);
         }
         Ok(result)
     }
 
-    fn make_room(&self) {
-        if self.map.len() < self.settings.max_entries {
+    fn make_room(&self, max_entries: usize) {
+        if self.map.len() < max_entries {
             return;
         }
         self.sweep();
-        let excess = (self.map.len() + 1).saturating_sub(self.settings.max_entries);
+        let excess = (self.map.len() + 1).saturating_sub(max_entries);
         if excess == 0 {
             return;
         }
         // No recency order is kept (that would cost every hit a write); evict an arbitrary
         // hundredth so that a full cache does not evict on every miss.
-        let mut budget = excess.max(self.settings.max_entries / 100);
+        let mut budget = excess.max(max_entries / 100);
         self.map.retain(|_, _| {
             if budget == 0 {
                 return true;
@@ -585,14 +614,14 @@ impl KeyCache {
         (Arc::clone(entry.key()), entry.value().clone())
     }
 
-    fn build(&self, lookup: &KeyLookup) -> CachedKey {
+    fn build(&self, lookup: &KeyLookup, default_limits: &RateLimitSpec) -> CachedKey {
         let (key, account) = (&lookup.key, &lookup.account);
         let key_id: Arc<str> = Arc::from(key.id.as_str());
         let (account_id, account_id_value) = self.account_id(&account.id);
         let quotas = Quotas::resolve(
             key.rate_limit.as_ref(),
             account.rate_limit.as_ref(),
-            &self.default_limits,
+            default_limits,
         );
         // Only the windows the account sets: no defaults for shared buckets.
         let shared = account

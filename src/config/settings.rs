@@ -63,7 +63,7 @@ pub struct AdminSettings {
 }
 
 /// `[cache]`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheSettings {
     /// A cached key is re-read after this.
     pub ttl: Duration,

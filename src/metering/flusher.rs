@@ -137,21 +137,29 @@ impl Backlog {
 // === functions ===
 
 /// Runs until `shutdown` turns true, then drains and writes what is left (bounded by
-/// `final_deadline`).
+/// `final_deadline`). Flushes every `interval`, which a config reload may change.
 pub async fn run(
     meter: Arc<Meter>,
     store: Arc<dyn Usage>,
     metrics: Arc<Metrics>,
-    interval: Duration,
+    mut interval: watch::Receiver<Duration>,
     mut shutdown: watch::Receiver<bool>,
     final_deadline: Duration,
 ) {
     let mut backlog = Backlog::new(MAX_PENDING_BUCKETS, &metrics);
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let ticker_every = |every: Duration| {
+        let mut ticker = tokio::time::interval(every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker
+    };
+    let mut ticker = ticker_every(*interval.borrow_and_update());
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
+            Ok(()) = interval.changed() => {
+                ticker = ticker_every(*interval.borrow_and_update());
+                continue;
+            }
             _ = shutdown.changed() => break,
         }
         flush_once(&meter, &*store, &metrics, &mut backlog).await;

@@ -103,6 +103,7 @@ mod keys;
 mod scripts;
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -150,8 +151,9 @@ pub struct RedisStore {
     /// A node to subscribe to for invalidations (any node of a cluster receives every publish).
     subscribe_url: String,
     /// Backstop TTLs of usage buckets by granularity (minute, hour, day): renewed on each write,
-    /// so a bucket outlives its last write by this much even if pruning never runs.
-    bucket_ttls: [Option<Duration>; 3],
+    /// so a bucket outlives its last write by this much even if pruning never runs. In seconds,
+    /// 0 for none; a config reload changes them ([`RedisStore::set_bucket_ttl`]).
+    bucket_ttls: [AtomicU64; 3],
     /// This process's appends to one account's audit chain, one at a time ([`audit`]).
     audit_turns: audit::AuditTurns,
 }
@@ -176,9 +178,9 @@ impl RedisStore {
             conn,
             subscribe_url,
             bucket_ttls: [
-                Some(Duration::from_secs(7 * 86_400)),
-                Some(Duration::from_secs(400 * 86_400)),
-                None,
+                AtomicU64::new(7 * 86_400),
+                AtomicU64::new(400 * 86_400),
+                AtomicU64::new(0),
             ],
             audit_turns: audit::AuditTurns::default(),
         })
@@ -186,9 +188,16 @@ impl RedisStore {
 
     /// Sets the backstop TTL of one granularity's buckets (`None`: only pruning removes them).
     /// Keep it above the configured retention: a bucket expires this long after its last write.
-    pub fn with_bucket_ttl(mut self, granularity: Granularity, ttl: Option<Duration>) -> Self {
-        self.bucket_ttls[granularity_slot(granularity)] = ttl;
+    pub fn with_bucket_ttl(self, granularity: Granularity, ttl: Option<Duration>) -> Self {
+        self.set_bucket_ttl(granularity, ttl);
         self
+    }
+
+    /// Like [`RedisStore::with_bucket_ttl`], on a store in use: writes from now on renew
+    /// buckets with `ttl`.
+    pub fn set_bucket_ttl(&self, granularity: Granularity, ttl: Option<Duration>) {
+        let secs = ttl.map_or(0, |ttl| ttl.as_secs().max(1));
+        self.bucket_ttls[granularity_slot(granularity)].store(secs, Ordering::Relaxed);
     }
 
     /// Reports the circuit breaker's state in `gauge` (`tollgate_store_breaker_open`: 1 while
@@ -204,7 +213,10 @@ impl RedisStore {
     }
 
     fn bucket_ttl(&self, granularity: Granularity) -> Option<u64> {
-        self.bucket_ttls[granularity_slot(granularity)].map(|ttl| ttl.as_secs().max(1))
+        match self.bucket_ttls[granularity_slot(granularity)].load(Ordering::Relaxed) {
+            0 => None,
+            secs => Some(secs),
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use tempfile::TempDir;
-use tollgate::app::{self, Running, StartOptions};
+use tollgate::app::{self, ReloadError, Reloaded, Running, StartOptions};
 use tollgate::config::{self, Settings};
 use tollgate::credential::{self, Kind};
 use tollgate::metering::WallClock;
@@ -154,9 +154,40 @@ impl Gateway {
         }
     }
 
-    /// What `SIGHUP` does to the running gateway ([`tollgate::app::Running::reload`]).
+    /// What `SIGHUP` does to the running gateway ([`tollgate::app::Running::reload`]) when the
+    /// file is unchanged: the certificates are read again. Whether it applied.
     pub fn reload(&self) -> bool {
-        self.running.as_ref().is_some_and(|r| r.reload())
+        self.reload_config(Ok(self.settings.clone())).is_ok()
+    }
+
+    /// Reloads the running gateway with its settings changed by `change`; on success they are
+    /// also what [`Gateway::restart`] starts with.
+    pub fn reload_with(
+        &mut self,
+        change: impl FnOnce(&mut Settings),
+    ) -> Result<Reloaded, ReloadError> {
+        let mut fresh = self.settings.clone();
+        change(&mut fresh);
+        let outcome = self.reload_config(Ok(fresh.clone()));
+        if outcome.is_ok() {
+            self.settings = fresh;
+        }
+        outcome
+    }
+
+    /// Reloads with these `[[routes]]` tables instead of the running ones.
+    pub fn reload_routes(&mut self, toml: &str) -> Result<Reloaded, ReloadError> {
+        let routes = routes_of(toml);
+        self.reload_with(|s| s.routes = routes)
+    }
+
+    /// Reloads with `fresh` as the config file read again (an `Err` is a file that failed its
+    /// checks).
+    pub fn reload_config(
+        &self,
+        fresh: Result<Settings, config::ConfigError>,
+    ) -> Result<Reloaded, ReloadError> {
+        self.running.as_ref().expect("running").reload(fresh)
     }
 
     /// `http://PROXY/path`.
@@ -298,6 +329,15 @@ impl Gateway {
 }
 
 // === functions ===
+
+/// The routes that these `[[routes]]` tables configure, checked by the config loader.
+pub fn routes_of(toml: &str) -> Vec<tollgate::config::RouteSettings> {
+    let file =
+        format!("[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{toml}");
+    config::load_from_str(&file, std::path::Path::new("routes.toml"), Vec::new())
+        .expect("the routes load")
+        .routes
+}
 
 /// The routes most tests use, in front of `upstream`:
 ///

@@ -110,6 +110,13 @@ impl Usage for RedisStore {
         Ok(scores.into_iter().map(|s| s.map(|ms| ms as i64)).collect())
     }
 
+    /// Buckets expire twice the retention after their last write, a backstop for pruning.
+    fn set_retention(&self, retention: &[(Granularity, std::time::Duration)]) {
+        for (granularity, kept) in retention {
+            self.set_bucket_ttl(*granularity, Some(*kept * 2));
+        }
+    }
+
     async fn prune_usage(&self, granularity: Granularity, before: i64) -> Result<u64, StoreError> {
         let mut done = HashSet::new();
         let mut removed = 0;
