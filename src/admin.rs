@@ -5,6 +5,7 @@
 //! | `GET /healthz` | anyone | 200 `{"status":"ok"}` |
 //! | `GET /readyz` | anyone | 200 `{"status":"ready"}`, or 503 `{"status":"unavailable"}` |
 //! | `GET /metrics` | anyone | Prometheus text |
+//! | `GET /ui`, `/ui/{path}` | anyone (the app signs in against the API) | `/ui`: 308 to `ui/`; below it the usage dashboard's files ([`ui`]) |
 //! | `POST /v1/accounts` | operator | 201 account |
 //! | `GET /v1/accounts` | operator | `{"accounts":[…]}` |
 //! | `GET /v1/accounts/{account_id}` | operator | account |
@@ -48,7 +49,7 @@
 //! Layout: `auth` (who is calling), `body` (JSON bodies that name the failing field), `patch`
 //! (PATCH bodies as JSON merge patches), `error`, `validate` (field checks), `usage` (reading usage back), `audit` (writing and
 //! listing entries), `health`, `accounts`, `account_config`, `keys`, `import` (keys by hash), `rotation` (renew and roll),
-//! `sites`, `secrets` (OAuth client secrets), `master` (the operator's key at start-up). This module uses the store, the key cache
+//! `sites`, `secrets` (OAuth client secrets), `ui` (the dashboard's files), `master` (the operator's key at start-up). This module uses the store, the key cache
 //! and metrics; never the proxy.
 
 mod account_config;
@@ -67,6 +68,7 @@ mod patch;
 mod rotation;
 mod secrets;
 mod sites;
+mod ui;
 mod usage;
 mod validate;
 mod verify;
@@ -326,6 +328,7 @@ pub fn router(state: AdminState) -> Router {
         )
         .route("/v1/account", get(accounts::get_own))
         .route("/v1/verify", post(verify::verify))
+        .merge(ui::routes())
         .merge(account_routes("/v1/accounts/{account_id}"))
         .merge(account_routes("/v1/account"))
         .fallback(not_found)

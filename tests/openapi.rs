@@ -155,6 +155,22 @@ async fn every_documented_operation_answers_as_documented() {
     api.call("get", "/healthz", &[], Cred::None, None).await;
     api.call("get", "/readyz", &[], Cred::None, None).await;
     api.call("get", "/metrics", &[], Cred::None, None).await;
+    // The dashboard's files, no credential (the app signs in against the API).
+    api.call("get", "/ui", &[], Cred::None, None).await;
+    let (status, _) = api
+        .call("get", "/ui/{path}", &[("path", "app.js")], Cred::None, None)
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = api
+        .call(
+            "get",
+            "/ui/{path}",
+            &[("path", "nothing.js")],
+            Cred::None,
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
 
     // Accounts, as the operator.
     let (status, created) = api
@@ -814,6 +830,7 @@ async fn methods_a_path_does_not_document_are_405() {
         ("key_id", "key_x"),
         ("site_id", "site_x"),
         ("secret_id", "sec_x"),
+        ("path", "app.js"),
     ];
     let schema = api.doc["components"]["responses"]["MethodNotAllowed"]["content"]
         ["application/json"]["schema"]
