@@ -111,7 +111,28 @@ impl Proxy {
         meter: Arc<Meter>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, http::header::InvalidHeaderName> {
-        let mut pool = Pool::new();
+        Self::build(settings, cache, meter, metrics, Pool::new())
+    }
+
+    /// The proxy of a reloaded config, over the same shared state. Its connection pool
+    /// continues this one's, so upstreams that did not change keep their idle connections.
+    pub fn reloaded(&self, settings: &Settings) -> Result<Self, http::header::InvalidHeaderName> {
+        Self::build(
+            settings,
+            Arc::clone(&self.cache),
+            Arc::clone(&self.meter),
+            Arc::clone(&self.metrics),
+            self.upstreams.pool().continued(),
+        )
+    }
+
+    fn build(
+        settings: &Settings,
+        cache: Arc<KeyCache>,
+        meter: Arc<Meter>,
+        metrics: Arc<Metrics>,
+        mut pool: Pool,
+    ) -> Result<Self, http::header::InvalidHeaderName> {
         let routes = RouteTable::new(&settings.routes, &metrics, &mut pool);
         Ok(Proxy {
             routes,

@@ -1,6 +1,6 @@
 //! TLS for the listeners, with rustls: a certificate chain and its private key read from PEM
 //! files and checked before anything is served, then handed to every new handshake by a
-//! resolver whose pair [`Certificates::reload`] swaps (on `SIGHUP`) without touching the
+//! resolver whose pair [`Certificates::install`] swaps (a config reload, on `SIGHUP`) without touching the
 //! connections already open.
 //!
 //! What [`load`] refuses, each naming its file: a file that cannot be read, no certificate or no
@@ -186,7 +186,7 @@ fn check_dates(path: &Path, cert: &CertificateDer<'_>, now: SystemTime) -> Resul
 }
 
 /// A listener's certificate and key: served to every new handshake, swapped by a reload
-/// ([`Certificates::reload`], or [`Certificates::install`] of a pair from other files).
+/// ([`Certificates::install`] of a pair that [`load`] read and checked).
 #[derive(Debug)]
 pub struct Certificates {
     /// The files the pair in force came from, and the pair.
@@ -202,15 +202,6 @@ impl Certificates {
         Ok(Arc::new(Certificates {
             current: RwLock::new((files, current)),
         }))
-    }
-
-    /// Reads the files again; on success new handshakes get the new pair, on failure the old
-    /// one stays (and the error says why).
-    pub fn reload(&self) -> Result<(), TlsError> {
-        let files = self.files();
-        let fresh = load(&files, SystemTime::now())?;
-        self.install(files, fresh);
-        Ok(())
     }
 
     /// Serves `pair`, loaded (and so checked) from `files`, to new handshakes from now on.

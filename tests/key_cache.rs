@@ -405,3 +405,66 @@ async fn keys_share_what_they_have_in_common() {
     );
     assert_eq!(a.identity.account_id, f.account.id.as_str());
 }
+
+/// A config reload's cache settings: a changed ttl has every key re-read (answered from memory
+/// meanwhile, even long past its ttl, since the store did not change), a changed `negative_ttl`
+/// forgets the misses, a smaller `max_entries` evicts at once, and the same settings change
+/// nothing.
+#[tokio::test(start_paused = true)]
+async fn a_retune_rereads_what_its_change_needs_and_nothing_else() {
+    let f = fixture(settings());
+    let key = with_key(&f).await;
+    let unknown = KeyHash::of(&credential::generate(Kind::Secret));
+    assert!(matches!(f.cache.get(&key.hash).await, Lookup::Found(_)));
+    assert!(matches!(f.cache.get(&unknown).await, Lookup::NotFound));
+    assert_eq!(lookups(&f), 2);
+    let default = RateLimitSpec {
+        per_minute: Some(60),
+        per_hour: Some(1000),
+        per_day: Some(10_000),
+    };
+    assert!(!f.cache.retune(settings(), default), "nothing changed");
+
+    // negative_ttl: the miss is read again, the key is not.
+    let shorter_misses = CacheSettings {
+        negative_ttl: Duration::from_secs(1),
+        ..settings()
+    };
+    assert!(f.cache.retune(shorter_misses, default));
+    assert!(matches!(f.cache.get(&unknown).await, Lookup::NotFound));
+    assert!(matches!(f.cache.get(&key.hash).await, Lookup::Found(_)));
+    assert_eq!(lookups(&f), 3, "only the miss was read again");
+
+    // ttl, an hour after the key was read: answered from memory at once, re-read behind it.
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    let longer = CacheSettings {
+        ttl: Duration::from_secs(60),
+        ..shorter_misses
+    };
+    assert!(f.cache.retune(longer, default));
+    assert!(
+        matches!(
+            f.cache.cached(&key.hash),
+            tollgate::auth::cache::Cached::Stale(_)
+        ),
+        "served while it is re-read, not waited for"
+    );
+    assert!(matches!(f.cache.get(&key.hash).await, Lookup::Found(_)));
+    common::eventually(Duration::from_secs(5), || async { lookups(&f) == 4 }).await;
+    assert_eq!(lookups(&f), 4, "the key was re-read once");
+
+    // max_entries below what is held: evicted at once.
+    f.store.create_account(&f.account).await.ok();
+    for _ in 0..20 {
+        let other = key_record(&f.account.id, &credential::generate(Kind::Secret));
+        f.store.create_key(&other).await.expect("key");
+        assert!(matches!(f.cache.get(&other.hash).await, Lookup::Found(_)));
+    }
+    assert!(f.cache.len() > 10);
+    let fewer = CacheSettings {
+        max_entries: 10,
+        ..longer
+    };
+    assert!(f.cache.retune(fewer, default));
+    assert!(f.cache.len() < 10, "{} entries", f.cache.len());
+}

@@ -56,7 +56,13 @@ async fn new_routes_apply_to_new_requests_while_one_in_flight_finishes_on_the_ol
         let (client, url) = (client.clone(), gw.proxy_url("/public/slow?ms=700"));
         async move { client.get(url).send().await.expect("slow request") }
     });
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            upstream.requests_seen() == 1
+        })
+        .await,
+        "the slow request reached the upstream"
+    );
     let done = gw
         .reload_routes(&reloaded_routes(&upstream.url()))
         .expect("the reload applies");
@@ -266,6 +272,75 @@ async fn the_flush_interval_follows_a_reload() {
     );
 }
 
+#[tokio::test]
+async fn the_proxy_listener_settings_follow_a_reload() {
+    let upstream = Upstream::start().await;
+    let mut gw = Gateway::start(&upstream).await;
+    let (_, key) = gw.account_with_key().await;
+    let client = common::client();
+    let proxy = gw.proxy_addr;
+    let send = |path: &str, body: &'static str| {
+        client
+            .post(format!("http://{proxy}{path}"))
+            .bearer_auth(&key)
+            .header("x-forwarded-for", "203.0.113.9")
+            .body(body)
+    };
+    // Before: no trusted proxy (the peer is the client), no account API, bodies of 10 MiB.
+    let echo = expect_echo(send("/a", "0123456789").send().await.expect("a")).await;
+    assert_eq!(echo["headers"]["x-forwarded-for"], "127.0.0.1");
+    expect_echo(send("/v1/account", "").send().await.expect("b")).await;
+
+    gw.reload_with(|s| {
+        s.proxy.trusted_proxies = vec!["127.0.0.1/32".parse().expect("cidr")];
+        s.proxy.max_body_bytes = 4;
+        s.proxy.expose_account_api = true;
+    })
+    .expect("applies");
+    let echo = expect_echo(send("/a", "").send().await.expect("c")).await;
+    assert_eq!(echo["headers"]["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    let big = send("/a", "0123456789").send().await.expect("d");
+    expect_refusal(big, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large").await;
+    let account = client
+        .get(gw.proxy_url("/v1/account"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("e");
+    assert_eq!(account.status(), StatusCode::OK);
+    let body: serde_json::Value = account.json().await.expect("json");
+    assert!(
+        body["id"].as_str().is_some_and(|id| id.starts_with("acc_")),
+        "the account API answered: {body}"
+    );
+}
+
+#[tokio::test]
+async fn upstream_connections_outlive_a_reload() {
+    let upstream = Upstream::start().await;
+    let mut gw = Gateway::start(&upstream).await;
+    let client = common::client();
+    for round in 0..4u64 {
+        for _ in 0..3 {
+            let response = client
+                .get(gw.proxy_url("/public/x"))
+                .send()
+                .await
+                .expect("public");
+            expect_echo(response).await;
+        }
+        if round < 3 {
+            gw.reload_with(|s| s.cache.negative_ttl = Duration::from_secs(round + 1))
+                .expect("applies");
+        }
+    }
+    assert_eq!(
+        upstream.connections_seen(),
+        1,
+        "the one upstream connection served every round, across three reloads"
+    );
+}
+
 /// Whether the usage at `path` counts exactly one request.
 async fn counted(gw: &Gateway, path: &str) -> bool {
     let (_, body) = gw.admin(Method::GET, path, None).await;
@@ -365,13 +440,14 @@ async fn sighup_reloads_the_file_of_the_running_process() {
         )
     };
     // Every route strips its prefix, so the path the upstream sees tells which one answered.
-    let route = |name: &str, prefix: &str| {
+    let timed = |name: &str, prefix: &str, timeout: &str| {
         format!(
             "[[routes]]\nname = \"{name}\"\npath_prefix = \"{prefix}\"\nupstreams = [\"{}\"]\n\
-             auth = \"public\"\nstrip_prefix = true\n",
+             auth = \"public\"\nstrip_prefix = true\ntimeout = \"{timeout}\"\n",
             upstream.url()
         )
     };
+    let route = |name: &str, prefix: &str| timed(name, prefix, "30s");
     let file = dir.path().join("t.toml");
     std::fs::write(&file, head(port) + &route("old", "/")).expect("write");
     let mut child = common::tollgate_command()
@@ -392,12 +468,18 @@ async fn sighup_reloads_the_file_of_the_running_process() {
         let (client, url) = (client.clone(), format!("{base}/slow?ms=1500"));
         async move { client.get(url).send().await.expect("slow request") }
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            upstream.requests_seen() == 1
+        })
+        .await,
+        "the slow request reached the upstream"
+    );
 
-    // A new route, by SIGHUP.
+    // A new route, and a head timeout on the old one that the slow request would miss.
     std::fs::write(
         &file,
-        head(port) + &route("old", "/") + &route("new", "/new"),
+        head(port) + &timed("old", "/", "300ms") + &route("new", "/new"),
     )
     .expect("write");
     hangup(child.id());
@@ -418,8 +500,14 @@ async fn sighup_reloads_the_file_of_the_running_process() {
     assert_eq!(
         slow.status(),
         StatusCode::OK,
-        "the in-flight request completes"
+        "the in-flight request completes on the config it began on"
     );
+    let cut = client
+        .get(format!("{base}/slow?ms=1500"))
+        .send()
+        .await
+        .expect("a new slow request");
+    expect_refusal(cut, StatusCode::GATEWAY_TIMEOUT, "upstream_timeout").await;
 
     // A broken file: logged with its field, and the old config keeps serving.
     std::fs::write(

@@ -18,7 +18,6 @@ use tokio::sync::watch;
 use crate::admin::AdminState;
 use crate::auth::cache::KeyCache;
 use crate::config::{ConfigError, MeteringSettings, Settings};
-use crate::metering::Meter;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::store::{Granularity, SharedStore};
@@ -58,7 +57,6 @@ pub(super) struct Reloader {
     pub(super) settings: Mutex<Settings>,
     pub(super) proxy: Arc<ArcSwap<Proxy>>,
     pub(super) cache: Arc<KeyCache>,
-    pub(super) meter: Arc<Meter>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) admin: AdminState,
     pub(super) store: SharedStore,
@@ -112,12 +110,8 @@ impl Reloader {
         let mut running = self.settings.lock();
         let (fresh, needs_restart) = keep_bound_at_start(&running, fresh);
         // Everything that can fail, before anything changes.
-        let proxy = Proxy::new(
-            &fresh,
-            Arc::clone(&self.cache),
-            Arc::clone(&self.meter),
-            Arc::clone(&self.metrics),
-        )?;
+        // Upstreams that did not change keep their idle connections.
+        let proxy = self.proxy.load().reloaded(&fresh)?;
         let proxy_pair = prepare_tls("proxy", &self.proxy_tls, fresh.proxy.tls.as_ref())?;
         let admin_pair = prepare_tls("admin", &self.admin_tls, fresh.admin.tls.as_ref())?;
 
@@ -125,8 +119,9 @@ impl Reloader {
         self.proxy.store(Arc::new(proxy));
         for (certificates, pair) in [(&self.proxy_tls, proxy_pair), (&self.admin_tls, admin_pair)] {
             if let (Some(certificates), Some((files, pair))) = (certificates, pair) {
-                tracing::info!(cert = %files.cert.display(), "reloaded the TLS certificate");
+                let cert = files.cert.display().to_string();
                 certificates.install(files, pair);
+                tracing::info!(%cert, "reloaded the TLS certificate");
             }
         }
         self.cache.retune(fresh.cache, fresh.limits.default);

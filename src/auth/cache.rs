@@ -69,9 +69,21 @@ pub enum Cached {
 /// A map slot: a pointer to the key, or when a miss stops being fresh. 16 bytes (the
 /// `Instant`'s niche holds the tag), so that a million keys' slots take ~100 MB less than
 /// with the entry's times inline.
+#[derive(Clone)]
 enum Slot {
     Found(KeyRef),
     Missing(Instant),
+}
+
+impl Slot {
+    /// Whether this is the very slot `other` is (the same entry, or the same miss).
+    fn is(&self, other: &Slot) -> bool {
+        match (self, other) {
+            (Slot::Found(a), Slot::Found(b)) => Arc::ptr_eq(&a.0, &b.0),
+            (Slot::Missing(a), Slot::Missing(b)) => a == b,
+            _ => false,
+        }
+    }
 }
 
 /// A cached key, with what says whether it is still fresh.
@@ -199,15 +211,25 @@ impl KeyCache {
     /// and re-reads it, so that the request after that is decided on the new settings, and no
     /// key waits on the store or loses its fail-open cover. Answers whether anything changed.
     pub fn retune(&self, settings: CacheSettings, default_limits: RateLimitSpec) -> bool {
+        let old = **self.tuning.load();
         let fresh = Tuning {
             settings,
             default_limits,
         };
-        if **self.tuning.load() == fresh {
+        if old == fresh {
             return false;
         }
         self.tuning.store(Arc::new(fresh));
-        self.expire_all();
+        if old.settings.ttl != settings.ttl || old.default_limits != default_limits {
+            // What keys were built on (their limits, how long they are fresh) changed.
+            self.expire_all();
+        } else if old.settings.negative_ttl != settings.negative_ttl {
+            self.generation.fetch_add(1, Ordering::SeqCst);
+            self.map.retain(|_, slot| matches!(slot, Slot::Found(_)));
+        }
+        if settings.max_entries < old.settings.max_entries {
+            self.make_room(settings.max_entries);
+        }
         true
     }
 
@@ -313,7 +335,12 @@ impl KeyCache {
             Some(Slot::Missing(until)) if Instant::now() < *until => {
                 Cached::Fresh(Lookup::NotFound)
             }
-            Some(Slot::Found(key)) if Instant::now() < key.0.fresh_until + STALE_KEEP => {
+            // Stale: served while it is re-read. An entry expired by a reload whose store
+            // revision has not moved is still the store's truth, however old.
+            Some(Slot::Found(key))
+                if Instant::now() < key.0.fresh_until + STALE_KEEP
+                    || self.unchanged_since(key.0.revision) =>
+            {
                 Cached::Stale(key.clone())
             }
             Some(Slot::Found(_) | Slot::Missing(_)) | None => Cached::Absent,
@@ -551,7 +578,13 @@ impl KeyCache {
         };
         if self.generation.load(Ordering::SeqCst) == generation {
             self.make_room(tuning.settings.max_entries);
+            let inserted = slot.clone();
             self.map.insert(*hash, slot);
+            // An invalidation or a reload that came in since the check: what was read may
+            // predate it, so it must not stay.
+            if self.generation.load(Ordering::SeqCst) != generation {
+                self.map.remove_if(hash, |_, s| s.is(&inserted));
+            }
         }
         Ok(result)
     }

@@ -37,6 +37,11 @@ impl Upstreams {
         Upstreams { pool }
     }
 
+    /// The connection pool.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
     /// Sends `req` to `target` and waits for the response head within the route's timeout.
     /// `req` has an origin-form URI and its `Host`.
     pub async fn send(

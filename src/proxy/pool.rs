@@ -36,12 +36,18 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 /// Idle connections kept per upstream and thread; more are closed.
 const MAX_IDLE: usize = 512;
+/// Upstreams a pool numbers before a reload starts a new pool instead of continuing it
+/// ([`Pool::continued`]): each reload may add the `https://` upstreams again (a new TLS client
+/// is a new upstream), so continuing forever would grow without bound.
+const MAX_PEERS: usize = 1024;
 
 /// Distinguishes the pools of gateways that share a process (tests start many).
 static NEXT_POOL: AtomicU64 = AtomicU64::new(0);
 
 thread_local! {
     static IDLE: RefCell<Vec<IdleList>> = const { RefCell::new(Vec::new()) };
+    /// When this thread last closed its expired idle connections ([`purge_expired`]).
+    static PURGED: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
 }
 
 /// The idle connections to one upstream on one thread.
@@ -69,6 +75,7 @@ pub struct Pool {
 }
 
 /// One upstream to connect to: where, and with which TLS client (none: cleartext).
+#[derive(Clone)]
 struct Peer {
     authority: Authority,
     tls: Option<Arc<rustls::ClientConfig>>,
@@ -98,6 +105,20 @@ impl Pool {
         Pool {
             id: NEXT_POOL.fetch_add(1, Ordering::Relaxed),
             peers: Vec::new(),
+        }
+    }
+
+    /// A pool for a reloaded config that continues this one: the same upstreams in the same
+    /// slots, so that those the new routes still use keep their idle connections (whose lists
+    /// are keyed by pool and slot); new ones are added by [`Pool::slot`]. The idle connections
+    /// of upstreams no route uses any more are closed once they expire ([`purge_expired`]).
+    pub fn continued(&self) -> Pool {
+        if self.peers.len() >= MAX_PEERS {
+            return Pool::new();
+        }
+        Pool {
+            id: self.id,
+            peers: self.peers.clone(),
         }
     }
 
@@ -212,9 +233,11 @@ impl Checkin {
         if self.sender.is_closed() {
             return;
         }
+        let now = Instant::now();
+        purge_expired(now);
         let idle = Idle {
             sender: self.sender,
-            since: Instant::now(),
+            since: now,
         };
         // `try_with`: a body dropped while its thread exits just closes the connection.
         let _ = IDLE.try_with(|lists| {
@@ -252,6 +275,32 @@ where
         }
     });
     Ok(sender)
+}
+
+/// Once per [`IDLE_TIMEOUT`] on each thread: closes this thread's expired idle connections in
+/// every list, and drops emptied lists. Lists are otherwise only looked at for their own
+/// upstream, so those of an upstream that a reload removed would keep their connections open.
+fn purge_expired(now: Instant) {
+    let due = PURGED
+        .try_with(|last| match last.get() {
+            Some(at) if now.duration_since(at) < IDLE_TIMEOUT => false,
+            _ => {
+                last.set(Some(now));
+                true
+            }
+        })
+        .unwrap_or(false);
+    if !due {
+        return;
+    }
+    let _ = IDLE.try_with(|lists| {
+        let mut lists = lists.borrow_mut();
+        for list in lists.iter_mut() {
+            list.conns
+                .retain(|idle| now.duration_since(idle.since) < IDLE_TIMEOUT);
+        }
+        lists.retain(|list| !list.conns.is_empty());
+    });
 }
 
 /// The most recently idled live connection of `key` on this thread (it is the warmest, and the
