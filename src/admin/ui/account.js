@@ -28,6 +28,8 @@ const TOTALS = [
 let view = null;
 let range = null;
 let auditOffset = 0;
+/** The search of the audit page shown (or being loaded). */
+let auditSearch = "";
 /** Per region, the number of its latest load: an older answer arriving late is dropped. */
 const latest = {};
 
@@ -41,10 +43,13 @@ export function initAccount() {
     refresh(firstAuditPage);
   });
   let typing = null;
-  byId("audit-search").addEventListener("input", () => {
+  const search = byId("audit-search");
+  search.addEventListener("input", () => {
+    clearReady(); // at once, though the load waits for a pause in the typing
     clearTimeout(typing);
     typing = setTimeout(() => refresh(firstAuditPage), 300);
   });
+  search.addEventListener("change", searchAudit);
   byId("audit-prev").addEventListener("click", () => refresh(() => pageAudit(-AUDIT_PAGE)));
   byId("audit-next").addEventListener("click", () => refresh(() => pageAudit(AUDIT_PAGE)));
   byId("range").addEventListener("submit", onRange);
@@ -233,6 +238,11 @@ function renderSites(answer) {
 
 // === Audit ===
 
+/** A search typed (or changed) that differs from the one shown: its first page. */
+function searchAudit() {
+  if (byId("audit-search").value.trim() !== auditSearch) refresh(firstAuditPage);
+}
+
 function firstAuditPage() {
   auditOffset = 0;
   return loadAudit();
@@ -251,6 +261,7 @@ function loadAudit() {
     action: action === "all" ? null : action,
     search: byId("audit-search").value.trim(),
   };
+  auditSearch = query.search;
   return load("audit-region", "audit-error", () => api("GET", `${view.base}/audit`, { query }), renderAudit);
 }
 

@@ -8,7 +8,8 @@ import { byId, el, clear, showError, busy, setReady, clearReady, formatTime } fr
 let accounts = [];
 
 export function initAccounts() {
-  byId("account-search").addEventListener("input", renderRows);
+  // "change" too: a cleared field (by script, or a browser's clear button) may send only that.
+  for (const type of ["input", "change", "search"]) byId("account-search").addEventListener(type, renderRows);
 }
 
 /** Loads and shows the list; `view.current()` is false once the user has moved on. */

@@ -152,7 +152,11 @@ function route(moveFocus) {
   const mine = generation;
   const view = { ...target, role: session.role, current: () => mine === generation };
   showView(target.name);
-  if (moveFocus) byId("main").focus({ preventScroll: false });
+  if (moveFocus) {
+    // Screen readers and keyboards start again at the new view's content.
+    byId("main").focus({ preventScroll: true });
+    window.scrollTo(0, 0);
+  }
   if (target.name === "accounts") showAccounts(view);
   else if (target.name === "account") showAccount(view);
   else showKey(view);

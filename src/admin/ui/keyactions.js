@@ -6,7 +6,7 @@
 
 import { api } from "./api.js";
 import { openDialog, openError } from "./dialog.js";
-import { byId, el } from "./dom.js";
+import { byId, el, clearReady, setReady } from "./dom.js";
 
 let currentView = () => null;
 let reload = async () => {};
@@ -46,6 +46,24 @@ function keyPath(key, suffix = "") {
   return keysPath(`/${encodeURIComponent(key.id)}${suffix}`);
 }
 
+/**
+ * Runs one change: the page is marked not ready from the start (tests wait for `ready` after a
+ * click), the lists reload after it, and a refusal gives `ready` back before it is shown.
+ */
+async function change(work) {
+  const view = currentView();
+  clearReady();
+  let answer;
+  try {
+    answer = await work();
+  } catch (error) {
+    if (view.current()) setReady("account");
+    throw error;
+  }
+  await reload();
+  return answer;
+}
+
 /** A label and its control, stacked. */
 function field(label, control, hint) {
   return el("div", { class: "field" },
@@ -73,8 +91,7 @@ function createKey() {
     onConfirm: async () => {
       const body = { name: name.value, type: type.value };
       if (type.value === "publishable") body.allowed_origins = origin.value.trim() ? [origin.value.trim()] : [];
-      const created = await api("POST", keysPath(), { body });
-      reload();
+      const created = await change(() => api("POST", keysPath(), { body }));
       return { rawKey: created.key, title: `Key “${created.name}” created` };
     },
   });
@@ -87,8 +104,7 @@ function renameKey(key) {
     fields: [field("New name", name)],
     confirmLabel: "Rename",
     onConfirm: async () => {
-      await api("PATCH", keyPath(key), { body: { name: name.value } });
-      reload();
+      await change(() => api("PATCH", keyPath(key), { body: { name: name.value } }));
     },
   });
 }
@@ -97,13 +113,11 @@ function renameKey(key) {
 async function setActive(key, button, active) {
   button.disabled = true;
   try {
-    await api("POST", keyPath(key, active ? "/activate" : "/deactivate"));
+    await change(() => api("POST", keyPath(key, active ? "/activate" : "/deactivate")));
   } catch (error) {
     button.disabled = false;
     openError(`Could not ${active ? "activate" : "deactivate"} “${key.name}”`, error);
-    return;
   }
-  await reload();
 }
 
 function rollKey(key) {
@@ -117,8 +131,7 @@ function rollKey(key) {
     ],
     confirmLabel: "Roll key",
     onConfirm: async () => {
-      const rolled = await api("POST", keyPath(key, "/roll"), { body: { grace: grace.value.trim() } });
-      reload();
+      const rolled = await change(() => api("POST", keyPath(key, "/roll"), { body: { grace: grace.value.trim() } }));
       return { rawKey: rolled.key, title: `Key “${key.name}” rolled` };
     },
   });
@@ -131,8 +144,7 @@ function deleteKey(key) {
     confirmLabel: "Delete key",
     danger: true,
     onConfirm: async () => {
-      await api("DELETE", keyPath(key));
-      reload();
+      await change(() => api("DELETE", keyPath(key)));
     },
   });
 }

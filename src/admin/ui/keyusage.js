@@ -141,7 +141,7 @@ function drawCharts(series, interval) {
   const points = { show: xs.length <= 60 };
   plots.push(plot(byId("usage-chart"), 260, interval, [xs, series.success, series.error, series.rate_limited], [
     { label: "Success", stroke: COLORS.success, width: 2, points },
-    { label: "Error", stroke: COLORS.error, width: 2, points },
+    { label: "Error", stroke: COLORS.error, width: 3, points },
     { label: "Rate limited", stroke: COLORS.rateLimited, width: 2, dash: [6, 4], points },
   ], (n) => String(n)));
   plots.push(plot(byId("usage-bytes-chart"), 180, interval, [xs, series.bytes_in, series.bytes_out], [
@@ -156,16 +156,41 @@ function plot(container, height, interval, data, series, format) {
   const options = {
     width: chartWidth(container),
     height,
+    // Room on the right for the last time label, which uPlot centres on its tick.
+    padding: [12, 36, 0, 4],
     tzDate: (ts) => uPlot.tzDate(new Date(ts * 1000), "Etc/UTC"),
     scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(1, max)] } },
     series: [
       { label: "Bucket (UTC)", value: (u, x) => (x === null ? "—" : formatBucket(new Date(x * 1000).toISOString(), interval)) },
       ...series.map((s) => ({ ...s, value: (u, y) => (y === null ? "—" : format(y)) })),
     ],
-    axes: [{}, { size: 64, values: (u, ticks) => ticks.map(format) }],
+    axes: [
+      { space: 90, incrs: TICKS[interval], values: (u, ticks) => ticks.map((t) => tickLabel(t, interval)) },
+      { size: 64, values: (u, ticks) => ticks.map(format) },
+    ],
     cursor: { focus: { prox: 16 } },
   };
   return new uPlot(options, data, container);
+}
+
+const MIN = 60;
+const HOUR = 3600;
+const DAY = 86400;
+/** Time-axis tick steps (seconds) per interval: never finer than one bucket. */
+const TICKS = {
+  minute: [MIN, 5 * MIN, 10 * MIN, 15 * MIN, 30 * MIN, HOUR, 3 * HOUR, 6 * HOUR, 12 * HOUR, DAY, 7 * DAY, 30 * DAY],
+  hour: [HOUR, 2 * HOUR, 3 * HOUR, 6 * HOUR, 12 * HOUR, DAY, 2 * DAY, 7 * DAY, 14 * DAY, 30 * DAY, 91 * DAY],
+  day: [DAY, 2 * DAY, 7 * DAY, 14 * DAY, 30 * DAY, 91 * DAY, 182 * DAY, 365 * DAY],
+  week: [7 * DAY, 14 * DAY, 28 * DAY, 91 * DAY, 182 * DAY, 365 * DAY],
+  month: [30 * DAY, 91 * DAY, 182 * DAY, 365 * DAY, 730 * DAY],
+};
+
+/** A tick's label in UTC: the time for minute and hour buckets, else the date. */
+function tickLabel(seconds, interval) {
+  const iso = new Date(seconds * 1000).toISOString();
+  if (interval === "minute" || interval === "hour") return `${iso.slice(5, 10)} ${iso.slice(11, 16)}`;
+  if (interval === "month") return iso.slice(0, 7);
+  return iso.slice(0, 10);
 }
 
 function chartWidth(container) {
