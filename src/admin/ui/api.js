@@ -7,6 +7,7 @@
 "use strict";
 
 const STORAGE_KEY = "tollgate.credential";
+const ROLE_KEY = "tollgate.role";
 
 /** An API refusal (or a network failure, code "network"), with the API's own words. */
 export class ApiError extends Error {
@@ -33,8 +34,14 @@ export function storedCredential() {
   return sessionStorage.getItem(STORAGE_KEY);
 }
 
-export function storeCredential(credential) {
+/** Keeps the credential, and the role it was found to have ("operator" or "account"). */
+export function storeCredential(credential, role) {
   sessionStorage.setItem(STORAGE_KEY, credential);
+  sessionStorage.setItem(ROLE_KEY, role);
+}
+
+export function storedRole() {
+  return sessionStorage.getItem(ROLE_KEY);
 }
 
 export function forgetCredential() {

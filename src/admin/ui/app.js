@@ -8,7 +8,7 @@
 "use strict";
 
 import {
-  api, ApiError, onUnauthorized, storedCredential, storeCredential, forgetCredential,
+  api, ApiError, onUnauthorized, storedCredential, storedRole, storeCredential, forgetCredential,
 } from "./api.js";
 import { byId, showError, setReady, clearReady } from "./dom.js";
 import { initDialog } from "./dialog.js";
@@ -40,16 +40,21 @@ function start() {
 /**
  * The role a credential has: the operator's master key may list accounts; an account's key or
  * token may read its own account. Anything else throws the API's error for the latter.
+ * `known`: the role found at sign-in, tried first on a reload so that it costs one call.
  */
-async function detectRole(credential) {
+async function detectRole(credential, known = null) {
+  const asAccount = async () => {
+    const own = await api("GET", "account", { credential, signOutOn401: false });
+    return { role: "account", name: own.name, accountId: own.id };
+  };
+  if (known === "account") return asAccount();
   try {
     await api("GET", "accounts", { credential, signOutOn401: false });
     return { role: "operator", name: "Operator" };
   } catch (error) {
     if (error.code === "network") throw error;
   }
-  const own = await api("GET", "account", { credential, signOutOn401: false });
-  return { role: "account", name: own.name, accountId: own.id };
+  return asAccount();
 }
 
 /** On load: a credential kept in this tab signs in again without asking. */
@@ -58,7 +63,7 @@ async function resume() {
   if (!credential) return showSignIn("");
   clearReady();
   try {
-    session = await detectRole(credential);
+    session = await detectRole(credential, storedRole());
   } catch (error) {
     forgetCredential();
     return showSignIn(error instanceof ApiError ? error.describe() : String(error));
@@ -78,7 +83,7 @@ async function onSignIn(event) {
   clearReady();
   try {
     session = await detectRole(credential);
-    storeCredential(credential);
+    storeCredential(credential, session.role);
     input.value = "";
     enterSession();
   } catch (error) {
