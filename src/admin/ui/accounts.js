@@ -6,10 +6,12 @@ import { api } from "./api.js";
 import { byId, el, clear, showError, busy, setReady, clearReady, formatTime } from "./dom.js";
 
 let accounts = [];
+/** The search the rows shown were filtered by. */
+let shownQuery = "";
 
 export function initAccounts() {
   // "change" too: a cleared field (by script, or a browser's clear button) may send only that.
-  for (const type of ["input", "change", "search"]) byId("account-search").addEventListener(type, renderRows);
+  for (const type of ["input", "change", "search"]) byId("account-search").addEventListener(type, onSearch);
 }
 
 /** Loads and shows the list; `view.current()` is false once the user has moved on. */
@@ -32,8 +34,14 @@ export async function showAccounts(view) {
   if (view.current()) setReady("accounts");
 }
 
+/** Filters again only when the search changed, so that a row being clicked stays in place. */
+function onSearch() {
+  if (byId("account-search").value.trim().toLowerCase() !== shownQuery) renderRows();
+}
+
 function renderRows() {
   const query = byId("account-search").value.trim().toLowerCase();
+  shownQuery = query;
   const shown = accounts.filter(
     (a) => !query || a.name.toLowerCase().includes(query) || a.id.toLowerCase().includes(query),
   );

@@ -98,7 +98,7 @@ function enterSession() {
   showError(byId("signin-error"), "");
   byId("whoami").textContent = session.name;
   byId("session").hidden = false;
-  route(false);
+  route(true);
 }
 
 /** Forgets the credential and returns to sign-in, with `message` there if any. */
