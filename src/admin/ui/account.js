@@ -113,6 +113,8 @@ async function loadHeader() {
   const fresh = ticket("header");
   const crumbs = byId("account-crumbs");
   clear(crumbs);
+  byId("account-title").textContent = "Account";
+  byId("account-meta").textContent = "";
   if (view.role === "operator") crumbs.append(el("a", { href: "#/accounts", text: "Accounts" }));
   try {
     const account = await api("GET", view.base);

@@ -12,8 +12,8 @@ import {
   todayUtc, isPlainDate,
 } from "./dom.js";
 
-/** Rows the table shows at most; the chart and the CSV always hold every bucket. */
-const TABLE_ROWS = 5000;
+/** Rows the table shows at most (a week of minutes); the chart and the CSV hold every bucket. */
+const TABLE_ROWS = 7 * 24 * 60;
 const FIELDS = ["request_count", "success_count", "error_count", "rate_limited_count", "bytes_in", "bytes_out"];
 const COLORS = { success: "#15803d", error: "#b91c1c", rateLimited: "#b45309", bytesIn: "#1d4ed8", bytesOut: "#7c3aed" };
 
@@ -54,9 +54,10 @@ async function loadHeader() {
   const v = view;
   const crumbs = byId("key-crumbs");
   clear(crumbs);
-  const accountHref = v.hash;
+  byId("key-title").textContent = "Key";
+  byId("key-meta").textContent = "";
   if (v.role === "operator") crumbs.append(el("a", { href: "#/accounts", text: "Accounts" }), " › ");
-  const accountLink = el("a", { href: accountHref, text: v.role === "operator" ? v.accountId : "Account" });
+  const accountLink = el("a", { href: v.hash, text: v.role === "operator" ? v.accountId : "Account" });
   crumbs.append(accountLink);
   const [account, key] = await Promise.allSettled([
     api("GET", v.base),
