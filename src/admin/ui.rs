@@ -39,6 +39,41 @@ const ASSETS: &[Asset] = &[
         body: include_bytes!("ui/app.js"),
     },
     Asset {
+        path: "api.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_bytes!("ui/api.js"),
+    },
+    Asset {
+        path: "dom.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_bytes!("ui/dom.js"),
+    },
+    Asset {
+        path: "dialog.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_bytes!("ui/dialog.js"),
+    },
+    Asset {
+        path: "accounts.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_bytes!("ui/accounts.js"),
+    },
+    Asset {
+        path: "account.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_bytes!("ui/account.js"),
+    },
+    Asset {
+        path: "keyactions.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_bytes!("ui/keyactions.js"),
+    },
+    Asset {
+        path: "keyusage.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_bytes!("ui/keyusage.js"),
+    },
+    Asset {
         path: "app.css",
         content_type: "text/css; charset=utf-8",
         body: include_bytes!("ui/app.css"),
