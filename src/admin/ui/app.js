@@ -23,6 +23,14 @@ let session = null;
 /** Bumped on every navigation and sign-out: a view's late answers check it before drawing. */
 let generation = 0;
 
+// Anything the Content-Security-Policy blocked is counted on the page (`data-csp-violations`),
+// where the tests look: a blocked script or style would otherwise fail silently.
+document.addEventListener("securitypolicyviolation", (event) => {
+  const seen = Number(document.body.dataset.cspViolations || 0);
+  document.body.dataset.cspViolations = String(seen + 1);
+  document.body.dataset.cspLast = `${event.violatedDirective} ${event.blockedURI}`;
+});
+
 function start() {
   initDialog();
   initAccounts();
