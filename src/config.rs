@@ -19,9 +19,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 pub use settings::{
-    AdminSettings, CacheSettings, Durability, IdentitySettings, IdentitySigning, LimitMode,
-    LimitSettings, MeteringSettings, OnStoreError, ProxySettings, RouteAuth, RouteScopes,
-    RouteSettings, Settings, StoreSettings, Upstream, DEFAULT_RATE_LIMIT,
+    AdminSettings, CacheSettings, Durability, IdentitySettings, IdentitySigning, LimitHeaders,
+    LimitMode, LimitSettings, MeteringSettings, OnStoreError, ProxySettings, RouteAuth,
+    RouteScopes, RouteSettings, Settings, StoreSettings, Upstream, DEFAULT_RATE_LIMIT,
 };
 
 use crate::store::RateLimitSpec;
@@ -38,7 +38,7 @@ const SECTIONS: &[&str] = &[
 /// value is the empty list; every other field keeps its commas. A new list field belongs here.
 /// `routes[].upstreams` is not: `routes` is an array of tables, whose entries no variable can
 /// name, so [`EnvOverrides`] refuses `TOLLGATE__ROUTES…` outright.
-const LIST_FIELDS: &[&str] = &["proxy.trusted_proxies"];
+const LIST_FIELDS: &[&str] = &["proxy.trusted_proxies", "limits.headers"];
 /// The longest `metering.wal_sync_interval`: the durable mode promises to lose at most this.
 /// Largest route `cost`: more than any sensible price, and small enough that a day of requests
 /// at it cannot overflow a credit count.
@@ -570,11 +570,33 @@ impl Validator {
                 self.problem(&format!("limits.default.{name}"), "must be at least 1");
             }
         }
+        let headers = match raw.headers {
+            None => LimitHeaders::ALL,
+            Some(styles) => self.limit_headers(&styles),
+        };
         Some(LimitSettings {
             mode: mode?,
             on_store_error: on_store_error?,
             default,
+            headers,
         })
+    }
+
+    /// `limits.headers`: any of the three styles; the empty list sends none.
+    fn limit_headers(&mut self, styles: &[String]) -> LimitHeaders {
+        let mut headers = LimitHeaders::NONE;
+        for style in styles {
+            match style.trim() {
+                "ietf" => headers.ietf = true,
+                "legacy" => headers.legacy = true,
+                "per_window" => headers.per_window = true,
+                other => self.problem(
+                    "limits.headers",
+                    format!("`{other}` is not one of \"ietf\", \"legacy\", \"per_window\""),
+                ),
+            }
+        }
+        headers
     }
 
     fn metering(&mut self, raw: RawMetering, store: Option<&StoreSettings>) -> MeteringSettings {

@@ -42,7 +42,7 @@ use quanta::Instant;
 
 use crate::auth::cache::{Cached, KeyCache, KeyRef, Lookup};
 use crate::auth::{self, extract, RequestFacts};
-use crate::config::{RouteAuth, Settings, MAX_COST};
+use crate::config::{LimitHeaders, RouteAuth, Settings, MAX_COST};
 use crate::credential::{self, KeyHash, Kind};
 use crate::metering::Meter;
 use crate::metrics::Metrics;
@@ -72,6 +72,8 @@ pub struct Proxy {
     tls: bool,
     /// Signs `X-Tollgate-Identity` when `identity.signing_secret_env` is set.
     signer: Option<signed::Signer>,
+    /// `limits.headers`: the styles of limit headers keyed responses carry.
+    limit_headers: LimitHeaders,
     /// `proxy.expose_account_api`: `/v1/account…` on this listener goes to the account API
     /// (routed by `app`, which alone knows both edges).
     expose_account_api: bool,
@@ -145,6 +147,7 @@ impl Proxy {
             max_body_bytes: settings.proxy.max_body_bytes,
             tls: settings.proxy.tls.is_some(),
             expose_account_api: settings.proxy.expose_account_api,
+            limit_headers: settings.limits.headers,
             signer: match &settings.identity.signing {
                 Some(signing) => Some(signed::Signer::new(
                     &signing.secret,
@@ -451,7 +454,12 @@ impl Proxy {
             ..
         }) = ticket.key()
         {
-            headers::add_limit_headers(response.headers_mut(), &key.identity, limits);
+            headers::add_limit_headers(
+                response.headers_mut(),
+                self.limit_headers,
+                &key.identity,
+                limits,
+            );
         }
         // A request that matched no route is not timed: it never reached a route's work.
         if ticket.route().is_some() {

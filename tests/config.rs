@@ -54,6 +54,7 @@ max_entries = 1000000
 mode = "local"
 on_store_error = "fail_open"
 default = { per_minute = 60, per_hour = 1000, per_day = 10000 }
+headers = ["ietf", "legacy", "per_window"]
 
 [metering]
 flush_interval = "1s"
@@ -515,5 +516,58 @@ fn metering_durability_defaults_overrides_and_problems() {
     let s = config::load_with_env(&path, Vec::new()).expect("loads");
     assert!(
         matches!(&s.metering.durability, Durability::Wal { path, .. } if path == Path::new("data/usage-wal"))
+    );
+}
+
+#[test]
+fn limit_header_styles_are_chosen_from_three_and_default_to_all() {
+    use tollgate::config::LimitHeaders;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "t.toml", FULL_CONFIG);
+    let styles = |value: &str| {
+        config::load_with_env(&path, env(&[("TOLLGATE__LIMITS__HEADERS", value)]))
+            .map(|s| s.limits.headers)
+    };
+    assert_eq!(
+        config::load_with_env(&path, Vec::new())
+            .expect("loads")
+            .limits
+            .headers,
+        LimitHeaders::ALL
+    );
+    let without = write(
+        dir.path(),
+        "without.toml",
+        &FULL_CONFIG.replace("headers = [\"ietf\", \"legacy\", \"per_window\"]\n", ""),
+    );
+    assert_eq!(
+        config::load_with_env(&without, Vec::new())
+            .expect("loads")
+            .limits
+            .headers,
+        LimitHeaders::ALL,
+        "all three when the field is absent"
+    );
+    assert_eq!(
+        styles("ietf").expect("one style"),
+        LimitHeaders {
+            ietf: true,
+            ..LimitHeaders::NONE
+        }
+    );
+    assert_eq!(
+        styles("legacy, per_window").expect("two"),
+        LimitHeaders {
+            ietf: false,
+            ..LimitHeaders::ALL
+        }
+    );
+    assert_eq!(styles("").expect("none"), LimitHeaders::NONE);
+    let err = styles("ietf,draft7").expect_err("an unknown style");
+    assert!(
+        err.problems
+            .iter()
+            .any(|p| p.field == "limits.headers" && p.message.contains("draft7")),
+        "{err}"
     );
 }

@@ -947,6 +947,74 @@ async fn passed_response_carries_both_styles_of_limit_headers() {
     }
 }
 
+/// `limits.headers` chooses the styles: each alone sends its own headers and none of the
+/// others', the empty list sends none, and a 429 keeps its `Retry-After` whatever the choice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_header_styles_are_sent_as_configured() {
+    use tollgate::config::LimitHeaders;
+    const IETF: &[&str] = &["ratelimit-policy", "ratelimit"];
+    const LEGACY: &[&str] = &["ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"];
+    const PER_WINDOW: &[&str] = &[
+        "x-ratelimit-limit-minute",
+        "x-ratelimit-limit-hour",
+        "x-ratelimit-limit-day",
+        "x-ratelimit-remaining-minute",
+        "x-ratelimit-remaining-hour",
+        "x-ratelimit-remaining-day",
+    ];
+    let upstream = Upstream::start().await;
+    for (styles, sent) in [
+        (
+            LimitHeaders {
+                ietf: true,
+                ..LimitHeaders::NONE
+            },
+            IETF,
+        ),
+        (
+            LimitHeaders {
+                legacy: true,
+                ..LimitHeaders::NONE
+            },
+            LEGACY,
+        ),
+        (
+            LimitHeaders {
+                per_window: true,
+                ..LimitHeaders::NONE
+            },
+            PER_WINDOW,
+        ),
+        (LimitHeaders::NONE, &[][..]),
+    ] {
+        let gw = Gateway::builder(&upstream)
+            .tweak(move |s| s.limits.headers = styles)
+            .start()
+            .await;
+        let account = gw.create_account(json!({ "name": "acme" })).await;
+        let (_, key) = gw
+            .create_key(
+                &account,
+                json!({ "name": "k", "type": "secret", "rate_limit": { "per_minute": 1 } }),
+            )
+            .await;
+        let client = client();
+        let passed = gw.get_with_key(&client, "/a", &key).await;
+        let refused = gw.get_with_key(&client, "/b", &key).await;
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(header(&refused, "retry-after").is_some(), "{styles:?}");
+        for response in [&passed, &refused] {
+            for name in IETF.iter().chain(LEGACY).chain(PER_WINDOW) {
+                assert_eq!(
+                    header(response, name).is_some(),
+                    sent.contains(name),
+                    "{name} with {styles:?}"
+                );
+            }
+        }
+    }
+}
+
 // === bodies ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -69,6 +69,7 @@ pub(crate) struct RawLimits {
     pub(crate) mode: Option<String>,
     pub(crate) on_store_error: Option<String>,
     pub(crate) default: Option<RawWindows>,
+    pub(crate) headers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

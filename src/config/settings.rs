@@ -89,6 +89,36 @@ pub struct LimitSettings {
     pub on_store_error: OnStoreError,
     /// Limits for keys and accounts that set none.
     pub default: RateLimitSpec,
+    /// The limit-header styles sent (`limits.headers`).
+    pub headers: LimitHeaders,
+}
+
+/// `limits.headers`: which styles of limit headers a keyed response carries (contract §4).
+/// Operators choose, as with Envoy's `enable_x_ratelimit_headers` or Kong's
+/// `hide_client_headers`; all three by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitHeaders {
+    /// `ietf`: `RateLimit-Policy` and `RateLimit` (structured fields).
+    pub ietf: bool,
+    /// `legacy`: `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset`.
+    pub legacy: bool,
+    /// `per_window`: `X-RateLimit-Limit-Minute|Hour|Day`, `X-RateLimit-Remaining-…`.
+    pub per_window: bool,
+}
+
+impl LimitHeaders {
+    /// Every style: the default.
+    pub const ALL: LimitHeaders = LimitHeaders {
+        ietf: true,
+        legacy: true,
+        per_window: true,
+    };
+    /// No limit headers (`headers = []`).
+    pub const NONE: LimitHeaders = LimitHeaders {
+        ietf: false,
+        legacy: false,
+        per_window: false,
+    };
 }
 
 /// `limits.mode`.

@@ -12,6 +12,7 @@ use std::fmt::Write as _;
 use super::arena;
 use crate::auth::extract::{Source, X_API_KEY};
 use crate::auth::IdentityValues;
+use crate::config::LimitHeaders;
 use crate::limits::{LimitSnapshot, Window, WindowState};
 use crate::store::KeyType;
 
@@ -291,18 +292,65 @@ fn tokens(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
         .filter(|t| !t.is_empty())
 }
 
-/// Adds both styles of rate-limit headers for the windows in force. The limits are the key's
-/// precomputed values; the remaining counts and resets are written into this thread's header
-/// arena, so no value costs an allocation of its own.
-pub fn add_limit_headers(headers: &mut HeaderMap, key: &IdentityValues, limits: &LimitSnapshot) {
+/// Adds the rate-limit headers of the `styles` configured for the windows in force. The limits
+/// are the key's precomputed values; the remaining counts and resets are written into this
+/// thread's header arena, so no value costs an allocation of its own.
+pub fn add_limit_headers(
+    headers: &mut HeaderMap,
+    styles: LimitHeaders,
+    key: &IdentityValues,
+    limits: &LimitSnapshot,
+) {
     let Some(tightest) = limits.tightest() else {
         return;
     };
+    if styles == LimitHeaders::NONE {
+        return;
+    }
     headers.reserve(LIMIT_HEADERS);
+    let mut n = itoa::Buffer::new();
+    if styles.ietf {
+        add_structured(headers, &mut n, key, &tightest);
+    }
+    // The key's own limits are ready-made values; an account's shared window is written out.
+    let limit_of = |w: &WindowState| match &key.limits.per_window[w.window.index()] {
+        Some(v) if !w.shared => v.clone(),
+        _ => HeaderValue::from(w.limit),
+    };
+    let mut number = |v: u64| arena::value(|buf| buf.extend_from_slice(n.format(v).as_bytes()));
+    if styles.legacy {
+        headers.insert(RATELIMIT_LIMIT.clone(), limit_of(&tightest));
+        if let Some(v) = number(u64::from(tightest.remaining)) {
+            headers.insert(RATELIMIT_REMAINING.clone(), v);
+        }
+        if let Some(v) = number(tightest.reset) {
+            headers.insert(RATELIMIT_RESET.clone(), v);
+        }
+    }
+    if styles.per_window {
+        for (i, w) in limits.windows.iter().enumerate() {
+            if let Some(w) = w {
+                debug_assert_eq!(Window::ALL[i], w.window);
+                headers.insert(X_LIMIT[i].clone(), limit_of(w));
+                if let Some(v) = number(u64::from(w.remaining)) {
+                    headers.insert(X_REMAINING[i].clone(), v);
+                }
+            }
+        }
+    }
+}
+
+/// `RateLimit-Policy` (every window, made once per set of quotas) and `RateLimit` (the tightest
+/// window, written into the arena).
+fn add_structured(
+    headers: &mut HeaderMap,
+    n: &mut itoa::Buffer,
+    key: &IdentityValues,
+    tightest: &WindowState,
+) {
     if let Some(p) = &key.limits.policy {
         headers.insert(RATELIMIT_POLICY.clone(), p.clone());
     }
-    let mut n = itoa::Buffer::new();
     let structured = arena::value(|buf| {
         buf.extend_from_slice(if tightest.shared { b"\"shared-" } else { b"\"" });
         buf.extend_from_slice(tightest.window.name().as_bytes());
@@ -313,28 +361,6 @@ pub fn add_limit_headers(headers: &mut HeaderMap, key: &IdentityValues, limits: 
     });
     if let Some(v) = structured {
         headers.insert(RATELIMIT.clone(), v);
-    }
-    // The key's own limits are ready-made values; an account's shared window is written out.
-    let limit_of = |w: &WindowState| match &key.limits.per_window[w.window.index()] {
-        Some(v) if !w.shared => v.clone(),
-        _ => HeaderValue::from(w.limit),
-    };
-    let mut number = |v: u64| arena::value(|buf| buf.extend_from_slice(n.format(v).as_bytes()));
-    headers.insert(RATELIMIT_LIMIT.clone(), limit_of(&tightest));
-    if let Some(v) = number(u64::from(tightest.remaining)) {
-        headers.insert(RATELIMIT_REMAINING.clone(), v);
-    }
-    if let Some(v) = number(tightest.reset) {
-        headers.insert(RATELIMIT_RESET.clone(), v);
-    }
-    for (i, w) in limits.windows.iter().enumerate() {
-        if let Some(w) = w {
-            debug_assert_eq!(Window::ALL[i], w.window);
-            headers.insert(X_LIMIT[i].clone(), limit_of(w));
-            if let Some(v) = number(u64::from(w.remaining)) {
-                headers.insert(X_REMAINING[i].clone(), v);
-            }
-        }
     }
 }
 
