@@ -1,7 +1,8 @@
 //! Header values built per request (`X-Forwarded-For`, remaining counts, `RateLimit`) without
 //! an allocation each: they are written into this thread's arena, a 16 KiB buffer that they
 //! share by reference count, and the buffer is freed when the last value cut from it is dropped.
-//! A new buffer is started when fewer than [`HEADROOM`] bytes are left.
+//! When fewer than [`HEADROOM`] bytes are left, the buffer is reused from its start if no value
+//! cut from it is alive any more, else a new one is started.
 
 use std::cell::RefCell;
 
@@ -25,7 +26,9 @@ pub fn value(write: impl FnOnce(&mut BytesMut)) -> Option<HeaderValue> {
         .try_with(|arena| {
             let mut arena = arena.borrow_mut();
             if arena.capacity() - arena.len() < HEADROOM {
-                *arena = BytesMut::with_capacity(CHUNK);
+                // Reuses the buffer in place once every value cut from it has been dropped (the
+                // usual case: the responses they went on are written), else starts a new one.
+                arena.reserve(CHUNK);
             }
             write(&mut arena);
             let bytes = arena.split().freeze();
