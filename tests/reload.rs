@@ -93,16 +93,8 @@ async fn new_routes_apply_to_new_requests_while_one_in_flight_finishes_on_the_ol
         "the in-flight request completes"
     );
 
-    assert_eq!(
-        gw.metric("tollgate_config_reloads_total", &[("result", "success")])
-            .await,
-        1.0
-    );
-    assert_eq!(
-        gw.metric("tollgate_config_last_reload_successful", &[])
-            .await,
-        1.0
-    );
+    assert_eq!(reloads(&gw, "success").await, 1.0);
+    assert_eq!(last_reload_successful(&gw).await, 1.0);
 }
 
 #[tokio::test]
@@ -136,16 +128,8 @@ async fn a_config_that_fails_its_checks_changes_nothing() {
         .await
         .expect("public");
     expect_echo(response).await;
-    assert_eq!(
-        gw.metric("tollgate_config_reloads_total", &[("result", "failure")])
-            .await,
-        1.0
-    );
-    assert_eq!(
-        gw.metric("tollgate_config_last_reload_successful", &[])
-            .await,
-        0.0
-    );
+    assert_eq!(reloads(&gw, "failure").await, 1.0);
+    assert_eq!(last_reload_successful(&gw).await, 0.0);
     assert_eq!(
         gw.metric("tollgate_config_last_reload_success_timestamp_seconds", &[])
             .await,
@@ -154,11 +138,19 @@ async fn a_config_that_fails_its_checks_changes_nothing() {
     );
     // The next good one puts the gauge back.
     assert!(gw.reload());
-    assert_eq!(
-        gw.metric("tollgate_config_last_reload_successful", &[])
-            .await,
-        1.0
-    );
+    assert_eq!(last_reload_successful(&gw).await, 1.0);
+}
+
+/// `tollgate_config_reloads_total{result}`.
+async fn reloads(gw: &Gateway, result: &str) -> f64 {
+    gw.metric("tollgate_config_reloads_total", &[("result", result)])
+        .await
+}
+
+/// `tollgate_config_last_reload_successful`.
+async fn last_reload_successful(gw: &Gateway) -> f64 {
+    gw.metric("tollgate_config_last_reload_successful", &[])
+        .await
 }
 
 #[tokio::test]

@@ -140,11 +140,10 @@ impl Reloader {
 
 /// `metering.retention` as the store takes it.
 pub(super) fn retention(metering: &MeteringSettings) -> Vec<(Granularity, Duration)> {
-    vec![
-        (Granularity::Minute, metering.retention_minute),
-        (Granularity::Hour, metering.retention_hour),
-        (Granularity::Day, metering.retention_day),
-    ]
+    Granularity::ALL
+        .into_iter()
+        .map(|g| (g, crate::metering::retention::retention_of(metering, g)))
+        .collect()
 }
 
 fn replace<T: PartialEq>(slot: &mut T, value: T) -> bool {
