@@ -1,24 +1,25 @@
-//! Per-key rate limits: a GCRA bucket (governor) per window — minute, hour, day — and the
-//! values of the limit headers.
+//! Per-key rate limits: a GCRA bucket per window — minute, hour, day — and the values of the
+//! limit headers.
 //!
 //! State only, no I/O. A key's [`KeyLimiter`] lives in the [`Limiters`] registry by key id, so
 //! its buckets outlive cache refreshes; the key cache keeps an `Arc` to it beside the cached key
 //! so that the request path reaches the buckets without a second map lookup. Generic over
 //! governor's `Clock` so tests can drive time by hand.
+//!
+//! Each window is the generic cell rate algorithm as governor runs it (the same arithmetic, so
+//! the same answers), kept as one atomic integer per window instead of a governor
+//! `RateLimiter` per window: a key's three buckets take 24 bytes of state, not ~100, which is
+//! most of what a million cached keys' limiters cost.
 
 pub mod global;
 
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use dashmap::DashMap;
 use governor::clock::{Clock, ReasonablyRealtime};
-use governor::middleware::StateInformationMiddleware;
 use governor::nanos::Nanos;
-use governor::state::{InMemoryState, NotKeyed};
-use governor::{Quota, RateLimiter};
 
 use crate::store::RateLimitSpec;
 
@@ -42,6 +43,8 @@ impl Clock for ProcessClock {
 }
 
 impl ReasonablyRealtime for ProcessClock {}
+
+const NANOS: u64 = 1_000_000_000;
 
 /// A limit window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -94,14 +97,21 @@ pub struct Exhausted {
     pub snapshot: LimitSnapshot,
 }
 
-type Bucket<C> = RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>;
-
-/// The three buckets of one key.
-pub struct KeyLimiter<C: Clock = ProcessClock> {
+/// The three buckets of one key: per window, GCRA's theoretical arrival time of the next
+/// request (`tat`, in nanoseconds of the clock; 0 before the first request).
+///
+/// With `t` the window's length over its limit (the time one request takes to refill) and `tau
+/// = t × (limit − 1)` (how far ahead of now `tat` may run: the burst), a request at `now` passes
+/// when `now ≥ tat − tau`, and moves `tat` to `max(tat, now) + t`. What is left after it is
+/// `min(now + tau + t − tat, tau + t) / t` requests. These are governor's `Gcra` and
+/// `StateSnapshot::remaining_burst_capacity`, step for step.
+pub struct KeyLimiter<C: Clock<Instant = Nanos> = ProcessClock> {
     quotas: Quotas,
-    buckets: [Option<Bucket<C>>; 3],
-    /// Remaining count of each window at its last check; governor cannot peek without spending,
-    /// so a 429 reports the windows it did not reach from here.
+    /// Per window, `t` in nanoseconds (0: the window is not limited).
+    interval: [u64; 3],
+    tat: [AtomicU64; 3],
+    /// Remaining count of each window at its last check: a 429 reports the windows it did not
+    /// reach from here, and the usage API reads them without spending.
     last_remaining: [AtomicU32; 3],
     /// Prune rounds since the last check; see [`Limiters::prune_idle`].
     idle_rounds: AtomicU32,
@@ -118,7 +128,7 @@ pub enum KeyLimits {
 }
 
 /// Every key's limiter, by key id.
-pub struct Limiters<C: Clock = ProcessClock> {
+pub struct Limiters<C: Clock<Instant = Nanos> = ProcessClock> {
     by_key: DashMap<Arc<str>, Arc<KeyLimiter<C>>>,
     clock: C,
 }
@@ -196,27 +206,24 @@ impl Quotas {
 
 // === impl KeyLimiter ===
 
-impl<C: Clock + Clone> KeyLimiter<C> {
+impl<C: Clock<Instant = Nanos> + Clone> KeyLimiter<C> {
     /// Fresh, full buckets.
     pub fn new(quotas: Quotas, clock: &C) -> Self {
-        let bucket = |w: Window| {
-            quotas.get(w).and_then(|n| {
-                let q =
-                    Quota::with_period(Duration::from_secs(w.seconds()) / n.get())?.allow_burst(n);
-                Some(
-                    RateLimiter::direct_with_clock(q, C::clone(clock))
-                        .with_middleware::<StateInformationMiddleware>(),
-                )
-            })
+        // governor's `Quota::with_period(window / n)`: whole nanoseconds, at least one.
+        let interval = |w: Window| {
+            quotas
+                .get(w)
+                .map_or(0, |n| (w.seconds() * NANOS / u64::from(n.get())).max(1))
         };
         let full = |w: Window| AtomicU32::new(quotas.get(w).map_or(0, NonZeroU32::get));
         KeyLimiter {
             quotas,
-            buckets: [
-                bucket(Window::Minute),
-                bucket(Window::Hour),
-                bucket(Window::Day),
+            interval: [
+                interval(Window::Minute),
+                interval(Window::Hour),
+                interval(Window::Day),
             ],
+            tat: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
             last_remaining: [full(Window::Minute), full(Window::Hour), full(Window::Day)],
             idle_rounds: AtomicU32::new(0),
             clock: C::clone(clock),
@@ -229,16 +236,16 @@ impl<C: Clock + Clone> KeyLimiter<C> {
         if self.idle_rounds.load(Ordering::Relaxed) != 0 {
             self.idle_rounds.store(0, Ordering::Relaxed);
         }
+        let now = self.clock.now().as_u64();
         let mut snapshot = LimitSnapshot::default();
         for window in Window::ALL {
             let i = window.index();
-            let (Some(bucket), Some(limit)) = (&self.buckets[i], self.quotas.per[i]) else {
+            let Some(limit) = self.quotas.per[i] else {
                 continue;
             };
             let limit = limit.get();
-            match bucket.check() {
-                Ok(state) => {
-                    let remaining = state.remaining_burst_capacity();
+            match self.spend(i, limit, now) {
+                Ok(remaining) => {
                     self.last_remaining[i].store(remaining, Ordering::Relaxed);
                     snapshot.windows[i] = Some(WindowState {
                         window,
@@ -248,10 +255,8 @@ impl<C: Clock + Clone> KeyLimiter<C> {
                         shared: false,
                     });
                 }
-                Err(not_until) => {
-                    let wait = not_until.wait_time_from(self.clock.now());
-                    let retry_after = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-                    let retry_after = retry_after.max(1);
+                Err(wait_ns) => {
+                    let retry_after = wait_ns.div_ceil(NANOS).max(1);
                     self.last_remaining[i].store(0, Ordering::Relaxed);
                     snapshot.windows[i] = Some(WindowState {
                         window,
@@ -270,6 +275,29 @@ impl<C: Clock + Clone> KeyLimiter<C> {
             }
         }
         Ok(snapshot)
+    }
+
+    /// One request from window `i` at `now`: the requests left after it, or the nanoseconds
+    /// until it would have room.
+    fn spend(&self, i: usize, limit: u32, now: u64) -> Result<u32, u64> {
+        let t = self.interval[i];
+        let tau = t * u64::from(limit - 1);
+        let tat = &self.tat[i];
+        let mut prev = tat.load(Ordering::Acquire);
+        loop {
+            let earliest = prev.saturating_sub(tau);
+            if now < earliest {
+                return Err(earliest - now);
+            }
+            let next = prev.max(now) + t;
+            match tat.compare_exchange_weak(prev, next, Ordering::Release, Ordering::Relaxed) {
+                Ok(_) => {
+                    let left = (now + tau + t).saturating_sub(next).min(tau + t) / t;
+                    return Ok(u32::try_from(left).unwrap_or(limit));
+                }
+                Err(current) => prev = current,
+            }
+        }
     }
 
     /// The windows as of the key's last check, without spending: what the usage API reports.
@@ -399,7 +427,7 @@ impl Default for Limiters<ProcessClock> {
     }
 }
 
-impl<C: Clock + Clone> Limiters<C> {
+impl<C: Clock<Instant = Nanos> + Clone> Limiters<C> {
     /// A registry on the given clock.
     pub fn with_clock(clock: C) -> Self {
         Limiters {
@@ -451,6 +479,8 @@ impl<C: Clock + Clone> Limiters<C> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use governor::clock::FakeRelativeClock;
 
     use super::*;
@@ -516,6 +546,78 @@ mod tests {
         clock.advance(Duration::from_secs(20));
         assert!(limiter.check().is_ok());
         assert!(limiter.check().is_err());
+    }
+
+    /// The integer GCRA gives governor's answers: the same passes and refusals, the same
+    /// remaining counts and the same waits, over random sequences of requests and pauses.
+    #[test]
+    fn the_windows_answer_as_governor_does() {
+        use governor::middleware::StateInformationMiddleware;
+        use governor::{Quota, RateLimiter};
+
+        let mut seed = 0x9E37_79B9_7F4A_7C15_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for (m, h, d) in [
+            (3, 100, 1000),
+            (1, 2, 3),
+            (60, 0, 0),
+            (0, 0, 5),
+            (1000, 5000, 7),
+        ] {
+            let q = quotas(m, h, d);
+            let clock = FakeRelativeClock::default();
+            let ours = KeyLimiter::new(q, &clock);
+            let theirs: Vec<_> = Window::ALL
+                .iter()
+                .map(|w| {
+                    q.get(*w).map(|n| {
+                        let quota = Quota::with_period(Duration::from_secs(w.seconds()) / n.get())
+                            .expect("period")
+                            .allow_burst(n);
+                        RateLimiter::direct_with_clock(quota, clock.clone())
+                            .with_middleware::<StateInformationMiddleware>()
+                    })
+                })
+                .collect();
+            for _ in 0..5_000 {
+                if next() % 3 == 0 {
+                    clock.advance(Duration::from_nanos(next() % 30_000_000_000));
+                    continue;
+                }
+                let mut expected = Ok(Vec::new());
+                for (i, bucket) in theirs.iter().enumerate() {
+                    let Some(bucket) = bucket else { continue };
+                    match bucket.check() {
+                        Ok(state) => {
+                            if let Ok(v) = &mut expected {
+                                v.push((i, state.remaining_burst_capacity()));
+                            }
+                        }
+                        Err(not_until) => {
+                            let wait = not_until.wait_time_from(clock.now());
+                            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                            expected = Err((i, secs.max(1)));
+                            break;
+                        }
+                    }
+                }
+                let got = match ours.check() {
+                    Ok(snapshot) => Ok(snapshot
+                        .windows
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, w)| w.map(|w| (i, w.remaining)))
+                        .collect()),
+                    Err(e) => Err((e.window.index(), e.retry_after)),
+                };
+                assert_eq!(got, expected, "quotas {m}/{h}/{d} at {:?}", clock.now());
+            }
+        }
     }
 
     #[test]
