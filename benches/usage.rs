@@ -133,7 +133,7 @@ fn flush_many_keys(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
         success: 1,
         ..UsageCounts::default()
     };
-    let ids: Vec<String> = (0..KEYS).map(|i| format!("key_{i:08x}")).collect();
+    let ids: Vec<Arc<str>> = (0..KEYS).map(|i| format!("key_{i:08x}").into()).collect();
     let delta = |i: usize, minute: i64| UsageDelta {
         key_id: ids[i].clone(),
         account_id: "acc_many".into(),

@@ -249,10 +249,21 @@ impl Meter {
 
     /// Moves every dirty cell's counts into `pending`. Called by the flusher only.
     pub fn drain_into(&self, pending: &mut Pending) {
+        self.drain_up_to(pending, usize::MAX);
+    }
+
+    /// Moves dirty cells' counts into `pending` until it holds `max` buckets or no cell is
+    /// dirty; returns whether it stopped at `max` (more cells may be waiting). Called by the
+    /// flusher only.
+    pub fn drain_up_to(&self, pending: &mut Pending, max: usize) -> bool {
         let dirty = self.dirty.lock();
-        while let Ok(cell) = dirty.try_recv() {
-            cell.take(pending);
+        while pending.len() < max {
+            match dirty.try_recv() {
+                Ok(cell) => cell.take(pending),
+                Err(_) => return false,
+            }
         }
+        true
     }
 
     /// Forgets cells that nobody holds and that have nothing to flush.
@@ -303,6 +314,24 @@ impl Pending {
         }
     }
 
+    /// Takes at most `max` of the buckets (all of them, without copying, when there are no
+    /// more).
+    pub fn take_at_most(&mut self, max: usize) -> Pending {
+        if self.by_bucket.len() <= max {
+            return std::mem::take(self);
+        }
+        let mut left = max;
+        let by_bucket = self
+            .by_bucket
+            .extract_if(|_, _| {
+                let take = left > 0;
+                left = left.saturating_sub(1);
+                take
+            })
+            .collect();
+        Pending { by_bucket }
+    }
+
     /// Number of (key, minute) buckets waiting.
     pub fn len(&self) -> usize {
         self.by_bucket.len()
@@ -318,8 +347,8 @@ impl Pending {
         self.by_bucket
             .iter()
             .map(|((key_id, minute), b)| UsageDelta {
-                key_id: key_id.to_string(),
-                account_id: b.account_id.to_string(),
+                key_id: Arc::clone(key_id),
+                account_id: Arc::clone(&b.account_id),
                 minute: *minute,
                 counts: b.counts,
                 last_used_ms: b.last_used_ms,

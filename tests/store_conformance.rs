@@ -168,8 +168,8 @@ fn counts(requests: u64, bytes_in: u64) -> UsageCounts {
 
 fn delta(key_id: &str, minute: i64, counts: UsageCounts) -> UsageDelta {
     UsageDelta {
-        key_id: key_id.to_owned(),
-        account_id: "acc_usage".to_owned(),
+        key_id: key_id.into(),
+        account_id: "acc_usage".into(),
         minute,
         counts,
         last_used_ms: minute * 60_000,
@@ -1507,8 +1507,8 @@ async fn usage_batches_apply_once(store: &dyn Usage) {
     let (a, b) = (format!("key_{p}_a"), format!("key_{p}_b"));
     let account = format!("acc_{p}");
     let on = |key: &str, minute: i64, c: UsageCounts| UsageDelta {
-        key_id: key.to_owned(),
-        account_id: account.clone(),
+        key_id: key.into(),
+        account_id: account.as_str().into(),
         minute,
         counts: c,
         last_used_ms: minute * 60_000,
@@ -1565,8 +1565,8 @@ async fn usage_rollups(store: &dyn Usage) {
     let (a, b) = (format!("key_{p}_a"), format!("key_{p}_b"));
     let account = format!("acc_{p}");
     let on = |key: &str, minute: i64, c: UsageCounts, last: i64| UsageDelta {
-        key_id: key.to_owned(),
-        account_id: account.clone(),
+        key_id: key.into(),
+        account_id: account.as_str().into(),
         minute,
         counts: c,
         last_used_ms: last,

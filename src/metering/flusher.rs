@@ -23,6 +23,13 @@ use crate::store::{BatchId, StoreError, Usage, UsageDelta};
 /// away longer than that loses the oldest counts first, and says so.
 pub const MAX_PENDING_BUCKETS: usize = 1_000_000;
 
+/// The most (key, minute) buckets one batch carries. A flush of many keys' counts is written as
+/// several batches of this size, taken from the cells one batch at a time: what a flush holds
+/// at once (the counts taken, the batch, its encoding, the store's transaction) is bounded by
+/// this and not by the number of keys, so a million keys' flush leaves no million keys' worth
+/// of freed memory behind in the allocator.
+pub const BATCH_BUCKETS: usize = 10_000;
+
 /// What the flusher carries from one flush to the next.
 pub struct Backlog {
     /// The batch last sent without success, with its id: sent again unchanged until the store
@@ -85,7 +92,12 @@ impl Backlog {
                     id
                 }
             };
-            self.in_flight = Some((id, std::mem::take(&mut self.pending)));
+            // A batch of the log is one segment's counts under that segment's id: never split.
+            let batch = match wal {
+                Some(_) => std::mem::take(&mut self.pending),
+                None => self.pending.take_at_most(BATCH_BUCKETS),
+            };
+            self.in_flight = Some((id, batch));
         }
         self.in_flight.as_ref().map(|(id, b)| (*id, b.batch()))
     }
@@ -183,20 +195,31 @@ pub async fn run(
     }
 }
 
-/// Drains the meter and writes everything waiting: the batch in flight first, then one made of
-/// the counts since. Returns whether the store took it all.
+/// Drains the meter and writes everything waiting: the batch in flight first, then batches of
+/// at most [`BATCH_BUCKETS`] made of the counts since, each drained from the cells just before
+/// it is sent. Returns whether the store took it all.
+///
+/// The cells are drained until one drain finds the queue empty, not until it stays empty: a
+/// busy key queued again while a batch is written waits for the next flush, so that a flush
+/// ends under any load. While the store is failing, every cell is drained at once, so that the
+/// cap on what waits ([`MAX_PENDING_BUCKETS`]) bounds the memory held for it.
 pub async fn flush_once(
     meter: &Meter,
     store: &dyn Usage,
     metrics: &Metrics,
     backlog: &mut Backlog,
 ) -> bool {
+    let mut queued = false;
     match meter.wal() {
         Some(wal) => backlog.rotated(wal.rotate().await),
-        None => meter.drain_into(&mut backlog.pending),
+        None if backlog.in_flight.is_some() => meter.drain_into(&mut backlog.pending),
+        None => queued = true,
     }
     let wal = meter.wal().map(|w| &**w);
     loop {
+        if queued && backlog.in_flight.is_none() && backlog.pending.len() < BATCH_BUCKETS {
+            queued = meter.drain_up_to(&mut backlog.pending, BATCH_BUCKETS);
+        }
         metrics
             .usage_pending_events
             .set(i64::try_from(backlog.len()).unwrap_or(i64::MAX));

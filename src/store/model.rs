@@ -1,6 +1,8 @@
 //! The records the store keeps, as serde types. These are also the admin API's JSON shapes, minus
 //! the fields marked `skip_serializing` there (the key hash is never sent to anyone).
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -334,10 +336,11 @@ pub enum UsageEvent {
 /// Counts to add to one key's one minute.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageDelta {
-    /// The key.
-    pub key_id: String,
+    /// The key (shared with the meter's cell: a batch of a million keys' counts allocates no
+    /// string).
+    pub key_id: Arc<str>,
     /// Its account (account totals derive from keys).
-    pub account_id: String,
+    pub account_id: Arc<str>,
     /// Minutes since the Unix epoch, UTC.
     pub minute: i64,
     /// What to add.

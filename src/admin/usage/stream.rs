@@ -244,8 +244,8 @@ mod tests {
         // Counted minutes spread over 40 days, a few of them inside each window of minutes.
         let deltas: Vec<UsageDelta> = (0..400)
             .map(|i| UsageDelta {
-                key_id: "key_a".to_owned(),
-                account_id: "acc_a".to_owned(),
+                key_id: "key_a".into(),
+                account_id: "acc_a".into(),
                 minute: base + i * 143,
                 counts: UsageCounts {
                     requests: 1 + i as u64 % 5,

@@ -10,6 +10,7 @@
 //! crash left behind, so nothing a flush was told is stored is lost.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
@@ -32,7 +33,7 @@ pub(super) struct Unfolded {
     /// [`FOLD_EVERY`] and [`FOLD_AT`], lowered by tests.
     pub(super) fold_every: Duration,
     pub(super) fold_at: usize,
-    keys: HashMap<String, KeyCounts>,
+    keys: HashMap<Arc<str>, KeyCounts>,
     buckets: usize,
     /// When the oldest of them was journaled.
     since: Option<Instant>,
@@ -55,9 +56,8 @@ impl Default for Unfolded {
 
 /// One key's waiting counts. A key has a minute or two waiting, so they are a short `Vec`
 /// (a `BTreeMap` would allocate a 600-byte node per key).
-#[derive(Default)]
 struct KeyCounts {
-    account_id: String,
+    account_id: Arc<str>,
     /// (minute, counts, latest use in that minute).
     minutes: Vec<(i64, UsageCounts, i64)>,
 }
@@ -143,9 +143,12 @@ impl Unfolded {
     }
 
     fn merge(&mut self, d: UsageDelta) {
-        let key = self.keys.entry(d.key_id).or_default();
+        let key = self.keys.entry(d.key_id).or_insert_with(|| KeyCounts {
+            account_id: Arc::clone(&d.account_id),
+            minutes: Vec::new(),
+        });
         if key.account_id != d.account_id {
-            key.account_id.clone_from(&d.account_id);
+            key.account_id = d.account_id;
         }
         match key.minutes.iter_mut().find(|(m, _, _)| *m == d.minute) {
             Some((_, counts, last_used_ms)) => {
@@ -167,8 +170,8 @@ impl Unfolded {
         for (key_id, key) in &self.keys {
             for &(minute, counts, last_used_ms) in &key.minutes {
                 out.push(UsageDelta {
-                    key_id: key_id.clone(),
-                    account_id: key.account_id.clone(),
+                    key_id: Arc::clone(key_id),
+                    account_id: Arc::clone(&key.account_id),
                     minute,
                     counts,
                     last_used_ms,
@@ -209,7 +212,7 @@ impl Unfolded {
         let extra = self
             .keys
             .values()
-            .filter(|key| key.account_id == account_id)
+            .filter(|key| &*key.account_id == account_id)
             .flat_map(|key| &key.minutes)
             .map(|(minute, counts, _)| (Granularity::Day.of_minute(*minute), counts));
         merge_sorted(stored, extra, from, to)
@@ -288,11 +291,12 @@ fn decode(mut bytes: &[u8], out: &mut Vec<UsageDelta>) -> Result<(), StoreError>
         out.copy_from_slice(w);
         Ok(out)
     };
-    let id = |bytes: &mut &[u8]| -> Result<String, StoreError> {
+    let id = |bytes: &mut &[u8]| -> Result<Arc<str>, StoreError> {
         let len = take(bytes, 2).ok_or_else(corrupt)?;
         let len = usize::from(u16::from_le_bytes([len[0], len[1]]));
         let raw = take(bytes, len).ok_or_else(corrupt)?;
-        String::from_utf8(raw.to_vec())
+        std::str::from_utf8(raw)
+            .map(Arc::from)
             .map_err(|_| StoreError::Corrupt("usage journal: an id is not UTF-8".into()))
     };
     while !bytes.is_empty() {
@@ -337,7 +341,7 @@ mod tests {
                 last_used_ms: 99,
             },
             UsageDelta {
-                key_id: String::new(),
+                key_id: "".into(),
                 account_id: "a".into(),
                 minute: i64::MAX,
                 counts: UsageCounts::default(),

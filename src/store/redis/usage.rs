@@ -270,7 +270,7 @@ fn merge_batch(batch: &[UsageDelta]) -> MergedBatch<'_> {
             let index = g.of_minute(delta.minute);
             let bucket = buckets
                 .entry((keys::key_usage(&delta.key_id, g), index))
-                .or_insert_with(|| (delta.key_id.clone(), g, UsageCounts::default()));
+                .or_insert_with(|| (delta.key_id.to_string(), g, UsageCounts::default()));
             bucket.2.merge(&delta.counts);
         }
         let day = Granularity::Day.of_minute(delta.minute);
@@ -278,13 +278,13 @@ fn merge_batch(batch: &[UsageDelta]) -> MergedBatch<'_> {
             .entry((keys::account_usage(&delta.account_id), day))
             .or_insert_with(|| {
                 (
-                    delta.account_id.clone(),
+                    delta.account_id.to_string(),
                     Granularity::Day,
                     UsageCounts::default(),
                 )
             });
         bucket.2.merge(&delta.counts);
-        let seen = last_used.entry(delta.key_id.as_str()).or_insert(i64::MIN);
+        let seen = last_used.entry(&*delta.key_id).or_insert(i64::MIN);
         *seen = (*seen).max(delta.last_used_ms);
     }
     (buckets, last_used)
