@@ -21,7 +21,7 @@ use tollgate::metering::{Meter, Outcome, WallClock};
 use tollgate::metrics::Metrics;
 use tollgate::proxy::signed::Signer;
 use tollgate::store::embedded::EmbeddedStore;
-use tollgate::store::SharedStore;
+use tollgate::store::{KeyLookup, SharedStore};
 
 struct Fixture {
     cache: Arc<KeyCache>,
@@ -30,35 +30,64 @@ struct Fixture {
     _dir: tempfile::TempDir,
 }
 
-fn fixture(keys: usize) -> Fixture {
+/// An empty cache over an empty embedded store, with room for `keys`.
+fn empty(keys: usize) -> (Fixture, SharedStore) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store: SharedStore =
         Arc::new(EmbeddedStore::open(&dir.path().join("bench.db")).expect("store"));
     let meter = Arc::new(Meter::new(WallClock::System));
     let metrics = Arc::new(Metrics::new().expect("metrics"));
     let cache = records::cache(&store, &meter, &metrics, keys);
+    let fixture = Fixture {
+        cache,
+        meter,
+        raws: Vec::with_capacity(keys),
+        _dir: dir,
+    };
+    (fixture, store)
+}
+
+/// `keys` keys created in the store and read into the cache through it.
+fn fixture(keys: usize) -> Fixture {
+    let (mut f, store) = empty(keys);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     let account = records::account("acc_bench");
-    let mut raws = Vec::with_capacity(keys);
     rt.block_on(async {
         store.create_account(&account).await.expect("account");
         for i in 0..keys {
             let raw = credential::generate(Kind::Secret);
             let key = records::secret_key(i, &account.id, &raw);
             store.create_key(&key).await.expect("key");
-            assert!(matches!(cache.get(&key.hash).await, Lookup::Found(_)));
-            raws.push(raw);
+            assert!(matches!(f.cache.get(&key.hash).await, Lookup::Found(_)));
+            f.raws.push(raw);
         }
     });
-    Fixture {
-        cache,
-        meter,
-        raws,
-        _dir: dir,
+    f
+}
+
+/// `keys` keys put straight into the cache (`KeyCache::insert`), as a gateway that has been up a
+/// while holds them: a million keys in a few seconds, where creating them through the store
+/// takes minutes.
+fn fixture_in_memory(keys: usize) -> Fixture {
+    let (mut f, _store) = empty(keys);
+    let account = records::account("acc_bench");
+    for i in 0..keys {
+        let raw = credential::generate(Kind::Secret);
+        let key = records::secret_key(i, &account.id, &raw);
+        let hash = key.hash;
+        let lookup = KeyLookup {
+            key,
+            account: account.clone(),
+            site_origins: Vec::new(),
+            access_token: false,
+        };
+        f.cache.insert(&hash, &lookup);
+        f.raws.push(raw);
     }
+    f
 }
 
 /// The step the proxy runs for a request on a cached key (`Proxy::authenticate`: a key found in
@@ -102,15 +131,31 @@ fn bench(c: &mut Criterion) {
     c.bench_function("sign_identity", |b| {
         b.iter(|| signer.sign(&key.identity, 1_765_015_200))
     });
-    let many = fixture(10_000);
+    rotating(c, "verify_limit_meter/10k_keys_rotating", &fixture(10_000));
+    // A million keys, none of them in the CPU's caches when it is asked for. MILLION_KEYS sets
+    // another count.
+    let n = std::env::var("MILLION_KEYS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    rotating(
+        c,
+        "verify_limit_meter/1m_keys_rotating",
+        &fixture_in_memory(n),
+    );
+}
+
+/// The step over the fixture's keys in turn, a stride of a prime apart.
+fn rotating(c: &mut Criterion, name: &str, f: &Fixture) {
+    let (scopes, ip) = (RouteScopes::default(), IpAddr::from([127, 0, 0, 1]));
     let mut i = 0usize;
-    c.bench_function("verify_limit_meter/10k_keys_rotating", |b| {
+    c.bench_function(name, |b| {
         b.iter_batched(
             || {
-                i = (i + 7919) % many.raws.len();
+                i = (i + 7919) % f.raws.len();
                 i
             },
-            |i| step(&many, &many.raws[i], &scopes, ip),
+            |i| step(f, &f.raws[i], &scopes, ip),
             BatchSize::SmallInput,
         )
     });

@@ -589,6 +589,22 @@ impl KeyCache {
         Ok(result)
     }
 
+    /// Caches a key read elsewhere, as a store read of `hash` that found `lookup` would have
+    /// (fresh for the ttl; then re-read from the store like any other entry). For filling a
+    /// cache without a store behind it: the benches' fixture of a million keys.
+    pub fn insert(&self, hash: &KeyHash, lookup: &KeyLookup) {
+        let tuning = **self.tuning.load();
+        let key = KeyRef(Arc::new(Entry {
+            key: self.build(lookup, &tuning.default_limits),
+            fresh_until: Instant::now() + tuning.settings.ttl,
+            revision: None,
+            expired: AtomicBool::new(false),
+        }));
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.make_room(tuning.settings.max_entries);
+        self.map.insert(*hash, Slot::Found(key));
+    }
+
     fn make_room(&self, max_entries: usize) {
         if self.map.len() < max_entries {
             return;
