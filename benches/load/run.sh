@@ -11,6 +11,9 @@
 #       tg-1m      tollgate, the keyed route with 1,000,000 distinct keys rotated by rotate.lua
 #       tg-redis   tollgate, the keyed route on the Redis store (config/redis.toml: global limits)
 #       nginx-tls  nginx terminating TLS (TLS 1.2/1.3, one certificate) and proxying like nginx
+#       nginx-keyed     the hand-built keyed route: nginx with a map of the valid keys, one
+#                       limit_req bucket a key, the key's id sent upstream (tg-keyed's one key)
+#       nginx-keyed-1m  the same with tg-1m's keys in the map, rotated like tg-1m
 #       tg-tls     tollgate's keyed route with proxy.tls (rustls), otherwise as tg-keyed
 #     (the two TLS contenders are measured over keep-alive connections like the others, and
 #     apart: new TLS connections per second, each carrying one request, with Connection: close)
@@ -26,9 +29,11 @@
 #
 # Knobs (environment): ROUNDS=3 DURATION=8 WARMUP=3 CONNS=64 KEYS=1000000 KEY_BUDGET=300
 # (seconds allowed to create the rotated keys; fewer keys when 1M would take longer)
-# KEY_ACCOUNTS=16 (the accounts the rotated keys are spread over)
+# KEY_ACCOUNTS=16 (the accounts the rotated keys are spread over) KEY_SOURCE=import (1,000 keys a
+# request through POST …/keys/import; or create: one POST …/keys a key, KEY_BUDGET applies)
 # OHA_DURATION=6 FIXED_RATE=1 (0: skip the oha part) SKIP_BUILD=0 KEEP_TMP=0 RESULTS=path.md
-# CONTENDERS="nginx tg-keyed" (a subset, for a quick comparison; default: all eight)
+# TOLLGATE_BIN=path (another build of tollgate, e.g. the commit before a change, for an A/B)
+# CONTENDERS="nginx tg-keyed" (a subset, for a quick comparison; default: all ten)
 # Needs root for apt-get only when nginx, haproxy, wrk or redis-server is missing.
 
 set -euo pipefail
@@ -53,7 +58,11 @@ STAMP=$(date +%Y%m%d-%H%M%S)
 RESULTS=${RESULTS:-${TMPDIR:-/tmp}/tollgate-load-results-$STAMP.md}
 # A rate limit that never triggers (u32 fields), on each of the three windows.
 HUGE_LIMIT='{"per_minute":4000000000,"per_hour":4000000000,"per_day":4000000000}'
-read -r -a CONTENDERS <<<"${CONTENDERS:-nginx haproxy tg-public tg-keyed tg-1m tg-redis nginx-tls tg-tls}"
+read -r -a CONTENDERS <<<"${CONTENDERS:-nginx haproxy nginx-keyed tg-public tg-keyed nginx-keyed-1m tg-1m tg-redis nginx-tls tg-tls}"
+# nginx-keyed-1m maps the keys tg-1m creates.
+if [[ " ${CONTENDERS[*]} " != *" tg-1m "* ]]; then
+    read -r -a CONTENDERS <<<"$(printf '%s\n' "${CONTENDERS[@]}" | grep -vx nginx-keyed-1m | tr '\n' ' ')"
+fi
 wants() { [[ " ${CONTENDERS[*]} " == *" $1 "* ]]; }
 
 log() { printf '[load %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -188,6 +197,20 @@ start_tollgate() { # name config-template extra-render-args...
     die "$name is not ready: $(tail -5 "$WORK/$name.log")"
 }
 
+# The hand-built keyed route (nginx-keyed.conf) with the keys of a file in its map: name keyfile
+start_nginx_keyed() {
+    local name=$1 keys=$2 n
+    PORT[$name]=$(free_port)
+    # "key" "k<line>"; keys are URL-safe base64 with a prefix, nothing to escape.
+    awk '{ printf "\"%s\" \"k%d\";\n", $1, NR }' "$keys" >"$WORK/$name.map"
+    n=$(wc -l <"$keys")
+    render "$HERE/nginx-keyed.conf" "$WORK/$name.conf" TMP="$WORK" NAME="$name" PORT="${PORT[$name]}" \
+        UPSTREAM_PORT="$UPSTREAM_PORT" ZONE_MB="$((16 + n / 4000))"
+    start_bg "$name" "$PROXY_CPU" "$WORK/$name.log" nginx -c "$WORK/$name.conf" -p "$WORK"
+    wait_port "${PORT[$name]}" 120 "${PID[$name]}" || die "$name did not start: $(cat "$WORK/$name.log" "$WORK/$name.err" 2>/dev/null | tail -5)"
+    KEYFILE[$name]=$keys
+}
+
 stop_proc() { # name
     local pid=${PID[$1]}
     kill "$pid" 2>/dev/null || true
@@ -302,8 +325,9 @@ wrk_once() { # name seconds statfile [--latency]
 measure() { # round name
     local round=$1 name=$2 pid=${PID[$2]} stat="$WORK/run-$2-r$1"
     wrk_once "$name" "$WARMUP" "$WORK/warm-$name-r$round"
-    local r0="" r1="" p0 p1
+    local r0="" r1="" p0 p1 m0=""
     [[ $name == tg-redis ]] && r0=$(redis_commands)
+    [[ $name == tg-1m ]] && m0=$(metering_sample "$name")
     p0=$(proc_ticks "$pid")
     wrk_once "$name" "$DURATION" "$stat" --latency
     [[ $name == tg-redis ]] && r1=$(redis_commands)
@@ -311,6 +335,10 @@ measure() { # round name
     # wrk does (many keys): counted until its pending usage is written.
     [[ $name == tg-* ]] && drain_usage "$name"
     p1=$(proc_ticks "$pid")
+    if [[ -n $m0 ]]; then
+        printf '%s\t%s\t%s\t%s\n' "$round" "$(sed -n 's/^result requests=\([0-9]*\).*/\1/p' "$stat")" \
+            "$m0" "$(metering_sample "$name")" >>"$WORK/metering.tsv"
+    fi
     local line busy0 total0 busy1 total1
     line=$(grep '^result ' "$stat") || die "no result from wrk on $name: $(tail -3 "$stat.out")"
     read -r busy0 total0 busy1 total1 < <(cpu_delta "$stat")
@@ -356,6 +384,19 @@ handshakes() { # name
             b0 * 1e6 / hz / req, pt * 1e6 / hz / req, v["status_errors"] + v["socket_errors"]
     }' >>"$WORK/handshakes.tsv"
     log "handshakes $(printf '%-9s' "$name") $(tail -1 "$WORK/handshakes.tsv" | awk -F'\t' '{printf "%s conns/s  cpu0 %s us/conn  proc %s us/conn  errors %s", $2, $3, $4, $5}')"
+}
+
+# What metering at scale costs tg-1m (issue 27): "disk_write_bytes flush_seconds flushes db_bytes"
+# — the bytes the process has written to disk (/proc/PID/io), the usage flush histogram's sum and
+# count (one observation per batch written), and the database file's size.
+metering_sample() { # name
+    local name=$1 io flush
+    io=$(awk '$1 == "write_bytes:" {print $2}' "/proc/${PID[$name]}/io" 2>/dev/null || echo 0)
+    flush=$(curl -s "http://127.0.0.1:${ADMIN[$name]}/metrics" | awk '
+        $1 == "tollgate_usage_flush_duration_seconds_sum" {s = $2}
+        $1 == "tollgate_usage_flush_duration_seconds_count" {c = $2}
+        END {printf "%s %s", s + 0, c + 0}')
+    echo "$io $flush $(stat -c %s "$WORK/$name.db" 2>/dev/null || echo 0)"
 }
 
 # Waits (at most 120 s) until a tollgate's usage counts are all written, so that its flushes do
@@ -469,6 +510,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || a == "-" ||
 verdict() { # value op target
     awk -v v="$1" -v op="$2" -v t="$3" 'BEGIN {
         if (v == "-" || v == "") { print "n/a"; exit }
+        if (op == "-") { print "measured"; exit }
         if (op == "<=") { if (v <= t) print "met"; else printf "missed by %.0f %%\n", 100 * (v - t) / t }
         else            { if (v >= t) print "met"; else printf "missed by %.0f %%\n", 100 * (t - v) / t }
     }'
@@ -491,6 +533,10 @@ ratios_table() {
     echo "$sep---|---|---|"
     ratio_row "tg-keyed CPU-0 µs/req ÷ nginx's" "<=" 1.0 6 tg-keyed 6 nginx
     ratio_row "(same, proxy process µs/req)" "<=" 1.0 8 tg-keyed 8 nginx
+    ratio_row "tg-keyed CPU-0 µs/req ÷ nginx-keyed's (one key)" "<=" 1.0 6 tg-keyed 6 nginx-keyed
+    ratio_row "tg-1m CPU-0 µs/req ÷ nginx-keyed-1m's ($NKEYS keys)" "<=" 1.0 6 tg-1m 6 nginx-keyed-1m
+    ratio_row "nginx-keyed CPU-0 µs/req ÷ nginx's (what nginx's keyed route costs)" "-" - 6 nginx-keyed 6 nginx
+    ratio_row "tg-public CPU-0 µs/req ÷ nginx's" "<=" 1.0 6 tg-public 6 nginx
     ratio_row "tg-keyed rps ÷ tg-public rps" ">=" 0.95 3 tg-keyed 3 tg-public
     ratio_row "tg-1m rps ÷ tg-keyed rps ($NKEYS keys)" ">=" 0.90 3 tg-1m 3 tg-keyed
     ratio_row "tg-redis rps ÷ tg-keyed rps" ">=" 0.90 3 tg-redis 3 tg-keyed
@@ -503,8 +549,59 @@ ratios_table() {
 # ---------------------------------------------------------------------------------------------
 # Main
 
-# The rotated keys of tg-1m, spread over KEY_ACCOUNTS accounts: a first batch gives the rate;
-# fewer keys when KEYS would exceed KEY_BUDGET.
+# The rotated keys of tg-1m imported (POST …/keys/import, 1,000 a request, by the SHA-256 of a raw
+# value the script makes), spread over KEY_ACCOUNTS accounts, 16 requests in flight: a million
+# keys in a minute or two, where creating them one by one takes over ten. An imported key is
+# served exactly as a created one once cached; only its first lookup differs (a credential
+# without tollgate's checksum is looked up, where a created key's format is checked first).
+import_keys() {
+    local acct="" a i t0
+    for i in $(seq "$KEY_ACCOUNTS"); do
+        a=$(new_account tg-1m) || die "cannot create an account on tg-1m"
+        acct+="$a "
+    done
+    local keys="$WORK/keys-many.txt" cfg="$WORK/import-curl.cfg" bodies="$WORK/import"
+    mkdir -p "$bodies"
+    t0=$(date +%s.%N)
+    (
+        umask 077
+        python3 - "$KEYS" "$bodies" "$keys" "http://127.0.0.1:${ADMIN[tg-1m]}/v1/accounts/" "$MASTER" $acct >"$cfg" <<'PY'
+import hashlib, json, os, secrets, sys
+n, bodies, keys_file, base, master, accts = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:]
+batch = 1000
+with open(keys_file, "w") as keys:
+    for b in range((n + batch - 1) // batch):
+        entries = []
+        for i in range(b * batch, min(n, (b + 1) * batch)):
+            raw = "bench_" + secrets.token_urlsafe(24)
+            keys.write(raw + "\n")
+            entries.append({"hash": hashlib.sha256(raw.encode()).hexdigest(), "name": f"k{i}"})
+        path = os.path.join(bodies, f"{b}.json")
+        with open(path, "w") as f:
+            json.dump({"keys": entries}, f)
+        if b:
+            print("next")
+        print(f'url = "{base}{accts[b % len(accts)]}/keys/import"')
+        print("silent\nshow-error\nfail")
+        print(f'header = "Authorization: Bearer {master}"')
+        print('header = "Content-Type: application/json"')
+        print(f'data-binary = "@{path}"')
+        print("output = /dev/null")
+PY
+    ) || die "could not write the keys to import"
+    curl -Z --parallel-max 16 -K "$cfg" 2>>"$WORK/keys-curl.err" || die "importing keys failed: $(tail -3 "$WORK/keys-curl.err")"
+    KEY_SECONDS=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.0f", b - a }')
+    NKEYS=$(wc -l <"$keys")
+    KEY_RATE=$(awk -v n="$NKEYS" -v s="$KEY_SECONDS" 'BEGIN { printf "%.0f", n / (s > 0 ? s : 1) }')
+    log "$NKEYS keys imported in $KEY_SECONDS s (~$KEY_RATE keys/s)"
+    rm -rf "$bodies"
+    KEYFILE[tg-1m]=$keys
+    stop_proc tg-1m
+    start_tollgate tg-1m "$HERE/tollgate-embedded.toml" AUTH=required DB="$WORK/tg-1m.db"
+}
+
+# The rotated keys of tg-1m created one by one (KEY_SOURCE=create), spread over KEY_ACCOUNTS
+# accounts: a first batch gives the rate; fewer keys when KEYS would exceed KEY_BUDGET.
 many_keys() {
     local acct="" a i
     for i in $(seq "$KEY_ACCOUNTS"); do
@@ -565,7 +662,7 @@ main() {
         log "cargo build --release"
         (cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
     fi
-    BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/tollgate
+    BIN=${TOLLGATE_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/tollgate}
     [[ -x $BIN ]] || die "no binary at $BIN"
 
     WORK=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-load.XXXXXX")
@@ -651,7 +748,13 @@ main() {
     for name in nginx haproxy tg-public tg-keyed nginx-tls; do KEYFILE[$name]=$WORK/keys-1.txt; done
     NKEYS=0 KEY_SECONDS=0 KEY_RATE=0
     if wants tg-1m; then
-        many_keys
+        if [[ ${KEY_SOURCE:-import} == import ]]; then import_keys; else many_keys; fi
+    fi
+    if wants nginx-keyed; then
+        start_nginx_keyed nginx-keyed "$WORK/keys-1.txt"
+    fi
+    if wants nginx-keyed-1m; then
+        start_nginx_keyed nginx-keyed-1m "${KEYFILE[tg-1m]}"
     fi
 
     # tg-1m's cache is warmed with whole passes over its keys, as a gateway that has been up for
@@ -713,7 +816,7 @@ report() {
     echo "$(wrk -v 2>&1 | head -1 | awk '{print $1 " " $2}'), redis $(redis-server --version | sed 's/.* v=\([^ ]*\).*/\1/'), fixed rate: $FIXED_RATE_TOOL $( [[ $FIXED_RATE_TOOL == oha ]] && oha --version | awk '{print $2}')."
     echo "Proxies pinned to CPU $PROXY_CPU; upstream nginx, redis-server and the load generator to CPU $LOAD_CPU."
     echo "Load: \`wrk -t1 -c$CONNS -d${DURATION}s --latency -s benches/load/rotate.lua\` after a ${WARMUP}s warm-up, every contender, every round."
-    echo "tg-1m rotates $NKEYS distinct keys (created in ${KEY_SECONDS}s through the admin API, ~${KEY_RATE} keys/s);"
+    echo "tg-1m rotates $NKEYS distinct keys ($([[ ${KEY_SOURCE:-import} == import ]] && echo imported || echo created) in ${KEY_SECONDS}s through the admin API, ~${KEY_RATE} keys/s);"
     echo "its cache was warmed first: ${WARM_SECONDS:-0}s of wrk until every key had been read once (${WARM_REQUESTS:-0} requests, ${WARM_US_PER_REQ:-0} µs of proxy CPU per request, misses and hits)."
     echo "Resident memory of tg-1m (VmRSS) before that pass: $((${WARM_RSS_BEFORE_KB:-0} / 1024)) MB; after it, with every key cached and its usage flushed: $((${WARM_RSS_AFTER_KB:-0} / 1024)) MB, $(((${WARM_RSS_AFTER_KB:-0} - ${WARM_RSS_BEFORE_KB:-0}) * 1024 / (NKEYS > 0 ? NKEYS : 1))) bytes per cached key."
     if ((NKEYS < KEYS)); then
@@ -748,6 +851,24 @@ report() {
         echo "| tg-tls CPU-0 µs/req ÷ nginx-tls's (keep-alive) | **$v** | — | measured |"
         v=$(ratio "$(get "$WORK/median.tsv" median tg-tls 6)" "$(get "$WORK/median.tsv" median tg-keyed 6)")
         echo "| tg-tls CPU-0 µs/req ÷ tg-keyed's (the cost of TLS) | **$v** | — | measured |"
+        echo
+    fi
+    if [[ -s $WORK/metering.tsv ]]; then
+        echo "## Metering at scale (tg-1m: $NKEYS keys, each used about every $NKEYS requests)"
+        echo
+        echo "Per measured run of tg-1m, from its start until its usage is written: the disk bytes the process wrote"
+        echo "(/proc/PID/io write_bytes: journal appends, folds into the buckets, redb's commits), the usage flush"
+        echo "histogram (one observation per batch written) and the database file's size. With the keys rotated, a key"
+        echo "comes round again only after $NKEYS requests, so nearly every request opens its own (key, minute) bucket:"
+        echo "the per-bucket figures divide by the requests, an upper bound of the buckets, so they are lower bounds."
+        echo
+        echo "| round | requests | disk bytes written | per request (key-minute) | write amplification (÷ 56 B bucket) | batches written | flush s (sum) | ms per batch | db file MB after |"
+        echo "|---|---|---|---|---|---|---|---|---|"
+        awk -F'\t' '{
+            split($3, a, " "); split($4, b, " ")
+            req = ($2 > 0 ? $2 : 1); w = b[1] - a[1]; fs = b[2] - a[2]; fc = b[3] - a[3]
+            printf "| %s | %d | %d | %.0f | %.1f | %d | %.2f | %.1f | %.1f |\n", $1, $2, w, w / req, w / req / 56, fc, fs, (fc > 0 ? 1000 * fs / fc : 0), b[4] / 1e6
+        }' "$WORK/metering.tsv"
         echo
     fi
     echo "## Fixed rate ($FIXED_RATE_TOOL, ${OHA_DURATION}s, -c$CONNS, latency correction; nginx's median rate $NGINX_RPS/s)"
