@@ -591,7 +591,9 @@ impl KeyCache {
 
     /// Caches a key read elsewhere, as a store read of `hash` that found `lookup` would have
     /// (fresh for the ttl; then re-read from the store like any other entry). For filling a
-    /// cache without a store behind it: the benches' fixture of a million keys.
+    /// cache without a store behind it, in benches and tests (the fixture of a million keys):
+    /// unlike a read of its own, it cannot tell whether an invalidation came in after `lookup`
+    /// was read, so the gateway never calls it.
     pub fn insert(&self, hash: &KeyHash, lookup: &KeyLookup) {
         let tuning = **self.tuning.load();
         let key = KeyRef(Arc::new(Entry {

@@ -1,8 +1,8 @@
 //! The flusher task: every `flush_interval`, take the dirty cells' counts and write them to the
-//! store in one batch. A failed batch is kept as it is, with its id, and sent again on the next
-//! tick before anything newer (the store applies each id once, so a write that was applied but
-//! whose answer was lost is not counted twice); counts arriving meanwhile merge into the next
-//! batch. While the store fails, what waits is capped at `max_buckets`, oldest minutes dropped
+//! store, in batches of at most [`BATCH_BUCKETS`] (key, minute) buckets. A failed batch is kept
+//! as it is, with its id, and sent again on the next tick before anything newer (the store
+//! applies each id once, so a write that was applied but whose answer was lost is not counted
+//! twice); counts arriving meanwhile merge into the next batch. While the store fails, what waits is capped at `max_buckets`, oldest minutes dropped
 //! first; shutdown flushes one last time.
 //!
 //! With the write-ahead log ([`super::wal`]) the counts come from rotating the log instead of
@@ -176,6 +176,11 @@ pub async fn run(
         }
         flush_once(&meter, &*store, &metrics, &mut backlog).await;
     }
+    // Everything into the backlog first: what the deadline cuts off is then counted in the
+    // log line below, not left uncounted in the cells.
+    if meter.wal().is_none() {
+        meter.drain_into(&mut backlog.pending);
+    }
     let last = flush_once(&meter, &*store, &metrics, &mut backlog);
     if tokio::time::timeout(final_deadline, last).await.is_err() || !backlog.is_empty() {
         tracing::error!(
@@ -199,10 +204,11 @@ pub async fn run(
 /// at most [`BATCH_BUCKETS`] made of the counts since, each drained from the cells just before
 /// it is sent. Returns whether the store took it all.
 ///
-/// The cells are drained until one drain finds the queue empty, not until it stays empty: a
-/// busy key queued again while a batch is written waits for the next flush, so that a flush
-/// ends under any load. While the store is failing, every cell is drained at once, so that the
-/// cap on what waits ([`MAX_PENDING_BUCKETS`]) bounds the memory held for it.
+/// The cells are drained until one drain finds the queue empty, not until it stays empty (a
+/// busy key queued again while a batch is written waits for the next flush), and at most
+/// [`MAX_PENDING_BUCKETS`] buckets' worth of drains, so that a flush ends under any load. While
+/// the store is failing, every cell is drained at once, so that the cap on what waits
+/// ([`MAX_PENDING_BUCKETS`]) bounds the memory held for it.
 pub async fn flush_once(
     meter: &Meter,
     store: &dyn Usage,
@@ -216,9 +222,14 @@ pub async fn flush_once(
         None => queued = true,
     }
     let wal = meter.wal().map(|w| &**w);
+    // At most a full backlog's worth of drains per flush: under a load that dirties a batch's
+    // worth of keys while each batch is written, the flush still ends, and the next one (or a
+    // new interval, or shutdown) comes in its turn.
+    let mut budget = MAX_PENDING_BUCKETS / BATCH_BUCKETS;
     loop {
         if queued && backlog.in_flight.is_none() && backlog.pending.len() < BATCH_BUCKETS {
-            queued = meter.drain_up_to(&mut backlog.pending, BATCH_BUCKETS);
+            queued = budget > 0 && meter.drain_up_to(&mut backlog.pending, BATCH_BUCKETS);
+            budget = budget.saturating_sub(1);
         }
         metrics
             .usage_pending_events
