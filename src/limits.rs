@@ -107,7 +107,8 @@ pub struct Exhausted {
 /// `StateSnapshot::remaining_burst_capacity`, step for step.
 pub struct KeyLimiter<C: Clock<Instant = Nanos> = ProcessClock> {
     quotas: Quotas,
-    /// Per window, `t` in nanoseconds (0: the window is not limited).
+    /// Per window, `t` in nanoseconds (0: the window is not limited). Derivable from `quotas`,
+    /// and kept so that a check makes no division.
     interval: [u64; 3],
     tat: [AtomicU64; 3],
     /// Remaining count of each window at its last check: a 429 reports the windows it did not

@@ -53,25 +53,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-port() { # a free port
-    local p
-    while :; do
-        p=$((20000 + RANDOM % 40000))
-        [[ -z $(ss -Htln "sport = :$p") ]] && { echo "$p"; return; }
-    done
-}
-wait_port() {
-    for _ in $(seq 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
-    return 1
-}
-render() { # template out KEY=value...
-    local t=$1 o=$2 kv args=()
-    shift 2
-    for kv in "$@"; do args+=(-e "s|@${kv%%=*}@|${kv#*=}|g"); done
-    sed "${args[@]}" "$t" >"$o"
-}
+# free_port, wait_port, render
+# shellcheck source=benches/load/lib.sh
+source "$HERE/lib.sh"
 
-UP=$(port)
+UP=$(free_port)
 render "$HERE/nginx-upstream.conf" "$WORK/up.conf" TMP="$WORK" UPSTREAM_PORT="$UP"
 sed -i "s|nginx-upstream-tmp|tmp|g" "$WORK/up.conf"
 taskset -c 1 nginx -c "$WORK/up.conf" -p "$WORK" >"$WORK/up.log" 2>&1 &
@@ -82,11 +68,11 @@ MASTER=$("$BIN" keygen --kind master)
 declare -A PORT PID
 start() { # name
     local name=$1 p a
-    p=$(port)
+    p=$(free_port)
     PORT[$name]=$p
     case $name in
     tg-*)
-        a=$(port)
+        a=$(free_port)
         local auth=required
         [[ $name == tg-public ]] && auth=public
         render "$HERE/tollgate-embedded.toml" "$WORK/$name.toml" TMP="$WORK" PORT="$p" ADMIN_PORT="$a" \

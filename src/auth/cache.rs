@@ -566,12 +566,7 @@ impl KeyCache {
         let tuning = **self.tuning.load();
         let (slot, result) = match found {
             Some(lookup) => {
-                let key = KeyRef(Arc::new(Entry {
-                    key: self.build(&lookup, &tuning.default_limits),
-                    fresh_until: now + tuning.settings.ttl,
-                    revision,
-                    expired: AtomicBool::new(false),
-                }));
+                let key = self.entry(&lookup, &tuning, now, revision);
                 (Slot::Found(key.clone()), Some(key))
             }
             None => (Slot::Missing(now + tuning.settings.negative_ttl), None),
@@ -596,15 +591,26 @@ impl KeyCache {
     /// was read, so the gateway never calls it.
     pub fn insert(&self, hash: &KeyHash, lookup: &KeyLookup) {
         let tuning = **self.tuning.load();
-        let key = KeyRef(Arc::new(Entry {
-            key: self.build(lookup, &tuning.default_limits),
-            fresh_until: Instant::now() + tuning.settings.ttl,
-            revision: None,
-            expired: AtomicBool::new(false),
-        }));
+        let key = self.entry(lookup, &tuning, Instant::now(), None);
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.make_room(tuning.settings.max_entries);
         self.map.insert(*hash, Slot::Found(key));
+    }
+
+    /// A cache entry for a key read at `now`, fresh for the ttl.
+    fn entry(
+        &self,
+        lookup: &KeyLookup,
+        tuning: &Tuning,
+        now: Instant,
+        revision: Option<u64>,
+    ) -> KeyRef {
+        KeyRef(Arc::new(Entry {
+            key: self.build(lookup, &tuning.default_limits),
+            fresh_until: now + tuning.settings.ttl,
+            revision,
+            expired: AtomicBool::new(false),
+        }))
     }
 
     fn make_room(&self, max_entries: usize) {

@@ -2,8 +2,9 @@
 //! store, in batches of at most [`BATCH_BUCKETS`] (key, minute) buckets. A failed batch is kept
 //! as it is, with its id, and sent again on the next tick before anything newer (the store
 //! applies each id once, so a write that was applied but whose answer was lost is not counted
-//! twice); counts arriving meanwhile merge into the next batch. While the store fails, what waits is capped at `max_buckets`, oldest minutes dropped
-//! first; shutdown flushes one last time.
+//! twice); counts arriving meanwhile merge into the next batch. While the store fails, what
+//! waits is capped at `max_buckets`, oldest minutes dropped first; shutdown flushes one last
+//! time.
 //!
 //! With the write-ahead log ([`super::wal`]) the counts come from rotating the log instead of
 //! from the cells, a batch's id is (the log's writer, its last segment), and the segments are
@@ -215,21 +216,25 @@ pub async fn flush_once(
     metrics: &Metrics,
     backlog: &mut Backlog,
 ) -> bool {
-    let mut queued = false;
+    // The drains of the cells this flush may still make: none with the log (its rotation took
+    // the counts) or after a failed batch (everything was drained at once); else at most a full
+    // backlog's worth, so that under a load that dirties a batch's worth of keys while each
+    // batch is written the flush still ends, and the next one (or a new interval, or shutdown)
+    // comes in its turn.
+    let mut drains = 0;
     match meter.wal() {
         Some(wal) => backlog.rotated(wal.rotate().await),
         None if backlog.in_flight.is_some() => meter.drain_into(&mut backlog.pending),
-        None => queued = true,
+        None => drains = MAX_PENDING_BUCKETS / BATCH_BUCKETS,
     }
     let wal = meter.wal().map(|w| &**w);
-    // At most a full backlog's worth of drains per flush: under a load that dirties a batch's
-    // worth of keys while each batch is written, the flush still ends, and the next one (or a
-    // new interval, or shutdown) comes in its turn.
-    let mut budget = MAX_PENDING_BUCKETS / BATCH_BUCKETS;
     loop {
-        if queued && backlog.in_flight.is_none() && backlog.pending.len() < BATCH_BUCKETS {
-            queued = budget > 0 && meter.drain_up_to(&mut backlog.pending, BATCH_BUCKETS);
-            budget = budget.saturating_sub(1);
+        if drains > 0 && backlog.in_flight.is_none() && backlog.pending.len() < BATCH_BUCKETS {
+            drains -= 1;
+            if !meter.drain_up_to(&mut backlog.pending, BATCH_BUCKETS) {
+                // The queue was empty: what is queued from now on waits for the next flush.
+                drains = 0;
+            }
         }
         metrics
             .usage_pending_events

@@ -147,9 +147,8 @@ impl Unfolded {
             account_id: Arc::clone(&d.account_id),
             minutes: Vec::new(),
         });
-        if key.account_id != d.account_id {
-            key.account_id = d.account_id;
-        }
+        // The latest batch's account wins (a key moves only by being recreated).
+        key.account_id = d.account_id;
         match key.minutes.iter_mut().find(|(m, _, _)| *m == d.minute) {
             Some((_, counts, last_used_ms)) => {
                 counts.merge(&d.counts);
