@@ -1,5 +1,6 @@
 //! Memory per cached key: live heap bytes (counted by a wrapper around the binary's allocator,
-//! mimalloc) and resident memory, per key, after each stage a key goes through in the proxy:
+//! mimalloc: the bytes asked for, and the bytes mimalloc handed out for them in its size
+//! classes) and resident memory, per key, after each stage a key goes through in the proxy:
 //! cached (the cache entry, its buckets and usage cell), used once (the decision and the usage
 //! count), and flushed (its counts handed to the store, where the embedded store's journal keeps
 //! them until a fold).
@@ -31,32 +32,51 @@ use tollgate::metrics::Metrics;
 use tollgate::store::embedded::EmbeddedStore;
 use tollgate::store::SharedStore;
 
-/// mimalloc, counting the bytes asked for and not yet freed.
+/// mimalloc, counting the bytes asked for and not yet freed, and the bytes it handed out for
+/// them (its size classes: an allocation of 176 bytes takes 192).
 struct Counting;
 
 static LIVE: AtomicIsize = AtomicIsize::new(0);
+static HANDED: AtomicIsize = AtomicIsize::new(0);
 
-// SAFETY: every call is passed to mimalloc unchanged; only the counter is added.
+/// What mimalloc handed out at `ptr` (0 for null).
+fn handed(ptr: *const u8) -> isize {
+    if ptr.is_null() {
+        return 0;
+    }
+    // SAFETY: `ptr` is a live allocation of mimalloc's (or null, excluded above).
+    unsafe { MiMalloc.usable_size(ptr) as isize }
+}
+
+// SAFETY: every call is passed to mimalloc unchanged; only the counters are added.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
         // SAFETY: the caller's contract, passed on.
-        unsafe { MiMalloc.alloc(layout) }
+        let ptr = unsafe { MiMalloc.alloc(layout) };
+        HANDED.fetch_add(handed(ptr), Ordering::Relaxed);
+        ptr
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        HANDED.fetch_sub(handed(ptr), Ordering::Relaxed);
         // SAFETY: the caller's contract, passed on.
         unsafe { MiMalloc.dealloc(ptr, layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(
-            new_size as isize - layout.size() as isize,
-            Ordering::Relaxed,
-        );
+        let before = handed(ptr);
         // SAFETY: the caller's contract, passed on.
-        unsafe { MiMalloc.realloc(ptr, layout, new_size) }
+        let moved = unsafe { MiMalloc.realloc(ptr, layout, new_size) };
+        if !moved.is_null() {
+            LIVE.fetch_add(
+                new_size as isize - layout.size() as isize,
+                Ordering::Relaxed,
+            );
+            HANDED.fetch_add(handed(moved) - before, Ordering::Relaxed);
+        }
+        moved
     }
 }
 
@@ -75,12 +95,14 @@ fn resident() -> isize {
 
 struct Reading {
     live: isize,
+    handed: isize,
     resident: isize,
 }
 
 fn read() -> Reading {
     Reading {
         live: LIVE.load(Ordering::Relaxed),
+        handed: HANDED.load(Ordering::Relaxed),
         resident: resident(),
     }
 }
@@ -89,8 +111,9 @@ fn report(stage: &str, before: &Reading, keys: usize) -> Reading {
     let now = read();
     let per = |a: isize, b: isize| (a - b) / keys.max(1) as isize;
     println!(
-        "{stage:<34} heap {:>6} B/key   resident {:>6} B/key",
+        "{stage:<34} heap {:>6} B/key   in size classes {:>6} B/key   resident {:>6} B/key",
         per(now.live, before.live),
+        per(now.handed, before.handed),
         per(now.resident, before.resident)
     );
     now

@@ -32,7 +32,8 @@ pub struct CachedKey {
     pub key_id: Arc<str>,
     /// Account id.
     pub account_id: Arc<str>,
-    /// Secret or publishable.
+    /// Secret or publishable (also what the `Key-Type` identity header and the signed identity
+    /// say).
     pub key_type: KeyType,
     /// Key deactivated or account inactive → refused.
     pub key_active: bool,
@@ -80,15 +81,14 @@ pub struct KeyRules {
 
 /// `X-Tollgate-*` values of one key, built once per cache load. Values that many keys have in
 /// common are shared, not copied: the account id with the account's other keys, the limit
-/// values with every key of the same quotas, `*` and the key types are static.
+/// values with every key of the same quotas, `*` is static. The key type's header is one of two
+/// statics, picked from [`CachedKey::key_type`] when sent.
 #[derive(Clone)]
 pub struct IdentityValues {
     /// Account id.
     pub account_id: HeaderValue,
     /// Key id.
     pub key_id: HeaderValue,
-    /// `secret` or `publishable` (a static value: the header is built from it when sent).
-    pub key_type: KeyType,
     /// Space-separated scopes; `None` for full access (sent as `*`).
     pub scopes: Option<Box<HeaderValue>>,
     /// The key's `external_id`; `None` (no header) when it has none. Boxed: most keys have none,

@@ -46,8 +46,8 @@ pub const MAX_COST: u32 = 1_000_000;
 const MAX_WAL_SYNC_INTERVAL: Duration = Duration::from_millis(50);
 
 /// The longest duration a field takes: 100 years. Durations are added to clock readings
-/// (`Instant::now() + cache.ttl`), which panics when the sum overflows; humantime accepts
-/// up to 2^64 seconds.
+/// (`Instant::now() + cache.negative_ttl`), which panics when the sum overflows; humantime
+/// accepts up to 2^64 seconds.
 const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
 
 /// One thing wrong with a config, named by its field path (`proxy.listen`, `routes[0].upstreams`).

@@ -888,7 +888,6 @@ fn cached_key(shared: &SharedLimiters, key_id: &str, per_minute: u32) -> CachedK
         identity: IdentityValues {
             account_id: value.clone(),
             key_id: value,
-            key_type: KeyType::Secret,
             scopes: None,
             external_id: None,
             limits: Default::default(),

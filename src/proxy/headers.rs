@@ -131,7 +131,7 @@ pub fn prepare_upstream_headers(
     headers: &mut HeaderMap,
     names: &IdentityNames,
     fwd: &Forwarding<'_>,
-    identity: Option<&IdentityValues>,
+    identity: Option<(&IdentityValues, KeyType)>,
 ) {
     let mut found = 0u16;
     let mut spoofed = false;
@@ -190,10 +190,10 @@ pub fn prepare_upstream_headers(
     if let (false, Some(host)) = (headers.contains_key(&X_FORWARDED_HOST), fwd.host) {
         headers.insert(X_FORWARDED_HOST.clone(), host.clone());
     }
-    if let Some(id) = identity {
+    if let Some((id, key_type)) = identity {
         headers.insert(names.account_id.clone(), id.account_id.clone());
         headers.insert(names.key_id.clone(), id.key_id.clone());
-        let key_type = match id.key_type {
+        let key_type = match key_type {
             KeyType::Secret => &SECRET,
             KeyType::Publishable => &PUBLISHABLE,
         };

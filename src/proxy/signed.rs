@@ -54,13 +54,13 @@ impl Signer {
         }
     }
 
-    /// The signed identity of `id` at `now_secs` (seconds since the epoch).
-    pub fn sign(&self, id: &IdentityValues, now_secs: u64) -> HeaderValue {
+    /// The signed identity of `id`, a key of `key_type`, at `now_secs` (seconds since the epoch).
+    pub fn sign(&self, id: &IdentityValues, key_type: KeyType, now_secs: u64) -> HeaderValue {
         let claims = Claims {
             iss: "tollgate",
             account_id: id.account_id.to_str().unwrap_or_default(),
             key_id: id.key_id.to_str().unwrap_or_default(),
-            key_type: match id.key_type {
+            key_type: match key_type {
                 KeyType::Secret => "secret",
                 KeyType::Publishable => "publishable",
             },

@@ -103,7 +103,6 @@ fn check(case: Case) {
     let identity_values = IdentityValues {
         account_id: HeaderValue::from_static("acc_1"),
         key_id: HeaderValue::from_static("key_1"),
-        key_type: KeyType::Secret,
         scopes: None,
         external_id: Some(Box::new(HeaderValue::from_static("user 42"))),
         limits: Arc::new(LimitValues::default()),
@@ -120,7 +119,7 @@ fn check(case: Case) {
         &mut headers,
         &names,
         &fwd,
-        identity.then_some(&identity_values),
+        identity.then_some((&identity_values, KeyType::Secret)),
     );
 
     let ours: Vec<String> = ["Account-Id", "Key-Id", "Key-Type", "Scopes", "External-Id"]
