@@ -27,7 +27,7 @@
 #   * the per-round tables, the median table and the ratios against the issue's targets, on
 #     stdout and as Markdown in ${TMPDIR:-/tmp}/tollgate-load-results-<date>.md.
 #
-# Knobs (environment): ROUNDS=3 DURATION=8 WARMUP=3 CONNS=64 KEYS=1000000 KEY_BUDGET=300
+# Knobs (environment): ROUNDS=5 DURATION=5 WARMUP=3 CONNS=64 KEYS=1000000 KEY_BUDGET=300
 # (seconds allowed to create the rotated keys; fewer keys when 1M would take longer)
 # KEY_ACCOUNTS=16 (the accounts the rotated keys are spread over) KEY_SOURCE=import (1,000 keys a
 # request through POST …/keys/import; or create: one POST …/keys a key, KEY_BUDGET applies)
@@ -41,8 +41,8 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 
-ROUNDS=${ROUNDS:-3}
-DURATION=${DURATION:-8}
+ROUNDS=${ROUNDS:-5}
+DURATION=${DURATION:-5}
 WARMUP=${WARMUP:-3}
 CONNS=${CONNS:-64}
 KEYS=${KEYS:-1000000}
