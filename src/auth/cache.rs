@@ -118,6 +118,11 @@ impl Entry {
     fn fresh_until_ms(&self) -> u64 {
         self.fresh_until.load(Ordering::Relaxed) & !EXPIRED
     }
+
+    /// Whether at `now_ms` it is less than [`STALE_KEEP`] past its ttl.
+    fn within_stale_keep(&self, now_ms: u64) -> bool {
+        now_ms < self.fresh_until_ms().saturating_add(STALE_KEEP_MS)
+    }
 }
 
 /// A shared handle to a cached key (one allocation with its cache bookkeeping); derefs to the
@@ -362,7 +367,7 @@ impl KeyCache {
             // Stale: served while it is re-read. An entry expired by a reload whose store
             // revision has not moved is still the store's truth, however old.
             Some(Slot::Found(key))
-                if self.since_born_ms() < key.0.fresh_until_ms().saturating_add(STALE_KEEP_MS)
+                if key.0.within_stale_keep(self.since_born_ms())
                     || self.unchanged_since(key.0.revision) =>
             {
                 Cached::Stale(key.clone())
@@ -443,7 +448,12 @@ impl KeyCache {
     }
 
     fn since_born_ms(&self) -> u64 {
-        u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX)
+        self.ms_since_born(Instant::now())
+    }
+
+    /// `at` in ms since the cache was made: the clock entries keep their times on.
+    fn ms_since_born(&self, at: Instant) -> u64 {
+        u64::try_from(at.duration_since(self.born).as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Drops what is cached for one credential hash, here and (through the store) on every
@@ -535,11 +545,10 @@ impl KeyCache {
     /// Removes expired negative entries and long-stale keys. Run periodically.
     pub fn sweep(&self) {
         let now = Instant::now();
-        let now_ms = self.since_born_ms();
+        let now_ms = self.ms_since_born(now);
         self.map.retain(|_, slot| match slot {
             Slot::Found(key) => {
-                self.unchanged_since(key.0.revision)
-                    || now_ms < key.0.fresh_until_ms().saturating_add(STALE_KEEP_MS)
+                self.unchanged_since(key.0.revision) || key.0.within_stale_keep(now_ms)
             }
             Slot::Missing(until) => now < *until,
         });
@@ -571,7 +580,7 @@ impl KeyCache {
         // already filled the map (it inserts before it leaves the in-flight map): use that.
         let now = Instant::now();
         match self.map.get(hash).as_deref() {
-            Some(Slot::Found(key)) if self.fresh(&key.0, || self.since_born_ms()) => {
+            Some(Slot::Found(key)) if self.fresh(&key.0, || self.ms_since_born(now)) => {
                 return Ok(Some(key.clone()))
             }
             Some(Slot::Missing(until)) if now < *until => return Ok(None),
@@ -634,10 +643,10 @@ impl KeyCache {
         revision: Option<u64>,
     ) -> KeyRef {
         let ttl_ms = u64::try_from(tuning.settings.ttl.as_millis()).unwrap_or(u64::MAX);
-        let born_ms = u64::try_from(now.duration_since(self.born).as_millis()).unwrap_or(u64::MAX);
+        let until = self.ms_since_born(now).saturating_add(ttl_ms);
         KeyRef(Arc::new(Entry {
             key: self.build(lookup, &tuning.default_limits),
-            fresh_until: AtomicU64::new(born_ms.saturating_add(ttl_ms).min(EXPIRED - 1)),
+            fresh_until: AtomicU64::new(until.min(EXPIRED - 1)),
             revision: packed_revision(revision),
         }))
     }
