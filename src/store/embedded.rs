@@ -22,12 +22,12 @@
 //! | `audit`          | sequence (`u64`, ascending)       | entry JSON + `account_id` | the audit log in append order (read backwards: newest first) |
 //! | `audit_accounts` | (account id, sequence)            | `()`                      | one account's audit entries without scanning the others    |
 //! | `audit_heads`    | account id                        | [`ChainHead`] JSON        | the newest link of the account's audit chain ([`audit_chain`]) |
-//! | `key_minutes`, `key_hours`, `key_days`, `account_days` | (index `i64`, owner id as bytes) | 56 bytes: 6 × LE `u64` counts, LE `i64` last used ms | usage buckets, time-major so that a flush touches only the current pages ([`usage`]) |
+//! | `key_minutes`, `key_hours`, `key_days`, `account_days` | (index `i64`, owner id as bytes) | 56 bytes: 6 × LE `u64` counts, LE `i64` last used ms | usage buckets, time-major so that a flush touches only the current pages ([`usage`]); keys' hours and days are rolled up from their minutes once the hour is over ([`rollup`]) |
 //! | `key_minutes_by_key_hour`, `key_hours_by_key`, `key_days_by_key`, `account_days_by_account` | (owner id, hour for minutes, else index) | `()` | an owner's buckets from … to; written once per new hour of minutes, or new bucket |
 //! | `usage_journal`  | sequence (`u64`)                  | one `add_usage` batch, packed | flushes not yet folded into the buckets ([`journal`]) |
 //! | `key_last_used`  | key id                            | ms (`i64`)                | last use of a key whose minute buckets were pruned         |
 //! | `usage_writers`  | batch writer (`u64`)              | (last seq applied, ms)    | [`Usage::add_usage`](crate::store::Usage::add_usage) applies each [`BatchId`] once; rows older than [`BATCH_MEMORY`] are dropped |
-//! | `meta`           | name (`str`)                      | bytes                     | singletons: `master_key_hash` (32 bytes), `key_names_folded`, `imported_keys` (LE `u64`: how many keys are imported) |
+//! | `meta`           | name (`str`)                      | bytes                     | singletons: `master_key_hash` (32 bytes), `key_names_folded`, `imported_keys` (LE `u64`: how many keys are imported), `usage_rolled` (how far minutes are rolled up into hours and days: LE `i64` minute, then `1` and a key id while an hour is part done) |
 //!
 //! Lists are sorted oldest first by `(created_at, id)`; the audit log is newest first by append
 //! order. The audit entry's `account_id` is not part of its serialized JSON (it is
@@ -54,6 +54,7 @@ mod commit;
 mod credits;
 mod journal;
 mod records;
+mod rollup;
 mod usage;
 
 use commit::GroupCommit;
@@ -139,6 +140,7 @@ impl EmbeddedStore {
                 credits::create_tables(txn)?;
                 txn.open_table(META).map_err(db_err)?;
                 records::fold_key_names(txn)?;
+                rollup::init(txn, usage::now_minute())?;
                 Unfolded::recover(txn)
             })
             .map_err(|e| match e {

@@ -11,11 +11,12 @@
 //! rides in its buckets, so no per-key row is written either: it is the newest minute bucket's,
 //! or, once that is pruned, the `key_last_used` row that pruning leaves behind.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use redb::{ReadTransaction, ReadableTable, Table, TableDefinition, WriteTransaction};
 
-use super::db_err;
+use super::rollup::{self, Rolled};
+use super::{db_err, META};
 use crate::store::{Granularity, StoreError, UsageCounts, UsageDelta};
 
 /// Six LE `u64` counts, then the LE `i64` last-used time in milliseconds.
@@ -32,21 +33,29 @@ const KEY_LAST_USED: TableDefinition<&str, i64> = TableDefinition::new("key_last
 /// for minutes a group is an hour, so that a busy key adds one index row an hour, not one a
 /// minute (index rows are scattered over the file by key, so each insert costs a page copy).
 pub(super) struct Family {
-    by_time: ByTime,
+    pub(super) by_time: ByTime,
     by_owner: ByOwner,
     span: i64,
 }
 
-const KEY_MINUTES: Family = Family::new("key_minutes", "key_minutes_by_key_hour", 60);
-const KEY_HOURS: Family = Family::new("key_hours", "key_hours_by_key", 1);
-const KEY_DAYS: Family = Family::new("key_days", "key_days_by_key", 1);
+pub(super) const KEY_MINUTES: Family = Family::new("key_minutes", "key_minutes_by_key_hour", 60);
+pub(super) const KEY_HOURS: Family = Family::new("key_hours", "key_hours_by_key", 1);
+pub(super) const KEY_DAYS: Family = Family::new("key_days", "key_days_by_key", 1);
 const ACCOUNT_DAYS: Family = Family::new("account_days", "account_days_by_account", 1);
 
 /// A bucket's contents.
 #[derive(Debug, Default, Clone, Copy)]
-struct Bucket {
-    counts: UsageCounts,
-    last_used_ms: i64,
+pub(super) struct Bucket {
+    pub(super) counts: UsageCounts,
+    pub(super) last_used_ms: i64,
+}
+
+impl Bucket {
+    /// Adds `other`'s counts; the later last use.
+    pub(super) fn merge(&mut self, other: &Bucket) {
+        self.counts.merge(&other.counts);
+        self.last_used_ms = self.last_used_ms.max(other.last_used_ms);
+    }
 }
 
 // === impl Family ===
@@ -74,7 +83,7 @@ impl Family {
         }
     }
 
-    fn open<'txn>(&self, txn: &'txn WriteTransaction) -> Result<Open<'txn>, StoreError> {
+    pub(super) fn open<'txn>(&self, txn: &'txn WriteTransaction) -> Result<Open<'txn>, StoreError> {
         Ok(Open {
             by_time: txn.open_table(self.by_time).map_err(db_err)?,
             by_owner: txn.open_table(self.by_owner).map_err(db_err)?,
@@ -181,7 +190,7 @@ impl Family {
 }
 
 /// A family's tables, open in a write transaction.
-struct Open<'txn> {
+pub(super) struct Open<'txn> {
     by_time: Table<'txn, (i64, &'static [u8]), &'static [u8]>,
     by_owner: Table<'txn, (&'static [u8], i64), ()>,
     span: i64,
@@ -189,14 +198,13 @@ struct Open<'txn> {
 
 impl Open<'_> {
     /// Adds `counts` into `owner`'s bucket `index`, creating it (and its index row) if new.
-    fn add(
+    pub(super) fn add(
         &mut self,
         index: i64,
-        owner: &str,
+        owner: &[u8],
         counts: &UsageCounts,
         last_used_ms: i64,
     ) -> Result<(), StoreError> {
-        let owner = owner.as_bytes();
         let mut bucket = match read_bucket(&self.by_time, (index, owner))? {
             Some(bucket) => bucket,
             None => self.create(index, owner)?,
@@ -234,15 +242,21 @@ pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Adds a batch into the keys' minute, hour and day buckets and the accounts' day buckets.
+/// Adds a batch into the keys' minute buckets and the accounts' day buckets, and into the keys'
+/// hour and day buckets only where its minute is rolled up already ([`rollup`]): the rest reach
+/// them by [`rollup::step`].
 pub(super) fn add(txn: &WriteTransaction, batch: &mut [UsageDelta]) -> Result<(), StoreError> {
     // In index order the updates walk each table's current pages once, front to back.
     batch.sort_unstable_by(|a, b| (a.minute, &a.key_id).cmp(&(b.minute, &b.key_id)));
+    let rolled = Rolled::load(&txn.open_table(META).map_err(db_err)?)?;
     for g in Granularity::ALL {
         let mut buckets = Family::of_keys(g).open(txn)?;
         for d in batch.iter() {
-            let index = g.of_minute(d.minute);
-            buckets.add(index, &d.key_id, &d.counts, d.last_used_ms)?;
+            let owner = d.key_id.as_bytes();
+            if g == Granularity::Minute || rolled.covers(owner, d.minute) {
+                let index = g.of_minute(d.minute);
+                buckets.add(index, owner, &d.counts, d.last_used_ms)?;
+            }
         }
     }
     // An account has many keys in a batch: one update per account and day. (Only minute
@@ -257,7 +271,7 @@ pub(super) fn add(txn: &WriteTransaction, batch: &mut [UsageDelta]) -> Result<()
     }
     let mut accounts = ACCOUNT_DAYS.open(txn)?;
     for ((account_id, day), counts) in by_account {
-        accounts.add(day, account_id, &counts, 0)?;
+        accounts.add(day, account_id.as_bytes(), &counts, 0)?;
     }
     Ok(())
 }
@@ -270,7 +284,8 @@ pub(super) fn keep_last_use_in_minute(d: &mut UsageDelta) {
     d.last_used_ms = d.last_used_ms.clamp(start, start.saturating_add(59_999));
 }
 
-/// A key's buckets of one granularity with `from <= index < to`, ascending.
+/// A key's buckets of one granularity with `from <= index < to`, ascending; hours and days with
+/// the minutes not yet rolled up into them.
 pub(super) fn key_buckets(
     txn: &ReadTransaction,
     key_id: &str,
@@ -278,7 +293,27 @@ pub(super) fn key_buckets(
     from: i64,
     to: i64,
 ) -> Result<Vec<(i64, UsageCounts)>, StoreError> {
-    Family::of_keys(g).read(txn, key_id, from, to)
+    let stored = Family::of_keys(g).read(txn, key_id, from, to)?;
+    match g {
+        Granularity::Minute => Ok(stored),
+        Granularity::Hour | Granularity::Day => {
+            rollup::add_unrolled(txn, key_id, g, from, to, stored)
+        }
+    }
+}
+
+/// `stored` (ascending, distinct) plus the `extra` counts whose index is in `[from, to)`.
+pub(super) fn merge_sorted<'a>(
+    stored: Vec<(i64, UsageCounts)>,
+    extra: impl Iterator<Item = (i64, &'a UsageCounts)>,
+    from: i64,
+    to: i64,
+) -> Vec<(i64, UsageCounts)> {
+    let mut all: BTreeMap<i64, UsageCounts> = stored.into_iter().collect();
+    for (index, counts) in extra.filter(|(i, _)| (from..to).contains(i)) {
+        all.entry(index).or_default().merge(counts);
+    }
+    all.into_iter().collect()
 }
 
 /// An account's day buckets with `from <= day < to`, ascending.
@@ -306,13 +341,16 @@ pub(super) fn last_used(txn: &ReadTransaction, key_id: &str) -> Result<Option<i6
 }
 
 /// Removes the buckets of one granularity with index `< before` (for days, the accounts' too).
-/// Pruned minute buckets leave their key's last-used time in `key_last_used`.
+/// Pruned minute buckets leave their key's last-used time in `key_last_used`; a minute bucket
+/// not yet rolled up into its hour and day stays until it is.
 pub(super) fn prune(
     txn: &WriteTransaction,
     g: Granularity,
     before: i64,
 ) -> Result<u64, StoreError> {
     let mut removed = if g == Granularity::Minute {
+        let rolled = Rolled::load(&txn.open_table(META).map_err(db_err)?)?;
+        let before = before.min(rolled.start());
         // One write per key, with the latest of its pruned buckets.
         let mut latest: HashMap<String, i64> = HashMap::new();
         let removed = KEY_MINUTES.prune(txn, before, |key_id, bucket| {
@@ -361,7 +399,7 @@ fn encode(bucket: &Bucket) -> [u8; BUCKET_BYTES] {
     out
 }
 
-fn decode(bytes: &[u8]) -> Result<Bucket, StoreError> {
+pub(super) fn decode(bytes: &[u8]) -> Result<Bucket, StoreError> {
     let bytes: &[u8; BUCKET_BYTES] = bytes.try_into().map_err(|_| {
         StoreError::Corrupt(format!(
             "usage bucket: expected {BUCKET_BYTES} bytes, found {}",

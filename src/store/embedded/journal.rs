@@ -9,7 +9,7 @@
 //! add the unfolded counts to what the buckets hold. Opening the file folds whatever journal a
 //! crash left behind, so nothing a flush was told is stored is lost.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -196,7 +196,7 @@ impl Unfolded {
             .minutes
             .iter()
             .map(|(minute, counts, _)| (g.of_minute(*minute), counts));
-        merge_sorted(stored, extra, from, to)
+        buckets::merge_sorted(stored, extra, from, to)
     }
 
     /// Adds an account's unfolded counts into `stored`, its day buckets in `[from, to)`.
@@ -214,7 +214,7 @@ impl Unfolded {
             .filter(|key| &*key.account_id == account_id)
             .flat_map(|key| &key.minutes)
             .map(|(minute, counts, _)| (Granularity::Day.of_minute(*minute), counts));
-        merge_sorted(stored, extra, from, to)
+        buckets::merge_sorted(stored, extra, from, to)
     }
 
     /// Whether nothing waits to be folded.
@@ -239,20 +239,6 @@ fn fold_into(txn: &WriteTransaction, all: &mut [UsageDelta]) -> Result<(), Store
     let mut journal = txn.open_table(JOURNAL).map_err(db_err)?;
     journal.retain(|_, _| false).map_err(db_err)?;
     Ok(())
-}
-
-/// `stored` (ascending, distinct) plus the `extra` counts whose index is in `[from, to)`.
-fn merge_sorted<'a>(
-    stored: Vec<(i64, UsageCounts)>,
-    extra: impl Iterator<Item = (i64, &'a UsageCounts)>,
-    from: i64,
-    to: i64,
-) -> Vec<(i64, UsageCounts)> {
-    let mut all: BTreeMap<i64, UsageCounts> = stored.into_iter().collect();
-    for (index, counts) in extra.filter(|(i, _)| (from..to).contains(i)) {
-        all.entry(index).or_default().merge(counts);
-    }
-    all.into_iter().collect()
 }
 
 /// A batch as one journal value: per delta the key id and account id (`u16` LE length, bytes),

@@ -4,7 +4,7 @@
 
 use redb::{ReadableTable, WriteTransaction};
 
-use super::{buckets, db_err, EmbeddedStore, USAGE_WRITERS};
+use super::{buckets, db_err, rollup, EmbeddedStore, USAGE_WRITERS};
 use crate::store::{
     BatchId, Granularity, StoreError, Usage, UsageCounts, UsageDelta, BATCH_MEMORY,
 };
@@ -18,13 +18,18 @@ impl Usage for EmbeddedStore {
         let mut batch = batch.to_vec();
         batch.iter_mut().for_each(buckets::keep_last_use_in_minute);
         let now_ms = chrono::Utc::now().timestamp_millis();
+        // An hour is over once the clock, or the newest minute counted, is past it.
+        let newest = batch.iter().map(|d| d.minute).max().unwrap_or(i64::MIN);
+        let rollup_now = now_ms.div_euclid(60_000).max(newest);
         self.write_usage(move |txn, unfolded| {
             // A commit is all or nothing, so a failed call was not applied; but a caller that
             // retries (with the same id) is told "done" without counting twice all the same.
             if !claim_batch(txn, id, now_ms)? {
                 return Ok((None, ()));
             }
-            Ok((Some(unfolded.apply(txn, batch)?), ()))
+            let applied = unfolded.apply(txn, batch)?;
+            rollup::step(txn, rollup_now)?;
+            Ok((Some(applied), ()))
         })
         .await
     }
@@ -76,12 +81,19 @@ impl Usage for EmbeddedStore {
     }
 
     async fn prune_usage(&self, granularity: Granularity, before: i64) -> Result<u64, StoreError> {
+        let now = now_minute();
         self.write_usage(move |txn, unfolded| {
             let folded = unfolded.fold(txn)?;
+            rollup::step(txn, now)?;
             Ok((Some(folded), buckets::prune(txn, granularity, before)?))
         })
         .await
     }
+}
+
+/// The wall clock's minute (since the epoch).
+pub(super) fn now_minute() -> i64 {
+    chrono::Utc::now().timestamp_millis().div_euclid(60_000)
 }
 
 /// Records `id` as its writer's last applied batch, unless that writer already has one as
