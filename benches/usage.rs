@@ -17,9 +17,15 @@ use tollgate::metering::{Meter, Outcome, Pending, WallClock};
 use tollgate::store::embedded::EmbeddedStore;
 use tollgate::store::{BatchId, Granularity, Usage, UsageCounts, UsageDelta};
 
-const NOW_MINUTE: i64 = 29_500_000;
+/// "Now" for the buckets written: the top of an hour a day ahead of the wall clock, so that, as
+/// in a live gateway, only the minutes counted end an hour (and start its rollup into hour and
+/// day buckets), not the clock.
+fn now_minute() -> i64 {
+    (chrono::Utc::now().timestamp() / 3_600 + 24) * 60
+}
 
 fn bench(c: &mut Criterion) {
+    let now = now_minute();
     let meter = Meter::new(WallClock::System);
     let cell = meter.cell(&Arc::from("key_bench"), &Arc::from("acc_bench"));
     let clock = WallClock::System;
@@ -83,20 +89,20 @@ fn bench(c: &mut Criterion) {
     rt.block_on(async {
         for day in 0..90 {
             let batch: Vec<UsageDelta> = (0..24)
-                .map(|h| delta(NOW_MINUTE - (90 - day) * 1_440 + h * 60))
+                .map(|h| delta(now - (90 - day) * 1_440 + h * 60))
                 .collect();
             store
                 .add_usage(BatchId::first(), &batch)
                 .await
                 .expect("days");
         }
-        let minutes: Vec<UsageDelta> = (0..2_880).map(|m| delta(NOW_MINUTE - 2_880 + m)).collect();
+        let minutes: Vec<UsageDelta> = (0..2_880).map(|m| delta(now - 2_880 + m)).collect();
         store
             .add_usage(BatchId::first(), &minutes)
             .await
             .expect("minutes");
     });
-    let today = Granularity::Day.of_minute(NOW_MINUTE);
+    let today = Granularity::Day.of_minute(now);
     c.bench_function("store/key_usage_90_days", |b| {
         b.iter(|| {
             let days = rt
@@ -108,22 +114,17 @@ fn bench(c: &mut Criterion) {
     c.bench_function("store/key_usage_2880_minutes", |b| {
         b.iter(|| {
             let minutes = rt
-                .block_on(store.key_usage(
-                    "key_busy",
-                    Granularity::Minute,
-                    NOW_MINUTE - 2_880,
-                    NOW_MINUTE,
-                ))
+                .block_on(store.key_usage("key_busy", Granularity::Minute, now - 2_880, now))
                 .expect("query");
             assert_eq!(minutes.len(), 2_880);
         })
     });
-    flush_many_keys(c, &rt);
+    flush_many_keys(c, &rt, now);
 }
 
 /// Flushes as the flusher sends them with many keys in rotation: 20 000 distinct keys' deltas in
 /// the current minute, into a store holding 100 000 keys' buckets for the last ten minutes.
-fn flush_many_keys(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
+fn flush_many_keys(c: &mut Criterion, rt: &tokio::runtime::Runtime, now: i64) {
     const KEYS: usize = 100_000;
     const PER_FLUSH: usize = 20_000;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -143,7 +144,7 @@ fn flush_many_keys(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     };
     let mut id = BatchId::first();
     rt.block_on(async {
-        for minute in NOW_MINUTE - 10..NOW_MINUTE {
+        for minute in now - 10..now {
             let batch: Vec<UsageDelta> = (0..KEYS).map(|i| delta(i, minute)).collect();
             store.add_usage(id, &batch).await.expect("history");
             id = id.next();
@@ -156,7 +157,7 @@ fn flush_many_keys(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     group.sample_size(10);
     // Five flushes: every key once, and the fold that the waiting 100 000 buckets bring about
     // (at the sixth flush at the latest), so each iteration carries its share of the folding.
-    let mut minute = NOW_MINUTE;
+    let mut minute = now;
     group.bench_function("5_flushes_of_20k_of_100k_keys", |b| {
         b.iter(|| {
             // Each iteration a new minute, as in a gateway that runs for long: every key's

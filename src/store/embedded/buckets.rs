@@ -1,10 +1,12 @@
 //! Usage buckets in the embedded store, laid out for the writes that fill them.
 //!
-//! The writes come from the journal's folds ([`super::journal`]): one delta per key and minute.
-//! With many keys, a key-major table (`(key id, minute)`) puts those updates on leaf pages
-//! scattered over the whole file, and every commit copies each of them (redb is copy-on-write).
-//! So each family of buckets is stored time-major, `(index, owner)`, where a fold's updates fall
-//! on the few pages of the current minute, hour and day. A key-major index answers "this key's
+//! The writes come from the journal's folds ([`super::journal`]): one delta per key and minute,
+//! into the minute buckets (and the accounts' days); keys' hours and days are summed from the
+//! minutes once the hour is over ([`super::rollup`]). With many keys, a key-major table
+//! (`(key id, minute)`) puts those updates on leaf pages scattered over the whole file, and every
+//! commit copies each of them (redb is copy-on-write). So each family of buckets is stored
+//! time-major, `(index, owner)`, where a fold's updates fall on the few pages of the current
+//! minute (a rollup's on those of one hour and one day). A key-major index answers "this key's
 //! buckets from … to"; its rows are the scattered writes, so they are few: one per new bucket
 //! for hours and days, and one per key and hour for minutes (a row `(owner, hour)` says "may
 //! have minute buckets in this hour", and reads probe its 60 minutes). A key's last-used time

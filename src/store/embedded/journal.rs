@@ -22,8 +22,9 @@ use crate::store::{Granularity, StoreError, UsageCounts, UsageDelta};
 const FOLD_EVERY: Duration = Duration::from_secs(60);
 /// Fold sooner once this many (key, minute) buckets wait, which bounds the memory they take
 /// (~200 bytes each). A fold's cost is mostly the pages it rewrites, and with many keys nearly
-/// every page of the current minute's, hour's and day's rows is touched by any fold: fewer,
-/// larger folds rewrite them less often per bucket.
+/// every page of the current minute's rows (and account days') is touched by any fold: fewer,
+/// larger folds rewrite them less often per bucket. (Keys' hours and days are rolled up from
+/// the minutes later: [`super::rollup`].)
 const FOLD_AT: usize = 500_000;
 
 const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("usage_journal");

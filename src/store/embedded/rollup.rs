@@ -5,9 +5,14 @@
 //! per minute), sums them per key, and adds each key's sum into its hour and day buckets. A key
 //! used in every minute costs its hour and day buckets one update an hour instead of sixty, and
 //! a fold rewrites the current pages of one table instead of three. The sums are taken in chunks
-//! of at most [`CHUNK_KEYS`] keys and [`STEP_ROWS`] rows per step, a step with each usage write,
-//! so that neither a write's time nor its memory grows with the number of keys; the progress
-//! ([`Rolled`]) is a `meta` row written in the same transaction as the sums.
+//! of at most [`CHUNK_KEYS`] keys, chunks until [`STEP_ROWS`] rows are read, a step with each
+//! usage write, so that neither a write's time nor its memory grows with the number of keys; the
+//! progress ([`Rolled`]) is a `meta` row written in the same transaction as the sums.
+//!
+//! An hour is over once the wall clock or the newest minute counted is past it. A minute ahead
+//! of the clock (the clock stepped back after counting it) moves the progress that far, and
+//! until the clock catches up deltas count as late: exact, but written into all three buckets,
+//! as before rollups.
 //!
 //! Every count is in its hour and day bucket exactly once, whatever the progress: a delta for a
 //! minute already rolled (counts that arrive late, a replayed log) goes into all three buckets
@@ -29,7 +34,8 @@ use crate::store::{Granularity, StoreError, UsageCounts};
 const ROLLED: &str = "usage_rolled";
 /// At most this many keys' sums in memory, and written, per chunk.
 const CHUNK_KEYS: usize = 2_048;
-/// A step takes further chunks until it has read this many minute buckets.
+/// A step takes further chunks until it has read this many minute buckets (checked between
+/// chunks: a chunk of busy keys reads up to 60 × [`CHUNK_KEYS`]).
 const STEP_ROWS: usize = 20_000;
 
 const NO_OWNER: &[u8] = &[];
@@ -41,6 +47,8 @@ pub(super) struct Rolled {
     start: i64,
     cursor: Option<Vec<u8>>,
 }
+
+// === impl Rolled ===
 
 impl Rolled {
     /// The end (exclusive) of the span being rolled: the end of `start`'s hour.
@@ -128,8 +136,8 @@ pub(super) fn init(txn: &WriteTransaction, now_minute: i64) -> Result<(), StoreE
     Ok(())
 }
 
-/// Rolls up minute buckets of spans that ended before `now_minute`, at most [`STEP_ROWS`] of
-/// them (give or take a chunk), in `txn`.
+/// Rolls up minute buckets of spans that ended before `now_minute`, in `txn`: chunks until
+/// [`STEP_ROWS`] buckets are read.
 pub(super) fn step(txn: &WriteTransaction, now_minute: i64) -> Result<(), StoreError> {
     let mut meta = txn.open_table(META).map_err(db_err)?;
     let was = Rolled::load(&meta)?;
@@ -154,7 +162,8 @@ pub(super) fn step(txn: &WriteTransaction, now_minute: i64) -> Result<(), StoreE
             at.start = at.start.max(next.unwrap_or(this_hour).min(this_hour));
         }
         let end = at.span_end();
-        if end > now_minute {
+        // Not over yet; or, at the end of time, nothing after it (the last span's end saturates).
+        if end > now_minute || end <= at.start {
             break;
         }
         let (sums, rows) = sum_chunk(&minutes, &at)?;
@@ -256,278 +265,4 @@ pub(super) fn add_unrolled(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::super::{usage, EmbeddedStore};
-    use super::*;
-    use crate::store::{BatchId, Usage, UsageDelta};
-
-    /// The first minute of a day a week ahead: the wall clock ends none of its hours during a
-    /// test, so only the minutes counted do.
-    fn ahead() -> i64 {
-        (usage::now_minute().div_euclid(1_440) + 7) * 1_440
-    }
-
-    fn delta(key: &str, minute: i64, requests: u64) -> UsageDelta {
-        UsageDelta {
-            key_id: key.into(),
-            account_id: "acc_r".into(),
-            minute,
-            counts: UsageCounts {
-                requests,
-                ..UsageCounts::default()
-            },
-            last_used_ms: minute * 60_000,
-        }
-    }
-
-    /// A store whose every batch is folded at once, so that minutes are in their table.
-    fn open(path: &std::path::Path) -> EmbeddedStore {
-        let store = EmbeddedStore::open(path).unwrap();
-        store.unfolded.lock().fold_at = 0;
-        store
-    }
-
-    /// A new store in a temporary directory (gone with the returned guard).
-    fn fresh() -> (tempfile::TempDir, std::path::PathBuf, EmbeddedStore) {
-        let dir = tempfile::TempDir::new().unwrap();
-        let path = dir.path().join("r.redb");
-        let store = open(&path);
-        (dir, path, store)
-    }
-
-    async fn add(store: &EmbeddedStore, id: &mut BatchId, batch: &[UsageDelta]) {
-        store.add_usage(*id, batch).await.unwrap();
-        *id = id.next();
-    }
-
-    async fn requests(
-        store: &EmbeddedStore,
-        key: &str,
-        g: Granularity,
-        from: i64,
-        to: i64,
-    ) -> Vec<(i64, u64)> {
-        let buckets = store.key_usage(key, g, from, to).await.unwrap();
-        buckets.into_iter().map(|(i, c)| (i, c.requests)).collect()
-    }
-
-    fn progress(store: &EmbeddedStore) -> Rolled {
-        let txn = store.db.begin_read().unwrap();
-        Rolled::load(&txn.open_table(META).unwrap()).unwrap()
-    }
-
-    fn hour_rows(store: &EmbeddedStore) -> u64 {
-        use redb::ReadableTableMetadata;
-        let txn = store.db.begin_read().unwrap();
-        txn.open_table(KEY_HOURS.by_time).unwrap().len().unwrap()
-    }
-
-    #[tokio::test]
-    async fn hours_and_days_read_the_same_before_and_after_the_rollup_and_late_counts_land_once() {
-        let (_dir, path, store) = fresh();
-        let (mut id, m) = (BatchId::first(), ahead());
-        let (h, d) = (m / 60, m / 1_440);
-        let hours = |key| requests(&store, key, Granularity::Hour, h, h + 2);
-        let days = |key| requests(&store, key, Granularity::Day, d - 1, d + 1);
-        let minute_batch = [
-            delta("key_a", m + 1, 1),
-            delta("key_a", m + 2, 2),
-            delta("key_b", m + 30, 8),
-            delta("key_a", m + 59, 4),
-        ];
-        add(&store, &mut id, &minute_batch).await;
-        // The hour is not over: its minutes are in no hour bucket yet, and reads add them.
-        assert!(progress(&store).start <= m);
-        assert_eq!(hour_rows(&store), 0);
-        assert_eq!(hours("key_a").await, vec![(h, 7)]);
-        assert_eq!(days("key_a").await, vec![(d, 7)]);
-        assert_eq!(hours("key_b").await, vec![(h, 8)]);
-        // A minute of the next hour ends it: rolled up in the same write.
-        add(&store, &mut id, &[delta("key_a", m + 60, 16)]).await;
-        assert_eq!(
-            progress(&store),
-            Rolled {
-                start: m + 60,
-                cursor: None
-            }
-        );
-        assert_eq!(hour_rows(&store), 2);
-        assert_eq!(hours("key_a").await, vec![(h, 7), (h + 1, 16)]);
-        assert_eq!(days("key_a").await, vec![(d, 23)]);
-        assert_eq!(hours("key_b").await, vec![(h, 8)]);
-        // Counts that arrive for a rolled minute go into its hour and day at once.
-        add(&store, &mut id, &[delta("key_b", m + 5, 32)]).await;
-        assert_eq!(hours("key_b").await, vec![(h, 40)]);
-        assert_eq!(days("key_b").await, vec![(d, 40)]);
-        let minutes = requests(&store, "key_b", Granularity::Minute, m, m + 60).await;
-        assert_eq!(minutes, vec![(m + 5, 32), (m + 30, 8)]);
-        // The progress is in the file.
-        drop(store);
-        let store = open(&path);
-        assert_eq!(progress(&store).start, m + 60);
-        let hours = requests(&store, "key_a", Granularity::Hour, h, h + 2).await;
-        assert_eq!(hours, vec![(h, 7), (h + 1, 16)]);
-        let days = requests(&store, "key_b", Granularity::Day, d, d + 1).await;
-        assert_eq!(days, vec![(d, 40)]);
-    }
-
-    #[tokio::test]
-    async fn an_hour_of_many_keys_rolls_up_in_bounded_steps_and_reads_stay_exact_between_them() {
-        let (_dir, path, store) = fresh();
-        let (mut id, m) = (BatchId::first(), ahead());
-        let (h, d) = (m / 60, m / 1_440);
-        let keys: Vec<String> = (0..5_000).map(|i| format!("key_{i:05}")).collect();
-        // 25,000 minute buckets: two full chunks reach the step's row budget.
-        let batch: Vec<UsageDelta> = keys
-            .iter()
-            .flat_map(|k| (0..5).map(move |i| delta(k, m + i * 7, 1)))
-            .collect();
-        add(&store, &mut id, &batch).await;
-        add(&store, &mut id, &[delta("key_x", m + 60, 1)]).await;
-        let at = progress(&store);
-        assert_eq!(at.start, m);
-        assert_eq!(at.cursor.as_deref(), Some(&b"key_04095"[..]));
-        assert_eq!(hour_rows(&store), 4_096);
-        for key in ["key_00000", "key_04095", "key_04096", "key_04999"] {
-            let hours = requests(&store, key, Granularity::Hour, h - 1, h + 1).await;
-            assert_eq!(hours, vec![(h, 5)], "{key}");
-            let days = requests(&store, key, Granularity::Day, d, d + 1).await;
-            assert_eq!(days, vec![(d, 5)], "{key}");
-        }
-        // The progress survives a restart, and the next write finishes the hour.
-        drop(store);
-        let store = open(&path);
-        assert_eq!(progress(&store), at);
-        add(&store, &mut id, &[delta("key_x", m + 61, 1)]).await;
-        assert_eq!(
-            progress(&store),
-            Rolled {
-                start: m + 60,
-                cursor: None
-            }
-        );
-        assert_eq!(hour_rows(&store), 5_000);
-        for key in ["key_00000", "key_04096", "key_04999"] {
-            let hours = requests(&store, key, Granularity::Hour, h - 1, h + 1).await;
-            assert_eq!(hours, vec![(h, 5)], "{key}");
-        }
-        let hours = requests(&store, "key_x", Granularity::Hour, h, h + 2).await;
-        assert_eq!(hours, vec![(h + 1, 2)]);
-    }
-
-    #[tokio::test]
-    async fn a_file_from_before_rollups_counts_its_hours_once() {
-        let (_dir, path, store) = fresh();
-        let (mut id, m) = (BatchId::first(), ahead());
-        let h = m / 60;
-        // As before rollups: every delta into all three buckets, and no progress row.
-        let everything = Rolled {
-            start: i64::MAX,
-            cursor: None,
-        };
-        let txn = store.db.begin_write().unwrap();
-        txn.open_table(META)
-            .unwrap()
-            .insert(ROLLED, everything.encode().as_slice())
-            .unwrap();
-        txn.commit().unwrap();
-        add(
-            &store,
-            &mut id,
-            &[delta("key_a", m + 3, 1), delta("key_a", m + 9, 2)],
-        )
-        .await;
-        assert_eq!(hour_rows(&store), 1);
-        let txn = store.db.begin_write().unwrap();
-        txn.open_table(META).unwrap().remove(ROLLED).unwrap();
-        txn.commit().unwrap();
-        drop(store);
-        // Opened by this version: what the file holds counts as rolled.
-        let store = open(&path);
-        assert_eq!(progress(&store).start, m + 10);
-        let hours = requests(&store, "key_a", Granularity::Hour, h, h + 1).await;
-        assert_eq!(hours, vec![(h, 3)]);
-        add(
-            &store,
-            &mut id,
-            &[delta("key_a", m + 9, 4), delta("key_a", m + 10, 8)],
-        )
-        .await;
-        let hours = requests(&store, "key_a", Granularity::Hour, h, h + 1).await;
-        assert_eq!(hours, vec![(h, 15)]);
-        add(&store, &mut id, &[delta("key_a", m + 60, 16)]).await;
-        let hours = requests(&store, "key_a", Granularity::Hour, h, h + 2).await;
-        assert_eq!(hours, vec![(h, 15), (h + 1, 16)]);
-        assert_eq!(hour_rows(&store), 1);
-    }
-
-    #[tokio::test]
-    async fn minute_buckets_outlive_their_retention_until_rolled_up() {
-        let (_dir, _, store) = fresh();
-        let (mut id, m) = (BatchId::first(), ahead());
-        let h = m / 60;
-        add(
-            &store,
-            &mut id,
-            &[delta("key_a", m + 1, 1), delta("key_a", m + 2, 2)],
-        )
-        .await;
-        let prune = || store.prune_usage(Granularity::Minute, m + 100);
-        assert_eq!(prune().await.unwrap(), 0);
-        let hours = requests(&store, "key_a", Granularity::Hour, h, h + 1).await;
-        assert_eq!(hours, vec![(h, 3)]);
-        add(&store, &mut id, &[delta("key_a", m + 61, 4)]).await;
-        // Rolled now: the hour's minutes go, the next hour's (not rolled) stay.
-        assert_eq!(prune().await.unwrap(), 2);
-        let minutes = requests(&store, "key_a", Granularity::Minute, m, m + 120).await;
-        assert_eq!(minutes, vec![(m + 61, 4)]);
-        let hours = requests(&store, "key_a", Granularity::Hour, h, h + 2).await;
-        assert_eq!(hours, vec![(h, 3), (h + 1, 4)]);
-    }
-
-    #[test]
-    fn progress_reads_back_and_bad_rows_are_corrupt() {
-        for rolled in [
-            Rolled {
-                start: i64::MIN,
-                cursor: None,
-            },
-            Rolled {
-                start: 29_000_017,
-                cursor: Some(b"key_\xff".to_vec()),
-            },
-            Rolled {
-                start: -5,
-                cursor: Some(Vec::new()),
-            },
-        ] {
-            assert_eq!(Rolled::decode(&rolled.encode()).unwrap(), rolled);
-        }
-        for bad in [&[][..], &[1, 2, 3], &[0, 0, 0, 0, 0, 0, 0, 0, 2, b'k']] {
-            assert!(matches!(Rolled::decode(bad), Err(StoreError::Corrupt(_))));
-        }
-    }
-
-    #[test]
-    fn a_span_is_covered_before_its_start_and_up_to_its_cursor() {
-        let rolled = Rolled {
-            start: 125,
-            cursor: Some(b"key_m".to_vec()),
-        };
-        assert_eq!(rolled.span_end(), 180);
-        assert!(rolled.covers(b"key_z", 124));
-        assert!(rolled.covers(b"key_a", 125));
-        assert!(rolled.covers(b"key_m", 179));
-        assert!(!rolled.covers(b"key_n", 125));
-        assert!(!rolled.covers(b"key_a", 180));
-        let fresh = Rolled {
-            start: i64::MIN,
-            cursor: None,
-        };
-        assert!(!fresh.covers(b"key_a", i64::MIN));
-        assert_eq!(
-            fresh.span_end(),
-            i64::MIN.div_euclid(60).saturating_add(1) * 60
-        );
-    }
-}
+mod tests;
