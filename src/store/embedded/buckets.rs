@@ -220,7 +220,13 @@ impl Open<'_> {
     /// group, shows that it is there already (a read on the current pages, not the index's).
     fn create(&mut self, index: i64, owner: &[u8]) -> Result<Bucket, StoreError> {
         let first_of_group = index.rem_euclid(self.span) == 0;
-        if first_of_group || read_bucket(&self.by_time, (index - 1, owner))?.is_none() {
+        let after_a_bucket = match index.checked_sub(1) {
+            Some(before) if !first_of_group => {
+                read_bucket(&self.by_time, (before, owner))?.is_some()
+            }
+            _ => false,
+        };
+        if !after_a_bucket {
             let group = index.div_euclid(self.span);
             self.by_owner.insert((owner, group), ()).map_err(db_err)?;
         }
