@@ -211,8 +211,10 @@ impl Open<'_> {
             Some(bucket) => bucket,
             None => self.create(index, owner)?,
         };
-        bucket.counts.merge(counts);
-        bucket.last_used_ms = bucket.last_used_ms.max(last_used_ms);
+        bucket.merge(&Bucket {
+            counts: *counts,
+            last_used_ms,
+        });
         self.put(index, owner, &bucket)
     }
 
@@ -220,13 +222,13 @@ impl Open<'_> {
     /// group, shows that it is there already (a read on the current pages, not the index's).
     fn create(&mut self, index: i64, owner: &[u8]) -> Result<Bucket, StoreError> {
         let first_of_group = index.rem_euclid(self.span) == 0;
-        let after_a_bucket = match index.checked_sub(1) {
-            Some(before) if !first_of_group => {
-                read_bucket(&self.by_time, (before, owner))?.is_some()
-            }
-            _ => false,
-        };
-        if !after_a_bucket {
+        // (The first index there is has no bucket before it.)
+        let new_group = first_of_group
+            || match index.checked_sub(1) {
+                Some(before) => read_bucket(&self.by_time, (before, owner))?.is_none(),
+                None => true,
+            };
+        if new_group {
             let group = index.div_euclid(self.span);
             self.by_owner.insert((owner, group), ()).map_err(db_err)?;
         }

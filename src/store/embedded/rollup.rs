@@ -151,14 +151,13 @@ pub(super) fn step(txn: &WriteTransaction, now_minute: i64) -> Result<(), StoreE
         if at.cursor.is_none() {
             // Minutes without buckets need no rolling: skip to the next that has one (but not
             // into the hour under way, which is not over).
-            let next = match minutes
+            let next = minutes
                 .range((at.start, NO_OWNER)..)
                 .map_err(db_err)?
                 .next()
-            {
-                Some(item) => Some(item.map_err(db_err)?.0.value().0),
-                None => None,
-            };
+                .transpose()
+                .map_err(db_err)?
+                .map(|(key, _)| key.value().0);
             at.start = at.start.max(next.unwrap_or(this_hour).min(this_hour));
         }
         let end = at.span_end();
