@@ -109,7 +109,7 @@ fn step(f: &Fixture, raw: &str, scopes: &RouteScopes, ip: IpAddr) {
         now_ms,
     };
     let permit = authorize(&key, &facts).unwrap_or_else(|_| panic!("refused"));
-    permit.key.usage.record(now_ms, Outcome { status: 200 });
+    permit.key.state.record(now_ms, Outcome { status: 200 });
 }
 
 fn bench(c: &mut Criterion) {

@@ -183,7 +183,7 @@ fn main() {
             now_ms,
         };
         let permit = authorize(&key, &facts).unwrap_or_else(|_| panic!("refused"));
-        permit.key.usage.record(now_ms, Outcome { status: 200 });
+        permit.key.state.record(now_ms, Outcome { status: 200 });
     }
     let used = report("  + used once", &cached, keys);
 

@@ -20,7 +20,7 @@ use crate::config::RouteScopes;
 use crate::credits::{self, CreditLease};
 use crate::limits::global::Shortfall;
 use crate::limits::{KeyLimits, LimitSnapshot, Window};
-use crate::metering::UsageCell;
+use crate::metering::KeyState;
 use crate::policy;
 use crate::refusal::Refusal;
 use crate::store::{AuthMethod, KeyType};
@@ -59,8 +59,8 @@ pub struct CachedKey {
     pub credits: Option<Arc<CreditLease>>,
     /// The key's `metadata` for `/v1/verify`; `None` when it is the empty object (most keys).
     pub metadata: Option<Box<serde_json::Value>>,
-    /// The key's usage counters.
-    pub usage: Arc<UsageCell>,
+    /// The key's usage counters (and, in the same allocation, its buckets on this instance).
+    pub state: Arc<KeyState>,
     /// Identity header values, ready to send upstream.
     pub identity: IdentityValues,
 }

@@ -36,7 +36,7 @@
 //! `proxy::forward` streams it upstream with identity headers, bodies bounded in size and in
 //! silence → the response streams back with limit headers → `proxy::record` counts it once,
 //! refused at any step or forwarded, whatever the client does, into the key's
-//! `metering::UsageCell`; `metering::flusher` writes the counts in batches.
+//! `metering::KeyState`; `metering::flusher` writes the counts in batches.
 
 pub mod admin;
 pub mod app;

@@ -1,10 +1,11 @@
 //! Per-key rate limits: a GCRA bucket per window — minute, hour, day — and the values of the
 //! limit headers.
 //!
-//! State only, no I/O. A key's [`KeyLimiter`] lives in the [`Limiters`] registry by key id, so
-//! its buckets outlive cache refreshes; the key cache keeps an `Arc` to it beside the cached key
-//! so that the request path reaches the buckets without a second map lookup. Generic over
-//! governor's `Clock` so tests can drive time by hand.
+//! State only, no I/O. A key's [`KeyLimiter`] lives in its [`KeyState`], beside its usage
+//! counts, in the meter's registry by key id, so that its buckets outlive cache refreshes; an
+//! account's shared buckets live in the [`Limiters`] registry by account id. The key cache keeps
+//! an `Arc` to them beside the cached key so that the request path reaches the buckets without
+//! a second map lookup. Generic over governor's `Clock` so tests can drive time by hand.
 //!
 //! Each window is the generic cell rate algorithm as governor runs it (the same arithmetic, so
 //! the same answers), kept as one atomic integer per window instead of a governor
@@ -21,6 +22,7 @@ use dashmap::DashMap;
 use governor::clock::{Clock, ReasonablyRealtime};
 use governor::nanos::Nanos;
 
+use crate::metering::KeyState;
 use crate::store::RateLimitSpec;
 
 /// The process's monotonic clock as governor reads it: `CLOCK_MONOTONIC_COARSE`, which the
@@ -110,25 +112,36 @@ pub struct KeyLimiter<C: Clock<Instant = Nanos> = ProcessClock> {
     /// Per window, `t` in nanoseconds (0: the window is not limited). Derivable from `quotas`,
     /// and kept so that a check makes no division.
     interval: [u64; 3],
+    /// What a window has left is read off its `tat` at the time of asking (a 429's windows
+    /// not reached, the usage API), so no remaining count is kept beside it: the buckets are 64
+    /// bytes, which [`crate::metering::KeyState`] needs to fit its size class.
     tat: [AtomicU64; 3],
-    /// Remaining count of each window at its last check: a 429 reports the windows it did not
-    /// reach from here, and the usage API reads them without spending.
-    last_remaining: [AtomicU32; 3],
-    /// Prune rounds since the last check; see [`Limiters::prune_idle`].
+    /// Prune rounds since the last check; see [`Limiters::prune_idle`] and
+    /// [`crate::metering::Meter::prune_idle`].
     idle_rounds: AtomicU32,
     clock: C,
+}
+
+/// This instance's buckets of a key (in the allocation of its [`KeyState`], beside its usage
+/// counts) or of an account's shared limits (in [`Limiters`]).
+#[derive(Clone)]
+pub enum LocalBuckets {
+    /// A key's.
+    Key(Arc<KeyState>),
+    /// An account's `shared_rate_limit`.
+    Account(Arc<KeyLimiter>),
 }
 
 /// A key's buckets as the request path sees them: this instance's, or the fleet's.
 #[derive(Clone)]
 pub enum KeyLimits {
     /// `limits.mode = "local"`.
-    Local(Arc<KeyLimiter>),
+    Local(LocalBuckets),
     /// `limits.mode = "global"`.
     Global(Arc<global::GlobalLimiter>),
 }
 
-/// Every key's limiter, by key id.
+/// Limiters by id: the accounts' shared buckets (a key's own are in its [`KeyState`]).
 pub struct Limiters<C: Clock<Instant = Nanos> = ProcessClock> {
     by_key: DashMap<Arc<str>, Arc<KeyLimiter<C>>>,
     clock: C,
@@ -216,7 +229,6 @@ impl<C: Clock<Instant = Nanos> + Clone> KeyLimiter<C> {
                 .get(w)
                 .map_or(0, |n| (w.seconds() * NANOS / u64::from(n.get())).max(1))
         };
-        let full = |w: Window| AtomicU32::new(quotas.get(w).map_or(0, NonZeroU32::get));
         KeyLimiter {
             quotas,
             interval: [
@@ -225,7 +237,6 @@ impl<C: Clock<Instant = Nanos> + Clone> KeyLimiter<C> {
                 interval(Window::Day),
             ],
             tat: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
-            last_remaining: [full(Window::Minute), full(Window::Hour), full(Window::Day)],
             idle_rounds: AtomicU32::new(0),
             clock: C::clone(clock),
         }
@@ -247,7 +258,6 @@ impl<C: Clock<Instant = Nanos> + Clone> KeyLimiter<C> {
             let limit = limit.get();
             match self.spend(i, limit, now) {
                 Ok(remaining) => {
-                    self.last_remaining[i].store(remaining, Ordering::Relaxed);
                     snapshot.windows[i] = Some(WindowState {
                         window,
                         limit,
@@ -258,7 +268,6 @@ impl<C: Clock<Instant = Nanos> + Clone> KeyLimiter<C> {
                 }
                 Err(wait_ns) => {
                     let retry_after = wait_ns.div_ceil(NANOS).max(1);
-                    self.last_remaining[i].store(0, Ordering::Relaxed);
                     snapshot.windows[i] = Some(WindowState {
                         window,
                         limit,
@@ -266,7 +275,7 @@ impl<C: Clock<Instant = Nanos> + Clone> KeyLimiter<C> {
                         reset: retry_after,
                         shared: false,
                     });
-                    self.fill_unchecked(&mut snapshot, i + 1);
+                    self.fill_unchecked(&mut snapshot, i + 1, now);
                     return Err(Exhausted {
                         window,
                         retry_after,
@@ -276,6 +285,16 @@ impl<C: Clock<Instant = Nanos> + Clone> KeyLimiter<C> {
             }
         }
         Ok(snapshot)
+    }
+
+    /// The quotas the buckets were made for.
+    pub fn quotas(&self) -> Quotas {
+        self.quotas
+    }
+
+    /// Counts one prune round without a check; returns the rounds since the last check.
+    pub(crate) fn count_idle_round(&self) -> u32 {
+        self.idle_rounds.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// One request from window `i` at `now`: the requests left after it, or the nanoseconds
@@ -301,20 +320,20 @@ impl<C: Clock<Instant = Nanos> + Clone> KeyLimiter<C> {
         }
     }
 
-    /// The windows as of the key's last check, without spending: what the usage API reports.
-    /// Refill since that check is not counted, so `remaining` errs low.
+    /// The windows as they stand now, without spending: what the usage API reports.
     pub fn peek(&self) -> LimitSnapshot {
         let mut snapshot = LimitSnapshot::default();
-        self.fill_unchecked(&mut snapshot, 0);
+        self.fill_unchecked(&mut snapshot, 0, self.clock.now().as_u64());
         snapshot
     }
 
-    fn fill_unchecked(&self, snapshot: &mut LimitSnapshot, from: usize) {
+    /// Windows `from` on as they stand at `now`, without spending.
+    fn fill_unchecked(&self, snapshot: &mut LimitSnapshot, from: usize, now: u64) {
         for window in &Window::ALL[from..] {
             let i = window.index();
             if let Some(limit) = self.quotas.per[i] {
                 let limit = limit.get();
-                let remaining = self.last_remaining[i].load(Ordering::Relaxed).min(limit);
+                let remaining = self.left(i, limit, now);
                 snapshot.windows[i] = Some(WindowState {
                     window: *window,
                     limit,
@@ -324,6 +343,16 @@ impl<C: Clock<Instant = Nanos> + Clone> KeyLimiter<C> {
                 });
             }
         }
+    }
+
+    /// The requests window `i` would pass at `now`: `min(now + tau + t − tat, tau + t) / t`,
+    /// what [`KeyLimiter::spend`] reports after a request, before one.
+    fn left(&self, i: usize, limit: u32, now: u64) -> u32 {
+        let t = self.interval[i];
+        let full = t * u64::from(limit);
+        let tat = self.tat[i].load(Ordering::Acquire);
+        let left = (now + full).saturating_sub(tat).min(full) / t;
+        u32::try_from(left).unwrap_or(limit)
     }
 }
 
@@ -376,6 +405,18 @@ impl LimitSnapshot {
     }
 }
 
+// === impl LocalBuckets ===
+
+impl LocalBuckets {
+    /// The buckets.
+    pub fn get(&self) -> &KeyLimiter {
+        match self {
+            LocalBuckets::Key(k) => k.limiter(),
+            LocalBuckets::Account(a) => a,
+        }
+    }
+}
+
 // === impl KeyLimits ===
 
 impl KeyLimits {
@@ -383,7 +424,7 @@ impl KeyLimits {
     /// [`global::GlobalLimiter::check`]).
     pub fn check(&self, now_ms: i64) -> Result<LimitSnapshot, global::Shortfall> {
         match self {
-            KeyLimits::Local(l) => l.check().map_err(global::Shortfall::Exhausted),
+            KeyLimits::Local(l) => l.get().check().map_err(global::Shortfall::Exhausted),
             KeyLimits::Global(g) => g.check(now_ms),
         }
     }
@@ -391,7 +432,7 @@ impl KeyLimits {
     /// The windows without spending.
     pub fn peek(&self, now_ms: i64) -> LimitSnapshot {
         match self {
-            KeyLimits::Local(l) => l.peek(),
+            KeyLimits::Local(l) => l.get().peek(),
             KeyLimits::Global(g) => g.peek(now_ms),
         }
     }
@@ -455,19 +496,12 @@ impl<C: Clock<Instant = Nanos> + Clone> Limiters<C> {
     /// dropped only once even its day bucket has refilled, so forgetting it changes nothing.
     pub fn prune_idle(&self, rounds: u32) -> usize {
         let before = self.by_key.len();
-        self.by_key.retain(|_, l| {
-            let idle = l.idle_rounds.fetch_add(1, Ordering::Relaxed) + 1;
-            Arc::strong_count(l) > 1 || idle <= rounds
-        });
+        self.by_key
+            .retain(|_, l| l.count_idle_round() <= rounds || Arc::strong_count(l) > 1);
         before - self.by_key.len()
     }
 
-    /// The key's limiter, if it has one (it has been used since start-up).
-    pub fn get(&self, key_id: &str) -> Option<Arc<KeyLimiter<C>>> {
-        self.by_key.get(key_id).map(|l| Arc::clone(&l))
-    }
-
-    /// Number of keys with limiters.
+    /// Number of limiters.
     pub fn len(&self) -> usize {
         self.by_key.len()
     }
@@ -630,6 +664,44 @@ mod tests {
         let refused = limiter.check().unwrap_err();
         assert_eq!(refused.window, Window::Day);
         assert_eq!(refused.retry_after, 43_200);
+    }
+
+    /// What the usage API and a 429's other windows report is what would pass at the time of
+    /// asking: refills since the last check count.
+    #[test]
+    fn a_peek_sees_the_refill_since_the_last_check_and_spends_nothing() {
+        let clock = FakeRelativeClock::default();
+        let limiter = KeyLimiter::new(quotas(3, 100, 1000), &clock);
+        let full = limiter.peek();
+        assert_eq!(full.windows[0].unwrap().remaining, 3);
+        assert_eq!(full.windows[0].unwrap().reset, 0);
+        for _ in 0..3 {
+            limiter.check().unwrap();
+        }
+        let empty = limiter.peek();
+        assert_eq!(empty.windows[0].unwrap().remaining, 0);
+        assert_eq!(empty.windows[0].unwrap().reset, 60);
+        assert_eq!(empty.windows[1].unwrap().remaining, 97);
+        clock.advance(Duration::from_secs(20));
+        let later = limiter.peek();
+        assert_eq!(later.windows[0].unwrap().remaining, 1);
+        assert_eq!(later.windows[0].unwrap().reset, 40);
+        assert_eq!(limiter.peek(), later, "a peek spends nothing");
+        // Refused by the minute, the hour is reported as it stands, not spent.
+        limiter.check().unwrap();
+        let refused = limiter.check().unwrap_err();
+        assert_eq!(refused.window, Window::Minute);
+        assert_eq!(refused.snapshot.windows[1].unwrap().remaining, 96);
+        assert_eq!(limiter.peek().windows[1].unwrap().remaining, 96);
+    }
+
+    /// Each cached key holds two of these: kept at a tag and a pointer, the entry keeps its
+    /// size class.
+    #[test]
+    fn a_key_s_limits_are_two_words() {
+        assert!(std::mem::size_of::<KeyLimits>() <= 16);
+        assert!(std::mem::size_of::<Option<KeyLimits>>() <= 16);
+        assert_eq!(std::mem::size_of::<KeyLimiter>(), 64);
     }
 
     #[test]

@@ -2,10 +2,15 @@
 //! `flush_interval` by [`flusher`]; or, with `metering.durability = "wal"`, every event through
 //! the write-ahead log of [`wal`] first, so that a crash loses milliseconds of usage, not seconds.
 //!
-//! The request path touches only its key's [`UsageCell`] (held by the cached key): a per-key lock
+//! The request path touches only its key's [`KeyState`] (held by the cached key): a per-key lock
 //! (never a global one, never across an await) and, once per flush interval per key, a push onto
-//! a lock-free queue that tells the flusher which cells have counts. Pending counts merge by
+//! a lock-free queue that tells the flusher which keys have counts. Pending counts merge by
 //! (key, minute), so memory grows with active key-minutes, not with requests.
+//!
+//! A key's usage counts share their allocation with its rate-limit buckets
+//! ([`KeyLimiter`]): both live as long as the key id is in use, beyond any one cache
+//! entry (refreshes, tokens of the key, eviction), so the [`Meter`] keeps them in one registry by
+//! key id. A million keys then cost one allocation and one map slot each instead of two.
 
 pub mod bucket;
 pub mod flusher;
@@ -17,9 +22,11 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use dashmap::mapref::entry::Entry as MapEntry;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 
+use crate::limits::{KeyLimiter, ProcessClock, Quotas};
 use crate::store::{UsageCounts, UsageDelta, UsageEvent};
 use wal::Wal;
 
@@ -41,23 +48,26 @@ pub struct Outcome {
     pub status: u16,
 }
 
-/// One key's counters: the current minute, and earlier minutes not yet taken by the flusher.
-pub struct UsageCell {
+/// What one key id keeps beyond its cache entries: its usage counters (the current minute, and
+/// earlier minutes not yet taken by the flusher) and its rate-limit buckets on this instance.
+pub struct KeyState {
     key_id: Arc<str>,
     account_id: Arc<str>,
     state: Mutex<CellState>,
-    /// Set when the cell has counts the flusher has not taken; the request that sets it queues
-    /// the cell, so the flusher visits only cells with traffic.
+    /// Set when the key has counts the flusher has not taken; the request that sets it queues
+    /// the key, so the flusher visits only keys with traffic.
     dirty: AtomicBool,
-    /// Where its counts go: shared by every cell of the meter, so that a cell is 144 bytes and
-    /// with its `Arc` counts fills a 160-byte allocation (192 with the two fields inline).
+    /// Where its counts go: shared by every key of the meter.
     outlet: Arc<Outlet>,
+    /// The key's buckets (in `limits.mode = "global"`, the fallback while the store is down).
+    /// 64 bytes, so that a key's state with its `Arc` counts fills a 224-byte allocation.
+    limiter: KeyLimiter,
 }
 
-/// Where every cell of one meter sends its counts.
+/// Where every key of one meter sends its counts.
 struct Outlet {
-    /// The flusher's queue of dirty cells.
-    queue: mpsc::Sender<Arc<UsageCell>>,
+    /// The flusher's queue of dirty keys.
+    queue: mpsc::Sender<Arc<KeyState>>,
     /// In the durable mode, where every event goes instead of the cell's state.
     wal: Option<Arc<Wal>>,
 }
@@ -71,11 +81,11 @@ struct CellState {
     last_ms: i64,
 }
 
-/// The registry of usage cells and the queue of dirty ones.
+/// The registry of keys' state by key id, and the queue of keys with counts to flush.
 pub struct Meter {
-    cells: DashMap<Arc<str>, Arc<UsageCell>>,
+    keys: DashMap<Arc<str>, Arc<KeyState>>,
     outlet: Arc<Outlet>,
-    dirty: Mutex<mpsc::Receiver<Arc<UsageCell>>>,
+    dirty: Mutex<mpsc::Receiver<Arc<KeyState>>>,
     clock: WallClock,
 }
 
@@ -132,9 +142,14 @@ impl WallClock {
     }
 }
 
-// === impl UsageCell ===
+// === impl KeyState ===
 
-impl UsageCell {
+impl KeyState {
+    /// The key's rate-limit buckets on this instance.
+    pub fn limiter(&self) -> &KeyLimiter {
+        &self.limiter
+    }
+
     /// Counts one request identified to this key.
     pub fn record(self: &Arc<Self>, now_ms: i64, outcome: Outcome) {
         self.add(
@@ -211,7 +226,7 @@ impl Meter {
     pub fn new(clock: WallClock) -> Self {
         let (queue, dirty) = mpsc::channel();
         Meter {
-            cells: DashMap::new(),
+            keys: DashMap::new(),
             outlet: Arc::new(Outlet { queue, wal: None }),
             dirty: Mutex::new(dirty),
             clock,
@@ -238,21 +253,61 @@ impl Meter {
         &self.clock
     }
 
-    /// The key's cell, created on first use.
-    pub fn cell(&self, key_id: &Arc<str>, account_id: &Arc<str>) -> Arc<UsageCell> {
-        if let Some(cell) = self.cells.get(key_id) {
-            return Arc::clone(&cell);
+    /// The key's state. An existing one is kept while its quotas and account are unchanged, so
+    /// that a cache refresh neither refills the buckets nor moves the counts; changed quotas
+    /// start fresh buckets (and a new state: counts still in the old one are flushed from it,
+    /// into the same buckets of the store).
+    pub fn key(&self, key_id: &Arc<str>, account_id: &Arc<str>, quotas: Quotas) -> Arc<KeyState> {
+        let fits = |k: &KeyState| k.limiter.quotas() == quotas && k.account_id == *account_id;
+        if let Some(existing) = self.keys.get(key_id) {
+            if fits(&existing) {
+                return Arc::clone(&existing);
+            }
         }
-        let cell = self.cells.entry(Arc::clone(key_id)).or_insert_with(|| {
-            Arc::new(UsageCell {
+        // Under the shard's lock: two loads of one key id (a key and its token) get one state.
+        let fresh = || {
+            Arc::new(KeyState {
                 key_id: Arc::clone(key_id),
                 account_id: Arc::clone(account_id),
                 state: Mutex::new(CellState::default()),
                 dirty: AtomicBool::new(false),
                 outlet: Arc::clone(&self.outlet),
+                limiter: KeyLimiter::new(quotas, &ProcessClock),
             })
-        });
-        Arc::clone(&cell)
+        };
+        match self.keys.entry(Arc::clone(key_id)) {
+            MapEntry::Occupied(e) if fits(e.get()) => Arc::clone(e.get()),
+            MapEntry::Occupied(mut e) => {
+                let state = fresh();
+                e.insert(Arc::clone(&state));
+                state
+            }
+            MapEntry::Vacant(e) => Arc::clone(e.insert(fresh()).value()),
+        }
+    }
+
+    /// The key's state whatever its quotas, created without limits on first use: for counting
+    /// usage alone (tests, benches).
+    pub fn cell(&self, key_id: &Arc<str>, account_id: &Arc<str>) -> Arc<KeyState> {
+        match self.keys.get(key_id) {
+            Some(existing) => Arc::clone(&existing),
+            None => self.key(key_id, account_id, Quotas::default()),
+        }
+    }
+
+    /// The key's state, if it has one (it has been used since start-up).
+    pub fn get(&self, key_id: &str) -> Option<Arc<KeyState>> {
+        self.keys.get(key_id).map(|k| Arc::clone(&k))
+    }
+
+    /// Number of keys with state.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
     }
 
     /// Moves every dirty cell's counts into `pending`. Called by the flusher only.
@@ -274,10 +329,17 @@ impl Meter {
         true
     }
 
-    /// Forgets cells that nobody holds and that have nothing to flush.
-    pub fn prune_unused(&self) {
-        self.cells
-            .retain(|_, c| Arc::strong_count(c) > 1 || c.dirty.load(Ordering::SeqCst));
+    /// Counts one prune round and forgets keys' state that nothing holds (no cached key, no
+    /// flush queue, no log) and whose buckets have not been checked for more than `rounds`
+    /// rounds. Called hourly with 25 rounds, a key's state is dropped only once even its day
+    /// bucket has refilled, so forgetting it changes nothing.
+    pub fn prune_idle(&self, rounds: u32) -> usize {
+        let before = self.keys.len();
+        self.keys.retain(|_, k| {
+            let idle = k.limiter.count_idle_round();
+            Arc::strong_count(k) > 1 || k.dirty.load(Ordering::SeqCst) || idle <= rounds
+        });
+        before - self.keys.len()
     }
 }
 
@@ -408,14 +470,71 @@ pub fn cap_oldest(parts: &mut [&mut Pending], max: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
+    use std::num::NonZeroU32;
+
     use super::*;
 
-    /// A million keys are a million cells: with the `Arc`'s two counts a cell must fit 160
-    /// bytes, or it takes the 192-byte size class.
+    /// A million keys are a million of these: with the `Arc`'s two counts a key's state must
+    /// fit 224 bytes, or it takes the 256-byte size class.
     #[test]
-    fn a_cell_with_its_counts_fits_160_bytes() {
-        let size = std::mem::size_of::<UsageCell>();
-        assert!(size + 16 <= 160, "{size}");
+    fn a_key_state_with_its_counts_fits_224_bytes() {
+        let size = std::mem::size_of::<KeyState>();
+        assert!(size + 16 <= 224, "{size}");
+    }
+
+    #[test]
+    fn a_key_keeps_its_state_across_refreshes_until_its_quotas_or_account_change() {
+        let meter = Meter::new(WallClock::System);
+        let (id, acc) = (Arc::from("key_1"), Arc::from("acc_1"));
+        let per_minute = |n| Quotas {
+            per: [NonZeroU32::new(n), None, None],
+        };
+        let a = meter.key(&id, &acc, per_minute(1));
+        a.limiter().check().unwrap();
+        a.record(0, Outcome { status: 200 });
+        let b = meter.key(&id, &acc, per_minute(1));
+        assert!(Arc::ptr_eq(&a, &b), "a refresh keeps the state");
+        assert!(b.limiter().check().is_err(), "and its buckets");
+        assert!(
+            Arc::ptr_eq(&meter.cell(&id, &acc), &a),
+            "whatever the quotas asked"
+        );
+        let c = meter.key(&id, &acc, per_minute(2));
+        assert!(c.limiter().check().is_ok(), "new quotas, new buckets");
+        assert!(Arc::ptr_eq(&meter.get("key_1").unwrap(), &c));
+        let d = meter.key(&id, &Arc::from("acc_2"), per_minute(2));
+        assert!(!Arc::ptr_eq(&c, &d), "another account, another state");
+        // The counts of the state left behind are still flushed, into the same bucket.
+        d.record(1, Outcome { status: 200 });
+        let mut pending = Pending::default();
+        meter.drain_into(&mut pending);
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending.batch()[0].counts.requests, 2);
+    }
+
+    #[test]
+    fn a_key_state_is_forgotten_only_when_unheld_and_idle_past_the_rounds() {
+        let meter = Meter::new(WallClock::System);
+        let held = meter.cell(&Arc::from("key_held"), &Arc::from("acc"));
+        let dirty = meter.cell(&Arc::from("key_dirty"), &Arc::from("acc"));
+        dirty.record(0, Outcome { status: 200 });
+        drop(dirty);
+        drop(meter.cell(&Arc::from("key_idle"), &Arc::from("acc")));
+        assert_eq!(meter.prune_idle(2), 0);
+        assert_eq!(meter.prune_idle(2), 0, "idle for two rounds only");
+        assert_eq!(meter.prune_idle(2), 1);
+        assert!(meter.get("key_idle").is_none());
+        // The dirty key waits in the flusher's queue: once drained, it goes too.
+        let mut pending = Pending::default();
+        meter.drain_into(&mut pending);
+        assert_eq!(meter.prune_idle(2), 1);
+        assert!(meter.get("key_dirty").is_none());
+        // A check resets the count.
+        held.limiter().check().unwrap();
+        drop(held);
+        assert_eq!(meter.prune_idle(1), 0);
+        assert_eq!(meter.prune_idle(1), 1);
+        assert!(meter.is_empty());
     }
 
     #[test]

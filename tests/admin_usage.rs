@@ -317,6 +317,16 @@ async fn keys_at_a_glance_show_last_use_and_the_tightest_window() {
         )
         .await;
     let _ = spare;
+    // The day is the tightest window: it refills one request in 86.4 s, so what the key has
+    // left now (read off its buckets at the time of asking) is what the traffic left.
+    let (status, body) =
+        f.gw.admin(
+            Method::PATCH,
+            &format!("/v1/accounts/{}/keys/{}", f.account_id, f.key_id),
+            Some(json!({ "rate_limit": { "per_minute": 100000, "per_day": 1000 } })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
     let now = Utc::now().timestamp_millis();
     f.traffic(now, 3, 0).await;
     f.flushed(3).await;

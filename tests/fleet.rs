@@ -23,7 +23,7 @@ use tollgate::auth::{self, CachedKey, IdentityValues, RequestFacts};
 use tollgate::config::{LimitMode, OnStoreError, RouteScopes, Settings};
 use tollgate::credential::{self, Kind};
 use tollgate::limits::global::SharedLimiters;
-use tollgate::limits::{KeyLimits, Limiters, Quotas};
+use tollgate::limits::{KeyLimits, LocalBuckets, Quotas};
 use tollgate::metering::{Meter, WallClock};
 use tollgate::store::redis::RedisStore;
 use tollgate::store::{AuthMethod, KeyType, LimitBuckets, RateLimitSpec};
@@ -867,7 +867,8 @@ fn cached_key(shared: &SharedLimiters, key_id: &str, per_minute: u32) -> CachedK
         per_day: Some(1_000_000),
     };
     let quotas = Quotas::resolve(Some(&spec), None, &spec);
-    let fallback = Limiters::new().for_key(&key_id, quotas);
+    let state = Meter::new(WallClock::System).key(&key_id, &account_id, quotas);
+    let fallback = LocalBuckets::Key(Arc::clone(&state));
     let value = HeaderValue::from_static("x");
     CachedKey {
         access_token: false,
@@ -884,7 +885,7 @@ fn cached_key(shared: &SharedLimiters, key_id: &str, per_minute: u32) -> CachedK
         metadata: None,
         limiter: KeyLimits::Global(shared.for_key(&account_id, &key_id, quotas, fallback)),
         shared_limits: None,
-        usage: Meter::new(WallClock::System).cell(&key_id, &account_id),
+        state,
         identity: IdentityValues {
             account_id: value.clone(),
             key_id: value,

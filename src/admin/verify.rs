@@ -168,7 +168,7 @@ pub(crate) async fn verify(
     };
     explain.decision(&key, &facts, refusal, &limits);
     let status = refusal.map_or(200, |r| r.status_and_code().0.as_u16());
-    key.usage.record(now_ms, Outcome { status });
+    key.state.record(now_ms, Outcome { status });
     Ok(Json(Verdict::of(&key, refusal, &limits, explain)))
 }
 

@@ -31,7 +31,7 @@ use crate::config::{CacheSettings, OnStoreError};
 use crate::credential::{KeyHash, KeyHashBuilder};
 use crate::credits::CreditLeases;
 use crate::limits::global::SharedLimiters;
-use crate::limits::{KeyLimits, Limiters, Quotas, Window};
+use crate::limits::{KeyLimits, Limiters, LocalBuckets, Quotas, Window};
 use crate::metering::Meter;
 use crate::metrics::{Metrics, StoreCalls};
 use crate::policy;
@@ -168,9 +168,11 @@ pub struct KeyCache {
     /// Invalidations published to the other instances, likewise.
     publishes: Arc<StoreCalls>,
     store: SharedStore,
+    /// Accounts' shared buckets (`shared_rate_limit`); keys' own are in their [`KeyState`]s
+    /// ([`Meter::key`]).
     limiters: Arc<Limiters>,
-    /// Set with `limits.mode = "global"`: keys draw on the fleet's counters, with `limiters` as
-    /// the fallback while the store is down.
+    /// Set with `limits.mode = "global"`: keys draw on the fleet's counters, with this
+    /// instance's buckets as the fallback while the store is down.
     shared: Option<Arc<SharedLimiters>>,
     meter: Arc<Meter>,
     /// Keys' credit leases on this instance.
@@ -277,7 +279,10 @@ impl KeyCache {
     pub fn limits_of(&self, key_id: &str) -> Option<KeyLimits> {
         match &self.shared {
             Some(shared) => shared.get(key_id).map(KeyLimits::Global),
-            None => self.limiters.get(key_id).map(KeyLimits::Local),
+            None => self
+                .meter
+                .get(key_id)
+                .map(|k| KeyLimits::Local(LocalBuckets::Key(k))),
         }
     }
 
@@ -672,10 +677,15 @@ impl KeyCache {
         });
     }
 
-    /// The buckets of `quotas` registered under `id` (a key's, or an account's shared ones):
-    /// this instance's, or leases of the fleet's.
-    fn limits(&self, account_id: &Arc<str>, id: &Arc<str>, quotas: Quotas) -> KeyLimits {
-        let local = self.limiters.for_key(id, quotas);
+    /// `local` as the request path uses it: alone, or as the fallback of leases of the fleet's
+    /// buckets registered under `id` (a key's, or an account's shared ones).
+    fn limits(
+        &self,
+        account_id: &Arc<str>,
+        id: &Arc<str>,
+        quotas: Quotas,
+        local: LocalBuckets,
+    ) -> KeyLimits {
         match &self.shared {
             Some(shared) => KeyLimits::Global(shared.for_key(account_id, id, quotas, local)),
             None => KeyLimits::Local(local),
@@ -718,6 +728,7 @@ impl KeyCache {
             account.rate_limit.as_ref(),
             default_limits,
         );
+        let state = self.meter.key(&key_id, &account_id, quotas);
         // Only the windows the account sets: no defaults for shared buckets.
         let shared = account
             .shared_rate_limit
@@ -763,11 +774,23 @@ impl KeyCache {
                     .map(Box::new),
                 limits: self.limit_values(quotas, shared),
             },
-            limiter: self.limits(&account_id, &key_id, quotas),
+            limiter: self.limits(
+                &account_id,
+                &key_id,
+                quotas,
+                LocalBuckets::Key(Arc::clone(&state)),
+            ),
             // An account's buckets are registered under its id, beside its keys' (`key_…`).
-            shared_limits: (shared != Quotas::default())
-                .then(|| self.limits(&account_id, &account_id, shared)),
-            usage: self.meter.cell(&key_id, &account_id),
+            shared_limits: (shared != Quotas::default()).then(|| {
+                let local = self.limiters.for_key(&account_id, shared);
+                self.limits(
+                    &account_id,
+                    &account_id,
+                    shared,
+                    LocalBuckets::Account(local),
+                )
+            }),
+            state,
             credits: key
                 .credit_pool
                 .as_deref()

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 
-use super::{Exhausted, KeyLimiter, LimitSnapshot, Quotas, Window, WindowState};
+use super::{Exhausted, LimitSnapshot, LocalBuckets, Quotas, Window, WindowState};
 use crate::config::OnStoreError;
 use crate::metrics::{Metrics, StoreCalls};
 use crate::store::{LimitBuckets, TokenTake};
@@ -50,7 +50,7 @@ pub struct GlobalLimiter {
     store: Arc<dyn LimitBuckets>,
     on_store_error: OnStoreError,
     /// Used instead of the shared counters while the store is failing (fail_open).
-    fallback: Arc<KeyLimiter>,
+    fallback: LocalBuckets,
     /// Until when (ms) the store counts as down; 0 when it answers.
     down_until_ms: AtomicI64,
     /// `take_tokens` calls of every key: failures counted, the outage logged once.
@@ -92,7 +92,7 @@ impl GlobalLimiter {
     pub fn check(self: &Arc<Self>, now_ms: i64) -> Result<LimitSnapshot, Shortfall> {
         if self.down_until_ms.load(Ordering::Relaxed) > now_ms {
             return match self.on_store_error {
-                OnStoreError::FailOpen => self.fallback.check().map_err(Shortfall::Exhausted),
+                OnStoreError::FailOpen => self.fallback.get().check().map_err(Shortfall::Exhausted),
                 OnStoreError::FailClosed => Err(Shortfall::StoreDown),
             };
         }
@@ -301,7 +301,7 @@ impl SharedLimiters {
         account_id: &Arc<str>,
         key_id: &Arc<str>,
         quotas: Quotas,
-        fallback: Arc<KeyLimiter>,
+        fallback: LocalBuckets,
     ) -> Arc<GlobalLimiter> {
         if let Some(existing) = self.by_key.get(key_id) {
             if existing.quotas == quotas {

@@ -4,7 +4,7 @@
 //!
 //! - **Request path**: [`Wal::push`] appends a 40-byte event to one of [`SHARDS`] buffers,
 //!   picked per thread, under that buffer's lock (a push; no syscall, no encoding). In this mode
-//!   the key's [`UsageCell`] keeps no counts: the log is the only path, so what the store gets
+//!   the key's [`KeyState`] keeps no counts: the log is the only path, so what the store gets
 //!   and what the disk holds cannot differ.
 //! - **Group commit**: a writer thread, every `wal_sync_interval`, swaps every buffer for an
 //!   empty one, encodes the events as one group, appends it to the open segment and
@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use super::{Pending, UsageCell};
+use super::{KeyState, Pending};
 use crate::store::usage_wal::{self, GroupEncoder, SegmentError, SegmentFile, SegmentId};
 use crate::store::{BatchId, StoreError, Usage, UsageEvent};
 
@@ -108,7 +108,7 @@ struct Shard(Mutex<Vec<Event>>);
 
 /// One usage event waiting for the writer. The cell names the key and its account.
 struct Event {
-    cell: Arc<UsageCell>,
+    cell: Arc<KeyState>,
     ms: i64,
     event: UsageEvent,
 }
@@ -190,7 +190,7 @@ impl Wal {
     }
 
     /// Queues one event of `cell`'s key (the request path).
-    pub(super) fn push(&self, cell: &Arc<UsageCell>, ms: i64, event: UsageEvent) {
+    pub(super) fn push(&self, cell: &Arc<KeyState>, ms: i64, event: UsageEvent) {
         let shard = SHARD.with(|s| *s);
         let mut events = self.shards[shard].0.lock();
         if events.len() >= MAX_EVENTS_PER_SHARD {

@@ -28,7 +28,7 @@ use super::route::Route;
 use crate::auth::cache::KeyRef;
 use crate::auth::extract::Source;
 use crate::limits::LimitSnapshot;
-use crate::metering::{Outcome, UsageCell, WallClock};
+use crate::metering::{KeyState, Outcome, WallClock};
 use crate::metrics::{Metrics, RouteCounters};
 use crate::refusal::Refusal;
 
@@ -62,7 +62,7 @@ pub struct Identified {
 
 /// Where byte counts go: the key's usage cell, read against the meter's clock.
 pub struct UsageSink {
-    cell: Arc<UsageCell>,
+    cell: Arc<KeyState>,
     clock: WallClock,
 }
 
@@ -141,7 +141,7 @@ impl<'a> Ticket<'a> {
         }
         if let Some(i) = &self.key {
             let status = status.as_u16();
-            i.key.usage.record(i.now_ms, Outcome { status });
+            i.key.state.record(i.now_ms, Outcome { status });
         }
     }
 }
@@ -151,7 +151,7 @@ impl<'a> Ticket<'a> {
 impl Identified {
     fn usage_sink(&self, clock: &WallClock) -> UsageSink {
         UsageSink {
-            cell: Arc::clone(&self.key.usage),
+            cell: Arc::clone(&self.key.state),
             clock: clock.clone(),
         }
     }
