@@ -1,7 +1,7 @@
 //! Memory per cached key: live heap bytes (counted by a wrapper around the binary's allocator,
 //! mimalloc: the bytes asked for, and the bytes mimalloc handed out for them in its size
 //! classes) and resident memory, per key, after each stage a key goes through in the proxy:
-//! cached (the cache entry, its buckets and usage cell), used once (the decision and the usage
+//! cached (the cache entry and the key's state: its buckets and usage counters), used once (the decision and the usage
 //! count), and flushed (its counts handed to the store, where the embedded store's journal keeps
 //! them until a fold).
 //!

@@ -1,4 +1,4 @@
-//! Metering costs: the per-request count on a key's usage cell, reading a busy key's buckets
+//! Metering costs: the per-request count on a key's state, reading a busy key's buckets
 //! back from the embedded store (90 day buckets; 2 880 minute buckets = 48 h), and flushes of
 //! a second's traffic over many keys (20 000 deltas each into a store that holds 100 000 keys'
 //! last ten minutes), with the journal's folds.

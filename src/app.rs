@@ -444,9 +444,9 @@ async fn sweep(s: Sweep, mut shutdown: watch::Receiver<bool>) {
         }
         rounds += 1;
         cache.sweep();
-        // Hourly; buckets idle for 25 hours have refilled even their day window.
+        meter.prune_unused();
+        // Hourly; an account's buckets idle for 25 hours have refilled even their day window.
         if rounds.is_multiple_of(60) {
-            meter.prune_idle(25);
             limiters.prune_idle(25);
         }
     }

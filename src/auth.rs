@@ -27,11 +27,10 @@ use crate::store::{AuthMethod, KeyType};
 
 /// A key as the request path needs it: its record reduced to decisions and precomputed header
 /// values, plus handles to its buckets and usage counters.
+///
+/// Its key and account ids are its state's ([`CachedKey::key_id`]): held once per key, so
+/// that an entry fits a 224-byte allocation.
 pub struct CachedKey {
-    /// Key id.
-    pub key_id: Arc<str>,
-    /// Account id.
-    pub account_id: Arc<str>,
     /// Secret or publishable (also what the `Key-Type` identity header and the signed identity
     /// say).
     pub key_type: KeyType,
@@ -63,6 +62,18 @@ pub struct CachedKey {
     pub state: Arc<KeyState>,
     /// Identity header values, ready to send upstream.
     pub identity: IdentityValues,
+}
+
+impl CachedKey {
+    /// Key id.
+    pub fn key_id(&self) -> &Arc<str> {
+        self.state.key_id()
+    }
+
+    /// Account id.
+    pub fn account_id(&self) -> &Arc<str> {
+        self.state.account_id()
+    }
 }
 
 /// What limits where and for what a key may be used.

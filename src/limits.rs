@@ -5,7 +5,8 @@
 //! counts, in the meter's registry by key id, so that its buckets outlive cache refreshes; an
 //! account's shared buckets live in the [`Limiters`] registry by account id. The key cache keeps
 //! an `Arc` to them beside the cached key so that the request path reaches the buckets without
-//! a second map lookup. Generic over governor's `Clock` so tests can drive time by hand.
+//! a second map lookup. [`KeyLimiter`] and [`Limiters`] are generic over governor's `Clock` so
+//! tests can drive time by hand (a key's state runs on [`ProcessClock`]).
 //!
 //! Each window is the generic cell rate algorithm as governor runs it (the same arithmetic, so
 //! the same answers), kept as one atomic integer per window instead of a governor
@@ -18,6 +19,7 @@ use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use dashmap::mapref::entry::Entry as MapEntry;
 use dashmap::DashMap;
 use governor::clock::{Clock, ReasonablyRealtime};
 use governor::nanos::Nanos;
@@ -95,7 +97,7 @@ pub struct Exhausted {
     pub window: Window,
     /// Whole seconds until it has room (at least 1).
     pub retry_after: u64,
-    /// All windows as last known, the exhausted one at zero.
+    /// All windows as they stand, the exhausted one at zero.
     pub snapshot: LimitSnapshot,
 }
 
@@ -116,8 +118,7 @@ pub struct KeyLimiter<C: Clock<Instant = Nanos> = ProcessClock> {
     /// not reached, the usage API), so no remaining count is kept beside it: the buckets are 64
     /// bytes, which [`crate::metering::KeyState`] needs to fit its size class.
     tat: [AtomicU64; 3],
-    /// Prune rounds since the last check; see [`Limiters::prune_idle`] and
-    /// [`crate::metering::Meter::prune_idle`].
+    /// Prune rounds since the last check; see [`Limiters::prune_idle`].
     idle_rounds: AtomicU32,
     clock: C,
 }
@@ -290,6 +291,15 @@ impl<C: Clock<Instant = Nanos> + Clone> KeyLimiter<C> {
     /// The quotas the buckets were made for.
     pub fn quotas(&self) -> Quotas {
         self.quotas
+    }
+
+    /// Whether every window is full (as a new limiter's are): forgetting these buckets and
+    /// making new ones would change nothing.
+    pub fn is_full(&self) -> bool {
+        let now = self.clock.now().as_u64();
+        self.tat
+            .iter()
+            .all(|tat| tat.load(Ordering::Acquire) <= now)
     }
 
     /// Counts one prune round without a check; returns the rounds since the last check.
@@ -486,9 +496,18 @@ impl<C: Clock<Instant = Nanos> + Clone> Limiters<C> {
                 return Arc::clone(&existing);
             }
         }
-        let fresh = Arc::new(KeyLimiter::new(quotas, &self.clock));
-        self.by_key.insert(Arc::clone(key_id), Arc::clone(&fresh));
-        fresh
+        // Under the shard's lock: the keys of an account reloaded at once get one set of shared
+        // buckets.
+        let fresh = || Arc::new(KeyLimiter::new(quotas, &self.clock));
+        match self.by_key.entry(Arc::clone(key_id)) {
+            MapEntry::Occupied(e) if e.get().quotas == quotas => Arc::clone(e.get()),
+            MapEntry::Occupied(mut e) => {
+                let limiter = fresh();
+                e.insert(Arc::clone(&limiter));
+                limiter
+            }
+            MapEntry::Vacant(e) => Arc::clone(e.insert(fresh()).value()),
+        }
     }
 
     /// Counts one prune round and forgets limiters that no cached key holds and that have not
@@ -641,7 +660,29 @@ mod tests {
                         }
                     }
                 }
-                let got = match ours.check() {
+                // What a peek says is left is what the check then finds: one spent from each
+                // window that passes, none in a window that refuses, the rest untouched.
+                let left = |s: &LimitSnapshot, i: usize| s.windows[i].map(|w| w.remaining);
+                let before = ours.peek();
+                let checked = ours.check();
+                match &checked {
+                    Ok(after) => {
+                        for i in 0..3 {
+                            assert_eq!(left(&before, i), left(after, i).map(|r| r + 1));
+                        }
+                    }
+                    Err(e) => {
+                        let refused = e.window.index();
+                        assert_eq!(left(&before, refused), Some(0));
+                        for i in 0..refused {
+                            assert_eq!(left(&before, i), left(&e.snapshot, i).map(|r| r + 1));
+                        }
+                        for i in refused + 1..3 {
+                            assert_eq!(left(&before, i), left(&e.snapshot, i));
+                        }
+                    }
+                }
+                let got = match checked {
                     Ok(snapshot) => Ok(snapshot
                         .windows
                         .iter()

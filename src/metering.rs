@@ -68,7 +68,7 @@ pub struct KeyState {
 struct Outlet {
     /// The flusher's queue of dirty keys.
     queue: mpsc::Sender<Arc<KeyState>>,
-    /// In the durable mode, where every event goes instead of the cell's state.
+    /// In the durable mode, where every event goes instead of the key's counters.
     wal: Option<Arc<Wal>>,
 }
 
@@ -89,7 +89,7 @@ pub struct Meter {
     clock: WallClock,
 }
 
-/// Counts taken from the cells and not yet stored, merged by (key, minute).
+/// Counts taken from the keys' counters and not yet stored, merged by (key, minute).
 #[derive(Default)]
 pub struct Pending {
     by_bucket: HashMap<(Arc<str>, i64), PendingBucket>,
@@ -145,6 +145,16 @@ impl WallClock {
 // === impl KeyState ===
 
 impl KeyState {
+    /// The key's id.
+    pub fn key_id(&self) -> &Arc<str> {
+        &self.key_id
+    }
+
+    /// Its account's id.
+    pub fn account_id(&self) -> &Arc<str> {
+        &self.account_id
+    }
+
     /// The key's rate-limit buckets on this instance.
     pub fn limiter(&self) -> &KeyLimiter {
         &self.limiter
@@ -194,7 +204,7 @@ impl KeyState {
                 state.last_ms = now_ms;
             }
         }
-        // Read first: a cell already queued costs its busy requests no write to a shared line.
+        // Read first: a key already queued costs its busy requests no write to a shared line.
         if !self.dirty.load(Ordering::SeqCst) && !self.dirty.swap(true, Ordering::SeqCst) {
             // A send fails only when the meter is gone (shutdown); the counts stay in the cell.
             let _ = self.outlet.queue.send(Arc::clone(self));
@@ -233,7 +243,7 @@ impl Meter {
         }
     }
 
-    /// The durable mode: every event of every cell made from now on goes through `wal`.
+    /// The durable mode: every event of every key's state made from now on goes through `wal`.
     #[must_use]
     pub fn with_wal(mut self, wal: Arc<Wal>) -> Self {
         self.outlet = Arc::new(Outlet {
@@ -264,35 +274,54 @@ impl Meter {
                 return Arc::clone(&existing);
             }
         }
-        // Under the shard's lock: two loads of one key id (a key and its token) get one state.
-        let fresh = || {
-            Arc::new(KeyState {
-                key_id: Arc::clone(key_id),
-                account_id: Arc::clone(account_id),
-                state: Mutex::new(CellState::default()),
-                dirty: AtomicBool::new(false),
-                outlet: Arc::clone(&self.outlet),
-                limiter: KeyLimiter::new(quotas, &ProcessClock),
-            })
-        };
+        // Under the shard's lock: two loads of one key id (the key's and its tokens', which
+        // carry the id of the secret they were issued to) get one state.
         match self.keys.entry(Arc::clone(key_id)) {
             MapEntry::Occupied(e) if fits(e.get()) => Arc::clone(e.get()),
             MapEntry::Occupied(mut e) => {
-                let state = fresh();
+                let state = self.fresh(key_id, account_id, quotas);
                 e.insert(Arc::clone(&state));
                 state
             }
-            MapEntry::Vacant(e) => Arc::clone(e.insert(fresh()).value()),
+            MapEntry::Vacant(e) => {
+                Arc::clone(e.insert(self.fresh(key_id, account_id, quotas)).value())
+            }
         }
+    }
+
+    /// The key's state whatever its quotas; one with `quotas` if it has none. For a read that an
+    /// invalidation overtook, whose quotas may be older than the state's.
+    pub fn key_if_absent(
+        &self,
+        key_id: &Arc<str>,
+        account_id: &Arc<str>,
+        quotas: Quotas,
+    ) -> Arc<KeyState> {
+        if let Some(existing) = self.keys.get(key_id) {
+            return Arc::clone(&existing);
+        }
+        let state = self
+            .keys
+            .entry(Arc::clone(key_id))
+            .or_insert_with(|| self.fresh(key_id, account_id, quotas));
+        Arc::clone(state.value())
     }
 
     /// The key's state whatever its quotas, created without limits on first use: for counting
     /// usage alone (tests, benches).
     pub fn cell(&self, key_id: &Arc<str>, account_id: &Arc<str>) -> Arc<KeyState> {
-        match self.keys.get(key_id) {
-            Some(existing) => Arc::clone(&existing),
-            None => self.key(key_id, account_id, Quotas::default()),
-        }
+        self.key_if_absent(key_id, account_id, Quotas::default())
+    }
+
+    fn fresh(&self, key_id: &Arc<str>, account_id: &Arc<str>, quotas: Quotas) -> Arc<KeyState> {
+        Arc::new(KeyState {
+            key_id: Arc::clone(key_id),
+            account_id: Arc::clone(account_id),
+            state: Mutex::new(CellState::default()),
+            dirty: AtomicBool::new(false),
+            outlet: Arc::clone(&self.outlet),
+            limiter: KeyLimiter::new(quotas, &ProcessClock),
+        })
     }
 
     /// The key's state, if it has one (it has been used since start-up).
@@ -310,13 +339,13 @@ impl Meter {
         self.keys.is_empty()
     }
 
-    /// Moves every dirty cell's counts into `pending`. Called by the flusher only.
+    /// Moves every dirty key's counts into `pending`. Called by the flusher only.
     pub fn drain_into(&self, pending: &mut Pending) {
         self.drain_up_to(pending, usize::MAX);
     }
 
-    /// Moves dirty cells' counts into `pending` until it holds `max` buckets or no cell is
-    /// dirty; returns whether it stopped at `max` (more cells may be waiting). Called by the
+    /// Moves dirty keys' counts into `pending` until it holds `max` buckets or no key is
+    /// dirty; returns whether it stopped at `max` (more keys may be waiting). Called by the
     /// flusher only.
     pub fn drain_up_to(&self, pending: &mut Pending, max: usize) -> bool {
         let dirty = self.dirty.lock();
@@ -329,15 +358,13 @@ impl Meter {
         true
     }
 
-    /// Counts one prune round and forgets keys' state that nothing holds (no cached key, no
-    /// flush queue, no log) and whose buckets have not been checked for more than `rounds`
-    /// rounds. Called hourly with 25 rounds, a key's state is dropped only once even its day
-    /// bucket has refilled, so forgetting it changes nothing.
-    pub fn prune_idle(&self, rounds: u32) -> usize {
+    /// Forgets keys' state that nothing holds (no cached key, no flush queue, no log) and
+    /// whose buckets are full: such a state is what a new one would be, so forgetting it
+    /// changes nothing. Returns how many went.
+    pub fn prune_unused(&self) -> usize {
         let before = self.keys.len();
         self.keys.retain(|_, k| {
-            let idle = k.limiter.count_idle_round();
-            Arc::strong_count(k) > 1 || k.dirty.load(Ordering::SeqCst) || idle <= rounds
+            Arc::strong_count(k) > 1 || k.dirty.load(Ordering::SeqCst) || !k.limiter.is_full()
         });
         before - self.keys.len()
     }
@@ -366,7 +393,7 @@ impl Pending {
         bucket.last_used_ms = bucket.last_used_ms.max(last_used_ms);
     }
 
-    /// Adds one event of a key at `ms` (the log's path: the event is the unit, not a cell's sum).
+    /// Adds one event of a key at `ms` (the log's path: the event is the unit, not a key's sum).
     fn add_event(&mut self, key_id: &Arc<str>, account_id: &Arc<str>, ms: i64, event: UsageEvent) {
         let mut counts = UsageCounts::default();
         counts.count(event);
@@ -513,28 +540,52 @@ mod tests {
     }
 
     #[test]
-    fn a_key_state_is_forgotten_only_when_unheld_and_idle_past_the_rounds() {
+    fn a_key_state_is_forgotten_only_when_unheld_clean_and_its_buckets_full() {
         let meter = Meter::new(WallClock::System);
-        let held = meter.cell(&Arc::from("key_held"), &Arc::from("acc"));
-        let dirty = meter.cell(&Arc::from("key_dirty"), &Arc::from("acc"));
+        let (acc, one_a_minute) = (
+            Arc::from("acc"),
+            Quotas {
+                per: [NonZeroU32::new(1), None, None],
+            },
+        );
+        let held = meter.cell(&Arc::from("key_held"), &acc);
+        let dirty = meter.cell(&Arc::from("key_dirty"), &acc);
         dirty.record(0, Outcome { status: 200 });
-        drop(dirty);
-        drop(meter.cell(&Arc::from("key_idle"), &Arc::from("acc")));
-        assert_eq!(meter.prune_idle(2), 0);
-        assert_eq!(meter.prune_idle(2), 0, "idle for two rounds only");
-        assert_eq!(meter.prune_idle(2), 1);
-        assert!(meter.get("key_idle").is_none());
+        let spent = meter.key(&Arc::from("key_spent"), &acc, one_a_minute);
+        spent.limiter().check().unwrap();
+        drop((dirty, spent));
+        drop(meter.key(&Arc::from("key_unused"), &acc, one_a_minute));
+        assert_eq!(meter.prune_unused(), 1);
+        assert!(meter.get("key_unused").is_none());
+        // The spent key's minute refills in a minute: forgotten now, it would pass again.
+        assert!(meter.get("key_spent").is_some());
         // The dirty key waits in the flusher's queue: once drained, it goes too.
         let mut pending = Pending::default();
         meter.drain_into(&mut pending);
-        assert_eq!(meter.prune_idle(2), 1);
+        assert_eq!(meter.prune_unused(), 1);
         assert!(meter.get("key_dirty").is_none());
-        // A check resets the count.
-        held.limiter().check().unwrap();
         drop(held);
-        assert_eq!(meter.prune_idle(1), 0);
-        assert_eq!(meter.prune_idle(1), 1);
-        assert!(meter.is_empty());
+        assert_eq!(meter.prune_unused(), 1);
+        assert_eq!(meter.len(), 1);
+    }
+
+    /// Loads of one key id at once (the key's and its tokens') share one state.
+    #[test]
+    fn concurrent_loads_of_one_key_get_one_state() {
+        let meter = Meter::new(WallClock::System);
+        let quotas = Quotas {
+            per: [NonZeroU32::new(10), None, None],
+        };
+        let states: Vec<Arc<KeyState>> = std::thread::scope(|s| {
+            let loads: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| meter.key(&Arc::from("key_1"), &Arc::from("acc"), quotas)))
+                .collect();
+            loads.into_iter().map(|l| l.join().unwrap()).collect()
+        });
+        assert!(states.iter().all(|k| Arc::ptr_eq(k, &states[0])));
+        // A read overtaken by an invalidation keeps the state whatever its quotas.
+        let stale = meter.key_if_absent(&Arc::from("key_1"), &Arc::from("acc"), Quotas::default());
+        assert!(Arc::ptr_eq(&stale, &states[0]));
     }
 
     #[test]

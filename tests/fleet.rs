@@ -872,8 +872,6 @@ fn cached_key(shared: &SharedLimiters, key_id: &str, per_minute: u32) -> CachedK
     let value = HeaderValue::from_static("x");
     CachedKey {
         access_token: false,
-        key_id: Arc::clone(&key_id),
-        account_id: Arc::clone(&account_id),
         key_type: KeyType::Secret,
         key_active: true,
         account_active: true,

@@ -393,7 +393,7 @@ async fn keys_share_what_they_have_in_common() {
         }
     };
     let (a, b, own) = (get(a.hash).await, get(b.hash).await, get(own.hash).await);
-    assert!(Arc::ptr_eq(&a.account_id, &b.account_id));
+    assert!(Arc::ptr_eq(a.account_id(), b.account_id()));
     assert!(Arc::ptr_eq(&a.identity.limits, &b.identity.limits));
     assert!(!Arc::ptr_eq(&a.identity.limits, &own.identity.limits));
     assert_eq!(a.identity.scopes_header(), "*");

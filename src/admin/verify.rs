@@ -381,8 +381,8 @@ impl Verdict {
         Verdict {
             valid: refusal.is_none(),
             code: refusal.map_or("valid", |r| r.status_and_code().1),
-            account_id: Some(key.account_id.to_string()),
-            key_id: Some(key.key_id.to_string()),
+            account_id: Some(key.account_id().to_string()),
+            key_id: Some(key.key_id().to_string()),
             key_type: Some(key.key_type),
             scopes: key
                 .rules
@@ -412,7 +412,7 @@ impl Verifier {
     fn may_see(&self, key: &CachedKey) -> bool {
         match self {
             Verifier::Operator => true,
-            Verifier::Account(id) => **id == *key.account_id,
+            Verifier::Account(id) => **id == **key.account_id(),
         }
     }
 }
@@ -450,7 +450,7 @@ impl FromRequestParts<AdminState> for Verifier {
                         "this key lacks the keys:verify scope",
                     ));
                 }
-                Ok(Verifier::Account(Arc::clone(&key.account_id)))
+                Ok(Verifier::Account(Arc::clone(key.account_id())))
             }
             Kind::Publishable => Err(ApiError::WrongCredentialKind("publishable")),
             Kind::ClientSecret => Err(ApiError::WrongCredentialKind("client secret")),

@@ -19,6 +19,7 @@ use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::Arc;
 
+use dashmap::mapref::entry::Entry as MapEntry;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 
@@ -295,7 +296,8 @@ impl SharedLimiters {
         }
     }
 
-    /// The key's limiter; kept across cache refreshes while its quotas are unchanged.
+    /// The key's limiter; kept across cache refreshes while its quotas and account are
+    /// unchanged (and with it the fallback it was made with).
     pub fn for_key(
         &self,
         account_id: &Arc<str>,
@@ -303,27 +305,38 @@ impl SharedLimiters {
         quotas: Quotas,
         fallback: LocalBuckets,
     ) -> Arc<GlobalLimiter> {
+        let fits = |g: &GlobalLimiter| g.quotas == quotas && g.account_id == *account_id;
         if let Some(existing) = self.by_key.get(key_id) {
-            if existing.quotas == quotas {
+            if fits(&existing) {
                 return Arc::clone(&existing);
             }
         }
-        let fresh = Arc::new(GlobalLimiter {
-            account_id: Arc::clone(account_id),
-            key_id: Arc::clone(key_id),
-            quotas,
-            leases: Mutex::new([Lease::default(); 3]),
-            store: Arc::clone(&self.store),
-            on_store_error: self.on_store_error,
-            fallback,
-            down_until_ms: AtomicI64::new(0),
-            calls: Arc::clone(&self.calls),
-            waiting: AtomicU32::new(0),
-            refilling: AtomicBool::new(false),
-            refill_lock: tokio::sync::Mutex::new(()),
-        });
-        self.by_key.insert(Arc::clone(key_id), Arc::clone(&fresh));
-        fresh
+        let fresh = move || {
+            Arc::new(GlobalLimiter {
+                account_id: Arc::clone(account_id),
+                key_id: Arc::clone(key_id),
+                quotas,
+                leases: Mutex::new([Lease::default(); 3]),
+                store: Arc::clone(&self.store),
+                on_store_error: self.on_store_error,
+                fallback,
+                down_until_ms: AtomicI64::new(0),
+                calls: Arc::clone(&self.calls),
+                waiting: AtomicU32::new(0),
+                refilling: AtomicBool::new(false),
+                refill_lock: tokio::sync::Mutex::new(()),
+            })
+        };
+        // Under the shard's lock, like the local registries.
+        match self.by_key.entry(Arc::clone(key_id)) {
+            MapEntry::Occupied(e) if fits(e.get()) => Arc::clone(e.get()),
+            MapEntry::Occupied(mut e) => {
+                let limiter = fresh();
+                e.insert(Arc::clone(&limiter));
+                limiter
+            }
+            MapEntry::Vacant(e) => Arc::clone(e.insert(fresh()).value()),
+        }
     }
 
     /// The key's limiter, if it has one.

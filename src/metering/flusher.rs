@@ -1,4 +1,4 @@
-//! The flusher task: every `flush_interval`, take the dirty cells' counts and write them to the
+//! The flusher task: every `flush_interval`, take the dirty keys' counts and write them to the
 //! store, in batches of at most [`BATCH_BUCKETS`] (key, minute) buckets. A failed batch is kept
 //! as it is, with its id, and sent again on the next tick before anything newer (the store
 //! applies each id once, so a write that was applied but whose answer was lost is not counted

@@ -106,7 +106,7 @@ pub struct Wal {
 #[repr(align(128))]
 struct Shard(Mutex<Vec<Event>>);
 
-/// One usage event waiting for the writer. The cell names the key and its account.
+/// One usage event waiting for the writer. The key's state names the key and its account.
 struct Event {
     cell: Arc<KeyState>,
     ms: i64,

@@ -60,7 +60,7 @@ pub struct Identified {
     pub limits: Option<LimitSnapshot>,
 }
 
-/// Where byte counts go: the key's usage cell, read against the meter's clock.
+/// Where byte counts go: the key's state, read against the meter's clock.
 pub struct UsageSink {
     cell: Arc<KeyState>,
     clock: WallClock,
@@ -69,7 +69,7 @@ pub struct UsageSink {
 /// One request sent upstream, counted once: when dropped, or at [`Record::upgraded`].
 pub struct Record {
     counters: Arc<RouteCounters>,
-    /// The key's usage cell and the request's minute (ms), when a key was identified.
+    /// The key's state and the request's minute (ms), when a key was identified.
     usage: Option<(UsageSink, i64)>,
     state: State,
 }
