@@ -491,23 +491,24 @@ impl<C: Clock<Instant = Nanos> + Clone> Limiters<C> {
     /// The key's limiter. An existing one is kept while its quotas are unchanged, so that a cache
     /// refresh does not refill the buckets; changed quotas start fresh buckets.
     pub fn for_key(&self, key_id: &Arc<str>, quotas: Quotas) -> Arc<KeyLimiter<C>> {
-        if let Some(existing) = self.by_key.get(key_id) {
-            if existing.quotas == quotas {
-                return Arc::clone(&existing);
-            }
-        }
-        // Under the shard's lock: the keys of an account reloaded at once get one set of shared
-        // buckets.
-        let fresh = || Arc::new(KeyLimiter::new(quotas, &self.clock));
-        match self.by_key.entry(Arc::clone(key_id)) {
-            MapEntry::Occupied(e) if e.get().quotas == quotas => Arc::clone(e.get()),
-            MapEntry::Occupied(mut e) => {
-                let limiter = fresh();
-                e.insert(Arc::clone(&limiter));
-                limiter
-            }
-            MapEntry::Vacant(e) => Arc::clone(e.insert(fresh()).value()),
-        }
+        // The keys of an account reloaded at once get one set of shared buckets.
+        registered(
+            &self.by_key,
+            key_id,
+            |l| l.quotas == quotas,
+            || Arc::new(KeyLimiter::new(quotas, &self.clock)),
+        )
+    }
+
+    /// The limiter under `id` whatever its quotas; one with `quotas` if there is none. For a
+    /// read that an invalidation overtook, whose quotas may be older than the limiter's.
+    pub fn for_key_if_absent(&self, id: &Arc<str>, quotas: Quotas) -> Arc<KeyLimiter<C>> {
+        registered(
+            &self.by_key,
+            id,
+            |_| true,
+            || Arc::new(KeyLimiter::new(quotas, &self.clock)),
+        )
     }
 
     /// Counts one prune round and forgets limiters that no cached key holds and that have not
@@ -528,6 +529,33 @@ impl<C: Clock<Instant = Nanos> + Clone> Limiters<C> {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.by_key.is_empty()
+    }
+}
+
+// === functions ===
+
+/// The value of `map` under `id` while `fits` says it may stay, else a new one from `make` in
+/// its place. Made under the shard's lock, so that callers at once get one value, and read
+/// under a shared lock first, so that the usual call (a cache refresh) takes no write lock.
+pub(crate) fn registered<T>(
+    map: &DashMap<Arc<str>, Arc<T>>,
+    id: &Arc<str>,
+    fits: impl Fn(&T) -> bool,
+    make: impl FnOnce() -> Arc<T>,
+) -> Arc<T> {
+    if let Some(existing) = map.get(id) {
+        if fits(&existing) {
+            return Arc::clone(&existing);
+        }
+    }
+    match map.entry(Arc::clone(id)) {
+        MapEntry::Occupied(e) if fits(e.get()) => Arc::clone(e.get()),
+        MapEntry::Occupied(mut e) => {
+            let made = make();
+            e.insert(Arc::clone(&made));
+            made
+        }
+        MapEntry::Vacant(e) => Arc::clone(e.insert(make()).value()),
     }
 }
 
@@ -756,11 +784,23 @@ mod tests {
         assert!(b.check().is_err(), "same buckets after a refresh");
         let c = limiters.for_key(&id, quotas(2, 10, 10));
         assert!(c.check().is_ok(), "new quotas, new buckets");
+        // A read that an invalidation overtook takes the buckets as they are.
+        let stale = limiters.for_key_if_absent(&id, quotas(1, 10, 10));
+        assert!(Arc::ptr_eq(&stale, &c));
+        drop(stale);
+        let other: Arc<str> = Arc::from("acc_2");
+        let fresh = limiters.for_key_if_absent(&other, quotas(1, 10, 10));
+        assert_eq!(fresh.quotas(), quotas(1, 10, 10));
+        assert!(Arc::ptr_eq(
+            &fresh,
+            &limiters.for_key(&other, quotas(1, 10, 10))
+        ));
+        drop(fresh);
         drop((a, b));
         assert_eq!(limiters.prune_idle(2), 0, "held by a cached key");
         drop(c);
         assert_eq!(limiters.prune_idle(2), 0, "idle for two rounds only");
-        assert_eq!(limiters.prune_idle(2), 1);
+        assert_eq!(limiters.prune_idle(2), 2);
         assert!(limiters.is_empty());
     }
 }

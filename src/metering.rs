@@ -22,11 +22,10 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use dashmap::mapref::entry::Entry as MapEntry;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 
-use crate::limits::{KeyLimiter, ProcessClock, Quotas};
+use crate::limits::{registered, KeyLimiter, ProcessClock, Quotas};
 use crate::store::{UsageCounts, UsageDelta, UsageEvent};
 use wal::Wal;
 
@@ -268,25 +267,13 @@ impl Meter {
     /// start fresh buckets (and a new state: counts still in the old one are flushed from it,
     /// into the same buckets of the store).
     pub fn key(&self, key_id: &Arc<str>, account_id: &Arc<str>, quotas: Quotas) -> Arc<KeyState> {
-        let fits = |k: &KeyState| k.limiter.quotas() == quotas && k.account_id == *account_id;
-        if let Some(existing) = self.keys.get(key_id) {
-            if fits(&existing) {
-                return Arc::clone(&existing);
-            }
-        }
-        // Under the shard's lock: two loads of one key id (the key's and its tokens', which
-        // carry the id of the secret they were issued to) get one state.
-        match self.keys.entry(Arc::clone(key_id)) {
-            MapEntry::Occupied(e) if fits(e.get()) => Arc::clone(e.get()),
-            MapEntry::Occupied(mut e) => {
-                let state = self.fresh(key_id, account_id, quotas);
-                e.insert(Arc::clone(&state));
-                state
-            }
-            MapEntry::Vacant(e) => {
-                Arc::clone(e.insert(self.fresh(key_id, account_id, quotas)).value())
-            }
-        }
+        // Two loads of one key id at once (an OAuth client's tokens) get one state.
+        registered(
+            &self.keys,
+            key_id,
+            |k| k.limiter.quotas() == quotas && k.account_id == *account_id,
+            || self.fresh(key_id, account_id, quotas),
+        )
     }
 
     /// The key's state whatever its quotas; one with `quotas` if it has none. For a read that an
@@ -297,14 +284,12 @@ impl Meter {
         account_id: &Arc<str>,
         quotas: Quotas,
     ) -> Arc<KeyState> {
-        if let Some(existing) = self.keys.get(key_id) {
-            return Arc::clone(&existing);
-        }
-        let state = self
-            .keys
-            .entry(Arc::clone(key_id))
-            .or_insert_with(|| self.fresh(key_id, account_id, quotas));
-        Arc::clone(state.value())
+        registered(
+            &self.keys,
+            key_id,
+            |_| true,
+            || self.fresh(key_id, account_id, quotas),
+        )
     }
 
     /// The key's state whatever its quotas, created without limits on first use: for counting

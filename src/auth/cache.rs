@@ -684,16 +684,23 @@ impl KeyCache {
     }
 
     /// `local` as the request path uses it: alone, or as the fallback of leases of the fleet's
-    /// buckets registered under `id` (a key's, or an account's shared ones).
+    /// buckets registered under `id` (a key's, or an account's shared ones); `current`: see
+    /// [`KeyCache::build`].
     fn limits(
         &self,
         account_id: &Arc<str>,
         id: &Arc<str>,
         quotas: Quotas,
         local: LocalBuckets,
+        current: bool,
     ) -> KeyLimits {
         match &self.shared {
-            Some(shared) => KeyLimits::Global(shared.for_key(account_id, id, quotas, local)),
+            Some(shared) if current => {
+                KeyLimits::Global(shared.for_key(account_id, id, quotas, local))
+            }
+            Some(shared) => {
+                KeyLimits::Global(shared.for_key_if_absent(account_id, id, quotas, local))
+            }
             None => KeyLimits::Local(local),
         }
     }
@@ -726,7 +733,8 @@ impl KeyCache {
     }
 
     /// The cached form of `lookup`; `current`: read since the last invalidation, so that its
-    /// quotas may replace the key's state in the registry.
+    /// quotas may replace the key's state, its account's shared buckets and their fleet
+    /// limiters in their registries (a read an invalidation overtook takes them as they are).
     fn build(
         &self,
         lookup: &KeyLookup,
@@ -796,15 +804,21 @@ impl KeyCache {
                 &key_id,
                 quotas,
                 LocalBuckets::Key(Arc::clone(&state)),
+                current,
             ),
             // An account's buckets are registered under its id, beside its keys' (`key_…`).
             shared_limits: (shared != Quotas::default()).then(|| {
-                let local = self.limiters.for_key(&account_id, shared);
+                let local = if current {
+                    self.limiters.for_key(&account_id, shared)
+                } else {
+                    self.limiters.for_key_if_absent(&account_id, shared)
+                };
                 self.limits(
                     &account_id,
                     &account_id,
                     shared,
                     LocalBuckets::Account(local),
+                    current,
                 )
             }),
             state,

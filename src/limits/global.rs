@@ -19,11 +19,10 @@ use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::Arc;
 
-use dashmap::mapref::entry::Entry as MapEntry;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 
-use super::{Exhausted, LimitSnapshot, LocalBuckets, Quotas, Window, WindowState};
+use super::{registered, Exhausted, LimitSnapshot, LocalBuckets, Quotas, Window, WindowState};
 use crate::config::OnStoreError;
 use crate::metrics::{Metrics, StoreCalls};
 use crate::store::{LimitBuckets, TokenTake};
@@ -305,38 +304,52 @@ impl SharedLimiters {
         quotas: Quotas,
         fallback: LocalBuckets,
     ) -> Arc<GlobalLimiter> {
-        let fits = |g: &GlobalLimiter| g.quotas == quotas && g.account_id == *account_id;
-        if let Some(existing) = self.by_key.get(key_id) {
-            if fits(&existing) {
-                return Arc::clone(&existing);
-            }
-        }
-        let fresh = move || {
-            Arc::new(GlobalLimiter {
-                account_id: Arc::clone(account_id),
-                key_id: Arc::clone(key_id),
-                quotas,
-                leases: Mutex::new([Lease::default(); 3]),
-                store: Arc::clone(&self.store),
-                on_store_error: self.on_store_error,
-                fallback,
-                down_until_ms: AtomicI64::new(0),
-                calls: Arc::clone(&self.calls),
-                waiting: AtomicU32::new(0),
-                refilling: AtomicBool::new(false),
-                refill_lock: tokio::sync::Mutex::new(()),
-            })
-        };
-        // Under the shard's lock, like the local registries.
-        match self.by_key.entry(Arc::clone(key_id)) {
-            MapEntry::Occupied(e) if fits(e.get()) => Arc::clone(e.get()),
-            MapEntry::Occupied(mut e) => {
-                let limiter = fresh();
-                e.insert(Arc::clone(&limiter));
-                limiter
-            }
-            MapEntry::Vacant(e) => Arc::clone(e.insert(fresh()).value()),
-        }
+        registered(
+            &self.by_key,
+            key_id,
+            |g| g.quotas == quotas && g.account_id == *account_id,
+            || self.make(account_id, key_id, quotas, fallback),
+        )
+    }
+
+    /// The key's limiter whatever its quotas; one with `quotas` if it has none. For a read
+    /// that an invalidation overtook, whose quotas may be older than the limiter's.
+    pub fn for_key_if_absent(
+        &self,
+        account_id: &Arc<str>,
+        key_id: &Arc<str>,
+        quotas: Quotas,
+        fallback: LocalBuckets,
+    ) -> Arc<GlobalLimiter> {
+        registered(
+            &self.by_key,
+            key_id,
+            |_| true,
+            || self.make(account_id, key_id, quotas, fallback),
+        )
+    }
+
+    fn make(
+        &self,
+        account_id: &Arc<str>,
+        key_id: &Arc<str>,
+        quotas: Quotas,
+        fallback: LocalBuckets,
+    ) -> Arc<GlobalLimiter> {
+        Arc::new(GlobalLimiter {
+            account_id: Arc::clone(account_id),
+            key_id: Arc::clone(key_id),
+            quotas,
+            leases: Mutex::new([Lease::default(); 3]),
+            store: Arc::clone(&self.store),
+            on_store_error: self.on_store_error,
+            fallback,
+            down_until_ms: AtomicI64::new(0),
+            calls: Arc::clone(&self.calls),
+            waiting: AtomicU32::new(0),
+            refilling: AtomicBool::new(false),
+            refill_lock: tokio::sync::Mutex::new(()),
+        })
     }
 
     /// The key's limiter, if it has one.
