@@ -133,6 +133,17 @@ pub enum LocalBuckets {
     Account(Arc<KeyLimiter>),
 }
 
+/// Whether a read of a key may replace what a registry holds under its id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replace {
+    /// Read since the last invalidation: its quotas (and account) replace different ones, with
+    /// fresh buckets.
+    IfChanged,
+    /// Overtaken by an invalidation (served once, not cached), or counting usage alone: takes
+    /// what is registered whatever its quotas, since that may come from a newer read.
+    Never,
+}
+
 /// A key's buckets as the request path sees them: this instance's, or the fleet's.
 #[derive(Clone)]
 pub enum KeyLimits {
@@ -488,25 +499,16 @@ impl<C: Clock<Instant = Nanos> + Clone> Limiters<C> {
         }
     }
 
-    /// The key's limiter. An existing one is kept while its quotas are unchanged, so that a cache
-    /// refresh does not refill the buckets; changed quotas start fresh buckets.
-    pub fn for_key(&self, key_id: &Arc<str>, quotas: Quotas) -> Arc<KeyLimiter<C>> {
+    /// The limiter under `id` (an account's shared buckets). An existing one is kept while its
+    /// quotas are unchanged, so that a cache refresh does not refill the buckets; changed
+    /// quotas start fresh buckets, as `replace` allows.
+    pub fn for_key(&self, id: &Arc<str>, quotas: Quotas, replace: Replace) -> Arc<KeyLimiter<C>> {
         // The keys of an account reloaded at once get one set of shared buckets.
         registered(
             &self.by_key,
-            key_id,
-            |l| l.quotas == quotas,
-            || Arc::new(KeyLimiter::new(quotas, &self.clock)),
-        )
-    }
-
-    /// The limiter under `id` whatever its quotas; one with `quotas` if there is none. For a
-    /// read that an invalidation overtook, whose quotas may be older than the limiter's.
-    pub fn for_key_if_absent(&self, id: &Arc<str>, quotas: Quotas) -> Arc<KeyLimiter<C>> {
-        registered(
-            &self.by_key,
             id,
-            |_| true,
+            replace,
+            |l| l.quotas == quotas,
             || Arc::new(KeyLimiter::new(quotas, &self.clock)),
         )
     }
@@ -534,15 +536,18 @@ impl<C: Clock<Instant = Nanos> + Clone> Limiters<C> {
 
 // === functions ===
 
-/// The value of `map` under `id` while `fits` says it may stay, else a new one from `make` in
-/// its place. Made under the shard's lock, so that callers at once get one value, and read
-/// under a shared lock first, so that the usual call (a cache refresh) takes no write lock.
+/// The value of `map` under `id` while `fits` says it may stay (or whatever it is, with
+/// [`Replace::Never`]), else a new one from `make` in its place. Made under the shard's lock, so
+/// that callers at once get one value, and read under a shared lock first, so that the usual
+/// call (a cache refresh) takes no write lock.
 pub(crate) fn registered<T>(
     map: &DashMap<Arc<str>, Arc<T>>,
     id: &Arc<str>,
+    replace: Replace,
     fits: impl Fn(&T) -> bool,
     make: impl FnOnce() -> Arc<T>,
 ) -> Arc<T> {
+    let fits = |value: &T| replace == Replace::Never || fits(value);
     if let Some(existing) = map.get(id) {
         if fits(&existing) {
             return Arc::clone(&existing);
@@ -778,22 +783,22 @@ mod tests {
         let clock = FakeRelativeClock::default();
         let limiters = Limiters::with_clock(clock);
         let id: Arc<str> = Arc::from("key_1");
-        let a = limiters.for_key(&id, quotas(1, 10, 10));
+        let a = limiters.for_key(&id, quotas(1, 10, 10), Replace::IfChanged);
         a.check().unwrap();
-        let b = limiters.for_key(&id, quotas(1, 10, 10));
+        let b = limiters.for_key(&id, quotas(1, 10, 10), Replace::IfChanged);
         assert!(b.check().is_err(), "same buckets after a refresh");
-        let c = limiters.for_key(&id, quotas(2, 10, 10));
+        let c = limiters.for_key(&id, quotas(2, 10, 10), Replace::IfChanged);
         assert!(c.check().is_ok(), "new quotas, new buckets");
         // A read that an invalidation overtook takes the buckets as they are.
-        let stale = limiters.for_key_if_absent(&id, quotas(1, 10, 10));
+        let stale = limiters.for_key(&id, quotas(1, 10, 10), Replace::Never);
         assert!(Arc::ptr_eq(&stale, &c));
         drop(stale);
         let other: Arc<str> = Arc::from("acc_2");
-        let fresh = limiters.for_key_if_absent(&other, quotas(1, 10, 10));
+        let fresh = limiters.for_key(&other, quotas(1, 10, 10), Replace::Never);
         assert_eq!(fresh.quotas(), quotas(1, 10, 10));
         assert!(Arc::ptr_eq(
             &fresh,
-            &limiters.for_key(&other, quotas(1, 10, 10))
+            &limiters.for_key(&other, quotas(1, 10, 10), Replace::IfChanged)
         ));
         drop(fresh);
         drop((a, b));

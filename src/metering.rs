@@ -25,7 +25,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use dashmap::DashMap;
 use parking_lot::Mutex;
 
-use crate::limits::{registered, KeyLimiter, ProcessClock, Quotas};
+use crate::limits::{registered, KeyLimiter, ProcessClock, Quotas, Replace};
 use crate::store::{UsageCounts, UsageDelta, UsageEvent};
 use wal::Wal;
 
@@ -205,7 +205,7 @@ impl KeyState {
         }
         // Read first: a key already queued costs its busy requests no write to a shared line.
         if !self.dirty.load(Ordering::SeqCst) && !self.dirty.swap(true, Ordering::SeqCst) {
-            // A send fails only when the meter is gone (shutdown); the counts stay in the cell.
+            // A send fails only when the meter is gone (shutdown); the counts stay in the state.
             let _ = self.outlet.queue.send(Arc::clone(self));
         }
     }
@@ -264,30 +264,21 @@ impl Meter {
 
     /// The key's state. An existing one is kept while its quotas and account are unchanged, so
     /// that a cache refresh neither refills the buckets nor moves the counts; changed quotas
-    /// start fresh buckets (and a new state: counts still in the old one are flushed from it,
-    /// into the same buckets of the store).
-    pub fn key(&self, key_id: &Arc<str>, account_id: &Arc<str>, quotas: Quotas) -> Arc<KeyState> {
-        // Two loads of one key id at once (an OAuth client's tokens) get one state.
-        registered(
-            &self.keys,
-            key_id,
-            |k| k.limiter.quotas() == quotas && k.account_id == *account_id,
-            || self.fresh(key_id, account_id, quotas),
-        )
-    }
-
-    /// The key's state whatever its quotas; one with `quotas` if it has none. For a read that an
-    /// invalidation overtook, whose quotas may be older than the state's.
-    pub fn key_if_absent(
+    /// start fresh buckets, as `replace` allows (and a new state: counts still in the old one
+    /// are flushed from it, into the same buckets of the store).
+    pub fn key(
         &self,
         key_id: &Arc<str>,
         account_id: &Arc<str>,
         quotas: Quotas,
+        replace: Replace,
     ) -> Arc<KeyState> {
+        // Two loads of one key id at once (an OAuth client's tokens) get one state.
         registered(
             &self.keys,
             key_id,
-            |_| true,
+            replace,
+            |k| k.limiter.quotas() == quotas && k.account_id == *account_id,
             || self.fresh(key_id, account_id, quotas),
         )
     }
@@ -295,7 +286,7 @@ impl Meter {
     /// The key's state whatever its quotas, created without limits on first use: for counting
     /// usage alone (tests, benches).
     pub fn cell(&self, key_id: &Arc<str>, account_id: &Arc<str>) -> Arc<KeyState> {
-        self.key_if_absent(key_id, account_id, Quotas::default())
+        self.key(key_id, account_id, Quotas::default(), Replace::Never)
     }
 
     fn fresh(&self, key_id: &Arc<str>, account_id: &Arc<str>, quotas: Quotas) -> Arc<KeyState> {
@@ -501,20 +492,20 @@ mod tests {
         let per_minute = |n| Quotas {
             per: [NonZeroU32::new(n), None, None],
         };
-        let a = meter.key(&id, &acc, per_minute(1));
+        let a = meter.key(&id, &acc, per_minute(1), Replace::IfChanged);
         a.limiter().check().unwrap();
         a.record(0, Outcome { status: 200 });
-        let b = meter.key(&id, &acc, per_minute(1));
+        let b = meter.key(&id, &acc, per_minute(1), Replace::IfChanged);
         assert!(Arc::ptr_eq(&a, &b), "a refresh keeps the state");
         assert!(b.limiter().check().is_err(), "and its buckets");
         assert!(
             Arc::ptr_eq(&meter.cell(&id, &acc), &a),
             "whatever the quotas asked"
         );
-        let c = meter.key(&id, &acc, per_minute(2));
+        let c = meter.key(&id, &acc, per_minute(2), Replace::IfChanged);
         assert!(c.limiter().check().is_ok(), "new quotas, new buckets");
         assert!(Arc::ptr_eq(&meter.get("key_1").unwrap(), &c));
-        let d = meter.key(&id, &Arc::from("acc_2"), per_minute(2));
+        let d = meter.key(&id, &Arc::from("acc_2"), per_minute(2), Replace::IfChanged);
         assert!(!Arc::ptr_eq(&c, &d), "another account, another state");
         // The counts of the state left behind are still flushed, into the same bucket.
         d.record(1, Outcome { status: 200 });
@@ -536,10 +527,20 @@ mod tests {
         let held = meter.cell(&Arc::from("key_held"), &acc);
         let dirty = meter.cell(&Arc::from("key_dirty"), &acc);
         dirty.record(0, Outcome { status: 200 });
-        let spent = meter.key(&Arc::from("key_spent"), &acc, one_a_minute);
+        let spent = meter.key(
+            &Arc::from("key_spent"),
+            &acc,
+            one_a_minute,
+            Replace::IfChanged,
+        );
         spent.limiter().check().unwrap();
         drop((dirty, spent));
-        drop(meter.key(&Arc::from("key_unused"), &acc, one_a_minute));
+        drop(meter.key(
+            &Arc::from("key_unused"),
+            &acc,
+            one_a_minute,
+            Replace::IfChanged,
+        ));
         assert_eq!(meter.prune_unused(), 1);
         assert!(meter.get("key_unused").is_none());
         // The spent key's minute refills in a minute: forgotten now, it would pass again.
@@ -563,13 +564,27 @@ mod tests {
         };
         let states: Vec<Arc<KeyState>> = std::thread::scope(|s| {
             let loads: Vec<_> = (0..8)
-                .map(|_| s.spawn(|| meter.key(&Arc::from("key_1"), &Arc::from("acc"), quotas)))
+                .map(|_| {
+                    s.spawn(|| {
+                        meter.key(
+                            &Arc::from("key_1"),
+                            &Arc::from("acc"),
+                            quotas,
+                            Replace::IfChanged,
+                        )
+                    })
+                })
                 .collect();
             loads.into_iter().map(|l| l.join().unwrap()).collect()
         });
         assert!(states.iter().all(|k| Arc::ptr_eq(k, &states[0])));
         // A read overtaken by an invalidation keeps the state whatever its quotas.
-        let stale = meter.key_if_absent(&Arc::from("key_1"), &Arc::from("acc"), Quotas::default());
+        let stale = meter.key(
+            &Arc::from("key_1"),
+            &Arc::from("acc"),
+            Quotas::default(),
+            Replace::Never,
+        );
         assert!(Arc::ptr_eq(&stale, &states[0]));
     }
 

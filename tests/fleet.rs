@@ -23,7 +23,7 @@ use tollgate::auth::{self, CachedKey, IdentityValues, RequestFacts};
 use tollgate::config::{LimitMode, OnStoreError, RouteScopes, Settings};
 use tollgate::credential::{self, Kind};
 use tollgate::limits::global::SharedLimiters;
-use tollgate::limits::{KeyLimits, LocalBuckets, Quotas};
+use tollgate::limits::{KeyLimits, LocalBuckets, Quotas, Replace};
 use tollgate::metering::{Meter, WallClock};
 use tollgate::store::redis::RedisStore;
 use tollgate::store::{AuthMethod, KeyType, LimitBuckets, RateLimitSpec};
@@ -867,7 +867,7 @@ fn cached_key(shared: &SharedLimiters, key_id: &str, per_minute: u32) -> CachedK
         per_day: Some(1_000_000),
     };
     let quotas = Quotas::resolve(Some(&spec), None, &spec);
-    let state = Meter::new(WallClock::System).key(&key_id, &account_id, quotas);
+    let state = Meter::new(WallClock::System).key(&key_id, &account_id, quotas, Replace::IfChanged);
     let fallback = LocalBuckets::Key(Arc::clone(&state));
     let value = HeaderValue::from_static("x");
     CachedKey {
@@ -881,7 +881,13 @@ fn cached_key(shared: &SharedLimiters, key_id: &str, per_minute: u32) -> CachedK
         rules: None,
         credits: None,
         metadata: None,
-        limiter: KeyLimits::Global(shared.for_key(&account_id, &key_id, quotas, fallback)),
+        limiter: KeyLimits::Global(shared.for_key(
+            &account_id,
+            &key_id,
+            quotas,
+            fallback,
+            Replace::IfChanged,
+        )),
         shared_limits: None,
         state,
         identity: IdentityValues {

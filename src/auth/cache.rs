@@ -31,7 +31,7 @@ use crate::config::{CacheSettings, OnStoreError};
 use crate::credential::{KeyHash, KeyHashBuilder};
 use crate::credits::CreditLeases;
 use crate::limits::global::SharedLimiters;
-use crate::limits::{KeyLimits, Limiters, LocalBuckets, Quotas, Window};
+use crate::limits::{KeyLimits, Limiters, LocalBuckets, Quotas, Replace, Window};
 use crate::metering::Meter;
 use crate::metrics::{Metrics, StoreCalls};
 use crate::policy;
@@ -608,11 +608,15 @@ impl KeyCache {
         let now = Instant::now();
         let tuning = **self.tuning.load();
         // A read that an invalidation overtook is served once but not cached, and must not
-        // replace the registry's state of the key either (that may come from a newer read).
-        let current = self.generation.load(Ordering::SeqCst) == generation;
+        // replace what the registries hold for the key either (that may come from a newer read).
+        let replace = if self.generation.load(Ordering::SeqCst) == generation {
+            Replace::IfChanged
+        } else {
+            Replace::Never
+        };
         let (slot, result) = match found {
             Some(lookup) => {
-                let key = self.entry(&lookup, &tuning, now, revision, current);
+                let key = self.entry(&lookup, &tuning, now, revision, replace);
                 (Slot::Found(key.clone()), Some(key))
             }
             None => (Slot::Missing(now + tuning.settings.negative_ttl), None),
@@ -637,26 +641,25 @@ impl KeyCache {
     /// was read, so the gateway never calls it.
     pub fn insert(&self, hash: &KeyHash, lookup: &KeyLookup) {
         let tuning = **self.tuning.load();
-        let key = self.entry(lookup, &tuning, Instant::now(), None, true);
+        let key = self.entry(lookup, &tuning, Instant::now(), None, Replace::IfChanged);
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.make_room(tuning.settings.max_entries);
         self.map.insert(*hash, Slot::Found(key));
     }
 
-    /// A cache entry for a key read at `now`, fresh for the ttl (`current`: see
-    /// [`KeyCache::build`]).
+    /// A cache entry for a key read at `now`, fresh for the ttl.
     fn entry(
         &self,
         lookup: &KeyLookup,
         tuning: &Tuning,
         now: Instant,
         revision: Option<u64>,
-        current: bool,
+        replace: Replace,
     ) -> KeyRef {
         let ttl_ms = u64::try_from(tuning.settings.ttl.as_millis()).unwrap_or(u64::MAX);
         let until = self.ms_since_born(now).saturating_add(ttl_ms);
         KeyRef(Arc::new(Entry {
-            key: self.build(lookup, &tuning.default_limits, current),
+            key: self.build(lookup, &tuning.default_limits, replace),
             fresh_until: AtomicU64::new(until.min(EXPIRED - 1)),
             revision: packed_revision(revision),
         }))
@@ -684,22 +687,18 @@ impl KeyCache {
     }
 
     /// `local` as the request path uses it: alone, or as the fallback of leases of the fleet's
-    /// buckets registered under `id` (a key's, or an account's shared ones); `current`: see
-    /// [`KeyCache::build`].
+    /// buckets registered under `id` (a key's, or an account's shared ones).
     fn limits(
         &self,
         account_id: &Arc<str>,
         id: &Arc<str>,
         quotas: Quotas,
         local: LocalBuckets,
-        current: bool,
+        replace: Replace,
     ) -> KeyLimits {
         match &self.shared {
-            Some(shared) if current => {
-                KeyLimits::Global(shared.for_key(account_id, id, quotas, local))
-            }
             Some(shared) => {
-                KeyLimits::Global(shared.for_key_if_absent(account_id, id, quotas, local))
+                KeyLimits::Global(shared.for_key(account_id, id, quotas, local, replace))
             }
             None => KeyLimits::Local(local),
         }
@@ -732,14 +731,13 @@ impl KeyCache {
         (Arc::clone(entry.key()), entry.value().clone())
     }
 
-    /// The cached form of `lookup`; `current`: read since the last invalidation, so that its
-    /// quotas may replace the key's state, its account's shared buckets and their fleet
-    /// limiters in their registries (a read an invalidation overtook takes them as they are).
+    /// The cached form of `lookup`; `replace`: whether its quotas may replace the key's state,
+    /// its account's shared buckets and their fleet limiters in their registries.
     fn build(
         &self,
         lookup: &KeyLookup,
         default_limits: &RateLimitSpec,
-        current: bool,
+        replace: Replace,
     ) -> CachedKey {
         let (key, account) = (&lookup.key, &lookup.account);
         let key_id: Arc<str> = Arc::from(key.id.as_str());
@@ -749,11 +747,7 @@ impl KeyCache {
             account.rate_limit.as_ref(),
             default_limits,
         );
-        let state = if current {
-            self.meter.key(&key_id, &account_id, quotas)
-        } else {
-            self.meter.key_if_absent(&key_id, &account_id, quotas)
-        };
+        let state = self.meter.key(&key_id, &account_id, quotas, replace);
         // Only the windows the account sets: no defaults for shared buckets.
         let shared = account
             .shared_rate_limit
@@ -804,21 +798,17 @@ impl KeyCache {
                 &key_id,
                 quotas,
                 LocalBuckets::Key(Arc::clone(&state)),
-                current,
+                replace,
             ),
             // An account's buckets are registered under its id, beside its keys' (`key_…`).
             shared_limits: (shared != Quotas::default()).then(|| {
-                let local = if current {
-                    self.limiters.for_key(&account_id, shared)
-                } else {
-                    self.limiters.for_key_if_absent(&account_id, shared)
-                };
+                let local = self.limiters.for_key(&account_id, shared, replace);
                 self.limits(
                     &account_id,
                     &account_id,
                     shared,
                     LocalBuckets::Account(local),
-                    current,
+                    replace,
                 )
             }),
             state,

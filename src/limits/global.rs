@@ -22,7 +22,9 @@ use std::sync::Arc;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 
-use super::{registered, Exhausted, LimitSnapshot, LocalBuckets, Quotas, Window, WindowState};
+use super::{
+    registered, Exhausted, LimitSnapshot, LocalBuckets, Quotas, Replace, Window, WindowState,
+};
 use crate::config::OnStoreError;
 use crate::metrics::{Metrics, StoreCalls};
 use crate::store::{LimitBuckets, TokenTake};
@@ -296,35 +298,20 @@ impl SharedLimiters {
     }
 
     /// The key's limiter; kept across cache refreshes while its quotas and account are
-    /// unchanged (and with it the fallback it was made with).
+    /// unchanged (and with it the fallback it was made with), else new, as `replace` allows.
     pub fn for_key(
         &self,
         account_id: &Arc<str>,
         key_id: &Arc<str>,
         quotas: Quotas,
         fallback: LocalBuckets,
+        replace: Replace,
     ) -> Arc<GlobalLimiter> {
         registered(
             &self.by_key,
             key_id,
+            replace,
             |g| g.quotas == quotas && g.account_id == *account_id,
-            || self.make(account_id, key_id, quotas, fallback),
-        )
-    }
-
-    /// The key's limiter whatever its quotas; one with `quotas` if it has none. For a read
-    /// that an invalidation overtook, whose quotas may be older than the limiter's.
-    pub fn for_key_if_absent(
-        &self,
-        account_id: &Arc<str>,
-        key_id: &Arc<str>,
-        quotas: Quotas,
-        fallback: LocalBuckets,
-    ) -> Arc<GlobalLimiter> {
-        registered(
-            &self.by_key,
-            key_id,
-            |_| true,
             || self.make(account_id, key_id, quotas, fallback),
         )
     }

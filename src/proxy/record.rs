@@ -62,7 +62,7 @@ pub struct Identified {
 
 /// Where byte counts go: the key's state, read against the meter's clock.
 pub struct UsageSink {
-    cell: Arc<KeyState>,
+    state: Arc<KeyState>,
     clock: WallClock,
 }
 
@@ -151,7 +151,7 @@ impl<'a> Ticket<'a> {
 impl Identified {
     fn usage_sink(&self, clock: &WallClock) -> UsageSink {
         UsageSink {
-            cell: Arc::clone(&self.key.state),
+            state: Arc::clone(&self.key.state),
             clock: clock.clone(),
         }
     }
@@ -162,7 +162,7 @@ impl Identified {
 impl UsageSink {
     /// Adds bytes received from the client (`bytes_in`) and sent to it (`bytes_out`).
     pub fn add(&self, bytes_in: u64, bytes_out: u64) {
-        self.cell
+        self.state
             .record_bytes(self.clock.now_ms(), bytes_in, bytes_out);
     }
 }
@@ -217,7 +217,7 @@ impl Record {
         };
         self.state = State::Done;
         if let Some((sink, now_ms)) = &self.usage {
-            sink.cell.record(*now_ms, Outcome { status });
+            sink.state.record(*now_ms, Outcome { status });
         }
     }
 }

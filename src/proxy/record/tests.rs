@@ -28,7 +28,7 @@ fn counted(end: impl FnOnce(Record)) -> (Vec<String>, (u64, u64)) {
     let metrics = Metrics::new().expect("metrics");
     let meter = Meter::new(WallClock::Manual(Arc::new(AtomicI64::new(NOW_MS))));
     let sink = UsageSink {
-        cell: meter.cell(&Arc::from("key"), &Arc::from("account")),
+        state: meter.cell(&Arc::from("key"), &Arc::from("account")),
         clock: meter.clock().clone(),
     };
     end(Record {
