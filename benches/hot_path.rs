@@ -129,7 +129,7 @@ fn bench(c: &mut Criterion) {
         panic!("not cached");
     };
     c.bench_function("sign_identity", |b| {
-        b.iter(|| signer.sign(&key.identity, key.key_type, 1_765_015_200))
+        b.iter(|| signer.sign(key.identity(), 1_765_015_200))
     });
     rotating(c, "verify_limit_meter/10k_keys_rotating", &fixture(10_000));
     // A million keys, none of them in the CPU's caches when it is asked for. MILLION_KEYS sets

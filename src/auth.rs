@@ -29,7 +29,7 @@ use crate::store::{AuthMethod, KeyType};
 /// values, plus handles to its buckets and usage counters.
 ///
 /// Its key and account ids are its state's ([`CachedKey::key_id`]): held once per key, so
-/// that an entry fits a 224-byte allocation.
+/// that an entry fits a 192-byte allocation.
 pub struct CachedKey {
     /// Secret or publishable (also what the `Key-Type` identity header and the signed identity
     /// say).
@@ -60,7 +60,8 @@ pub struct CachedKey {
     pub metadata: Option<Box<serde_json::Value>>,
     /// The key's usage counters (and, in the same allocation, its buckets on this instance).
     pub state: Arc<KeyState>,
-    /// Identity header values, ready to send upstream.
+    /// Identity header values, ready to send upstream (all but the key id's:
+    /// [`CachedKey::identity`]).
     pub identity: IdentityValues,
 }
 
@@ -68,6 +69,16 @@ impl CachedKey {
     /// Key id.
     pub fn key_id(&self) -> &Arc<str> {
         self.state.key_id()
+    }
+
+    /// What the identity headers say of the key.
+    pub fn identity(&self) -> Identity<'_> {
+        Identity {
+            key_id: self.key_id(),
+            account_id: self.account_id(),
+            key_type: self.key_type,
+            values: &self.identity,
+        }
     }
 
     /// Account id.
@@ -96,10 +107,8 @@ pub struct KeyRules {
 /// statics, picked from [`CachedKey::key_type`] when sent.
 #[derive(Clone)]
 pub struct IdentityValues {
-    /// Account id.
-    pub account_id: HeaderValue,
-    /// Key id.
-    pub key_id: HeaderValue,
+    /// Account id, shared with the account's other keys.
+    pub account_id: Arc<HeaderValue>,
     /// Space-separated scopes; `None` for full access (sent as `*`).
     pub scopes: Option<Box<HeaderValue>>,
     /// The key's `external_id`; `None` (no header) when it has none. Boxed: most keys have none,
@@ -107,6 +116,21 @@ pub struct IdentityValues {
     pub external_id: Option<Box<HeaderValue>>,
     /// The limit header values of the key's quotas.
     pub limits: Arc<LimitValues>,
+}
+
+/// A key's identity as its headers say it ([`CachedKey::identity`]): the values kept on its
+/// cache entry, and its ids as its state keeps them. The key id's header value is written per
+/// request into the header arena rather than kept per key.
+#[derive(Clone, Copy)]
+pub struct Identity<'a> {
+    /// Key id.
+    pub key_id: &'a str,
+    /// Account id.
+    pub account_id: &'a str,
+    /// Secret or publishable.
+    pub key_type: KeyType,
+    /// The header values kept per key.
+    pub values: &'a IdentityValues,
 }
 
 /// The scopes header of a key with full access.

@@ -55,11 +55,12 @@ pub enum FormatError {
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct KeyHash(pub [u8; 32]);
 
-/// A `BuildHasher` for maps keyed by [`KeyHash`]: the digest is already uniformly random, so its
-/// first eight bytes are the map hash and no second hash function runs on the request path.
+/// A `BuildHasher` for maps keyed by [`KeyHash`] or by its [`KeyHash::prefix`]: the digest is
+/// already uniformly random, so its first eight bytes are the map hash and no second hash
+/// function runs on the request path.
 pub type KeyHashBuilder = BuildHasherDefault<IdentityHasher>;
 
-/// Passes a `u64` through; only meant for [`KeyHash`] keys.
+/// Passes a `u64` through; only meant for [`KeyHash`] keys and their prefixes.
 #[derive(Default)]
 pub struct IdentityHasher(u64);
 
@@ -97,6 +98,13 @@ impl KeyHash {
         KeyHash(Sha256::digest(raw.as_bytes()).into())
     }
 
+    /// The digest's first eight bytes (little-endian), uniformly random: the hash maps keyed by
+    /// key hashes use it as their hash, and the key cache as its map's key.
+    pub fn prefix(&self) -> u64 {
+        let [a, b, c, d, e, f, g, h, ..] = self.0;
+        u64::from_le_bytes([a, b, c, d, e, f, g, h])
+    }
+
     /// Lowercase hex, as stored and as accepted by key import.
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
@@ -117,9 +125,7 @@ impl KeyHash {
 
 impl Hash for KeyHash {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        let mut first = [0u8; 8];
-        first.copy_from_slice(&self.0[..8]);
-        state.write_u64(u64::from_le_bytes(first));
+        state.write_u64(self.prefix());
     }
 }
 

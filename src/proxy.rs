@@ -369,13 +369,13 @@ impl Proxy {
             credential: ticket.key().map(|i| i.source),
             tls: self.tls,
         };
-        let identity = ticket.key().map(|i| (&i.key.identity, i.key.key_type));
+        let identity = ticket.key().map(|i| i.key.identity());
         headers::prepare_upstream_headers(&mut headers, &self.names, &fwd, identity);
         if let (Some(signer), Some(key)) = (&self.signer, ticket.key()) {
             let now_secs = u64::try_from(key.now_ms / 1000).unwrap_or(0);
             headers.insert(
                 signer.name.clone(),
-                signer.sign(&key.key.identity, key.key.key_type, now_secs),
+                signer.sign(key.key.identity(), now_secs),
             );
         }
         headers.insert(header::HOST, target.host.clone());

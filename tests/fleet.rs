@@ -891,8 +891,7 @@ fn cached_key(shared: &SharedLimiters, key_id: &str, per_minute: u32) -> CachedK
         shared_limits: None,
         state,
         identity: IdentityValues {
-            account_id: value.clone(),
-            key_id: value,
+            account_id: Arc::new(value),
             scopes: None,
             external_id: None,
             limits: Default::default(),

@@ -276,6 +276,50 @@ async fn past_its_ttl_a_key_is_reread_only_when_the_store_changed() {
     assert_eq!(lookups(&f), 2);
 }
 
+/// The cache's map finds a slot by the hash's first eight bytes: a hash that shares them with
+/// another's finds nothing of the other's (key or miss), the two take turns in the slot, and
+/// invalidating one leaves the other's entry alone.
+#[tokio::test]
+async fn hashes_sharing_their_first_bytes_never_answer_for_each_other() {
+    let f = fixture(settings());
+    f.store.create_account(&f.account).await.expect("account");
+    let with_rest = |rest: u8| {
+        let mut hash = [rest; 32];
+        hash[..8].copy_from_slice(&[0x5a; 8]);
+        KeyHash(hash)
+    };
+    let mut a = key_record(&f.account.id, "a");
+    a.hash = with_rest(1);
+    let mut b = key_record(&f.account.id, "b");
+    b.hash = with_rest(2);
+    let unknown = with_rest(3);
+    for key in [&a, &b] {
+        f.store.create_key(key).await.expect("create key");
+    }
+    let id_of = |found: Lookup| match found {
+        Lookup::Found(k) => k.key_id().to_string(),
+        Lookup::NotFound => "not found".to_owned(),
+        Lookup::Unavailable => "unavailable".to_owned(),
+    };
+    assert_eq!(id_of(f.cache.get(&a.hash).await), a.id);
+    assert_eq!(id_of(f.cache.get(&b.hash).await), b.id);
+    assert_eq!(lookups(&f), 2);
+    // b's read took the slot: a is read again, and is a again.
+    assert_eq!(id_of(f.cache.get(&a.hash).await), a.id);
+    assert_eq!(lookups(&f), 3);
+    assert_eq!(id_of(f.cache.get(&a.hash).await), a.id);
+    assert_eq!(lookups(&f), 3, "a hit does no store read");
+    // A miss of the same first bytes is not a, and a is not that miss.
+    assert_eq!(id_of(f.cache.get(&unknown).await), "not found");
+    assert_eq!(id_of(f.cache.get(&a.hash).await), a.id);
+    assert_eq!(lookups(&f), 5);
+    // Invalidating b, whose slot a holds now, leaves a cached.
+    f.cache.invalidate(&b.hash);
+    assert_eq!(id_of(f.cache.get(&a.hash).await), a.id);
+    assert_eq!(lookups(&f), 5);
+    assert_eq!(f.cache.len(), 1);
+}
+
 #[tokio::test]
 async fn invalidation_takes_effect_on_the_next_lookup() {
     let f = fixture(settings());
@@ -403,7 +447,8 @@ async fn keys_share_what_they_have_in_common() {
             .map(|v| v.as_bytes()),
         Some(&b"5"[..])
     );
-    assert_eq!(a.identity.account_id, f.account.id.as_str());
+    assert_eq!(*a.identity.account_id, f.account.id.as_str());
+    assert!(Arc::ptr_eq(&a.identity.account_id, &b.identity.account_id));
 }
 
 /// A config reload's cache settings: a changed ttl has every key re-read (answered from memory

@@ -69,13 +69,23 @@ pub enum Cached {
     Absent,
 }
 
-/// A map slot: a pointer to the key, or when a miss stops being fresh. 16 bytes (the
-/// `Instant`'s niche holds the tag), so that a million keys' slots take ~100 MB less than
-/// with the entry's times inline.
+/// A map slot: a pointer to the key, or to a remembered miss. 16 bytes, under an 8-byte map
+/// key (the hash's first eight bytes, [`KeyHash::prefix`]): 24 bytes a key in the map instead
+/// of 48 with the whole hash as the map's key, ~50 MB less for a million keys (the tables sit
+/// near half full). The entry or the miss holds the whole hash ([`Slot::holds`]): a hash whose
+/// prefix another hash's slot has finds nothing there, and the two take turns in the cache
+/// (among a million random hashes, one pair shares a prefix with odds of about 1 in 37
+/// million).
 #[derive(Clone)]
 enum Slot {
     Found(KeyRef),
-    Missing(Instant),
+    Missing(Arc<Miss>),
+}
+
+/// A hash no key has, remembered until `until`.
+struct Miss {
+    hash: KeyHash,
+    until: Instant,
 }
 
 impl Slot {
@@ -83,18 +93,29 @@ impl Slot {
     fn is(&self, other: &Slot) -> bool {
         match (self, other) {
             (Slot::Found(a), Slot::Found(b)) => Arc::ptr_eq(&a.0, &b.0),
-            (Slot::Missing(a), Slot::Missing(b)) => a == b,
+            (Slot::Missing(a), Slot::Missing(b)) => Arc::ptr_eq(a, b),
             _ => false,
+        }
+    }
+
+    /// Whether it is the slot of `hash`, not of another hash with the same prefix.
+    fn holds(&self, hash: &KeyHash) -> bool {
+        match self {
+            Slot::Found(key) => key.0.hash == *hash,
+            Slot::Missing(miss) => miss.hash == *hash,
         }
     }
 }
 
-/// A cached key, with what says whether it is still fresh. 208 bytes, so that with its `Arc`
-/// counts it fills a 224-byte allocation: the key and account ids are held once, in the key's
-/// state, and the freshness time, the expired flag and the revision are packed (below) for the
-/// same reason.
+/// A cached key, with what says whether it is still fresh. 168 bytes, so that with its `Arc`
+/// counts (184) it takes a 192-byte allocation: the key and account ids are held once, in the key's
+/// state (the key id's header value is written per request), the account id's header value is
+/// the account's, and the freshness time, the expired flag and the revision are packed (below)
+/// for the same reason.
 struct Entry {
     key: CachedKey,
+    /// The credential's hash: the map finds an entry by its first eight bytes only.
+    hash: KeyHash,
     /// The store's revision when the read began ([`crate::store::Records::revision`]), as
     /// [`packed_revision`] keeps it.
     revision: Option<NonZeroU64>,
@@ -143,13 +164,14 @@ type Loaded = Result<Option<KeyRef>, ()>;
 
 /// See the module documentation.
 pub struct KeyCache {
-    map: DashMap<KeyHash, Slot, KeyHashBuilder>,
+    /// By [`KeyHash::prefix`]: see [`Slot`].
+    map: DashMap<u64, Slot, KeyHashBuilder>,
     /// One shared cell per hash being loaded: the first miss reads, later ones wait on it.
     inflight: DashMap<KeyHash, Arc<OnceCell<Loaded>>, KeyHashBuilder>,
     /// Header values shared between cached keys: per set of quotas, and per account (its id as
     /// `Arc<str>` and as a header value). Pruned by [`KeyCache::sweep`] once no key holds them.
     limit_values: DashMap<(Quotas, Quotas), Arc<LimitValues>>,
-    account_ids: DashMap<Arc<str>, HeaderValue>,
+    account_ids: DashMap<Arc<str>, Arc<HeaderValue>>,
     /// Bumped by every invalidation; a load that started before one does not insert its result,
     /// which may predate the change.
     generation: AtomicU64,
@@ -363,11 +385,11 @@ impl KeyCache {
 
     /// The synchronous half of [`KeyCache::get`]: what memory says, without any I/O.
     pub fn cached(&self, hash: &KeyHash) -> Cached {
-        let found = match self.map.get(hash).as_deref() {
+        let found = match self.slot(hash).as_deref() {
             Some(Slot::Found(key)) if self.fresh(&key.0, || self.since_born_ms()) => {
                 Cached::Fresh(Lookup::Found(key.clone()))
             }
-            Some(Slot::Missing(until)) if Instant::now() < *until => {
+            Some(Slot::Missing(miss)) if Instant::now() < miss.until => {
                 Cached::Fresh(Lookup::NotFound)
             }
             // Stale: served while it is re-read. An entry expired by a reload whose store
@@ -493,7 +515,13 @@ impl KeyCache {
 
     fn drop_key(&self, hash: &KeyHash) {
         self.generation.fetch_add(1, Ordering::SeqCst);
-        self.map.remove(hash);
+        self.map
+            .remove_if(&hash.prefix(), |_, slot| slot.holds(hash));
+    }
+
+    /// The slot of `hash`, if the map holds one (and not another hash's of the same prefix).
+    fn slot(&self, hash: &KeyHash) -> Option<dashmap::mapref::one::Ref<'_, u64, Slot>> {
+        self.map.get(&hash.prefix()).filter(|slot| slot.holds(hash))
     }
 
     fn drop_account(&self, account_id: &str) {
@@ -556,10 +584,11 @@ impl KeyCache {
             Slot::Found(key) => {
                 self.unchanged_since(key.0.revision) || key.0.within_stale_keep(now_ms)
             }
-            Slot::Missing(until) => now < *until,
+            Slot::Missing(miss) => now < miss.until,
         });
         self.limit_values.retain(|_, v| Arc::strong_count(v) > 1);
-        self.account_ids.retain(|id, _| Arc::strong_count(id) > 1);
+        self.account_ids
+            .retain(|id, value| Arc::strong_count(id) > 1 || Arc::strong_count(value) > 1);
         // Leases of keys no longer cached: their unspent tokens only ever make the fleet admit
         // less, never more.
         if let Some(shared) = &self.shared {
@@ -585,11 +614,11 @@ impl KeyCache {
         // A load that finished between this caller's miss and its joining the in-flight map has
         // already filled the map (it inserts before it leaves the in-flight map): use that.
         let now = Instant::now();
-        match self.map.get(hash).as_deref() {
+        match self.slot(hash).as_deref() {
             Some(Slot::Found(key)) if self.fresh(&key.0, || self.ms_since_born(now)) => {
                 return Ok(Some(key.clone()))
             }
-            Some(Slot::Missing(until)) if now < *until => return Ok(None),
+            Some(Slot::Missing(miss)) if now < miss.until => return Ok(None),
             _ => {}
         }
         // Read before the lookup: a write that lands during it moves the revision past this.
@@ -616,19 +645,25 @@ impl KeyCache {
         };
         let (slot, result) = match found {
             Some(lookup) => {
-                let key = self.entry(&lookup, &tuning, now, revision, replace);
+                let key = self.entry(hash, &lookup, &tuning, now, revision, replace);
                 (Slot::Found(key.clone()), Some(key))
             }
-            None => (Slot::Missing(now + tuning.settings.negative_ttl), None),
+            None => {
+                let miss = Miss {
+                    hash: *hash,
+                    until: now + tuning.settings.negative_ttl,
+                };
+                (Slot::Missing(Arc::new(miss)), None)
+            }
         };
         if self.generation.load(Ordering::SeqCst) == generation {
             self.make_room(tuning.settings.max_entries);
             let inserted = slot.clone();
-            self.map.insert(*hash, slot);
+            self.map.insert(hash.prefix(), slot);
             // An invalidation or a reload that came in since the check: what was read may
             // predate it, so it must not stay.
             if self.generation.load(Ordering::SeqCst) != generation {
-                self.map.remove_if(hash, |_, s| s.is(&inserted));
+                self.map.remove_if(&hash.prefix(), |_, s| s.is(&inserted));
             }
         }
         Ok(result)
@@ -641,15 +676,23 @@ impl KeyCache {
     /// was read, so the gateway never calls it.
     pub fn insert(&self, hash: &KeyHash, lookup: &KeyLookup) {
         let tuning = **self.tuning.load();
-        let key = self.entry(lookup, &tuning, Instant::now(), None, Replace::IfChanged);
+        let key = self.entry(
+            hash,
+            lookup,
+            &tuning,
+            Instant::now(),
+            None,
+            Replace::IfChanged,
+        );
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.make_room(tuning.settings.max_entries);
-        self.map.insert(*hash, Slot::Found(key));
+        self.map.insert(hash.prefix(), Slot::Found(key));
     }
 
-    /// A cache entry for a key read at `now`, fresh for the ttl.
+    /// A cache entry for a key read at `now` by `hash`, fresh for the ttl.
     fn entry(
         &self,
+        hash: &KeyHash,
         lookup: &KeyLookup,
         tuning: &Tuning,
         now: Instant,
@@ -660,6 +703,7 @@ impl KeyCache {
         let until = self.ms_since_born(now).saturating_add(ttl_ms);
         KeyRef(Arc::new(Entry {
             key: self.build(lookup, &tuning.default_limits, replace),
+            hash: *hash,
             fresh_until: AtomicU64::new(until.min(EXPIRED - 1)),
             revision: packed_revision(revision),
         }))
@@ -720,15 +764,15 @@ impl KeyCache {
     }
 
     /// The account's id as shared `Arc<str>` and header value, made on first use.
-    fn account_id(&self, id: &str) -> (Arc<str>, HeaderValue) {
+    fn account_id(&self, id: &str) -> (Arc<str>, Arc<HeaderValue>) {
         if let Some(entry) = self.account_ids.get(id) {
-            return (Arc::clone(entry.key()), entry.value().clone());
+            return (Arc::clone(entry.key()), Arc::clone(entry.value()));
         }
         let entry = self
             .account_ids
             .entry(Arc::from(id))
-            .or_insert_with(|| header_value(id));
-        (Arc::clone(entry.key()), entry.value().clone())
+            .or_insert_with(|| Arc::new(header_value(id)));
+        (Arc::clone(entry.key()), Arc::clone(entry.value()))
     }
 
     /// The cached form of `lookup`; `replace`: whether its quotas may replace the key's state,
@@ -779,7 +823,6 @@ impl KeyCache {
         CachedKey {
             identity: IdentityValues {
                 account_id: account_id_value,
-                key_id: header_value(&key.id),
                 scopes: key
                     .scopes
                     .as_ref()
@@ -863,11 +906,11 @@ mod tests {
     use super::*;
 
     /// A million entries are a million of these: with the `Arc`'s two counts an entry must fit
-    /// 224 bytes, or it takes the 256-byte size class.
+    /// 192 bytes, or it takes the 224-byte size class.
     #[test]
-    fn an_entry_with_its_counts_fits_224_bytes() {
+    fn an_entry_with_its_counts_fits_192_bytes() {
         let size = std::mem::size_of::<Entry>();
-        assert!(size + 16 <= 224, "{size}");
+        assert!(size + 16 <= 192, "{size}");
     }
 
     #[test]
@@ -878,8 +921,7 @@ mod tests {
         assert_eq!(packed_revision(Some(u64::MAX)), None);
     }
 
-    /// A million slots are a million of these: a found key is one pointer (the `Instant` niche
-    /// holds the tag), so the map's per-key cost stays at hash + pointer.
+    /// A million slots are a million of these: a tag and a pointer, under an 8-byte map key.
     #[test]
     fn a_slot_is_two_words() {
         assert!(

@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 
 use super::arena;
 use crate::auth::extract::{Source, X_API_KEY};
-use crate::auth::IdentityValues;
+use crate::auth::{Identity, IdentityValues};
 use crate::config::LimitHeaders;
 use crate::limits::{LimitSnapshot, Window, WindowState};
 use crate::store::KeyType;
@@ -125,13 +125,15 @@ impl IdentityNames {
 /// Turns the client's request headers into the upstream's, in place: drops hop-by-hop headers
 /// (and those that `Connection` names), the credential, `Host` (the caller sets the
 /// upstream's) and any client-sent identity header; then adds X-Forwarded-* and, for a key, the
-/// identity headers (`X-Tollgate-External-Id` only for a key that has one). One pass over the names finds what to drop, so a request without such
-/// headers costs no removal, and nothing is allocated but the `X-Forwarded-For` value.
+/// identity headers (`X-Tollgate-External-Id` only for a key that has one). One pass over the
+/// names finds what to drop, so a request without such headers costs no removal. The
+/// `X-Forwarded-For` and key id values are written into the thread's header arena; nothing
+/// else is made per request.
 pub fn prepare_upstream_headers(
     headers: &mut HeaderMap,
     names: &IdentityNames,
     fwd: &Forwarding<'_>,
-    identity: Option<(&IdentityValues, KeyType)>,
+    identity: Option<Identity<'_>>,
 ) {
     let mut found = 0u16;
     let mut spoofed = false;
@@ -190,10 +192,16 @@ pub fn prepare_upstream_headers(
     if let (false, Some(host)) = (headers.contains_key(&X_FORWARDED_HOST), fwd.host) {
         headers.insert(X_FORWARDED_HOST.clone(), host.clone());
     }
-    if let Some((id, key_type)) = identity {
-        headers.insert(names.account_id.clone(), id.account_id.clone());
-        headers.insert(names.key_id.clone(), id.key_id.clone());
-        let key_type = match key_type {
+    if let Some(who) = identity {
+        let id = who.values;
+        headers.insert(names.account_id.clone(), (*id.account_id).clone());
+        // Written per request (a copy of 24 bytes into the arena) rather than kept per key: a
+        // value of its own cost each cached key ~90 bytes (the value, its bytes, and their
+        // shared form once first cloned).
+        if let Some(key_id) = arena::value(|buf| buf.extend_from_slice(who.key_id.as_bytes())) {
+            headers.insert(names.key_id.clone(), key_id);
+        }
+        let key_type = match who.key_type {
             KeyType::Secret => &SECRET,
             KeyType::Publishable => &PUBLISHABLE,
         };

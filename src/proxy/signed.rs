@@ -25,7 +25,7 @@ use hmac::{Hmac, Mac};
 use http::{HeaderName, HeaderValue};
 use sha2::Sha256;
 
-use crate::auth::IdentityValues;
+use crate::auth::Identity;
 use crate::store::KeyType;
 
 /// `{"alg":"HS256","typ":"JWT"}`, base64url.
@@ -54,13 +54,14 @@ impl Signer {
         }
     }
 
-    /// The signed identity of `id`, a key of `key_type`, at `now_secs` (seconds since the epoch).
-    pub fn sign(&self, id: &IdentityValues, key_type: KeyType, now_secs: u64) -> HeaderValue {
+    /// The signed identity of `key` at `now_secs` (seconds since the epoch).
+    pub fn sign(&self, key: Identity<'_>, now_secs: u64) -> HeaderValue {
+        let id = key.values;
         let claims = Claims {
             iss: "tollgate",
             account_id: id.account_id.to_str().unwrap_or_default(),
-            key_id: id.key_id.to_str().unwrap_or_default(),
-            key_type: match key_type {
+            key_id: key.key_id,
+            key_type: match key.key_type {
                 KeyType::Secret => "secret",
                 KeyType::Publishable => "publishable",
             },

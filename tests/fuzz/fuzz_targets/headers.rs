@@ -13,7 +13,7 @@ use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
 use libfuzzer_sys::fuzz_target;
 use tollgate::auth::extract::Source;
-use tollgate::auth::{IdentityValues, LimitValues};
+use tollgate::auth::{Identity, IdentityValues, LimitValues};
 use tollgate::proxy::headers::{prepare_upstream_headers, Forwarding, IdentityNames};
 use tollgate::store::KeyType;
 
@@ -101,8 +101,7 @@ fn check(case: Case) {
     } = case;
     let names = IdentityNames::new(prefix).expect("a valid prefix");
     let identity_values = IdentityValues {
-        account_id: HeaderValue::from_static("acc_1"),
-        key_id: HeaderValue::from_static("key_1"),
+        account_id: Arc::new(HeaderValue::from_static("acc_1")),
         scopes: None,
         external_id: Some(Box::new(HeaderValue::from_static("user 42"))),
         limits: Arc::new(LimitValues::default()),
@@ -119,7 +118,12 @@ fn check(case: Case) {
         &mut headers,
         &names,
         &fwd,
-        identity.then_some((&identity_values, KeyType::Secret)),
+        identity.then_some(Identity {
+            key_id: "key_1",
+            account_id: "acc_1",
+            key_type: KeyType::Secret,
+            values: &identity_values,
+        }),
     );
 
     let ours: Vec<String> = ["Account-Id", "Key-Id", "Key-Type", "Scopes", "External-Id"]
