@@ -108,10 +108,10 @@ impl Slot {
 }
 
 /// A cached key, with what says whether it is still fresh. 168 bytes, so that with its `Arc`
-/// counts (184) it takes a 192-byte allocation: the key and account ids are held once, in the key's
-/// state (the key id's header value is written per request), the account id's header value is
-/// the account's, and the freshness time, the expired flag and the revision are packed (below)
-/// for the same reason.
+/// counts (184) it takes a 192-byte allocation: the key and account ids are held once, in the
+/// key's state (the key id's header value is written per request), the account id's header
+/// value is the account's, and the freshness time, the expired flag and the revision are packed
+/// (below) for the same reason.
 struct Entry {
     key: CachedKey,
     /// The credential's hash: the map finds an entry by its first eight bytes only.
