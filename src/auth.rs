@@ -75,7 +75,6 @@ impl CachedKey {
     pub fn identity(&self) -> Identity<'_> {
         Identity {
             key_id: self.key_id(),
-            account_id: self.account_id(),
             key_type: self.key_type,
             values: &self.identity,
         }
@@ -119,14 +118,12 @@ pub struct IdentityValues {
 }
 
 /// A key's identity as its headers say it ([`CachedKey::identity`]): the values kept on its
-/// cache entry, and its ids as its state keeps them. The key id's header value is written per
-/// request into the header arena rather than kept per key.
+/// cache entry, and its key id as its state keeps it (the key id's header value is written per
+/// request into the header arena rather than kept per key).
 #[derive(Clone, Copy)]
 pub struct Identity<'a> {
     /// Key id.
     pub key_id: &'a str,
-    /// Account id.
-    pub account_id: &'a str,
     /// Secret or publishable.
     pub key_type: KeyType,
     /// The header values kept per key.

@@ -120,7 +120,6 @@ fn check(case: Case) {
         &fwd,
         identity.then_some(Identity {
             key_id: "key_1",
-            account_id: "acc_1",
             key_type: KeyType::Secret,
             values: &identity_values,
         }),
