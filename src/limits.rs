@@ -15,6 +15,8 @@
 
 pub mod global;
 
+use std::borrow::Borrow;
+use std::hash::{Hash, Hasher};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -536,32 +538,126 @@ impl<C: Clock<Instant = Nanos> + Clone> Limiters<C> {
 
 // === functions ===
 
+/// A registry of values by id: a map from the id ([`Limiters`], [`global::SharedLimiters`]), or
+/// a set of values that carry their own ([`IdSet`]: the meter's key states), whose slot is then
+/// one pointer instead of two beside the id's 16 bytes.
+pub(crate) trait Registry<T> {
+    /// The value under `id`, read under the shard's shared lock.
+    fn lookup(&self, id: &str) -> Option<Arc<T>>;
+
+    /// Under the shard's write lock: the value under `id` if `keep` says it may stay, else
+    /// `make`'s in its place.
+    fn keep_or_make(
+        &self,
+        id: &Arc<str>,
+        keep: impl Fn(&T) -> bool,
+        make: impl FnOnce() -> Arc<T>,
+    ) -> Arc<T>;
+}
+
+impl<T> Registry<T> for DashMap<Arc<str>, Arc<T>> {
+    fn lookup(&self, id: &str) -> Option<Arc<T>> {
+        self.get(id).map(|v| Arc::clone(&v))
+    }
+
+    fn keep_or_make(
+        &self,
+        id: &Arc<str>,
+        keep: impl Fn(&T) -> bool,
+        make: impl FnOnce() -> Arc<T>,
+    ) -> Arc<T> {
+        match self.entry(Arc::clone(id)) {
+            MapEntry::Occupied(e) if keep(e.get()) => Arc::clone(e.get()),
+            MapEntry::Occupied(mut e) => {
+                let made = make();
+                e.insert(Arc::clone(&made));
+                made
+            }
+            MapEntry::Vacant(e) => Arc::clone(e.insert(make()).value()),
+        }
+    }
+}
+
+/// What a value in an [`IdSet`] is found by.
+pub(crate) trait Identified {
+    /// Its id: unchanged for the value's life.
+    fn id(&self) -> &str;
+}
+
+/// A value in an [`IdSet`]: hashed and compared by its id, and so found by a `&str`.
+pub(crate) struct ById<T>(pub(crate) Arc<T>);
+
+/// A registry whose values carry their own ids: a slot is the 8-byte pointer.
+pub(crate) type IdSet<T> = DashMap<ById<T>, ()>;
+
+impl<T: Identified> Borrow<str> for ById<T> {
+    fn borrow(&self) -> &str {
+        self.0.id()
+    }
+}
+
+/// As `str` hashes, so that a lookup by `&str` finds it.
+impl<T: Identified> Hash for ById<T> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.id().hash(state);
+    }
+}
+
+impl<T: Identified> PartialEq for ById<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.id() == other.0.id()
+    }
+}
+
+impl<T: Identified> Eq for ById<T> {}
+
+impl<T: Identified> Registry<T> for IdSet<T> {
+    fn lookup(&self, id: &str) -> Option<Arc<T>> {
+        self.get(id).map(|v| Arc::clone(&v.key().0))
+    }
+
+    fn keep_or_make(
+        &self,
+        _id: &Arc<str>,
+        keep: impl Fn(&T) -> bool,
+        make: impl FnOnce() -> Arc<T>,
+    ) -> Arc<T> {
+        // A set's entry is found by a value, so the new one is made first, and dropped when
+        // the one there may stay: only when a concurrent load registered it first (the usual
+        // call, a cache refresh, is answered by the shared read before this).
+        let made = make();
+        match self.entry(ById(Arc::clone(&made))) {
+            MapEntry::Occupied(e) if keep(&e.key().0) => Arc::clone(&e.key().0),
+            MapEntry::Occupied(e) => {
+                e.replace_entry(());
+                made
+            }
+            MapEntry::Vacant(e) => {
+                e.insert(());
+                made
+            }
+        }
+    }
+}
+
 /// The value of `map` under `id` while `fits` says it may stay (or whatever it is, with
 /// [`Replace::Never`]), else a new one from `make` in its place. Made under the shard's lock, so
 /// that callers at once get one value, and read under a shared lock first, so that the usual
 /// call (a cache refresh) takes no write lock.
 pub(crate) fn registered<T>(
-    map: &DashMap<Arc<str>, Arc<T>>,
+    map: &impl Registry<T>,
     id: &Arc<str>,
     replace: Replace,
     fits: impl Fn(&T) -> bool,
     make: impl FnOnce() -> Arc<T>,
 ) -> Arc<T> {
     let fits = |value: &T| replace == Replace::Never || fits(value);
-    if let Some(existing) = map.get(id) {
+    if let Some(existing) = map.lookup(id) {
         if fits(&existing) {
-            return Arc::clone(&existing);
+            return existing;
         }
     }
-    match map.entry(Arc::clone(id)) {
-        MapEntry::Occupied(e) if fits(e.get()) => Arc::clone(e.get()),
-        MapEntry::Occupied(mut e) => {
-            let made = make();
-            e.insert(Arc::clone(&made));
-            made
-        }
-        MapEntry::Vacant(e) => Arc::clone(e.insert(make()).value()),
-    }
+    map.keep_or_make(id, fits, make)
 }
 
 #[cfg(test)]
