@@ -545,8 +545,9 @@ pub(crate) trait Registry<T> {
     /// The value under `id`, read under the shard's shared lock.
     fn lookup(&self, id: &str) -> Option<Arc<T>>;
 
-    /// Under the shard's write lock: the value under `id` if `keep` says it may stay, else
-    /// `make`'s in its place.
+    /// The value under `id` if `keep` says it may stay, else `make`'s, registered in its place
+    /// under the shard's write lock (the map form makes it under the lock; the set form
+    /// beforehand, since its entry is found by a value).
     fn keep_or_make(
         &self,
         id: &Arc<str>,
@@ -618,7 +619,7 @@ impl<T: Identified> Registry<T> for IdSet<T> {
 
     fn keep_or_make(
         &self,
-        _id: &Arc<str>,
+        id: &Arc<str>,
         keep: impl Fn(&T) -> bool,
         make: impl FnOnce() -> Arc<T>,
     ) -> Arc<T> {
@@ -626,9 +627,12 @@ impl<T: Identified> Registry<T> for IdSet<T> {
         // the one there may stay: only when a concurrent load registered it first (the usual
         // call, a cache refresh, is answered by the shared read before this).
         let made = make();
+        debug_assert_eq!(made.id(), &**id, "a value is registered under its own id");
         match self.entry(ById(Arc::clone(&made))) {
             MapEntry::Occupied(e) if keep(&e.key().0) => Arc::clone(&e.key().0),
             MapEntry::Occupied(e) => {
+                // Puts the entry's key, `made`, in place of the old one (dashmap 6's
+                // `replace_entry`; `meter`'s tests check that a lookup then finds `made`).
                 e.replace_entry(());
                 made
             }
@@ -641,9 +645,9 @@ impl<T: Identified> Registry<T> for IdSet<T> {
 }
 
 /// The value of `map` under `id` while `fits` says it may stay (or whatever it is, with
-/// [`Replace::Never`]), else a new one from `make` in its place. Made under the shard's lock, so
-/// that callers at once get one value, and read under a shared lock first, so that the usual
-/// call (a cache refresh) takes no write lock.
+/// [`Replace::Never`]), else a new one from `make` in its place. Registered under the shard's
+/// lock, so that callers at once get one value, and read under a shared lock first, so that the
+/// usual call (a cache refresh) takes no write lock.
 pub(crate) fn registered<T>(
     map: &impl Registry<T>,
     id: &Arc<str>,
