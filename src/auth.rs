@@ -20,7 +20,7 @@ use crate::config::RouteScopes;
 use crate::credits::{self, CreditLease};
 use crate::limits::global::Shortfall;
 use crate::limits::{KeyLimits, LimitSnapshot, Window};
-use crate::metering::KeyState;
+use crate::metering::{KeyState, WallClock};
 use crate::policy;
 use crate::refusal::Refusal;
 use crate::store::{AuthMethod, KeyType};
@@ -397,6 +397,13 @@ impl CredentialState {
         self.check_expiry(now_ms)?;
         self.check_account()?;
         self.check_auth_method()
+    }
+
+    /// [`CredentialState::check`] now, on `clock` read exactly near the expiry as the proxy
+    /// reads it (the coarse clock lags by up to a tick, and a key rolled with no grace must be
+    /// refused at once): for a caller that needs no time of its own.
+    pub fn check_on(&self, clock: &WallClock) -> Result<(), Refusal> {
+        self.check(clock.now_ms_near(self.expires_at_ms))
     }
 
     fn check_active(&self) -> Result<(), Refusal> {

@@ -245,7 +245,7 @@ impl KeyState {
         drop(state);
         for (m, counts) in earlier
             .into_iter()
-            .flat_map(|e| e.into_iter())
+            .flat_map(|e| *e)
             .chain(std::iter::once((minute, current.widen())))
         {
             if counts != UsageCounts::default() {

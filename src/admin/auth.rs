@@ -205,10 +205,7 @@ async fn account_key(state: &AdminState, hash: &KeyHash) -> Result<Caller, ApiEr
         auth_method: account.auth_method,
         access_token: token,
     };
-    // Exact near the expiry, as the proxy reads it: the coarse clock lags by up to a tick, so a
-    // key rolled with no grace would otherwise still answer for a few milliseconds.
-    let now_ms = state.clock.now_ms_near(credential.expires_at_ms);
-    credential_error(credential.check(now_ms))?;
+    credential_error(credential.check_on(&state.clock))?;
     Ok(Caller::Account {
         key_id: key.id,
         scopes: key.scopes,

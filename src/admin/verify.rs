@@ -441,9 +441,7 @@ impl FromRequestParts<AdminState> for Verifier {
                         ))
                     }
                 };
-                super::auth::credential_error(
-                    CredentialState::of(&key).check(state.clock.now_ms_near(key.expires_at_ms)),
-                )?;
+                super::auth::credential_error(CredentialState::of(&key).check_on(&state.clock))?;
                 let scopes = key.rules.as_ref().and_then(|r| r.scopes.as_deref());
                 if !policy::has_scope(scopes, SCOPE_VERIFY) {
                     return Err(ApiError::ScopeDenied(
