@@ -49,7 +49,8 @@
 //! Layout: `auth` (who is calling), `body` (JSON bodies that name the failing field), `patch`
 //! (PATCH bodies as JSON merge patches), `error`, `validate` (field checks), `usage` (reading usage back), `audit` (writing and
 //! listing entries), `health`, `accounts`, `account_config`, `keys`, `import` (keys by hash), `rotation` (renew and roll),
-//! `sites`, `secrets` (OAuth client secrets), `ui` (the dashboard's files), `master` (the operator's key at start-up). This module uses the store, the key cache
+//! `sites`, `secrets` (OAuth client secrets), `ui` (the dashboard's files), `unread` (an answer
+//! that leaves a request body unread says `Connection: close`), `master` (the operator's key at start-up). This module uses the store, the key cache
 //! and metrics; never the proxy.
 
 mod account_config;
@@ -69,6 +70,7 @@ mod rotation;
 mod secrets;
 mod sites;
 mod ui;
+mod unread;
 mod usage;
 mod validate;
 mod verify;
@@ -306,6 +308,7 @@ pub fn token_router(state: AdminState) -> Router {
     Router::new()
         .route("/oauth/token", post(oauth::token))
         .layer(DefaultBodyLimit::max(MAX_TOKEN_REQUEST_BYTES))
+        .layer(middleware::from_fn(unread::close_if_body_unread))
         .with_state(state)
 }
 
@@ -335,6 +338,7 @@ pub fn router(state: AdminState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(state.clone(), watch_store))
+        .layer(middleware::from_fn(unread::close_if_body_unread))
         .with_state(state)
 }
 

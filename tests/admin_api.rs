@@ -804,6 +804,56 @@ async fn body_over_64_kib_is_413() {
     );
 }
 
+/// An answer given before the request's body was read to its end (413 past the bound, 401
+/// before the body is looked at) says `Connection: close`: hyper closes such a connection after
+/// the answer, and a pooling client that was not told would send its next request into it. A
+/// request whose body was read keeps its connection.
+#[tokio::test]
+async fn an_answer_that_leaves_the_body_unread_says_connection_close() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let admin = start().await;
+    let addr = admin.base.trim_start_matches("http://").to_owned();
+    let head_of = |bytes: &[u8]| {
+        let text = String::from_utf8_lossy(bytes).to_ascii_lowercase();
+        text.split("\r\n\r\n").next().unwrap_or_default().to_owned()
+    };
+    // Declares 200,000 bytes and sends 100 KiB: past the bound, and never the end.
+    let cases = [
+        (format!("Authorization: Bearer {}\r\n", admin.master), "413"),
+        (String::new(), "401"),
+    ];
+    for (auth, want) in cases {
+        let mut stream = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        let request = format!(
+            "POST /v1/accounts HTTP/1.1\r\nHost: admin\r\n{auth}Content-Length: 200000\r\n\r\n{{\"name\":\"{}",
+            "x".repeat(100 * 1024)
+        );
+        // The gateway may close before it has all of it.
+        let _ = stream.write_all(request.as_bytes()).await;
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut got)).await;
+        let head = head_of(&got);
+        assert!(head.starts_with(&format!("http/1.1 {want}")), "{head}");
+        assert!(head.contains("connection: close"), "{head}");
+    }
+    // A body read to its end: no `close`, and the client's next request reuses the connection.
+    for name in ["kept 1", "kept 2"] {
+        let response = admin
+            .http
+            .post(format!("{}/v1/accounts", admin.base))
+            .bearer_auth(&admin.master)
+            .json(&json!({ "name": name }))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), StatusCode::CREATED);
+        assert!(response.headers().get("connection").is_none());
+    }
+}
+
 #[tokio::test]
 async fn unknown_path_and_id_are_404_json() {
     let admin = start().await;
