@@ -501,7 +501,8 @@ fn configured_master_key(
 /// The runtime shape that fits the cores this process may use (`available_parallelism`
 /// honours `taskset` and cgroup limits): on one core a current-thread runtime, which saves the
 /// multi-thread scheduler's cross-thread bookkeeping (a few % per request, docs/PERFORMANCE.md);
-/// on more, a multi-thread runtime with one worker per core.
+/// on more, a multi-thread runtime with one worker per core. Either way the blocking pool (the
+/// embedded store's transactions) has [`BLOCKING_THREADS_PER_CORE`] threads a core at most.
 fn runtime_for_the_cores() -> tokio::runtime::Builder {
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     let mut builder = if cores == 1 {
@@ -511,9 +512,19 @@ fn runtime_for_the_cores() -> tokio::runtime::Builder {
         b.worker_threads(cores);
         b
     };
-    builder.enable_all();
+    builder
+        .max_blocking_threads(cores.saturating_mul(BLOCKING_THREADS_PER_CORE))
+        .enable_all();
     builder
 }
+
+/// The blocking pool's threads a core. tokio's default is 512 threads whatever the cores: a
+/// burst of cold keys (64 connections warming a million keys) grew it to all 512 on one core,
+/// each thread with its own stack and allocator pages, for transactions that are CPU work on a
+/// file in the page cache. Past the cap, work waits in the pool's queue (as it did past 512).
+/// Writers never wait for a thread that is not running: the group commit's leader is one of
+/// the writers already on the pool.
+const BLOCKING_THREADS_PER_CORE: usize = 8;
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -525,4 +536,46 @@ fn init_logging(format: LogFormat) {
         LogFormat::Human => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// A burst of blocking work runs on at most [`BLOCKING_THREADS_PER_CORE`] threads a core
+    /// (tokio alone would start a thread for each task, up to 512), and all of it runs.
+    #[test]
+    fn the_blocking_pool_is_bounded_by_the_cores() {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        let cap = cores * BLOCKING_THREADS_PER_CORE;
+        let runtime = runtime_for_the_cores().build().expect("runtime");
+        let (running, most, done) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        runtime.block_on(async {
+            let tasks: Vec<_> = (0..cap * 4)
+                .map(|_| {
+                    let (running, most, done) =
+                        (Arc::clone(&running), Arc::clone(&most), Arc::clone(&done));
+                    tokio::task::spawn_blocking(move || {
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                        running.fetch_sub(1, Ordering::SeqCst);
+                        done.fetch_add(1, Ordering::SeqCst);
+                    })
+                })
+                .collect();
+            for task in tasks {
+                task.await.expect("blocking task");
+            }
+        });
+        assert_eq!(done.load(Ordering::SeqCst), cap * 4);
+        let most = most.load(Ordering::SeqCst);
+        assert!((2..=cap).contains(&most), "{most} at once, cap {cap}");
+    }
 }
