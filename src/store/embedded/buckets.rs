@@ -235,6 +235,78 @@ impl Open<'_> {
         Ok(Bucket::default())
     }
 
+    /// Adds keys' deltas sorted by (minute, key id) into this family's buckets of `index_of`
+    /// their minute, as [`Open::add`] of each in turn would (a key twice in the batch, in one
+    /// chunk or two, sums), but reads what is there with walks over the current pages
+    /// ([`scan`]) instead of a point lookup a delta: up to [`CHUNK`] deltas of one index at a
+    /// time, which bounds the memory a fold of half a million buckets adds.
+    pub(super) fn add_sorted(
+        &mut self,
+        sorted: &[UsageDelta],
+        index_of: impl Fn(i64) -> i64,
+    ) -> Result<(), StoreError> {
+        let mut rest = sorted;
+        while let Some(first) = rest.first() {
+            let index = index_of(first.minute);
+            let run = rest
+                .iter()
+                .take(CHUNK)
+                .take_while(|d| index_of(d.minute) == index)
+                .count();
+            let (chunk, tail) = rest.split_at(run);
+            self.add_chunk(index, chunk)?;
+            rest = tail;
+        }
+        Ok(())
+    }
+
+    /// [`Open::add_sorted`] for deltas of one index, sorted by key id.
+    fn add_chunk(&mut self, index: i64, chunk: &[UsageDelta]) -> Result<(), StoreError> {
+        let mut merged: Vec<(&[u8], Bucket)> = Vec::with_capacity(chunk.len());
+        for d in chunk {
+            let delta = Bucket {
+                counts: d.counts,
+                last_used_ms: d.last_used_ms,
+            };
+            match merged.last_mut() {
+                Some((owner, bucket)) if *owner == d.key_id.as_bytes() => bucket.merge(&delta),
+                _ => merged.push((d.key_id.as_bytes(), delta)),
+            }
+        }
+        let owners: Vec<&[u8]> = merged.iter().map(|(owner, _)| *owner).collect();
+        let existing = scan(&self.by_time, index, &owners)?;
+        // A new bucket starts its group unless the one before it, in the same group, is there
+        // (as in `create`).
+        let new_owners: Vec<&[u8]> = owners
+            .iter()
+            .zip(&existing)
+            .filter(|(_, bucket)| bucket.is_none())
+            .map(|(owner, _)| *owner)
+            .collect();
+        let before = match index.checked_sub(1) {
+            Some(before) if index.rem_euclid(self.span) != 0 && !new_owners.is_empty() => {
+                scan(&self.by_time, before, &new_owners)?
+            }
+            _ => vec![None; new_owners.len()],
+        };
+        let mut had_before = before.iter().map(Option::is_some);
+        let group = index.div_euclid(self.span);
+        for ((owner, delta), stored) in merged.iter().zip(existing) {
+            let mut bucket = match stored {
+                Some(bucket) => bucket,
+                None => {
+                    if !had_before.next().unwrap_or(false) {
+                        self.by_owner.insert((*owner, group), ()).map_err(db_err)?;
+                    }
+                    Bucket::default()
+                }
+            };
+            bucket.merge(delta);
+            self.put(index, owner, &bucket)?;
+        }
+        Ok(())
+    }
+
     fn put(&mut self, index: i64, owner: &[u8], bucket: &Bucket) -> Result<(), StoreError> {
         self.by_time
             .insert((index, owner), encode(bucket).as_slice())
@@ -261,6 +333,10 @@ pub(super) fn add(txn: &WriteTransaction, batch: &mut [UsageDelta]) -> Result<()
     let rolled = Rolled::load(&txn.open_table(META).map_err(db_err)?)?;
     for g in Granularity::ALL {
         let mut buckets = Family::of_keys(g).open(txn)?;
+        if g == Granularity::Minute {
+            buckets.add_sorted(batch, |minute| g.of_minute(minute))?;
+            continue;
+        }
         for d in batch.iter() {
             let owner = d.key_id.as_bytes();
             if g == Granularity::Minute || rolled.covers(owner, d.minute) {
@@ -388,6 +464,58 @@ pub(super) fn prune(
     Ok(removed)
 }
 
+/// The most deltas [`Open::add_sorted`] reads and writes at a time.
+const CHUNK: usize = 4096;
+
+/// After this many rows of other owners in a row, [`scan`] seeks to its next owner instead of
+/// walking on: a seek costs about what a point lookup does, a row walked past much less.
+const RESEEK_AFTER: usize = 32;
+
+/// The buckets at `index` of `owners` (ascending, distinct), as [`read_bucket`] of each would
+/// give them: read by walking the index's rows from the first owner to the last, seeking again
+/// past a long run of other owners' rows, so that dense owners cost a row each and sparse ones
+/// no more than a lookup each.
+fn scan(
+    table: &impl ReadableTable<(i64, &'static [u8]), &'static [u8]>,
+    index: i64,
+    owners: &[&[u8]],
+) -> Result<Vec<Option<Bucket>>, StoreError> {
+    let mut out = vec![None; owners.len()];
+    let Some(&last) = owners.last() else {
+        return Ok(out);
+    };
+    let mut next = 0;
+    while let Some(&from) = owners.get(next) {
+        let mut rows = table.range((index, from)..=(index, last)).map_err(db_err)?;
+        let mut passed = 0;
+        loop {
+            let Some(row) = rows.next() else {
+                return Ok(out);
+            };
+            let (key, value) = row.map_err(db_err)?;
+            let owner = key.value().1;
+            while owners.get(next).is_some_and(|o| *o < owner) {
+                next += 1;
+            }
+            match owners.get(next) {
+                None => return Ok(out),
+                Some(o) if *o == owner => {
+                    out[next] = Some(decode(value.value())?);
+                    next += 1;
+                    passed = 0;
+                }
+                Some(_) => {
+                    passed += 1;
+                    if passed >= RESEEK_AFTER {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn read_bucket(
     table: &impl ReadableTable<(i64, &'static [u8]), &'static [u8]>,
     key: (i64, &[u8]),
@@ -499,5 +627,143 @@ mod tests {
         assert_eq!(prune(201).await.unwrap(), 1);
         assert!(index_rows(&store).is_empty());
         assert_eq!(newest().await.unwrap(), vec![Some(200 * 60_000 + 7)]);
+    }
+
+    /// The rows of a minute table (index, owner, bucket) and of its index (owner, hour).
+    type Dump = (Vec<(i64, Vec<u8>, Vec<u8>)>, Vec<(Vec<u8>, i64)>);
+
+    /// Everything in the keys' minute tables, both ways round.
+    fn dump(db: &redb::Database) -> Dump {
+        let txn = db.begin_read().unwrap();
+        let by_time = txn.open_table(KEY_MINUTES.by_time).unwrap();
+        let by_owner = txn.open_table(KEY_MINUTES.by_owner).unwrap();
+        let rows = by_time
+            .iter()
+            .unwrap()
+            .map(|row| {
+                let (key, value) = row.unwrap();
+                let (index, owner) = key.value();
+                (index, owner.to_vec(), value.value().to_vec())
+            })
+            .collect();
+        let groups = by_owner
+            .iter()
+            .unwrap()
+            .map(|row| {
+                let (key, _) = row.unwrap();
+                let (owner, group) = key.value();
+                (owner.to_vec(), group)
+            })
+            .collect();
+        (rows, groups)
+    }
+
+    /// Writes `deltas` (sorted) into the keys' minute tables: one `add` a delta, or `add_sorted`.
+    fn write(db: &redb::Database, deltas: &[UsageDelta], sorted: bool) {
+        let txn = db.begin_write().unwrap();
+        {
+            let mut open = KEY_MINUTES.open(&txn).unwrap();
+            if sorted {
+                open.add_sorted(deltas, |minute| minute).unwrap();
+            } else {
+                for d in deltas {
+                    let index = d.minute;
+                    open.add(index, d.key_id.as_bytes(), &d.counts, d.last_used_ms)
+                        .unwrap();
+                }
+            }
+        }
+        txn.commit().unwrap();
+    }
+
+    /// `add_sorted` leaves the minute tables as one lookup and write a delta does: keys dense
+    /// among the stored rows (walked) and sparse (sought), a key twice in a batch within a chunk
+    /// and across a chunk's end, new buckets in an hour's first minute, after a minute with the
+    /// key, after a gap, and in a minute nothing was written in before.
+    #[test]
+    fn sorted_adds_write_what_one_add_a_delta_writes() {
+        let hour_start = 29_000_000 * 60;
+        let id = |n: usize| -> std::sync::Arc<str> { format!("key_{n:06}").into() };
+        let delta = |n: usize, minute: i64, requests: u64| UsageDelta {
+            key_id: id(n),
+            account_id: "acc_a".into(),
+            minute,
+            counts: UsageCounts {
+                requests,
+                success: requests,
+                ..UsageCounts::default()
+            },
+            last_used_ms: minute * 60_000 + i64::try_from(n % 60_000).unwrap(),
+        };
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut coin = |one_in: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed.is_multiple_of(one_in)
+        };
+        // Stored before: minutes hour_start - 2 ..= hour_start + 1 for a random half of 12,000
+        // keys, every key in hour_start + 1.
+        let mut history = Vec::new();
+        for minute in hour_start - 2..=hour_start + 1 {
+            for n in 0..12_000 {
+                if minute == hour_start + 1 || coin(2) {
+                    history.push(delta(n, minute, 1));
+                }
+            }
+        }
+        // The batch: in hour_start - 1 and hour_start, every 100th key (sparse: ~50 stored rows
+        // between, past `RESEEK_AFTER`); in hour_start + 1, keys 0..4095, key 4095 twice (the chunk ends
+        // between the two), then keys up to 6,000 (dense); in hour_start + 2 (nothing stored
+        // yet), a random tenth of the keys, some twice; and in hour_start - 5, after a gap.
+        let mut batch = Vec::new();
+        for minute in [hour_start - 1, hour_start] {
+            batch.extend((0..12_000).step_by(100).map(|n| delta(n, minute, 2)));
+        }
+        batch.extend((0..4_096).map(|n| delta(n, hour_start + 1, 3)));
+        batch.push(delta(4_095, hour_start + 1, 4));
+        batch.extend((4_096..6_000).map(|n| delta(n, hour_start + 1, 3)));
+        for n in 0..12_000 {
+            if coin(10) {
+                batch.push(delta(n, hour_start + 2, 5));
+                if coin(3) {
+                    batch.push(delta(n, hour_start + 2, 6));
+                }
+            }
+        }
+        batch.extend((0..300).map(|n| delta(n * 7, hour_start - 5, 7)));
+        history.sort_by(|a, b| (a.minute, &a.key_id).cmp(&(b.minute, &b.key_id)));
+        batch.sort_by(|a, b| (a.minute, &a.key_id).cmp(&(b.minute, &b.key_id)));
+        let ones = batch.iter().filter(|d| d.minute == hour_start + 1);
+        assert_eq!(
+            ones.clone().nth(4_095).map(|d| &*d.key_id),
+            Some("key_004095")
+        );
+        assert_eq!(
+            ones.clone().nth(4_096).map(|d| &*d.key_id),
+            Some("key_004095")
+        );
+
+        let dir = tempfile::TempDir::new().unwrap();
+        let [one_by_one, sorted] =
+            ["a.redb", "b.redb"].map(|name| redb::Database::create(dir.path().join(name)).unwrap());
+        for db in [&one_by_one, &sorted] {
+            write(db, &history, false);
+        }
+        write(&one_by_one, &batch, false);
+        write(&sorted, &batch, true);
+        let (rows, groups) = dump(&sorted);
+        assert_eq!(
+            (&rows, &groups),
+            (&dump(&one_by_one).0, &dump(&one_by_one).1)
+        );
+        // The batch did add: key 4095's bucket in hour_start + 1 holds 1 + 3 + 4 requests.
+        let key = (hour_start + 1, b"key_004095".to_vec());
+        let stored = rows
+            .iter()
+            .find(|(i, o, _)| (*i, o.clone()) == key)
+            .unwrap();
+        assert_eq!(decode(&stored.2).unwrap().counts.requests, 8);
+        assert!(groups.contains(&(b"key_000000".to_vec(), (hour_start - 5).div_euclid(60))));
     }
 }
