@@ -235,32 +235,33 @@ impl Open<'_> {
         Ok(Bucket::default())
     }
 
-    /// Adds keys' deltas sorted by (minute, key id) into this family's buckets of `index_of`
-    /// their minute, as [`Open::add`] of each in turn would (a key twice in the batch, in one
-    /// chunk or two, sums), but reads what is there with walks over the current pages
-    /// ([`scan`]) instead of a point lookup a delta: up to [`CHUNK`] deltas of one index at a
-    /// time, which bounds the memory a fold of half a million buckets adds.
-    pub(super) fn add_sorted(
-        &mut self,
-        sorted: &[UsageDelta],
-        index_of: impl Fn(i64) -> i64,
-    ) -> Result<(), StoreError> {
+    /// Adds keys' deltas sorted by (minute, key id) into the keys' minute buckets (this
+    /// family's index must be the minute: a coarser one would bring one key's deltas of two
+    /// minutes into one index, apart), as [`Open::add`] of each in turn would (a key twice in
+    /// the batch, in one chunk or two, sums), but reads what is there with walks over the
+    /// current pages ([`scan`]) instead of a point lookup a delta: up to [`CHUNK`] deltas of
+    /// one minute at a time, which bounds the memory a fold of half a million buckets adds.
+    pub(super) fn add_minutes_sorted(&mut self, sorted: &[UsageDelta]) -> Result<(), StoreError> {
+        debug_assert_eq!(
+            self.span, KEY_MINUTES.span,
+            "only the minutes are indexed by minute"
+        );
         let mut rest = sorted;
         while let Some(first) = rest.first() {
-            let index = index_of(first.minute);
+            let minute = first.minute;
             let run = rest
                 .iter()
                 .take(CHUNK)
-                .take_while(|d| index_of(d.minute) == index)
+                .take_while(|d| d.minute == minute)
                 .count();
             let (chunk, tail) = rest.split_at(run);
-            self.add_chunk(index, chunk)?;
+            self.add_chunk(minute, chunk)?;
             rest = tail;
         }
         Ok(())
     }
 
-    /// [`Open::add_sorted`] for deltas of one index, sorted by key id.
+    /// [`Open::add_minutes_sorted`] for deltas of one minute, sorted by key id.
     fn add_chunk(&mut self, index: i64, chunk: &[UsageDelta]) -> Result<(), StoreError> {
         let mut merged: Vec<(&[u8], Bucket)> = Vec::with_capacity(chunk.len());
         for d in chunk {
@@ -334,7 +335,7 @@ pub(super) fn add(txn: &WriteTransaction, batch: &mut [UsageDelta]) -> Result<()
     for g in Granularity::ALL {
         let mut buckets = Family::of_keys(g).open(txn)?;
         if g == Granularity::Minute {
-            buckets.add_sorted(batch, |minute| g.of_minute(minute))?;
+            buckets.add_minutes_sorted(batch)?;
             continue;
         }
         for d in batch.iter() {
@@ -464,7 +465,7 @@ pub(super) fn prune(
     Ok(removed)
 }
 
-/// The most deltas [`Open::add_sorted`] reads and writes at a time.
+/// The most deltas [`Open::add_minutes_sorted`] reads and writes at a time.
 const CHUNK: usize = 4096;
 
 /// After this many rows of other owners in a row, [`scan`] seeks to its next owner instead of
@@ -658,13 +659,14 @@ mod tests {
         (rows, groups)
     }
 
-    /// Writes `deltas` (sorted) into the keys' minute tables: one `add` a delta, or `add_sorted`.
+    /// Writes `deltas` (sorted) into the keys' minute tables: one `add` a delta, or
+    /// `add_minutes_sorted`.
     fn write(db: &redb::Database, deltas: &[UsageDelta], sorted: bool) {
         let txn = db.begin_write().unwrap();
         {
             let mut open = KEY_MINUTES.open(&txn).unwrap();
             if sorted {
-                open.add_sorted(deltas, |minute| minute).unwrap();
+                open.add_minutes_sorted(deltas).unwrap();
             } else {
                 for d in deltas {
                     let index = d.minute;
@@ -676,7 +678,7 @@ mod tests {
         txn.commit().unwrap();
     }
 
-    /// `add_sorted` leaves the minute tables as one lookup and write a delta does: keys dense
+    /// `add_minutes_sorted` leaves the minute tables as one lookup and write a delta does: keys dense
     /// among the stored rows (walked) and sparse (sought), a key twice in a batch within a chunk
     /// and across a chunk's end, new buckets in an hour's first minute, after a minute with the
     /// key, after a gap, and in a minute nothing was written in before.
@@ -732,17 +734,31 @@ mod tests {
             }
         }
         batch.extend((0..300).map(|n| delta(n * 7, hour_start - 5, 7)));
+        // In hour_start + 3 (nothing stored): keys 0..4095 and key 4095 twice again, so that
+        // the first chunk makes the bucket the second adds to.
+        batch.extend((0..4_096).map(|n| delta(n, hour_start + 3, 1)));
+        batch.push(delta(4_095, hour_start + 3, 1));
+        // Ids of other lengths, one a prefix of the next (`key_1` < `key_10` < `key_1x`), all
+        // after the numbered ones so that the chunks' ends stay where they are.
+        for minute in [hour_start + 1, hour_start + 3] {
+            for short in ["key_1", "key_10", "key_1x"] {
+                batch.push(UsageDelta {
+                    key_id: short.into(),
+                    ..delta(1, minute, 9)
+                });
+            }
+        }
         history.sort_by(|a, b| (a.minute, &a.key_id).cmp(&(b.minute, &b.key_id)));
         batch.sort_by(|a, b| (a.minute, &a.key_id).cmp(&(b.minute, &b.key_id)));
-        let ones = batch.iter().filter(|d| d.minute == hour_start + 1);
-        assert_eq!(
-            ones.clone().nth(4_095).map(|d| &*d.key_id),
-            Some("key_004095")
-        );
-        assert_eq!(
-            ones.clone().nth(4_096).map(|d| &*d.key_id),
-            Some("key_004095")
-        );
+        // A chunk ends between the two deltas of key 4095 in both minutes.
+        for minute in [hour_start + 1, hour_start + 3] {
+            let ids: Vec<&str> = batch
+                .iter()
+                .filter(|d| d.minute == minute)
+                .map(|d| &*d.key_id)
+                .collect();
+            assert_eq!(ids[CHUNK - 1..=CHUNK], ["key_004095"; 2]);
+        }
 
         let dir = tempfile::TempDir::new().unwrap();
         let [one_by_one, sorted] =
@@ -764,6 +780,12 @@ mod tests {
             .find(|(i, o, _)| (*i, o.clone()) == key)
             .unwrap();
         assert_eq!(decode(&stored.2).unwrap().counts.requests, 8);
+        let key = (hour_start + 3, b"key_004095".to_vec());
+        let stored = rows.iter().find(|(i, o, _)| (*i, o.clone()) == key);
+        assert_eq!(
+            stored.map(|s| decode(&s.2).unwrap().counts.requests),
+            Some(2)
+        );
         assert!(groups.contains(&(b"key_000000".to_vec(), (hour_start - 5).div_euclid(60))));
     }
 }
