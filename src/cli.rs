@@ -523,8 +523,12 @@ fn runtime_for_the_cores() -> tokio::runtime::Builder {
 /// each thread with its own stack and allocator pages, for transactions that are CPU work on a
 /// file in the page cache. Past the cap, work waits in the pool's queue (as it did past 512).
 /// Writers never wait for a thread that is not running: the group commit's leader is one of
-/// the writers already on the pool.
-const BLOCKING_THREADS_PER_CORE: usize = 8;
+/// the writers already on the pool. But a writer holds its thread while its round's fsync
+/// runs, so the cap is also how many writes one round can gather and how many can wait on a
+/// sync while reads still find threads: 16 a core keeps sixteen concurrent key changes in one
+/// round with room for reads; the million-key warm pass measured 8 and 16 alike
+/// (docs/PERFORMANCE.md, round eight).
+const BLOCKING_THREADS_PER_CORE: usize = 16;
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -577,5 +581,55 @@ mod tests {
         assert_eq!(done.load(Ordering::SeqCst), cap * 4);
         let most = most.load(Ordering::SeqCst);
         assert!((2..=cap).contains(&most), "{most} at once, cap {cap}");
+    }
+
+    /// Three times as many writes at once as the pool has threads all finish: each group
+    /// commit's round is led by one of the writers already on the pool, so none waits for a
+    /// thread that cannot come.
+    #[test]
+    fn more_writes_than_blocking_threads_all_finish() {
+        use crate::store::embedded::EmbeddedStore;
+        use crate::store::{BatchId, Usage, UsageCounts, UsageDelta};
+
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        let writes = cores * BLOCKING_THREADS_PER_CORE * 3;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(EmbeddedStore::open(&dir.path().join("db")).expect("store"));
+        let runtime = runtime_for_the_cores().build().expect("runtime");
+        let minute = 29_000_000;
+        runtime.block_on(async {
+            let tasks: Vec<_> = (0..writes)
+                .map(|i| {
+                    let store = Arc::clone(&store);
+                    tokio::spawn(async move {
+                        let delta = UsageDelta {
+                            key_id: format!("key_{i}").into(),
+                            account_id: "acc_a".into(),
+                            minute,
+                            counts: UsageCounts {
+                                requests: 1,
+                                ..UsageCounts::default()
+                            },
+                            last_used_ms: minute * 60_000,
+                        };
+                        store.add_usage(BatchId::first(), &[delta]).await
+                    })
+                })
+                .collect();
+            let all = futures_util::future::join_all(tasks);
+            let all = tokio::time::timeout(std::time::Duration::from_secs(60), all)
+                .await
+                .expect("every write finished");
+            for written in all {
+                written.expect("write task").expect("write");
+            }
+            let day = crate::store::Granularity::Day.of_minute(minute);
+            let days = store
+                .account_usage("acc_a", day, day + 1)
+                .await
+                .expect("account usage");
+            let requests: u64 = days.iter().map(|(_, c)| c.requests).sum();
+            assert_eq!(requests, u64::try_from(writes).expect("fits"));
+        });
     }
 }

@@ -7,7 +7,7 @@
 # outside a fault. What it does and the figures of past runs: docs/RELIABILITY.md.
 #
 # Knobs (environment): DURATION=120 (seconds of traffic; faults scale with it, one cycle per
-# 120 s) WORKERS=6 SEED=<time> LOST_MAX=0 DOUBLED_MAX=0 REDIS_PERSIST=1 (0: no AOF, as the test
+# 120 s) WORKERS=6 SEED=<time> LOST_MAX=0 DOUBLED_MAX=0 STALL_MAX_S=3 REDIS_PERSIST=1 (0: no AOF, as the test
 # harness runs Redis; a kill then wipes every key and count) RESULTS=path.json WORKDIR=dir
 # KEEP_TMP=0 (1: keep logs and stores even on success) SOAK_SKIP_BUILD=0 TOLLGATE_BIN=path
 # SOAK_RUST_LOG=info CRASH=0 (1: also SIGKILL a gateway once per cycle; its unflushed counts
