@@ -504,7 +504,7 @@ fn configured_master_key(
 /// on more, a multi-thread runtime with one worker per core. Either way the blocking pool (the
 /// embedded store's transactions) has [`BLOCKING_THREADS_PER_CORE`] threads a core at most.
 fn runtime_for_the_cores() -> tokio::runtime::Builder {
-    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let cores = cores();
     let mut builder = if cores == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -513,9 +513,20 @@ fn runtime_for_the_cores() -> tokio::runtime::Builder {
         b
     };
     builder
-        .max_blocking_threads(cores.saturating_mul(BLOCKING_THREADS_PER_CORE))
+        .max_blocking_threads(blocking_threads())
         .enable_all();
     builder
+}
+
+/// The cores this process may use (`available_parallelism` honours `taskset` and cgroup
+/// limits); 1 when it cannot tell.
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
+/// The blocking pool's most threads: [`BLOCKING_THREADS_PER_CORE`] for each of [`cores`].
+fn blocking_threads() -> usize {
+    cores().saturating_mul(BLOCKING_THREADS_PER_CORE)
 }
 
 /// The blocking pool's threads a core. tokio's default is 512 threads whatever the cores: a
@@ -552,8 +563,7 @@ mod tests {
     /// (tokio alone would start a thread for each task, up to 512), and all of it runs.
     #[test]
     fn the_blocking_pool_is_bounded_by_the_cores() {
-        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-        let cap = cores * BLOCKING_THREADS_PER_CORE;
+        let cap = blocking_threads();
         let runtime = runtime_for_the_cores().build().expect("runtime");
         let (running, most, done) = (
             Arc::new(AtomicUsize::new(0)),
@@ -591,8 +601,7 @@ mod tests {
         use crate::store::embedded::EmbeddedStore;
         use crate::store::{BatchId, Usage, UsageCounts, UsageDelta};
 
-        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-        let writes = cores * BLOCKING_THREADS_PER_CORE * 3;
+        let writes = blocking_threads() * 3;
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(EmbeddedStore::open(&dir.path().join("db")).expect("store"));
         let runtime = runtime_for_the_cores().build().expect("runtime");

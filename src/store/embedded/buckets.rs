@@ -209,7 +209,14 @@ impl Open<'_> {
     ) -> Result<(), StoreError> {
         let mut bucket = match read_bucket(&self.by_time, (index, owner))? {
             Some(bucket) => bucket,
-            None => self.create(index, owner)?,
+            None => {
+                // A read on the current pages, not the index's.
+                let before_is_there = match self.before_in_group(index) {
+                    Some(before) => read_bucket(&self.by_time, (before, owner))?.is_some(),
+                    None => false,
+                };
+                self.create(index, owner, before_is_there)?
+            }
         };
         bucket.merge(&Bucket {
             counts: *counts,
@@ -218,17 +225,26 @@ impl Open<'_> {
         self.put(index, owner, &bucket)
     }
 
-    /// A new bucket: its group's index row is written unless the bucket before it, in the same
-    /// group, shows that it is there already (a read on the current pages, not the index's).
-    fn create(&mut self, index: i64, owner: &[u8]) -> Result<Bucket, StoreError> {
-        let first_of_group = index.rem_euclid(self.span) == 0;
-        // (The first index there is has no bucket before it.)
-        let new_group = first_of_group
-            || match index.checked_sub(1) {
-                Some(before) => read_bucket(&self.by_time, (before, owner))?.is_none(),
-                None => true,
-            };
-        if new_group {
+    /// The index before `index` in its group, whose bucket, if there, shows that the group's
+    /// index row is written already; `None` for a group's first index (and the first index
+    /// there is, which has none before it).
+    fn before_in_group(&self, index: i64) -> Option<i64> {
+        if index.rem_euclid(self.span) == 0 {
+            None
+        } else {
+            index.checked_sub(1)
+        }
+    }
+
+    /// A new bucket at `index`: its group's index row is written unless `before_is_there` (the
+    /// owner's bucket at [`Open::before_in_group`] is).
+    fn create(
+        &mut self,
+        index: i64,
+        owner: &[u8],
+        before_is_there: bool,
+    ) -> Result<Bucket, StoreError> {
+        if !before_is_there {
             let group = index.div_euclid(self.span);
             self.by_owner.insert((owner, group), ()).map_err(db_err)?;
         }
@@ -276,31 +292,22 @@ impl Open<'_> {
         }
         let owners: Vec<&[u8]> = merged.iter().map(|(owner, _)| *owner).collect();
         let existing = scan(&self.by_time, index, &owners)?;
-        // A new bucket starts its group unless the one before it, in the same group, is there
-        // (as in `create`).
+        // For the new buckets, whether the one before each is there.
         let new_owners: Vec<&[u8]> = owners
             .iter()
             .zip(&existing)
             .filter(|(_, bucket)| bucket.is_none())
             .map(|(owner, _)| *owner)
             .collect();
-        let before = match index.checked_sub(1) {
-            Some(before) if index.rem_euclid(self.span) != 0 && !new_owners.is_empty() => {
-                scan(&self.by_time, before, &new_owners)?
-            }
+        let before = match self.before_in_group(index) {
+            Some(before) if !new_owners.is_empty() => scan(&self.by_time, before, &new_owners)?,
             _ => vec![None; new_owners.len()],
         };
-        let mut had_before = before.iter().map(Option::is_some);
-        let group = index.div_euclid(self.span);
+        let mut before_is_there = before.iter().map(Option::is_some);
         for ((owner, delta), stored) in merged.iter().zip(existing) {
             let mut bucket = match stored {
                 Some(bucket) => bucket,
-                None => {
-                    if !had_before.next().unwrap_or(false) {
-                        self.by_owner.insert((*owner, group), ()).map_err(db_err)?;
-                    }
-                    Bucket::default()
-                }
+                None => self.create(index, owner, before_is_there.next().unwrap_or(false))?,
             };
             bucket.merge(delta);
             self.put(index, owner, &bucket)?;
