@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use tollgate::auth::cache::{KeyCache, Lookup};
+use tollgate::auth::cache::{KeyCache, Lookup, LOOKUP_DEADLINE};
 use tollgate::config::{CacheSettings, OnStoreError};
 use tollgate::credential::{self, KeyHash, Kind};
 use tollgate::limits::Limiters;
@@ -412,6 +412,41 @@ async fn store_failures_are_counted_per_call_and_logged_once_per_outage() {
     );
     assert_eq!(logs.count(&["store calls failing"]), 2, "{}", logs.text());
     assert_eq!(store_errors(&f, "publish_invalidation"), 3);
+}
+
+/// A key read that the store does not answer (here: the blocking pool's only thread held, as a
+/// hung disk holds them all, so the embedded store's read queues behind it) is given up at
+/// `LOOKUP_DEADLINE`: the lookup answers `Unavailable` (a request, `store_unavailable`) instead
+/// of waiting on, and is counted as a failed store call. Once the pool is free the key reads.
+#[test]
+fn a_key_read_the_store_does_not_answer_is_given_up_at_its_deadline() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(1)
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let f = fixture(settings());
+        let key = with_key(&f).await;
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let hold = tokio::task::spawn_blocking(move || held.recv().ok());
+
+        let started = std::time::Instant::now();
+        let answer = tokio::time::timeout(Duration::from_secs(10), f.cache.get(&key.hash))
+            .await
+            .expect("the lookup waited on with no deadline");
+        assert!(matches!(answer, Lookup::Unavailable));
+        assert!(
+            started.elapsed() >= LOOKUP_DEADLINE,
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(store_errors(&f, "lookup_key"), 1);
+
+        release.send(()).expect("release the pool");
+        hold.await.expect("the holder");
+        assert!(matches!(f.cache.get(&key.hash).await, Lookup::Found(_)));
+    });
 }
 
 /// Keys of one account with the same quotas share their account id and limit header values
