@@ -49,8 +49,8 @@
 //! Layout: `auth` (who is calling), `body` (JSON bodies that name the failing field), `patch`
 //! (PATCH bodies as JSON merge patches), `error`, `validate` (field checks), `usage` (reading usage back), `audit` (writing and
 //! listing entries), `health`, `accounts`, `account_config`, `keys`, `import` (keys by hash), `rotation` (renew and roll),
-//! `sites`, `secrets` (OAuth client secrets), `ui` (the dashboard's files), `unread` (an answer
-//! that leaves a request body unread says `Connection: close`), `master` (the operator's key at start-up). This module uses the store, the key cache
+//! `sites`, `secrets` (OAuth client secrets), `ui` (the dashboard's files), `watched_body` (a request
+//! body arrives within 30 s; an answer that leaves it unread says `Connection: close`), `master` (the operator's key at start-up). This module uses the store, the key cache
 //! and metrics; never the proxy.
 
 mod account_config;
@@ -70,10 +70,10 @@ mod rotation;
 mod secrets;
 mod sites;
 mod ui;
-mod unread;
 mod usage;
 mod validate;
 mod verify;
+mod watched_body;
 
 use std::sync::Arc;
 
@@ -308,7 +308,7 @@ pub fn token_router(state: AdminState) -> Router {
     Router::new()
         .route("/oauth/token", post(oauth::token))
         .layer(DefaultBodyLimit::max(MAX_TOKEN_REQUEST_BYTES))
-        .layer(middleware::from_fn(unread::close_if_body_unread))
+        .layer(middleware::from_fn(watched_body::watch_body))
         .with_state(state)
 }
 
@@ -338,7 +338,7 @@ pub fn router(state: AdminState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(state.clone(), watch_store))
-        .layer(middleware::from_fn(unread::close_if_body_unread))
+        .layer(middleware::from_fn(watched_body::watch_body))
         .with_state(state)
 }
 

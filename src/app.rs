@@ -36,6 +36,10 @@ pub use reload::{ReloadError, Reloaded};
 const DRAIN: Duration = Duration::from_secs(10);
 /// Largest request head accepted.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// How long a write to a client may wait for the client to take any bytes before the
+/// connection is closed (nginx's `send_timeout`, whose default this is): a client that stops
+/// reading an answer holds its upstream connection no longer than this.
+const SEND_STALL: Duration = Duration::from_secs(60);
 /// How often the cache and registries drop what is no longer needed.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
@@ -181,6 +185,7 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
         header_timeout: settings.proxy.request_header_timeout,
         max_header_bytes: MAX_HEADER_BYTES,
         drain: DRAIN,
+        send_stall: SEND_STALL,
     };
     // Two phases: the listeners stop and drain first, so that requests finishing during the
     // drain are still counted by the flusher's final write.

@@ -15,6 +15,7 @@ mod usage;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use reqwest::Url;
@@ -455,7 +456,7 @@ fn serve(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let stop = crate::shutdown::signal();
         let mut reloads = crate::shutdown::reloads();
         let running = match app::start(settings, StartOptions { master_key, ..Default::default() }).await {
@@ -482,7 +483,17 @@ fn serve(path: &std::path::Path) -> ExitCode {
         tracing::info!("shutting down: draining requests and flushing usage");
         running.shutdown().await;
         ExitCode::SUCCESS
-    })
+    });
+    exit_runtime(runtime);
+    code
+}
+
+/// Stops the runtime, waiting [`EXIT_WAIT`] at most for blocking tasks still running (a store
+/// read abandoned at its deadline on a hung disk, say): dropping the runtime would wait for
+/// them without end, and the process would not exit after its shutdown signal. redb is
+/// crash-safe, so leaving a transaction unfinished at exit loses nothing committed.
+fn exit_runtime(runtime: tokio::runtime::Runtime) {
+    runtime.shutdown_timeout(EXIT_WAIT);
 }
 
 /// The raw master key from the configured variable (`None` when unset or empty), checked.
@@ -541,6 +552,9 @@ fn blocking_threads() -> usize {
 /// (docs/PERFORMANCE.md, round eight).
 const BLOCKING_THREADS_PER_CORE: usize = 16;
 
+/// How long the process waits at exit for blocking tasks still running ([`exit_runtime`]).
+const EXIT_WAIT: Duration = Duration::from_secs(5);
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -591,6 +605,38 @@ mod tests {
         assert_eq!(done.load(Ordering::SeqCst), cap * 4);
         let most = most.load(Ordering::SeqCst);
         assert!((2..=cap).contains(&most), "{most} at once, cap {cap}");
+    }
+
+    /// A blocking task that never ends (a read on a hung disk) does not keep the process from
+    /// exiting: the runtime stops within [`EXIT_WAIT`] of being asked, where dropping it would
+    /// wait for the task for ever.
+    #[test]
+    fn a_blocking_task_that_never_ends_does_not_hold_the_exit() {
+        let runtime = runtime_for_the_cores().build().expect("runtime");
+        let (hold, held) = std::sync::mpsc::channel::<()>();
+        let started = runtime.block_on(async {
+            let (started, begun) = tokio::sync::oneshot::channel();
+            drop(tokio::task::spawn_blocking(move || {
+                let _ = started.send(());
+                let _ = held.recv();
+            }));
+            begun.await
+        });
+        assert!(started.is_ok(), "the blocking task did not start");
+        let (exited, exit) = std::sync::mpsc::channel();
+        let at = std::time::Instant::now();
+        std::thread::spawn(move || {
+            exit_runtime(runtime);
+            let _ = exited.send(());
+        });
+        let waited = exit.recv_timeout(EXIT_WAIT * 4);
+        drop(hold);
+        assert!(
+            waited.is_ok(),
+            "the runtime was still stopping after {:?}",
+            at.elapsed()
+        );
+        assert!(at.elapsed() >= EXIT_WAIT, "{:?}", at.elapsed());
     }
 
     /// Three times as many writes at once as the pool has threads all finish: each group

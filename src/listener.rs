@@ -1,6 +1,7 @@
 //! Accepting connections and serving HTTP/1.1 and HTTP/2 on them, for both listeners: limits on
-//! request heads (size, and time against slow clients), the open-connections gauge, and a
-//! graceful drain on shutdown. Takes a *bound* listener, so tests bind port 0.
+//! request heads (size, and time against slow clients), on how long a write waits for a client
+//! that stopped reading ([`watched_io`]), the open-connections gauge, and a graceful drain on
+//! shutdown. Takes a *bound* listener, so tests bind port 0.
 //!
 //! A listener serves cleartext or TLS. On cleartext the first bytes tell HTTP/1 from HTTP/2
 //! with prior knowledge (`sniff`); on TLS the handshake (rustls, [`crate::tls`]) must finish
@@ -17,6 +18,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +33,10 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
+mod watched_io;
+
+use watched_io::WatchedIo;
+
 /// Per-connection protocol limits.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnLimits {
@@ -40,6 +46,8 @@ pub struct ConnLimits {
     pub max_header_bytes: usize,
     /// How long in-flight requests get to finish after shutdown starts.
     pub drain: Duration,
+    /// How long a write to a client may wait for the client to take bytes ([`WatchedIo`]).
+    pub send_stall: Duration,
 }
 
 /// The HTTP version a connection speaks.
@@ -63,6 +71,7 @@ struct Protocols {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
     header_timeout: Duration,
+    send_stall: Duration,
 }
 
 /// The listen backlog when the system's maximum cannot be read.
@@ -123,6 +132,7 @@ pub async fn serve<H, Fut, B>(
         http1,
         http2,
         header_timeout: limits.header_timeout,
+        send_stall: limits.send_stall,
     });
     // Every connection holds a receiver: a value sent tells them all to finish, and the sender
     // learns when the last one has closed. (hyper-util's `GracefulShutdown` does the same, but
@@ -267,30 +277,149 @@ async fn speak<I, H, Fut, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    // HTTP/2 connections are closed once idle (`until_idle_or_drained`): what they do is
+    // counted. An HTTP/1 connection's idle wait for its next head is hyper's header timeout.
+    let activity = (protocol == Protocol::Http2).then(|| Arc::new(Activity::default()));
+    let counted = activity.clone();
     // Boxed: hyper keeps the slot of the request in flight for the connection's life, sized for
     // the handler's future (the proxy's is ~4.7 KB, the whole path down to the upstream
     // exchange), so an idle connection keeps a pointer instead of ~9 KB; and a move of a box is
     // 8 bytes, one allocation cheaper than the copies (3 % of the CPU per request).
     let service = service_fn(move |req| {
+        let running = counted.as_ref().map(Activity::begin);
         let fut = Box::pin(handler(req, peer));
-        async move { Ok::<_, Infallible>(fut.await) }
+        async move {
+            let response = fut.await.map(|body| Guarded { body, running });
+            Ok::<_, Infallible>(response)
+        }
     });
-    let ended = match protocol {
-        Protocol::Http1 => {
+    let progress = activity.as_ref().map(|a| Arc::clone(&a.io));
+    let io = TokioIo::new(WatchedIo::new(io, protocols.send_stall, progress));
+    let ended = match (protocol, activity) {
+        (Protocol::Http1, _) | (Protocol::Http2, None) => {
             let conn = pin!(protocols
                 .http1
-                .serve_connection(TokioIo::new(io), service)
+                .serve_connection(io, service)
                 .with_upgrades());
             until_drained(conn, http1::UpgradeableConnection::graceful_shutdown, drain).await
         }
-        Protocol::Http2 => {
+        (Protocol::Http2, Some(activity)) => {
             // Boxed so that the task of every HTTP/1 connection is not sized for HTTP/2's state.
-            let mut conn = Box::pin(protocols.http2.serve_connection(TokioIo::new(io), service));
-            until_drained(conn.as_mut(), http2::Connection::graceful_shutdown, drain).await
+            let mut conn = Box::pin(protocols.http2.serve_connection(io, service));
+            let idle = protocols.header_timeout;
+            let close = http2::Connection::graceful_shutdown;
+            until_idle_or_drained(conn.as_mut(), close, &activity, idle, drain).await
         }
     };
     if let Err(e) = ended {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// What an HTTP/2 connection has done: requests begun, requests under way, and reads and
+/// writes that moved bytes ([`WatchedIo`]).
+#[derive(Default)]
+struct Activity {
+    begun: AtomicU64,
+    running: AtomicUsize,
+    io: Arc<AtomicU64>,
+}
+
+/// A request under way (its handler, then its answer's body); counted in
+/// [`Activity::running`] until dropped.
+struct Running(Arc<Activity>);
+
+impl Activity {
+    fn begin(this: &Arc<Activity>) -> Running {
+        this.begun.fetch_add(1, Ordering::Relaxed);
+        this.running.fetch_add(1, Ordering::Relaxed);
+        Running(Arc::clone(this))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An answer's body, with its request's [`Running`] guard (HTTP/2's; `None` on HTTP/1)
+    /// beside it: the request is under way until hyper drops the body, at its end or with the
+    /// stream. Everything else is the body's own, its size hint too (an HTTP/1 answer of known
+    /// length keeps its `Content-Length`).
+    struct Guarded<B> {
+        #[pin]
+        body: B,
+        running: Option<Running>,
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for Guarded<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// [`until_drained`] for HTTP/2, which hyper never closes for idleness (its header timeout is
+/// HTTP/1's, and a client answers keep-alive pings however long it is idle). Looked at every
+/// `idle`:
+/// - a connection on which no request has begun since the last look, and none is under way
+///   (its handler or its answer's body), is asked to close (GOAWAY), as is every connection
+///   once the drain starts;
+/// - after that, one on which nothing is under way and no byte moved either way since the last
+///   look is dropped: a live client answers the GOAWAY's PING and hyper closes the connection
+///   itself, but one that reads nothing never does. Bytes still moving (a client reading the
+///   tail of an answer, its window updates) keep it, so what was sent is not cut by a reset.
+///
+/// Without this a client could hold a connection (its task and file descriptor) for ever by
+/// opening it and sending nothing.
+async fn until_idle_or_drained<C>(
+    mut conn: Pin<&mut C>,
+    graceful_shutdown: fn(Pin<&mut C>),
+    activity: &Activity,
+    idle: Duration,
+    mut drain: watch::Receiver<()>,
+) -> hyper::Result<()>
+where
+    C: Future<Output = hyper::Result<()>>,
+{
+    // Whether `counter` moved since the last look, and nothing is under way.
+    let still = |counter: &AtomicU64, seen: &mut u64| {
+        let now = counter.load(Ordering::Relaxed);
+        let still = now == *seen && activity.running.load(Ordering::Relaxed) == 0;
+        *seen = now;
+        still
+    };
+    let mut seen = activity.begun.load(Ordering::Relaxed);
+    loop {
+        tokio::select! {
+            ended = conn.as_mut() => return ended,
+            _ = drain.changed() => break,
+            () = tokio::time::sleep(idle) => if still(&activity.begun, &mut seen) { break },
+        }
+    }
+    graceful_shutdown(conn.as_mut());
+    let mut seen = activity.io.load(Ordering::Relaxed);
+    loop {
+        tokio::select! {
+            ended = conn.as_mut() => return ended,
+            () = tokio::time::sleep(idle) => if still(&activity.io, &mut seen) { return Ok(()) },
+        }
     }
 }
 

@@ -144,12 +144,36 @@ pub struct KeyLookup {
     pub access_token: bool,
 }
 
+/// The longest a credential's read from the store may take, all its calls together
+/// ([`lookup_credential`]): past it the read is [`StoreError::Unavailable`], so a request that
+/// waits on it (a cold key on the proxy, a key or token calling the account API) is answered
+/// instead of waiting on. Redis's round trips have their own, shorter deadlines (50 ms each);
+/// this one is what bounds the embedded store's, whose reads on the blocking pool have none of
+/// their own (a hung disk holds the pool's threads, and the next reads queue behind them). A
+/// read from a file in the page cache takes tens of µs; one that queues behind a million keys'
+/// first reads, a few ms.
+pub const LOOKUP_DEADLINE: Duration = Duration::from_secs(1);
+
 /// The key with this hash, or else the access token with it, seen as a key of the account: its
 /// id the client secret's (limits and usage are the client's, whatever token it holds), a secret
 /// key with the token's scopes, expiring with it. A miss on both is two reads; a credential
 /// whose checksum fails gets here only while the store holds imported keys
-/// ([`Records::has_imported_keys`]).
+/// ([`Records::has_imported_keys`]). Within [`LOOKUP_DEADLINE`].
 pub async fn lookup_credential(
+    store: &dyn Store,
+    hash: &KeyHash,
+) -> Result<Option<KeyLookup>, StoreError> {
+    tokio::time::timeout(LOOKUP_DEADLINE, read_credential(store, hash))
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(format!(
+                "no answer from the store in {LOOKUP_DEADLINE:?}"
+            )))
+        })
+}
+
+/// [`lookup_credential`] without its deadline.
+async fn read_credential(
     store: &dyn Store,
     hash: &KeyHash,
 ) -> Result<Option<KeyLookup>, StoreError> {

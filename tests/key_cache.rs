@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use tollgate::auth::cache::{KeyCache, Lookup, LOOKUP_DEADLINE};
+use tollgate::auth::cache::{KeyCache, Lookup};
 use tollgate::config::{CacheSettings, OnStoreError};
 use tollgate::credential::{self, KeyHash, Kind};
 use tollgate::limits::Limiters;

@@ -1342,6 +1342,70 @@ async fn a_client_that_sends_nothing_is_disconnected_after_the_header_timeout() 
     assert!(rest.is_empty(), "{rest:?}");
 }
 
+/// hyper never closes an idle HTTP/2 connection (its header timeout is HTTP/1's; a client
+/// answers pings): the gateway does, once no request has begun for the header timeout. A client
+/// that opens with the preface and its SETTINGS and then sends nothing is told GOAWAY and closed.
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed() {
+    use tokio::io::AsyncWriteExt;
+    let upstream = Upstream::start().await;
+    let (_gw, mut stream) = impatient_gateway(&upstream).await;
+    // The preface, then an empty SETTINGS frame (length 0, type 4, no flags, stream 0).
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .expect("preface");
+    let closed = read_until_closed(&mut stream).await;
+    let sent = closed.expect("the idle HTTP/2 connection was still open after 5 s");
+    // Frames: 9-byte headers; a GOAWAY (type 7) is among them.
+    let mut frames = Vec::new();
+    let mut rest = &sent[..];
+    while rest.len() >= 9 {
+        let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+        frames.push(rest[3]);
+        rest = rest.get(9 + len..).unwrap_or_default();
+    }
+    assert!(frames.contains(&7), "frame types sent: {frames:?}");
+}
+
+/// The idle close counts an answer still being sent as activity: a download read slowly over
+/// HTTP/2 (the client's flow-control window kept small, so the gateway can send only as fast
+/// as it reads) for several times the idle period arrives whole.
+#[tokio::test]
+async fn a_slow_http2_download_is_not_cut_by_the_idle_close() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::builder(&upstream)
+        .tweak(|s| s.proxy.request_header_timeout = Duration::from_millis(200))
+        .start()
+        .await;
+    let (_, key) = gw.account_with_key().await;
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .http2_initial_stream_window_size(65_535)
+        .http2_initial_connection_window_size(65_535)
+        .build()
+        .expect("client");
+    let total = 512 * 1024;
+    let mut response = client
+        .get(gw.proxy_url(&format!("/things/big?bytes={total}")))
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .expect("send over h2");
+    assert_eq!(response.status(), StatusCode::OK);
+    let (started, mut got) = (std::time::Instant::now(), 0);
+    while let Some(chunk) = response.chunk().await.expect("the download was cut") {
+        got += chunk.len();
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    assert_eq!(got, total);
+    assert!(
+        started.elapsed() > Duration::from_millis(800),
+        "read too fast to show anything: {:?}",
+        started.elapsed()
+    );
+}
+
 /// "P" may begin a POST or the HTTP/2 preface: the gateway waits for the next bytes to tell.
 #[tokio::test]
 async fn a_request_head_whose_first_byte_arrives_alone_is_served() {

@@ -37,10 +37,10 @@ where
             Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
                 return Err(ApiError::BodyTooLarge { limit: LIMIT })
             }
-            Err(_) => {
-                return Err(ApiError::InvalidBody(
-                    "the request body could not be read".to_owned(),
-                ))
+            Err(e) => {
+                return Err(ApiError::InvalidBody(format!(
+                    "the request body could not be read: {e}"
+                )))
             }
         };
         let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {

@@ -35,9 +35,7 @@ use crate::limits::{KeyLimits, Limiters, LocalBuckets, Quotas, Replace, Window};
 use crate::metering::Meter;
 use crate::metrics::{Metrics, StoreCalls};
 use crate::policy;
-use crate::store::{
-    Invalidation, InvalidationEvent, KeyLookup, RateLimitSpec, SharedStore, StoreError,
-};
+use crate::store::{Invalidation, InvalidationEvent, KeyLookup, RateLimitSpec, SharedStore};
 
 /// How long past its ttl an entry is still served (while it is re-read in the background, and as
 /// the fallback for `fail_open` while the store is down); after that a use waits for the read.
@@ -49,16 +47,6 @@ const STALE_KEEP_MS: u64 = STALE_KEEP.as_millis() as u64;
 /// keys: each would fail at once (the breaker is open), so a task per request would be work for
 /// nothing; one now and then finds the store back (and ends `fail_closed`'s refusals).
 const RETRY_WHILE_FAILING: Duration = Duration::from_millis(100);
-
-/// The longest a key's read from the store may take (every call of it, for a key, an unknown
-/// hash, or an access token). Past it the read counts as a failed one: the request that waits
-/// on it is answered `store_unavailable` instead of waiting on, and stale keys are served per
-/// `on_store_error`. Redis's round trips have their own, shorter deadlines (50 ms each); this
-/// one is what bounds the embedded store's, whose reads on the blocking pool have no deadline
-/// of their own (a hung disk holds the pool's threads, and the next reads queue behind them).
-/// A read from a file in the page cache takes tens of µs; one that queues behind a million
-/// keys' first reads, a few ms.
-pub const LOOKUP_DEADLINE: Duration = Duration::from_secs(1);
 
 /// What the cache knows about a hash.
 pub enum Lookup {
@@ -635,15 +623,7 @@ impl KeyCache {
         }
         // Read before the lookup: a write that lands during it moves the revision past this.
         let revision = self.store.revision();
-        let read = crate::store::lookup_credential(&*self.store, hash);
-        let read = tokio::time::timeout(LOOKUP_DEADLINE, read)
-            .await
-            .unwrap_or_else(|_| {
-                Err(StoreError::Unavailable(format!(
-                    "no answer from the store in {LOOKUP_DEADLINE:?}"
-                )))
-            });
-        let found = match read {
+        let found = match crate::store::lookup_credential(&*self.store, hash).await {
             Ok(found) => found,
             Err(e) => {
                 self.lookups.failed(

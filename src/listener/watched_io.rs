@@ -1,0 +1,215 @@
+//! [`WatchedIo`]: a client connection's I/O, watched. Its writes may wait at most a set time for
+//! the client to take bytes (nginx's `send_timeout`), and, for HTTP/2, it counts the reads and
+//! writes that moved bytes, which tell a connection still in use from a silent one (the
+//! listener's idle close).
+//!
+//! A client that stops reading fills its socket's buffers; hyper's write then waits, and while it
+//! waits nothing polls the response body, so the body's own idle timer does not run. The
+//! connection, the handler's state and the upstream connection the body holds would stay for as
+//! long as the client liked: a few clients that ask for large answers and read none would hold
+//! an upstream connection each. Here a write (or flush) that has made no progress for the limit
+//! fails with [`std::io::ErrorKind::TimedOut`]; hyper ends the connection, which drops the
+//! response body (its upstream connection closed, its request counted).
+//!
+//! A write that succeeds disarms the timer, so only silence counts, not a slow reader. The timer
+//! is made the first time a write waits, and reset after that: a connection whose writes never
+//! wait costs a branch per write.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// `io`, whose writes fail once one has waited `limit` without progress.
+pub(super) struct WatchedIo<I> {
+    io: I,
+    limit: Duration,
+    /// Counts the reads and writes that moved bytes, when asked to.
+    progress: Option<Arc<AtomicU64>>,
+    /// Made when a write first waits; `armed` while one is waiting.
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+}
+
+/// The client took no bytes for the limit.
+#[derive(Debug, thiserror::Error)]
+#[error("the client read nothing for {0:?}")]
+struct Stalled(Duration);
+
+impl<I> WatchedIo<I> {
+    pub(super) fn new(io: I, limit: Duration, progress: Option<Arc<AtomicU64>>) -> Self {
+        WatchedIo {
+            io,
+            limit,
+            progress,
+            timer: None,
+            armed: false,
+        }
+    }
+
+    /// Passes a write's result on; a wait arms the timer (if it is not already), and a wait past
+    /// it is an error.
+    fn watch<T>(
+        &mut self,
+        polled: Poll<io::Result<T>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.armed = false;
+            return polled;
+        }
+        let limit = self.limit;
+        let timer = match &mut self.timer {
+            Some(timer) if self.armed => timer,
+            Some(timer) => {
+                timer.as_mut().reset(Instant::now() + limit);
+                timer
+            }
+            None => self.timer.insert(Box::pin(tokio::time::sleep(limit))),
+        };
+        self.armed = true;
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, Stalled(limit))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<I> WatchedIo<I> {
+    /// Notes `n` bytes moved, if any.
+    fn moved(&self, n: usize) {
+        if let (Some(progress), 1..) = (&self.progress, n) {
+            progress.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for WatchedIo<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        self.moved(buf.filled().len().saturating_sub(before));
+        polled
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for WatchedIo<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.moved(n);
+        }
+        self.watch(polled, cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.moved(n);
+        }
+        self.watch(polled, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        self.watch(polled, cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.watch(polled, cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    const LIMIT: Duration = Duration::from_secs(1);
+
+    /// A connected pair over loopback: (the server's end, wrapped; the client's end).
+    async fn pair() -> (WatchedIo<TcpStream>, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (server, _) = accepted.expect("accept");
+        (
+            WatchedIo::new(server, LIMIT, None),
+            client.expect("connect"),
+        )
+    }
+
+    #[tokio::test]
+    async fn writes_to_a_client_that_reads_nothing_fail_after_the_limit() {
+        let (mut server, _client) = pair().await;
+        let chunk = vec![0u8; 64 * 1024];
+        let started = Instant::now();
+        let failed = tokio::time::timeout(LIMIT * 10, async {
+            loop {
+                if let Err(e) = server.write_all(&chunk).await {
+                    return e;
+                }
+            }
+        })
+        .await
+        .expect("the write waited on past its limit");
+        assert_eq!(failed.kind(), io::ErrorKind::TimedOut, "{failed}");
+        assert!(started.elapsed() >= LIMIT, "{:?}", started.elapsed());
+    }
+
+    /// Only silence counts: a client that reads slowly, but within the limit each time, gets
+    /// every byte, however long the whole takes.
+    #[tokio::test]
+    async fn a_slow_reader_that_keeps_reading_gets_everything() {
+        let (mut server, mut client) = pair().await;
+        let total = 8 * 1024 * 1024;
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut got = 0;
+            while got < total {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                match client.read(&mut buf).await.expect("read") {
+                    0 => break,
+                    n => got += n,
+                }
+            }
+            got
+        });
+        let chunk = vec![7u8; 64 * 1024];
+        for _ in 0..total / chunk.len() {
+            server
+                .write_all(&chunk)
+                .await
+                .expect("a slow reader is not cut");
+        }
+        server.flush().await.expect("flush");
+        assert_eq!(reader.await.expect("reader"), total);
+    }
+}
