@@ -179,8 +179,20 @@ impl CreditLease {
 
     /// Reports what was spent and takes enough for `cost` and a lease beyond it, then spends
     /// `cost`; one take at a time per key (a waiter finds the lease refilled by the one before).
+    /// Waits [`TAKE_DEADLINE`] at most, the wait for the take before it included: behind a
+    /// take that the store does not answer, each waiter gives up at its own deadline instead of
+    /// queueing a second for every one ahead of it.
     pub async fn take(&self, cost: u32, now_ms: i64) -> Result<(), Shortfall> {
-        let _one_at_a_time = self.take_lock.lock().await;
+        let deadline = tokio::time::Instant::now() + TAKE_DEADLINE;
+        let late = || {
+            crate::store::StoreError::Unavailable(format!(
+                "no credits granted within {TAKE_DEADLINE:?}"
+            ))
+        };
+        let Ok(_one_at_a_time) = tokio::time::timeout_at(deadline, self.take_lock.lock()).await
+        else {
+            return self.not_granted(&late(), i64::from(cost));
+        };
         match self.try_spend(cost, now_ms) {
             Err(Shortfall::NeedsTake) => {}
             done => return done,
@@ -195,12 +207,9 @@ impl CreditLease {
         let take = shared
             .store
             .take_credits(&self.key_id, &shared.instance, totals, want, now_ms);
-        let grant = match tokio::time::timeout(TAKE_DEADLINE, take).await {
-            Ok(grant) => grant,
-            Err(_) => Err(crate::store::StoreError::Unavailable(format!(
-                "no credits granted within {TAKE_DEADLINE:?}"
-            ))),
-        };
+        let grant = tokio::time::timeout_at(deadline, take)
+            .await
+            .unwrap_or_else(|_| Err(late()));
         let mut state = self.state.lock();
         match grant {
             Ok(grant) => {
@@ -233,23 +242,31 @@ impl CreditLease {
                 }
             }
             Err(e) => {
-                shared.calls.failed(
-                    &e,
-                    match shared.on_store_error {
-                        OnStoreError::FailOpen => "credits are spent on trust and settled later",
-                        OnStoreError::FailClosed => "requests of keys with credits get 503",
-                    },
-                );
-                match shared.on_store_error {
-                    // Spent on trust: the next report carries it, and what passes the grants
-                    // comes off the balance then (never below 0).
-                    OnStoreError::FailOpen => {
-                        state.totals.spent += cost;
-                        Ok(())
-                    }
-                    OnStoreError::FailClosed => Err(Shortfall::StoreDown),
-                }
+                drop(state);
+                self.not_granted(&e, cost)
             }
+        }
+    }
+
+    /// A take the store did not grant (`e`): counted and logged, then `cost` is spent on trust
+    /// (`fail_open`) or refused (`fail_closed`).
+    fn not_granted(&self, e: &crate::store::StoreError, cost: i64) -> Result<(), Shortfall> {
+        let shared = &self.shared;
+        shared.calls.failed(
+            e,
+            match shared.on_store_error {
+                OnStoreError::FailOpen => "credits are spent on trust and settled later",
+                OnStoreError::FailClosed => "requests of keys with credits get 503",
+            },
+        );
+        match shared.on_store_error {
+            // Spent on trust: the next report carries it, and what passes the grants comes off
+            // the balance then (never below 0).
+            OnStoreError::FailOpen => {
+                self.state.lock().totals.spent += cost;
+                Ok(())
+            }
+            OnStoreError::FailClosed => Err(Shortfall::StoreDown),
         }
     }
 
@@ -350,5 +367,46 @@ impl LeaseState {
                 .max(1),
             None => 86_400,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::embedded::EmbeddedStore;
+
+    /// Takes behind one that the store does not answer (the embedded store's only blocking
+    /// thread held, as a hung disk holds them) each give up at their own deadline, the wait for
+    /// the lock included: three at once all end within about one deadline, where one after
+    /// another they took a deadline each.
+    #[test]
+    fn takes_queued_behind_a_hung_one_end_at_their_own_deadline() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .max_blocking_threads(1)
+            .build()
+            .expect("runtime");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(EmbeddedStore::open(&dir.path().join("db")).expect("store"));
+        let metrics = Metrics::new().expect("metrics");
+        let leases = CreditLeases::new(store, OnStoreError::FailClosed, &metrics);
+        let lease = leases.for_key(&Arc::from("key_a"));
+        runtime.block_on(async {
+            let (release, held) = std::sync::mpsc::channel::<()>();
+            let hold = tokio::task::spawn_blocking(move || held.recv().ok());
+            let started = std::time::Instant::now();
+            let takes = futures_util::future::join_all((0..3).map(|_| lease.take(1, 0))).await;
+            let took = started.elapsed();
+            for take in takes {
+                assert!(matches!(take, Err(Shortfall::StoreDown)));
+            }
+            assert!(took >= TAKE_DEADLINE, "{took:?}");
+            assert!(
+                took < TAKE_DEADLINE * 2,
+                "queued one after another: {took:?}"
+            );
+            release.send(()).expect("release the pool");
+            hold.await.expect("the holder");
+        });
     }
 }

@@ -31,6 +31,7 @@ use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 mod watched_io;
@@ -99,8 +100,8 @@ fn system_backlog() -> u32 {
         .map_or(FALLBACK_BACKLOG, |n| n.clamp(128, i32::MAX as u32))
 }
 
-/// Serves `handler` on every connection until `shutdown` turns true, then stops accepting and
-/// lets open requests finish within `limits.drain`. With `tls`, every connection is a TLS one.
+/// Serves `handler` on every connection until `shutdown` turns true, then stops accepting,
+/// lets open requests finish within `limits.drain`, and closes the connections still open. With `tls`, every connection is a TLS one.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve<H, Fut, B>(
     listener: TcpListener,
@@ -139,8 +140,12 @@ pub async fn serve<H, Fut, B>(
     // cannot watch hyper's upgradeable HTTP/1 connection.)
     let (drain_tx, drain_rx) = watch::channel(());
     let tls = tls.map(TlsAcceptor::from);
+    // The connections' tasks, so that those still open when the drain ends can be closed.
+    let mut open = JoinSet::new();
     loop {
         let (stream, peer) = tokio::select! {
+            // A set keeps a finished task until it is collected: collected as they end.
+            Some(_) = open.join_next(), if !open.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
@@ -157,10 +162,10 @@ pub async fn serve<H, Fut, B>(
         let (handler, protocols, drain) =
             (handler.clone(), Arc::clone(&protocols), drain_rx.clone());
         match &tls {
-            None => tokio::spawn(serve_connection(
+            None => open.spawn(serve_connection(
                 stream, peer, handler, protocols, drain, gauge,
             )),
-            Some(acceptor) => tokio::spawn(Box::pin(serve_tls_connection(
+            Some(acceptor) => open.spawn(Box::pin(serve_tls_connection(
                 acceptor.clone(),
                 stream,
                 peer,
@@ -180,6 +185,9 @@ pub async fn serve<H, Fut, B>(
     {
         tracing::warn!(after = ?limits.drain, "in-flight requests did not finish in time; closing them");
     }
+    // Closed here, before the background tasks are told to stop: a request cut off counts
+    // itself as its handler or answer is dropped, in time for the final flush.
+    open.shutdown().await;
 }
 
 /// One cleartext connection, from its first bytes to its close.

@@ -1513,6 +1513,40 @@ async fn an_http2_preface_split_in_two_is_still_http2() {
     assert_eq!(response.status(), http::StatusCode::OK);
 }
 
+/// A request still under way when the drain's 10 s are over is closed then, before the final
+/// flush, and so counted (as the client's leaving); it used to run on, uncounted, until the
+/// process exited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_cut_off_by_the_end_of_the_drain_is_counted() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let (_, key) = gw.account_with_key().await;
+    let client = client();
+    // Through the `api` route (30 s timeout): the upstream answers after the drain.
+    let in_flight = tokio::spawn(
+        client
+            .get(gw.proxy_url("/long/slow?ms=25000"))
+            .bearer_auth(&key)
+            .send(),
+    );
+    let up = &upstream;
+    assert!(
+        eventually(WAIT, move || async move { up.requests_seen() == 1 }).await,
+        "the request did not reach the upstream"
+    );
+    let store_path = gw.store_path();
+    let _dir = tokio::time::timeout(Duration::from_secs(20), gw.stop())
+        .await
+        .expect("the stop waited on the request past the drain");
+    assert!(
+        in_flight.await.expect("task").is_err(),
+        "the cut request was answered"
+    );
+    let store = EmbeddedStore::open(&store_path).expect("reopen the store");
+    let (requests, success) = minute_totals(&store).await;
+    assert_eq!((requests, success), (1, 0));
+}
+
 #[tokio::test]
 async fn usage_of_every_identified_request_is_in_the_store_after_shutdown() {
     use tollgate::store::Usage;
