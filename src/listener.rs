@@ -26,13 +26,14 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::task::TaskTracker;
 
 mod watched_io;
 
@@ -70,7 +71,7 @@ const SNIFF_MAX_DELAY: Duration = Duration::from_millis(64);
 /// Both protocols' settings, built once and shared by every connection.
 struct Protocols {
     http1: http1::Builder,
-    http2: http2::Builder<TokioExecutor>,
+    http2: http2::Builder<Streams>,
     header_timeout: Duration,
     send_stall: Duration,
 }
@@ -125,7 +126,8 @@ pub async fn serve<H, Fut, B>(
         // may add, and alone let heads of 112 KiB through a 64 KiB limit.
         .max_header_size(limits.max_header_bytes)
         .max_buf_size(limits.max_header_bytes.max(8192));
-    let mut http2 = http2::Builder::new(TokioExecutor::new());
+    let streams = TaskTracker::new();
+    let mut http2 = http2::Builder::new(Streams(streams.clone()));
     http2
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
@@ -186,8 +188,37 @@ pub async fn serve<H, Fut, B>(
         tracing::warn!(after = ?limits.drain, "in-flight requests did not finish in time; closing them");
     }
     // Closed here, before the background tasks are told to stop: a request cut off counts
-    // itself as its handler or answer is dropped, in time for the final flush.
+    // itself as its handler or answer is dropped, in time for the final flush. An HTTP/2
+    // stream runs in a task of its own, which ends once its connection is gone.
     open.shutdown().await;
+    streams.close();
+    if tokio::time::timeout(STREAMS_END, streams.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = streams.len(),
+            "HTTP/2 streams did not end with their connections"
+        );
+    }
+}
+
+/// How long HTTP/2 streams get to end once the drain has closed their connections.
+const STREAMS_END: Duration = Duration::from_secs(1);
+
+/// The executor of HTTP/2 connections, which hyper spawns a task a stream on: the listener's
+/// [`TaskTracker`], so that a drain can wait for them.
+#[derive(Clone)]
+struct Streams(TaskTracker);
+
+impl<F> hyper::rt::Executor<F> for Streams
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, stream: F) {
+        self.0.spawn(stream);
+    }
 }
 
 /// One cleartext connection, from its first bytes to its close.
@@ -301,8 +332,7 @@ async fn speak<I, H, Fut, B>(
             Ok::<_, Infallible>(response)
         }
     });
-    let progress = activity.as_ref().map(|a| Arc::clone(&a.io));
-    let io = TokioIo::new(WatchedIo::new(io, protocols.send_stall, progress));
+    let io = TokioIo::new(WatchedIo::new(io, protocols.send_stall));
     let ended = match (protocol, activity) {
         (Protocol::Http1, _) | (Protocol::Http2, None) => {
             let conn = pin!(protocols
@@ -314,9 +344,9 @@ async fn speak<I, H, Fut, B>(
         (Protocol::Http2, Some(activity)) => {
             // Boxed so that the task of every HTTP/1 connection is not sized for HTTP/2's state.
             let mut conn = Box::pin(protocols.http2.serve_connection(io, service));
-            let idle = protocols.header_timeout;
+            let times = (protocols.header_timeout, protocols.send_stall);
             let close = http2::Connection::graceful_shutdown;
-            until_idle_or_drained(conn.as_mut(), close, &activity, idle, drain).await
+            until_idle_or_drained(conn.as_mut(), close, &activity, times, drain).await
         }
     };
     if let Err(e) = ended {
@@ -324,13 +354,11 @@ async fn speak<I, H, Fut, B>(
     }
 }
 
-/// What an HTTP/2 connection has done: requests begun, requests under way, and reads and
-/// writes that moved bytes ([`WatchedIo`]).
+/// What an HTTP/2 connection has done: requests begun, and requests under way.
 #[derive(Default)]
 struct Activity {
     begun: AtomicU64,
     running: AtomicUsize,
-    io: Arc<AtomicU64>,
 }
 
 /// A request under way (its handler, then its answer's body); counted in
@@ -384,15 +412,16 @@ impl<B: http_body::Body> http_body::Body for Guarded<B> {
 }
 
 /// [`until_drained`] for HTTP/2, which hyper never closes for idleness (its header timeout is
-/// HTTP/1's, and a client answers keep-alive pings however long it is idle). Looked at every
-/// `idle`:
-/// - a connection on which no request has begun since the last look, and none is under way
-///   (its handler or its answer's body), is asked to close (GOAWAY), as is every connection
-///   once the drain starts;
-/// - after that, one on which nothing is under way and no byte moved either way since the last
-///   look is dropped: a live client answers the GOAWAY's PING and hyper closes the connection
-///   itself, but one that reads nothing never does. Bytes still moving (a client reading the
-///   tail of an answer, its window updates) keep it, so what was sent is not cut by a reset.
+/// HTTP/1's, and a client answers keep-alive pings however long it is idle). With `(idle,
+/// linger)`, looked at every `idle`:
+/// - a connection on which no request has begun since the last look and none is under way (its
+///   handler or its answer's body) is asked to close (GOAWAY), as is every connection once the
+///   drain starts;
+/// - after that, once nothing has been under way on it for `linger` (the send stall's limit),
+///   it is dropped. A live client answers the GOAWAY's PING and hyper closes the connection
+///   well before; one that never does (it reads nothing, or keeps the connection busy with PINGs
+///   of its own) is not waited on for ever, and a client still reading the tail of an answer
+///   whose body hyper has already let go of gets as long as a stalled write would.
 ///
 /// Without this a client could hold a connection (its task and file descriptor) for ever by
 /// opening it and sending nothing.
@@ -400,33 +429,39 @@ async fn until_idle_or_drained<C>(
     mut conn: Pin<&mut C>,
     graceful_shutdown: fn(Pin<&mut C>),
     activity: &Activity,
-    idle: Duration,
+    (idle, linger): (Duration, Duration),
     mut drain: watch::Receiver<()>,
 ) -> hyper::Result<()>
 where
     C: Future<Output = hyper::Result<()>>,
 {
-    // Whether `counter` moved since the last look, and nothing is under way.
-    let still = |counter: &AtomicU64, seen: &mut u64| {
-        let now = counter.load(Ordering::Relaxed);
-        let still = now == *seen && activity.running.load(Ordering::Relaxed) == 0;
-        *seen = now;
-        still
-    };
+    let running = || activity.running.load(Ordering::Relaxed) > 0;
     let mut seen = activity.begun.load(Ordering::Relaxed);
     loop {
         tokio::select! {
             ended = conn.as_mut() => return ended,
             _ = drain.changed() => break,
-            () = tokio::time::sleep(idle) => if still(&activity.begun, &mut seen) { break },
+            () = tokio::time::sleep(idle) => {
+                let begun = activity.begun.load(Ordering::Relaxed);
+                if begun == seen && !running() {
+                    break;
+                }
+                seen = begun;
+            }
         }
     }
     graceful_shutdown(conn.as_mut());
-    let mut seen = activity.io.load(Ordering::Relaxed);
+    let mut quiet_since = tokio::time::Instant::now();
     loop {
         tokio::select! {
             ended = conn.as_mut() => return ended,
-            () = tokio::time::sleep(idle) => if still(&activity.io, &mut seen) { return Ok(()) },
+            () = tokio::time::sleep(idle.min(linger)) => {
+                if running() {
+                    quiet_since = tokio::time::Instant::now();
+                } else if quiet_since.elapsed() >= linger {
+                    return Ok(());
+                }
+            }
         }
     }
 }
@@ -486,5 +521,79 @@ async fn sniff(stream: &TcpStream) -> std::io::Result<Option<Protocol>> {
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(SNIFF_MAX_DELAY);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    const IDLE: Duration = Duration::from_millis(200);
+    const LINGER: Duration = Duration::from_millis(500);
+
+    /// A listener on a free port (header timeout [`IDLE`], send stall [`LINGER`]) answering
+    /// "ok"; dropping the sender stops it.
+    async fn listening() -> (SocketAddr, watch::Sender<bool>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let (stop, shutdown) = watch::channel(false);
+        let limits = ConnLimits {
+            header_timeout: IDLE,
+            max_header_bytes: 64 * 1024,
+            drain: Duration::from_secs(1),
+            send_stall: LINGER,
+        };
+        let answer = |_req: Request<Incoming>, _peer: SocketAddr| async {
+            Response::new(String::from("ok"))
+        };
+        tokio::spawn(serve(listener, None, answer, limits, None, shutdown));
+        (addr, stop)
+    }
+
+    /// The types of the HTTP/2 frames in `bytes`.
+    fn frame_types(mut bytes: &[u8]) -> Vec<u8> {
+        let mut types = Vec::new();
+        while bytes.len() >= 9 {
+            let len =
+                usize::from(bytes[0]) << 16 | usize::from(bytes[1]) << 8 | usize::from(bytes[2]);
+            types.push(bytes[3]);
+            bytes = bytes.get(9 + len..).unwrap_or_default();
+        }
+        types
+    }
+
+    /// hyper never closes an idle HTTP/2 connection (its header timeout is HTTP/1's; a client
+    /// answers pings). A client that sends the preface and its SETTINGS and then nothing, not
+    /// even the answer to the GOAWAY's PING, is told GOAWAY after the idle period and dropped
+    /// once the linger is over.
+    #[tokio::test]
+    async fn an_idle_http2_connection_is_told_goaway_and_dropped() {
+        let (addr, _stop) = listening().await;
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        // The preface, then an empty SETTINGS frame (length 0, type 4, no flags, stream 0).
+        stream
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .expect("preface");
+        let started = Instant::now();
+        let mut sent = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut sent))
+            .await
+            .expect("the idle HTTP/2 connection was still open after 5 s")
+            .expect("read");
+        assert!(
+            started.elapsed() >= IDLE + LINGER,
+            "{:?}",
+            started.elapsed()
+        );
+        let types = frame_types(&sent);
+        assert!(
+            types.contains(&7),
+            "no GOAWAY among the frames sent: {types:?}"
+        );
     }
 }

@@ -471,3 +471,41 @@ async fn token_requests_are_limited_per_client() {
         StatusCode::UNAUTHORIZED
     );
 }
+
+/// A token request whose body breaks off (or, at 30 s, never comes) is the client's malformed
+/// request: 400 `invalid_request` in the grant's error shape, not a plain-text rejection.
+#[tokio::test]
+async fn a_token_request_whose_body_breaks_off_is_invalid_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream).await;
+    let mut stream = tokio::net::TcpStream::connect(gw.proxy_addr)
+        .await
+        .expect("connect");
+    stream
+        .write_all(
+            b"POST /oauth/token HTTP/1.1\r\nHost: gw\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\ngrant_type=client",
+        )
+        .await
+        .expect("send");
+    stream.shutdown().await.expect("half-close");
+    let mut got = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut got),
+    )
+    .await
+    .expect("an answer in time")
+    .expect("read");
+    let text = String::from_utf8_lossy(&got);
+    let (head, body) = text.split_once("\r\n\r\n").expect("a whole answer");
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("cache-control: no-store"),
+        "{head}"
+    );
+    let error: Value = serde_json::from_str(body).expect("a JSON body");
+    assert_eq!(error["error"], "invalid_request", "{body}");
+}

@@ -1342,32 +1342,6 @@ async fn a_client_that_sends_nothing_is_disconnected_after_the_header_timeout() 
     assert!(rest.is_empty(), "{rest:?}");
 }
 
-/// hyper never closes an idle HTTP/2 connection (its header timeout is HTTP/1's; a client
-/// answers pings): the gateway does, once no request has begun for the header timeout. A client
-/// that opens with the preface and its SETTINGS and then sends nothing is told GOAWAY and closed.
-#[tokio::test]
-async fn an_idle_http2_connection_is_closed() {
-    use tokio::io::AsyncWriteExt;
-    let upstream = Upstream::start().await;
-    let (_gw, mut stream) = impatient_gateway(&upstream).await;
-    // The preface, then an empty SETTINGS frame (length 0, type 4, no flags, stream 0).
-    stream
-        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
-        .await
-        .expect("preface");
-    let closed = read_until_closed(&mut stream).await;
-    let sent = closed.expect("the idle HTTP/2 connection was still open after 5 s");
-    // Frames: 9-byte headers; a GOAWAY (type 7) is among them.
-    let mut frames = Vec::new();
-    let mut rest = &sent[..];
-    while rest.len() >= 9 {
-        let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
-        frames.push(rest[3]);
-        rest = rest.get(9 + len..).unwrap_or_default();
-    }
-    assert!(frames.contains(&7), "frame types sent: {frames:?}");
-}
-
 /// The idle close counts an answer still being sent as activity: a download read slowly over
 /// HTTP/2 (the client's flow-control window kept small, so the gateway can send only as fast
 /// as it reads) for several times the idle period arrives whole.
@@ -1518,10 +1492,24 @@ async fn an_http2_preface_split_in_two_is_still_http2() {
 /// process exited.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_cut_off_by_the_end_of_the_drain_is_counted() {
+    cut_off_by_the_drain_and_counted(client()).await;
+}
+
+/// The same over HTTP/2, whose streams run in tasks of their own (hyper spawns one a stream):
+/// the drain waits for them to end once their connection is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_cut_off_by_the_end_of_the_drain_is_counted() {
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    cut_off_by_the_drain_and_counted(client).await;
+}
+
+async fn cut_off_by_the_drain_and_counted(client: reqwest::Client) {
     let upstream = Upstream::start().await;
     let gw = Gateway::start(&upstream).await;
     let (_, key) = gw.account_with_key().await;
-    let client = client();
     // Through the `api` route (30 s timeout): the upstream answers after the drain.
     let in_flight = tokio::spawn(
         client

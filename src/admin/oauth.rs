@@ -16,6 +16,7 @@
 use std::num::NonZeroU32;
 use std::time::Duration;
 
+use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -82,8 +83,21 @@ struct OAuthError {
 pub(crate) async fn token(
     State(state): State<AdminState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    // A body that could not be read (it did not arrive in time, or broke off) is the
+    // client's malformed request, answered in the grant's own error shape.
+    let body = match body {
+        Ok(body) => body,
+        // Past the size bound: axum's 413, as before.
+        Err(too_large) if too_large.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return too_large.into_response()
+        }
+        Err(_) => {
+            return OAuthError::bad("invalid_request", "the request body could not be read")
+                .into_response()
+        }
+    };
     match issue(&state, &headers, &body).await {
         Ok(answer) => no_store((StatusCode::OK, Json(answer)).into_response()),
         Err(e) => e.into_response(),
