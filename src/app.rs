@@ -186,6 +186,7 @@ pub async fn start(settings: Settings, options: StartOptions) -> Result<Running,
         max_header_bytes: MAX_HEADER_BYTES,
         drain: DRAIN,
         send_stall: SEND_STALL,
+        max_connections: listener::connection_cap(),
     };
     // Two phases: the listeners stop and drain first, so that requests finishing during the
     // drain are still counted by the flusher's final write.

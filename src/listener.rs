@@ -50,6 +50,33 @@ pub struct ConnLimits {
     pub drain: Duration,
     /// How long a write to a client may wait for the client to take bytes ([`WatchedIo`]).
     pub send_stall: Duration,
+    /// The most connections open at once; past it the listener stops accepting (new ones wait
+    /// in the kernel's queue) until one closes. [`connection_cap`] fits it to the process.
+    pub max_connections: usize,
+}
+
+/// File descriptors kept for what is not a client connection: the store, Redis, the usage log,
+/// the listeners, the process's own files.
+const RESERVED_FDS: usize = 256;
+
+/// The most client connections this process can hold: half of its open-files limit (each
+/// proxied request may hold an upstream connection beside the client's) less
+/// [`RESERVED_FDS`]; no cap when the limit cannot be read or is unlimited. Past the limit,
+/// `accept` would fail for every listener alike (admin and `/metrics` included) instead of
+/// new connections waiting their turn.
+pub fn connection_cap() -> usize {
+    open_files_limit().map_or(usize::MAX, |n| (n.saturating_sub(RESERVED_FDS) / 2).max(1))
+}
+
+/// The soft limit on open files, from `/proc/self/limits` ("Max open files  SOFT  HARD  files").
+fn open_files_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.trim_start_matches("Max open files")
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The HTTP version a connection speaks.
@@ -142,13 +169,22 @@ pub async fn serve<H, Fut, B>(
     // cannot watch hyper's upgradeable HTTP/1 connection.)
     let (drain_tx, drain_rx) = watch::channel(());
     let tls = tls.map(TlsAcceptor::from);
-    // The connections' tasks, so that those still open when the drain ends can be closed.
+    // The connections' tasks, so that those still open when the drain ends can be closed, and
+    // counted against `max_connections`.
     let mut open = JoinSet::new();
+    let mut full = false;
     loop {
+        if open.len() >= limits.max_connections && !full {
+            tracing::warn!(
+                max = limits.max_connections,
+                "connections at the cap: new ones wait in the listen queue until one closes"
+            );
+        }
+        full = open.len() >= limits.max_connections;
         let (stream, peer) = tokio::select! {
             // A set keeps a finished task until it is collected: collected as they end.
             Some(_) = open.join_next(), if !open.is_empty() => continue,
-            accepted = listener.accept() => match accepted {
+            accepted = listener.accept(), if !full => match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -538,14 +574,22 @@ mod tests {
     /// A listener on a free port (header timeout [`IDLE`], send stall [`LINGER`]) answering
     /// "ok"; dropping the sender stops it.
     async fn listening() -> (SocketAddr, watch::Sender<bool>) {
+        listening_with(IDLE, usize::MAX).await
+    }
+
+    async fn listening_with(
+        header_timeout: Duration,
+        max_connections: usize,
+    ) -> (SocketAddr, watch::Sender<bool>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
         let (stop, shutdown) = watch::channel(false);
         let limits = ConnLimits {
-            header_timeout: IDLE,
+            header_timeout,
             max_header_bytes: 64 * 1024,
             drain: Duration::from_secs(1),
             send_stall: LINGER,
+            max_connections,
         };
         let answer = |_req: Request<Incoming>, _peer: SocketAddr| async {
             Response::new(String::from("ok"))
@@ -595,5 +639,61 @@ mod tests {
             types.contains(&7),
             "no GOAWAY among the frames sent: {types:?}"
         );
+    }
+
+    /// Sends a GET on `stream` and waits up to `wait` for the start of an answer.
+    async fn answered(stream: &mut TcpStream, wait: Duration) -> bool {
+        let mut first = [0u8; 12];
+        tokio::time::timeout(wait, stream.read_exact(&mut first))
+            .await
+            .is_ok_and(|read| read.is_ok() && first.starts_with(b"HTTP/1.1 200"))
+    }
+
+    /// At `max_connections` the listener stops accepting: a further connection waits in the
+    /// kernel's queue, unanswered, until one of the open ones closes, and is then served.
+    #[tokio::test]
+    async fn past_the_connection_cap_a_connection_waits_for_one_to_close() {
+        let (addr, _stop) = listening_with(Duration::from_secs(10), 2).await;
+        let get = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+        let mut open = Vec::new();
+        for _ in 0..2 {
+            let mut stream = TcpStream::connect(addr).await.expect("connect");
+            stream.write_all(get).await.expect("send");
+            assert!(answered(&mut stream, Duration::from_secs(5)).await);
+            open.push(stream);
+        }
+        let mut third = TcpStream::connect(addr)
+            .await
+            .expect("queued by the kernel");
+        third.write_all(get).await.expect("send");
+        assert!(
+            !answered(&mut third, Duration::from_millis(500)).await,
+            "a third connection was served past a cap of two"
+        );
+        drop(open.pop());
+        assert!(
+            answered(&mut third, Duration::from_secs(5)).await,
+            "the queued connection was not served once one closed"
+        );
+    }
+
+    /// The limit is read as the shell reads it (`ulimit -n`, the same soft limit, inherited).
+    #[test]
+    fn the_open_files_limit_is_read_as_the_shell_reads_it() {
+        let shell = std::process::Command::new("sh")
+            .args(["-c", "ulimit -n"])
+            .output()
+            .expect("sh");
+        let shell = String::from_utf8_lossy(&shell.stdout).trim().to_owned();
+        match open_files_limit() {
+            Some(n) => {
+                assert_eq!(shell, n.to_string());
+                assert_eq!(
+                    connection_cap(),
+                    (n.saturating_sub(RESERVED_FDS) / 2).max(1)
+                );
+            }
+            None => assert_eq!(shell, "unlimited"),
+        }
     }
 }
