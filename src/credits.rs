@@ -183,16 +183,21 @@ impl CreditLease {
     /// take that the store does not answer, each waiter gives up at its own deadline instead of
     /// queueing a second for every one ahead of it.
     pub async fn take(&self, cost: u32, now_ms: i64) -> Result<(), Shortfall> {
-        let deadline = tokio::time::Instant::now() + TAKE_DEADLINE;
-        let late = || {
-            crate::store::StoreError::Unavailable(format!(
-                "no credits granted within {TAKE_DEADLINE:?}"
-            ))
-        };
-        let Ok(_one_at_a_time) = tokio::time::timeout_at(deadline, self.take_lock.lock()).await
-        else {
-            return self.not_granted(&late(), i64::from(cost));
-        };
+        // Its only waits are the lock and the store's call; what follows them does not wait,
+        // so a grant is applied whole or not at all.
+        tokio::time::timeout(TAKE_DEADLINE, self.take_in_turn(cost, now_ms))
+            .await
+            .unwrap_or_else(|_| {
+                let late = crate::store::StoreError::Unavailable(format!(
+                    "no credits granted within {TAKE_DEADLINE:?}"
+                ));
+                self.not_granted(&late, i64::from(cost))
+            })
+    }
+
+    /// [`CreditLease::take`] without its deadline.
+    async fn take_in_turn(&self, cost: u32, now_ms: i64) -> Result<(), Shortfall> {
+        let _one_at_a_time = self.take_lock.lock().await;
         match self.try_spend(cost, now_ms) {
             Err(Shortfall::NeedsTake) => {}
             done => return done,
@@ -204,12 +209,10 @@ impl CreditLease {
             (state.totals, (cost - state.tokens).max(0) + lease)
         };
         let shared = &self.shared;
-        let take = shared
+        let grant = shared
             .store
-            .take_credits(&self.key_id, &shared.instance, totals, want, now_ms);
-        let grant = tokio::time::timeout_at(deadline, take)
-            .await
-            .unwrap_or_else(|_| Err(late()));
+            .take_credits(&self.key_id, &shared.instance, totals, want, now_ms)
+            .await;
         let mut state = self.state.lock();
         match grant {
             Ok(grant) => {

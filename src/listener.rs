@@ -174,13 +174,13 @@ pub async fn serve<H, Fut, B>(
     let mut open = JoinSet::new();
     let mut full = false;
     loop {
-        if open.len() >= limits.max_connections && !full {
+        let was_full = std::mem::replace(&mut full, open.len() >= limits.max_connections);
+        if full && !was_full {
             tracing::warn!(
                 max = limits.max_connections,
                 "connections at the cap: new ones wait in the listen queue until one closes"
             );
         }
-        full = open.len() >= limits.max_connections;
         let (stream, peer) = tokio::select! {
             // A set keeps a finished task until it is collected: collected as they end.
             Some(_) = open.join_next(), if !open.is_empty() => continue,
@@ -353,7 +353,8 @@ async fn speak<I, H, Fut, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     // HTTP/2 connections are closed once idle (`until_idle_or_drained`): what they do is
-    // counted. An HTTP/1 connection's idle wait for its next head is hyper's header timeout.
+    // counted, and `activity` is `Some` exactly for them. An HTTP/1 connection's idle wait for
+    // its next head is hyper's header timeout.
     let activity = (protocol == Protocol::Http2).then(|| Arc::new(Activity::default()));
     let counted = activity.clone();
     // Boxed: hyper keeps the slot of the request in flight for the connection's life, sized for
@@ -369,15 +370,15 @@ async fn speak<I, H, Fut, B>(
         }
     });
     let io = TokioIo::new(WatchedIo::new(io, protocols.send_stall));
-    let ended = match (protocol, activity) {
-        (Protocol::Http1, _) | (Protocol::Http2, None) => {
+    let ended = match activity {
+        None => {
             let conn = pin!(protocols
                 .http1
                 .serve_connection(io, service)
                 .with_upgrades());
             until_drained(conn, http1::UpgradeableConnection::graceful_shutdown, drain).await
         }
-        (Protocol::Http2, Some(activity)) => {
+        Some(activity) => {
             // Boxed so that the task of every HTTP/1 connection is not sized for HTTP/2's state.
             let mut conn = Box::pin(protocols.http2.serve_connection(io, service));
             let times = (protocols.header_timeout, protocols.send_stall);
