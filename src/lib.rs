@@ -14,7 +14,8 @@
 //! Layer 1, foundations: [`config`] (settings, parsed and validated once), [`store`] (the only
 //! module that touches disk or network: six role traits — records, OAuth clients, audit log,
 //! usage, limit buckets, fleet — each backend one file per role; its `audit_chain` is pure), [`tls`] (a
-//! listener's certificate and key, checked and reloadable), [`metrics`].
+//! listener's certificate and key, checked and reloadable), [`metrics`], [`silence`] (the one
+//! rule for a peer that says nothing for too long: bodies, writes to clients).
 //!
 //! Layer 2, state: [`limits`] (per-key GCRA buckets), [`auth`] (the key cache and the one
 //! decision, [`auth::authorize`]), [`metering`] (per-key minute counters, their flusher, and
@@ -53,6 +54,7 @@ pub mod policy;
 pub mod proxy;
 pub mod refusal;
 pub mod shutdown;
+pub mod silence;
 pub mod store;
 pub mod target;
 pub mod tls;

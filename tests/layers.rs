@@ -18,6 +18,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("metrics", 1),
     ("store", 1),
     ("tls", 1),
+    ("silence", 1),
     ("auth", 2),
     ("credits", 2),
     ("limits", 2),

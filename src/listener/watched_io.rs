@@ -9,26 +9,22 @@
 //! fails with [`std::io::ErrorKind::TimedOut`]; hyper ends the connection, which drops the
 //! response body (its upstream connection closed, its request counted).
 //!
-//! A write that succeeds disarms the timer, so only silence counts, not a slow reader. The timer
-//! is made the first time a write waits, and reset after that: a connection whose writes never
-//! wait costs a branch per write.
+//! Only silence counts, not a slow reader: the timer is [`Silence`]'s, armed when a write begins
+//! to wait and disarmed when one makes progress.
 
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::{Instant, Sleep};
+
+use crate::silence::Silence;
 
 /// `io`, whose writes fail once one has waited `limit` without progress.
 pub(super) struct WatchedIo<I> {
     io: I,
-    limit: Duration,
-    /// Made when a write first waits; `armed` while one is waiting.
-    timer: Option<Pin<Box<Sleep>>>,
-    armed: bool,
+    silence: Silence,
 }
 
 /// The client took no bytes for the limit.
@@ -40,38 +36,22 @@ impl<I> WatchedIo<I> {
     pub(super) fn new(io: I, limit: Duration) -> Self {
         WatchedIo {
             io,
-            limit,
-            timer: None,
-            armed: false,
+            silence: Silence::new(limit),
         }
     }
 
-    /// Passes a write's result on; a wait arms the timer (if it is not already), and a wait past
-    /// it is an error.
+    /// Passes a write's result on; a wait past the limit is an error.
     fn watch<T>(
         &mut self,
         polled: Poll<io::Result<T>>,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<T>> {
-        if polled.is_ready() {
-            self.armed = false;
-            return polled;
-        }
-        let limit = self.limit;
-        let timer = match &mut self.timer {
-            Some(timer) if self.armed => timer,
-            Some(timer) => {
-                timer.as_mut().reset(Instant::now() + limit);
-                timer
-            }
-            None => self.timer.insert(Box::pin(tokio::time::sleep(limit))),
-        };
-        self.armed = true;
-        match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => {
-                Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, Stalled(limit))))
-            }
-            Poll::Pending => Poll::Pending,
+        match self.silence.watch(&polled, cx) {
+            Some(expired) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                Stalled(expired.0),
+            ))),
+            None => polled,
         }
     }
 }
@@ -123,6 +103,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for WatchedIo<I> {
 #[cfg(test)]
 mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio::time::Instant;
 
     use super::*;
 

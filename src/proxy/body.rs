@@ -6,11 +6,12 @@
 //!
 //! Both bound the silence inside a body by the route's `idle_timeout`: a client body that stalls
 //! fails as [`ClientBodyError::Stalled`] (400), an upstream body that stalls is cut and counted
-//! as `upstream_timeout`. The timer is armed only when a body first has to wait, so a body that
-//! arrives whole costs no timer. A client body that breaks its own framing fails as
+//! as `upstream_timeout`. Only the body's own waits are timed ([`Silence`]), not the time its
+//! reader takes between polls: a reader held up by a client that reads slowly does not make a
+//! live peer look silent. A body that arrives whole costs no timer. A client body that breaks
+//! its own framing fails as
 //! [`ClientBodyError::Framing`] (400, never a 502).
 
-use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -18,10 +19,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio::time::{Instant, Sleep};
 
 use super::pool::Checkin;
 use super::record::{Record, UsageSink};
+use crate::silence::Silence;
 
 /// A boxed error, as hyper's client takes from a request body.
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -52,19 +53,12 @@ pub enum ClientBodyError {
 #[error("the upstream's body stalled for longer than {0:?}")]
 pub struct UpstreamBodyStalled(Duration);
 
-/// The longest silence a body may keep: armed when the body first has to wait, pushed back by
-/// every frame after that.
-struct Idle {
-    limit: Duration,
-    timer: Option<Pin<Box<Sleep>>>,
-}
-
 /// The client's body on its way upstream.
 pub struct RequestBody {
     inner: Incoming,
     seen: u64,
     limit: u64,
-    idle: Idle,
+    idle: Silence,
     sink: Option<UsageSink>,
 }
 
@@ -73,34 +67,9 @@ pub struct ResponseBody {
     inner: Incoming,
     seen: u64,
     ended: bool,
-    idle: Idle,
+    idle: Silence,
     record: Option<Record>,
     conn: Option<Checkin>,
-}
-
-// === impl Idle ===
-
-impl Idle {
-    fn new(limit: Duration) -> Self {
-        Idle { limit, timer: None }
-    }
-
-    /// A frame arrived: the silence starts again (only once a wait has armed the timer).
-    fn progressed(&mut self) {
-        if let Some(timer) = &mut self.timer {
-            timer.as_mut().reset(Instant::now() + self.limit);
-        }
-    }
-
-    /// The body has to wait: whether the silence has lasted too long (else `cx` is woken when
-    /// it will have).
-    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        let limit = self.limit;
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-        timer.as_mut().poll(cx).is_ready()
-    }
 }
 
 // === impl RequestBody ===
@@ -112,7 +81,7 @@ impl RequestBody {
             inner,
             seen: 0,
             limit,
-            idle: Idle::new(idle),
+            idle: Silence::new(idle),
             sink,
         }
     }
@@ -145,7 +114,7 @@ impl Body for RequestBody {
             }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending if this.idle.expired(cx) => Poll::Ready(Some(Err(Box::new(
-                ClientBodyError::Stalled(this.idle.limit),
+                ClientBodyError::Stalled(this.idle.limit()),
             )))),
             Poll::Pending => Poll::Pending,
         }
@@ -184,7 +153,7 @@ impl ResponseBody {
             inner,
             seen: 0,
             ended: false,
-            idle: Idle::new(idle),
+            idle: Silence::new(idle),
             record,
             conn,
         }
@@ -217,7 +186,7 @@ impl Body for ResponseBody {
                 if let Some(record) = &mut this.record {
                     record.cut();
                 }
-                Poll::Ready(Some(Err(Box::new(UpstreamBodyStalled(this.idle.limit)))))
+                Poll::Ready(Some(Err(Box::new(UpstreamBodyStalled(this.idle.limit())))))
             }
             Poll::Pending => Poll::Pending,
         }
@@ -257,4 +226,107 @@ pub fn caused_by<T: std::error::Error + 'static>(err: &(dyn std::error::Error + 
         cur = e.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::TokioIo;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio::time::{sleep, Instant};
+
+    use super::*;
+
+    const LIMIT: Duration = Duration::from_secs(1);
+
+    /// An upstream on an in-memory pipe that answers with a chunked body, one chunk after each
+    /// pause in `chunks` (from when it has read the request), and the answer's body as
+    /// hyper's client gives it.
+    async fn upstream(chunks: Vec<(Duration, &'static str)>) -> Incoming {
+        let (ours, mut theirs): (DuplexStream, DuplexStream) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.ends_with(b"\r\n\r\n") {
+                let n = theirs.read(&mut buf).await.expect("read the request");
+                assert!(n > 0, "the client closed before its request");
+                head.extend_from_slice(&buf[..n]);
+            }
+            let answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+            theirs.write_all(answer).await.expect("write the head");
+            for (pause, chunk) in chunks {
+                sleep(pause).await;
+                let framed = format!("{:x}\r\n{chunk}\r\n", chunk.len());
+                theirs.write_all(framed.as_bytes()).await.expect("write");
+            }
+            theirs.write_all(b"0\r\n\r\n").await.expect("write the end");
+            // Held open: the end of the pipe is not an answer's end.
+            std::future::pending::<()>().await;
+        });
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(ours))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        let request = http::Request::builder()
+            .uri("/")
+            .header("host", "upstream")
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        send.send_request(request)
+            .await
+            .expect("answer")
+            .into_body()
+    }
+
+    async fn next(body: &mut ResponseBody) -> Result<Option<Bytes>, BoxError> {
+        match body.frame().await {
+            Some(Ok(frame)) => Ok(frame.into_data().ok()),
+            Some(Err(e)) => Err(e),
+            None => Ok(None),
+        }
+    }
+
+    /// The reader stops polling for two limits after a frame (held up by a client that reads
+    /// slowly); the upstream's next chunk comes half a limit after the reader is back. That is
+    /// no silence of the upstream's, and the body goes on.
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_that_pauses_after_a_frame_does_not_make_the_upstream_silent() {
+        let incoming = upstream(vec![
+            (LIMIT / 10, "first"),
+            (LIMIT * 2 + LIMIT / 2, "second"),
+        ])
+        .await;
+        let mut body = ResponseBody::new(incoming, LIMIT, None, None);
+        // The first poll waits (the timer is armed), then the first chunk comes.
+        assert_eq!(
+            next(&mut body).await.expect("first").as_deref(),
+            Some(&b"first"[..])
+        );
+        sleep(LIMIT * 2).await;
+        let back = Instant::now();
+        let second = next(&mut body).await.expect("the upstream was cut");
+        assert_eq!(second.as_deref(), Some(&b"second"[..]));
+        assert!(back.elapsed() < LIMIT, "{:?}", back.elapsed());
+        assert_eq!(next(&mut body).await.expect("end"), None);
+    }
+
+    /// The other side of the same rule: an upstream that says nothing for the limit while the
+    /// reader waits on it is cut, a limit after the wait began.
+    #[tokio::test(start_paused = true)]
+    async fn an_upstream_silent_for_the_limit_is_cut() {
+        let incoming = upstream(vec![(LIMIT / 10, "first"), (LIMIT * 3, "late")]).await;
+        let mut body = ResponseBody::new(incoming, LIMIT, None, None);
+        assert_eq!(
+            next(&mut body).await.expect("first").as_deref(),
+            Some(&b"first"[..])
+        );
+        let waited = Instant::now();
+        let cut = next(&mut body)
+            .await
+            .expect_err("a silent upstream goes on");
+        assert!(caused_by::<UpstreamBodyStalled>(cut.as_ref()), "{cut}");
+        assert_eq!(waited.elapsed(), LIMIT);
+    }
 }
