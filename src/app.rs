@@ -308,11 +308,14 @@ impl Running {
         self.reloader.reload(fresh)
     }
 
-    /// Stops accepting, lets in-flight requests finish (bounded), flushes usage, and returns when
-    /// every task has ended and the store is closed.
+    /// Stops accepting, lets in-flight requests finish (bounded), closes WebSocket tunnels,
+    /// flushes usage, and returns when every task has ended and the store is closed.
     pub async fn shutdown(mut self) {
         let _ = self.stop_serving.send(true);
         join_all(&mut self.serving).await;
+        // WebSocket tunnels outlive their connections' tasks: closed once the drain is over,
+        // and counted before the final flush.
+        self.reloader.proxy.load().tunnels().close().await;
         let _ = self.stop_background.send(true);
         join_all(&mut self.background).await;
         tracing::info!("tollgate stopped");

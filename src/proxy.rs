@@ -54,6 +54,7 @@ use headers::{Forwarding, IdentityNames};
 use pool::Pool;
 use record::{Identified, Record, Ticket};
 use route::{Route, RouteTable, Target};
+use tunnel::Tunnels;
 
 /// What the proxy answers with: the upstream's streamed body, or one of ours.
 pub type ProxyBody = Either<ResponseBody, Full<Bytes>>;
@@ -77,6 +78,8 @@ pub struct Proxy {
     /// `proxy.expose_account_api`: `/v1/account…` on this listener goes to the account API
     /// (routed by `app`, which alone knows both edges).
     expose_account_api: bool,
+    /// The WebSocket tunnels open, kept across reloads.
+    tunnels: Arc<Tunnels>,
 }
 
 /// What the target check found, for the stages after it.
@@ -113,7 +116,8 @@ impl Proxy {
         meter: Arc<Meter>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, http::header::InvalidHeaderName> {
-        Self::build(settings, cache, meter, metrics, Pool::new())
+        let tunnels = Arc::new(Tunnels::default());
+        Self::build(settings, cache, meter, metrics, Pool::new(), tunnels)
     }
 
     /// The proxy of a reloaded config, over the same shared state. Its connection pool
@@ -125,6 +129,7 @@ impl Proxy {
             Arc::clone(&self.meter),
             Arc::clone(&self.metrics),
             self.upstreams.pool().continued(),
+            Arc::clone(&self.tunnels),
         )
     }
 
@@ -134,6 +139,7 @@ impl Proxy {
         meter: Arc<Meter>,
         metrics: Arc<Metrics>,
         mut pool: Pool,
+        tunnels: Arc<Tunnels>,
     ) -> Result<Self, http::header::InvalidHeaderName> {
         let routes = RouteTable::new(&settings.routes, &metrics, &mut pool);
         Ok(Proxy {
@@ -148,6 +154,7 @@ impl Proxy {
             tls: settings.proxy.tls.is_some(),
             expose_account_api: settings.proxy.expose_account_api,
             limit_headers: settings.limits.headers,
+            tunnels,
             signer: match &settings.identity.signing {
                 Some(signing) => Some(signed::Signer::new(
                     &signing.secret,
@@ -161,6 +168,12 @@ impl Proxy {
                 None => None,
             },
         })
+    }
+
+    /// The WebSocket tunnels this proxy (and every proxy reloaded from it) opened; the
+    /// shutdown closes them once the listeners have drained.
+    pub fn tunnels(&self) -> &Tunnels {
+        &self.tunnels
     }
 
     /// Whether `/v1/account…` on the proxy listener is the account API's.
@@ -202,7 +215,7 @@ impl Proxy {
             let (outgoing, client) = self.upstream_request(route, req, peer, &checked, &ticket)?;
             let (mut answer, record) = self.send(route, outgoing, &ticket).await?;
             self.charge(route, &mut answer.response, &ticket);
-            respond(route, answer, record, client)
+            respond(route, answer, record, client, &self.tunnels)
         }
         .await;
         self.record(&ticket, outcome, started)
@@ -498,11 +511,12 @@ fn respond(
     answer: forward::Answer,
     record: Record,
     client: Client,
+    tunnels: &Tunnels,
 ) -> Result<Response<ProxyBody>, Refusal> {
     let forward::Answer { mut response, conn } = answer;
     let switching = response.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     let record = if switching {
-        tunnel::open(&mut response, record, client.upgrade)?;
+        tunnels.open(&mut response, record, client.upgrade, route.idle_timeout)?;
         None
     } else {
         Some(record)

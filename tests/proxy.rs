@@ -1705,43 +1705,6 @@ auth = "public"
 }
 
 #[tokio::test]
-async fn websocket_upgrades_pass_through_both_ways() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let upstream = Upstream::start().await;
-    let gw = Gateway::start(&upstream).await;
-    let (_, key) = gw.account_with_key().await;
-    let mut stream = tokio::net::TcpStream::connect(gw.proxy_addr)
-        .await
-        .expect("connect");
-    let handshake = format!(
-        "GET /chat/ws HTTP/1.1\r\nHost: example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-         X-API-Key: {key}\r\n\r\n"
-    );
-    stream
-        .write_all(handshake.as_bytes())
-        .await
-        .expect("handshake");
-    let head = read_until(&mut stream, b"\r\n\r\n").await;
-    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-    assert!(head.starts_with("http/1.1 101"), "{head}");
-    assert!(head.contains("upgrade: websocket"), "{head}");
-    assert!(head.contains("connection: upgrade"), "{head}");
-    // After the switch the gateway is a tunnel: frames go up and come back untouched.
-    let frame: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
-    let (mut read, mut write) = stream.into_split();
-    let sent = frame.clone();
-    let writer = tokio::spawn(async move { write.write_all(&sent).await.map(|()| write) });
-    let mut echoed = vec![0u8; frame.len()];
-    tokio::time::timeout(WAIT, read.read_exact(&mut echoed))
-        .await
-        .expect("echo in time")
-        .expect("echo");
-    assert!(echoed == frame, "the tunnel changed the bytes");
-    let _write = writer.await.expect("writer").expect("write");
-}
-
-#[tokio::test]
 async fn http2_clients_are_served() {
     let upstream = Upstream::start().await;
     let gw = Gateway::start(&upstream).await;

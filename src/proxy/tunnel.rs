@@ -1,38 +1,133 @@
 //! WebSocket upgrades past the gateway: once the upstream answers `101 Switching Protocols`,
 //! the client's connection and the upstream's are joined until either side closes. The request
 //! is counted when the tunnel opens (its [`Record`] cannot wait for a body that never ends); the
-//! bytes that pass count when it closes. Only WebSocket upgrades are asked for upstream
-//! ([`headers::requested_upgrade`](super::headers::requested_upgrade)).
+//! bytes that pass count when it closes, however it closes. Only WebSocket upgrades are asked
+//! for upstream ([`headers::requested_upgrade`](super::headers::requested_upgrade)).
+//!
+//! A tunnel is bounded like a body: one in which neither side has sent anything for the route's
+//! `idle_timeout` is closed ([`Silence`], timed only while both directions wait). The tunnels
+//! live in [`Tunnels`], which the shutdown closes once the listeners have drained, so that their
+//! bytes are counted before the final flush.
+
+use std::future::{poll_fn, Future};
+use std::io;
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::header::HeaderValue;
 use http::Response;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::record::{Record, UsageSink};
 use crate::refusal::Refusal;
+use crate::silence::Silence;
 
-/// Counts the request and joins the client to the upstream once both connections are upgraded
-/// (`asked`: the protocol the client asked for and its side of the tunnel). A 101 to a request
-/// that asked for no upgrade, or one that cannot be upgraded, is refused instead.
-pub fn open(
-    response: &mut Response<Incoming>,
-    record: Record,
-    asked: Option<(HeaderValue, Option<OnUpgrade>)>,
-) -> Result<(), Refusal> {
-    let Some((_, Some(client))) = asked else {
-        record.refused();
-        return Err(Refusal::UpstreamUnavailable);
-    };
-    let upstream = hyper::upgrade::on(response);
-    tokio::spawn(join(client, upstream, record.upgraded()));
-    Ok(())
+/// How long the shutdown waits for closed tunnels to count their bytes.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// The open tunnels, shared by every config a reload makes.
+#[derive(Default)]
+pub struct Tunnels {
+    tracker: TaskTracker,
+    closing: CancellationToken,
 }
 
-/// Joins an upgraded client connection to the upgraded upstream one until either side closes;
-/// the bytes that pass count as the key's bytes in and out.
-async fn join(client: OnUpgrade, upstream: OnUpgrade, sink: Option<UsageSink>) {
+/// How a tunnel ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    /// One side closed it, or failed.
+    Closed,
+    /// Neither side sent anything for the limit.
+    Idle,
+    /// The gateway is stopping.
+    ShutDown,
+}
+
+/// The bytes a tunnel has moved: written to the upstream (the key's bytes in) and to the client
+/// (its bytes out), and read from either (only to see that the tunnel is not silent).
+#[derive(Default)]
+struct Moved {
+    up: AtomicU64,
+    down: AtomicU64,
+    read: AtomicU64,
+}
+
+/// One side of a tunnel, counting what passes through it into [`Moved`].
+struct Counted<'m, I> {
+    io: I,
+    written: &'m AtomicU64,
+    read: &'m AtomicU64,
+}
+
+// === impl Tunnels ===
+
+impl Tunnels {
+    /// Counts the request and joins the client to the upstream once both connections are
+    /// upgraded (`asked`: the protocol the client asked for and its side of the tunnel). A 101
+    /// to a request that asked for no upgrade, or one that cannot be upgraded, is refused
+    /// instead.
+    pub fn open(
+        &self,
+        response: &mut Response<Incoming>,
+        record: Record,
+        asked: Option<(HeaderValue, Option<OnUpgrade>)>,
+        idle: Duration,
+    ) -> Result<(), Refusal> {
+        let Some((_, Some(client))) = asked else {
+            record.refused();
+            return Err(Refusal::UpstreamUnavailable);
+        };
+        let upstream = hyper::upgrade::on(response);
+        let closing = self.closing.clone();
+        self.tracker
+            .spawn(join(client, upstream, record.upgraded(), idle, closing));
+        Ok(())
+    }
+
+    /// Closes every tunnel (and any opened after this), and waits a little for them to count
+    /// their bytes.
+    pub async fn close(&self) {
+        self.closing.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(CLOSE_WAIT, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = self.tracker.len(),
+                "tunnels still open after they were closed"
+            );
+        }
+    }
+
+    /// How many tunnels are open.
+    pub fn len(&self) -> usize {
+        self.tracker.len()
+    }
+
+    /// Whether no tunnel is open.
+    pub fn is_empty(&self) -> bool {
+        self.tracker.is_empty()
+    }
+}
+
+/// Joins an upgraded client connection to the upgraded upstream one until either side closes,
+/// neither sends anything for `idle`, or `closing`; the bytes that passed count as the key's
+/// bytes in and out.
+async fn join(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    sink: Option<UsageSink>,
+    idle: Duration,
+    closing: CancellationToken,
+) {
     let (client, upstream) = match tokio::join!(client, upstream) {
         (Ok(c), Ok(u)) => (c, u),
         (Err(e), _) | (_, Err(e)) => {
@@ -40,13 +135,106 @@ async fn join(client: OnUpgrade, upstream: OnUpgrade, sink: Option<UsageSink>) {
             return;
         }
     };
-    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok((sent, received)) => {
-            if let Some(sink) = sink {
-                sink.add(sent, received);
-            }
+    let moved = Moved::default();
+    let ended = {
+        let mut client = Counted::new(TokioIo::new(client), &moved.down, &moved.read);
+        let mut upstream = Counted::new(TokioIo::new(upstream), &moved.up, &moved.read);
+        let copying = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+        tokio::select! {
+            ended = until_silent(copying, &moved, idle) => ended,
+            () = closing.cancelled() => Ended::ShutDown,
         }
-        Err(e) => tracing::debug!(error = %e, "upgraded connection ended with an error"),
+    };
+    tracing::debug!(?ended, "tunnel closed");
+    if let Some(sink) = sink {
+        sink.add(
+            moved.up.load(Ordering::Relaxed),
+            moved.down.load(Ordering::Relaxed),
+        );
+    }
+}
+
+/// Runs `copying` until it ends, or until a wait of both directions has moved no byte for
+/// `idle`.
+async fn until_silent<F>(copying: F, moved: &Moved, idle: Duration) -> Ended
+where
+    F: Future<Output = io::Result<(u64, u64)>>,
+{
+    let mut copying = pin!(copying);
+    let mut silence = Silence::new(idle);
+    let mut seen = 0;
+    poll_fn(|cx| {
+        if let Poll::Ready(result) = copying.as_mut().poll(cx) {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "upgraded connection ended with an error");
+            }
+            return Poll::Ready(Ended::Closed);
+        }
+        let now = moved.total();
+        if now != seen {
+            seen = now;
+            silence.progressed();
+        }
+        if silence.expired(cx) {
+            Poll::Ready(Ended::Idle)
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+// === impl Moved ===
+
+impl Moved {
+    fn total(&self) -> u64 {
+        let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        load(&self.up)
+            .wrapping_add(load(&self.down))
+            .wrapping_add(load(&self.read))
+    }
+}
+
+// === impl Counted ===
+
+impl<'m, I> Counted<'m, I> {
+    fn new(io: I, written: &'m AtomicU64, read: &'m AtomicU64) -> Self {
+        Counted { io, written, read }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Counted<'_, I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        let n = buf.filled().len().saturating_sub(before) as u64;
+        self.read.fetch_add(n, Ordering::Relaxed);
+        polled
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<'_, I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
