@@ -1,7 +1,7 @@
 //! Accepting connections and serving HTTP/1.1 and HTTP/2 on them, for both listeners: limits on
 //! request heads (size, and time against slow clients), on how long a write waits for a client
-//! that stopped reading ([`watched_io`]), the open-connections gauge, and a graceful drain on
-//! shutdown. Takes a *bound* listener, so tests bind port 0.
+//! that stopped reading ([`watched_io`]) and an HTTP/2 stream for a client that stopped taking
+//! it ([`streams`]), the open-connections gauge, and a graceful drain on shutdown. Takes a *bound* listener, so tests bind port 0.
 //!
 //! A listener serves cleartext or TLS. On cleartext the first bytes tell HTTP/1 from HTTP/2
 //! with prior knowledge (`sniff`); on TLS the handshake (rustls, [`crate::tls`]) must finish
@@ -35,8 +35,10 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
+mod streams;
 mod watched_io;
 
+use streams::{Stall, Streams};
 use watched_io::WatchedIo;
 
 /// Per-connection protocol limits.
@@ -154,7 +156,7 @@ pub async fn serve<H, Fut, B>(
         .max_header_size(limits.max_header_bytes)
         .max_buf_size(limits.max_header_bytes.max(8192));
     let streams = TaskTracker::new();
-    let mut http2 = http2::Builder::new(Streams(streams.clone()));
+    let mut http2 = http2::Builder::new(Streams::new(streams.clone(), limits.send_stall));
     http2
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
@@ -241,21 +243,6 @@ pub async fn serve<H, Fut, B>(
 
 /// How long HTTP/2 streams get to end once the drain has closed their connections.
 const STREAMS_END: Duration = Duration::from_secs(1);
-
-/// The executor of HTTP/2 connections, which hyper spawns a task a stream on: the listener's
-/// [`TaskTracker`], so that a drain can wait for them.
-#[derive(Clone)]
-struct Streams(TaskTracker);
-
-impl<F> hyper::rt::Executor<F> for Streams
-where
-    F: Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, stream: F) {
-        self.0.spawn(stream);
-    }
-}
 
 /// One cleartext connection, from its first bytes to its close.
 async fn serve_connection<H, Fut, B>(
@@ -365,7 +352,13 @@ async fn speak<I, H, Fut, B>(
         let running = counted.as_ref().map(Activity::begin);
         let fut = Box::pin(handler(req, peer));
         async move {
-            let response = fut.await.map(|body| Guarded { body, running });
+            // Run in the stream's own task (HTTP/2), whose watch the answer's body marks.
+            let stall = running.as_ref().and_then(|_| Stall::current());
+            let response = fut.await.map(|body| Guarded {
+                body,
+                running,
+                stall,
+            });
             Ok::<_, Infallible>(response)
         }
     });
@@ -419,12 +412,14 @@ impl Drop for Running {
 pin_project_lite::pin_project! {
     /// An answer's body, with its request's [`Running`] guard (HTTP/2's; `None` on HTTP/1)
     /// beside it: the request is under way until hyper drops the body, at its end or with the
-    /// stream. Everything else is the body's own, its size hint too (an HTTP/1 answer of known
-    /// length keeps its `Content-Length`).
+    /// stream. On HTTP/2 it also tells its stream's watch ([`Stall`]) whether a frame it gave
+    /// is still with the client. Everything else is the body's own, its size hint too (an
+    /// HTTP/1 answer of known length keeps its `Content-Length`).
     struct Guarded<B> {
         #[pin]
         body: B,
         running: Option<Running>,
+        stall: Option<Arc<Stall>>,
     }
 }
 
@@ -436,7 +431,16 @@ impl<B: http_body::Body> http_body::Body for Guarded<B> {
         self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
-        self.project().body.poll_frame(cx)
+        let this = self.project();
+        let Some(stall) = this.stall else {
+            return this.body.poll_frame(cx);
+        };
+        stall.asked();
+        let polled = this.body.poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(_))) = &polled {
+            stall.gave();
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
