@@ -9,6 +9,8 @@
 mod common;
 #[path = "common/redis.rs"]
 mod redis_harness;
+#[path = "common/relay.rs"]
+mod relay;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,6 +34,7 @@ use common::gateway::Gateway;
 use common::upstream::Upstream;
 use common::{client, eventually, expect_echo, expect_refusal};
 use redis_harness::{RedisCluster, RedisServer};
+use relay::Relay;
 
 /// The propagation bound of the contract: a change made on one instance is in force on every
 /// instance within this.
@@ -559,6 +562,64 @@ async fn a_change_on_one_instance_is_enforced_on_all_within_a_second() {
             change.name()
         );
     }
+}
+
+/// An instance whose connections to Redis went half-open (they stay up and nothing passes, as
+/// after a partition or a dropped NAT entry) finds its quiet invalidation channel dead by its
+/// pings, subscribes again (and resyncs), and enforces a change made elsewhere long before its
+/// cache ttl (ten minutes) would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_reaches_an_instance_whose_channel_went_half_open() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(redis.port()).await;
+    let upstream = Upstream::start().await;
+    let master = credential::generate(Kind::Master);
+    let long_ttl = |s: &mut Settings| s.cache.ttl = Duration::from_secs(600);
+    let direct = Gateway::builder(&upstream)
+        .redis(&redis.url())
+        .master(&master)
+        .tweak(long_ttl)
+        .start()
+        .await;
+    let relayed = Gateway::builder(&upstream)
+        .redis(&relay.redis_url())
+        .master(&master)
+        .tweak(long_ttl)
+        .start()
+        .await;
+    let client = client();
+    let (account, key_id, key) = account_and_key(&direct, None).await;
+    // Cached on the relayed instance, after any invalidation the key's creation published has
+    // landed (it would empty the cache, and a held store cannot fill it).
+    expect_echo(call(&client, &relayed, &key).await).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    expect_echo(call(&client, &relayed, &key).await).await;
+    relay.hold();
+    Change::DeactivateAccount
+        .make(&direct, &account, &key_id)
+        .await;
+    let changed = Instant::now();
+    loop {
+        let (status, got) = outcome(call(&client, &relayed, &key).await).await;
+        match status {
+            StatusCode::UNAUTHORIZED => {
+                assert_eq!(got.as_deref(), Some("inactive_credential"));
+                break;
+            }
+            StatusCode::OK => {}
+            other => panic!("{other} {got:?} while waiting for the deactivation"),
+        }
+        assert!(
+            changed.elapsed() < SETTLE,
+            "the deactivated key still passes on the half-open instance after {:?}",
+            changed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "a change reached the half-open instance after {:.1} s",
+        changed.elapsed().as_secs_f64()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

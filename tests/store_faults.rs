@@ -9,6 +9,9 @@
 //! and after `resume` everything recovers without a restart: the breaker closes, a key that was
 //! refused during the freeze passes, and the usage counted meanwhile reaches the store, once.
 //!
+//! A connection that went half-open instead (it stays up and nothing passes on it, while a new
+//! one would get through) is replaced, and the store works again within seconds.
+//!
 //! "At once" is asserted as under [`QUICK`] per request: far above the tens of milliseconds this
 //! takes, so that a loaded CI machine cannot fail it, and far below the ~2 s a request waited
 //! before (the Redis client's response timeout).
@@ -16,6 +19,8 @@
 mod common;
 #[path = "common/redis.rs"]
 mod redis_harness;
+#[path = "common/relay.rs"]
+mod relay;
 
 use std::time::{Duration, Instant};
 
@@ -28,6 +33,7 @@ use common::gateway::Gateway;
 use common::upstream::Upstream;
 use common::{client, eventually, expect_echo, expect_refusal};
 use redis_harness::RedisServer;
+use relay::Relay;
 
 /// The most one request may take while Redis is frozen.
 const QUICK: Duration = Duration::from_millis(500);
@@ -253,5 +259,40 @@ async fn with_redis_hung_fail_closed_refuses_a_stale_key_at_once() {
         })
         .await,
         "the key passes again once Redis answers"
+    );
+}
+
+/// A connection to Redis gone half-open (up, and nothing passes: a partition, a dropped NAT
+/// entry, a hung proxy in front of Redis) is replaced once a call has had no answer for the
+/// client's response timeout, and the store works again without a restart. Before, every call
+/// failed until the kernel gave up on the connection (up to a quarter of an hour).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_connection_to_redis_is_replaced() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(redis.port()).await;
+    let upstream = Upstream::start().await;
+    let gw = Gateway::builder(&upstream)
+        .redis(&relay.redis_url())
+        .start()
+        .await;
+    let create = |name: &'static str| {
+        let gw = &gw;
+        async move {
+            gw.admin(Method::POST, "/v1/accounts", Some(json!({ "name": name })))
+                .await
+                .0
+        }
+    };
+    assert_eq!(create("before").await, StatusCode::CREATED);
+    relay.hold();
+    let held = Instant::now();
+    let recovered = eventually(SETTLE, || async {
+        create("after").await == StatusCode::CREATED
+    })
+    .await;
+    assert!(recovered, "the store did not work again within {SETTLE:?}");
+    eprintln!(
+        "the store worked again {:.1} s after its connection went half-open",
+        held.elapsed().as_secs_f64()
     );
 }

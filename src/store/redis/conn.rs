@@ -8,9 +8,18 @@
 //! [`CALL_DEADLINE`] for the admin API and the background tasks — and every round trip goes
 //! through the connection's one [`Breaker`], so that once Redis stops answering, calls fail at
 //! once instead of each waiting out its deadline.
+//!
+//! The connection manager reconnects when its connection breaks (a reset, an end of stream), but
+//! not when it merely goes quiet: a timeout is an error it retries on the same connection. A
+//! connection gone half-open (a partition, a dropped NAT or conntrack entry, a proxy in front of
+//! Redis that hung) would then fail every call until the kernel gave up on it, up to a quarter of
+//! an hour. So a single server's manager is replaced ([`Renewal`]) when a round trip gets no
+//! answer within [`RESPONSE_TIMEOUT`]; the shorter deadlines of proxied requests do not replace
+//! it (a busy Redis that answers in 60 ms is slow, not gone).
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -43,9 +52,23 @@ pub(super) const REQUEST_DEADLINE: Duration = Duration::from_millis(50);
 /// handle of one connection shares its [`Breaker`].
 #[derive(Clone)]
 pub(super) struct Conn {
-    link: Link,
+    shared: Arc<Shared>,
     breaker: Arc<Breaker>,
     deadline: Duration,
+}
+
+/// What every handle of one connection shares: the link in use, and how to replace it.
+struct Shared {
+    link: parking_lot::RwLock<Link>,
+    /// A single server's (a cluster connection keeps its nodes' connections itself).
+    renewal: Option<Renewal>,
+}
+
+/// How a single server's connection manager is made again, and whether that is under way.
+struct Renewal {
+    client: ::redis::Client,
+    config: ConnectionManagerConfig,
+    busy: AtomicBool,
 }
 
 /// The two topologies, each implementing [`ConnectionLike`]; this enum does too, by delegation,
@@ -75,9 +98,12 @@ impl Conn {
     /// Connects to `redis://…` (one server) or `redis+cluster://h1:p1,h2:p2,…` (a cluster, from
     /// any of its nodes); the handle has [`CALL_DEADLINE`] and a closed breaker.
     pub(super) async fn connect(url: &str) -> Result<Conn, StoreError> {
-        let link = Link::connect(url).await?;
+        let (link, renewal) = Link::connect(url).await?;
         Ok(Conn {
-            link,
+            shared: Arc::new(Shared {
+                link: parking_lot::RwLock::new(link),
+                renewal,
+            }),
             breaker: Arc::new(Breaker::new()),
             deadline: CALL_DEADLINE,
         })
@@ -97,15 +123,15 @@ impl Conn {
     }
 
     pub(super) fn is_cluster(&self) -> bool {
-        matches!(self.link, Link::Cluster(_))
+        self.shared.renewal.is_none()
     }
 
     /// Runs one command.
     pub(super) async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
-        let mut link = self.link.clone();
+        let mut link = self.shared.link.read().clone();
         let attempt = async {
             match cmd.query_async::<Value>(&mut link).await {
-                Err(e) if self.link.never_sent(&e) => cmd.query_async::<Value>(&mut link).await,
+                Err(e) if link.never_sent(&e) => cmd.query_async::<Value>(&mut link).await,
                 other => other,
             }
         };
@@ -187,12 +213,10 @@ impl Conn {
     }
 
     async fn run_pipeline(&self, pipe: Pipeline) -> Result<Vec<Value>, StoreError> {
-        let mut link = self.link.clone();
+        let mut link = self.shared.link.read().clone();
         let attempt = async {
             match pipe.query_async::<Vec<Value>>(&mut link).await {
-                Err(e) if self.link.never_sent(&e) => {
-                    pipe.query_async::<Vec<Value>>(&mut link).await
-                }
+                Err(e) if link.never_sent(&e) => pipe.query_async::<Vec<Value>>(&mut link).await,
                 other => other,
             }
         };
@@ -200,19 +224,65 @@ impl Conn {
     }
 
     /// One round trip: through the breaker (refused at once while it is open), bounded by this
-    /// handle's deadline.
+    /// handle's deadline. One without an answer for [`RESPONSE_TIMEOUT`] replaces the
+    /// connection.
     async fn round_trip<T>(
         &self,
         attempt: impl Future<Output = Result<T, RedisError>>,
     ) -> Result<T, StoreError> {
-        self.breaker.call(deadline(self.deadline, attempt)).await
+        let bounded = async {
+            let result = deadline(self.deadline, attempt).await;
+            if let Err(e) = &result {
+                if e.is_timeout() && self.deadline >= RESPONSE_TIMEOUT {
+                    Shared::renew(&self.shared);
+                }
+            }
+            result
+        };
+        self.breaker.call(bounded).await
+    }
+}
+
+// === impl Shared ===
+
+impl Shared {
+    /// Replaces a single server's connection manager in the background (once at a time): calls
+    /// made after it is in place go over a new connection, and the old one closes when the
+    /// calls still on it end.
+    fn renew(this: &Arc<Shared>) {
+        let Some(renewal) = &this.renewal else {
+            return;
+        };
+        if renewal.busy.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let shared = Arc::clone(this);
+        tokio::spawn(async move {
+            let Some(renewal) = &shared.renewal else {
+                return;
+            };
+            let fresh =
+                ConnectionManager::new_with_config(renewal.client.clone(), renewal.config.clone());
+            match deadline(CALL_DEADLINE, fresh).await {
+                Ok(fresh) => {
+                    *shared.link.write() = Link::Single(fresh);
+                    tracing::warn!(
+                        "redis did not answer within {} ms; connection replaced",
+                        RESPONSE_TIMEOUT.as_millis()
+                    );
+                }
+                Err(e) => tracing::debug!(error = %e, "replacing the redis connection failed"),
+            }
+            renewal.busy.store(false, Ordering::Release);
+        });
     }
 }
 
 // === impl Link ===
 
 impl Link {
-    async fn connect(url: &str) -> Result<Link, StoreError> {
+    /// The link to `url`, and how to make it again when it is a single server's.
+    async fn connect(url: &str) -> Result<(Link, Option<Renewal>), StoreError> {
         let shown = redact(url);
         if let Some(rest) = url.strip_prefix("redis+cluster://") {
             let nodes = cluster_nodes(rest)?;
@@ -231,7 +301,7 @@ impl Link {
                 .map_err(|e| {
                     unavailable(&format!("cannot connect to redis cluster {shown}"), &e)
                 })?;
-            return Ok(Link::Cluster(conn));
+            return Ok((Link::Cluster(conn), None));
         }
         if !url.starts_with("redis://") {
             return Err(StoreError::Unavailable(format!(
@@ -249,11 +319,16 @@ impl Link {
             .set_number_of_retries(0);
         let conn = deadline(
             CALL_DEADLINE,
-            ConnectionManager::new_with_config(client, config),
+            ConnectionManager::new_with_config(client.clone(), config.clone()),
         )
         .await
         .map_err(|e| unavailable(&format!("cannot connect to redis {shown}"), &e))?;
-        Ok(Link::Single(conn))
+        let renewal = Renewal {
+            client,
+            config,
+            busy: AtomicBool::new(false),
+        };
+        Ok((Link::Single(conn), Some(renewal)))
     }
 
     /// The connection manager answers a call with the error of the last failed reconnection
@@ -377,10 +452,10 @@ async fn deadline<T>(
 ) -> Result<T, RedisError> {
     match tokio::time::timeout(limit, future).await {
         Ok(result) => result,
-        Err(_) => Err(RedisError::from((
-            ErrorKind::IoError,
-            "no answer from redis",
-            format!("within {} ms", limit.as_millis()),
+        // A timeout as the client's own are (`is_timeout`), with the text the soak test reads.
+        Err(_) => Err(RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer from redis within {} ms", limit.as_millis()),
         ))),
     }
 }

@@ -1,6 +1,12 @@
 //! [`Fleet`] on Redis: invalidations published on one channel and followed by one subscription
 //! per instance, re-established after every loss, with a `Resync` first each time (messages
 //! published while it was down are lost); locks are `SET NX PX` released by compare-and-delete.
+//!
+//! A subscription only listens, so a connection that went half-open (a partition, a dropped NAT
+//! or conntrack entry, a Redis host gone without a reset) would look like a quiet channel for
+//! ever, and changes made elsewhere would reach this instance only through its cache ttl. The
+//! subscription is therefore pinged every [`PING_EVERY`]; a ping not answered within
+//! [`PING_DEADLINE`] (or a subscribe not confirmed in it) counts as a lost channel.
 
 use std::time::Duration;
 
@@ -15,6 +21,11 @@ use crate::store::{Fleet, Invalidation, InvalidationEvent, StoreError};
 
 /// Wait between subscription attempts while Redis is away.
 const RETRY_EVERY: Duration = Duration::from_millis(250);
+/// How often a quiet subscription is pinged to learn that it is still there: one command a
+/// second an instance.
+const PING_EVERY: Duration = Duration::from_secs(1);
+/// A ping, a connect or a subscribe without an answer after this loses the channel.
+const PING_DEADLINE: Duration = Duration::from_secs(2);
 
 #[async_trait::async_trait]
 impl Fleet for RedisStore {
@@ -66,27 +77,22 @@ pub(super) async fn follow(url: String, tx: mpsc::Sender<InvalidationEvent>) {
     let mut lost = false;
     while !tx.is_closed() {
         match subscribe(&url).await {
-            Ok(mut pubsub) => {
+            Ok(pubsub) => {
                 if std::mem::take(&mut lost) {
                     tracing::info!("invalidation channel back; treating cached keys as stale");
                 }
                 if tx.send(InvalidationEvent::Resync).await.is_err() {
                     return;
                 }
-                let mut messages = pubsub.on_message();
-                while let Some(message) = messages.next().await {
-                    let Ok(payload) = message.get_payload::<String>() else {
-                        continue;
-                    };
-                    if let Some(what) = parse(&payload) {
-                        if tx.send(InvalidationEvent::Invalidate(what)).await.is_err() {
-                            return;
-                        }
+                match listen(pubsub, &tx).await {
+                    Listened::ReceiverGone => return,
+                    Listened::Lost(why) => {
+                        tracing::warn!(
+                            %why,
+                            "invalidation channel lost; cache ttl is the backstop until it returns"
+                        );
                     }
                 }
-                tracing::warn!(
-                    "invalidation channel lost; cache ttl is the backstop until it returns"
-                );
                 lost = true;
             }
             Err(e) => {
@@ -99,14 +105,59 @@ pub(super) async fn follow(url: String, tx: mpsc::Sender<InvalidationEvent>) {
     }
 }
 
+/// Why [`listen`] returned.
+enum Listened {
+    /// Nobody takes the events any more (shutdown).
+    ReceiverGone,
+    /// The subscription ended or stopped answering: subscribe again.
+    Lost(&'static str),
+}
+
+/// Forwards the subscription's messages into `tx`, pinging it every [`PING_EVERY`], until it
+/// is lost or `tx`'s receiver is gone.
+async fn listen(pubsub: ::redis::aio::PubSub, tx: &mpsc::Sender<InvalidationEvent>) -> Listened {
+    let (mut sink, mut messages) = pubsub.split();
+    let mut pings = tokio::time::interval(PING_EVERY);
+    pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            message = messages.next() => {
+                let Some(message) = message else {
+                    return Listened::Lost("the connection closed");
+                };
+                let Ok(payload) = message.get_payload::<String>() else {
+                    continue;
+                };
+                if let Some(what) = parse(&payload) {
+                    if tx.send(InvalidationEvent::Invalidate(what)).await.is_err() {
+                        return Listened::ReceiverGone;
+                    }
+                }
+            }
+            _ = pings.tick() => {
+                // The messages wait while the ping does: Redis answers in order, and at most
+                // PING_DEADLINE.
+                match tokio::time::timeout(PING_DEADLINE, sink.ping::<::redis::Value>()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(_)) => return Listened::Lost("a ping failed"),
+                    Err(_) => return Listened::Lost("a ping went unanswered"),
+                }
+            }
+            () = tx.closed() => return Listened::ReceiverGone,
+        }
+    }
+}
+
 async fn subscribe(url: &str) -> Result<::redis::aio::PubSub, ::redis::RedisError> {
+    let timed_out =
+        |what: &'static str| ::redis::RedisError::from((::redis::ErrorKind::IoError, what));
     let client = ::redis::Client::open(url)?;
-    let mut pubsub = tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub())
+    let mut pubsub = tokio::time::timeout(PING_DEADLINE, client.get_async_pubsub())
         .await
-        .map_err(|_| {
-            ::redis::RedisError::from((::redis::ErrorKind::IoError, "connect timed out"))
-        })??;
-    pubsub.subscribe(keys::INVALIDATIONS).await?;
+        .map_err(|_| timed_out("connect timed out"))??;
+    tokio::time::timeout(PING_DEADLINE, pubsub.subscribe(keys::INVALIDATIONS))
+        .await
+        .map_err(|_| timed_out("subscribe timed out"))??;
     Ok(pubsub)
 }
 
