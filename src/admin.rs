@@ -123,6 +123,8 @@ pub struct AdminState {
     token_issues: Arc<oauth::IssueLimiter>,
     /// The gateway's clock (the proxy's): credential expiry is judged on it, as on the proxy.
     clock: WallClock,
+    /// How long a request may take to its answer ([`ANSWER_DEADLINE`]).
+    answer_deadline: std::time::Duration,
 }
 
 /// The admin API's view of settings that a reload may change.
@@ -161,7 +163,15 @@ impl AdminState {
             heavy_usage_reads: Arc::new(tokio::sync::Semaphore::new(MAX_HEAVY_USAGE_READS)),
             token_issues: Arc::new(oauth::issue_limiter()),
             clock: WallClock::System,
+            answer_deadline: ANSWER_DEADLINE,
         }
+    }
+
+    /// Answers a request that has not been answered within `deadline` of its head with 503
+    /// `store_unavailable` instead of [`ANSWER_DEADLINE`] (tests).
+    pub fn with_answer_deadline(mut self, deadline: std::time::Duration) -> Self {
+        self.answer_deadline = deadline;
+        self
     }
 
     /// Judges credential expiry on `clock` (the proxy's) instead of the system's.
@@ -296,6 +306,14 @@ impl Drop for AccountLock {
     }
 }
 
+/// How long an API request may take from its head to its answer: its body's
+/// [`watched_body::BODY_DEADLINE`] and as long again for the store. A hung disk (the embedded
+/// store's calls queue behind blocked threads) would otherwise hold the request, its connection
+/// and the account's write stripe for as long as the disk hangs; past it the request is dropped
+/// (its stripe released) and answered 503 `store_unavailable`, saying that a change it asked for
+/// may still be applied.
+pub(crate) const ANSWER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// How long a change waits for another instance's change to the same account.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 /// How long an account lock lasts if its holder never releases it.
@@ -337,9 +355,20 @@ pub fn router(state: AdminState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(state.clone(), bound_answer))
         .layer(middleware::from_fn_with_state(state.clone(), watch_store))
         .layer(middleware::from_fn(watched_body::watch_body))
         .with_state(state)
+}
+
+/// Answers a request that its handler has not answered within the state's answer deadline
+/// ([`ANSWER_DEADLINE`]) with 503 `store_unavailable`; the handler is dropped.
+async fn bound_answer(State(state): State<AdminState>, request: Request, next: Next) -> Response {
+    let deadline = state.answer_deadline;
+    match tokio::time::timeout(deadline, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => axum::response::IntoResponse::into_response(ApiError::StoreTimeout(deadline)),
+    }
 }
 
 /// Counts the API's requests that failed for an unreachable store, and logs the outage when it

@@ -48,6 +48,11 @@ impl Drop for Admin {
 }
 
 async fn start() -> Admin {
+    start_with(|state| state).await
+}
+
+/// [`start`], with `tweak` applied to the API's state.
+async fn start_with(tweak: impl FnOnce(AdminState) -> AdminState) -> Admin {
     let dir = tempfile::tempdir().expect("tempdir");
     let store: SharedStore =
         Arc::new(EmbeddedStore::open(&dir.path().join("db")).expect("open store"));
@@ -69,17 +74,20 @@ async fn start() -> Admin {
         .await
         .expect("master key");
     let raw_master = master.generated.expect("a fresh store generates a key");
-    let state = AdminState::new(
+    let state = tweak(AdminState::new(
         Arc::clone(&store),
         Arc::clone(&cache),
         metrics,
         Some(master.hash),
-    );
+    ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let app = admin::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    // With the token endpoint, which the gateway serves on its proxy listener.
+    let app = admin::router(state.clone())
+        .merge(admin::token_router(state))
+        .into_make_service_with_connect_info::<SocketAddr>();
     let server = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
@@ -1426,4 +1434,107 @@ async fn arrays_in_place_of_objects_and_bad_origins_and_far_expiries_are_400() {
             "{body}: {answer}"
         );
     }
+}
+
+/// A request the store does not answer (here: the blocking pool's only thread held, as a hung
+/// disk holds them all, so the embedded store's write queues behind it) is answered 503
+/// `store_unavailable` at the answer deadline, saying that its change may still be applied. The
+/// account's write stripe is released with it: once the pool is free, the next change to the
+/// same account is served.
+#[test]
+fn a_request_the_store_does_not_answer_is_answered_at_its_deadline() {
+    const DEADLINE: Duration = Duration::from_millis(500);
+    one_blocking_thread().block_on(async {
+        let admin = start_with(|state| state.with_answer_deadline(DEADLINE)).await;
+        let account = admin.create_account(json!({ "name": "hung" })).await;
+        let keys = format!("/v1/accounts/{}/keys", account["id"].as_str().expect("id"));
+        let new_key = || admin.master_call(Method::POST, &keys, Some(json!({ "name": "k" })));
+
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let hold = tokio::task::spawn_blocking(move || held.recv().ok());
+        let started = std::time::Instant::now();
+        let (status, body) = tokio::time::timeout(Duration::from_secs(10), new_key())
+            .await
+            .expect("the request waited on with no deadline");
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(body["error"]["code"], "store_unavailable");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("may still be"), "{message}");
+        assert!(started.elapsed() >= DEADLINE, "{:?}", started.elapsed());
+
+        release.send(()).expect("release the pool");
+        hold.await.expect("the holder");
+        let (status, body) = tokio::time::timeout(Duration::from_secs(10), new_key())
+            .await
+            .expect("the account's stripe is still held");
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        // The timed-out change is applied or not, depending on the call it was waiting on
+        // (here the plan limit's read, so not); either way nothing else is.
+        let (_, listed) = admin.master_call(Method::GET, &keys, None).await;
+        let listed = listed["keys"].as_array().map_or(0, Vec::len);
+        assert!((1..=2).contains(&listed), "{listed} keys");
+    });
+}
+
+/// The token endpoint is bounded the same way, from its body's end: with the store hung (the
+/// pool's only thread held) a grant is answered 503 `temporarily_unavailable`, in the grant's
+/// own error shape, at the answer deadline (set here below the credential read's own deadline,
+/// so that it is this bound that answers).
+#[test]
+fn a_token_request_the_store_does_not_answer_is_answered_at_its_deadline() {
+    const DEADLINE: Duration = Duration::from_millis(300);
+    one_blocking_thread().block_on(async {
+        let admin = start_with(|state| state.with_answer_deadline(DEADLINE)).await;
+        let account = admin
+            .create_account(json!({ "name": "client", "auth_method": "any" }))
+            .await;
+        let id = account["id"].as_str().expect("id");
+        let (status, secret) = admin
+            .master_call(
+                Method::POST,
+                &format!("/v1/accounts/{id}/secrets"),
+                Some(json!({})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{secret}");
+        let secret = secret["client_secret"].as_str().expect("secret").to_owned();
+
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let hold = tokio::task::spawn_blocking(move || held.recv().ok());
+        let started = std::time::Instant::now();
+        let grant = admin
+            .http
+            .post(format!("{}/oauth/token", admin.base))
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", id),
+                ("client_secret", &secret),
+            ])
+            .send();
+        let answer = tokio::time::timeout(Duration::from_secs(10), grant)
+            .await
+            .expect("the grant waited on with no deadline")
+            .expect("answer");
+        let waited = started.elapsed();
+        assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body: Value = answer.json().await.expect("json");
+        assert_eq!(body["error"], "temporarily_unavailable", "{body}");
+        assert!(waited >= DEADLINE, "{waited:?}");
+        assert!(
+            waited < tollgate::store::LOOKUP_DEADLINE,
+            "answered by the credential read's deadline, after {waited:?}"
+        );
+        release.send(()).expect("release the pool");
+        hold.await.expect("the holder");
+    });
+}
+
+/// A runtime whose blocking pool has one thread: holding it holds every embedded store call,
+/// as a hung disk does.
+fn one_blocking_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(1)
+        .build()
+        .expect("runtime")
 }

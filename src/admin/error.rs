@@ -115,6 +115,14 @@ pub enum ApiError {
     /// is for the log, never the body.
     #[error("the store is unavailable; retry later")]
     StoreUnavailable(String),
+    /// 503 `store_unavailable`: the request was not answered within its deadline (a hung
+    /// store); unlike [`ApiError::StoreUnavailable`], a change it asked for may still be
+    /// applied.
+    #[error(
+        "the store did not answer within {0:?}; a change this request asked for may still be \
+         applied: read it back before retrying"
+    )]
+    StoreTimeout(std::time::Duration),
     /// 503 `usage_busy`, with `Retry-After: 1`: as many heavy usage reads as may run at once
     /// ([`super::MAX_HEAVY_USAGE_READS`]) kept running for longer than a read may wait.
     #[error("too many large usage reads are running; retry shortly, or ask for fewer buckets")]
@@ -168,7 +176,7 @@ impl ApiError {
             ApiError::ProtectedKey => (StatusCode::CONFLICT, "protected_key"),
             ApiError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             ApiError::StoreCorrupt => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
-            ApiError::StoreUnavailable(_) | ApiError::AccountBusy => {
+            ApiError::StoreUnavailable(_) | ApiError::StoreTimeout(_) | ApiError::AccountBusy => {
                 (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
             }
             ApiError::UsageBusy => (StatusCode::SERVICE_UNAVAILABLE, "usage_busy"),
@@ -183,6 +191,10 @@ impl IntoResponse for ApiError {
         let mut response = (status, Json(body)).into_response();
         match self {
             ApiError::StoreUnavailable(detail) => {
+                response.extensions_mut().insert(StoreFailure(detail));
+            }
+            ApiError::StoreTimeout(deadline) => {
+                let detail = format!("no answer within {deadline:?}");
                 response.extensions_mut().insert(StoreFailure(detail));
             }
             ApiError::UsageBusy => {

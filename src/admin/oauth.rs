@@ -98,9 +98,13 @@ pub(crate) async fn token(
                 .into_response()
         }
     };
-    match issue(&state, &headers, &body).await {
-        Ok(answer) => no_store((StatusCode::OK, Json(answer)).into_response()),
-        Err(e) => e.into_response(),
+    // Bounded as the account API's answers are (`bound_answer`), from the body's end: a hung
+    // store must not hold the client, nor its connection on the public listener.
+    let issued = tokio::time::timeout(state.answer_deadline, issue(&state, &headers, &body));
+    match issued.await {
+        Ok(Ok(answer)) => no_store((StatusCode::OK, Json(answer)).into_response()),
+        Ok(Err(e)) => e.into_response(),
+        Err(_) => OAuthError::unavailable().into_response(),
     }
 }
 
