@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
@@ -143,8 +144,7 @@ pub async fn serve<H, Fut, B>(
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut http1 = http1::Builder::new();
@@ -255,8 +255,7 @@ async fn serve_connection<H, Fut, B>(
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> Fut + Send + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let protocol = tokio::select! {
@@ -280,8 +279,7 @@ async fn serve_tls_connection<H, Fut, B>(
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> Fut + Send + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let handshake = tokio::time::timeout(protocols.header_timeout, acceptor.accept(stream));
@@ -335,8 +333,7 @@ async fn speak<I, H, Fut, B>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Fn(Request<Incoming>, SocketAddr) -> Fut + Send + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     // HTTP/2 connections are closed once idle (`until_idle_or_drained`): what they do is
@@ -358,6 +355,7 @@ async fn speak<I, H, Fut, B>(
                 body,
                 running,
                 stall,
+                rest: Bytes::new(),
             });
             Ok::<_, Infallible>(response)
         }
@@ -412,43 +410,75 @@ impl Drop for Running {
 pin_project_lite::pin_project! {
     /// An answer's body, with its request's [`Running`] guard (HTTP/2's; `None` on HTTP/1)
     /// beside it: the request is under way until hyper drops the body, at its end or with the
-    /// stream. On HTTP/2 it also tells its stream's watch ([`Stall`]) whether a frame it gave
-    /// is still with the client. Everything else is the body's own, its size hint too (an
-    /// HTTP/1 answer of known length keeps its `Content-Length`).
+    /// stream. On HTTP/2 it also tells its stream's watch ([`Stall`]) whether a piece it gave
+    /// is still with the client, and gives its data in pieces of at most [`STALL_PIECE`]: h2
+    /// asks for the next piece only once the last has gone out whole, so a client that takes a
+    /// large frame slowly but steadily shows progress piece by piece. Everything else is the
+    /// body's own, its size hint too (an HTTP/1 answer of known length keeps its
+    /// `Content-Length`).
     struct Guarded<B> {
         #[pin]
         body: B,
         running: Option<Running>,
         stall: Option<Arc<Stall>>,
+        // What is left of a data frame given in pieces.
+        rest: Bytes,
     }
 }
 
-impl<B: http_body::Body> http_body::Body for Guarded<B> {
-    type Data = B::Data;
+/// The largest piece of an HTTP/2 answer given at once: h2's default frame size, so that no
+/// frame is split that h2 would not split anyway.
+const STALL_PIECE: usize = 16 * 1024;
+
+impl<B: http_body::Body<Data = Bytes>> http_body::Body for Guarded<B> {
+    type Data = Bytes;
     type Error = B::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+        use std::task::Poll;
         let this = self.project();
         let Some(stall) = this.stall else {
             return this.body.poll_frame(cx);
         };
         stall.asked();
-        let polled = this.body.poll_frame(cx);
-        if let std::task::Poll::Ready(Some(Ok(_))) = &polled {
+        if !this.rest.is_empty() {
+            let piece = this.rest.split_to(this.rest.len().min(STALL_PIECE));
             stall.gave();
+            return Poll::Ready(Some(Ok(http_body::Frame::data(piece))));
         }
-        polled
+        let frame = match this.body.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            other => return other,
+        };
+        stall.gave();
+        let frame = match frame.into_data() {
+            Ok(mut data) if data.len() > STALL_PIECE => {
+                *this.rest = data.split_off(STALL_PIECE);
+                http_body::Frame::data(data)
+            }
+            Ok(data) => http_body::Frame::data(data),
+            Err(frame) => frame,
+        };
+        Poll::Ready(Some(Ok(frame)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.rest.is_empty() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
+        let mut hint = self.body.size_hint();
+        if !self.rest.is_empty() {
+            let rest = self.rest.len() as u64;
+            if let Some(upper) = hint.upper() {
+                hint.set_upper(upper.saturating_add(rest));
+            }
+            hint.set_lower(hint.lower().saturating_add(rest));
+        }
+        hint
     }
 }
 

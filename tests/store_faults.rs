@@ -262,12 +262,8 @@ async fn with_redis_hung_fail_closed_refuses_a_stale_key_at_once() {
     );
 }
 
-/// A connection to Redis gone half-open (up, and nothing passes: a partition, a dropped NAT
-/// entry, a hung proxy in front of Redis) is replaced once a call has had no answer for the
-/// client's response timeout, and the store works again without a restart. Before, every call
-/// failed until the kernel gave up on the connection (up to a quarter of an hour).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_half_open_connection_to_redis_is_replaced() {
+/// A gateway whose Redis is behind a [`Relay`], and what it runs on.
+async fn relayed() -> (RedisServer, Relay, Upstream, Gateway) {
     let redis = RedisServer::start();
     let relay = Relay::start(redis.port()).await;
     let upstream = Upstream::start().await;
@@ -275,6 +271,16 @@ async fn a_half_open_connection_to_redis_is_replaced() {
         .redis(&relay.redis_url())
         .start()
         .await;
+    (redis, relay, upstream, gw)
+}
+
+/// A connection to Redis gone half-open (up, and nothing passes: a partition, a dropped NAT
+/// entry, a hung proxy in front of Redis) is replaced once a call has had no answer and a ping
+/// on it none either, and the store works again without a restart. Before, every call failed
+/// until the kernel gave up on the connection (up to a quarter of an hour).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_connection_to_redis_is_replaced() {
+    let (_redis, relay, _upstream, gw) = relayed().await;
     let create = |name: &'static str| {
         let gw = &gw;
         async move {
@@ -293,6 +299,39 @@ async fn a_half_open_connection_to_redis_is_replaced() {
     assert!(recovered, "the store did not work again within {SETTLE:?}");
     eprintln!(
         "the store worked again {:.1} s after its connection went half-open",
+        held.elapsed().as_secs_f64()
+    );
+}
+
+/// The same under proxy traffic alone, whose calls have the 50 ms deadline and which opens the
+/// breaker at once (so that no longer call reaches the connection): unknown keys get 503
+/// `store_unavailable` while the connection is half-open, and 401 `invalid_credential` (the
+/// store answered) once it has been replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_connection_is_replaced_under_proxy_traffic_alone() {
+    let (_redis, relay, _upstream, gw) = relayed().await;
+    let client = client();
+    let unknown = || credential::generate(Kind::Secret);
+    expect_refusal(
+        gw.get_with_key(&client, "/things", &unknown()).await,
+        StatusCode::UNAUTHORIZED,
+        "invalid_credential",
+    )
+    .await;
+    relay.hold();
+    let held = Instant::now();
+    let (gw, client) = (&gw, &client);
+    let recovered = eventually(SETTLE, || async move {
+        let response = gw.get_with_key(client, "/things", &unknown()).await;
+        response.status() == StatusCode::UNAUTHORIZED
+    })
+    .await;
+    assert!(
+        recovered,
+        "unknown keys still got no answer from the store after {SETTLE:?}"
+    );
+    eprintln!(
+        "the store answered the proxy again {:.1} s after its connection went half-open",
         held.elapsed().as_secs_f64()
     );
 }

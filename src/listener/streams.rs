@@ -176,12 +176,16 @@ mod tests {
             send_stall: STALL,
             max_connections: usize::MAX,
         };
-        let answer = |_req: Request<Incoming>, _peer: SocketAddr| async {
-            let frames = (0..FRAMES).map(|_| {
-                Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![
-                    7u8;
-                    WINDOW as usize
-                ])))
+        // `/big`: one frame of sixteen windows, then one byte (so that the big one is not the
+        // last, whose task ends once it is handed to h2); else [`FRAMES`] of a window each.
+        let answer = |req: Request<Incoming>, _peer: SocketAddr| async move {
+            let sizes = if req.uri().path() == "/big" {
+                vec![ANSWER, 1]
+            } else {
+                vec![WINDOW as usize; FRAMES]
+            };
+            let frames = sizes.into_iter().map(|size| {
+                Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![7u8; size])))
             });
             Response::new(StreamBody::new(futures_util::stream::iter(frames)))
         };
@@ -203,33 +207,49 @@ mod tests {
         client
     }
 
-    /// Sends a GET; the answer's body.
-    async fn get(client: &mut h2::client::SendRequest<Bytes>) -> h2::RecvStream {
-        let request = Request::get("http://t/").body(()).expect("request");
+    /// Sends a GET for `path`; the answer's body.
+    async fn get(client: &mut h2::client::SendRequest<Bytes>, path: &str) -> h2::RecvStream {
+        let request = Request::get(format!("http://t{path}"))
+            .body(())
+            .expect("request");
         let (answer, _) = client.send_request(request, true).expect("send");
         answer.await.expect("answer head").into_body()
     }
 
-    /// Reads `body` to its end, giving each frame's bytes back to the window when `release`,
-    /// after `pause`; the bytes read, or the error that ended it.
-    async fn read(
-        body: &mut h2::RecvStream,
-        release: bool,
-        pause: Duration,
-    ) -> Result<usize, h2::Error> {
+    /// How a test client gives the bytes it read back to the window.
+    #[derive(Clone, Copy)]
+    enum Release {
+        /// Never.
+        None,
+        /// `step` bytes at a time, each after `pause`.
+        Paced { step: usize, pause: Duration },
+    }
+
+    /// Reads `body` to its end, giving the bytes back as `release` says; the bytes read, or the
+    /// error that ended it.
+    async fn read(body: &mut h2::RecvStream, release: Release) -> Result<usize, h2::Error> {
         let mut got = 0;
         while let Some(frame) = body.data().await {
             let frame = frame?;
             got += frame.len();
-            if release {
+            let Release::Paced { step, pause } = release else {
+                continue;
+            };
+            let mut left = frame.len();
+            while left > 0 {
+                let n = left.min(step);
                 tokio::time::sleep(pause).await;
-                body.flow_control()
-                    .release_capacity(frame.len())
-                    .expect("release");
+                body.flow_control().release_capacity(n).expect("release");
+                left -= n;
             }
         }
         Ok(got)
     }
+
+    const AT_ONCE: Release = Release::Paced {
+        step: usize::MAX,
+        pause: Duration::ZERO,
+    };
 
     /// A client that never reopens a stream's window: the stream is reset (`CANCEL`) once its
     /// answer has waited on the client for the send stall, and the connection goes on serving.
@@ -237,25 +257,19 @@ mod tests {
     async fn a_stream_whose_client_takes_none_of_its_answer_is_reset() {
         let (addr, _stop) = listening().await;
         let mut client = connect(addr).await;
-        let mut stalled = get(&mut client).await;
         let started = Instant::now();
-        let ended = tokio::time::timeout(
-            Duration::from_secs(5),
-            read(&mut stalled, false, Duration::ZERO),
-        )
-        .await
-        .expect("the stalled stream was still open after 5 s");
+        let mut stalled = get(&mut client, "/").await;
+        let ended = tokio::time::timeout(Duration::from_secs(5), read(&mut stalled, Release::None))
+            .await
+            .expect("the stalled stream was still open after 5 s");
         let error = ended.expect_err("the stalled stream ended whole");
         assert_eq!(error.reason(), Some(h2::Reason::CANCEL), "{error}");
         assert!(started.elapsed() >= STALL, "{:?}", started.elapsed());
         // The connection is not the stream: the next request on it is answered whole.
-        let mut next = get(&mut client).await;
-        let got = tokio::time::timeout(
-            Duration::from_secs(5),
-            read(&mut next, true, Duration::ZERO),
-        )
-        .await
-        .expect("the next answer in time");
+        let mut next = get(&mut client, "/").await;
+        let got = tokio::time::timeout(Duration::from_secs(5), read(&mut next, AT_ONCE))
+            .await
+            .expect("the next answer in time");
         assert_eq!(got.expect("the next answer"), ANSWER);
     }
 
@@ -265,15 +279,34 @@ mod tests {
     async fn a_stream_read_slowly_is_not_reset() {
         let (addr, _stop) = listening().await;
         let mut client = connect(addr).await;
-        let mut slow = get(&mut client).await;
+        let mut slow = get(&mut client, "/").await;
         let started = Instant::now();
-        let got = tokio::time::timeout(
-            Duration::from_secs(20),
-            read(&mut slow, true, Duration::from_millis(100)),
-        )
-        .await
-        .expect("the slow answer in time");
+        let paced = Release::Paced {
+            step: WINDOW as usize,
+            pause: Duration::from_millis(100),
+        };
+        let got = tokio::time::timeout(Duration::from_secs(20), read(&mut slow, paced))
+            .await
+            .expect("the slow answer in time");
         assert_eq!(got.expect("a slow reader is not reset"), ANSWER);
         assert!(started.elapsed() > STALL * 2, "{:?}", started.elapsed());
+    }
+
+    /// A frame far larger than the client's window, taken slowly but steadily (half a window
+    /// every 100 ms: the frame takes 3.2 s, six stall limits, to go out whole) is not reset:
+    /// it is given in pieces, and each piece the client takes is progress.
+    #[tokio::test]
+    async fn a_large_frame_read_slowly_is_not_reset() {
+        let (addr, _stop) = listening().await;
+        let mut client = connect(addr).await;
+        let mut slow = get(&mut client, "/big").await;
+        let paced = Release::Paced {
+            step: WINDOW as usize / 2,
+            pause: Duration::from_millis(100),
+        };
+        let got = tokio::time::timeout(Duration::from_secs(20), read(&mut slow, paced))
+            .await
+            .expect("the slow answer in time");
+        assert_eq!(got.expect("a steady reader is not reset"), ANSWER + 1);
     }
 }

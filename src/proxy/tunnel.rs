@@ -5,9 +5,15 @@
 //! for upstream ([`headers::requested_upgrade`](super::headers::requested_upgrade)).
 //!
 //! A tunnel is bounded like a body: one in which neither side has sent anything for the route's
-//! `idle_timeout` is closed ([`Silence`], timed only while both directions wait). The tunnels
-//! live in [`Tunnels`], which the shutdown closes once the listeners have drained, so that their
-//! bytes are counted before the final flush.
+//! `idle_timeout`, and at least [`IDLE_FLOOR`], is closed ([`Silence`], timed only while both
+//! directions wait). The tunnels live in [`Tunnels`], which the shutdown closes once the
+//! listeners have drained, so that their bytes are counted before the final flush.
+//!
+//! Why the floor: WebSocket peers keep a quiet tunnel alive with heartbeats, commonly every
+//! 25–30 s (socket.io, Phoenix), and before this bound a quiet tunnel lived as long as its
+//! peers did. A route's `idle_timeout` (30 s by default) is the silence allowed inside a body
+//! and would cut such tunnels; five minutes (Envoy's stream idle timeout) does not, and still
+//! ends the tunnels nobody uses. A route with a longer `idle_timeout` gets that.
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -32,6 +38,9 @@ use crate::silence::Silence;
 /// How long the shutdown waits for closed tunnels to count their bytes.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
+/// The shortest silence both ways that closes a tunnel, whatever the route's `idle_timeout`.
+pub const IDLE_FLOOR: Duration = Duration::from_secs(300);
+
 /// The open tunnels, shared by every config a reload makes.
 #[derive(Default)]
 pub struct Tunnels {
@@ -42,6 +51,8 @@ pub struct Tunnels {
 /// How a tunnel ended.
 #[derive(Debug, PartialEq, Eq)]
 enum Ended {
+    /// A side's connection could not be upgraded.
+    NotUpgraded,
     /// One side closed it, or failed.
     Closed,
     /// Neither side sent anything for the limit.
@@ -70,9 +81,10 @@ struct Counted<'m, I> {
 
 impl Tunnels {
     /// Counts the request and joins the client to the upstream once both connections are
-    /// upgraded (`asked`: the protocol the client asked for and its side of the tunnel). A 101
-    /// to a request that asked for no upgrade, or one that cannot be upgraded, is refused
-    /// instead.
+    /// upgraded (`asked`: the protocol the client asked for and its side of the tunnel), until
+    /// either closes or both are silent for `idle` (the route's `idle_timeout`, at least
+    /// [`IDLE_FLOOR`]). A 101 to a request that asked for no upgrade, or one that cannot be
+    /// upgraded, is refused instead.
     pub fn open(
         &self,
         response: &mut Response<Incoming>,
@@ -86,6 +98,7 @@ impl Tunnels {
         };
         let upstream = hyper::upgrade::on(response);
         let closing = self.closing.clone();
+        let idle = tunnel_idle(idle);
         self.tracker
             .spawn(join(client, upstream, record.upgraded(), idle, closing));
         Ok(())
@@ -118,9 +131,14 @@ impl Tunnels {
     }
 }
 
+/// The silence both ways that closes a tunnel on a route with `idle_timeout`.
+fn tunnel_idle(idle_timeout: Duration) -> Duration {
+    idle_timeout.max(IDLE_FLOOR)
+}
+
 /// Joins an upgraded client connection to the upgraded upstream one until either side closes,
-/// neither sends anything for `idle`, or `closing`; the bytes that passed count as the key's
-/// bytes in and out.
+/// neither sends anything for `idle`, or `closing` (the upgrades' wait included); the bytes that
+/// passed count as the key's bytes in and out.
 async fn join(
     client: OnUpgrade,
     upstream: OnUpgrade,
@@ -128,22 +146,19 @@ async fn join(
     idle: Duration,
     closing: CancellationToken,
 ) {
-    let (client, upstream) = match tokio::join!(client, upstream) {
-        (Ok(c), Ok(u)) => (c, u),
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::debug!(error = %e, "upgrade failed");
-            return;
+    let moved = Moved::default();
+    let joined = async {
+        match tokio::join!(client, upstream) {
+            (Ok(c), Ok(u)) => run(TokioIo::new(c), TokioIo::new(u), &moved, idle).await,
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                Ended::NotUpgraded
+            }
         }
     };
-    let moved = Moved::default();
-    let ended = {
-        let mut client = Counted::new(TokioIo::new(client), &moved.down, &moved.read);
-        let mut upstream = Counted::new(TokioIo::new(upstream), &moved.up, &moved.read);
-        let copying = tokio::io::copy_bidirectional(&mut client, &mut upstream);
-        tokio::select! {
-            ended = until_silent(copying, &moved, idle) => ended,
-            () = closing.cancelled() => Ended::ShutDown,
-        }
+    let ended = tokio::select! {
+        ended = joined => ended,
+        () = closing.cancelled() => Ended::ShutDown,
     };
     tracing::debug!(?ended, "tunnel closed");
     if let Some(sink) = sink {
@@ -152,6 +167,19 @@ async fn join(
             moved.down.load(Ordering::Relaxed),
         );
     }
+}
+
+/// Copies both ways between `client` and `upstream`, counting into `moved`, until either side
+/// closes or fails, or neither sends anything for `idle`.
+async fn run<C, U>(client: C, upstream: U, moved: &Moved, idle: Duration) -> Ended
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut client = Counted::new(client, &moved.down, &moved.read);
+    let mut upstream = Counted::new(upstream, &moved.up, &moved.read);
+    let copying = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+    until_silent(copying, moved, idle).await
 }
 
 /// Runs `copying` until it ends, or until a wait of both directions has moved no byte for
@@ -236,5 +264,85 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<'_, I> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio::time::Instant;
+
+    use super::*;
+
+    const IDLE: Duration = Duration::from_secs(1);
+
+    /// A tunnel between two in-memory pipes: its run, and the far ends (the client's, the
+    /// upstream's), which echo nothing.
+    fn pipes() -> ((DuplexStream, DuplexStream), (DuplexStream, DuplexStream)) {
+        let (client_near, client_far) = tokio::io::duplex(64 * 1024);
+        let (up_near, up_far) = tokio::io::duplex(64 * 1024);
+        ((client_near, up_near), (client_far, up_far))
+    }
+
+    /// Sends `n` bytes from the client's far end and reads them at the upstream's.
+    async fn pass(client: &mut DuplexStream, upstream: &mut DuplexStream, n: usize) {
+        client.write_all(&vec![1u8; n]).await.expect("write");
+        let mut got = vec![0u8; n];
+        upstream.read_exact(&mut got).await.expect("read");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_silent_both_ways_for_the_limit_is_closed_and_counted() {
+        let ((client, upstream), (mut client_far, mut up_far)) = pipes();
+        let moved = Moved::default();
+        let tunnel = tokio::time::timeout(IDLE * 100, run(client, upstream, &moved, IDLE));
+        let talk = async {
+            pass(&mut client_far, &mut up_far, 1_000).await;
+            Instant::now()
+        };
+        let (ended, last_byte) = tokio::join!(tunnel, talk);
+        assert_eq!(ended, Ok(Ended::Idle));
+        assert_eq!(last_byte.elapsed(), IDLE);
+        assert_eq!(moved.up.load(Ordering::Relaxed), 1_000);
+        assert_eq!(moved.down.load(Ordering::Relaxed), 0);
+    }
+
+    /// Only silence counts: a byte each way every third of the limit keeps the tunnel open for
+    /// ten limits; then the silence closes it.
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_that_keeps_talking_stays_open() {
+        let ((client, upstream), (mut client_far, mut up_far)) = pipes();
+        let moved = Moved::default();
+        let tunnel = tokio::time::timeout(IDLE * 100, run(client, upstream, &moved, IDLE));
+        let talk = async {
+            let started = Instant::now();
+            while started.elapsed() < IDLE * 10 {
+                tokio::time::sleep(IDLE / 3).await;
+                pass(&mut client_far, &mut up_far, 1).await;
+                pass(&mut up_far, &mut client_far, 1).await;
+            }
+            Instant::now()
+        };
+        let (ended, last_byte) = tokio::join!(tunnel, talk);
+        assert_eq!(ended, Ok(Ended::Idle));
+        assert_eq!(last_byte.elapsed(), IDLE);
+        let (up, down) = (
+            moved.up.load(Ordering::Relaxed),
+            moved.down.load(Ordering::Relaxed),
+        );
+        assert_eq!(up, down);
+        assert!(up >= 30, "{up}");
+    }
+
+    #[test]
+    fn a_tunnel_gets_the_routes_idle_timeout_but_not_less_than_the_floor() {
+        assert_eq!(
+            tunnel_idle(Duration::from_secs(30)),
+            Duration::from_secs(300)
+        );
+        assert_eq!(
+            tunnel_idle(Duration::from_secs(900)),
+            Duration::from_secs(900)
+        );
     }
 }

@@ -13,10 +13,12 @@
 //! not when it merely goes quiet: a timeout is an error it retries on the same connection. A
 //! connection gone half-open (a partition, a dropped NAT or conntrack entry, a proxy in front of
 //! Redis that hung) would then fail every call until the kernel gave up on it, up to a quarter of
-//! an hour. So a single server's manager is replaced ([`Renewal`]) when a round trip gets no
-//! answer within [`RESPONSE_TIMEOUT`]; the shorter deadlines of proxied requests do not replace
-//! it (a busy Redis that answers in 60 ms is slow, not gone).
-
+//! an hour. So any round trip that times out, at either deadline, has the connection checked in
+//! the background ([`Shared::check`], one check at a time): a `PING` straight on it, past the
+//! breaker, that gets no answer within [`CALL_DEADLINE`] has a single server's manager replaced.
+//! A busy Redis that answers late is slow, not gone, and keeps its connection; calls that were
+//! under way on a connection already replaced check the new one, which answers.
+//!
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -59,12 +61,19 @@ pub(super) struct Conn {
 
 /// What every handle of one connection shares: the link in use, and how to replace it.
 struct Shared {
-    link: parking_lot::RwLock<Link>,
+    link: parking_lot::RwLock<Current>,
     /// A single server's (a cluster connection keeps its nodes' connections itself).
     renewal: Option<Renewal>,
 }
 
-/// How a single server's connection manager is made again, and whether that is under way.
+/// The link in use, and how many links came before it.
+struct Current {
+    link: Link,
+    generation: u64,
+}
+
+/// How a single server's connection manager is made again, and whether a check (and a
+/// replacement) is under way.
 struct Renewal {
     client: ::redis::Client,
     config: ConnectionManagerConfig,
@@ -101,7 +110,10 @@ impl Conn {
         let (link, renewal) = Link::connect(url).await?;
         Ok(Conn {
             shared: Arc::new(Shared {
-                link: parking_lot::RwLock::new(link),
+                link: parking_lot::RwLock::new(Current {
+                    link,
+                    generation: 0,
+                }),
                 renewal,
             }),
             breaker: Arc::new(Breaker::new()),
@@ -128,7 +140,7 @@ impl Conn {
 
     /// Runs one command.
     pub(super) async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
-        let mut link = self.shared.link.read().clone();
+        let mut link = self.shared.link.read().link.clone();
         let attempt = async {
             match cmd.query_async::<Value>(&mut link).await {
                 Err(e) if link.never_sent(&e) => cmd.query_async::<Value>(&mut link).await,
@@ -213,7 +225,7 @@ impl Conn {
     }
 
     async fn run_pipeline(&self, pipe: Pipeline) -> Result<Vec<Value>, StoreError> {
-        let mut link = self.shared.link.read().clone();
+        let mut link = self.shared.link.read().link.clone();
         let attempt = async {
             match pipe.query_async::<Vec<Value>>(&mut link).await {
                 Err(e) if link.never_sent(&e) => pipe.query_async::<Vec<Value>>(&mut link).await,
@@ -224,18 +236,15 @@ impl Conn {
     }
 
     /// One round trip: through the breaker (refused at once while it is open), bounded by this
-    /// handle's deadline. One without an answer for [`RESPONSE_TIMEOUT`] replaces the
-    /// connection.
+    /// handle's deadline. One without an answer has the connection checked.
     async fn round_trip<T>(
         &self,
         attempt: impl Future<Output = Result<T, RedisError>>,
     ) -> Result<T, StoreError> {
         let bounded = async {
             let result = deadline(self.deadline, attempt).await;
-            if let Err(e) = &result {
-                if e.is_timeout() && self.deadline >= RESPONSE_TIMEOUT {
-                    Shared::renew(&self.shared);
-                }
+            if result.as_ref().is_err_and(RedisError::is_timeout) {
+                Shared::check(&self.shared);
             }
             result
         };
@@ -246,10 +255,11 @@ impl Conn {
 // === impl Shared ===
 
 impl Shared {
-    /// Replaces a single server's connection manager in the background (once at a time): calls
-    /// made after it is in place go over a new connection, and the old one closes when the
-    /// calls still on it end.
-    fn renew(this: &Arc<Shared>) {
+    /// Checks a single server's connection in the background (one check at a time): a `PING`
+    /// on it that gets no answer within [`CALL_DEADLINE`] has the manager replaced, unless it
+    /// was replaced meanwhile. Calls made after that go over a new connection; the old one
+    /// closes when the calls still on it end.
+    fn check(this: &Arc<Shared>) {
         let Some(renewal) = &this.renewal else {
             return;
         };
@@ -261,20 +271,39 @@ impl Shared {
             let Some(renewal) = &shared.renewal else {
                 return;
             };
-            let fresh =
-                ConnectionManager::new_with_config(renewal.client.clone(), renewal.config.clone());
-            match deadline(CALL_DEADLINE, fresh).await {
-                Ok(fresh) => {
-                    *shared.link.write() = Link::Single(fresh);
-                    tracing::warn!(
-                        "redis did not answer within {} ms; connection replaced",
-                        RESPONSE_TIMEOUT.as_millis()
-                    );
-                }
-                Err(e) => tracing::debug!(error = %e, "replacing the redis connection failed"),
+            let (mut link, generation) = {
+                let current = shared.link.read();
+                (current.link.clone(), current.generation)
+            };
+            let ping = ::redis::cmd("PING");
+            let answer = deadline(CALL_DEADLINE, ping.query_async::<Value>(&mut link)).await;
+            // An answer, however late, is a live connection; a broken one the manager
+            // replaces by itself.
+            if answer.is_err_and(|e| e.is_timeout()) {
+                shared.replace(renewal, generation).await;
             }
             renewal.busy.store(false, Ordering::Release);
         });
+    }
+
+    /// Makes a new manager and puts it in place of generation `generation`'s.
+    async fn replace(&self, renewal: &Renewal, generation: u64) {
+        let fresh =
+            ConnectionManager::new_with_config(renewal.client.clone(), renewal.config.clone());
+        match deadline(CALL_DEADLINE, fresh).await {
+            Ok(fresh) => {
+                let mut current = self.link.write();
+                if current.generation == generation {
+                    current.link = Link::Single(fresh);
+                    current.generation += 1;
+                    tracing::warn!(
+                        "redis did not answer a ping within {} ms; connection replaced",
+                        CALL_DEADLINE.as_millis()
+                    );
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "replacing the redis connection failed"),
+        }
     }
 }
 
