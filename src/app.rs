@@ -418,14 +418,30 @@ async fn give_back_credits(
     let mut ticker = tokio::time::interval(Duration::from_millis(credits::IDLE_MS as u64));
     loop {
         tokio::select! {
-            _ = ticker.tick() => leases.give_back_idle(clock.now_ms(), false).await,
-            _ = shutdown.changed() => {
-                leases.give_back_idle(clock.now_ms(), true).await;
-                return;
-            }
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => break,
+        }
+        // Raced against the shutdown, as the last hand-back is bounded: a hung store must not
+        // hold it. A lease not handed back returns by itself once this instance is silent.
+        tokio::select! {
+            () = leases.give_back_idle(clock.now_ms(), false) => {}
+            _ = shutdown.changed() => break,
         }
     }
+    let last = leases.give_back_idle(clock.now_ms(), true);
+    if tokio::time::timeout(HAND_BACK_DEADLINE, last)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "credit leases not all handed back at shutdown; the store takes them back once \
+             this instance is silent"
+        );
+    }
 }
+
+/// How long the shutdown waits for the credit leases to be handed back.
+const HAND_BACK_DEADLINE: Duration = Duration::from_secs(5);
 
 async fn sweep(s: Sweep, mut shutdown: watch::Receiver<bool>) {
     let Sweep {
@@ -443,12 +459,20 @@ async fn sweep(s: Sweep, mut shutdown: watch::Receiver<bool>) {
             _ = ticker.tick() => {}
             _ = shutdown.changed() => return,
         }
-        // Hourly, starting with the first tick: expired usage buckets.
+        // Hourly, starting with the first tick: expired usage buckets. Raced against the
+        // shutdown: on a hung disk a prune never returns.
         if rounds.is_multiple_of(60) {
             let settings = metering.borrow().clone();
-            retention::prune(&*store, &settings, &metrics, meter.clock().now_ms()).await;
-            if let Err(e) = store.prune_tokens(chrono::Utc::now()).await {
-                tracing::warn!(error = %e, "expired access tokens not pruned; next hour again");
+            let now_ms = meter.clock().now_ms();
+            let prune = async {
+                retention::prune(&*store, &settings, &metrics, now_ms).await;
+                if let Err(e) = store.prune_tokens(chrono::Utc::now()).await {
+                    tracing::warn!(error = %e, "expired access tokens not pruned; next hour again");
+                }
+            };
+            tokio::select! {
+                () = prune => {}
+                _ = shutdown.changed() => return,
             }
         }
         rounds += 1;

@@ -1586,6 +1586,47 @@ async fn usage_of_every_identified_request_is_in_the_store_after_shutdown() {
     assert!(buckets.iter().map(|(_, c)| c.bytes_out).sum::<u64>() > 0);
 }
 
+/// A shutdown on a hung disk (here: the blocking pool's only thread held, so every embedded
+/// store call queues behind it) ends in bounded time: the flusher's flush under way is cut off
+/// by the shutdown and its last one by its deadline, and the credit leases' hand-back by its
+/// own. Before, the flush and the hand-back waited on the disk for ever, and so did the stop.
+#[test]
+fn a_shutdown_on_a_hung_disk_ends_in_bounded_time() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(1)
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let upstream = Upstream::start().await;
+        let gw = Gateway::builder(&upstream)
+            .tweak(|s| s.metering.flush_interval = Duration::from_millis(50))
+            .start()
+            .await;
+        let (account, _) = gw.account_with_key().await;
+        let body = json!({ "name": "credits", "type": "secret", "remaining": 100 });
+        let (_, key) = gw.create_key(&account, body).await;
+        let client = client();
+        // Counted usage to flush, and a credit lease to hand back.
+        expect_echo(gw.get_with_key(&client, "/things", &key).await).await;
+
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let hold = tokio::task::spawn_blocking(move || held.recv().ok());
+        expect_echo(gw.get_with_key(&client, "/things", &key).await).await;
+        // A flush or two begin and wait on the disk.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let started = std::time::Instant::now();
+        let stopped = tokio::time::timeout(Duration::from_secs(40), gw.stop()).await;
+        let took = started.elapsed();
+        release.send(()).expect("release the pool");
+        hold.await.expect("the holder");
+        assert!(
+            stopped.is_ok(),
+            "the stop waited on the hung disk past {took:?}"
+        );
+    });
+}
+
 #[tokio::test]
 async fn the_account_api_is_on_the_proxy_listener_only_when_exposed() {
     let upstream = Upstream::start().await;

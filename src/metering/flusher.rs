@@ -175,7 +175,13 @@ pub async fn run(
             }
             _ = shutdown.changed() => break,
         }
-        flush_once(&meter, &*store, &metrics, &mut backlog).await;
+        // Raced against the shutdown: on a hung disk a flush never returns, and the shutdown
+        // must not wait for it. A batch cut off stays in flight and is sent again, under the
+        // same id, by the final flush below (applied once, whichever call lands).
+        tokio::select! {
+            _ = flush_once(&meter, &*store, &metrics, &mut backlog) => {}
+            _ = shutdown.changed() => break,
+        }
     }
     // Everything into the backlog first: what the deadline cuts off is then counted in the
     // log line below, not left uncounted in the cells.
@@ -192,11 +198,15 @@ pub async fn run(
     }
     if let Some(wal) = meter.wal().cloned() {
         // What the store did not take stays in the log's segments, replayed at the next start.
-        if tokio::task::spawn_blocking(move || wal.close())
-            .await
-            .is_err()
-        {
-            tracing::error!("closing the usage log failed");
+        // Bounded too: on a hung disk the close waits on it.
+        let closed = tokio::time::timeout(
+            final_deadline,
+            tokio::task::spawn_blocking(move || wal.close()),
+        );
+        match closed.await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => tracing::error!("closing the usage log failed"),
+            Err(_) => tracing::error!("closing the usage log did not end in time"),
         }
     }
 }
