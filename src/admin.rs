@@ -80,9 +80,10 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
+use http::Method;
 
 use crate::auth::cache::KeyCache;
 use crate::credential::KeyHash;
@@ -267,11 +268,14 @@ impl AdminState {
     /// store. Waits up to [`LOCK_WAIT`]; a lock that is never released (its holder died) expires
     /// after [`LOCK_TTL`].
     pub(crate) async fn lock_account(&self, account_id: &str) -> Result<AccountLock, ApiError> {
-        let local = Arc::clone(&self.writes[write_stripe(account_id)])
-            .lock_owned()
-            .await;
-        let token = crate::credential::new_id("lock");
+        // The local stripe's wait is bounded like the store's lock: behind a change that a hung
+        // disk holds, a later one gives up instead of queueing for as long as the disk hangs.
         let deadline = tokio::time::Instant::now() + LOCK_WAIT;
+        let stripe = Arc::clone(&self.writes[write_stripe(account_id)]).lock_owned();
+        let local = tokio::time::timeout_at(deadline, stripe)
+            .await
+            .map_err(|_| ApiError::AccountBusy)?;
+        let token = crate::credential::new_id("lock");
         loop {
             if self.store.try_lock(account_id, &token, LOCK_TTL).await? {
                 return Ok(AccountLock {
@@ -362,12 +366,21 @@ pub fn router(state: AdminState) -> Router {
 }
 
 /// Answers a request that its handler has not answered within the state's answer deadline
-/// ([`ANSWER_DEADLINE`]) with 503 `store_unavailable`; the handler is dropped.
+/// ([`ANSWER_DEADLINE`]) with 503 `store_unavailable`. The handler runs in a task of its own and
+/// goes on after that answer: a change it is making ends as it would have (its account's
+/// stripe held until the store answers, its audit entry and cache invalidation made), so that
+/// no later change to the account reads the state before it, and none of its effects is lost.
 async fn bound_answer(State(state): State<AdminState>, request: Request, next: Next) -> Response {
     let deadline = state.answer_deadline;
-    match tokio::time::timeout(deadline, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => axum::response::IntoResponse::into_response(ApiError::StoreTimeout(deadline)),
+    let changes = !matches!(*request.method(), Method::GET | Method::HEAD);
+    let mut handler = tokio::spawn(next.run(request));
+    match tokio::time::timeout(deadline, &mut handler).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(failed)) => {
+            tracing::error!(error = %failed, "admin: a request's handler failed");
+            http::StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+        Err(_) => ApiError::StoreTimeout { deadline, changes }.into_response(),
     }
 }
 

@@ -1586,18 +1586,35 @@ async fn usage_of_every_identified_request_is_in_the_store_after_shutdown() {
     assert!(buckets.iter().map(|(_, c)| c.bytes_out).sum::<u64>() > 0);
 }
 
+/// A runtime whose blocking pool has one thread: [`hold_the_pool`] then holds every embedded
+/// store call, as a hung disk does.
+fn one_blocking_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(1)
+        .build()
+        .expect("runtime")
+}
+
+/// Takes the blocking pool's thread until the sender sends (or is dropped); the task holding it.
+fn hold_the_pool() -> (
+    std::sync::mpsc::Sender<()>,
+    tokio::task::JoinHandle<Option<()>>,
+) {
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    (
+        release,
+        tokio::task::spawn_blocking(move || held.recv().ok()),
+    )
+}
+
 /// A shutdown on a hung disk (here: the blocking pool's only thread held, so every embedded
 /// store call queues behind it) ends in bounded time: the flusher's flush under way is cut off
 /// by the shutdown and its last one by its deadline, and the credit leases' hand-back by its
 /// own. Before, the flush and the hand-back waited on the disk for ever, and so did the stop.
 #[test]
 fn a_shutdown_on_a_hung_disk_ends_in_bounded_time() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .max_blocking_threads(1)
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
+    one_blocking_thread().block_on(async {
         let upstream = Upstream::start().await;
         let gw = Gateway::builder(&upstream)
             .tweak(|s| s.metering.flush_interval = Duration::from_millis(50))
@@ -1610,8 +1627,7 @@ fn a_shutdown_on_a_hung_disk_ends_in_bounded_time() {
         // Counted usage to flush, and a credit lease to hand back.
         expect_echo(gw.get_with_key(&client, "/things", &key).await).await;
 
-        let (release, held) = std::sync::mpsc::channel::<()>();
-        let hold = tokio::task::spawn_blocking(move || held.recv().ok());
+        let (release, hold) = hold_the_pool();
         expect_echo(gw.get_with_key(&client, "/things", &key).await).await;
         // A flush or two begin and wait on the disk.
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1624,6 +1640,54 @@ fn a_shutdown_on_a_hung_disk_ends_in_bounded_time() {
             stopped.is_ok(),
             "the stop waited on the hung disk past {took:?}"
         );
+    });
+}
+
+/// With the usage log (`durability = "wal"`), a shutdown that cuts off a flush while the log's
+/// rotation waits on the disk loses none of that rotation's counts: the final flush takes them
+/// from the rotation once the disk answers again (here 1 s into the stop), and they are in the
+/// store when the stop returns. Before, the cut-off rotation's counts were dropped with it, and
+/// reached the store only by a replay at the next start.
+#[test]
+fn a_log_rotation_cut_off_by_the_shutdown_is_flushed() {
+    one_blocking_thread().block_on(async {
+        let upstream = Upstream::start().await;
+        let gw = Gateway::builder(&upstream)
+            .tweak(|s| {
+                s.metering.flush_interval = Duration::from_millis(50);
+                if let tollgate::config::StoreSettings::Embedded { path } = &s.store {
+                    s.metering.durability = tollgate::config::Durability::Wal {
+                        path: path.with_file_name("t.usage-wal"),
+                        sync_interval: Duration::from_millis(5),
+                    };
+                }
+            })
+            .start()
+            .await;
+        let (_, key) = gw.account_with_key().await;
+        let client = client();
+        // Cached, and its first count flushed, before the disk hangs.
+        expect_echo(gw.get_with_key(&client, "/things", &key).await).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        let (release, hold) = hold_the_pool();
+        for _ in 0..3 {
+            expect_echo(gw.get_with_key(&client, "/things", &key).await).await;
+        }
+        // A flush begins, its rotation waiting on the disk.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let thaw = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            release.send(()).expect("release the pool");
+        });
+        let path = gw.store_path();
+        let stopped = tokio::time::timeout(Duration::from_secs(40), gw.stop()).await;
+        thaw.await.expect("thaw");
+        hold.await.expect("the holder");
+        let _dir = stopped.expect("the stop waited past its deadlines");
+        let store = EmbeddedStore::open(&path).expect("reopen the store");
+        let (requests, success) = minute_totals(&store).await;
+        assert_eq!((requests, success), (4, 4));
     });
 }
 

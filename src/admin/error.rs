@@ -116,13 +116,15 @@ pub enum ApiError {
     #[error("the store is unavailable; retry later")]
     StoreUnavailable(String),
     /// 503 `store_unavailable`: the request was not answered within its deadline (a hung
-    /// store); unlike [`ApiError::StoreUnavailable`], a change it asked for may still be
-    /// applied.
-    #[error(
-        "the store did not answer within {0:?}; a change this request asked for may still be \
-         applied: read it back before retrying"
-    )]
-    StoreTimeout(std::time::Duration),
+    /// store); unlike [`ApiError::StoreUnavailable`], a change it asked for (`changes`) may
+    /// still be applied.
+    #[error("{}", store_timeout_message(*deadline, *changes))]
+    StoreTimeout {
+        /// The deadline that passed.
+        deadline: std::time::Duration,
+        /// Whether the request asked for a change (any method but GET and HEAD).
+        changes: bool,
+    },
     /// 503 `usage_busy`, with `Retry-After: 1`: as many heavy usage reads as may run at once
     /// ([`super::MAX_HEAVY_USAGE_READS`]) kept running for longer than a read may wait.
     #[error("too many large usage reads are running; retry shortly, or ask for fewer buckets")]
@@ -131,6 +133,18 @@ pub enum ApiError {
     /// held its lock for longer than a change may wait.
     #[error("another change to this account is in progress; retry later")]
     AccountBusy,
+}
+
+/// [`ApiError::StoreTimeout`]'s message: a change may still be applied, a read changed nothing.
+fn store_timeout_message(deadline: std::time::Duration, changes: bool) -> String {
+    if changes {
+        format!(
+            "the store did not answer within {deadline:?}; the change this request asked for \
+             may still be applied: read it back before retrying"
+        )
+    } else {
+        format!("the store did not answer within {deadline:?}; retry later")
+    }
 }
 
 /// Set on the response of a request that failed because the store could not be reached: the
@@ -176,9 +190,9 @@ impl ApiError {
             ApiError::ProtectedKey => (StatusCode::CONFLICT, "protected_key"),
             ApiError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             ApiError::StoreCorrupt => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
-            ApiError::StoreUnavailable(_) | ApiError::StoreTimeout(_) | ApiError::AccountBusy => {
-                (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
-            }
+            ApiError::StoreUnavailable(_)
+            | ApiError::StoreTimeout { .. }
+            | ApiError::AccountBusy => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             ApiError::UsageBusy => (StatusCode::SERVICE_UNAVAILABLE, "usage_busy"),
         }
     }
@@ -193,7 +207,7 @@ impl IntoResponse for ApiError {
             ApiError::StoreUnavailable(detail) => {
                 response.extensions_mut().insert(StoreFailure(detail));
             }
-            ApiError::StoreTimeout(deadline) => {
+            ApiError::StoreTimeout { deadline, .. } => {
                 let detail = format!("no answer within {deadline:?}");
                 response.extensions_mut().insert(StoreFailure(detail));
             }

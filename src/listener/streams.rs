@@ -156,7 +156,7 @@ mod tests {
     use super::super::{serve, ConnLimits};
     use super::*;
 
-    const STALL: Duration = Duration::from_millis(500);
+    const STALL: Duration = Duration::from_secs(1);
     /// An answer: [`FRAMES`] frames of [`WINDOW`] bytes, given one at a time as a proxied
     /// body's are (a body given whole would be buffered by h2 and its task done).
     const FRAMES: usize = 16;
@@ -274,7 +274,7 @@ mod tests {
     }
 
     /// Only the stall counts: a client that reopens the window a little every 100 ms takes the
-    /// whole answer over several stall limits.
+    /// whole answer over more than a stall limit.
     #[tokio::test]
     async fn a_stream_read_slowly_is_not_reset() {
         let (addr, _stop) = listening().await;
@@ -289,11 +289,11 @@ mod tests {
             .await
             .expect("the slow answer in time");
         assert_eq!(got.expect("a slow reader is not reset"), ANSWER);
-        assert!(started.elapsed() > STALL * 2, "{:?}", started.elapsed());
+        assert!(started.elapsed() > STALL, "{:?}", started.elapsed());
     }
 
     /// A frame far larger than the client's window, taken slowly but steadily (half a window
-    /// every 100 ms: the frame takes 3.2 s, six stall limits, to go out whole) is not reset:
+    /// every 100 ms: the frame takes 3.2 s, three stall limits, to go out whole) is not reset:
     /// it is given in pieces, and each piece the client takes is progress.
     #[tokio::test]
     async fn a_large_frame_read_slowly_is_not_reset() {

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use super::wal::Wal;
 use super::{cap_oldest, Meter, Pending};
@@ -48,6 +49,10 @@ pub struct Backlog {
     calls: StoreCalls,
     /// Buckets dropped by the cap since the store began failing.
     dropped: u64,
+    /// With the log: a rotation whose flush was cut off (by the shutdown) before it ended. Its
+    /// closed segment's counts come from this handle only, so the next flush takes them from
+    /// it instead of rotating again.
+    rotating: Option<JoinHandle<Option<(u64, Pending)>>>,
 }
 
 // === impl Backlog ===
@@ -64,6 +69,7 @@ impl Backlog {
             max_buckets,
             calls: metrics.store_calls("add_usage"),
             dropped: 0,
+            rotating: None,
         }
     }
 
@@ -177,7 +183,8 @@ pub async fn run(
         }
         // Raced against the shutdown: on a hung disk a flush never returns, and the shutdown
         // must not wait for it. A batch cut off stays in flight and is sent again, under the
-        // same id, by the final flush below (applied once, whichever call lands).
+        // same id, by the final flush below (applied once, whichever call lands); a rotation
+        // of the log cut off is taken by the final flush from its handle.
         tokio::select! {
             _ = flush_once(&meter, &*store, &metrics, &mut backlog) => {}
             _ = shutdown.changed() => break,
@@ -233,7 +240,20 @@ pub async fn flush_once(
     // comes in its turn.
     let mut drains = 0;
     match meter.wal() {
-        Some(wal) => backlog.rotated(wal.rotate().await),
+        Some(wal) => {
+            // Kept in the backlog while it runs: a flush dropped here (the shutdown cuts the
+            // loop's flush off) leaves the rotation's counts for the next flush to take.
+            let rotating = backlog.rotating.get_or_insert_with(|| {
+                let wal = Arc::clone(wal);
+                tokio::task::spawn_blocking(move || wal.rotate_blocking())
+            });
+            let rotated = rotating.await.unwrap_or_else(|e| {
+                tracing::error!(error = %e, "the usage log's rotation failed");
+                None
+            });
+            backlog.rotating = None;
+            backlog.rotated(rotated);
+        }
         None if backlog.in_flight.is_some() => meter.drain_into(&mut backlog.pending),
         None => drains = MAX_PENDING_BUCKETS / BATCH_BUCKETS,
     }

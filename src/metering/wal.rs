@@ -219,18 +219,6 @@ impl Wal {
         Some((seq, std::mem::take(&mut segment.pending)))
     }
 
-    /// [`Wal::rotate_blocking`] on a blocking thread.
-    pub async fn rotate(self: &Arc<Self>) -> Option<(u64, Pending)> {
-        let wal = Arc::clone(self);
-        match tokio::task::spawn_blocking(move || wal.rotate_blocking()).await {
-            Ok(rotated) => rotated,
-            Err(e) => {
-                tracing::error!(error = %e, "the usage log's rotation failed");
-                None
-            }
-        }
-    }
-
     /// The store has every segment numbered up to `seq`: the writer deletes them.
     pub fn release(&self, seq: u64) {
         self.released.fetch_max(seq, Ordering::SeqCst);

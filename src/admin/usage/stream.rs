@@ -158,10 +158,19 @@ impl BucketStream {
         let Some(window) = self.filler.next_window(WINDOW_BUCKETS) else {
             return Ok(None);
         };
-        let mut stored = self
+        // Bounded as the answer's head is (`admin::ANSWER_DEADLINE`): past it, on a hung disk,
+        // the body is cut and the heavy read's place given back.
+        let read = self
             .store
-            .key_usage(&self.key_id, self.interval.source(), window.lo, window.hi)
-            .await?;
+            .key_usage(&self.key_id, self.interval.source(), window.lo, window.hi);
+        let mut stored = tokio::time::timeout(crate::admin::ANSWER_DEADLINE, read)
+            .await
+            .map_err(|_| {
+                StoreError::Unavailable(format!(
+                    "no answer from the store in {:?}",
+                    crate::admin::ANSWER_DEADLINE
+                ))
+            })??;
         // The store answers in order; sorting sorted input is one pass.
         stored.sort_by_key(|(index, _)| *index);
         Ok(Some((window, stored)))

@@ -72,6 +72,15 @@ struct Current {
     generation: u64,
 }
 
+/// Clears a [`Renewal`]'s `busy` flag when dropped.
+struct Done<'a>(&'a AtomicBool);
+
+impl Drop for Done<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 /// How a single server's connection manager is made again, and whether a check (and a
 /// replacement) is under way.
 struct Renewal {
@@ -271,6 +280,8 @@ impl Shared {
             let Some(renewal) = &shared.renewal else {
                 return;
             };
+            // Cleared however the check ends (a panic, the runtime shutting down mid-way).
+            let _done = Done(&renewal.busy);
             let (mut link, generation) = {
                 let current = shared.link.read();
                 (current.link.clone(), current.generation)
@@ -282,7 +293,6 @@ impl Shared {
             if answer.is_err_and(|e| e.is_timeout()) {
                 shared.replace(renewal, generation).await;
             }
-            renewal.busy.store(false, Ordering::Release);
         });
     }
 
