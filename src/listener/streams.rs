@@ -47,6 +47,8 @@ pub(super) struct Stall {
     given: AtomicU64,
     /// The last frame given is with the client: the body has not been asked for the next.
     with_client: AtomicBool,
+    /// The answer's body has found this (so the task-local need not be set any more).
+    found: AtomicBool,
 }
 
 pin_project_lite::pin_project! {
@@ -91,7 +93,9 @@ where
 impl Stall {
     /// The stream of the task being polled, if it is an HTTP/2 stream's.
     pub(super) fn current() -> Option<Arc<Stall>> {
-        STREAM.try_with(Arc::clone).ok()
+        let stall = STREAM.try_with(Arc::clone).ok()?;
+        stall.found.store(true, Ordering::Relaxed);
+        Some(stall)
     }
 
     /// The body is asked for its next frame.
@@ -114,9 +118,15 @@ impl<F: Future> Future for Watched<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let stall = Arc::clone(this.stall);
         let task = this.task;
-        if let Poll::Ready(out) = STREAM.sync_scope(stall, || task.poll(cx)) {
+        // The task-local only until the answer's body has found it: a clone and a scope a poll
+        // while the handler runs, nothing after.
+        let polled = if this.stall.found.load(Ordering::Relaxed) {
+            task.poll(cx)
+        } else {
+            STREAM.sync_scope(Arc::clone(this.stall), || task.poll(cx))
+        };
+        if let Poll::Ready(out) = polled {
             return Poll::Ready(Some(out));
         }
         let given = this.stall.given.load(Ordering::Relaxed);
