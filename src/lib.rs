@@ -15,7 +15,8 @@
 //! module that touches disk or network: six role traits — records, OAuth clients, audit log,
 //! usage, limit buckets, fleet — each backend one file per role; its `audit_chain` is pure), [`tls`] (a
 //! listener's certificate and key, checked and reloadable), [`metrics`], [`silence`] (the one
-//! rule for a peer that says nothing for too long: bodies, writes to clients).
+//! rule for a peer that says nothing for too long: bodies, writes to clients, tunnels, HTTP/2
+//! streams).
 //!
 //! Layer 2, state: [`limits`] (per-key GCRA buckets), [`auth`] (the key cache and the one
 //! decision, [`auth::authorize`]), [`metering`] (per-key minute counters, their flusher, and

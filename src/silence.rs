@@ -1,6 +1,8 @@
 //! [`Silence`]: the one rule for "a peer has said nothing for too long", shared by every stream
-//! the gateway waits on: a body either way (`proxy::body`, the route's `idle_timeout`) and a
-//! write to a client that stopped reading (`listener::watched_io`, the send stall).
+//! the gateway waits on: a body either way (`proxy::body`, the route's `idle_timeout`), a write
+//! to a client that stopped reading (`listener::watched_io`, the send stall), a WebSocket
+//! tunnel (`proxy::tunnel`) and an HTTP/2 stream whose client stopped taking its answer
+//! (`listener::streams`).
 //!
 //! The silence is timed only while the stream waits: the timer is armed when a poll first finds
 //! nothing (a wait begins) and disarmed by the next poll that finds something. Time between
