@@ -126,6 +126,9 @@ pub struct AdminState {
     clock: WallClock,
     /// How long a request may take to its answer ([`ANSWER_DEADLINE`]).
     answer_deadline: std::time::Duration,
+    /// The changes under way, each in its own task ([`bound_answer`]); the shutdown waits for
+    /// them ([`AdminState::finish_changes`]).
+    changes: tokio_util::task::TaskTracker,
 }
 
 /// The admin API's view of settings that a reload may change.
@@ -165,6 +168,23 @@ impl AdminState {
             token_issues: Arc::new(oauth::issue_limiter()),
             clock: WallClock::System,
             answer_deadline: ANSWER_DEADLINE,
+            changes: tokio_util::task::TaskTracker::new(),
+        }
+    }
+
+    /// Waits, `deadline` at most, for the changes still under way (the shutdown, once the
+    /// listeners have drained): their usage and their store writes come before the final
+    /// flush and the store's close.
+    pub async fn finish_changes(&self, deadline: std::time::Duration) {
+        self.changes.close();
+        if tokio::time::timeout(deadline, self.changes.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = self.changes.len(),
+                "admin changes still waiting on the store at shutdown"
+            );
         }
     }
 
@@ -268,14 +288,16 @@ impl AdminState {
     /// store. Waits up to [`LOCK_WAIT`]; a lock that is never released (its holder died) expires
     /// after [`LOCK_TTL`].
     pub(crate) async fn lock_account(&self, account_id: &str) -> Result<AccountLock, ApiError> {
-        // The local stripe's wait is bounded like the store's lock: behind a change that a hung
-        // disk holds, a later one gives up instead of queueing for as long as the disk hangs.
-        let deadline = tokio::time::Instant::now() + LOCK_WAIT;
+        // The local stripe's wait is bounded by the answer deadline: behind a change that a
+        // hung disk holds, a later one (whose answer has gone by then) gives up instead of
+        // queueing for as long as the disk hangs, while changes that merely queue behind a slow
+        // one in the same stripe (a large import) still get their turn.
         let stripe = Arc::clone(&self.writes[write_stripe(account_id)]).lock_owned();
-        let local = tokio::time::timeout_at(deadline, stripe)
+        let local = tokio::time::timeout(self.answer_deadline, stripe)
             .await
             .map_err(|_| ApiError::AccountBusy)?;
         let token = crate::credential::new_id("lock");
+        let deadline = tokio::time::Instant::now() + LOCK_WAIT;
         loop {
             if self.store.try_lock(account_id, &token, LOCK_TTL).await? {
                 return Ok(AccountLock {
@@ -366,21 +388,43 @@ pub fn router(state: AdminState) -> Router {
 }
 
 /// Answers a request that its handler has not answered within the state's answer deadline
-/// ([`ANSWER_DEADLINE`]) with 503 `store_unavailable`. The handler runs in a task of its own and
-/// goes on after that answer: a change it is making ends as it would have (its account's
-/// stripe held until the store answers, its audit entry and cache invalidation made), so that
-/// no later change to the account reads the state before it, and none of its effects is lost.
+/// ([`ANSWER_DEADLINE`]) with 503 `store_unavailable`.
+///
+/// A read (GET, HEAD, and `/v1/verify`, whose effects are in memory) is dropped at the
+/// deadline, as it is when its client goes away. A change runs in a task of its own
+/// ([`AdminState::changes`], which the shutdown waits for) and goes on after that answer: it
+/// ends as it would have (its account's stripe held until the store answers, its audit entry
+/// and cache invalidation made), so that no later change to the account reads the state
+/// before it, and none of its effects is lost. Only a change whose body is still unread at the
+/// deadline is dropped instead: it has written nothing yet (bodies are read before any write),
+/// and holding the body would keep its HTTP/1 connection open.
 async fn bound_answer(State(state): State<AdminState>, request: Request, next: Next) -> Response {
     let deadline = state.answer_deadline;
-    let changes = !matches!(*request.method(), Method::GET | Method::HEAD);
-    let mut handler = tokio::spawn(next.run(request));
+    let changes = !matches!(*request.method(), Method::GET | Method::HEAD)
+        && request.uri().path() != "/v1/verify";
+    if !changes {
+        return match tokio::time::timeout(deadline, next.run(request)).await {
+            Ok(response) => response,
+            Err(_) => ApiError::StoreTimeout { deadline, changes }.into_response(),
+        };
+    }
+    let body = request
+        .extensions()
+        .get::<watched_body::BodyRead>()
+        .cloned();
+    let mut handler = state.changes.spawn(next.run(request));
     match tokio::time::timeout(deadline, &mut handler).await {
         Ok(Ok(response)) => response,
         Ok(Err(failed)) => {
             tracing::error!(error = %failed, "admin: a request's handler failed");
-            http::StatusCode::INTERNAL_SERVER_ERROR.into_response()
+            ApiError::Internal.into_response()
         }
-        Err(_) => ApiError::StoreTimeout { deadline, changes }.into_response(),
+        Err(_) => {
+            if body.is_some_and(|read| !read.is_read()) {
+                handler.abort();
+            }
+            ApiError::StoreTimeout { deadline, changes }.into_response()
+        }
     }
 }
 

@@ -314,8 +314,10 @@ impl Running {
         let _ = self.stop_serving.send(true);
         join_all(&mut self.serving).await;
         // WebSocket tunnels outlive their connections' tasks: closed once the drain is over,
-        // and counted before the final flush.
+        // and counted before the final flush. Admin changes answered at their deadline run on
+        // in tasks of their own: waited for (the drain's time at most) for the same reason.
         self.reloader.proxy.load().tunnels().close().await;
+        self.reloader.admin.finish_changes(DRAIN).await;
         let _ = self.stop_background.send(true);
         join_all(&mut self.background).await;
         tracing::info!("tollgate stopped");

@@ -1438,9 +1438,9 @@ async fn arrays_in_place_of_objects_and_bad_origins_and_far_expiries_are_400() {
 
 /// A request the store does not answer (here: the blocking pool's only thread held, as a hung
 /// disk holds them all, so the embedded store's calls queue behind it) is answered 503
-/// `store_unavailable` at the answer deadline, saying that its change may still be applied. Its
-/// handler goes on: once the disk answers, the change is made whole (here the key, created
-/// after the answer) and the account's next change is served after it.
+/// `store_unavailable` at the answer deadline, saying that its change may still be applied. A
+/// change with nothing left to read goes on: once the disk answers, it is made whole (here the
+/// key's deactivation), and the account's next change is served after it.
 #[test]
 fn a_request_the_store_does_not_answer_is_answered_at_its_deadline() {
     const DEADLINE: Duration = Duration::from_millis(500);
@@ -1450,15 +1450,23 @@ fn a_request_the_store_does_not_answer_is_answered_at_its_deadline() {
         let keys = format!("/v1/accounts/{}/keys", account["id"].as_str().expect("id"));
         let new_key =
             |name: &str| admin.master_call(Method::POST, &keys, Some(json!({ "name": name })));
-        let listed = || async {
-            let (_, listed) = admin.master_call(Method::GET, &keys, None).await;
-            listed["keys"].as_array().map_or(0, Vec::len)
+        let (status, key) = new_key("first").await;
+        assert_eq!(status, StatusCode::CREATED, "{key}");
+        // Not the account's last key, which could not be deactivated.
+        let (status, spare) = new_key("spare").await;
+        assert_eq!(status, StatusCode::CREATED, "{spare}");
+        let key_path = format!("{keys}/{}", key["id"].as_str().expect("key id"));
+        let active = || async {
+            let (_, key) = admin.master_call(Method::GET, &key_path, None).await;
+            key["active"].as_bool()
         };
 
         let (release, held) = std::sync::mpsc::channel::<()>();
         let hold = tokio::task::spawn_blocking(move || held.recv().ok());
         let started = std::time::Instant::now();
-        let (status, body) = tokio::time::timeout(Duration::from_secs(10), new_key("first"))
+        let deactivate_path = format!("{key_path}/deactivate");
+        let deactivate = admin.master_call(Method::POST, &deactivate_path, None);
+        let (status, body) = tokio::time::timeout(Duration::from_secs(10), deactivate)
             .await
             .expect("the request waited on with no deadline");
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
@@ -1469,23 +1477,23 @@ fn a_request_the_store_does_not_answer_is_answered_at_its_deadline() {
 
         release.send(()).expect("release the pool");
         hold.await.expect("the holder");
-        let mut made = 0;
+        let mut now = Some(true);
         for _ in 0..100 {
-            made = listed().await;
-            if made == 1 {
+            now = active().await;
+            if now == Some(false) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(
-            made, 1,
+            now,
+            Some(false),
             "the change answered 503 was not made once the disk answered"
         );
         let (status, body) = tokio::time::timeout(Duration::from_secs(10), new_key("second"))
             .await
             .expect("the account's stripe is still held");
         assert_eq!(status, StatusCode::CREATED, "{body}");
-        assert_eq!(listed().await, 2);
     });
 }
 
@@ -1550,4 +1558,31 @@ fn one_blocking_thread() -> tokio::runtime::Runtime {
         .max_blocking_threads(1)
         .build()
         .expect("runtime")
+}
+
+/// A change whose body was not read by the deadline (here its caller check waits on the hung
+/// store, and bodies are read after it) has written nothing: it is dropped with its 503, and
+/// is not applied once the disk answers.
+#[test]
+fn a_change_whose_body_is_unread_at_its_deadline_is_not_applied() {
+    const DEADLINE: Duration = Duration::from_millis(500);
+    one_blocking_thread().block_on(async {
+        let admin = start_with(|state| state.with_answer_deadline(DEADLINE)).await;
+        let account = admin.create_account(json!({ "name": "before" })).await;
+        let path = format!("/v1/accounts/{}", account["id"].as_str().expect("id"));
+
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let hold = tokio::task::spawn_blocking(move || held.recv().ok());
+        let rename = admin.master_call(Method::PATCH, &path, Some(json!({ "name": "after" })));
+        let (status, body) = tokio::time::timeout(Duration::from_secs(10), rename)
+            .await
+            .expect("the request waited on with no deadline");
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+
+        release.send(()).expect("release the pool");
+        hold.await.expect("the holder");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (_, now) = admin.master_call(Method::GET, &path, None).await;
+        assert_eq!(now["name"], "before", "{now}");
+    });
 }

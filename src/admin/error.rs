@@ -125,6 +125,9 @@ pub enum ApiError {
         /// Whether the request asked for a change (any method but GET and HEAD).
         changes: bool,
     },
+    /// 500 `internal_error`: the request's handler failed (a bug), logged where it happened.
+    #[error("the request failed inside the gateway")]
+    Internal,
     /// 503 `usage_busy`, with `Retry-After: 1`: as many heavy usage reads as may run at once
     /// ([`super::MAX_HEAVY_USAGE_READS`]) kept running for longer than a read may wait.
     #[error("too many large usage reads are running; retry shortly, or ask for fewer buckets")]
@@ -189,7 +192,9 @@ impl ApiError {
             ApiError::LastCredential => (StatusCode::CONFLICT, "last_credential"),
             ApiError::ProtectedKey => (StatusCode::CONFLICT, "protected_key"),
             ApiError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
-            ApiError::StoreCorrupt => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
+            ApiError::StoreCorrupt | ApiError::Internal => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal_error")
+            }
             ApiError::StoreUnavailable(_)
             | ApiError::StoreTimeout { .. }
             | ApiError::AccountBusy => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),

@@ -218,6 +218,22 @@ pub async fn run(
     }
 }
 
+/// Rotates the log and takes the closed segment's counts into the backlog. The rotation is
+/// kept in the backlog while it runs: a flush dropped here (the shutdown cuts the loop's flush
+/// off) leaves its counts for the next flush to take, instead of losing them with it.
+async fn rotate(wal: &Arc<Wal>, backlog: &mut Backlog) {
+    let rotating = backlog.rotating.get_or_insert_with(|| {
+        let wal = Arc::clone(wal);
+        tokio::task::spawn_blocking(move || wal.rotate_blocking())
+    });
+    let rotated = rotating.await.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "the usage log's rotation failed");
+        None
+    });
+    backlog.rotating = None;
+    backlog.rotated(rotated);
+}
+
 /// Drains the meter and writes everything waiting: the batch in flight first, then batches of
 /// at most [`BATCH_BUCKETS`] made of the counts since, each drained from the cells just before
 /// it is sent. Returns whether the store took it all.
@@ -241,18 +257,13 @@ pub async fn flush_once(
     let mut drains = 0;
     match meter.wal() {
         Some(wal) => {
-            // Kept in the backlog while it runs: a flush dropped here (the shutdown cuts the
-            // loop's flush off) leaves the rotation's counts for the next flush to take.
-            let rotating = backlog.rotating.get_or_insert_with(|| {
-                let wal = Arc::clone(wal);
-                tokio::task::spawn_blocking(move || wal.rotate_blocking())
-            });
-            let rotated = rotating.await.unwrap_or_else(|e| {
-                tracing::error!(error = %e, "the usage log's rotation failed");
-                None
-            });
-            backlog.rotating = None;
-            backlog.rotated(rotated);
+            // A rotation that an earlier flush began and the shutdown cut off is taken first;
+            // then one of this flush's own, for what was counted since.
+            let carried = backlog.rotating.is_some();
+            rotate(wal, backlog).await;
+            if carried {
+                rotate(wal, backlog).await;
+            }
         }
         None if backlog.in_flight.is_some() => meter.drain_into(&mut backlog.pending),
         None => drains = MAX_PENDING_BUCKETS / BATCH_BUCKETS,
