@@ -395,9 +395,11 @@ pub fn router(state: AdminState) -> Router {
 /// ([`AdminState::changes`], which the shutdown waits for) and goes on after that answer: it
 /// ends as it would have (its account's stripe held until the store answers, its audit entry
 /// and cache invalidation made), so that no later change to the account reads the state
-/// before it, and none of its effects is lost. Only a change whose body is still unread at the
-/// deadline is dropped instead: it has written nothing yet (bodies are read before any write),
-/// and holding the body would keep its HTTP/1 connection open.
+/// before it, and none of its effects is lost. No change is dropped, not even one whose body is
+/// still unread: some change handlers take no body and write whatever a client sends with them,
+/// and dropping one mid-write would lose its cache invalidation (a revoked key would pass until
+/// its cache ttl). The cost: a change holding an unread body keeps its HTTP/1 connection open
+/// until the store answers.
 async fn bound_answer(State(state): State<AdminState>, request: Request, next: Next) -> Response {
     let deadline = state.answer_deadline;
     let changes = !matches!(*request.method(), Method::GET | Method::HEAD)
@@ -408,10 +410,6 @@ async fn bound_answer(State(state): State<AdminState>, request: Request, next: N
             Err(_) => ApiError::StoreTimeout { deadline, changes }.into_response(),
         };
     }
-    let body = request
-        .extensions()
-        .get::<watched_body::BodyRead>()
-        .cloned();
     let mut handler = state.changes.spawn(next.run(request));
     match tokio::time::timeout(deadline, &mut handler).await {
         Ok(Ok(response)) => response,
@@ -419,12 +417,7 @@ async fn bound_answer(State(state): State<AdminState>, request: Request, next: N
             tracing::error!(error = %failed, "admin: a request's handler failed");
             ApiError::Internal.into_response()
         }
-        Err(_) => {
-            if body.is_some_and(|read| !read.is_read()) {
-                handler.abort();
-            }
-            ApiError::StoreTimeout { deadline, changes }.into_response()
-        }
+        Err(_) => ApiError::StoreTimeout { deadline, changes }.into_response(),
     }
 }
 

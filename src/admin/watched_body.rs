@@ -49,8 +49,7 @@ pub(super) async fn watch_body(request: Request, next: Next) -> Response {
     }
     let http1 = request.version() < http::Version::HTTP_2;
     let ended = Arc::new(AtomicBool::new(false));
-    let (mut parts, body) = request.into_parts();
-    parts.extensions.insert(BodyRead(Arc::clone(&ended)));
+    let (parts, body) = request.into_parts();
     let body = Body::new(Watched {
         inner: body,
         ended: Arc::clone(&ended),
@@ -63,18 +62,6 @@ pub(super) async fn watch_body(request: Request, next: Next) -> Response {
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     response
-}
-
-/// Whether a request's body has been read to its end, for the middleware inside this one
-/// (`bound_answer`): a request extension, present when the request has a body.
-#[derive(Clone)]
-pub(super) struct BodyRead(Arc<AtomicBool>);
-
-impl BodyRead {
-    /// The body has been read to its end.
-    pub(super) fn is_read(&self) -> bool {
-        self.0.load(Ordering::Acquire)
-    }
 }
 
 /// A request body that notes when it has been read to its end, and fails once its deadline
