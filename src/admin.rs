@@ -396,8 +396,8 @@ pub fn router(state: AdminState) -> Router {
 /// ends as it would have (its account's stripe held until the store answers, its audit entry
 /// and cache invalidation made), so that no later change to the account reads the state
 /// before it, and none of its effects is lost. No change is dropped, not even one whose body is
-/// still unread: some change handlers take no body and write whatever a client sends with them,
-/// and dropping one mid-write would lose its cache invalidation (a revoked key would pass until
+/// still unread: some change handlers take no body, so a body sent to them anyway stays unread
+/// while they write, and dropping one mid-write would lose its cache invalidation (a revoked key would pass until
 /// its cache ttl). The cost: a change holding an unread body keeps its HTTP/1 connection open
 /// until the store answers.
 async fn bound_answer(State(state): State<AdminState>, request: Request, next: Next) -> Response {
