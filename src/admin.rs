@@ -176,15 +176,8 @@ impl AdminState {
     /// listeners have drained): their usage and their store writes come before the final
     /// flush and the store's close.
     pub async fn finish_changes(&self, deadline: std::time::Duration) {
-        self.changes.close();
-        if tokio::time::timeout(deadline, self.changes.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                left = self.changes.len(),
-                "admin changes still waiting on the store at shutdown"
-            );
+        if let Err(left) = crate::tasks::finish(&self.changes, deadline).await {
+            tracing::warn!(left, "admin changes still waiting on the store at shutdown");
         }
     }
 

@@ -16,7 +16,7 @@
 //! usage, limit buckets, fleet — each backend one file per role; its `audit_chain` is pure), [`tls`] (a
 //! listener's certificate and key, checked and reloadable), [`metrics`], [`silence`] (the one
 //! rule for a peer that says nothing for too long: bodies, writes to clients, tunnels, HTTP/2
-//! streams).
+//! streams), [`tasks`] (a group of background tasks ended within a bound at shutdown).
 //!
 //! Layer 2, state: [`limits`] (per-key GCRA buckets), [`auth`] (the key cache and the one
 //! decision, [`auth::authorize`]), [`metering`] (per-key minute counters, their flusher, and
@@ -58,4 +58,5 @@ pub mod shutdown;
 pub mod silence;
 pub mod store;
 pub mod target;
+pub mod tasks;
 pub mod tls;

@@ -229,15 +229,8 @@ pub async fn serve<H, Fut, B>(
     // itself as its handler or answer is dropped, in time for the final flush. An HTTP/2
     // stream runs in a task of its own, which ends once its connection is gone.
     open.shutdown().await;
-    streams.close();
-    if tokio::time::timeout(STREAMS_END, streams.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            left = streams.len(),
-            "HTTP/2 streams did not end with their connections"
-        );
+    if let Err(left) = crate::tasks::finish(&streams, STREAMS_END).await {
+        tracing::warn!(left, "HTTP/2 streams did not end with their connections");
     }
 }
 

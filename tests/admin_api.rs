@@ -3,6 +3,8 @@
 //!
 //! Each test starts its own admin listener on `127.0.0.1:0` over its own embedded store.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +20,8 @@ use tollgate::metering::{Meter, WallClock};
 use tollgate::metrics::Metrics;
 use tollgate::store::embedded::EmbeddedStore;
 use tollgate::store::{AuditQuery, RateLimitSpec, Records, SharedStore};
+
+use common::{hold_the_pool, one_blocking_thread};
 
 // === harness ===
 
@@ -1461,8 +1465,7 @@ fn a_request_the_store_does_not_answer_is_answered_at_its_deadline() {
             key["active"].as_bool()
         };
 
-        let (release, held) = std::sync::mpsc::channel::<()>();
-        let hold = tokio::task::spawn_blocking(move || held.recv().ok());
+        let (release, hold) = hold_the_pool();
         let started = std::time::Instant::now();
         let deactivate_path = format!("{key_path}/deactivate");
         let deactivate = admin.master_call(Method::POST, &deactivate_path, None);
@@ -1520,8 +1523,7 @@ fn a_token_request_the_store_does_not_answer_is_answered_at_its_deadline() {
         assert_eq!(status, StatusCode::CREATED, "{secret}");
         let secret = secret["client_secret"].as_str().expect("secret").to_owned();
 
-        let (release, held) = std::sync::mpsc::channel::<()>();
-        let hold = tokio::task::spawn_blocking(move || held.recv().ok());
+        let (release, hold) = hold_the_pool();
         let started = std::time::Instant::now();
         let grant = admin
             .http
@@ -1547,49 +1549,5 @@ fn a_token_request_the_store_does_not_answer_is_answered_at_its_deadline() {
         );
         release.send(()).expect("release the pool");
         hold.await.expect("the holder");
-    });
-}
-
-/// A runtime whose blocking pool has one thread: holding it holds every embedded store call,
-/// as a hung disk does.
-fn one_blocking_thread() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .max_blocking_threads(1)
-        .build()
-        .expect("runtime")
-}
-
-/// A change whose body was not read by the deadline (here its caller check waits on the hung
-/// store, and the body is read after it) is not dropped either: it is made once the disk
-/// answers. (Some change handlers take no body, so an unread body does not mean that nothing
-/// was written.)
-#[test]
-fn a_change_whose_body_is_unread_at_its_deadline_is_still_made() {
-    const DEADLINE: Duration = Duration::from_millis(500);
-    one_blocking_thread().block_on(async {
-        let admin = start_with(|state| state.with_answer_deadline(DEADLINE)).await;
-        let account = admin.create_account(json!({ "name": "before" })).await;
-        let path = format!("/v1/accounts/{}", account["id"].as_str().expect("id"));
-
-        let (release, held) = std::sync::mpsc::channel::<()>();
-        let hold = tokio::task::spawn_blocking(move || held.recv().ok());
-        let rename = admin.master_call(Method::PATCH, &path, Some(json!({ "name": "after" })));
-        let (status, body) = tokio::time::timeout(Duration::from_secs(10), rename)
-            .await
-            .expect("the request waited on with no deadline");
-        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-
-        release.send(()).expect("release the pool");
-        hold.await.expect("the holder");
-        let mut name = Value::Null;
-        for _ in 0..100 {
-            name = admin.master_call(Method::GET, &path, None).await.1["name"].clone();
-            if name == "after" {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(name, "after");
     });
 }

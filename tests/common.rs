@@ -196,3 +196,25 @@ pub fn expect_running_then_stop(child: &mut std::process::Child) {
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(0));
 }
+
+/// A current-thread runtime whose blocking pool has one thread: [`hold_the_pool`] then holds
+/// every embedded store call queued behind it, as a hung disk does.
+pub fn one_blocking_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(1)
+        .build()
+        .expect("runtime")
+}
+
+/// Takes the blocking pool's thread until the sender sends (or is dropped); the task holding it.
+pub fn hold_the_pool() -> (
+    std::sync::mpsc::Sender<()>,
+    tokio::task::JoinHandle<Option<()>>,
+) {
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    (
+        release,
+        tokio::task::spawn_blocking(move || held.recv().ok()),
+    )
+}

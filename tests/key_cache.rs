@@ -420,16 +420,10 @@ async fn store_failures_are_counted_per_call_and_logged_once_per_outage() {
 /// of waiting on, and is counted as a failed store call. Once the pool is free the key reads.
 #[test]
 fn a_key_read_the_store_does_not_answer_is_given_up_at_its_deadline() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .max_blocking_threads(1)
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
+    common::one_blocking_thread().block_on(async {
         let f = fixture(settings());
         let key = with_key(&f).await;
-        let (release, held) = std::sync::mpsc::channel::<()>();
-        let hold = tokio::task::spawn_blocking(move || held.recv().ok());
+        let (release, hold) = common::hold_the_pool();
 
         let started = std::time::Instant::now();
         let answer = tokio::time::timeout(Duration::from_secs(10), f.cache.get(&key.hash))

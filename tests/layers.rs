@@ -19,6 +19,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("store", 1),
     ("tls", 1),
     ("silence", 1),
+    ("tasks", 1),
     ("auth", 2),
     ("credits", 2),
     ("limits", 2),

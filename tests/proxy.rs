@@ -22,7 +22,9 @@ use tollgate::store::embedded::EmbeddedStore;
 
 use common::gateway::Gateway;
 use common::upstream::{pattern_byte, Upstream};
-use common::{client, eventually, expect_echo, expect_refusal, header};
+use common::{
+    client, eventually, expect_echo, expect_refusal, header, hold_the_pool, one_blocking_thread,
+};
 
 /// Bound for every `eventually` in this file.
 const WAIT: Duration = Duration::from_secs(5);
@@ -1584,28 +1586,6 @@ async fn usage_of_every_identified_request_is_in_the_store_after_shutdown() {
     let error: u64 = buckets.iter().map(|(_, c)| c.error).sum();
     assert_eq!((requests, success, error), (8, 7, 1));
     assert!(buckets.iter().map(|(_, c)| c.bytes_out).sum::<u64>() > 0);
-}
-
-/// A runtime whose blocking pool has one thread: [`hold_the_pool`] then holds every embedded
-/// store call, as a hung disk does.
-fn one_blocking_thread() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .max_blocking_threads(1)
-        .build()
-        .expect("runtime")
-}
-
-/// Takes the blocking pool's thread until the sender sends (or is dropped); the task holding it.
-fn hold_the_pool() -> (
-    std::sync::mpsc::Sender<()>,
-    tokio::task::JoinHandle<Option<()>>,
-) {
-    let (release, held) = std::sync::mpsc::channel::<()>();
-    (
-        release,
-        tokio::task::spawn_blocking(move || held.recv().ok()),
-    )
 }
 
 /// A shutdown on a hung disk (here: the blocking pool's only thread held, so every embedded

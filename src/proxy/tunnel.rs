@@ -108,15 +108,8 @@ impl Tunnels {
     /// their bytes.
     pub async fn close(&self) {
         self.closing.cancel();
-        self.tracker.close();
-        if tokio::time::timeout(CLOSE_WAIT, self.tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                left = self.tracker.len(),
-                "tunnels still open after they were closed"
-            );
+        if let Err(left) = crate::tasks::finish(&self.tracker, CLOSE_WAIT).await {
+            tracing::warn!(left, "tunnels still open after they were closed");
         }
     }
 

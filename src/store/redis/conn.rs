@@ -61,15 +61,9 @@ pub(super) struct Conn {
 
 /// What every handle of one connection shares: the link in use, and how to replace it.
 struct Shared {
-    link: parking_lot::RwLock<Current>,
+    link: parking_lot::RwLock<Link>,
     /// A single server's (a cluster connection keeps its nodes' connections itself).
     renewal: Option<Renewal>,
-}
-
-/// The link in use, and how many links came before it.
-struct Current {
-    link: Link,
-    generation: u64,
 }
 
 /// Clears a [`Renewal`]'s `busy` flag when dropped.
@@ -119,10 +113,7 @@ impl Conn {
         let (link, renewal) = Link::connect(url).await?;
         Ok(Conn {
             shared: Arc::new(Shared {
-                link: parking_lot::RwLock::new(Current {
-                    link,
-                    generation: 0,
-                }),
+                link: parking_lot::RwLock::new(link),
                 renewal,
             }),
             breaker: Arc::new(Breaker::new()),
@@ -149,7 +140,7 @@ impl Conn {
 
     /// Runs one command.
     pub(super) async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
-        let mut link = self.shared.link.read().link.clone();
+        let mut link = self.shared.link.read().clone();
         let attempt = async {
             match cmd.query_async::<Value>(&mut link).await {
                 Err(e) if link.never_sent(&e) => cmd.query_async::<Value>(&mut link).await,
@@ -234,7 +225,7 @@ impl Conn {
     }
 
     async fn run_pipeline(&self, pipe: Pipeline) -> Result<Vec<Value>, StoreError> {
-        let mut link = self.shared.link.read().link.clone();
+        let mut link = self.shared.link.read().clone();
         let attempt = async {
             match pipe.query_async::<Vec<Value>>(&mut link).await {
                 Err(e) if link.never_sent(&e) => pipe.query_async::<Vec<Value>>(&mut link).await,
@@ -265,9 +256,10 @@ impl Conn {
 
 impl Shared {
     /// Checks a single server's connection in the background (one check at a time): a `PING`
-    /// on it that gets no answer within [`CALL_DEADLINE`] has the manager replaced, unless it
-    /// was replaced meanwhile. Calls made after that go over a new connection; the old one
-    /// closes when the calls still on it end.
+    /// on it that gets no answer within [`CALL_DEADLINE`] has the manager replaced. A check
+    /// pings the link in use, so calls that time out on a link already replaced check the new
+    /// one, which answers. Calls made after a replacement go over the new connection; the old
+    /// one closes when the calls still on it end.
     fn check(this: &Arc<Shared>) {
         let Some(renewal) = &this.renewal else {
             return;
@@ -282,35 +274,28 @@ impl Shared {
             };
             // Cleared however the check ends (a panic, the runtime shutting down mid-way).
             let _done = Done(&renewal.busy);
-            let (mut link, generation) = {
-                let current = shared.link.read();
-                (current.link.clone(), current.generation)
-            };
+            let mut link = shared.link.read().clone();
             let ping = ::redis::cmd("PING");
             let answer = deadline(CALL_DEADLINE, ping.query_async::<Value>(&mut link)).await;
             // An answer, however late, is a live connection; a broken one the manager
             // replaces by itself.
             if answer.is_err_and(|e| e.is_timeout()) {
-                shared.replace(renewal, generation).await;
+                shared.replace(renewal).await;
             }
         });
     }
 
-    /// Makes a new manager and puts it in place of generation `generation`'s.
-    async fn replace(&self, renewal: &Renewal, generation: u64) {
+    /// Makes a new manager and puts it in place of the one in use.
+    async fn replace(&self, renewal: &Renewal) {
         let fresh =
             ConnectionManager::new_with_config(renewal.client.clone(), renewal.config.clone());
         match deadline(CALL_DEADLINE, fresh).await {
             Ok(fresh) => {
-                let mut current = self.link.write();
-                if current.generation == generation {
-                    current.link = Link::Single(fresh);
-                    current.generation += 1;
-                    tracing::warn!(
-                        "redis did not answer a ping within {} ms; connection replaced",
-                        CALL_DEADLINE.as_millis()
-                    );
-                }
+                *self.link.write() = Link::Single(fresh);
+                tracing::warn!(
+                    "redis did not answer a ping within {} ms; connection replaced",
+                    CALL_DEADLINE.as_millis()
+                );
             }
             Err(e) => tracing::debug!(error = %e, "replacing the redis connection failed"),
         }
