@@ -119,12 +119,15 @@ fn bench(c: &mut Criterion) {
             assert_eq!(minutes.len(), 2_880);
         })
     });
-    flush_many_keys(c, &rt, now);
+    flush_many_keys(c, &rt, now, 1);
+    flush_many_keys(c, &rt, now, 3);
 }
 
 /// Flushes as the flusher sends them with many keys in rotation: 20 000 distinct keys' deltas in
-/// the current minute, into a store holding 100 000 keys' buckets for the last ten minutes.
-fn flush_many_keys(c: &mut Criterion, rt: &tokio::runtime::Runtime, now: i64) {
+/// the current minute, into a store holding 100 000 keys' buckets for the last ten minutes. Each
+/// key is used once `every` minutes: 1, a key in every minute; 3, a key that was used earlier in
+/// the hour but not in the minute before (its hour's index row is there already).
+fn flush_many_keys(c: &mut Criterion, rt: &tokio::runtime::Runtime, now: i64, every: i64) {
     const KEYS: usize = 100_000;
     const PER_FLUSH: usize = 20_000;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -155,21 +158,32 @@ fn flush_many_keys(c: &mut Criterion, rt: &tokio::runtime::Runtime, now: i64) {
     let mut at = 0;
     let mut group = c.benchmark_group("store");
     group.sample_size(10);
-    // Five flushes: every key once, and the fold that the waiting 100 000 buckets bring about
-    // (at the sixth flush at the latest), so each iteration carries its share of the folding.
+    // Five flushes a minute: every key once. With a key in every minute, an iteration is one
+    // minute and carries its share of the folding (the waiting 100 000 buckets bring one about
+    // at the sixth flush at the latest). With a key every few minutes, an iteration is five
+    // such minutes, 500 000 buckets: exactly one fold an iteration, so that iterations compare.
     let mut minute = now;
-    group.bench_function("5_flushes_of_20k_of_100k_keys", |b| {
+    let (name, minutes) = match every {
+        1 => ("5_flushes_of_20k_of_100k_keys".to_owned(), 1),
+        n => (
+            format!("25_flushes_of_20k_of_100k_keys_every_{n}_minutes"),
+            5,
+        ),
+    };
+    group.bench_function(name, |b| {
         b.iter(|| {
-            // Each iteration a new minute, as in a gateway that runs for long: every key's
-            // bucket in it is new.
-            minute += 1;
-            for _ in 0..5 {
-                let batch: Vec<UsageDelta> = (0..PER_FLUSH)
-                    .map(|n| delta(order[(at + n) % KEYS], minute))
-                    .collect();
-                at = (at + PER_FLUSH) % KEYS;
-                rt.block_on(store.add_usage(id, &batch)).expect("flush");
-                id = id.next();
+            for _ in 0..minutes {
+                // Each a new minute, as in a gateway that runs for long: every key's bucket in
+                // it is new.
+                minute += every;
+                for _ in 0..5 {
+                    let batch: Vec<UsageDelta> = (0..PER_FLUSH)
+                        .map(|n| delta(order[(at + n) % KEYS], minute))
+                        .collect();
+                    at = (at + PER_FLUSH) % KEYS;
+                    rt.block_on(store.add_usage(id, &batch)).expect("flush");
+                    id = id.next();
+                }
             }
         })
     });
