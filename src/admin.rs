@@ -397,14 +397,15 @@ async fn bound_answer(State(state): State<AdminState>, request: Request, next: N
     let deadline = state.answer_deadline;
     let changes = !matches!(*request.method(), Method::GET | Method::HEAD)
         && request.uri().path() != "/v1/verify";
-    if !changes {
-        return match tokio::time::timeout(deadline, next.run(request)).await {
-            Ok(response) => response,
-            Err(_) => ApiError::StoreTimeout { deadline, changes }.into_response(),
-        };
-    }
-    let mut handler = state.changes.spawn(next.run(request));
-    match tokio::time::timeout(deadline, &mut handler).await {
+    let answered = if changes {
+        // A task's handle dropped at the deadline leaves the task running.
+        tokio::time::timeout(deadline, state.changes.spawn(next.run(request))).await
+    } else {
+        tokio::time::timeout(deadline, next.run(request))
+            .await
+            .map(Ok)
+    };
+    match answered {
         Ok(Ok(response)) => response,
         Ok(Err(failed)) => {
             tracing::error!(error = %failed, "admin: a request's handler failed");

@@ -1480,17 +1480,11 @@ fn a_request_the_store_does_not_answer_is_answered_at_its_deadline() {
 
         release.send(()).expect("release the pool");
         hold.await.expect("the holder");
-        let mut now = Some(true);
-        for _ in 0..100 {
-            now = active().await;
-            if now == Some(false) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(
-            now,
-            Some(false),
+        assert!(
+            common::eventually(Duration::from_secs(2), || async {
+                active().await == Some(false)
+            })
+            .await,
             "the change answered 503 was not made once the disk answered"
         );
         let (status, body) = tokio::time::timeout(Duration::from_secs(10), new_key("second"))

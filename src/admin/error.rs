@@ -122,7 +122,8 @@ pub enum ApiError {
     StoreTimeout {
         /// The deadline that passed.
         deadline: std::time::Duration,
-        /// Whether the request asked for a change (any method but GET and HEAD).
+        /// Whether the request asked for a change (any method but GET and HEAD, and not
+        /// `/v1/verify`).
         changes: bool,
     },
     /// 500 `internal_error`: the request's handler failed (a bug), logged where it happened.

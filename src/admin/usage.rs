@@ -108,7 +108,15 @@ pub(crate) async fn key(
     } else {
         None
     };
-    let answer = BucketStream::new(state.store.clone(), key.id, interval, filler, permit);
+    let deadline = state.answer_deadline;
+    let answer = BucketStream::new(
+        state.store.clone(),
+        key.id,
+        interval,
+        filler,
+        deadline,
+        permit,
+    );
     Ok(answer.respond(from, to).await?)
 }
 

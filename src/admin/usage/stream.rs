@@ -61,6 +61,8 @@ pub(crate) struct BucketStream {
     key_id: String,
     interval: Interval,
     filler: Filler,
+    /// How long each window's read may take: the answer's deadline (`AdminState`'s).
+    deadline: Duration,
     /// Whether a bucket has been written (the next one is preceded by a comma).
     written: bool,
     /// A heavy read's place among [`super::super::MAX_HEAVY_USAGE_READS`], held to the end.
@@ -86,12 +88,14 @@ impl Bucket {
 // === impl BucketStream ===
 
 impl BucketStream {
-    /// A read of `key_id`'s buckets over `filler`'s range, holding `permit` until it ends.
+    /// A read of `key_id`'s buckets over `filler`'s range, each window's read bounded by
+    /// `deadline`, holding `permit` until it ends.
     pub(crate) fn new(
         store: Arc<dyn Usage>,
         key_id: String,
         interval: Interval,
         filler: Filler,
+        deadline: Duration,
         permit: Option<OwnedSemaphorePermit>,
     ) -> Self {
         BucketStream {
@@ -99,6 +103,7 @@ impl BucketStream {
             key_id,
             interval,
             filler,
+            deadline,
             written: false,
             _permit: permit,
         }
@@ -158,18 +163,15 @@ impl BucketStream {
         let Some(window) = self.filler.next_window(WINDOW_BUCKETS) else {
             return Ok(None);
         };
-        // Bounded as the answer's head is (`admin::ANSWER_DEADLINE`): past it, on a hung disk,
-        // the body is cut and the heavy read's place given back.
+        // Bounded as the answer's head is: past the deadline, on a hung disk, the body is cut
+        // and the heavy read's place given back.
         let read = self
             .store
             .key_usage(&self.key_id, self.interval.source(), window.lo, window.hi);
-        let mut stored = tokio::time::timeout(crate::admin::ANSWER_DEADLINE, read)
+        let mut stored = tokio::time::timeout(self.deadline, read)
             .await
             .map_err(|_| {
-                StoreError::Unavailable(format!(
-                    "no answer from the store in {:?}",
-                    crate::admin::ANSWER_DEADLINE
-                ))
+                StoreError::Unavailable(format!("no answer from the store in {:?}", self.deadline))
             })??;
         // The store answers in order; sorting sorted input is one pass.
         stored.sort_by_key(|(index, _)| *index);
@@ -326,11 +328,17 @@ mod tests {
                     .collect(),
             };
             let filler = Filler::new(interval, from, to).unwrap();
-            let answer =
-                BucketStream::new(store.clone(), "key_a".to_owned(), interval, filler, None)
-                    .respond(from, to)
-                    .await
-                    .unwrap();
+            let answer = BucketStream::new(
+                store.clone(),
+                "key_a".to_owned(),
+                interval,
+                filler,
+                crate::admin::ANSWER_DEADLINE,
+                None,
+            )
+            .respond(from, to)
+            .await
+            .unwrap();
             assert_eq!(answer.headers()[header::CONTENT_TYPE], "application/json");
             let body = answer.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(
