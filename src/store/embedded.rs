@@ -22,7 +22,8 @@
 //! | `audit`          | sequence (`u64`, ascending)       | entry JSON + `account_id` | the audit log in append order (read backwards: newest first) |
 //! | `audit_accounts` | (account id, sequence)            | `()`                      | one account's audit entries without scanning the others    |
 //! | `audit_heads`    | account id                        | [`ChainHead`] JSON        | the newest link of the account's audit chain ([`audit_chain`]) |
-//! | `key_minutes`, `key_hours`, `key_days`, `account_days` | (index `i64`, owner id as bytes) | 56 bytes: 6 × LE `u64` counts, LE `i64` last used ms | usage buckets, time-major so that a flush touches only the current pages ([`usage`]); keys' hours and days are rolled up from their minutes once the hour is over ([`rollup`]) |
+//! | `key_minute_blocks` | (minute `i64`, the block's first key id as bytes) | a block of up to 40 buckets of keys from the row's up to the next row's ([`minutes`]) | keys' minute buckets, time-major and packed so that a fold touches only the current pages and writes a block once for its keys ([`usage`]) |
+//! | `key_hours`, `key_days`, `account_days` | (index `i64`, owner id as bytes) | 56 bytes: 6 × LE `u64` counts, LE `i64` last used ms | usage buckets, time-major; keys' hours and days are rolled up from their minutes once the hour is over ([`rollup`]) |
 //! | `key_minutes_by_key_hour`, `key_hours_by_key`, `key_days_by_key`, `account_days_by_account` | (owner id, hour for minutes, else index) | `()` | an owner's buckets from … to; written once per new hour of minutes, or new bucket |
 //! | `usage_journal`  | sequence (`u64`)                  | one `add_usage` batch, packed | flushes not yet folded into the buckets ([`journal`]) |
 //! | `key_last_used`  | key id                            | ms (`i64`)                | last use of a key whose minute buckets were pruned         |
@@ -53,6 +54,7 @@ mod clients;
 mod commit;
 mod credits;
 mod journal;
+mod minutes;
 mod records;
 mod rollup;
 mod usage;

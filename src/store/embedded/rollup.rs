@@ -22,12 +22,12 @@
 //! already few writes.
 
 use std::collections::BTreeMap;
-use std::ops::Bound;
+use std::ops::ControlFlow;
 
 use redb::{ReadTransaction, ReadableTable, WriteTransaction};
 
-use super::buckets::{self, Bucket, KEY_DAYS, KEY_HOURS, KEY_MINUTES};
-use super::{db_err, META};
+use super::buckets::{self, Bucket, KEY_DAYS, KEY_HOURS};
+use super::{db_err, minutes, META};
 use crate::store::{Granularity, StoreError, UsageCounts};
 
 /// The `meta` row that holds [`Rolled`].
@@ -37,8 +37,6 @@ const CHUNK_KEYS: usize = 2_048;
 /// A step takes further chunks until it has read this many minute buckets (checked between
 /// chunks: a chunk of busy keys reads up to 60 × [`CHUNK_KEYS`]).
 const STEP_ROWS: usize = 20_000;
-
-const NO_OWNER: &[u8] = &[];
 
 /// How far the minute buckets are rolled into hours and days: every minute before `start`, and
 /// in `start`'s span (from `start` to the end of its hour) the keys up to `cursor`.
@@ -116,12 +114,9 @@ pub(super) fn init(txn: &WriteTransaction, now_minute: i64) -> Result<(), StoreE
     if meta.get(ROLLED).map_err(db_err)?.is_some() {
         return Ok(());
     }
-    let minutes = txn.open_table(KEY_MINUTES.by_time).map_err(db_err)?;
+    let blocks = txn.open_table(minutes::BLOCKS).map_err(db_err)?;
     let hours = txn.open_table(KEY_HOURS.by_time).map_err(db_err)?;
-    let newest = minutes
-        .last()
-        .map_err(db_err)?
-        .map(|(key, _)| key.value().0);
+    let newest = minutes::last(&blocks)?;
     let start = if newest.is_none() && hours.first().map_err(db_err)?.is_none() {
         i64::MIN
     } else {
@@ -142,7 +137,7 @@ pub(super) fn step(txn: &WriteTransaction, now_minute: i64) -> Result<(), StoreE
     let mut meta = txn.open_table(META).map_err(db_err)?;
     let was = Rolled::load(&meta)?;
     let mut at = was.clone();
-    let minutes = txn.open_table(KEY_MINUTES.by_time).map_err(db_err)?;
+    let blocks = txn.open_table(minutes::BLOCKS).map_err(db_err)?;
     let mut hours = KEY_HOURS.open(txn)?;
     let mut days = KEY_DAYS.open(txn)?;
     let this_hour = now_minute.div_euclid(60).saturating_mul(60);
@@ -151,13 +146,7 @@ pub(super) fn step(txn: &WriteTransaction, now_minute: i64) -> Result<(), StoreE
         if at.cursor.is_none() {
             // Minutes without buckets need no rolling: skip to the next that has one (but not
             // into the hour under way, which is not over).
-            let next = minutes
-                .range((at.start, NO_OWNER)..)
-                .map_err(db_err)?
-                .next()
-                .transpose()
-                .map_err(db_err)?
-                .map(|(key, _)| key.value().0);
+            let next = minutes::first_from(&blocks, at.start)?;
             at.start = at.start.max(next.unwrap_or(this_hour).min(this_hour));
         }
         let end = at.span_end();
@@ -165,7 +154,7 @@ pub(super) fn step(txn: &WriteTransaction, now_minute: i64) -> Result<(), StoreE
         if end > now_minute || end <= at.start {
             break;
         }
-        let (sums, rows) = sum_chunk(&minutes, &at)?;
+        let (sums, rows) = sum_chunk(&blocks, &at)?;
         let (hour, day) = (
             Granularity::Hour.of_minute(at.start),
             Granularity::Day.of_minute(at.start),
@@ -200,40 +189,33 @@ pub(super) fn step(txn: &WriteTransaction, now_minute: i64) -> Result<(), StoreE
 /// The sums of the first [`CHUNK_KEYS`] keys after the cursor over `at`'s span, and how many
 /// minute buckets were read for them.
 fn sum_chunk(
-    minutes: &impl ReadableTable<(i64, &'static [u8]), &'static [u8]>,
+    blocks: &impl ReadableTable<(i64, &'static [u8]), &'static [u8]>,
     at: &Rolled,
 ) -> Result<(BTreeMap<Vec<u8>, Bucket>, usize), StoreError> {
     let mut sums: BTreeMap<Vec<u8>, Bucket> = BTreeMap::new();
     let mut rows = 0;
     for minute in at.start..at.span_end() {
-        let from = match at.cursor.as_deref() {
-            Some(last) => Bound::Excluded((minute, last)),
-            None => Bound::Included((minute, NO_OWNER)),
-        };
-        let to = Bound::Excluded((minute.saturating_add(1), NO_OWNER));
-        for item in minutes.range((from, to)).map_err(db_err)? {
-            let (key, value) = item.map_err(db_err)?;
-            let owner = key.value().1;
+        minutes::each_after(blocks, minute, at.cursor.as_deref(), |owner, bucket| {
             // Full: only keys up to the last kept one count (the rest are the next chunk's).
             if sums.len() >= CHUNK_KEYS
                 && sums
                     .last_key_value()
                     .is_some_and(|(last, _)| owner > last.as_slice())
             {
-                break;
+                return ControlFlow::Break(());
             }
             rows += 1;
-            let bucket = buckets::decode(value.value())?;
             match sums.get_mut(owner) {
-                Some(sum) => sum.merge(&bucket),
+                Some(sum) => sum.merge(bucket),
                 None => {
-                    sums.insert(owner.to_vec(), bucket);
+                    sums.insert(owner.to_vec(), *bucket);
                     if sums.len() > CHUNK_KEYS {
                         sums.pop_last();
                     }
                 }
             }
-        }
+            ControlFlow::Continue(())
+        })?;
     }
     Ok((sums, rows))
 }

@@ -1,0 +1,533 @@
+//! The keys' minute buckets in the embedded store, packed in blocks.
+//!
+//! A fold ([`super::journal`]) brings one delta per key and minute, and a million keys used
+//! each minute bring a million. Stored one redb row a bucket, as hours and days are
+//! ([`super::buckets`]), each costs an insert: a walk from the root, a search and a rebuild of
+//! its leaf, with the page cache's hashing on every page it touches. So a minute's buckets are
+//! packed into blocks of consecutive keys: the row `(minute, first key)` holds the buckets of
+//! that minute from its own key up to the next row's, sorted, [`FILL`] of them when written new
+//! and at most [`MOST`]. A fold reads and rewrites a block once for all of its keys' deltas; a
+//! point read finds the one block that can hold a key (the last row at or before
+//! `(minute, key)`) and searches it. A block is `[u16 LE key length, key, bucket]` repeated.
+//!
+//! The key-major index is as it was before blocks: a row `(key, hour)` says the key may have
+//! minute buckets in that hour, and reads probe its sixty minutes. It is written when a key's
+//! bucket is made without one the minute before (in the hour) and the row is not there yet, so
+//! a busy key adds one row an hour. A file from before blocks (a table of one row a bucket) is
+//! packed when it is opened ([`create_tables`]).
+
+use std::collections::HashSet;
+use std::ops::{Bound, ControlFlow};
+
+use redb::{ReadTransaction, ReadableTable, Table, TableDefinition, TableHandle, WriteTransaction};
+
+use super::buckets::{self, Bucket, BUCKET_BYTES};
+use super::db_err;
+use crate::store::{StoreError, UsageCounts, UsageDelta};
+
+/// `(minute, first key)` → a block of that minute's buckets.
+pub(super) const BLOCKS: TableDefinition<(i64, &[u8]), &[u8]> =
+    TableDefinition::new("key_minute_blocks");
+/// `(key, hour)` → (): the key may have minute buckets in the hour.
+pub(super) const BY_KEY_HOUR: TableDefinition<(&[u8], i64), ()> =
+    TableDefinition::new("key_minutes_by_key_hour");
+/// The layout before blocks, `(minute, key)` → bucket: packed into [`BLOCKS`] at open.
+const ROWS: TableDefinition<(i64, &[u8]), &[u8]> = TableDefinition::new("key_minutes");
+
+/// Buckets in a block written new (~1.3 KB with the gateway's 24-byte key ids: three to a page).
+const FILL: usize = 16;
+/// A block grown past this many buckets (a later fold's keys between its own) is written again
+/// as blocks of about [`FILL`].
+const MOST: usize = 40;
+/// The most deltas [`Open::add_sorted`] holds at a time, which bounds the memory a fold of
+/// half a million buckets adds.
+const CHUNK: usize = 4096;
+
+const NO_OWNER: &[u8] = &[];
+
+/// The keys' minute tables, open in a write transaction.
+pub(super) struct Open<'txn> {
+    blocks: Table<'txn, (i64, &'static [u8]), &'static [u8]>,
+    by_key_hour: Table<'txn, (&'static [u8], i64), ()>,
+}
+
+impl<'txn> Open<'txn> {
+    pub(super) fn new(txn: &'txn WriteTransaction) -> Result<Open<'txn>, StoreError> {
+        Ok(Open {
+            blocks: txn.open_table(BLOCKS).map_err(db_err)?,
+            by_key_hour: txn.open_table(BY_KEY_HOUR).map_err(db_err)?,
+        })
+    }
+}
+
+impl Open<'_> {
+    /// Adds keys' deltas, sorted by (minute, key id), into their minute buckets (a key twice in
+    /// the batch sums), [`CHUNK`] deltas of one minute at a time.
+    pub(super) fn add_sorted(&mut self, sorted: &[UsageDelta]) -> Result<(), StoreError> {
+        let mut rest = sorted;
+        while let Some(first) = rest.first() {
+            let minute = first.minute;
+            let run = rest
+                .iter()
+                .take(CHUNK)
+                .take_while(|d| d.minute == minute)
+                .count();
+            let (chunk, tail) = rest.split_at(run);
+            self.add_chunk(minute, chunk)?;
+            rest = tail;
+        }
+        Ok(())
+    }
+
+    /// [`Open::add_sorted`] for deltas of one minute, sorted by key id: each block that holds
+    /// (or is to hold) some of their keys is read and written once.
+    fn add_chunk(&mut self, minute: i64, chunk: &[UsageDelta]) -> Result<(), StoreError> {
+        let mut merged: Vec<(&[u8], Bucket)> = Vec::with_capacity(chunk.len());
+        for d in chunk {
+            let delta = Bucket {
+                counts: d.counts,
+                last_used_ms: d.last_used_ms,
+            };
+            match merged.last_mut() {
+                Some((owner, bucket)) if *owner == d.key_id.as_bytes() => bucket.merge(&delta),
+                _ => merged.push((d.key_id.as_bytes(), delta)),
+            }
+        }
+        // The minute before in the hour: a key with a bucket there has its index row.
+        let mut before = (minute.rem_euclid(60) != 0)
+            .then(|| minute.checked_sub(1))
+            .flatten()
+            .map(Probe::new);
+        let mut rest = merged.as_slice();
+        while let Some(&(owner, _)) = rest.first() {
+            // The block that holds `owner` if it is there, and where the next block begins.
+            let (first, stored) = match holding(&self.blocks, minute, owner)? {
+                Some((first, bytes)) => (Some(first), bytes),
+                None => (None, Vec::new()),
+            };
+            let next = next_first(&self.blocks, minute, owner)?;
+            let n = rest
+                .iter()
+                .take_while(|(o, _)| next.as_deref().is_none_or(|next| *o < next))
+                .count();
+            let (region, tail) = rest.split_at(n);
+            rest = tail;
+            let stored: Vec<(&[u8], Bucket)> = Entries(&stored).collect::<Result<_, _>>()?;
+            let mut all: Vec<(&[u8], Bucket)> = Vec::with_capacity(stored.len() + region.len());
+            let mut old = stored.iter().peekable();
+            for (owner, delta) in region {
+                while let Some(entry) = old.next_if(|(o, _)| o < owner) {
+                    all.push(*entry);
+                }
+                let mut bucket = match old.next_if(|(o, _)| o == owner) {
+                    Some((_, bucket)) => *bucket,
+                    None => {
+                        let before_is_there = match &mut before {
+                            Some(probe) => probe.contains(&self.blocks, owner)?,
+                            None => false,
+                        };
+                        if !before_is_there {
+                            self.index(owner, minute)?;
+                        }
+                        Bucket::default()
+                    }
+                };
+                bucket.merge(delta);
+                all.push((owner, bucket));
+            }
+            all.extend(old);
+            self.write(minute, first.is_none(), &all)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `all` (sorted, the keys of one block's place) as one block, or as blocks of
+    /// about [`FILL`] when they are `new` or more than [`MOST`]; the first keeps the row of the
+    /// block they were in, whose first key is still theirs.
+    fn write(&mut self, minute: i64, new: bool, all: &[(&[u8], Bucket)]) -> Result<(), StoreError> {
+        let pieces = if new || all.len() > MOST {
+            all.len().div_ceil(FILL)
+        } else {
+            1
+        };
+        let per = all.len().div_ceil(pieces.max(1)).max(1);
+        let mut bytes = Vec::with_capacity(per * (BUCKET_BYTES + 32));
+        for piece in all.chunks(per) {
+            let Some((first, _)) = piece.first() else {
+                continue;
+            };
+            bytes.clear();
+            for (owner, bucket) in piece {
+                push_entry(&mut bytes, owner, bucket)?;
+            }
+            self.blocks
+                .insert((minute, *first), bytes.as_slice())
+                .map_err(db_err)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `owner`'s index row for `minute`'s hour unless it is there: a read finds it
+    /// (a key used every few minutes) where writing it again would copy its leaf page, on
+    /// pages scattered by key, for nothing.
+    fn index(&mut self, owner: &[u8], minute: i64) -> Result<(), StoreError> {
+        let hour = minute.div_euclid(60);
+        if self
+            .by_key_hour
+            .get((owner, hour))
+            .map_err(db_err)?
+            .is_none()
+        {
+            self.by_key_hour.insert((owner, hour), ()).map_err(db_err)?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether keys have a bucket in one minute, asked in ascending order: the block last read is
+/// kept with the keys it covers, so keys of one block cost one read.
+struct Probe {
+    minute: i64,
+    block: Vec<u8>,
+    /// The keys the kept block covers: `from` up to `to` (the next block's first key).
+    from: Vec<u8>,
+    to: Option<Vec<u8>>,
+    loaded: bool,
+}
+
+impl Probe {
+    fn new(minute: i64) -> Probe {
+        Probe {
+            minute,
+            block: Vec::new(),
+            from: Vec::new(),
+            to: None,
+            loaded: false,
+        }
+    }
+
+    fn contains(
+        &mut self,
+        table: &impl ReadableTable<(i64, &'static [u8]), &'static [u8]>,
+        owner: &[u8],
+    ) -> Result<bool, StoreError> {
+        let covered = self.loaded
+            && owner >= self.from.as_slice()
+            && self.to.as_deref().is_none_or(|to| owner < to);
+        if !covered {
+            // Before the minute's first block: no block, from the lowest key on.
+            (self.from, self.block) = holding(table, self.minute, owner)?.unwrap_or_default();
+            self.to = next_first(table, self.minute, owner)?;
+            self.loaded = true;
+        }
+        Ok(find_in(&self.block, owner)?.is_some())
+    }
+}
+
+/// A block read out: its row's first key, and its bytes.
+type Copied = (Vec<u8>, Vec<u8>);
+
+/// The block of `minute` that can hold `owner` (the last at or before it).
+fn holding(
+    table: &impl ReadableTable<(i64, &'static [u8]), &'static [u8]>,
+    minute: i64,
+    owner: &[u8],
+) -> Result<Option<Copied>, StoreError> {
+    let row = table
+        .range((minute, NO_OWNER)..=(minute, owner))
+        .map_err(db_err)?
+        .next_back()
+        .transpose()
+        .map_err(db_err)?;
+    Ok(row.map(|(key, value)| (key.value().1.to_vec(), value.value().to_vec())))
+}
+
+/// The first key of `minute`'s first block after `owner`.
+fn next_first(
+    table: &impl ReadableTable<(i64, &'static [u8]), &'static [u8]>,
+    minute: i64,
+    owner: &[u8],
+) -> Result<Option<Vec<u8>>, StoreError> {
+    let after = (Bound::Excluded((minute, owner)), Bound::Unbounded);
+    let row = table
+        .range::<(i64, &[u8])>(after)
+        .map_err(db_err)?
+        .next()
+        .transpose()
+        .map_err(db_err)?;
+    Ok(row.and_then(|(key, _)| {
+        let (m, first) = key.value();
+        (m == minute).then(|| first.to_vec())
+    }))
+}
+
+/// `owner`'s bucket of `minute`.
+fn find(
+    table: &impl ReadableTable<(i64, &'static [u8]), &'static [u8]>,
+    minute: i64,
+    owner: &[u8],
+) -> Result<Option<Bucket>, StoreError> {
+    match holding(table, minute, owner)? {
+        Some((_, block)) => find_in(&block, owner),
+        None => Ok(None),
+    }
+}
+
+/// `owner`'s bucket in `block`.
+fn find_in(block: &[u8], owner: &[u8]) -> Result<Option<Bucket>, StoreError> {
+    for entry in Entries(block) {
+        let (o, bucket) = entry?;
+        match o.cmp(owner) {
+            std::cmp::Ordering::Less => {}
+            std::cmp::Ordering::Equal => return Ok(Some(bucket)),
+            std::cmp::Ordering::Greater => break,
+        }
+    }
+    Ok(None)
+}
+
+/// A block's buckets with their keys, in order.
+struct Entries<'a>(&'a [u8]);
+
+impl<'a> Iterator for Entries<'a> {
+    type Item = Result<(&'a [u8], Bucket), StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.0.is_empty() {
+            return None;
+        }
+        let entry = self.split();
+        if entry.is_err() {
+            self.0 = &[];
+        }
+        Some(entry)
+    }
+}
+
+impl<'a> Entries<'a> {
+    fn split(&mut self) -> Result<(&'a [u8], Bucket), StoreError> {
+        let corrupt = || StoreError::Corrupt("usage minute block does not decode".into());
+        let (len, rest) = self.0.split_first_chunk::<2>().ok_or_else(corrupt)?;
+        let len = usize::from(u16::from_le_bytes(*len));
+        if rest.len() < len + BUCKET_BYTES {
+            return Err(corrupt());
+        }
+        let (owner, rest) = rest.split_at(len);
+        let (bucket, rest) = rest.split_at(BUCKET_BYTES);
+        self.0 = rest;
+        Ok((owner, buckets::decode(bucket)?))
+    }
+}
+
+fn push_entry(out: &mut Vec<u8>, owner: &[u8], bucket: &Bucket) -> Result<(), StoreError> {
+    let len = u16::try_from(owner.len())
+        .map_err(|_| StoreError::Corrupt(format!("usage key id of {} bytes", owner.len())))?;
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(owner);
+    out.extend_from_slice(&buckets::encode(bucket));
+    Ok(())
+}
+
+/// Creates the tables, and packs a file's minute buckets from before blocks into blocks (in
+/// the transaction that opens the file, so all or none of them).
+pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
+    let mut blocks = txn.open_table(BLOCKS).map_err(db_err)?;
+    txn.open_table(BY_KEY_HOUR).map_err(db_err)?;
+    let old = txn
+        .list_tables()
+        .map_err(db_err)?
+        .any(|table| table.name() == ROWS.name());
+    if !old {
+        return Ok(());
+    }
+    {
+        let rows = txn.open_table(ROWS).map_err(db_err)?;
+        // The block being filled: its minute, first key and bytes, and how many buckets.
+        let mut block: Option<(i64, Vec<u8>)> = None;
+        let mut bytes = Vec::new();
+        let mut held = 0;
+        for row in rows.iter().map_err(db_err)? {
+            let (key, value) = row.map_err(db_err)?;
+            let (minute, owner) = key.value();
+            if block.as_ref().is_some_and(|(m, _)| *m != minute) || held == FILL {
+                if let Some((m, first)) = block.take() {
+                    blocks
+                        .insert((m, first.as_slice()), bytes.as_slice())
+                        .map_err(db_err)?;
+                }
+                bytes.clear();
+                held = 0;
+            }
+            if block.is_none() {
+                block = Some((minute, owner.to_vec()));
+            }
+            push_entry(&mut bytes, owner, &buckets::decode(value.value())?)?;
+            held += 1;
+        }
+        if let Some((m, first)) = block {
+            blocks
+                .insert((m, first.as_slice()), bytes.as_slice())
+                .map_err(db_err)?;
+        }
+    }
+    txn.delete_table(ROWS).map_err(db_err)?;
+    Ok(())
+}
+
+/// `owner`'s minute buckets with `from <= minute < to`, ascending.
+pub(super) fn read(
+    txn: &ReadTransaction,
+    owner: &str,
+    from: i64,
+    to: i64,
+) -> Result<Vec<(i64, UsageCounts)>, StoreError> {
+    let mut out = Vec::new();
+    if from >= to {
+        return Ok(out);
+    }
+    let blocks = txn.open_table(BLOCKS).map_err(db_err)?;
+    let by_key_hour = txn.open_table(BY_KEY_HOUR).map_err(db_err)?;
+    let id = owner.as_bytes();
+    let hours = (id, from.div_euclid(60))..=(id, (to - 1).div_euclid(60));
+    for item in by_key_hour.range(hours).map_err(db_err)? {
+        let (key, _) = item.map_err(db_err)?;
+        let minutes = of_hour(key.value().1);
+        for minute in minutes.start.max(from)..minutes.end.min(to) {
+            if let Some(bucket) = find(&blocks, minute, id)? {
+                out.push((minute, bucket.counts));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `owner`'s newest minute bucket.
+pub(super) fn newest(txn: &ReadTransaction, owner: &str) -> Result<Option<Bucket>, StoreError> {
+    let blocks = txn.open_table(BLOCKS).map_err(db_err)?;
+    let by_key_hour = txn.open_table(BY_KEY_HOUR).map_err(db_err)?;
+    let id = owner.as_bytes();
+    let hours = by_key_hour
+        .range((id, i64::MIN)..=(id, i64::MAX))
+        .map_err(db_err)?;
+    for item in hours.rev() {
+        let (key, _) = item.map_err(db_err)?;
+        for minute in of_hour(key.value().1).rev() {
+            if let Some(bucket) = find(&blocks, minute, id)? {
+                return Ok(Some(bucket));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The minutes of `hour`.
+fn of_hour(hour: i64) -> std::ops::Range<i64> {
+    let start = hour.saturating_mul(60);
+    start..start.saturating_add(60)
+}
+
+/// The first minute at or after `from` with buckets.
+pub(super) fn first_from(
+    table: &impl ReadableTable<(i64, &'static [u8]), &'static [u8]>,
+    from: i64,
+) -> Result<Option<i64>, StoreError> {
+    let row = table
+        .range((from, NO_OWNER)..)
+        .map_err(db_err)?
+        .next()
+        .transpose()
+        .map_err(db_err)?;
+    Ok(row.map(|(key, _)| key.value().0))
+}
+
+/// The last minute with buckets.
+pub(super) fn last(
+    table: &impl ReadableTable<(i64, &'static [u8]), &'static [u8]>,
+) -> Result<Option<i64>, StoreError> {
+    Ok(table.last().map_err(db_err)?.map(|(key, _)| key.value().0))
+}
+
+/// Gives `f` the buckets of `minute` whose keys come after `after` (every one when `None`),
+/// in key order, until it breaks.
+pub(super) fn each_after(
+    table: &impl ReadableTable<(i64, &'static [u8]), &'static [u8]>,
+    minute: i64,
+    after: Option<&[u8]>,
+    mut f: impl FnMut(&[u8], &Bucket) -> ControlFlow<()>,
+) -> Result<(), StoreError> {
+    // From the block that holds `after`: its later keys are after it too.
+    let start = match after {
+        Some(after) => holding(table, minute, after)?.map(|(first, _)| first),
+        None => None,
+    };
+    let start = start.as_deref().unwrap_or(NO_OWNER);
+    for row in table.range((minute, start)..).map_err(db_err)? {
+        let (key, block) = row.map_err(db_err)?;
+        if key.value().0 != minute {
+            break;
+        }
+        for entry in Entries(block.value()) {
+            let (owner, bucket) = entry?;
+            if after.is_some_and(|after| owner <= after) {
+                continue;
+            }
+            if f(owner, &bucket).is_break() {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes every minute bucket before `before`, handing each to `removed` first, and the index
+/// rows of hours none of whose buckets is left; how many buckets went.
+pub(super) fn prune(
+    txn: &WriteTransaction,
+    before: i64,
+    mut removed: impl FnMut(&str, &Bucket) -> Result<(), StoreError>,
+) -> Result<u64, StoreError> {
+    let mut blocks = txn.open_table(BLOCKS).map_err(db_err)?;
+    let mut by_key_hour = txn.open_table(BY_KEY_HOUR).map_err(db_err)?;
+    let mut expired: Vec<(i64, Vec<u8>)> = Vec::new();
+    let mut hours: HashSet<(Vec<u8>, i64)> = HashSet::new();
+    let mut count = 0u64;
+    for row in blocks
+        .range((i64::MIN, NO_OWNER)..(before, NO_OWNER))
+        .map_err(db_err)?
+    {
+        let (key, block) = row.map_err(db_err)?;
+        let (minute, first) = key.value();
+        for entry in Entries(block.value()) {
+            let (owner, bucket) = entry?;
+            let id = std::str::from_utf8(owner)
+                .map_err(|_| StoreError::Corrupt("usage bucket owner is not UTF-8".into()))?;
+            removed(id, &bucket)?;
+            hours.insert((owner.to_vec(), minute.div_euclid(60)));
+            count += 1;
+        }
+        expired.push((minute, first.to_vec()));
+    }
+    for (minute, first) in &expired {
+        blocks.remove((*minute, first.as_slice())).map_err(db_err)?;
+    }
+    // An hour's index row goes once none of its buckets is left.
+    for (owner, hour) in hours {
+        let minutes = of_hour(hour);
+        let mut left = false;
+        for minute in minutes.start.max(before)..minutes.end {
+            if find(&blocks, minute, &owner)?.is_some() {
+                left = true;
+                break;
+            }
+        }
+        if !left {
+            by_key_hour
+                .remove((owner.as_slice(), hour))
+                .map_err(db_err)?;
+        }
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests;
