@@ -32,6 +32,8 @@ struct Admin {
     master: String,
     store: SharedStore,
     cache: Arc<KeyCache>,
+    /// The router's state, for what the gateway calls on it directly (the shutdown's wait).
+    state: AdminState,
     server: tokio::task::JoinHandle<()>,
     _dir: tempfile::TempDir,
 }
@@ -90,7 +92,7 @@ async fn start_with(tweak: impl FnOnce(AdminState) -> AdminState) -> Admin {
     let addr = listener.local_addr().expect("addr");
     // With the token endpoint, which the gateway serves on its proxy listener.
     let app = admin::router(state.clone())
-        .merge(admin::token_router(state))
+        .merge(admin::token_router(state.clone()))
         .into_make_service_with_connect_info::<SocketAddr>();
     let server = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
@@ -101,6 +103,7 @@ async fn start_with(tweak: impl FnOnce(AdminState) -> AdminState) -> Admin {
         master: raw_master,
         store,
         cache,
+        state,
         server,
         _dir: dir,
     }
@@ -1491,6 +1494,57 @@ fn a_request_the_store_does_not_answer_is_answered_at_its_deadline() {
             .await
             .expect("the account's stripe is still held");
         assert_eq!(status, StatusCode::CREATED, "{body}");
+    });
+}
+
+/// The shutdown's wait for changes answered at their deadline (`finish_changes`, called once
+/// the listeners have drained): with the disk hung past its bound, it ends at the bound; with
+/// the disk answering within it, it ends once the change is made, so that the change comes
+/// before the final flush and the store's close.
+#[test]
+fn the_shutdown_waits_for_changes_under_way_within_its_bound() {
+    const DEADLINE: Duration = Duration::from_millis(300);
+    one_blocking_thread().block_on(async {
+        let admin = start_with(|state| state.with_answer_deadline(DEADLINE)).await;
+        let account = admin.create_account(json!({ "name": "stopping" })).await;
+        let keys = format!("/v1/accounts/{}/keys", account["id"].as_str().expect("id"));
+        let mut ids = Vec::new();
+        for name in ["first", "spare"] {
+            let body = Some(json!({ "name": name }));
+            let (status, key) = admin.master_call(Method::POST, &keys, body).await;
+            assert_eq!(status, StatusCode::CREATED, "{key}");
+            ids.push(key["id"].as_str().expect("key id").to_owned());
+        }
+        let key_path = format!("{keys}/{}", ids[0]);
+
+        let (release, hold) = hold_the_pool();
+        let deactivate = format!("{key_path}/deactivate");
+        let (status, body) = admin.master_call(Method::POST, &deactivate, None).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        // Hung past the bound: the wait ends at it.
+        let bound = Duration::from_millis(400);
+        let started = std::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(10), admin.state.finish_changes(bound))
+            .await
+            .expect("the wait outlived its bound");
+        assert!(started.elapsed() >= bound, "{:?}", started.elapsed());
+        // The disk answers 300 ms into the next wait: it ends once the change is made.
+        let thaw = Duration::from_millis(300);
+        let started = std::time::Instant::now();
+        let thawing = tokio::spawn(async move {
+            tokio::time::sleep(thaw).await;
+            release.send(()).expect("release the pool");
+        });
+        admin.state.finish_changes(Duration::from_secs(10)).await;
+        let waited = started.elapsed();
+        assert!(
+            (thaw..Duration::from_secs(10)).contains(&waited),
+            "{waited:?}"
+        );
+        thawing.await.expect("thaw");
+        hold.await.expect("the holder");
+        let (_, key) = admin.master_call(Method::GET, &key_path, None).await;
+        assert_eq!(key["active"], false, "{key}");
     });
 }
 
