@@ -101,7 +101,7 @@ impl Open<'_> {
         let mut rest = merged.as_slice();
         while let Some(&(owner, _)) = rest.first() {
             // The block that holds `owner` if it is there, and where the next block begins.
-            let (first, stored) = match holding(&self.blocks, minute, owner)? {
+            let (first, bytes) = match holding(&self.blocks, minute, owner)? {
                 Some((first, bytes)) => (Some(first), bytes),
                 None => (None, Vec::new()),
             };
@@ -112,7 +112,7 @@ impl Open<'_> {
                 .count();
             let (region, tail) = rest.split_at(n);
             rest = tail;
-            let stored: Vec<(&[u8], Bucket)> = Entries(&stored).collect::<Result<_, _>>()?;
+            let stored: Vec<(&[u8], Bucket)> = Entries(&bytes).collect::<Result<_, _>>()?;
             let mut all: Vec<(&[u8], Bucket)> = Vec::with_capacity(stored.len() + region.len());
             let mut old = stored.iter().peekable();
             for (owner, delta) in region {
