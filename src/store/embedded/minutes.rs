@@ -100,19 +100,11 @@ impl Open<'_> {
             .map(Probe::new);
         let mut rest = merged.as_slice();
         while let Some(&(owner, _)) = rest.first() {
-            // The block that holds `owner` if it is there, and where the next block begins.
-            let (first, bytes) = match holding(&self.blocks, minute, owner)? {
-                Some((first, bytes)) => (Some(first), bytes),
-                None => (None, Vec::new()),
-            };
-            let next = next_first(&self.blocks, minute, owner)?;
-            let n = rest
-                .iter()
-                .take_while(|(o, _)| next.as_deref().is_none_or(|next| *o < next))
-                .count();
+            let place = Place::of(&self.blocks, minute, owner)?;
+            let n = rest.iter().take_while(|(o, _)| place.covers(o)).count();
             let (region, tail) = rest.split_at(n);
             rest = tail;
-            let stored: Vec<(&[u8], Bucket)> = Entries(&bytes).collect::<Result<_, _>>()?;
+            let stored: Vec<(&[u8], Bucket)> = Entries(place.bytes()).collect::<Result<_, _>>()?;
             let mut all: Vec<(&[u8], Bucket)> = Vec::with_capacity(stored.len() + region.len());
             let mut old = stored.iter().peekable();
             for (owner, delta) in region {
@@ -136,7 +128,7 @@ impl Open<'_> {
                 all.push((owner, bucket));
             }
             all.extend(old);
-            self.write(minute, first.is_none(), &all)?;
+            self.write(minute, place.block.is_none(), &all)?;
         }
         Ok(())
     }
@@ -151,18 +143,8 @@ impl Open<'_> {
             1
         };
         let per = all.len().div_ceil(pieces.max(1)).max(1);
-        let mut bytes = Vec::with_capacity(per * (BUCKET_BYTES + 32));
         for piece in all.chunks(per) {
-            let Some((first, _)) = piece.first() else {
-                continue;
-            };
-            bytes.clear();
-            for (owner, bucket) in piece {
-                push_entry(&mut bytes, owner, bucket)?;
-            }
-            self.blocks
-                .insert((minute, *first), bytes.as_slice())
-                .map_err(db_err)?;
+            put(&mut self.blocks, minute, piece)?;
         }
         Ok(())
     }
@@ -184,25 +166,18 @@ impl Open<'_> {
     }
 }
 
-/// Whether keys have a bucket in one minute, asked in ascending order: the block last read is
-/// kept with the keys it covers, so keys of one block cost one read.
+/// Whether keys have a bucket in one minute, asked in ascending order: the place last read is
+/// kept, so keys of one block cost one read.
 struct Probe {
     minute: i64,
-    block: Vec<u8>,
-    /// The keys the kept block covers: `from` up to `to` (the next block's first key).
-    from: Vec<u8>,
-    to: Option<Vec<u8>>,
-    loaded: bool,
+    place: Option<Place>,
 }
 
 impl Probe {
     fn new(minute: i64) -> Probe {
         Probe {
             minute,
-            block: Vec::new(),
-            from: Vec::new(),
-            to: None,
-            loaded: false,
+            place: None,
         }
     }
 
@@ -211,16 +186,46 @@ impl Probe {
         table: &impl ReadableTable<(i64, &'static [u8]), &'static [u8]>,
         owner: &[u8],
     ) -> Result<bool, StoreError> {
-        let covered = self.loaded
-            && owner >= self.from.as_slice()
-            && self.to.as_deref().is_none_or(|to| owner < to);
-        if !covered {
-            // Before the minute's first block: no block, from the lowest key on.
-            (self.from, self.block) = holding(table, self.minute, owner)?.unwrap_or_default();
-            self.to = next_first(table, self.minute, owner)?;
-            self.loaded = true;
-        }
-        Ok(find_in(&self.block, owner)?.is_some())
+        let place = match self.place.take() {
+            Some(place) if place.covers(owner) => place,
+            _ => Place::of(table, self.minute, owner)?,
+        };
+        let found = find_in(place.bytes(), owner)?.is_some();
+        self.place = Some(place);
+        Ok(found)
+    }
+}
+
+/// Where a key falls among a minute's blocks: the block that can hold it (`None` before the
+/// minute's first), and the first key of the block after it, where the place ends.
+struct Place {
+    block: Option<Copied>,
+    next: Option<Vec<u8>>,
+}
+
+impl Place {
+    fn of(
+        table: &impl ReadableTable<(i64, &'static [u8]), &'static [u8]>,
+        minute: i64,
+        owner: &[u8],
+    ) -> Result<Place, StoreError> {
+        Ok(Place {
+            block: holding(table, minute, owner)?,
+            next: next_first(table, minute, owner)?,
+        })
+    }
+
+    /// Whether `owner` falls here too.
+    fn covers(&self, owner: &[u8]) -> bool {
+        self.block
+            .as_ref()
+            .is_none_or(|(first, _)| owner >= first.as_slice())
+            && self.next.as_deref().is_none_or(|next| owner < next)
+    }
+
+    /// The block's bytes; none before the minute's first block.
+    fn bytes(&self) -> &[u8] {
+        self.block.as_ref().map_or(&[], |(_, bytes)| bytes)
     }
 }
 
@@ -328,6 +333,25 @@ fn push_entry(out: &mut Vec<u8>, owner: &[u8], bucket: &Bucket) -> Result<(), St
     Ok(())
 }
 
+/// Writes `piece` (sorted, not empty) as the block of `minute` at its first key.
+fn put<O: AsRef<[u8]>>(
+    blocks: &mut Table<'_, (i64, &'static [u8]), &'static [u8]>,
+    minute: i64,
+    piece: &[(O, Bucket)],
+) -> Result<(), StoreError> {
+    let Some((first, _)) = piece.first() else {
+        return Ok(());
+    };
+    let mut bytes = Vec::with_capacity(piece.len() * (BUCKET_BYTES + 32));
+    for (owner, bucket) in piece {
+        push_entry(&mut bytes, owner.as_ref(), bucket)?;
+    }
+    blocks
+        .insert((minute, first.as_ref()), bytes.as_slice())
+        .map_err(db_err)?;
+    Ok(())
+}
+
 /// Creates the tables, and packs a file's minute buckets from before blocks into blocks (in
 /// the transaction that opens the file, so all or none of them).
 pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
@@ -342,32 +366,21 @@ pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     }
     {
         let rows = txn.open_table(ROWS).map_err(db_err)?;
-        // The block being filled: its minute, first key and bytes, and how many buckets.
-        let mut block: Option<(i64, Vec<u8>)> = None;
-        let mut bytes = Vec::new();
-        let mut held = 0;
+        // The block being filled, [`FILL`] buckets of one minute at most.
+        let mut piece: Vec<(Vec<u8>, Bucket)> = Vec::with_capacity(FILL);
+        let mut of_minute = None;
         for row in rows.iter().map_err(db_err)? {
             let (key, value) = row.map_err(db_err)?;
             let (minute, owner) = key.value();
-            if block.as_ref().is_some_and(|(m, _)| *m != minute) || held == FILL {
-                if let Some((m, first)) = block.take() {
-                    blocks
-                        .insert((m, first.as_slice()), bytes.as_slice())
-                        .map_err(db_err)?;
-                }
-                bytes.clear();
-                held = 0;
+            if let Some(m) = of_minute.filter(|m| *m != minute || piece.len() == FILL) {
+                put(&mut blocks, m, &piece)?;
+                piece.clear();
             }
-            if block.is_none() {
-                block = Some((minute, owner.to_vec()));
-            }
-            push_entry(&mut bytes, owner, &buckets::decode(value.value())?)?;
-            held += 1;
+            of_minute = Some(minute);
+            piece.push((owner.to_vec(), buckets::decode(value.value())?));
         }
-        if let Some((m, first)) = block {
-            blocks
-                .insert((m, first.as_slice()), bytes.as_slice())
-                .map_err(db_err)?;
+        if let Some(m) = of_minute {
+            put(&mut blocks, m, &piece)?;
         }
     }
     txn.delete_table(ROWS).map_err(db_err)?;
