@@ -302,3 +302,6 @@ pub async fn flush_once(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

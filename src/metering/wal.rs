@@ -426,4 +426,4 @@ pub async fn replay(dir: &Path, store: &dyn Usage) -> Result<Replayed, WalError>
 }
 
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;

@@ -5,15 +5,16 @@ use crate::store::{Granularity, SharedStore, UsageCounts};
 
 const MINUTE: i64 = 29_000_000;
 
-struct Setup {
+/// A log and a store in a new directory, and a meter writing to the log.
+pub(in crate::metering) struct Setup {
     _dir: tempfile::TempDir,
-    log_dir: PathBuf,
-    store: SharedStore,
-    wal: Arc<Wal>,
-    meter: Meter,
+    pub log_dir: PathBuf,
+    pub store: SharedStore,
+    pub wal: Arc<Wal>,
+    pub meter: Meter,
 }
 
-fn setup() -> Setup {
+pub(in crate::metering) fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let log_dir = dir.path().join("usage-wal");
     let store: SharedStore = Arc::new(EmbeddedStore::open(&dir.path().join("t.db")).unwrap());
@@ -29,7 +30,7 @@ fn setup() -> Setup {
 }
 
 /// `n` requests of key_a at MINUTE, each with 10 bytes in and 100 out.
-fn record(meter: &Meter, n: u64) {
+pub(in crate::metering) fn record(meter: &Meter, n: u64) {
     let cell = meter.cell(&Arc::from("key_a"), &Arc::from("acc_a"));
     for i in 0..n {
         let ms = MINUTE * 60_000 + i64::try_from(i).unwrap();
@@ -38,7 +39,7 @@ fn record(meter: &Meter, n: u64) {
     }
 }
 
-fn counts(n: u64) -> UsageCounts {
+pub(in crate::metering) fn counts(n: u64) -> UsageCounts {
     UsageCounts {
         requests: n,
         success: n,
@@ -48,7 +49,7 @@ fn counts(n: u64) -> UsageCounts {
     }
 }
 
-async fn stored(store: &SharedStore) -> UsageCounts {
+pub(in crate::metering) async fn stored(store: &SharedStore) -> UsageCounts {
     let buckets = store
         .key_usage("key_a", Granularity::Minute, MINUTE, MINUTE + 1)
         .await
