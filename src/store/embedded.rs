@@ -24,7 +24,8 @@
 //! | `audit_heads`    | account id                        | [`ChainHead`] JSON        | the newest link of the account's audit chain ([`audit_chain`]) |
 //! | `key_minute_blocks` | (minute `i64`, the block's first key id as bytes) | a block of up to 40 buckets of keys from the row's up to the next row's ([`minutes`]) | keys' minute buckets, time-major and packed so that a fold touches only the current pages and writes a block once for its keys ([`usage`]) |
 //! | `key_hours`, `key_days`, `account_days` | (index `i64`, owner id as bytes) | 56 bytes: 6 × LE `u64` counts, LE `i64` last used ms | usage buckets, time-major; keys' hours and days are rolled up from their minutes once the hour is over ([`rollup`]) |
-//! | `key_minutes_by_key_hour`, `key_hours_by_key`, `key_days_by_key`, `account_days_by_account` | (owner id, hour for minutes, else index) | `()` | an owner's buckets from … to; written once per new hour of minutes, or new bucket |
+//! | `key_minutes_by_hour_key` | (hour `i64`, key id as bytes) | `()` | the hours a key has minute buckets in; written once per key and hour, time-major so that a fold's lookups stay in the current hour's pages ([`minutes`]) |
+//! | `key_hours_by_key`, `key_days_by_key`, `account_days_by_account` | (owner id, index) | `()` | an owner's buckets from … to; written once per new bucket |
 //! | `usage_journal`  | sequence (`u64`)                  | one `add_usage` batch, packed | flushes not yet folded into the buckets ([`journal`]) |
 //! | `key_last_used`  | key id                            | ms (`i64`)                | last use of a key whose minute buckets were pruned         |
 //! | `usage_writers`  | batch writer (`u64`)              | (last seq applied, ms)    | [`Usage::add_usage`](crate::store::Usage::add_usage) applies each [`BatchId`] once; rows older than [`BATCH_MEMORY`] are dropped |

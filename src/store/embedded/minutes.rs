@@ -10,11 +10,17 @@
 //! point read finds the one block that can hold a key (the last row at or before
 //! `(minute, key)`) and searches it. A block is `[u16 LE key length, key, bucket]` repeated.
 //!
-//! The key-major index is as it was before blocks: a row `(key, hour)` says the key may have
-//! minute buckets in that hour, and reads probe its sixty minutes. It is written when a key's
-//! bucket is made without one the minute before (in the hour) and the row is not there yet, so
-//! a busy key adds one row an hour. A file from before blocks (a table of one row a bucket) is
-//! packed when it is opened ([`create_tables`]).
+//! The index says which hours a key has minute buckets in: a row `(hour, key)` says the key may
+//! have some in that hour, and reads probe its sixty minutes. It is written when a key's bucket
+//! is made without one the minute before (in the hour) and the row is not there yet, so a busy
+//! key adds one row an hour. It is time-major like the blocks: a fold asks about the current
+//! hour's rows only, in key order, so its lookups walk that hour's pages (a few MB, hot) from
+//! front to back. Keyed by key first, the same lookups landed on pages spread over every hour
+//! kept, a read from disk each with a million keys (42 % of a fold's time in a profile of the
+//! load script, round thirteen in docs/PERFORMANCE.md). A read of one key looks its index row
+//! up in each hour that has blocks, a seek and a lookup an hour. Files from before (a table of
+//! one row a bucket, and the key-major index) are converted when they are opened
+//! ([`create_tables`]).
 
 use std::collections::HashSet;
 use std::ops::{Bound, ControlFlow};
@@ -28,11 +34,14 @@ use crate::store::{StoreError, UsageCounts, UsageDelta};
 /// `(minute, first key)` → a block of that minute's buckets.
 pub(super) const BLOCKS: TableDefinition<(i64, &[u8]), &[u8]> =
     TableDefinition::new("key_minute_blocks");
-/// `(key, hour)` → (): the key may have minute buckets in the hour.
-pub(super) const BY_KEY_HOUR: TableDefinition<(&[u8], i64), ()> =
-    TableDefinition::new("key_minutes_by_key_hour");
+/// `(hour, key)` → (): the key may have minute buckets in the hour.
+pub(super) const BY_HOUR_KEY: TableDefinition<(i64, &[u8]), ()> =
+    TableDefinition::new("key_minutes_by_hour_key");
 /// The layout before blocks, `(minute, key)` → bucket: packed into [`BLOCKS`] at open.
 const ROWS: TableDefinition<(i64, &[u8]), &[u8]> = TableDefinition::new("key_minutes");
+/// The index before it was time-major, `(key, hour)` → (): turned into [`BY_HOUR_KEY`] at open.
+const BY_KEY_HOUR: TableDefinition<(&[u8], i64), ()> =
+    TableDefinition::new("key_minutes_by_key_hour");
 
 /// Buckets in a block written new (~1.3 KB with the gateway's 24-byte key ids: three to a page).
 const FILL: usize = 16;
@@ -48,14 +57,14 @@ const NO_OWNER: &[u8] = &[];
 /// The keys' minute tables, open in a write transaction.
 pub(super) struct Open<'txn> {
     blocks: Table<'txn, (i64, &'static [u8]), &'static [u8]>,
-    by_key_hour: Table<'txn, (&'static [u8], i64), ()>,
+    by_hour_key: Table<'txn, (i64, &'static [u8]), ()>,
 }
 
 impl<'txn> Open<'txn> {
     pub(super) fn new(txn: &'txn WriteTransaction) -> Result<Open<'txn>, StoreError> {
         Ok(Open {
             blocks: txn.open_table(BLOCKS).map_err(db_err)?,
-            by_key_hour: txn.open_table(BY_KEY_HOUR).map_err(db_err)?,
+            by_hour_key: txn.open_table(BY_HOUR_KEY).map_err(db_err)?,
         })
     }
 }
@@ -150,17 +159,12 @@ impl Open<'_> {
     }
 
     /// Writes `owner`'s index row for `minute`'s hour unless it is there: a read finds it
-    /// (a key used every few minutes) where writing it again would copy its leaf page, on
-    /// pages scattered by key, for nothing.
+    /// (a key used every few minutes) where writing it again would copy its leaf page for
+    /// nothing.
     fn index(&mut self, owner: &[u8], minute: i64) -> Result<(), StoreError> {
-        let hour = minute.div_euclid(60);
-        if self
-            .by_key_hour
-            .get((owner, hour))
-            .map_err(db_err)?
-            .is_none()
-        {
-            self.by_key_hour.insert((owner, hour), ()).map_err(db_err)?;
+        let row = (minute.div_euclid(60), owner);
+        if self.by_hour_key.get(row).map_err(db_err)?.is_none() {
+            self.by_hour_key.insert(row, ()).map_err(db_err)?;
         }
         Ok(())
     }
@@ -352,42 +356,60 @@ fn put<O: AsRef<[u8]>>(
     Ok(())
 }
 
-/// Creates the tables, and packs a file's minute buckets from before blocks into blocks (in
-/// the transaction that opens the file, so all or none of them).
+/// Creates the tables, and converts a file's minute buckets and index from before (in the
+/// transaction that opens the file, so all or none of them).
 pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     let mut blocks = txn.open_table(BLOCKS).map_err(db_err)?;
-    txn.open_table(BY_KEY_HOUR).map_err(db_err)?;
-    let old = txn
-        .list_tables()
-        .map_err(db_err)?
-        .any(|table| table.name() == ROWS.name());
-    if !old {
-        return Ok(());
+    let mut by_hour_key = txn.open_table(BY_HOUR_KEY).map_err(db_err)?;
+    let (mut rows, mut key_major) = (false, false);
+    for table in txn.list_tables().map_err(db_err)? {
+        rows |= table.name() == ROWS.name();
+        key_major |= table.name() == BY_KEY_HOUR.name();
     }
-    {
-        let rows = txn.open_table(ROWS).map_err(db_err)?;
-        // The block being filled, [`FILL`] buckets of one minute at most.
-        let mut piece: Vec<(Vec<u8>, Bucket)> = Vec::with_capacity(FILL);
-        let mut of_minute = None;
-        for row in rows.iter().map_err(db_err)? {
-            let (key, value) = row.map_err(db_err)?;
-            let (minute, owner) = key.value();
-            if let Some(m) = of_minute.filter(|m| *m != minute || piece.len() == FILL) {
-                put(&mut blocks, m, &piece)?;
-                piece.clear();
-            }
-            of_minute = Some(minute);
-            piece.push((owner.to_vec(), buckets::decode(value.value())?));
-        }
-        if let Some(m) = of_minute {
-            put(&mut blocks, m, &piece)?;
-        }
+    if rows {
+        pack_rows(txn, &mut blocks)?;
+        txn.delete_table(ROWS).map_err(db_err)?;
     }
-    txn.delete_table(ROWS).map_err(db_err)?;
+    if key_major {
+        let old = txn.open_table(BY_KEY_HOUR).map_err(db_err)?;
+        for row in old.iter().map_err(db_err)? {
+            let (key, _) = row.map_err(db_err)?;
+            let (owner, hour) = key.value();
+            by_hour_key.insert((hour, owner), ()).map_err(db_err)?;
+        }
+        drop(old);
+        txn.delete_table(BY_KEY_HOUR).map_err(db_err)?;
+    }
     Ok(())
 }
 
-/// `owner`'s minute buckets with `from <= minute < to`, ascending.
+/// Packs the minute buckets of the layout before blocks (one row a bucket) into blocks.
+fn pack_rows(
+    txn: &WriteTransaction,
+    blocks: &mut Table<'_, (i64, &'static [u8]), &'static [u8]>,
+) -> Result<(), StoreError> {
+    let rows = txn.open_table(ROWS).map_err(db_err)?;
+    // The block being filled, [`FILL`] buckets of one minute at most.
+    let mut piece: Vec<(Vec<u8>, Bucket)> = Vec::with_capacity(FILL);
+    let mut of_minute = None;
+    for row in rows.iter().map_err(db_err)? {
+        let (key, value) = row.map_err(db_err)?;
+        let (minute, owner) = key.value();
+        if let Some(m) = of_minute.filter(|m| *m != minute || piece.len() == FILL) {
+            put(blocks, m, &piece)?;
+            piece.clear();
+        }
+        of_minute = Some(minute);
+        piece.push((owner.to_vec(), buckets::decode(value.value())?));
+    }
+    if let Some(m) = of_minute {
+        put(blocks, m, &piece)?;
+    }
+    Ok(())
+}
+
+/// `owner`'s minute buckets with `from <= minute < to`, ascending: for each hour that has
+/// blocks, the index says whether to look for the key in its minutes.
 pub(super) fn read(
     txn: &ReadTransaction,
     owner: &str,
@@ -395,42 +417,68 @@ pub(super) fn read(
     to: i64,
 ) -> Result<Vec<(i64, UsageCounts)>, StoreError> {
     let mut out = Vec::new();
-    if from >= to {
-        return Ok(out);
-    }
     let blocks = txn.open_table(BLOCKS).map_err(db_err)?;
-    let by_key_hour = txn.open_table(BY_KEY_HOUR).map_err(db_err)?;
+    let by_hour_key = txn.open_table(BY_HOUR_KEY).map_err(db_err)?;
     let id = owner.as_bytes();
-    let hours = (id, from.div_euclid(60))..=(id, (to - 1).div_euclid(60));
-    for item in by_key_hour.range(hours).map_err(db_err)? {
-        let (key, _) = item.map_err(db_err)?;
-        let minutes = of_hour(key.value().1);
-        for minute in minutes.start.max(from)..minutes.end.min(to) {
-            if let Some(bucket) = find(&blocks, minute, id)? {
-                out.push((minute, bucket.counts));
+    let mut at = from;
+    while at < to {
+        let Some(first) = first_from(&blocks, at)?.filter(|m| *m < to) else {
+            break;
+        };
+        let hour = first.div_euclid(60);
+        let minutes = of_hour(hour);
+        if by_hour_key.get((hour, id)).map_err(db_err)?.is_some() {
+            for minute in first..minutes.end.min(to) {
+                if let Some(bucket) = find(&blocks, minute, id)? {
+                    out.push((minute, bucket.counts));
+                }
             }
         }
+        if minutes.end <= first {
+            break; // the last hour of time
+        }
+        at = minutes.end;
     }
     Ok(out)
 }
 
-/// `owner`'s newest minute bucket.
+/// `owner`'s newest minute bucket: the hours that have blocks, newest first, as in [`read`].
 pub(super) fn newest(txn: &ReadTransaction, owner: &str) -> Result<Option<Bucket>, StoreError> {
     let blocks = txn.open_table(BLOCKS).map_err(db_err)?;
-    let by_key_hour = txn.open_table(BY_KEY_HOUR).map_err(db_err)?;
+    let by_hour_key = txn.open_table(BY_HOUR_KEY).map_err(db_err)?;
     let id = owner.as_bytes();
-    let hours = by_key_hour
-        .range((id, i64::MIN)..=(id, i64::MAX))
-        .map_err(db_err)?;
-    for item in hours.rev() {
-        let (key, _) = item.map_err(db_err)?;
-        for minute in of_hour(key.value().1).rev() {
-            if let Some(bucket) = find(&blocks, minute, id)? {
-                return Ok(Some(bucket));
+    let mut before = None;
+    while let Some(last) = last_before(&blocks, before)? {
+        let hour = last.div_euclid(60);
+        let start = of_hour(hour).start;
+        if by_hour_key.get((hour, id)).map_err(db_err)?.is_some() {
+            for minute in (start..=last).rev() {
+                if let Some(bucket) = find(&blocks, minute, id)? {
+                    return Ok(Some(bucket));
+                }
             }
         }
+        before = Some(start);
     }
     Ok(None)
+}
+
+/// The last minute before `end` with blocks (of all, when `None`).
+fn last_before(
+    table: &impl ReadableTable<(i64, &'static [u8]), &'static [u8]>,
+    end: Option<i64>,
+) -> Result<Option<i64>, StoreError> {
+    let Some(end) = end else {
+        return last(table);
+    };
+    let before = (Bound::Unbounded, Bound::Excluded((end, NO_OWNER)));
+    let row = table
+        .range::<(i64, &[u8])>(before)
+        .map_err(db_err)?
+        .next_back()
+        .transpose()
+        .map_err(db_err)?;
+    Ok(row.map(|(key, _)| key.value().0))
 }
 
 /// The minutes of `hour`.
@@ -500,7 +548,7 @@ pub(super) fn prune(
     mut removed: impl FnMut(&str, &Bucket) -> Result<(), StoreError>,
 ) -> Result<u64, StoreError> {
     let mut blocks = txn.open_table(BLOCKS).map_err(db_err)?;
-    let mut by_key_hour = txn.open_table(BY_KEY_HOUR).map_err(db_err)?;
+    let mut by_hour_key = txn.open_table(BY_HOUR_KEY).map_err(db_err)?;
     let mut expired: Vec<(i64, Vec<u8>)> = Vec::new();
     let mut hours: HashSet<(Vec<u8>, i64)> = HashSet::new();
     let mut count = 0u64;
@@ -534,8 +582,8 @@ pub(super) fn prune(
             }
         }
         if !left {
-            by_key_hour
-                .remove((owner.as_slice(), hour))
+            by_hour_key
+                .remove((hour, owner.as_slice()))
                 .map_err(db_err)?;
         }
     }

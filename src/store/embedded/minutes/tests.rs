@@ -27,13 +27,13 @@ async fn minutes(store: &EmbeddedStore, from: i64, to: i64) -> Vec<i64> {
 
 fn index_rows(db: &redb::Database) -> Vec<(Vec<u8>, i64)> {
     let txn = db.begin_read().unwrap();
-    let index = txn.open_table(BY_KEY_HOUR).unwrap();
+    let index = txn.open_table(BY_HOUR_KEY).unwrap();
     index
         .iter()
         .unwrap()
         .map(|row| {
             let (key, _) = row.unwrap();
-            let (owner, hour) = key.value();
+            let (hour, owner) = key.value();
             (owner.to_vec(), hour)
         })
         .collect()
@@ -326,8 +326,9 @@ async fn a_block_that_does_not_decode_is_corrupt() {
     }
 }
 
-/// A file from before blocks (one row a bucket) is packed into blocks when it is opened: every
-/// bucket reads back as it was, and the old table is gone.
+/// A file from before blocks (one row a bucket, the index key-major) is converted when it is
+/// opened: every bucket reads back as it was, the index is time-major, and the old tables are
+/// gone.
 #[tokio::test]
 async fn a_file_of_one_row_a_bucket_is_packed_at_open() {
     let dir = tempfile::TempDir::new().unwrap();
@@ -367,7 +368,9 @@ async fn a_file_of_one_row_a_bucket_is_packed_at_open() {
         .unwrap()
         .map(|t| t.name().to_owned())
         .collect();
-    assert!(!names.iter().any(|n| n == ROWS.name()), "{names:?}");
+    for old in [ROWS.name(), BY_KEY_HOUR.name()] {
+        assert!(!names.iter().any(|n| n == old), "{names:?}");
+    }
     drop(txn);
     let read = store
         .key_usage("key_000007", Granularity::Minute, 0, 120)
@@ -382,4 +385,62 @@ async fn a_file_of_one_row_a_bucket_is_packed_at_open() {
     drop(store);
     let store = EmbeddedStore::open(&path).unwrap();
     check(&store.db, &model(&history));
+}
+
+/// A file from before blocks with a row that does not decode is refused at open with a typed
+/// error, and left as it was: the packing is one transaction, so no block is written and no
+/// old row is lost.
+#[test]
+fn a_corrupt_row_of_the_old_layout_refuses_the_open_and_loses_nothing() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("old.redb");
+    let good = buckets::encode(&Bucket {
+        counts: delta(1, 3, 1).counts,
+        last_used_ms: 0,
+    });
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut rows = txn.open_table(ROWS).unwrap();
+            rows.insert((3, &b"key_a"[..]), &good[..]).unwrap();
+            rows.insert((3, &b"key_b"[..]), &[7u8, 7, 7][..]).unwrap();
+            rows.insert((4, &b"key_a"[..]), &good[..]).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let opened = EmbeddedStore::open(&path);
+    assert!(
+        matches!(opened, Err(StoreError::Corrupt(_))),
+        "{:?}",
+        opened.as_ref().err()
+    );
+    drop(opened);
+    let db = redb::Database::create(&path).unwrap();
+    let txn = db.begin_read().unwrap();
+    let rows: Vec<(i64, Vec<u8>)> = txn
+        .open_table(ROWS)
+        .unwrap()
+        .iter()
+        .unwrap()
+        .map(|row| {
+            let (key, _) = row.unwrap();
+            let (minute, owner) = key.value();
+            (minute, owner.to_vec())
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            (3, b"key_a".to_vec()),
+            (3, b"key_b".to_vec()),
+            (4, b"key_a".to_vec())
+        ]
+    );
+    let names: Vec<String> = txn
+        .list_tables()
+        .unwrap()
+        .map(|t| t.name().to_owned())
+        .collect();
+    assert!(!names.iter().any(|n| n == BLOCKS.name()), "{names:?}");
 }
