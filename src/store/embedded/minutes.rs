@@ -468,12 +468,9 @@ fn last_before(
     table: &impl ReadableTable<(i64, &'static [u8]), &'static [u8]>,
     end: Option<i64>,
 ) -> Result<Option<i64>, StoreError> {
-    let Some(end) = end else {
-        return last(table);
-    };
-    let before = (Bound::Unbounded, Bound::Excluded((end, NO_OWNER)));
+    let end = end.map_or(Bound::Unbounded, |end| Bound::Excluded((end, NO_OWNER)));
     let row = table
-        .range::<(i64, &[u8])>(before)
+        .range::<(i64, &[u8])>((Bound::Unbounded, end))
         .map_err(db_err)?
         .next_back()
         .transpose()
